@@ -1,0 +1,147 @@
+"""Building blocks of EfficientNetV2: conv-BN-act, squeeze-excitation, MBConv, Fused-MBConv.
+
+Module names (``conv``, ``bn``, ``expand_conv``, ``dwconv``, ``se.conv_reduce``, ``se.conv_expand``,
+``project_conv``) follow the reference PyTorch ports so that their state dicts load unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.1
+PADDINGS = ("symmetric", "same")
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero each sample's branch with probability ``p``, rescale kept ones.
+
+    ``x`` is ``[B, ...]``; identity in eval mode or when ``p`` is 0.
+    """
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.4f}"
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv2d with TensorFlow's SAME padding, computed from the input size at run time.
+
+    For a stride-2 conv on an even input the extra padded pixel goes right and bottom, which is
+    what makes weights trained in TensorFlow give identical outputs.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def make_conv(in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: int = 1,
+              padding: str = "symmetric", bias: bool = False) -> nn.Conv2d:
+    """A conv with ``symmetric`` (k//2 each side) or TF ``same`` padding; odd kernels only."""
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    if padding == "same" and stride > 1:
+        return Conv2dSame(in_chs, out_chs, kernel, stride, 0, groups=groups, bias=bias)
+    # stride 1 with an odd kernel: TF SAME padding is exactly k//2 on every side.
+    return nn.Conv2d(in_chs, out_chs, kernel, stride, kernel // 2, groups=groups, bias=bias)
+
+
+class ConvBNAct(nn.Module):
+    """conv (no bias) → BatchNorm(eps 1e-3) → SiLU (or nothing when ``act=False``)."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel: int = 1, stride: int = 1, groups: int = 1,
+                 act: bool = True, padding: str = "symmetric"):
+        super().__init__()
+        self.conv = make_conv(in_chs, out_chs, kernel, stride, groups, padding)
+        self.bn = nn.BatchNorm2d(out_chs, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.act = nn.SiLU(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gating: mean over H, W → 1x1 conv → SiLU → 1x1 conv → sigmoid → multiply."""
+
+    def __init__(self, chs: int, reduced_chs: int):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(chs, reduced_chs, 1, bias=True)
+        self.act = nn.SiLU(inplace=True)
+        self.conv_expand = nn.Conv2d(reduced_chs, chs, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.mean((2, 3), keepdim=True)
+        scale = self.conv_expand(self.act(self.conv_reduce(scale)))
+        return x * scale.sigmoid()
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand → kxk depthwise (stride) → SE → 1x1 project (+ residual)."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, exp_ratio: int,
+                 se_ratio: float, drop_path_rate: float = 0.0, padding: str = "symmetric"):
+        super().__init__()
+        mid_chs = in_chs * exp_ratio
+        self.has_residual = stride == 1 and in_chs == out_chs
+        self.expand_conv = ConvBNAct(in_chs, mid_chs, 1, padding=padding)
+        self.dwconv = ConvBNAct(mid_chs, mid_chs, kernel, stride, groups=mid_chs, padding=padding)
+        self.se = SqueezeExcite(mid_chs, int(in_chs * se_ratio)) if se_ratio > 0 else nn.Identity()
+        self.project_conv = ConvBNAct(mid_chs, out_chs, 1, act=False, padding=padding)
+        self.drop_path = DropPath(drop_path_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project_conv(self.se(self.dwconv(self.expand_conv(x))))
+        return x + self.drop_path(out) if self.has_residual else out
+
+
+class FusedMBConv(nn.Module):
+    """Fused inverted residual: kxk conv (stride) expand → 1x1 project; one kxk conv when e = 1.
+
+    With expansion 1 the single conv is named ``project_conv`` and keeps its activation, as in the
+    reference ports.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, exp_ratio: int,
+                 se_ratio: float = 0.0, drop_path_rate: float = 0.0, padding: str = "symmetric"):
+        super().__init__()
+        if se_ratio:
+            raise ValueError("Fused-MBConv blocks of EfficientNetV2 have no squeeze-excitation")
+        self.has_residual = stride == 1 and in_chs == out_chs
+        if exp_ratio == 1:
+            self.expand_conv = nn.Identity()
+            self.project_conv = ConvBNAct(in_chs, out_chs, kernel, stride, padding=padding)
+        else:
+            mid_chs = in_chs * exp_ratio
+            self.expand_conv = ConvBNAct(in_chs, mid_chs, kernel, stride, padding=padding)
+            self.project_conv = ConvBNAct(mid_chs, out_chs, 1, act=False, padding=padding)
+        self.drop_path = DropPath(drop_path_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project_conv(self.expand_conv(x))
+        return x + self.drop_path(out) if self.has_residual else out
+
+
+BLOCKS = {"M": MBConv, "F": FusedMBConv}

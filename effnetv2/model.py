@@ -1,0 +1,254 @@
+"""The EfficientNetV2 model: one class for the whole family, configured by ``configs.VARIANTS``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from . import hub
+from .attention import AttentionPool2d, self_attention_maps
+from .configs import IMAGENET_MEAN, IMAGENET_STD, get_variant
+from .layers import BLOCKS, PADDINGS, ConvBNAct
+
+POOLS = ("avg", "attention")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+class Head(nn.Module):
+    """1x1 conv to ``num_features`` → BN → SiLU → pooling → dropout → linear classifier."""
+
+    def __init__(self, in_chs: int, num_features: int, num_classes: int, dropout: float,
+                 pool: str, num_heads: int, attn_dim: int | None, padding: str):
+        super().__init__()
+        self.project_conv = ConvBNAct(in_chs, num_features, 1, padding=padding)
+        if pool == "attention":
+            self.attn_pool = AttentionPool2d(num_features, attn_dim or num_features, num_heads)
+            self.pooled_features = self.attn_pool.dim
+        else:
+            self.attn_pool = None
+            self.pooled_features = num_features
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(self.pooled_features, num_classes) if num_classes else nn.Identity()
+
+    def pool(self, feats: torch.Tensor) -> torch.Tensor:
+        """``[B, num_features, H, W]`` → ``[B, pooled_features]``."""
+        return self.attn_pool(feats) if self.attn_pool is not None else feats.mean((2, 3))
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class EfficientNetV2(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="effnetv2",
+    license="apache-2.0",
+    pipeline_tag="image-classification",
+    tags=["image-classification", "efficientnetv2", "vision"],
+    paper_url="https://arxiv.org/abs/2104.00298",
+    model_card_template=hub.MODEL_CARD_TEMPLATE,
+):
+    """EfficientNetV2 (Tan & Le, 2021) image classifier: variants b0-b3, s, m, l, xl.
+
+    Every argument is JSON-serialisable and is written to ``config.json`` by ``save_pretrained``,
+    together with the labels and the preprocessing the weights expect. Input ``[B, 3, H, W]``,
+    output logits ``[B, num_classes]``.
+
+    Args:
+        variant: "b0", "b1", "b2", "b3", "s", "m", "l" or "xl".
+        num_classes: classifier outputs; 0 gives pooled features from ``forward``.
+        id2label: class index → name (keys may be ints or their strings).
+        label2id: name → index; derived from ``id2label`` when omitted.
+        drop_path_rate: stochastic-depth rate of the last block (block b uses rate * b / N).
+        dropout: dropout before the classifier; None uses the variant's.
+        pool: "avg" (global average pooling) or "attention" (multi-head attention pooling).
+        num_heads: heads of the attention pool and of ``attention_maps``.
+        attn_dim: width of the attention pool (None: ``num_features``).
+        padding: "symmetric" (PyTorch ports) or "same" (TensorFlow SAME, for TF-ported weights).
+        image_size / train_image_size: eval and train resolution (None: the variant's).
+        mean, std, interpolation, crop_pct: eval preprocessing (see ``effnetv2.transforms_for``).
+        source: where converted weights came from (``{"source", "file", "sha256", ...}``).
+    """
+
+    def __init__(
+        self,
+        variant: str = "s",
+        num_classes: int = 1000,
+        id2label: dict | None = None,
+        label2id: dict | None = None,
+        drop_path_rate: float = 0.2,
+        dropout: float | None = None,
+        pool: str = "avg",
+        num_heads: int = 8,
+        attn_dim: int | None = None,
+        padding: str = "symmetric",
+        in_chans: int = 3,
+        image_size: int | None = None,
+        train_image_size: int | None = None,
+        mean: list | None = None,
+        std: list | None = None,
+        interpolation: str | None = None,
+        crop_pct: float | None = None,
+        source: dict | None = None,
+    ):
+        super().__init__()
+        cfg = get_variant(variant)
+        _check(isinstance(num_classes, int) and not isinstance(num_classes, bool) and 0 <= num_classes <= 1_000_000,
+               f"num_classes must be an integer between 0 and 1,000,000, got {num_classes!r}")
+        _check(isinstance(drop_path_rate, (int, float)) and 0 <= drop_path_rate < 1,
+               f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+        _check(dropout is None or (isinstance(dropout, (int, float)) and 0 <= dropout < 1),
+               f"dropout must be None or in [0, 1), got {dropout!r}")
+        _check(pool in POOLS, f"pool must be one of {POOLS}, got {pool!r}")
+        _check(padding in PADDINGS, f"padding must be one of {PADDINGS}, got {padding!r}")
+        _check(isinstance(in_chans, int) and 1 <= in_chans <= 64, f"in_chans must be 1..64, got {in_chans!r}")
+        _check(isinstance(num_heads, int) and num_heads >= 1, f"num_heads must be a positive integer, got {num_heads!r}")
+        for name, size in (("image_size", image_size), ("train_image_size", train_image_size)):
+            _check(size is None or (isinstance(size, int) and 32 <= size <= 4096),
+                   f"{name} must be an integer between 32 and 4096, got {size!r}")
+        for name, stats in (("mean", mean), ("std", std)):
+            _check(stats is None or (isinstance(stats, (list, tuple)) and len(stats) == in_chans
+                                     and all(isinstance(v, (int, float)) for v in stats)),
+                   f"{name} must be a list of {in_chans} numbers, got {stats!r}")
+        _check(std is None or all(v > 0 for v in std), f"std values must be positive, got {std!r}")
+        _check(interpolation is None or interpolation in INTERPOLATIONS,
+               f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        _check(crop_pct is None or (isinstance(crop_pct, (int, float)) and 0.1 <= crop_pct <= 1.0),
+               f"crop_pct must be in [0.1, 1], got {crop_pct!r}")
+        _check(source is None or isinstance(source, dict), f"source must be a dict, got {source!r}")
+        id2label, label2id = hub.normalise_labels(id2label, label2id, num_classes)
+
+        self.variant = str(variant).lower()
+        self.num_classes = num_classes
+        self.id2label, self.label2id = id2label, label2id
+        self.drop_path_rate = float(drop_path_rate)
+        self.dropout_rate = float(cfg.dropout if dropout is None else dropout)
+        self.pool_type = pool
+        self.num_heads = num_heads
+        self.padding = padding
+        self.num_features = cfg.head_chs
+        self.pretrained_cfg = {
+            "image_size": image_size or cfg.eval_size,
+            "train_image_size": train_image_size or cfg.train_size,
+            "mean": list(mean or IMAGENET_MEAN),
+            "std": list(std or IMAGENET_STD),
+            "interpolation": interpolation or "bicubic",
+            "crop_pct": float(crop_pct or 1.0),
+        }
+
+        stages = cfg.scaled_stages()
+        self.stem = ConvBNAct(in_chans, cfg.stem_chs, 3, stride=2, padding=padding)
+        total = sum(stage.repeats for stage in stages)
+        blocks, index = [], 0
+        for stage in stages:
+            for i in range(stage.repeats):
+                blocks.append(BLOCKS[stage.block](
+                    stage.in_chs if i == 0 else stage.out_chs, stage.out_chs, stage.kernel,
+                    stage.stride if i == 0 else 1, stage.exp_ratio, stage.se_ratio,
+                    drop_path_rate=drop_path_rate * index / total, padding=padding))
+                index += 1
+        self.blocks = nn.Sequential(*blocks)
+        _check(attn_dim is None or (isinstance(attn_dim, int) and attn_dim % num_heads == 0),
+               f"attn_dim must be a multiple of num_heads={num_heads}, got {attn_dim!r}")
+        _check(pool != "attention" or (attn_dim or self.num_features) % num_heads == 0,
+               f"num_heads={num_heads} must divide the attention width {attn_dim or self.num_features}")
+        self.head = Head(stages[-1].out_chs, self.num_features, num_classes, self.dropout_rate,
+                         pool, num_heads, attn_dim, padding)
+        self._init_weights()
+
+        self._hub_mixin_config = {
+            "variant": self.variant, "num_classes": num_classes, "id2label": id2label,
+            "label2id": label2id, "drop_path_rate": self.drop_path_rate, "dropout": self.dropout_rate,
+            "pool": pool, "num_heads": num_heads, "attn_dim": attn_dim, "padding": padding,
+            "in_chans": in_chans, **self.pretrained_cfg, "source": source,
+        }
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def config(self) -> dict:
+        """The JSON config that ``save_pretrained`` writes (a copy)."""
+        return dict(self._hub_mixin_config)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` → ``[B, num_features, ceil(H/32), ceil(W/32)]``."""
+        return self.head.project_conv(self.blocks(self.stem(x)))
+
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``[B, num_features, h, w]`` → logits ``[B, num_classes]`` (pooled ``[B, D]`` if pre_logits)."""
+        pooled = self.head.dropout(self.head.pool(feats))
+        return pooled if pre_logits else self.head.classifier(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int, id2label: dict | None = None) -> None:
+        """Replace the classifier with a freshly initialised one for ``num_classes`` outputs.
+
+        The backbone and attention pool are kept; labels default to "0", "1", ...
+        """
+        id2label, label2id = hub.normalise_labels(id2label, None, num_classes)
+        ref = self.head.classifier.weight if isinstance(self.head.classifier, nn.Linear) else None
+        classifier = nn.Linear(self.head.pooled_features, num_classes) if num_classes else nn.Identity()
+        if num_classes:
+            nn.init.normal_(classifier.weight, 0, 0.01)
+            nn.init.zeros_(classifier.bias)
+            if ref is not None:
+                classifier.to(device=ref.device, dtype=ref.dtype)
+        self.head.classifier = classifier
+        self.num_classes, self.id2label, self.label2id = num_classes, id2label, label2id
+        self._hub_mixin_config.update(num_classes=num_classes, id2label=id2label, label2id=label2id)
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor, query: tuple[int, int] | None = None) -> torch.Tensor:
+        """Per-head attention over the feature grid for images ``x`` ``[B, 3, H, W]``.
+
+        Attention-pool models: the pooled query's weights (``query=None``), or those of the token at
+        grid cell ``query = (row, col)`` through the pool's learned projections. Average-pooled
+        models: parameter-free self-attention of the feature tokens (see
+        ``attention.self_attention_maps``), from ``query`` or the most attended cell.
+        Returns ``[B, num_heads, h, w]`` with ``h, w`` = the feature grid; each map sums to 1.
+        """
+        feats = self.forward_features(x)
+        pool = self.head.attn_pool
+        if pool is None:
+            return self_attention_maps(feats, self.num_heads, query)
+        if query is None:
+            return pool(feats, return_attention=True)[1]
+        height, width = feats.shape[-2:]
+        row, col = query
+        if not (0 <= row < height and 0 <= col < width):
+            raise ValueError(f"query cell {query} is outside the {height}x{width} feature grid")
+        tokens = pool.tokens(feats)
+        _, weights = pool.attn.attend(tokens[:, row * width + col].unsqueeze(1), tokens)
+        return weights[:, :, 0].unflatten(-1, (height, width))
+
+    # Hub integration: strict safetensors loading with errors that name the file.
+    def _save_pretrained(self, save_directory: Path) -> None:
+        hub.save_weights(self, Path(save_directory))
+
+    def generate_model_card(self, *args, **kwargs):
+        return hub.generate_model_card(self, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only,
+                         token, map_location: str = "cpu", config: dict | None = None, **model_kwargs):
+        return hub.load_pretrained(cls, model_id=model_id, revision=revision, cache_dir=cache_dir,
+                                   force_download=force_download, local_files_only=local_files_only,
+                                   token=token, map_location=map_location, config=config,
+                                   model_kwargs=model_kwargs)

@@ -1,0 +1,33 @@
+"""torchvision transforms built from a model's preprocessing config."""
+from __future__ import annotations
+
+import torch
+from torchvision import transforms as T
+
+from .model import EfficientNetV2
+
+_MODES = {"nearest": T.InterpolationMode.NEAREST, "bilinear": T.InterpolationMode.BILINEAR,
+          "bicubic": T.InterpolationMode.BICUBIC}
+
+
+def transforms_for(model: EfficientNetV2 | dict, train: bool = False, image_size: int | None = None,
+                   randaugment_magnitude: int | None = None) -> T.Compose:
+    """The transform a PIL image goes through before ``model`` sees it: → ``[3, S, S]`` float tensor.
+
+    Eval: resize the short side to ``S / crop_pct``, centre crop ``S``, scale to [0, 1], normalise.
+    Train: random resized crop to ``S``, horizontal flip, optional RandAugment, normalise.
+    ``model`` may be an ``EfficientNetV2`` or its config dict; ``image_size`` overrides ``S``
+    (default: the config's eval or train size).
+    """
+    cfg = model.config if isinstance(model, EfficientNetV2) else model
+    mode = _MODES[cfg["interpolation"]]
+    normalise = [T.PILToTensor(), T.ConvertImageDtype(torch.float), T.Normalize(cfg["mean"], cfg["std"])]
+    if train:
+        size = image_size or cfg["train_image_size"]
+        augment = [T.RandomResizedCrop(size, interpolation=mode, antialias=True), T.RandomHorizontalFlip()]
+        if randaugment_magnitude:
+            augment.append(T.RandAugment(magnitude=int(randaugment_magnitude), interpolation=mode))
+        return T.Compose(augment + normalise)
+    size = image_size or cfg["image_size"]
+    resize = int(size / cfg["crop_pct"])
+    return T.Compose([T.Resize(resize, interpolation=mode, antialias=True), T.CenterCrop(size)] + normalise)
