@@ -52,7 +52,7 @@ def progressive_plan(variant: str, epochs: int, num_stages: int = 4, max_size: i
 
     Stage ``i`` of ``M`` takes ``value = min + (max - min) * i / (M - 1)`` for every setting and starts
     at epoch ``floor(i * epochs / M)``. ``max_size`` (e.g. a small ``--image-size`` for a smoke run)
-    replaces the largest size and scales the smallest by the same factor. Sizes are multiples of 8.
+    replaces the largest size and scales the smallest by the same factor.
     """
     if variant not in RANGES:
         raise ValueError(f"no progressive-learning plan for variant {variant!r}: choose one of {', '.join(RANGES)}")
@@ -67,7 +67,7 @@ def progressive_plan(variant: str, epochs: int, num_stages: int = 4, max_size: i
         return a + (b - a) * (i / (num_stages - 1) if num_stages > 1 else 1.0)
 
     return [Stage(index=i, start_epoch=i * epochs // num_stages,
-                  image_size=max(8, int(round(at(i, lo, hi) / 8)) * 8),
+                  image_size=max(16, int(round(at(i, lo, hi)))),
                   randaugment=int(round(at(i, r.min_randaugment, r.max_randaugment))),
                   mixup=round(at(i, r.min_mixup, r.max_mixup), 4),
                   dropout=round(at(i, r.min_dropout, r.max_dropout), 4))
