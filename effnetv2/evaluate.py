@@ -1,0 +1,146 @@
+"""Evaluate a model on a `shapes` set: accuracy, and whether its attention finds the object.
+
+    python -m effnetv2.data shapes /tmp/shapes_eval --num-per-class 200 --image-size 128 --seed 2
+    python -m effnetv2.evaluate --model assets/model --data /tmp/shapes_eval [--json out.json] [--update-card]
+
+For each image, the attention maps of ``model.attention_maps`` (the pooled query, mean over heads)
+give the attention mass inside the object's box (``annotations.json``, mapped through the eval
+resize and crop); the box's share of the image area is what a uniform map would put there. A model
+that looks at the object has mass well above share. ``--update-card`` writes the figures and the
+command into the model folder's README.md (between the markers below, replaced on a re-run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from .images import open_image
+from .sources import load_model
+from .transforms import transforms_for
+from .viz import attention_mass_in_box
+
+CARD_BEGIN, CARD_END = "<!-- effnetv2.evaluate: begin -->", "<!-- effnetv2.evaluate: end -->"
+
+
+def box_in_view(box: list[float], image_size: tuple[int, int], cfg: dict) -> list[float]:
+    """``[x0, y0, x1, y1]`` in the original image → the same box in the model's eval view (resize the
+    short side to ``image_size / crop_pct``, centre crop ``image_size``), clipped to the view."""
+    width, height = image_size
+    size = cfg["image_size"]
+    scale = int(size / cfg["crop_pct"]) / min(width, height)
+    left, top = round((width * scale - size) / 2), round((height * scale - size) / 2)
+    x0, y0, x1, y1 = box
+    return [min(max(v, 0.0), size) for v in (x0 * scale - left, y0 * scale - top, x1 * scale - left, y1 * scale - top)]
+
+
+@torch.no_grad()
+def evaluate(model, root: Path, batch_size: int = 64) -> dict:
+    """Accuracy and attention-in-box figures of ``model`` on the shapes set at ``root``."""
+    annotations = json.loads((root / "annotations.json").read_text())
+    transform, cfg = transforms_for(model), model.config
+    size = cfg["image_size"]
+    names = sorted(annotations)
+    correct, per_class, masses, shares, head_masses = 0, {}, [], [], []
+    for start in range(0, len(names), batch_size):
+        chunk = names[start:start + batch_size]
+        images = [open_image(root / name) for name in chunk]
+        x = torch.stack([transform(image) for image in images])
+        predictions = model(x).argmax(-1).tolist()
+        maps = model.attention_maps(x)  # [B, heads, h, w]
+        for name, image, prediction, attn in zip(chunk, images, predictions, maps):
+            label = annotations[name]["label"]
+            hit = model.id2label[str(prediction)] == label
+            correct += hit
+            seen, right = per_class.get(label, (0, 0))
+            per_class[label] = (seen + 1, right + hit)
+            box = box_in_view(annotations[name]["box"], image.size, cfg)
+            masses.append(attention_mass_in_box(attn, box, (size, size)))
+            shares.append((box[2] - box[0]) * (box[3] - box[1]) / size ** 2)
+            head_masses.append([attention_mass_in_box(head, box, (size, size)) for head in attn])
+    count = len(names)
+    heads = torch.tensor(head_masses).mean(0).tolist()
+    return {
+        "images": count,
+        "accuracy": correct / count,
+        "per_class_accuracy": {label: right / seen for label, (seen, right) in sorted(per_class.items())},
+        "attention_mass_in_box": sum(masses) / count,
+        "box_area_share": sum(shares) / count,
+        "mass_over_share": sum(masses) / sum(shares),
+        "images_with_mass_above_share": sum(m > s for m, s in zip(masses, shares)) / count,
+        "attention_mass_in_box_per_head": [round(m, 4) for m in heads],
+    }
+
+
+def card_section(result: dict, data: Path, command: str) -> str:
+    heads = ", ".join(f"{m:.2f}" for m in result["attention_mass_in_box_per_head"])
+    return "\n".join([
+        CARD_BEGIN,
+        "## Evaluation on an unseen shapes set",
+        "",
+        f"{result['images']} images of `{data.name}`, generated with a seed the model never saw in "
+        "training or validation.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | {result['accuracy']:.4f} |",
+        *(f"| accuracy, {label} | {acc:.4f} |" for label, acc in result["per_class_accuracy"].items()),
+        f"| attention mass inside the object box (pooled query, mean over heads) | {result['attention_mass_in_box']:.3f} |",
+        f"| the box's share of the image (what uniform attention would give) | {result['box_area_share']:.3f} |",
+        f"| mass / share | {result['mass_over_share']:.2f}× |",
+        f"| images whose attention mass in the box exceeds its area share | {result['images_with_mass_above_share']:.1%} |",
+        f"| mass in the box, per head | {heads} |",
+        "",
+        "Measured with:",
+        "",
+        "```bash",
+        command,
+        "```",
+        CARD_END,
+    ])
+
+
+def update_card(card: Path, section: str) -> None:
+    """Insert ``section`` before the card's "## Architecture" heading, or replace the one there."""
+    text = card.read_text(encoding="utf-8")
+    if CARD_BEGIN in text:
+        before, rest = text.split(CARD_BEGIN, 1)
+        text = before + section + rest.split(CARD_END, 1)[1]
+    elif "## Architecture" in text:
+        before, after = text.split("## Architecture", 1)
+        text = before + section + "\n\n## Architecture" + after
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    card.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder, Hub id or torchvision:<variant>")
+    parser.add_argument("--data", required=True, type=Path, help="a shapes set (with annotations.json)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--update-card", action="store_true", help="write the figures into --model's README.md")
+    args = parser.parse_args(argv)
+    if not (args.data / "annotations.json").is_file():
+        parser.error(f"{args.data} has no annotations.json: make one with `python -m effnetv2.data shapes OUT`")
+    model = load_model(args.model).float().eval()
+    result = evaluate(model, args.data, args.batch_size)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.update_card:
+        card = Path(args.model) / "README.md"
+        if not card.is_file():
+            parser.error(f"--update-card: {card} does not exist (is --model a local folder?)")
+        command = "python -m effnetv2.evaluate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        update_card(card, card_section(result, args.data, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
