@@ -1,0 +1,418 @@
+"""Weight converters: torchvision ``efficientnet_v2_{s,m,l}`` and timm ``tf_efficientnetv2_*`` → ``EfficientNetV2``.
+
+The key mapping is built from structure, block by block: our model's flat ``blocks.{i}`` walk the
+source's stages in order, and each of our conv/BN/SE modules names the source module it takes its
+tensors from. Every key and shape is checked both ways before anything is loaded.
+
+Command line (writes a Hub-ready folder; SOURCE is a variant/model name for the official weights,
+which needs the internet unless cached, or a local ``.pth``/``.safetensors`` file)::
+
+    python -m effnetv2.convert torchvision s --out efficientnetv2-s
+    python -m effnetv2.convert timm tf_efficientnetv2_b0 --out efficientnetv2-b0 --push-to-hub org/name
+    python -m effnetv2.convert torchvision ./efficientnet_v2_s-dd5fe13b.pth --out efficientnetv2-s
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from .configs import VARIANTS
+from .hub import read_state_dict
+from .layers import ConvBNAct, MBConv
+from .model import EfficientNetV2
+
+logger = logging.getLogger(__name__)
+
+Source = Union[nn.Module, dict, str, os.PathLike]
+TORCHVISION_VARIANTS = ("s", "m", "l")
+TIMM_PREFIX = "tf_efficientnetv2_"
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+# --------------------------------------------------------------------------- key mapping
+
+def _block_prefixes(state: dict[str, torch.Tensor], base: str, inner: str = "") -> list[str]:
+    """Distinct ``{base}.{stage}.{index}`` block prefixes (keys ``{base}.{s}.{j}.{inner}...``), in
+    network order."""
+    pattern = re.compile(rf"^{re.escape(base)}\.(\d+)\.(\d+)\.{re.escape(inner)}")
+    found = {(int(m[1]), int(m[2])) for m in map(pattern.match, state) if m}
+    return [f"{base}.{s}.{j}" for s, j in sorted(found)]
+
+
+def _infer_variant(num_blocks: int, stem_chs: int, where: str, choices: tuple[str, ...]) -> str:
+    for name in choices:
+        cfg = VARIANTS[name]
+        if sum(s.repeats for s in cfg.scaled_stages()) == num_blocks and cfg.stem_chs == stem_chs:
+            return name
+    raise ValueError(f"cannot tell which EfficientNetV2 variant {where} is ({num_blocks} blocks, stem width "
+                     f"{stem_chs}); none of {', '.join(choices)} fits. Pass variant=... if you know it.")
+
+
+def _conv_bn(ours: str, conv: str, bn: str) -> list[tuple[str, str]]:
+    return [(f"{ours}.conv", conv), (f"{ours}.bn", bn)]
+
+
+def _torchvision_pairs(model: EfficientNetV2, blocks: list[str]) -> list[tuple[str, str]]:
+    """(our module, torchvision module) pairs. torchvision blocks are ``features.{s}.{j}.block`` with
+    numbered Conv2dNormActivation children (``.0`` conv, ``.1`` BN) and SE ``fc1``/``fc2``; the head
+    conv is the stage after the last block's."""
+    last_stage = int(blocks[-1].split(".")[1]) + 1
+    pairs = _conv_bn("stem", "features.0.0", "features.0.1")
+    for i, (block, prefix) in enumerate(zip(model.blocks, blocks)):
+        p, o = f"{prefix}.block", f"blocks.{i}"
+        if isinstance(block, MBConv):
+            pairs += _conv_bn(f"{o}.expand_conv", f"{p}.0.0", f"{p}.0.1")
+            pairs += _conv_bn(f"{o}.dwconv", f"{p}.1.0", f"{p}.1.1")
+            pairs += [(f"{o}.se.conv_reduce", f"{p}.2.fc1"), (f"{o}.se.conv_expand", f"{p}.2.fc2")]
+            pairs += _conv_bn(f"{o}.project_conv", f"{p}.3.0", f"{p}.3.1")
+        elif isinstance(block.expand_conv, ConvBNAct):
+            pairs += _conv_bn(f"{o}.expand_conv", f"{p}.0.0", f"{p}.0.1")
+            pairs += _conv_bn(f"{o}.project_conv", f"{p}.1.0", f"{p}.1.1")
+        else:
+            pairs += _conv_bn(f"{o}.project_conv", f"{p}.0.0", f"{p}.0.1")
+    pairs += _conv_bn("head.project_conv", f"features.{last_stage}.0", f"features.{last_stage}.1")
+    return pairs + [("head.classifier", "classifier.1")]
+
+
+def _timm_pairs(model: EfficientNetV2, blocks: list[str]) -> list[tuple[str, str]]:
+    """(our module, timm module) pairs: ``conv_stem``/``bn1``, ``blocks.{s}.{j}`` (ConvBnAct ``conv``/
+    ``bn1``; EdgeResidual ``conv_exp``/``conv_pwl``; InvertedResidual ``conv_pw``/``conv_dw``/``se``/
+    ``conv_pwl``), ``conv_head``/``bn2``, ``classifier``."""
+    pairs = _conv_bn("stem", "conv_stem", "bn1")
+    for i, (block, p) in enumerate(zip(model.blocks, blocks)):
+        o = f"blocks.{i}"
+        if isinstance(block, MBConv):
+            pairs += _conv_bn(f"{o}.expand_conv", f"{p}.conv_pw", f"{p}.bn1")
+            pairs += _conv_bn(f"{o}.dwconv", f"{p}.conv_dw", f"{p}.bn2")
+            pairs += [(f"{o}.se.conv_reduce", f"{p}.se.conv_reduce"), (f"{o}.se.conv_expand", f"{p}.se.conv_expand")]
+            pairs += _conv_bn(f"{o}.project_conv", f"{p}.conv_pwl", f"{p}.bn3")
+        elif isinstance(block.expand_conv, ConvBNAct):
+            pairs += _conv_bn(f"{o}.expand_conv", f"{p}.conv_exp", f"{p}.bn1")
+            pairs += _conv_bn(f"{o}.project_conv", f"{p}.conv_pwl", f"{p}.bn2")
+        else:
+            pairs += _conv_bn(f"{o}.project_conv", f"{p}.conv", f"{p}.bn1")
+    return pairs + _conv_bn("head.project_conv", "conv_head", "bn2") + [("head.classifier", "classifier")]
+
+
+_LAYOUTS = {"torchvision": (("features", "block."), _torchvision_pairs), "timm": (("blocks", ""), _timm_pairs)}
+
+
+def source_blocks(kind: str, state: dict[str, torch.Tensor]) -> list[str]:
+    """The block prefixes of a ``kind`` ("torchvision" or "timm") state dict, in network order."""
+    return _block_prefixes(state, *_LAYOUTS[kind][0])
+
+
+def key_map(model: EfficientNetV2, kind: str, state: dict[str, torch.Tensor], where: str) -> dict[str, str]:
+    """Our state-dict key → the key it comes from in a ``kind`` ("torchvision"/"timm") ``state``."""
+    blocks = source_blocks(kind, state)
+    if len(blocks) != len(model.blocks):
+        raise ValueError(f"{where} has {len(blocks)} blocks but EfficientNetV2-{model.variant} has "
+                         f"{len(model.blocks)}: check the variant")
+    modules = sorted(_LAYOUTS[kind][1](model, blocks), key=lambda pair: -len(pair[0]))
+    mapping = {}
+    for key in model.state_dict():
+        ours, source = next(((o, s) for o, s in modules if key.startswith(o + ".")), (None, None))
+        if ours is not None:
+            mapping[key] = source + key[len(ours):]
+    return mapping
+
+
+def map_state_dict(model: EfficientNetV2, kind: str, state: dict[str, torch.Tensor],
+                   where: str) -> dict[str, torch.Tensor]:
+    """Our state dict from a ``kind`` ("torchvision"/"timm") source ``state``.
+
+    Every key of ``model`` must be found with the same shape and every source key used; the error
+    names the first offending keys and ``where`` the weights came from.
+    """
+    mapping = key_map(model, kind, state, where)
+    mapped, problems = {}, []
+    for key, target in model.state_dict().items():
+        src_key = mapping.get(key)
+        if src_key is None:
+            problems.append(f"no source for our key {key}")
+        elif src_key not in state:
+            problems.append(f"{src_key} (for our {key}) is missing")
+        elif tuple(state[src_key].shape) != tuple(target.shape):
+            problems.append(f"{src_key} has shape {tuple(state[src_key].shape)} but our {key} needs "
+                            f"{tuple(target.shape)}")
+        else:
+            mapped[key] = state[src_key]
+    used = set(mapping.values())
+    problems += [f"unexpected key {k}" for k in state if k not in used]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise ValueError(f"the weights from {where} do not fit EfficientNetV2-{model.variant}: {shown}. "
+                         f"Check the variant and that the file is a checkpoint of that architecture.")
+    return mapped
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _imagenet_labels(num_classes: int) -> dict[int, str] | None:
+    """ImageNet-1k class names (torchvision's list) for 1000-way classifiers, else None."""
+    if num_classes != 1000:
+        return None
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return dict(enumerate(_IMAGENET_CATEGORIES))
+
+
+def _read_source(source: Source) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, provenance) from a module, a state dict or a weights file."""
+    if isinstance(source, nn.Module):
+        return source.state_dict(), {}
+    if isinstance(source, dict):
+        return source, {}
+    path = Path(source).expanduser()
+    return read_state_dict(path), {"file": path.name, "sha256": _sha256(path)}
+
+
+def _build(kind: str, variant: str, state: dict[str, torch.Tensor], where: str, classifier_key: str,
+           **config: Any) -> EfficientNetV2:
+    num_classes = int(state[classifier_key].shape[0]) if classifier_key in state else 0
+    # Built on the meta device (no memory, no init): every tensor is then assigned from the source.
+    with torch.device("meta"):
+        model = EfficientNetV2(variant, num_classes=num_classes, id2label=_imagenet_labels(num_classes), **config)
+    mapped = map_state_dict(model, kind, state, where)
+    mapped = {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+              for k, v in mapped.items()}
+    model.load_state_dict(mapped, strict=True, assign=True)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- torchvision
+
+def _torchvision_weights(variant: str):
+    """torchvision's ``EfficientNet_V2_{S,M,L}_Weights.IMAGENET1K_V1``."""
+    import torchvision.models as tvm
+
+    return getattr(tvm, f"EfficientNet_V2_{variant.upper()}_Weights").IMAGENET1K_V1
+
+
+def _official_torchvision_file(variant: str) -> Path:
+    """The official checkpoint in torch's hub cache (``$TORCH_HOME/hub/checkpoints``), downloaded
+    there first when missing, its SHA-256 prefix checked as torchvision names it."""
+    weights = _torchvision_weights(variant)
+    filename = os.path.basename(weights.url)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        match = re.search(r"-([a-f0-9]+)\.", filename)
+        try:
+            torch.hub.download_url_to_file(weights.url, str(path), match[1] if match else None, progress=True)
+        except Exception as err:  # network errors come in many types (URLError, OSError, RuntimeError)
+            raise RuntimeError(
+                f"could not download the official torchvision EfficientNetV2-{variant.upper()} weights from "
+                f"{weights.url} ({err}). Without internet, put that file at {path} (or set TORCH_HOME), or "
+                f"pass the path of a local .pth instead.") from None
+    return path
+
+
+def from_torchvision(source: Source, variant: str | None = None) -> EfficientNetV2:
+    """``EfficientNetV2`` (eval mode, padding "symmetric") from torchvision EfficientNetV2 weights.
+
+    ``source``: a ``torchvision.models.efficientnet_v2_{s,m,l}`` model, its state dict, the path of
+    its ``.pth``/``.safetensors``, or a variant name "s", "m", "l" for the official ImageNet weights
+    (downloaded into ``$TORCH_HOME``, or read from there offline). ``variant`` is inferred from the
+    weights when None. The result carries torchvision's eval preprocessing, the ImageNet labels when
+    the classifier has 1000 outputs, and where the weights came from (``config["source"]``).
+    Its logits for ``[B, 3, H, W]`` equal the torchvision model's.
+    """
+    provenance: dict[str, Any] = {"source": "torchvision"}
+    name = source.lower().removeprefix("efficientnet_v2_") if isinstance(source, str) else None
+    if name in TORCHVISION_VARIANTS and not Path(source).exists():
+        variant = variant or name
+        source = _official_torchvision_file(name)
+        provenance["weights"] = f"EfficientNet_V2_{name.upper()}_Weights.IMAGENET1K_V1"
+    state, info = _read_source(source)
+    provenance.update(info)
+    where = info.get("file") or "the torchvision weights"
+    blocks = source_blocks("torchvision", state)
+    if not blocks or "features.0.0.weight" not in state:
+        raise ValueError(f"{where} is not a torchvision EfficientNetV2 state dict (no features.N.M.block keys)")
+    variant = (variant or _infer_variant(len(blocks), state["features.0.0.weight"].shape[0], where,
+                                         TORCHVISION_VARIANTS)).lower()
+    preprocessing = {}
+    if variant in TORCHVISION_VARIANTS:
+        preset = _torchvision_weights(variant).transforms()
+        crop, resize = preset.crop_size[0], preset.resize_size[0]
+        preprocessing = {"image_size": crop, "crop_pct": crop / resize, "mean": list(preset.mean),
+                         "std": list(preset.std), "interpolation": preset.interpolation.value}
+    return _build("torchvision", variant, state, where, "classifier.1.weight",
+                  padding="symmetric", source=provenance, **preprocessing)
+
+
+# --------------------------------------------------------------------------- timm
+
+def _timm_variant(name: str) -> str:
+    """"tf_efficientnetv2_b0[.tag]" or "b0" → "b0"."""
+    return name.split(".")[0].lower().removeprefix(TIMM_PREFIX)
+
+
+def _timm_pretrained_cfg(variant: str, num_classes: int) -> dict | None:
+    """timm's pretrained config for ``tf_efficientnetv2_{variant}`` with ``num_classes`` outputs
+    (the default tag first), or None without timm."""
+    try:
+        import timm
+    except ImportError:
+        logger.warning("timm is not installed: using EfficientNetV2-%s's default preprocessing", variant)
+        return None
+    arch = TIMM_PREFIX + variant
+    names = [arch] + timm.list_pretrained(arch + ".*")
+    cfgs = [cfg.to_dict() for cfg in map(timm.models.get_pretrained_cfg, names) if cfg is not None]
+    return next((cfg for cfg in cfgs if cfg.get("num_classes") == num_classes), cfgs[0] if cfgs else None)
+
+
+def _timm_model(name: str) -> nn.Module:
+    """A pretrained timm model by name (from the Hugging Face cache, or downloaded)."""
+    try:
+        import timm
+    except ImportError:
+        raise RuntimeError(f"converting the timm model {name!r} by name needs timm (pip install timm); "
+                           f"or pass a local .pth/.safetensors file") from None
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as err:  # timm surfaces hub, network and name errors with different types
+        raise RuntimeError(f"could not get the timm weights {name!r} ({err}). Check the name "
+                           f"(tf_efficientnetv2_b0..b3, s, m, l, xl, optionally .tag); offline, they must "
+                           f"already be in the Hugging Face cache, or pass a local .pth/.safetensors") from None
+
+
+def from_timm(source: Source, variant: str | None = None) -> EfficientNetV2:
+    """``EfficientNetV2`` (eval mode, padding "same") from timm ``tf_efficientnetv2_*`` weights.
+
+    ``source``: a timm model, its state dict, the path of a ``.pth``/``.safetensors``, or a timm
+    model name such as "tf_efficientnetv2_b0" or "tf_efficientnetv2_s.in21k_ft_in1k" (needs timm;
+    offline only when the weights are cached). Preprocessing comes from the model's
+    ``pretrained_cfg`` (timm's default for the variant when only weights are given); num_classes
+    from the checkpoint's classifier. Logits for ``[B, 3, H, W]`` equal the timm model's.
+    """
+    provenance: dict[str, Any] = {"source": "timm"}
+    if isinstance(source, str) and not Path(source).exists() and not source.endswith(WEIGHT_SUFFIXES):
+        provenance["weights"] = source if source.startswith(TIMM_PREFIX) else TIMM_PREFIX + source
+        source = _timm_model(provenance["weights"])
+    pretrained_cfg = dict(getattr(source, "pretrained_cfg", None) or {}) if isinstance(source, nn.Module) else None
+    if pretrained_cfg and pretrained_cfg.get("architecture", "").startswith(TIMM_PREFIX):
+        variant = variant or _timm_variant(pretrained_cfg["architecture"])
+        if pretrained_cfg.get("hf_hub_id"):
+            provenance.setdefault("weights", pretrained_cfg["hf_hub_id"])
+    state, info = _read_source(source)
+    provenance.update(info)
+    where = info.get("file") or "the timm weights"
+    blocks = source_blocks("timm", state)
+    if not blocks or "conv_stem.weight" not in state:
+        raise ValueError(f"{where} is not a timm EfficientNetV2 state dict (no conv_stem / blocks.N.M keys)")
+    variant = _timm_variant(variant) if variant else _infer_variant(
+        len(blocks), state["conv_stem.weight"].shape[0], where, tuple(VARIANTS))
+    num_classes = int(state["classifier.weight"].shape[0]) if "classifier.weight" in state else 0
+    pretrained_cfg = pretrained_cfg or _timm_pretrained_cfg(variant, num_classes) or {}
+    preprocessing = {}
+    if pretrained_cfg:
+        preprocessing = {
+            "image_size": int((pretrained_cfg.get("test_input_size") or pretrained_cfg["input_size"])[-1]),
+            "train_image_size": int(pretrained_cfg["input_size"][-1]),
+            "mean": list(pretrained_cfg["mean"]), "std": list(pretrained_cfg["std"]),
+            "interpolation": pretrained_cfg.get("interpolation", "bicubic"),
+            "crop_pct": float(pretrained_cfg.get("test_crop_pct") or pretrained_cfg.get("crop_pct", 1.0)),
+        }
+    return _build("timm", variant, state, where, "classifier.weight",
+                  padding="same", source=provenance, **preprocessing)
+
+
+
+# --------------------------------------------------------------------------- command line
+
+def _reference_model(kind: str, model: EfficientNetV2) -> nn.Module | None:
+    """The source library's own model for ``model``'s variant and classes (random weights), or None
+    when that library or variant is not available."""
+    try:
+        if kind == "torchvision":
+            import torchvision.models as tvm
+
+            build = getattr(tvm, f"efficientnet_v2_{model.variant}", None)
+            return build(num_classes=model.num_classes) if build else None
+        import timm
+
+        return timm.create_model(TIMM_PREFIX + model.variant, num_classes=model.num_classes)
+    except ImportError:
+        return None
+
+
+@torch.no_grad()
+def max_logit_difference(model: EfficientNetV2, reference: nn.Module, size: int = 128) -> float:
+    """max |Δlogit| between ``model`` and ``reference`` (given ``model``'s weights) on random
+    ``[2, 3, size, size]`` inputs."""
+    kind = model.config["source"]["source"]
+    ours = model.state_dict()
+    mapping = key_map(model, kind, reference.state_dict(), f"the {kind} model")
+    reference.load_state_dict({src: ours[key] for key, src in mapping.items()}, strict=True)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return (reference.eval()(x) - model(x)).abs().max().item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m effnetv2.convert",
+        description="Convert torchvision or timm EfficientNetV2 weights into a Hub-ready effnetv2 model folder.")
+    parser.add_argument("library", choices=("torchvision", "timm"), help="where the weights come from")
+    parser.add_argument("source", help="variant or model name for the official weights (torchvision: s, m, l; "
+                                       "timm: tf_efficientnetv2_b0 ... xl; needs the internet unless cached), "
+                                       "or a local .pth/.safetensors file")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write config.json, model.safetensors, README.md")
+    parser.add_argument("--variant", help="architecture variant, when it cannot be inferred from the weights")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="also upload the folder to this Hub repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    convert = from_torchvision if args.library == "torchvision" else from_timm
+    try:
+        model = convert(args.source, variant=args.variant)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    reference = _reference_model(args.library, model)
+    notes = None
+    if reference is not None:
+        diff = max_logit_difference(model, reference)
+        notes = (f"Conversion check: on random 128x128 inputs the logits equal {args.library}'s own "
+                 f"model with these weights to max |Δlogit| = {diff:.2e}.")
+        print(f"parity with {args.library}: max |Δlogit| = {diff:.3g}")
+    source = model.config["source"]
+    card = {"notes": notes, "command": f"python -m effnetv2.convert {args.library} {args.source} --out {args.out}",
+            "datasets": ["imagenet-1k"] if model.num_classes == 1000 else None,
+            "base_model": source.get("weights") if args.library == "timm" and "/" in source.get("weights", "") else None}
+    model.save_pretrained(args.out, model_card_kwargs=card)
+    print(f"wrote {args.out}/ (config.json, model.safetensors, README.md): EfficientNetV2-{model.variant}, "
+          f"{model.num_classes} classes")
+    if args.push_to_hub:
+        try:
+            url = model.push_to_hub(args.push_to_hub, private=args.private or None, model_card_kwargs=card)
+        except Exception as err:  # network, auth and permission errors come in many types
+            print(f"error: pushing to {args.push_to_hub} failed ({err}). The converted model is kept in "
+                  f"{args.out}/. Log in with `hf auth login` and retry with: hf upload {args.push_to_hub} "
+                  f"{args.out} .{' --private' if args.private else ''}", file=sys.stderr)
+            return 1
+        print(f"pushed to {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

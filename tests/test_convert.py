@@ -1,0 +1,219 @@
+"""Converters from torchvision and timm: exact parity on random weights, key/shape mapping for every
+variant, safe file reading, the official-weights cache path and the command line."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+from effnetv2 import EfficientNetV2, convert
+from effnetv2.configs import VARIANTS
+
+timm = pytest.importorskip("timm")
+
+SIZES = (64, 67)  # even and odd: TF SAME padding differs from symmetric only on some sizes
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN non-trivial statistics and affine parameters and the classifier realistic-scale
+    weights, so that a wrong mapping changes the outputs visibly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.2, generator=g)
+            elif isinstance(m, nn.Linear):
+                m.weight.normal_(0, m.in_features ** -0.5, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+    return model.eval()
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> float:
+    scale = ref.abs().max().item()
+    diff = (ours - ref).abs().max().item()
+    assert ref.std() > 1e-3 * scale, f"{what}: degenerate reference output, the test would prove nothing"
+    assert diff <= 1e-4 * scale, f"{what}: max |Δ| {diff:.3g} vs scale {scale:.3g}"
+    return diff
+
+
+def check_parity(model: EfficientNetV2, ref: nn.Module, size: int, kind: str) -> float:
+    """Pooled features and logits of ``model`` and the source model ``ref`` on one random image."""
+    x = torch.randn(1, 3, size, size)
+    pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+    if kind == "torchvision":
+        ref_pooled = ref.avgpool(ref.features(x)).flatten(1)
+    else:
+        ref_pooled = ref.forward_head(ref.forward_features(x), pre_logits=True)
+    assert_close(pooled, ref_pooled, f"pooled features at {size}px")
+    return assert_close(model.head.classifier(pooled), ref.classifier(ref_pooled), f"logits at {size}px")
+
+
+@pytest.fixture(scope="module")
+def tv_s():
+    torch.manual_seed(0)
+    return randomise(torchvision.models.efficientnet_v2_s())
+
+
+@pytest.fixture(scope="module")
+def tv_s_pth(tv_s, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tv") / "efficientnet_v2_s-dd5fe13b.pth"
+    torch.save(tv_s.state_dict(), path)
+    return path
+
+
+@torch.no_grad()
+def test_torchvision_s_parity(tv_s):
+    model = convert.from_torchvision(tv_s)
+    assert model.variant == "s" and model.padding == "symmetric" and not model.training
+    assert model.id2label["0"] == "tench" and model.num_classes == 1000
+    for size in SIZES:
+        check_parity(model, tv_s, size, "torchvision")
+    assert all(p.requires_grad and not p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant", ["m", "l"])
+def test_torchvision_mapping_m_l(variant):
+    with torch.device("meta"):
+        source = getattr(torchvision.models, f"efficientnet_v2_{variant}")()
+    model = convert.from_torchvision(source.state_dict())
+    assert model.variant == variant
+    with torch.device("meta"):
+        expected = EfficientNetV2(variant)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in expected.state_dict().items()}
+    preset = getattr(torchvision.models, f"EfficientNet_V2_{variant.upper()}_Weights").IMAGENET1K_V1.transforms()
+    assert model.config["image_size"] == preset.crop_size[0]
+    assert model.config["interpolation"] == preset.interpolation.value
+    assert model.config["mean"] == list(preset.mean)
+
+
+def test_mapping_errors_name_the_key(tv_s):
+    state = dict(tv_s.state_dict())
+    missing = dict(state)
+    del missing["features.3.1.block.0.1.running_var"]
+    with pytest.raises(ValueError, match=r"features\.3\.1\.block\.0\.1\.running_var .*missing"):
+        convert.from_torchvision(missing)
+    reshaped = {**state, "features.7.0.weight": torch.zeros(1280, 256, 3, 3)}
+    with pytest.raises(ValueError, match=r"features\.7\.0\.weight has shape \(1280, 256, 3, 3\)"):
+        convert.from_torchvision(reshaped)
+    with pytest.raises(ValueError, match="has 40 blocks but EfficientNetV2-m has 57"):
+        convert.from_torchvision(state, variant="m")
+    with pytest.raises(ValueError, match="not a torchvision EfficientNetV2"):
+        convert.from_torchvision({"conv.weight": torch.zeros(1)})
+
+
+class Exploit:
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def test_pickled_object_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = Exploit()
+    evil.marker = str(marker)
+    path = tmp_path / "evil.pth"
+    torch.save({"features.0.0.weight": torch.zeros(1), "payload": evil}, path)
+    with pytest.raises(ValueError, match="weights-only"):
+        convert.from_torchvision(path)
+    assert not marker.exists()
+
+
+@torch.no_grad()
+def test_official_weights_offline_from_cache(tv_s, tv_s_pth, tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError, match=str(tmp_path / "hub" / "checkpoints" / "efficientnet_v2_s-dd5fe13b.pth")):
+        convert.from_torchvision("s")
+    url = torchvision.models.EfficientNet_V2_S_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    cached.write_bytes(tv_s_pth.read_bytes())
+    model = convert.from_torchvision("s")
+    source = model.config["source"]
+    assert source == {"source": "torchvision", "weights": "EfficientNet_V2_S_Weights.IMAGENET1K_V1",
+                      "file": cached.name, "sha256": hashlib.sha256(cached.read_bytes()).hexdigest()}
+    x = torch.randn(1, 3, 64, 64)
+    assert_close(model(x), tv_s(x), "logits from the cached official file")
+
+
+@torch.no_grad()
+def test_cli_writes_hub_folder(tv_s, tv_s_pth, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "converted"
+    assert convert.main(["torchvision", str(tv_s_pth), "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "README.md"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["variant"] == "s" and config["id2label"]["1"] == "goldfish"
+    assert config["source"]["file"] == tv_s_pth.name
+    assert "parity with torchvision: max |Δlogit| = 0\n" in capsys.readouterr().out
+    assert "Weights converted from torchvision" in (out / "README.md").read_text()
+    loaded = EfficientNetV2.from_pretrained(out)
+    x = torch.randn(1, 3, 67, 67)
+    assert_close(loaded(x), tv_s(x), "logits after save/load")
+
+    def failing_push(self, *args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(EfficientNetV2, "push_to_hub", failing_push)
+    again = tmp_path / "again"
+    assert convert.main(["torchvision", str(tv_s_pth), "--out", str(again), "--push-to-hub", "org/name"]) == 1
+    assert "hf upload org/name" in capsys.readouterr().err
+    assert (again / "model.safetensors").is_file()
+    assert convert.main(["torchvision", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")]) == 1
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", ["b0", "b2"])
+def test_timm_parity(variant):
+    torch.manual_seed(0)
+    ref = randomise(timm.create_model(f"tf_efficientnetv2_{variant}"))
+    model = convert.from_timm(ref)
+    cfg = ref.pretrained_cfg
+    assert model.variant == variant and model.padding == "same"
+    assert model.config["image_size"] == cfg["test_input_size"][-1]
+    assert model.config["train_image_size"] == cfg["input_size"][-1]
+    assert model.config["crop_pct"] == cfg["crop_pct"] and model.config["interpolation"] == cfg["interpolation"]
+    for size in SIZES:
+        check_parity(model, ref, size, "timm")
+    if variant == "b0":
+        # The test can fail: symmetric padding on TF weights changes the even-size output.
+        wrong = EfficientNetV2(**{**model.config, "padding": "symmetric"}).eval()
+        wrong.load_state_dict(model.state_dict())
+        x = torch.randn(2, 3, 64, 64)
+        assert (wrong(x) - ref(x)).abs().max() > 1e-2 * ref(x).abs().max()
+
+
+@pytest.mark.parametrize("variant", ["b1", "b3", "s", "m", "l", "xl"])
+def test_timm_mapping(variant):
+    with torch.device("meta"):
+        source = timm.create_model(f"tf_efficientnetv2_{variant}")
+        expected = EfficientNetV2(variant)
+    model = convert.from_timm(source.state_dict())
+    assert model.variant == variant and model.padding == "same"
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in expected.state_dict().items()}
+    assert sum(s.repeats for s in VARIANTS[variant].scaled_stages()) == len(model.blocks)
+
+
+@torch.no_grad()
+def test_timm_from_file_and_name(tmp_path, monkeypatch):
+    ref = randomise(timm.create_model("tf_efficientnetv2_b0", num_classes=7))
+    path = tmp_path / "b0.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    model = convert.from_timm(path)
+    assert model.num_classes == 7 and model.config["source"]["file"] == "b0.safetensors"
+    assert model.config["image_size"] == 224 and model.config["crop_pct"] == 0.875
+    x = torch.randn(1, 3, 67, 67)
+    assert_close(model(x), ref(x), "logits from a safetensors file")
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # conftest: never the network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(RuntimeError, match="Hugging Face cache"):
+        convert.from_timm("tf_efficientnetv2_b0")
