@@ -1,13 +1,33 @@
-"""EfficientNetV2's progressive learning (Tan & Le, 2021, §4): training is cut into stages; early
-stages use small images and weak regularisation, later ones large images and strong regularisation,
-both interpolated linearly from (min) to (max)."""
+"""EfficientNetV2's progressive learning (Tan & Le, 2021, §4.2 and Table 6).
+
+Training is cut into ``M`` stages. Early stages use small images and weak regularisation, later ones
+large images and strong regularisation; stage ``i`` of ``M`` takes every setting at
+``min + (max - min) * i / (M - 1)`` (linear interpolation) and starts at epoch ``floor(i * E / M)``.
+
+The paper gives ranges for S, M and L. Here:
+
+- ``s``, ``m``, ``l``: the paper's ranges (size, RandAugment magnitude, mixup alpha, dropout).
+- ``xl``: L's ranges (the largest model gets the strongest regularisation; the paper has no row).
+- ``b0``..``b3``: S's regularisation; the size range is S's scaled to the variant's own train size
+  (max = train size, min = train size * 128 / 300), e.g. b0: 82 → 192.
+
+``max_size`` (train.py's ``--image-size``) replaces the largest size and scales the smallest by the
+same factor, which keeps the shape of the plan for small smoke runs (``--image-size 64``: 27 → 64
+for s).
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .configs import VARIANTS
+
+MIN_IMAGE_SIZE = 16
+
 
 @dataclass(frozen=True)
 class ProgressiveRange:
+    """(min, max) of each setting that progressive learning grows."""
+
     min_size: int
     max_size: int
     min_randaugment: float
@@ -18,20 +38,30 @@ class ProgressiveRange:
     max_dropout: float
 
 
-# The paper's Table 6 settings. The b-variants use S's regularisation with sizes scaled to their own
-# train size; xl uses L's (the paper gives no separate row for them).
-_S = ProgressiveRange(128, 300, 5, 15, 0.0, 0.0, 0.1, 0.3)
-_M = ProgressiveRange(128, 380, 5, 20, 0.0, 0.2, 0.1, 0.4)
-_L = ProgressiveRange(128, 380, 5, 25, 0.0, 0.4, 0.1, 0.5)
-RANGES = {"s": _S, "m": _M, "l": _L, "xl": _L,
-          "b0": ProgressiveRange(96, 192, 5, 15, 0.0, 0.0, 0.1, 0.3),
-          "b1": ProgressiveRange(96, 192, 5, 15, 0.0, 0.0, 0.1, 0.3),
-          "b2": ProgressiveRange(104, 208, 5, 15, 0.0, 0.0, 0.1, 0.3),
-          "b3": ProgressiveRange(120, 240, 5, 15, 0.0, 0.0, 0.1, 0.3)}
+_PAPER = {
+    "s": ProgressiveRange(128, 300, 5, 15, 0.0, 0.0, 0.1, 0.3),
+    "m": ProgressiveRange(128, 380, 5, 20, 0.0, 0.2, 0.1, 0.4),
+    "l": ProgressiveRange(128, 380, 5, 25, 0.0, 0.4, 0.1, 0.5),
+}
+
+
+def _scaled_s(train_size: int) -> ProgressiveRange:
+    s = _PAPER["s"]
+    return ProgressiveRange(round(train_size * s.min_size / s.max_size), train_size, s.min_randaugment,
+                            s.max_randaugment, s.min_mixup, s.max_mixup, s.min_dropout, s.max_dropout)
+
+
+RANGES: dict[str, ProgressiveRange] = {
+    **_PAPER,
+    "xl": _PAPER["l"],
+    **{name: _scaled_s(VARIANTS[name].train_size) for name in ("b0", "b1", "b2", "b3")},
+}
 
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage of the plan: from ``start_epoch`` (0-based) on, train with these settings."""
+
     index: int
     start_epoch: int
     image_size: int
@@ -40,34 +70,38 @@ class Stage:
     dropout: float
 
     def describe(self) -> str:
-        return (f"stage {self.index + 1}: from epoch {self.start_epoch + 1}, image size {self.image_size}, "
-                f"RandAugment magnitude {self.randaugment}, mixup {self.mixup:.2f}, dropout {self.dropout:.2f}")
+        return (f"progressive stage {self.index + 1}: from epoch {self.start_epoch + 1}, image size "
+                f"{self.image_size}, RandAugment magnitude {self.randaugment}, mixup {self.mixup:.2f}, "
+                f"dropout {self.dropout:.2f}")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def progressive_plan(variant: str, epochs: int, num_stages: int = 4, max_size: int | None = None) -> list[Stage]:
-    """The ``num_stages`` stages for ``epochs`` epochs of ``variant``.
+    """The ``num_stages`` stages for ``epochs`` epochs of ``variant`` (see the module docstring).
 
-    Stage ``i`` of ``M`` takes ``value = min + (max - min) * i / (M - 1)`` for every setting and starts
-    at epoch ``floor(i * epochs / M)``. ``max_size`` (e.g. a small ``--image-size`` for a smoke run)
-    replaces the largest size and scales the smallest by the same factor.
+    ``max_size`` replaces the range's largest image size and scales the smallest by the same
+    factor (never below 16 pixels). Raises ``ValueError`` for an unknown variant or fewer epochs
+    than stages.
     """
     if variant not in RANGES:
         raise ValueError(f"no progressive-learning plan for variant {variant!r}: choose one of {', '.join(RANGES)}")
-    if num_stages < 1 or epochs < num_stages:
-        raise ValueError(f"--progressive needs at least as many epochs ({epochs}) as stages ({num_stages})")
+    if num_stages < 1:
+        raise ValueError(f"--stages must be at least 1, got {num_stages}")
+    if epochs < num_stages:
+        raise ValueError(f"--progressive with {num_stages} stages needs at least {num_stages} epochs, got "
+                         f"--epochs {epochs}: raise --epochs or lower --stages")
     r = RANGES[variant]
     lo, hi = r.min_size, r.max_size
     if max_size:
         lo, hi = lo * max_size / hi, max_size
 
-    def at(i: int, a: float, b: float) -> float:
-        return a + (b - a) * (i / (num_stages - 1) if num_stages > 1 else 1.0)
+    def at(i: int, low: float, high: float) -> float:
+        return low + (high - low) * (i / (num_stages - 1) if num_stages > 1 else 1.0)
 
     return [Stage(index=i, start_epoch=i * epochs // num_stages,
-                  image_size=max(16, int(round(at(i, lo, hi)))),
+                  image_size=max(MIN_IMAGE_SIZE, int(round(at(i, lo, hi)))),
                   randaugment=int(round(at(i, r.min_randaugment, r.max_randaugment))),
                   mixup=round(at(i, r.min_mixup, r.max_mixup), 4),
                   dropout=round(at(i, r.min_dropout, r.max_dropout), 4))
