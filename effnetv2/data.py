@@ -1,35 +1,42 @@
 """Folder-per-class image data: scanning, a seeded stratified split, and a dataset that never crashes.
 
-A data set is a folder with one sub-folder per class (``flowers/daisy/*.jpg``, ...). Unreadable files
-are reported once, with their path and the reason, and skipped.
+A data set is a folder with one sub-folder per class (``flowers/daisy/*.jpg``, ...). Every image is
+read through :func:`effnetv2.images.open_image` (any mode to RGB, EXIF orientation applied).
+Unreadable files are found before training (:func:`check_images`), reported once with their path and
+the reason (:func:`report_bad_files`) and skipped; one that breaks later is replaced at read time.
 
-CLI: ``python -m effnetv2.data shapes OUT [--num-per-class N] [--image-size S] [--seed K]`` writes the
-synthetic ``shapes`` set (see ``effnetv2.shapes``).
+CLI::
+
+    python -m effnetv2.data shapes OUT [--num-per-class N] [--image-size S] [--seed K]
+    python -m effnetv2.data check DIR [--val-fraction F] [--seed K]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import logging
+import math
 import os
 import random
+import sys
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .images import ImageLoadError, open_image
 from .shapes import SHAPES, make_shapes_dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "DatasetError", "scan_folder", "split_samples", "save_class_indices",
-           "write_split", "check_images", "report_bad_files", "ImageFolderDataset", "make_shapes_dataset"]
+__all__ = ["IMAGE_EXTENSIONS", "DatasetError", "is_image_file", "scan_folder", "split_samples",
+           "save_class_indices", "write_split", "read_split", "check_images", "report_bad_files",
+           "ImageFolderDataset", "make_shapes_dataset"]
 
-logger = logging.getLogger(__name__)
-
+# Lower-case suffixes; files match whatever their case (``IMG_1.JPG``).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 Sample = tuple[str, int]
 
@@ -39,120 +46,191 @@ class DatasetError(ValueError):
 
 
 def is_image_file(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS and not Path(path).name.startswith(".")
+    """True for a visible file name with one of :data:`IMAGE_EXTENSIONS` (any case)."""
+    path = Path(path)
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, recursively and sorted, skipping hidden files and hidden folders."""
+    files = []
+    for parent, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]  # do not descend into .git etc.
+        files += [Path(parent, name) for name in names if not name.startswith(".")]
+    return sorted(files)
 
 
 def scan_folder(root: str | Path) -> tuple[list[Sample], list[str]]:
-    """``(samples, classes)``: every image under ``root/<class>/`` (recursively) as ``(path, index)``,
-    classes sorted by name. Hidden entries and non-image files are ignored."""
+    """``(samples, classes)`` of the folder-per-class data set at ``root``.
+
+    ``classes`` are the visible sub-folder names, sorted; ``samples`` lists every image file under
+    ``root/<class>/`` (recursively, sorted) as ``(path, class_index)``. Hidden entries and files without
+    an image extension are ignored. Raises :class:`DatasetError` for a missing root, no class folders,
+    a single class, or a class folder with no image.
+    """
     root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"data folder {root} does not exist: give the folder that holds one sub-folder "
+                           f"per class (e.g. {root}/daisy/*.jpg)")
     if not root.is_dir():
-        raise DatasetError(f"data path {root} is not a folder: give a folder with one sub-folder per class")
+        raise DatasetError(f"data path {root} is a file, not a folder: give the folder that holds one "
+                           f"sub-folder per class")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DatasetError(f"{root} has no class sub-folders: put each class's images in its own "
-                           f"sub-folder (e.g. {root}/daisy/*.jpg)")
+        loose = sum(is_image_file(p) for p in root.iterdir())
+        hint = f" (it holds {loose} loose image(s): move them into one sub-folder per class)" if loose else ""
+        raise DatasetError(f"{root} has no class sub-folders{hint}: put each class's images in its own "
+                           f"sub-folder, e.g. {root}/daisy/*.jpg and {root}/rose/*.jpg")
     if len(classes) < 2:
-        raise DatasetError(f"{root} has a single class ({classes[0]}): a classifier needs at least two")
+        raise DatasetError(f"{root} has a single class ({classes[0]}): a classifier needs at least two; "
+                           f"add a sub-folder of images for each other class")
     samples = []
     for index, name in enumerate(classes):
-        files = sorted(str(p) for p in (root / name).rglob("*")
-                       if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(root).parts))
-        if not files:
-            raise DatasetError(f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
-                               f"add images or remove the folder")
-        samples += [(f, index) for f in files]
+        files = _visible_files(root / name)
+        images = [str(p) for p in files if is_image_file(p)]
+        if not images:
+            others = Counter(p.suffix.lower() or "(no extension)" for p in files)
+            found = f"; it holds {sum(others.values())} other file(s): {', '.join(sorted(others))}" if others else ""
+            raise DatasetError(f"class folder {root / name} has no images (looked for "
+                               f"{', '.join(IMAGE_EXTENSIONS)}){found}: add images, convert them, or "
+                               f"remove the folder")
+        samples += [(path, index) for path in images]
     return samples, classes
 
 
-def split_samples(samples: list[Sample], val_fraction: float = 0.2,
-                  seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """Seeded stratified split: ``round(n * val_fraction)`` (at least 1) images of each class go to
-    validation. Disjoint and deterministic; errors name a class too small to split."""
+def _val_count(n: int, val_fraction: float) -> int:
+    """Validation images taken from a class of ``n``: the fraction rounded half up, at least one."""
+    return max(1, math.floor(n * val_fraction + 0.5)) if val_fraction > 0 else 0
+
+
+def split_samples(samples: list[Sample], val_fraction: float = 0.2, seed: int = 0,
+                  classes: list[str] | None = None) -> tuple[list[Sample], list[Sample]]:
+    """Seeded stratified split into ``(train, val)``.
+
+    Each class sends ``val_fraction`` of its images (rounded half up, at least one) to validation and
+    the rest to training; ``val_fraction=0`` gives an empty ``val``. Each class is shuffled by its own
+    generator seeded with ``(seed, class index)``, so the result depends only on the seed and the
+    file names, not on the order of ``samples`` or on the other classes' files. Raises :class:`DatasetError` naming a class
+    (``classes`` gives the names) that would be left without a training or a validation image.
+    """
     if not 0 <= val_fraction < 1:
-        raise DatasetError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise DatasetError(f"val_fraction (--val-fraction) must be at least 0 and below 1, got {val_fraction}")
     by_class: dict[int, list[str]] = defaultdict(list)
     for path, label in samples:
         by_class[label].append(path)
     train, val = [], []
-    rng = random.Random(seed)
     for label in sorted(by_class):
         paths = sorted(by_class[label])
-        rng.shuffle(paths)
-        n_val = max(1, round(len(paths) * val_fraction)) if val_fraction > 0 else 0
+        random.Random(f"{seed}-{label}").shuffle(paths)
+        n_val = _val_count(len(paths), val_fraction)
         if n_val >= len(paths):
-            raise DatasetError(f"class {label} ({os.path.dirname(paths[0])}) has {len(paths)} image(s): too few "
-                               f"to give both training and validation images; add images or lower --val-fraction")
+            name = repr(classes[label]) if classes else f"{label} ({os.path.dirname(paths[0])})"
+            need = next(n for n in itertools.count(2) if _val_count(n, val_fraction) < n)
+            raise DatasetError(
+                f"class {name} has {len(paths)} image(s), too few to give it both a training and a validation "
+                f"image with a validation fraction of {val_fraction}: add images to that class (at least "
+                f"{need} in all){' or lower --val-fraction' if len(paths) > 1 else ''}")
         val += [(p, label) for p in paths[:n_val]]
         train += [(p, label) for p in paths[n_val:]]
     return train, val
 
 
 def save_class_indices(path: str | Path, classes: list[str]) -> None:
-    """Write ``class_indices.json``: ``{"0": "daisy", ...}``."""
+    """Write ``class_indices.json``: ``{"0": "daisy", "1": "rose", ...}`` (string keys, like ``id2label``)."""
     Path(path).write_text(json.dumps({str(i): c for i, c in enumerate(classes)}, indent=2))
 
 
 def write_split(path: str | Path, train: list[Sample], val: list[Sample], classes: list[str],
                 root: str | Path) -> None:
-    """Record the split (paths relative to ``root``) so a run can be audited and repeated."""
-    def rel(samples):
-        return [[os.path.relpath(p, root), label] for p, label in samples]
-    Path(path).write_text(json.dumps({"root": str(root), "classes": classes, "train": rel(train),
-                                      "val": rel(val)}, indent=1))
+    """Record the split as JSON (``split.json``): ``root``, ``classes``, per-class counts, and
+    ``train`` / ``val`` as ``[relative path, class index]`` pairs, paths relative to ``root``."""
+    def rel(samples: list[Sample]) -> list[list]:
+        return [[Path(os.path.relpath(p, root)).as_posix(), label] for p, label in samples]
+
+    def counts(samples: list[Sample]) -> dict[str, int]:
+        seen = Counter(label for _, label in samples)
+        return {name: seen[i] for i, name in enumerate(classes)}
+
+    head = json.dumps({"root": str(root), "classes": list(classes),
+                       "counts": {"train": counts(train), "val": counts(val)}}, indent=1)[:-2]
+    rows = {key: ",\n".join(f"  {json.dumps(row)}" for row in rel(part)) for key, part in (("train", train), ("val", val))}
+    # one [path, label] pair per line: readable and diff-able for thousands of images
+    Path(path).write_text(f'{head},\n "train": [\n{rows["train"]}\n ],\n "val": [\n{rows["val"]}\n ]\n}}\n')
 
 
-def _check(sample: Sample) -> str | None:
+def read_split(path: str | Path, root: str | Path | None = None) -> tuple[list[Sample], list[Sample], list[str]]:
+    """``(train, val, classes)`` from a :func:`write_split` record, paths joined to ``root`` (default:
+    the root it was written with), e.g. to resume a run on exactly the same images."""
+    record = json.loads(Path(path).read_text())
+    base = Path(root if root is not None else record["root"])
+    train, val = ([(str(base / p), label) for p, label in record[key]] for key in ("train", "val"))
+    return train, val, record["classes"]
+
+
+def _load_problem(path: str) -> str | None:
+    """Why ``path`` cannot be used, or ``None`` when it decodes fully."""
     try:
-        open_image(sample[0])
+        open_image(path)
     except ImageLoadError as err:
-        return str(err).removeprefix(f"{sample[0]}: ")
+        return str(err).removeprefix(f"{path}: ")
     return None
 
 
-def check_images(samples: list[Sample], num_workers: int = 4) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """Decode every image once (in threads): ``(readable samples, [(path, reason), ...])``."""
-    with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        reasons = list(pool.map(_check, samples))
-    good = [s for s, r in zip(samples, reasons) if r is None]
-    bad = [(s[0], r) for s, r in zip(samples, reasons) if r is not None]
+def check_images(samples: list[Sample], num_workers: int | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Decode every image once, in ``num_workers`` threads (default: twice the CPU count, at most 16).
+
+    Returns ``(good, bad)``: the readable samples in their original order, and ``(path, reason)`` for
+    each file that is empty, truncated, not an image, or too large (decompression bomb).
+    """
+    workers = num_workers if num_workers and num_workers > 0 else min(16, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        problems = list(pool.map(_load_problem, [path for path, _ in samples]))
+    good = [s for s, problem in zip(samples, problems) if problem is None]
+    bad = [(s[0], problem) for s, problem in zip(samples, problems) if problem is not None]
     return good, bad
 
 
 def report_bad_files(bad: list[tuple[str, str]]) -> None:
-    """One warning listing every skipped file with its reason (nothing when ``bad`` is empty)."""
+    """Emit one ``UserWarning`` listing every skipped file with its reason (nothing when ``bad`` is empty)."""
     if bad:
         lines = "\n".join(f"  {path}: {reason}" for path, reason in bad)
-        message = f"skipping {len(bad)} unreadable image file(s):\n{lines}"
-        logger.warning(message)
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(f"skipping {len(bad)} unreadable image file(s); fix or delete them to use them:\n{lines}",
+                      stacklevel=2)
 
 
 class ImageFolderDataset(Dataset):
-    """``(image tensor, label)`` pairs from ``samples``; a file that fails at read time is recorded in
-    ``bad_files``, warned about once, and replaced by the next image of the same class."""
+    """``(image, label)`` pairs for ``samples`` (``[(path, class_index), ...]``).
+
+    ``image`` is ``transform(pil_rgb_image)``, or a float tensor ``[3, H, W]`` in 0..1 without a
+    transform. A file that fails at read time (deleted or damaged after :func:`check_images`) is
+    recorded in ``bad_files`` (path → reason), warned about once, and replaced by the next readable
+    image of the same class in ``samples`` order, so the same index always gives the same image. With a
+    multi-process ``DataLoader`` each worker keeps its own ``bad_files``.
+    """
 
     def __init__(self, samples: list[Sample], classes: list[str], transform: Callable | None = None):
         if not samples:
-            raise DatasetError("no images to load")
+            raise DatasetError("no images to load: the sample list is empty")
         self.samples = list(samples)
         self.classes = list(classes)
         self.transform = transform
         self.bad_files: dict[str, str] = {}
         self._by_class: dict[int, list[int]] = defaultdict(list)
+        self._rank: list[int] = []  # position of each sample within its class list
         for i, (_, label) in enumerate(self.samples):
+            self._rank.append(len(self._by_class[label]))
             self._by_class[label].append(i)
 
     def set_transform(self, transform: Callable | None) -> None:
+        """Use ``transform`` from now on (e.g. a new image size at a progressive-learning stage)."""
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         label = self.samples[index][1]
-        same_class = self._by_class[label]
-        start = same_class.index(index)
+        same_class, start = self._by_class[label], self._rank[index]
         for step in range(len(same_class)):
             path = self.samples[same_class[(start + step) % len(same_class)]][0]
             if path in self.bad_files:
@@ -160,31 +238,64 @@ class ImageFolderDataset(Dataset):
             try:
                 image = open_image(path)
             except ImageLoadError as err:
-                self.bad_files[path] = str(err)
-                warnings.warn(f"skipping unreadable image {err}", stacklevel=2)
+                self.bad_files[path] = str(err).removeprefix(f"{path}: ")
+                warnings.warn(f"skipping unreadable image {err}; using another image of its class instead",
+                              stacklevel=2)
                 continue
-            return (self.transform(image) if self.transform else image), label
-        raise DatasetError(f"no readable image left in class {self.classes[label]!r}; see the warnings above")
+            if self.transform is None:  # [H, W, 3] uint8 -> [3, H, W] float in 0..1
+                return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255), label
+            return self.transform(image), label
+        raise DatasetError(f"no readable image left in class {self.classes[label]!r}: all its files failed "
+                           f"to load (see the warnings above); check that the data folder is still there")
 
     @property
     def targets(self) -> list[int]:
+        """The class index of every sample, in order."""
         return [label for _, label in self.samples]
 
 
-def main(argv: list[str] | None = None) -> None:
+def _check_command(args: argparse.Namespace) -> int:
+    try:
+        samples, classes = scan_folder(args.root)
+        train, val = split_samples(samples, args.val_fraction, args.seed, classes)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _, bad = check_images(samples)
+    report_bad_files(bad)
+    counts = Counter(label for _, label in samples)
+    split = Counter((label, part) for part, items in (("train", train), ("val", val)) for _, label in items)
+    print(f"{args.root}: {len(samples)} images in {len(classes)} classes, {len(bad)} unreadable")
+    for i, name in enumerate(classes):
+        print(f"  {name}: {counts[i]} ({split[i, 'train']} train / {split[i, 'val']} val)")
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m effnetv2.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    shapes = sub.add_parser("shapes", help="write the synthetic shapes data set")
-    shapes.add_argument("out", type=Path)
+    shapes = sub.add_parser("shapes", help="write the synthetic shapes data set with box annotations")
+    shapes.add_argument("out", type=Path, help="output folder (one sub-folder per class)")
     shapes.add_argument("--num-per-class", type=int, default=60)
     shapes.add_argument("--image-size", type=int, default=96)
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--classes", nargs="+", default=list(SHAPES), choices=SHAPES)
+    check = sub.add_parser("check", help="scan a folder-per-class data set, split it and list unreadable files")
+    check.add_argument("root", type=Path)
+    check.add_argument("--val-fraction", type=float, default=0.2)
+    check.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    root = make_shapes_dataset(args.out, args.num_per_class, args.image_size, args.seed, tuple(args.classes))
-    print(f"wrote {args.num_per_class * len(args.classes)} images of {args.image_size}px in "
-          f"{len(args.classes)} classes ({', '.join(args.classes)}) to {root}, boxes in {root / 'annotations.json'}")
+    if args.command == "check":
+        return _check_command(args)
+    try:
+        root = make_shapes_dataset(args.out, args.num_per_class, args.image_size, args.seed, tuple(args.classes))
+    except ValueError as err:
+        parser.error(str(err))
+    classes = list(dict.fromkeys(args.classes))
+    print(f"wrote {args.num_per_class * len(classes)} images of {args.image_size}x{args.image_size} px in "
+          f"{len(classes)} classes ({', '.join(classes)}) to {root}; object boxes in {root / 'annotations.json'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
