@@ -237,7 +237,10 @@ def from_torchvision(source: Source, variant: str | None = None) -> EfficientNet
     """
     provenance: dict[str, Any] = {"source": "torchvision"}
     name = source.lower().removeprefix("efficientnet_v2_") if isinstance(source, str) else None
-    if name in TORCHVISION_VARIANTS and not Path(source).exists():
+    if name is not None and not Path(source).exists() and not name.endswith(WEIGHT_SUFFIXES):
+        if name not in TORCHVISION_VARIANTS:
+            raise ValueError(f"{source!r} is neither a weights file nor a torchvision variant: give 's', 'm', "
+                             f"'l' (official ImageNet weights) or the path of a .pth/.safetensors file")
         variant = variant or name
         source = _official_torchvision_file(name)
         provenance["weights"] = f"EfficientNet_V2_{name.upper()}_Weights.IMAGENET1K_V1"
@@ -311,8 +314,8 @@ def from_timm(source: Source, variant: str | None = None) -> EfficientNetV2:
     pretrained_cfg = dict(getattr(source, "pretrained_cfg", None) or {}) if isinstance(source, nn.Module) else None
     if pretrained_cfg and pretrained_cfg.get("architecture", "").startswith(TIMM_PREFIX):
         variant = variant or _timm_variant(pretrained_cfg["architecture"])
-        if pretrained_cfg.get("hf_hub_id"):
-            provenance.setdefault("weights", pretrained_cfg["hf_hub_id"])
+        if "weights" in provenance and pretrained_cfg.get("hf_hub_id"):
+            provenance["hf_hub_id"] = pretrained_cfg["hf_hub_id"]
     state, info = _read_source(source)
     provenance.update(info)
     where = info.get("file") or "the timm weights"
@@ -334,7 +337,6 @@ def from_timm(source: Source, variant: str | None = None) -> EfficientNetV2:
         }
     return _build("timm", variant, state, where, "classifier.weight",
                   padding="same", source=provenance, **preprocessing)
-
 
 
 # --------------------------------------------------------------------------- command line
@@ -398,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     source = model.config["source"]
     card = {"notes": notes, "command": f"python -m effnetv2.convert {args.library} {args.source} --out {args.out}",
             "datasets": ["imagenet-1k"] if model.num_classes == 1000 else None,
-            "base_model": source.get("weights") if args.library == "timm" and "/" in source.get("weights", "") else None}
+            "base_model": source.get("hf_hub_id")}
     model.save_pretrained(args.out, model_card_kwargs=card)
     print(f"wrote {args.out}/ (config.json, model.safetensors, README.md): EfficientNetV2-{model.variant}, "
           f"{model.num_classes} classes")

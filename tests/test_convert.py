@@ -222,6 +222,8 @@ def test_cli_writes_hub_folder(timm_b0_7, tmp_path, monkeypatch, capsys):
     assert (again / "model.safetensors").is_file()
     assert convert.main(["torchvision", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")]) == 1
     assert "nope.pth does not exist" in capsys.readouterr().err
+    assert convert.main(["torchvision", "xs", "--out", str(tmp_path / "x")]) == 1
+    assert "neither a weights file nor a torchvision variant" in capsys.readouterr().err
 
 
 def test_timm_by_name_offline_needs_cache(tmp_path, monkeypatch):
