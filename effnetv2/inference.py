@@ -1,175 +1,242 @@
-"""The fast inference path: BatchNorm folded into the convolutions, channels_last, and optional
-ONNX Runtime / OpenVINO backends, behind one :class:`Predictor`.
+"""The fast inference path: one :class:`Predictor` over the BatchNorm-folded model run by PyTorch,
+ONNX Runtime or OpenVINO.
 
 ``Predictor(model)(x)`` gives the eager model's logits for a preprocessed batch ``[B, 3, H, W]``;
 ``Predictor(model).predict(images, top_k=5)`` takes PIL images or paths and returns labelled top-k.
+Exported graphs are cached on disk, keyed by a hash of the weights and config, so creating a
+Predictor for the same model again is fast.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
-import importlib.util
+import importlib
+import json
 import logging
 import os
+import tempfile
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
+from PIL import Image
 
+from .export import DEFAULT_OPSET, INPUT_NAME, export_onnx
+from .fuse import optimize_for_inference
 from .images import open_image
-from .layers import ConvBNAct
 from .model import EfficientNetV2
 from .transforms import transforms_for
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "openvino", "onnxruntime")
-# "auto" takes the first installed one: OpenVINO was the fastest on the CPUs we measured
-# (benchmarks/inference.py), then ONNX Runtime, then the fused PyTorch model.
+BACKENDS = ("torch", "onnxruntime", "openvino")
+# "auto" takes the first that works. Measured on a 2-core x86 CPU, EfficientNetV2-S at 384 px
+# (benchmarks/inference.py): OpenVINO was the fastest at batch 1 and 16, then ONNX Runtime, then
+# the fused PyTorch model.
 AUTO_ORDER = ("openvino", "onnxruntime", "torch")
-CACHE_DIR = Path(os.environ.get("EFFNETV2_CACHE", Path.home() / ".cache" / "effnetv2"))
+# Bump when the exported graph changes for the same weights, so stale cached graphs are not reused.
+GRAPH_VERSION = 1
+
+ImageInput = str | os.PathLike | Image.Image
 
 
-def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A copy of ``conv`` whose weight and bias absorb the eval-mode ``bn`` that follows it."""
-    fused = copy.deepcopy(conv)
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.weight = nn.Parameter((conv.weight * scale.reshape(-1, 1, 1, 1)).detach())
-    fused.bias = nn.Parameter(((bias - bn.running_mean) * scale + bn.bias).detach())
-    return fused
+def default_cache_dir() -> Path:
+    """``$EFFNETV2_CACHE``, else ``$XDG_CACHE_HOME/effnetv2``, else ``~/.cache/effnetv2``."""
+    if os.environ.get("EFFNETV2_CACHE"):
+        return Path(os.environ["EFFNETV2_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "effnetv2"
 
 
-@torch.no_grad()
-def optimize_for_inference(model: EfficientNetV2, channels_last: bool = True) -> EfficientNetV2:
-    """An eval-mode copy of ``model`` with every BatchNorm folded into its conv; ``model`` is untouched.
-
-    Same logits as the eager model (to float rounding), fewer kernels and memory passes.
-    """
-    fused = copy.deepcopy(model).eval()
-    for module in fused.modules():
-        if isinstance(module, ConvBNAct) and isinstance(module.bn, nn.BatchNorm2d):
-            module.conv = fold_batchnorm(module.conv, module.bn)
-            module.bn = nn.Identity()
-    for p in fused.parameters():
-        p.requires_grad_(False)
-    return fused.to(memory_format=torch.channels_last) if channels_last else fused
-
-
-def available_backends() -> list[str]:
-    """The backends whose runtime is installed, in ``auto`` order."""
-    return [b for b in AUTO_ORDER if b == "torch" or importlib.util.find_spec(b) is not None]
-
-
-def weights_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: EfficientNetV2) -> str:
+    """A short hash of ``model``'s config, weights and buffers (and what shapes its exported graph)."""
     digest = hashlib.sha256()
+    digest.update(json.dumps(model.config, sort_keys=True, default=str).encode())
+    digest.update(f"{torch.__version__}/{GRAPH_VERSION}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:20]
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
 
 
-def export_onnx(model: EfficientNetV2, path: str | Path, image_size: int | tuple[int, int] | None = None,
-                opset: int = 17, dynamic_size: bool = False) -> Path:
-    """Write the BatchNorm-folded ``model`` as ONNX: input ``pixel_values`` ``[B, 3, H, W]`` (dynamic
-    batch; H, W fixed to ``image_size`` unless ``dynamic_size``), output ``logits``."""
-    size = image_size or model.config["image_size"]
-    height, width = (size, size) if isinstance(size, int) else size
-    fused = optimize_for_inference(model, channels_last=False)
-    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    import warnings
+def _import_runtime(name: str):
+    """The runtime's module, or ImportError saying how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ImportError(f"backend {name!r} needs the {name} package, which is not installed ({err}): "
+                          f"pip install {name}, or use backend='torch'") from err
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation
-        torch.onnx.export(fused, (torch.zeros(1, 3, height, width),), str(tmp), dynamo=False,
-                          input_names=["pixel_values"], output_names=["logits"],
-                          dynamic_axes={"pixel_values": axes, "logits": {0: "batch"}}, opset_version=opset)
-    os.replace(tmp, path)
-    return path
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, delete=True)
+        probe.close()
+        return path
+    except OSError:
+        fallback = Path(tempfile.gettempdir()) / "effnetv2-cache"
+        logger.warning("cache folder %s is not writable; using %s", path, fallback)
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
 
 
 class Predictor:
-    """Fast inference for an ``EfficientNetV2`` (or a source string, see ``effnetv2.sources``).
+    """Fast inference for an ``EfficientNetV2`` or a model source (see ``effnetv2.sources``).
 
     Args:
-        model_or_source: the model, or a folder / Hub id / ``torchvision:<variant>``.
-        backend: "auto" (fastest installed), "torch", "onnxruntime" or "openvino".
-        num_threads: CPU threads for the runtime (None: the runtime's default).
+        model_or_source: the model, or a folder / Hub id ``org/name[@rev]`` / ``torchvision:<variant>``.
+        backend: "auto" (the fastest installed runtime, falling back to "torch"), "torch" (the
+            BatchNorm-folded, channels_last PyTorch model), "onnxruntime" or "openvino".
+        num_threads: CPU threads for ONNX Runtime / OpenVINO (None: the runtime's default, all cores).
+        cache_dir: where exported graphs are kept (default :func:`default_cache_dir`).
+        device: "cpu" (default) or a CUDA device; CUDA runs the "torch" backend.
+
+    Attributes: ``model`` (the eager model, untouched), ``config``, ``id2label``, ``backend``
+    (the one in use), ``transform`` (PIL image → ``[3, S, S]``).
     """
 
-    def __init__(self, model_or_source: EfficientNetV2 | str, backend: str = "auto",
-                 num_threads: int | None = None, cache_dir: str | Path | None = None):
+    def __init__(self, model_or_source: EfficientNetV2 | str | os.PathLike, backend: str = "auto", *,
+                 num_threads: int | None = None, cache_dir: str | os.PathLike | None = None,
+                 device: str | torch.device = "cpu"):
+        if backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         if isinstance(model_or_source, EfficientNetV2):
-            self.model = model_or_source.eval()
+            self.model = model_or_source
         else:
             from .sources import load_model
 
             self.model = load_model(model_or_source)
-        if backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-        if backend != "auto" and backend not in available_backends():
-            raise ImportError(f"backend {backend!r} is not installed: pip install {backend}, or use backend='auto'")
-        self.backend = available_backends()[0] if backend == "auto" else backend
-        self.num_threads = num_threads
-        self.cache_dir = Path(cache_dir) if cache_dir else CACHE_DIR / "onnx"
+        self.device = torch.device(device)
+        if self.device.type != "cpu" and backend not in ("auto", "torch"):
+            raise ValueError(f"backend {backend!r} runs on the CPU; use backend='torch' for device {device!r}")
         self.config = self.model.config
         self.id2label = self.model.id2label
+        self.num_threads = num_threads
         self.transform = transforms_for(self.model)
-        self._fused = optimize_for_inference(self.model)
-        self._sessions: dict[tuple[int, int], object] = {}
-        self._fingerprint = weights_fingerprint(self.model) if self.backend != "torch" else ""
+        self._cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._runners: dict[tuple[int, int], Callable[[np.ndarray], np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self._fused: EfficientNetV2 | None = None
+        self._fingerprint = ""
+        candidates = ["torch"] if self.device.type != "cpu" else list(AUTO_ORDER) if backend == "auto" else [backend]
+        size = self.config["image_size"]
+        for name in candidates:
+            self.backend = name
+            try:
+                self._runner(size, size)  # fails now, not on the first request
+                break
+            except Exception as err:  # ImportError, or a runtime that installs but cannot run this graph
+                if backend != "auto" or name == candidates[-1]:
+                    raise
+                level = logging.INFO if isinstance(err, ImportError) else logging.WARNING
+                logger.log(level, "backend %s unavailable (%s); trying %s", name, err,
+                           candidates[candidates.index(name) + 1])
+                self._runners.clear()
 
-    def _session(self, height: int, width: int):
+    # ---- backends ---------------------------------------------------------------------------------
+
+    def _runner(self, height: int, width: int) -> Callable:
+        """The callable that runs the backend on ``[B, 3, height, width]`` inputs (built once per size)."""
         key = (height, width)
-        if key not in self._sessions:
-            path = self.cache_dir / f"{self._fingerprint}-{height}x{width}.onnx"
-            if not path.exists():
-                export_onnx(self.model, path, (height, width))
-            self._sessions[key] = self._open(path)
-        return self._sessions[key]
+        with self._lock:
+            if key not in self._runners:
+                if self.backend == "torch":
+                    self._runners[key] = self._torch_runner()
+                else:
+                    module = _import_runtime(self.backend)
+                    path = self._onnx_path(height, width)
+                    build = self._onnxruntime_runner if self.backend == "onnxruntime" else self._openvino_runner
+                    self._runners[key] = build(module, path)
+            return self._runners[key]
 
-    def _open(self, path: Path):
-        if self.backend == "onnxruntime":
-            import onnxruntime as ort
+    def _torch_runner(self) -> Callable:
+        if self._fused is None:
+            self._fused = optimize_for_inference(self.model, channels_last=True, device=self.device)
+        fused = self._fused
 
-            options = ort.SessionOptions()
-            if self.num_threads:
-                options.intra_op_num_threads = self.num_threads
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            return lambda x: session.run(None, {"pixel_values": x})[0]
-        import openvino as ov
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return fused(x.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last))
+        return run
 
+    def _onnx_path(self, height: int, width: int) -> Path:
+        """The cached ONNX graph for this model at ``height x width`` (exported on first use)."""
+        if not self._fingerprint:
+            self._fingerprint = model_fingerprint(self.model)
+            self._cache_dir = _writable_dir(self._cache_dir)
+        path = self._cache_dir / "onnx" / f"effnetv2-{self.model.variant}-{self._fingerprint}-{height}x{width}.onnx"
+        if not path.is_file():
+            logger.info("exporting EfficientNetV2-%s at %dx%d to %s", self.model.variant, height, width, path)
+            export_onnx(self.model, path, (height, width), opset=DEFAULT_OPSET)
+        return path
+
+    def _onnxruntime_runner(self, ort, path: Path) -> Callable:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.num_threads:
+            options.intra_op_num_threads = self.num_threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {INPUT_NAME: x})[0]
+
+    def _openvino_runner(self, ov, path: Path) -> Callable:
+        core = ov.Core()
+        # OpenVINO keeps the compiled graph here too, which makes the next compile of it fast.
+        core.set_property({"CACHE_DIR": str(self._cache_dir / "openvino")})
         config = {"PERFORMANCE_HINT": "LATENCY"}
         if self.num_threads:
             config["INFERENCE_NUM_THREADS"] = self.num_threads
-        compiled = ov.Core().compile_model(str(path), "CPU", config)
+        compiled = core.compile_model(str(path), "CPU", config)
         request = compiled.create_infer_request()
-        return lambda x: request.infer({0: x})[compiled.output(0)].copy()
+        output = compiled.output(0)
+        lock = threading.Lock()  # one infer request: calls from several threads take turns
 
-    @torch.no_grad()
+        def run(x: np.ndarray) -> np.ndarray:
+            with lock:
+                return request.infer({0: x})[output].copy()
+        return run
+
+    # ---- inference --------------------------------------------------------------------------------
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, num_classes]`` for a preprocessed float batch ``x`` ``[B, 3, H, W]``."""
-        if self.backend == "torch":
-            return self._fused(x.to(memory_format=torch.channels_last)).contiguous()
-        run = self._session(*x.shape[-2:])
-        return torch.from_numpy(np.asarray(run(x.detach().cpu().float().contiguous().numpy())))
+        """Logits ``[B, num_classes]`` for a preprocessed float batch ``x`` ``[B, 3, H, W]``.
 
-    def preprocess(self, images: Sequence) -> torch.Tensor:
-        """PIL images or paths → the model's input batch ``[B, 3, S, S]``."""
+        Equal to ``model(x)`` of the eager model (to float rounding). Runtimes return CPU tensors;
+        the torch backend returns them on ``device``.
+        """
+        in_chans = self.config["in_chans"]
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != in_chans:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected a preprocessed batch [B, {in_chans}, H, W], got {shape}: "
+                             f"use predictor.predict(images) for PIL images or paths")
+        run = self._runner(*x.shape[-2:])
+        if self.backend == "torch":
+            return run(x)
+        return torch.from_numpy(run(x.detach().to("cpu", torch.float32).contiguous().numpy()))
+
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """PIL images or paths → the model's input batch ``[B, 3, S, S]`` (``ImageLoadError`` on a bad file)."""
         return torch.stack([self.transform(open_image(image)) for image in images])
 
-    def predict(self, images: Sequence, top_k: int = 5, batch_size: int = 16) -> list[list[tuple[str, float]]]:
-        """Per image, the ``top_k`` ``(label, probability)`` pairs, best first."""
-        results = []
-        k = min(top_k, self.model.num_classes)
+    def topk(self, logits: torch.Tensor, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Logits ``[B, num_classes]`` → per row the ``top_k`` ``(label, probability)`` pairs, best first."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        probs = logits.float().softmax(dim=-1)
+        values, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+        return [[(self.id2label[str(i)], p) for p, i in zip(row_p, row_i)]
+                for row_p, row_i in zip(values.tolist(), indices.tolist())]
+
+    def predict(self, images: Sequence[ImageInput], top_k: int = 5,
+                batch_size: int = 16) -> list[list[tuple[str, float]]]:
+        """Per image (PIL image or path), the ``top_k`` ``(label, probability)`` pairs, best first."""
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            raise TypeError("predict takes a list of images or paths; wrap a single one in a list")
+        results: list[list[tuple[str, float]]] = []
         for start in range(0, len(images), batch_size):
-            probs = self(self.preprocess(images[start:start + batch_size])).softmax(dim=-1)
-            values, indices = probs.topk(k, dim=-1)
-            results += [[(self.id2label[str(i)], float(p)) for p, i in zip(row_p.tolist(), row_i.tolist())]
-                        for row_p, row_i in zip(values, indices)]
+            results += self.topk(self(self.preprocess(images[start:start + batch_size])), top_k)
         return results
+
+    def __repr__(self) -> str:
+        return (f"Predictor(EfficientNetV2-{self.model.variant}, {self.model.num_classes} classes, "
+                f"backend={self.backend!r}, image_size={self.config['image_size']})")

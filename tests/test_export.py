@@ -1,0 +1,68 @@
+"""ONNX export of the fused model, checked with ONNX Runtime against the eager model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effnetv2.export import check_onnx, export_onnx, main, relative_error
+from inference_models import realistic_model
+
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return realistic_model("b0", num_classes=5, image_size=64)
+
+
+def run_onnx(path, x: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])
+
+
+def test_export_fixed_size_dynamic_batch(model, tmp_path):
+    path = export_onnx(model, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    [graph_input] = session.get_inputs()
+    assert graph_input.name == "pixel_values" and graph_input.shape[1:] == [3, 64, 64]
+    assert isinstance(graph_input.shape[0], str)  # dynamic batch
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            expected = model(x)
+        actual = run_onnx(path, x)
+        assert actual.shape == (batch, 5)
+        assert (actual - expected).abs().max() < 1e-4
+        assert relative_error(actual, expected) < 1e-5
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left behind
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model is untouched
+
+
+def test_export_dynamic_size(model, tmp_path):
+    path = export_onnx(model, tmp_path / "dynamic.onnx", dynamic_size=True)
+    for size in (64, 96):
+        stats = check_onnx(model, path, size, batch_size=2)
+        # Calibrated at 64 px, the model's logits reach ~170 at 96 px: compare relative to that.
+        assert stats["max_abs_logit"] > 0.5
+        assert stats["max_abs_diff"] < 1e-4 * max(1.0, stats["max_abs_logit"])
+        assert stats["relative_error"] < 5e-5
+
+
+def test_dynamic_size_refused_where_the_graph_would_freeze_shapes(tmp_path):
+    model = realistic_model("b0", num_classes=5, image_size=64, padding="same")
+    with pytest.raises(ValueError, match="--image-size"):
+        export_onnx(model, tmp_path / "m.onnx", dynamic_size=True)
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=66)  # SAME padding at a fixed odd size
+    stats = check_onnx(model, path, 66)
+    assert stats["max_abs_diff"] < 1e-4 * max(1.0, stats["max_abs_logit"]) and stats["relative_error"] < 5e-5
+
+
+def test_export_cli(model, tmp_path, capsys, caplog):
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out" / "model.onnx"
+    with caplog.at_level("INFO"):
+        assert main(["--model", str(tmp_path / "model"), "--out", str(out), "--image-size", "72"]) == 0
+    assert ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()[0].shape[2:] == [72, 72]
+    assert "relative error" in caplog.text
+    assert main(["--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "no such folder" in capsys.readouterr().err

@@ -1,0 +1,188 @@
+"""The inference path: BatchNorm folding and the Predictor on every installed backend."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import effnetv2.inference as inference
+from effnetv2.export import relative_error
+from effnetv2.fuse import fold_batchnorm, optimize_for_inference
+from effnetv2.inference import Predictor, model_fingerprint
+from inference_models import realistic_model
+
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+HAS_ONNXRUNTIME = importlib.util.find_spec("onnxruntime") is not None
+
+
+@pytest.fixture(scope="module")
+def model():
+    return realistic_model("b0", num_classes=7, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("graph-cache")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_fold_batchnorm_equals_conv_then_bn():
+    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=True)
+    bn = nn.BatchNorm2d(10, eps=1e-3)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.2, 3)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.normal_(0, 0.5)
+    bn.eval()
+    x = torch.randn(2, 6, 9, 9)
+    fused = fold_batchnorm(conv, bn)
+    with torch.no_grad():
+        expected = bn(conv(x))
+        assert (fused(x) - expected).abs().max() < 1e-5
+    assert fused is not conv and conv.weight.data_ptr() != fused.weight.data_ptr()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"padding": "same", "pool": "attention", "num_heads": 4}],
+                         ids=["symmetric-avg", "same-attention"])
+def test_fused_model_equals_eager(kwargs):
+    model = realistic_model("b0", image_size=64, **kwargs)
+    x = torch.randn(2, 3, 70, 66)  # odd grid sizes: SAME padding and the position embedding resample
+    fused = optimize_for_inference(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert fused.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        feats, logits = model.forward_features(x), model(x)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        fused_feats, fused_logits = fused.forward_features(xc), fused(xc)
+    assert logits.abs().max() > 0.5 and logits.std(dim=0).mean() > 0.05  # a scale where errors show
+    # Features reach ~50 here; float32 rounding of eager itself is ~1e-4 at that scale, so relative.
+    assert (fused_feats - feats).abs().max() < 1e-5 * feats.abs().max()
+    assert (fused_logits - logits).abs().max() < 1e-4
+    assert relative_error(fused_logits, logits) < 1e-5
+
+
+def test_fusing_never_changes_the_model(model):
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = optimize_for_inference(model)
+    assert model.training and not fused.training
+    model.eval()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == len(
+        [k for k in before if k.endswith("running_mean")])
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in fused.parameters())
+    assert model.stem.conv.bias is None and fused.stem.conv.bias is not None
+    assert model.stem.conv.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", [
+    "torch",
+    pytest.param("onnxruntime", marks=pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="onnxruntime not installed")),
+    pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")),
+])
+def test_predictor_equals_eager(model, batch, cache_dir, backend):
+    predictor = Predictor(model, backend=backend, cache_dir=cache_dir)
+    assert predictor.backend == backend
+    with torch.no_grad():
+        expected = model(batch)
+    logits = predictor(batch)
+    assert logits.shape == (3, 7)
+    assert (logits - expected).abs().max() < 1e-4
+    assert relative_error(logits, expected) < 1e-5
+    single = predictor(batch[:1])  # the batch size is dynamic
+    assert (single - expected[:1]).abs().max() < 1e-4
+
+
+def test_auto_prefers_the_fastest_installed_runtime(model, cache_dir):
+    predictor = Predictor(model, cache_dir=cache_dir)
+    installed = [b for b in inference.AUTO_ORDER if b == "torch" or importlib.util.find_spec(b)]
+    assert predictor.backend == installed[0]
+
+
+def test_auto_falls_back_to_torch_without_runtimes(model, batch, monkeypatch, tmp_path):
+    for name in ("openvino", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
+    predictor = Predictor(model, backend="auto", cache_dir=tmp_path)
+    assert predictor.backend == "torch"
+    with torch.no_grad():
+        assert (predictor(batch) - model(batch)).abs().max() < 1e-4
+    with pytest.raises(ImportError, match="pip install onnxruntime"):
+        Predictor(model, backend="onnxruntime", cache_dir=tmp_path)
+
+
+def test_auto_falls_back_when_a_runtime_fails(model, monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot compile")
+
+    monkeypatch.setattr(Predictor, "_openvino_runner", broken)
+    monkeypatch.setattr(Predictor, "_onnxruntime_runner", broken)
+    def fake_export(model, path, *args, **kwargs):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        return path
+
+    monkeypatch.setattr(inference, "export_onnx", fake_export)
+    assert Predictor(model, cache_dir=tmp_path).backend == "torch"
+    with pytest.raises(RuntimeError, match="cannot compile"):
+        Predictor(model, backend="onnxruntime", cache_dir=tmp_path)
+
+
+@pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="onnxruntime not installed")
+def test_exported_graphs_are_cached_by_weights(model, batch, cache_dir, monkeypatch):
+    Predictor(model, backend="onnxruntime", cache_dir=cache_dir)
+    exports = []
+    real_export = inference.export_onnx
+    monkeypatch.setattr(inference, "export_onnx", lambda *a, **k: exports.append(a) or real_export(*a, **k))
+    Predictor(model, backend="onnxruntime", cache_dir=cache_dir)
+    assert exports == []  # same weights: the cached graph is reused
+    other = realistic_model("b0", num_classes=7, image_size=64, seed=1)
+    assert model_fingerprint(other) != model_fingerprint(model)
+    with torch.no_grad():
+        expected = other(batch)
+    assert relative_error(Predictor(other, backend="onnxruntime", cache_dir=cache_dir)(batch), expected) < 1e-5
+    assert len(exports) == 1
+
+
+def test_predict_top_k(model, cache_dir, tmp_path):
+    predictor = Predictor(model, backend="torch", cache_dir=cache_dir)
+    rng = np.random.default_rng(0)
+    path = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(path)
+    images = [Image.fromarray(rng.integers(0, 256, (80, 50), dtype=np.uint8)), str(path),
+              Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA")]
+    results = predictor.predict(images, top_k=3, batch_size=2)
+    assert len(results) == 3
+    probs = torch.softmax(model(predictor.preprocess(images)).detach(), dim=-1)
+    for row, top in zip(probs, results):
+        assert len(top) == 3
+        values = [p for _, p in top]
+        assert values == sorted(values, reverse=True) and sum(values) <= 1 + 1e-6
+        best = row.argsort(descending=True)[:3].tolist()
+        assert [label for label, _ in top] == [model.id2label[str(i)] for i in best]
+        assert values == pytest.approx(row[best].tolist(), abs=1e-5)
+    assert len(predictor.predict(images[:1], top_k=50)[0]) == 7  # capped at the number of classes
+    with pytest.raises(ValueError, match="top_k"):
+        predictor.predict(images, top_k=0)
+
+
+def test_predictor_from_source_exposes_model_config_labels(model, tmp_path):
+    model.save_pretrained(tmp_path / "model")
+    predictor = Predictor(str(tmp_path / "model"), backend="torch")
+    assert predictor.config == model.config
+    assert predictor.id2label == model.id2label
+    assert predictor.model.num_classes == 7
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        predictor(torch.zeros(3, 64, 64))
+    with pytest.raises(ValueError, match="backend must be"):
+        Predictor(model, backend="tensorrt")

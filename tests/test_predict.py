@@ -1,0 +1,89 @@
+"""`python -m effnetv2.predict`: files and folders, batching, bad files skipped and reported, order kept."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from effnetv2.inference import Predictor
+from effnetv2.predict import find_images, main
+from inference_models import realistic_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    model = realistic_model("b0", num_classes=4, image_size=64)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def images(tmp_path):
+    """A folder tree with 5 readable images (mixed case extensions, nested), a corrupt one, a text file."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "photos"
+    (root / "b" / "deeper").mkdir(parents=True)
+    names = ["a.jpg", "b/c.PNG", "b/deeper/d.webp", "b/e.JpEg", "z.bmp"]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (48, 60, 3), dtype=np.uint8)).save(root / name)
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "notes.txt").write_text("not an image")
+    return root, sorted(str(root / n) for n in names + ["b/broken.jpg"])
+
+
+def test_find_images(images, tmp_path):
+    root, expected = images
+    single = tmp_path / "single.gif"
+    Image.new("P", (20, 20)).save(single)
+    files, missing = find_images([single, root, tmp_path / "nope.jpg"])
+    assert files == [str(single)] + expected  # given files first, then the folder sorted
+    assert missing == [(str(tmp_path / "nope.jpg"), "no such file or folder")]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_predict_cli_writes_results_in_order_and_skips_bad_files(model_dir, images, tmp_path, capsys, suffix,
+                                                                 monkeypatch):
+    monkeypatch.setenv("EFFNETV2_CACHE", str(tmp_path / "cache"))
+    root, files = images
+    good = [f for f in files if not f.endswith("broken.jpg")]
+    out = tmp_path / f"preds{suffix}"
+    code = main(["--model", str(model_dir), str(root), "--top-k", "3", "--batch-size", "2", "--workers", "3",
+                 "--backend", "torch", "--output", str(out)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 file" in err and "broken.jpg" in err and err.count("warning:") == 1
+    if suffix == ".jsonl":
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        rows = [(r["path"], [(p["label"], p["probability"]) for p in r["predictions"]]) for r in records]
+    else:
+        with out.open() as f:
+            table = list(csv.DictReader(f))
+        assert [int(r["rank"]) for r in table] == [1, 2, 3] * len(good)
+        rows = [(path, [(r["label"], float(r["probability"])) for r in table if r["path"] == path])
+                for path in dict.fromkeys(r["path"] for r in table)]
+    assert [path for path, _ in rows] == good  # input order, bad file left out
+    predictor = Predictor(str(model_dir), backend="torch")
+    expected = predictor.predict(good, top_k=3)
+    for (_, top), want in zip(rows, expected):
+        assert [label for label, _ in top] == [label for label, _ in want]
+        assert [p for _, p in top] == pytest.approx([p for _, p in want], abs=1e-5)
+        assert all(label.startswith("class_") for label, _ in top)
+
+
+def test_predict_cli_table_and_errors(model_dir, images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EFFNETV2_CACHE", str(tmp_path / "cache"))
+    root, files = images
+    assert main(["--model", str(model_dir), files[0], "--backend", "torch", "--quiet", "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(files[0]) and lines[0].count("class_") == 2
+    assert main(["--model", str(model_dir), str(tmp_path / "empty")]) == 2
+    assert "no image files" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(model_dir), str(root), "--output", str(tmp_path / "preds.txt")])
+    assert main(["--model", str(tmp_path / "weights.pth"), str(root)]) == 2
+    assert "not a full model" in capsys.readouterr().err

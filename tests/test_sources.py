@@ -1,0 +1,64 @@
+"""The model-source resolver shared by the app, train.py and the CLIs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effnetv2 import EfficientNetV2
+from effnetv2.sources import load_model
+
+
+def test_folder_loads_the_saved_model(tmp_path):
+    model = EfficientNetV2("b0", num_classes=3, image_size=64).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"))
+    assert not loaded.training and loaded.config == model.config
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_hub_ids_and_revisions_go_to_from_pretrained(monkeypatch):
+    calls = []
+    monkeypatch.setattr(EfficientNetV2, "from_pretrained",
+                        classmethod(lambda cls, repo, **kw: calls.append((repo, kw)) or "model"))
+    assert load_model("org/name") == "model"
+    assert load_model("org/name@v1.0", num_classes=3) == "model"
+    assert calls == [("org/name", {"revision": None}), ("org/name", {"revision": "v1.0", "num_classes": 3})]
+
+
+def test_torchvision_variants_go_to_the_converter(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("effnetv2.convert")
+    fake.from_torchvision = lambda variant: EfficientNetV2("b0", num_classes=2).train() if variant == "s" else None
+    monkeypatch.setitem(sys.modules, "effnetv2.convert", fake)
+    assert not load_model("torchvision:s").training
+    assert not load_model("torchvision:efficientnet_v2_s").training
+
+
+@pytest.mark.parametrize("source, message", [
+    ("", "empty"),
+    ("torchvision:b0", "variants"),
+    ("org/name@", "nothing after '@'"),
+    ("./no/such/folder", "no such folder"),
+    ("just-a-name", "not understood"),
+    ("model.safetensors", "not a full model"),
+])
+def test_bad_sources_say_what_to_do(source, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(source)
+
+
+def test_weights_file_and_folder_without_config(tmp_path):
+    weights = tmp_path / "weights.pth"
+    torch.save({"w": torch.zeros(1)}, weights)
+    with pytest.raises(ValueError, match="not a full model.*config.json"):
+        load_model(str(weights))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="without config.json"):
+        load_model(str(tmp_path / "empty"))
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ValueError, match="is a file, not a model"):
+        load_model(str(tmp_path / "notes.txt"))
