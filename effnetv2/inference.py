@@ -183,7 +183,9 @@ class Predictor:
         core = ov.Core()
         # OpenVINO keeps the compiled graph here too, which makes the next compile of it fast.
         core.set_property({"CACHE_DIR": str(self._cache_dir / "openvino")})
-        config = {"PERFORMANCE_HINT": "LATENCY"}
+        # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise run in bf16 and the
+        # logits would no longer equal the eager model's.
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if self.num_threads:
             config["INFERENCE_NUM_THREADS"] = self.num_threads
         compiled = core.compile_model(str(path), "CPU", config)
