@@ -5,14 +5,20 @@ Weights are only ever read from safetensors (or a ``.bin``/``.pth`` through
 """
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
+import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, get_token, hf_hub_download
+from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                    RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.utils import filter_repo_objects
 
 if TYPE_CHECKING:
     from .model import EfficientNetV2
@@ -21,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
 MODEL_CARD_TEMPLATE = (Path(__file__).parent / "model_card.md").read_text(encoding="utf-8")
 CLASSIFIER_KEYS = ("head.classifier.weight", "head.classifier.bias")
 
@@ -56,28 +64,46 @@ def save_weights(model: "EfficientNetV2", directory: Path) -> None:
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "effnetv2"})
 
 
-def read_state_dict(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` file, or a ``.bin``/``.pth`` read with ``weights_only=True``."""
+def _unpickling_reason(err: Exception) -> str:
+    """What torch's weights-only unpickler refused (e.g. "Unsupported global: GLOBAL posix.system"),
+    without its advice to allow-list the object or to turn the check off."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).replace("WeightsUnpickler error:", "").strip()
+             for line in str(err).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Weights only load failed")]
+    reason = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else type(err).__name__)
+    return reason.split(" Please use")[0]
+
+
+def read_state_dict(path: str | os.PathLike, map_location: str = "cpu", name: str | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file, or a ``.bin``/``.pth`` read with ``weights_only=True``.
+
+    ``name`` says where the file comes from in error messages (default: its path).
+    """
     path = Path(path)
+    name = name or str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+        raise FileNotFoundError(f"weights file {name} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device=map_location)
         except Exception as err:  # safetensors raises its own error type and OSError variants
-            raise ValueError(f"{path} is not a readable safetensors file ({err}); it may be corrupt or "
-                             f"truncated: download or save it again") from None
+            raise ValueError(f"{name} is not a readable safetensors file ({err}); it may be corrupt or truncated: "
+                             f"save or upload it again (for a damaged download, retry with "
+                             f"force_download=True)") from None
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path} could not be read as a weights-only PyTorch checkpoint ({err}). "
-                         f"Only plain state dicts are accepted; pickled objects are never loaded.") from None
+        raise ValueError(f"{name} could not be read as a weights-only PyTorch checkpoint ({_unpickling_reason(err)}). "
+                         f"Only plain state dicts of tensors are accepted: pickled objects are never loaded, since "
+                         f"unpickling can run code. Prefer safetensors (save_pretrained writes "
+                         f"model.safetensors).") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        raise ValueError(f"{name} does not hold a state dict of tensors")
     return state
 
 
@@ -113,22 +139,116 @@ def load_state_dict_checked(model: "EfficientNetV2", state: dict[str, torch.Tens
     model.load_state_dict(state, strict=True)
 
 
-def resolve_file(model_id: str, filename: str, **download_kwargs: Any) -> str:
-    """Path of ``filename`` in a local folder or a Hub repo (downloaded into the cache)."""
+class ModelDownloadError(OSError):
+    """A model file could not be fetched from the Hub or the local cache. The message names the repo,
+    says why (not found or private, gated, unknown revision, offline, unreachable) and what to do."""
+
+    def __init__(self, message: str, repo_id: str):
+        super().__init__(message)
+        self.repo_id = repo_id
+
+
+def _describe(repo_id: str, revision: str | None) -> str:
+    return f"Hub repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+
+
+def explain_download_error(err: Exception, repo_id: str, filename: str, revision: str | None = None,
+                           token: str | bool | None = None, local_files_only: bool = False
+                           ) -> ModelDownloadError | None:
+    """A ``ModelDownloadError`` that says in plain words why ``filename`` of ``repo_id`` could not be
+    fetched, or None when ``err`` is not a download problem this knows."""
+    repo = _describe(repo_id, revision)
+    login = "`hf auth login` (or set HF_TOKEN, or pass token=...)"
+    if isinstance(err, GatedRepoError):
+        message = (f"{repo} is gated: ask for access on {constants.ENDPOINT}/{repo_id}, then log in with {login} "
+                   f"as the account that was granted access, and retry.")
+    elif isinstance(err, RepositoryNotFoundError):
+        sent_token = token if isinstance(token, str) else (get_token() if token is not False else None)
+        if sent_token:
+            message = (f"{repo} was not found with the Hugging Face token in use: check the spelling; if the repo is "
+                       f"private, log in as an account that can read it with {login}.")
+        else:
+            message = (f"{repo} was not found. It may be private or gated: log in with {login} and retry. Or it may "
+                       f"not exist: check the spelling (no Hugging Face token is set; if you meant a local folder, "
+                       f"it does not exist).")
+    elif isinstance(err, RevisionNotFoundError):
+        message = (f"{_describe(repo_id, None)} has no revision {revision!r}: give an existing branch, tag or commit "
+                   f"id (HfApi().list_repo_refs({repo_id!r}) lists them), or drop the revision for the latest.")
+    elif isinstance(err, HfHubHTTPError) and err.response is not None and err.response.status_code == 401:
+        message = (f"the Hub at {constants.ENDPOINT} refused the Hugging Face token while fetching {filename} of "
+                   f"{repo} (401: {err.server_message or 'invalid credentials'}): the token is invalid, expired or "
+                   f"revoked. Log in again with {login}, or unset HF_TOKEN to read public repos.")
+    elif isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        cache = f"the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+        if constants.is_offline_mode():
+            message = (f"{filename} of {repo} is not in {cache} and this machine is offline (HF_HUB_OFFLINE=1 is "
+                       f"set), so it cannot be downloaded. Download the model once while online (run the same "
+                       f"command without HF_HUB_OFFLINE=1, or `hf download {repo_id}`), or pass a local folder "
+                       f"written by save_pretrained.")
+        elif local_files_only:
+            message = (f"{filename} of {repo} is not in {cache} and local_files_only=True forbids downloading it: "
+                       f"load it once without local_files_only, or pass a local folder written by save_pretrained.")
+        else:
+            message = (f"could not reach the Hub at {constants.ENDPOINT} to download {filename} of {repo}, and it "
+                       f"is not in {cache}: check the network connection (and HF_ENDPOINT), then retry, or pass a "
+                       f"local folder written by save_pretrained.")
+    else:
+        return None
+    return ModelDownloadError(message, repo_id)
+
+
+@contextmanager
+def explained_download_errors(repo_id: str, filename: str, revision: str | None = None,
+                              token: str | bool | None = None, local_files_only: bool = False) -> Iterator[None]:
+    """Re-raise huggingface_hub's download errors inside the block as ``ModelDownloadError``,
+    naming the repo and saying what to do; JSON errors in ``config.json`` as a ``ValueError`` naming it."""
+    try:
+        yield
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        explained = explain_download_error(err, repo_id, filename, revision, token, local_files_only)
+        if explained is None:
+            raise
+        raise explained from None
+    except json.JSONDecodeError as err:
+        where = (os.path.join(repo_id, CONFIG_NAME) if os.path.isdir(repo_id)
+                 else f"{CONFIG_NAME} of {_describe(repo_id, revision)}")
+        raise ValueError(f"{where} is not valid JSON ({err}): it was not written by save_pretrained, or it was "
+                         f"damaged; save or upload the model again") from None
+
+
+def resolve_file(model_id: str, filename: str, revision: str | None = None, token: str | bool | None = None,
+                 local_files_only: bool = False, **download_kwargs: Any) -> str | None:
+    """Path of ``filename`` in a local folder or a Hub repo (downloaded into the cache), or None when
+    the folder or repo has no such file. Download problems raise ``ModelDownloadError``."""
     if os.path.isdir(model_id):
         path = os.path.join(model_id, filename)
-        if not os.path.isfile(path):
-            raise EntryNotFoundError(f"{path} does not exist")
-        return path
-    return hf_hub_download(repo_id=model_id, filename=filename, **download_kwargs)
+        return path if os.path.isfile(path) else None
+    with explained_download_errors(model_id, filename, revision, token, local_files_only):
+        try:
+            return hf_hub_download(repo_id=model_id, filename=filename, revision=revision, token=token,
+                                   local_files_only=local_files_only, **download_kwargs)
+        except RemoteEntryNotFoundError:
+            return None
 
 
 def load_pretrained(cls: type["EfficientNetV2"], *, model_id: str, config: dict | None, map_location: str,
                     model_kwargs: dict, **download_kwargs: Any) -> "EfficientNetV2":
     """Build the model from its config (plus the caller's overrides) and load its weights strictly."""
+    is_dir = os.path.isdir(model_id)
+    revision = download_kwargs.get("revision")
     if config is None:
-        raise FileNotFoundError(f"no config.json found for {model_id!r}: is this an effnetv2 model folder or repo?")
-    config_path = os.path.join(model_id, "config.json") if os.path.isdir(model_id) else f"config.json of {model_id}"
+        if is_dir:
+            raise FileNotFoundError(f"{model_id} has no {CONFIG_NAME}: point at a folder written by save_pretrained "
+                                    f"or train.py")
+        # huggingface_hub's from_pretrained only logs why config.json could not be fetched: ask again to say why
+        if resolve_file(model_id, CONFIG_NAME, **download_kwargs) is None:
+            raise FileNotFoundError(
+                f"{_describe(model_id, revision)} has no {CONFIG_NAME}: it is not an effnetv2 model (those hold "
+                f"config.json and model.safetensors, written by save_pretrained, push_to_hub, train.py or "
+                f"`python -m effnetv2.convert`)")
+        raise ModelDownloadError(f"{CONFIG_NAME} of {_describe(model_id, revision)} could not be fetched (a passing "
+                                 f"Hub error?): retry", model_id)
+    config_path = os.path.join(model_id, CONFIG_NAME) if is_dir else f"{CONFIG_NAME} of {_describe(model_id, revision)}"
     unknown = sorted(set(config) - set(cls._hub_mixin_init_parameters) - {"self"})
     if unknown:
         raise ValueError(f"{config_path}: unknown keys {unknown}; it was not written by this version of effnetv2")
@@ -143,14 +263,36 @@ def load_pretrained(cls: type["EfficientNetV2"], *, model_id: str, config: dict 
         model = cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{config_path} does not describe a valid model: {err}") from None
-    download_kwargs = {k: v for k, v in download_kwargs.items() if k != "token" or v is not None}
-    download_kwargs["token"] = download_kwargs.get("token")
-    try:
-        weights = resolve_file(model_id, WEIGHTS_NAME, **download_kwargs)
-    except EntryNotFoundError:
-        weights = resolve_file(model_id, PICKLE_WEIGHTS_NAME, **download_kwargs)
-    load_state_dict_checked(model, read_state_dict(weights, map_location), weights, reinit_classifier=new_head)
+    weights = resolve_file(model_id, WEIGHTS_NAME, **download_kwargs)
+    filename = WEIGHTS_NAME
+    if weights is None:
+        weights, filename = resolve_file(model_id, PICKLE_WEIGHTS_NAME, **download_kwargs), PICKLE_WEIGHTS_NAME
+    if weights is None:
+        where = model_id if is_dir else _describe(model_id, revision)
+        raise FileNotFoundError(f"{where} has {CONFIG_NAME} but no {WEIGHTS_NAME}: save or upload the weights "
+                                f"with save_pretrained/push_to_hub")
+    name = weights if is_dir else f"{filename} of {_describe(model_id, revision)} (cached at {weights})"
+    state = read_state_dict(weights, map_location, name=name)
+    load_state_dict_checked(model, state, name, reinit_classifier=new_head)
     return model.to(map_location).eval()
+
+
+def card_upload_patterns(repo_id: str, *, token: str | bool | None = None, revision: str | None = None,
+                         ignore_patterns: list[str] | str | None = None,
+                         delete_patterns: list[str] | str | None = None,
+                         ) -> tuple[list[str] | str | None, list[str] | str | None]:
+    """``ignore_patterns`` and ``delete_patterns`` for an ``upload_folder`` that keeps the model card
+    already in ``repo_id`` (it may have been edited on the Hub): README.md is neither uploaded nor
+    deleted. Unchanged when the repo has no card yet."""
+    api = HfApi(token=token)
+    if not api.file_exists(repo_id, CARD_NAME, revision=revision, token=token):
+        return ignore_patterns, delete_patterns
+    as_list = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+    if delete_patterns is not None:  # spell out the files to delete, README.md excepted
+        remote = api.list_repo_files(repo_id, revision=revision, token=token)
+        doomed = filter_repo_objects([f for f in remote if f != CARD_NAME], allow_patterns=delete_patterns)
+        delete_patterns = [glob.escape(f) for f in doomed] or None
+    return [*as_list, CARD_NAME], delete_patterns
 
 
 def _labels_text(id2label: dict[str, str], limit: int = 20) -> str:

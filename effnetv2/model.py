@@ -245,6 +245,36 @@ class EfficientNetV2(
     def generate_model_card(self, *args, **kwargs):
         return hub.generate_model_card(self, **kwargs)
 
+    def push_to_hub(self, repo_id: str, *, config: dict | None = None,
+                    commit_message: str = "Push model using huggingface_hub.", private: bool | None = None,
+                    token: str | None = None, branch: str | None = None, create_pr: bool | None = None,
+                    allow_patterns: list[str] | str | None = None, ignore_patterns: list[str] | str | None = None,
+                    delete_patterns: list[str] | str | None = None, model_card_kwargs: dict | None = None,
+                    overwrite_card: bool = False) -> str:
+        """Upload config.json, model.safetensors and the model card to ``repo_id`` in one commit and
+        return the commit URL (``PyTorchModelHubMixin.push_to_hub``, same arguments).
+
+        A README.md already in the repo (perhaps edited on the Hub) is kept unless ``overwrite_card``;
+        the card written for a new repo shows ``repo_id`` in its usage examples.
+        """
+        if not overwrite_card:
+            ignore_patterns, delete_patterns = hub.card_upload_patterns(
+                repo_id, token=token, revision=branch, ignore_patterns=ignore_patterns, delete_patterns=delete_patterns)
+        return super().push_to_hub(
+            repo_id, config=config, commit_message=commit_message, private=private, token=token, branch=branch,
+            create_pr=create_pr, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
+            delete_patterns=delete_patterns, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "EfficientNetV2":
+        """``PyTorchModelHubMixin.from_pretrained`` (a folder or a Hub id, ``revision=``, ``token=``,
+        ``cache_dir=``, model overrides such as ``num_classes=``), in eval mode, with errors that say
+        which repo or file failed and what to do (``hub.ModelDownloadError`` for download problems)."""
+        model_id = str(pretrained_model_name_or_path)
+        with hub.explained_download_errors(model_id, hub.CONFIG_NAME, kwargs.get("revision"), kwargs.get("token"),
+                                           kwargs.get("local_files_only", False)):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only,
                          token, map_location: str = "cpu", config: dict | None = None, **model_kwargs):
