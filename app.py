@@ -104,18 +104,22 @@ def classify(predictor: Predictor, image) -> dict[str, float]:
 
 # ---- Attention ----------------------------------------------------------------------------------
 
-def parse_query(query: str, row: float | None, col: float | None, grid: tuple[int, int]):
+def parse_query(query: str, row, col, grid: tuple[int, int]) -> tuple[int, int] | None:
     """The UI's query choice → ``None`` (pooled query) or a checked ``(row, col)`` grid cell."""
     if query == POOLED:
         return None
     if query != CELL:
         raise user_error(f"Unknown query {query!r}: use {POOLED!r} or {CELL!r}.")
     height, width = grid
-    if row is None or col is None or not (0 <= row < height and 0 <= col < width):
+    try:
+        cell = int(float(row)), int(float(col))
+    except (TypeError, ValueError):
+        cell = None
+    if cell is None or not (0 <= cell[0] < height and 0 <= cell[1] < width):
         raise user_error(f"Query cell ({row}, {col}) is outside the {height}x{width} feature grid: "
-                         f"click a cell on the image, or pick a row in 0..{height - 1} and a column "
-                         f"in 0..{width - 1}.")
-    return int(row), int(col)
+                         f"click a cell on the grid picture, or pick a row in 0..{height - 1} and a "
+                         f"column in 0..{width - 1}.")
+    return cell
 
 
 def attention(predictor: Predictor, image, query: str = POOLED, row: float = 0, col: float = 0):
@@ -133,13 +137,9 @@ def attention(predictor: Predictor, image, query: str = POOLED, row: float = 0, 
             viz.grid_image(view, grid, walk["query"]))
 
 
-def pick_cell(predictor: Predictor, image, evt: gr.SelectData):
-    """A click on the grid image (``evt.index`` = pixel (x, y)) → query "cell" and its (row, col)."""
-    if image is None:
-        raise user_error("Run the attention first, then click a cell of the grid image.")
-    x, y = evt.index
-    size = Image.open(image["path"] if isinstance(image, dict) else image).size
-    row, col = viz.cell_from_click((x, y), size, viz.feature_grid(predictor.model))
+def pick_cell(predictor: Predictor, evt: gr.SelectData) -> tuple[str, int, int]:
+    """A click at pixel ``evt.index = (x, y)`` of the grid picture → query "cell" and its (row, col)."""
+    row, col = viz.cell_from_click(evt.index, (VIEW_PX, VIEW_PX), viz.feature_grid(predictor.model))
     return CELL, row, col
 
 
@@ -172,10 +172,22 @@ def build_demo(predictor: Predictor, header: str) -> gr.Blocks:
     def run_attention_example(image):
         return *attention(predictor, image), POOLED
 
-    def run_pick(grid_image, evt: gr.SelectData):
-        return pick_cell(predictor, grid_image, evt)
+    def run_pick(evt: gr.SelectData):
+        return pick_cell(predictor, evt)
 
     sources = ["upload", "webcam", "clipboard"]
+    if predictor.model.pool_type == "attention":
+        pooled_name, intro = "pooled query", (
+            "The attention pool's heads each score every cell of the feature grid against a query, "
+            "$\\mathrm{softmax}(QK^T/\\sqrt{d})$, and take that weighted mean of the values. The maps "
+            "show those weights (they sum to 1 per head) over what the model sees. Use the pooled query "
+            "(what the classifier uses), or click a cell of the grid picture to see from there.")
+    else:
+        pooled_name, intro = "most attended cell", (
+            "This model pools by averaging, so the maps show parameter-free multi-head self-attention "
+            "of its feature cells, $\\mathrm{softmax}(QK^T/\\sqrt{d})$ with Q = K = V = the "
+            "standardised features: the weights (they sum to 1 per head) from one query cell. Start "
+            "from the most attended cell, or click a cell of the grid picture.")
     with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False) as demo:
         gr.Markdown("# EfficientNetV2: classify an image and see its attention")
         gr.Markdown(header, elem_id="model-header")
@@ -193,17 +205,12 @@ def build_demo(predictor: Predictor, header: str) -> gr.Blocks:
                                 run_on_click=True, cache_examples=False)
 
             with gr.Tab("Attention", id="attention"):
-                gr.Markdown(
-                    "Each head of the attention pool scores every cell of the feature grid against a "
-                    "query, $\\mathrm{softmax}(QK^T/\\sqrt{d})$, and takes that weighted mean of the "
-                    "values. The maps show those weights (they sum to 1 per head) over what the model "
-                    "sees. Use the pooled query (what the classifier uses), or click a cell of the grid "
-                    "picture to see from there.", latex_delimiters=LATEX)
+                gr.Markdown(intro, latex_delimiters=LATEX)
                 with gr.Row():
                     with gr.Column():
                         att_image = gr.Image(label="Image", type="filepath", image_mode=None, sources=sources,
                                              elem_id="attention-image")
-                        query = gr.Radio([("pooled query", POOLED), ("the clicked cell", CELL)], value=POOLED,
+                        query = gr.Radio([(pooled_name, POOLED), ("the clicked cell", CELL)], value=POOLED,
                                          label="Query", elem_id="query-mode")
                         with gr.Row():
                             row = gr.Number(0, label="row", precision=0, minimum=0, elem_id="query-row")
@@ -220,8 +227,7 @@ def build_demo(predictor: Predictor, header: str) -> gr.Blocks:
                 att_outputs = [heads, matrix, maths, grid_view]
                 att_button.click(run_attention, [att_image, query, row, col], att_outputs,
                                  api_name="attention", preprocess=False)
-                grid_view.select(run_pick, grid_view, [query, row, col], preprocess=False,
-                                 api_visibility="private").then(
+                grid_view.select(run_pick, None, [query, row, col], api_visibility="private").then(
                     run_attention, [att_image, query, row, col], att_outputs, preprocess=False,
                     api_visibility="private")
                 if EXAMPLES:

@@ -1,226 +1,315 @@
-"""Fine-tune EfficientNetV2 on a folder of photos, one sub-folder per class, with Hugging Face Accelerate.
+"""Fine-tune EfficientNetV2 on a folder of photos (one sub-folder per class) with Hugging Face Accelerate.
 
     python train.py --data-path flower_photos --weights torchvision:s --epochs 30
-    accelerate launch train.py --data-path flower_photos --variant b0 --weights none --mixed-precision bf16
-    python train.py --data-path shapes --variant b0 --weights none --image-size 64 --max-steps 20  # smoke run
+    accelerate launch train.py --data-path flower_photos --weights org/name --mixed-precision bf16
+    python train.py --data-path shapes --variant b0 --image-size 64 --max-steps 20     # smoke run
 
-The run writes a Hub-ready model folder to --output-dir (config.json, model.safetensors, a model
-card with the run's metrics), plus metrics.json, class_indices.json, split.json, a confusion matrix,
-TensorBoard logs and a checkpoint per epoch (--resume latest continues a killed run).
+Output (--output-dir): a Hub-ready model folder (config.json with labels and preprocessing,
+model.safetensors, README.md model card with the run's metrics and command), metrics.json (per epoch
+and final), class_indices.json, split.json, confusion_matrix.png, TensorBoard logs in logs/, and
+checkpoints/epoch_N after every epoch (the last --keep-checkpoints), so a killed run continues with
+--resume latest: same optimizer, lr schedule, EMA, epoch, random state and data order.
+
+Choices worth knowing:
+- --freeze-layers (train only the head: the 1x1 head conv, the attention pool and the classifier;
+  the backbone's BatchNorm statistics frozen too) is on by default when --weights are given, as in
+  the classic flower recipe, and off when training from scratch (--weights none).
+  --no-freeze-layers fine-tunes everything.
+- The lr follows lr * (((1 + cos(pi t / T)) / 2) * (1 - lrf) + lrf) over optimizer steps t (after
+  an optional linear warmup); T is the number of optimizer steps the run takes in all processes'
+  lockstep: epochs * ceil(batches per process / --grad-accum), or --max-steps if smaller.
+- --ema keeps an exponential moving average of the weights; it is what gets evaluated, checkpointed
+  and saved (the model card says so).
+- --progressive follows EfficientNetV2's progressive learning (effnetv2/progressive.py): image size,
+  RandAugment magnitude, mixup and dropout grow over --stages stages; --image-size sets the last
+  stage's size and scales the first by the same factor. It overrides --randaugment and --mixup.
+- --precise-bn N (default 256 images) recomputes the BatchNorm statistics of the evaluated weights
+  before each evaluation: short runs from scratch otherwise evaluate with statistics that lag far
+  behind the weights (and EMA weights with statistics of other weights). A frozen backbone keeps its own.
+- Checkpoints are per epoch; --max-steps ends an epoch early and that epoch counts as done.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import random
+import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from effnetv2 import transforms_for
+from effnetv2.configs import VARIANTS
 from effnetv2.data import (DatasetError, ImageFolderDataset, check_images, report_bad_files, save_class_indices,
                            scan_folder, split_samples, write_split)
 from effnetv2.ema import ModelEma
+from effnetv2.hub import read_state_dict
 from effnetv2.progressive import Stage, progressive_plan, stage_for_epoch
-from effnetv2.schedule import cosine_schedule
-from effnetv2.training import (backbone_batchnorm_eval, build_model, confusion_matrix, freeze_backbone, mix_batch,
-                               plot_confusion_matrix, soft_cross_entropy)
+from effnetv2.schedule import cosine_schedule, optimizer_steps_per_epoch
+from effnetv2.training import (HEAD_PREFIX, average_buffers, backbone_batchnorm_eval, build_model, confusion_matrix,
+                               freeze_backbone, list_checkpoints, mix_batch, plot_confusion_matrix,
+                               recalibrate_batchnorm, soft_cross_entropy, state_fingerprint)
+
+RESUME_MUST_MATCH = ("variant", "weights", "pool", "batch_size", "grad_accum", "optimizer", "lr", "lrf", "epochs",
+                     "seed", "val_fraction", "ema", "progressive", "stages")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", required=True, help="folder with one sub-folder of images per class")
-    p.add_argument("--variant", default="s", choices=["b0", "b1", "b2", "b3", "s", "m", "l", "xl"])
+    p.add_argument("--variant", default=None, choices=list(VARIANTS),
+                   help="model variant (default: the --weights' variant, or s)")
     p.add_argument("--weights", default="none",
-                   help="initial weights: Hub id, folder, torchvision:<variant>, a .pth file, or none")
+                   help="initial weights: Hub id (org/name[@revision]), folder, torchvision:<variant>, .pth, or none")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8, help="per process")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--lrf", type=float, default=0.01, help="final lr = lr * lrf (cosine decay)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="train size (default: the variant's); with --progressive, the last stage's size")
-    p.add_argument("--eval-size", type=int, default=None, help="validation size (default: the variant's)")
+                   help="train size (default: the weights' or variant's); with --progressive, the last stage's")
+    p.add_argument("--eval-size", type=int, default=None, help="validation size (default: --image-size, else "
+                                                                  "the weights' or variant's eval size)")
     p.add_argument("--freeze-layers", action=argparse.BooleanOptionalAction, default=None,
-                   help="train only the head, backbone BatchNorm statistics frozen (default: on when "
-                        "--weights is given, off when training from scratch)")
+                   help="train only the head, backbone BatchNorm statistics frozen (default: on with --weights, "
+                        "off from scratch)")
     p.add_argument("--output-dir", default="outputs/run")
-    p.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' in --output-dir")
+    p.add_argument("--resume", default=None, metavar="{PATH,latest}",
+                   help="a checkpoint folder, or 'latest' in --output-dir/checkpoints")
     p.add_argument("--progressive", action="store_true", help="EfficientNetV2 progressive learning")
-    p.add_argument("--stages", type=int, default=4, help="progressive-learning stages")
-    p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME")
+    p.add_argument("--stages", type=int, default=4, help="progressive-learning stages (M)")
+    p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="push the model folder at the end")
     p.add_argument("--private", action="store_true", help="create the Hub repo private")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share of each class")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup-epochs", type=float, default=0.0)
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warmup, in epochs")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear lr warmup, in optimizer steps")
+    p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--ema", action="store_true", help="keep an EMA of the weights; it is evaluated and saved")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--randaugment", type=int, default=0, help="RandAugment magnitude (0: off)")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="area share of the random resized crop (torchvision's default 0.08 1; raise MIN when "
+                        "crops must keep the object)")
     p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off)")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--pool", default="avg", choices=["avg", "attention"])
-    p.add_argument("--num-heads", type=int, default=8)
-    p.add_argument("--attn-dim", type=int, default=None)
-    p.add_argument("--drop-path-rate", type=float, default=0.2)
-    p.add_argument("--dropout", type=float, default=None)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"])
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    return p.parse_args(argv)
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
+    p.add_argument("--pool", default=None, choices=["avg", "attention"], help="default: the weights' pool, or avg")
+    p.add_argument("--num-heads", type=int, default=None, help="attention-pool heads (default 8)")
+    p.add_argument("--attn-dim", type=int, default=None, help="attention-pool width (default: num_features)")
+    p.add_argument("--drop-path-rate", type=float, default=None, help="stochastic depth (default 0.2)")
+    p.add_argument("--dropout", type=float, default=None, help="dropout before the classifier (default: variant's)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
+    p.add_argument("--precise-bn", type=int, default=256, metavar="N",
+                   help="before every evaluation, recompute BatchNorm statistics on N training images (eval "
+                        "transform) with the weights being evaluated; 0: off")
+    p.add_argument("--check-images", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode every image once before training and skip unreadable ones")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"], help="dtype of the saved weights")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many epoch checkpoints to keep")
+    args = p.parse_args(argv)
+    low, high = args.crop_scale
+    if not 0 < low <= high <= 1:
+        p.error(f"--crop-scale {low} {high}: give MIN MAX with 0 < MIN <= MAX <= 1, e.g. --crop-scale 0.5 1")
+    return args
 
 
-def evaluate(model, loader, accelerator, num_classes):
-    """Validation loss, accuracy and confusion matrix over all processes (``gather_for_metrics``)."""
+@torch.no_grad()
+def evaluate(model, loader, accelerator, num_classes: int, channels_last: bool):
+    """Validation loss, accuracy and confusion matrix over all processes (``gather_for_metrics``
+    drops the samples Accelerate repeats to even out the last batch)."""
     model.eval()
-    preds, labels, loss_sum = [], [], 0.0
-    with torch.no_grad():
-        for x, y in loader:
-            logits = model(x)
-            loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
-            p, t = accelerator.gather_for_metrics((logits.argmax(-1), y))
-            preds.append(p.cpu())
-            labels.append(t.cpu())
-    preds, labels = torch.cat(preds), torch.cat(labels)
-    loss = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item()
-    return {"val_loss": loss / max(1, len(labels)), "val_accuracy": (preds == labels).float().mean().item(),
-            "num_val": len(labels)}, confusion_matrix(preds, labels, num_classes)
+    preds, labels, losses = [], [], []
+    for x, y in loader:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = model(x).float()
+        p, t, loss = accelerator.gather_for_metrics((logits.argmax(-1), y, F.cross_entropy(logits, y, reduction="none")))
+        preds.append(p.cpu())
+        labels.append(t.cpu())
+        losses.append(loss.cpu())
+    preds, labels, losses = torch.cat(preds), torch.cat(labels), torch.cat(losses)
+    metrics = {"val_loss": losses.mean().item(), "val_accuracy": (preds == labels).float().mean().item(),
+               "val_images": len(labels)}
+    return metrics, confusion_matrix(preds, labels, num_classes)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir)
-    accelerator = Accelerator(
-        cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
-        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    try:
+        accelerator = Accelerator(
+            cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
+            log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+            # a seeded sampler gives every epoch the same order after a resume (set_epoch below)
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    except (ValueError, RuntimeError) as err:
+        print(f"error: cannot set up training with --mixed-precision {args.mixed_precision}: {err}", file=sys.stderr)
+        return 2
     say = accelerator.print
     set_seed(args.seed)
 
-    # Data: scan, split, drop unreadable files, all before any training starts.
+    # 1. Data: scan, drop unreadable files, split; every error comes before any training starts.
     try:
         samples, classes = scan_folder(args.data_path)
+        if args.check_images:
+            samples, bad = check_images(samples, max(1, args.workers))
+            if accelerator.is_main_process:
+                report_bad_files(bad)
+            empty = sorted(set(range(len(classes))) - {label for _, label in samples})
+            if empty:
+                raise DatasetError(f"class(es) {', '.join(classes[i] for i in empty)} have no readable image left "
+                                   f"(see the warning above): fix or remove those folders")
         train_samples, val_samples = split_samples(samples, args.val_fraction, args.seed)
         if not val_samples:
-            raise DatasetError("--val-fraction 0 leaves no validation images: use at least 0.05")
+            raise DatasetError("--val-fraction 0 leaves no validation images: use e.g. 0.2")
     except DatasetError as err:
         say(f"error: {err}")
         return 2
-    train_samples, bad_train = check_images(train_samples, args.workers)
-    val_samples, bad_val = check_images(val_samples, args.workers)
+    num_classes = len(classes)
     if accelerator.is_main_process:
-        report_bad_files(bad_train + bad_val)
         out.mkdir(parents=True, exist_ok=True)
         save_class_indices(out / "class_indices.json", classes)
         write_split(out / "split.json", train_samples, val_samples, classes, args.data_path)
-    if not train_samples or not val_samples:
-        say("error: no readable training or validation images left; see the warning above")
-        return 2
+    say(f"data: {len(train_samples)} training and {len(val_samples)} validation images in {num_classes} classes "
+        f"({', '.join(classes)})")
 
-    # Model: weights in, head replaced for our classes.
-    model_kwargs = {"pool": args.pool, "num_heads": args.num_heads, "drop_path_rate": args.drop_path_rate}
-    for key, value in (("attn_dim", args.attn_dim), ("dropout", args.dropout), ("train_image_size", args.image_size),
-                       ("image_size", args.eval_size or args.image_size)):
-        if value is not None:
-            model_kwargs[key] = value
+    # 2. Model: initial weights in, classifier replaced for our classes.
+    overrides = {"pool": args.pool, "num_heads": args.num_heads, "attn_dim": args.attn_dim,
+                 "drop_path_rate": args.drop_path_rate, "dropout": args.dropout,
+                 "train_image_size": args.image_size, "image_size": args.eval_size or args.image_size}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
-        model = build_model(args.weights, args.variant, classes, **model_kwargs)
-    except (ValueError, OSError) as err:
+        model = build_model(args.weights, args.variant or "s", classes, **overrides)
+    except (ValueError, OSError, ImportError) as err:
         say(f"error: --weights {args.weights}: {err}")
         return 2
+    if args.variant and model.variant != args.variant:
+        say(f"error: --variant {args.variant} but --weights {args.weights} is EfficientNetV2-{model.variant}: "
+            f"drop --variant or pick weights of that variant")
+        return 2
+    args.variant = model.variant
     freeze = args.freeze_layers if args.freeze_layers is not None else args.weights.lower() != "none"
     if freeze:
         trainable = freeze_backbone(model)
-        say(f"backbone frozen: training {len(trainable)} head tensors")
+        say(f"backbone frozen: training {sum(model.get_parameter(n).numel() for n in trainable):,} head parameters")
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    eval_size = model.config["image_size"]
 
-    # Progressive learning: image size and regularisation grow stage by stage.
+    # 3. Progressive learning: image size and regularisation grow stage by stage (one stage otherwise).
+    train_size = model.config["train_image_size"]
     if args.progressive:
-        plan = progressive_plan(args.variant, args.epochs, args.stages, max_size=model.config["train_image_size"])
+        try:
+            plan = progressive_plan(model.variant, args.epochs, args.stages, max_size=train_size)
+        except ValueError as err:
+            say(f"error: {err}")
+            return 2
     else:
-        plan = [Stage(0, 0, model.config["train_image_size"], args.randaugment, args.mixup, model.dropout_rate)]
-    train_set = ImageFolderDataset(train_samples, classes)
-    val_set = ImageFolderDataset(val_samples, classes, transforms_for(model, image_size=eval_size))
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=len(train_set) > args.batch_size,
-                              persistent_workers=False)
+        plan = [Stage(0, 0, train_size, args.randaugment, args.mixup, model.dropout_rate)]
+
+    train_set = ImageFolderDataset(train_samples, classes)  # its transform is set per stage
+    val_set = ImageFolderDataset(val_samples, classes, transforms_for(model, train=False))
+    # persistent_workers=False: workers are re-created each epoch and see the stage's new transform
+    train_loader = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=args.workers,
+                              drop_last=len(train_set) >= args.batch_size * accelerator.num_processes)
     val_loader = DataLoader(val_set, args.batch_size, num_workers=args.workers)
+    # Precise BatchNorm: a fixed sample of training images, seen as at evaluation, split over processes.
+    calib_loader = None
+    if args.precise_bn > 0:
+        calib = random.Random(args.seed).sample(train_samples, min(args.precise_bn, len(train_samples)))
+        calib = calib[accelerator.process_index::accelerator.num_processes] or calib
+        calib_loader = DataLoader(ImageFolderDataset(calib, classes, transforms_for(model, train=False)),
+                                  args.batch_size, num_workers=args.workers)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True)
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)  # optimizer steps, per process
+
+    # 4. The lr schedule counts optimizer steps; it is stepped by hand once per optimizer step (a
+    # scheduler passed to prepare() would step once per process).
+    steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
-    scheduler = cosine_schedule(optimizer, total_steps, args.lrf, int(args.warmup_epochs * steps_per_epoch))
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
+    try:
+        scheduler = cosine_schedule(optimizer, total_steps, args.lrf, warmup_steps)
+    except ValueError as err:
+        say(f"error: {err} (--warmup-epochs/--warmup-steps/--lrf)")
+        return 2
     ema = ModelEma(accelerator.unwrap_model(model), args.ema_decay) if args.ema else None
-    accelerator.register_for_checkpointing(scheduler)
-    if ema:
-        accelerator.register_for_checkpointing(ema)
 
-    # Resume: model, optimizer, scheduler, EMA, RNG states and where we were.
+    # 5. Resume: model, optimizer, RNG states and sampler (load_state), then scheduler, EMA, history.
     start_epoch, step, history = 0, 0, []
-    checkpoints = out / "checkpoints"
     if args.resume:
-        folder = Path(args.resume)
-        if args.resume == "latest":
-            done = sorted(checkpoints.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1])) if checkpoints.is_dir() else []
-            if not done:
-                say(f"error: --resume latest: no checkpoint in {checkpoints}; start without --resume")
-                return 2
-            folder = done[-1]
-        if not (folder / "train_state.json").is_file():
-            say(f"error: --resume {folder}: not a checkpoint folder (no train_state.json)")
+        found = list_checkpoints(out / "checkpoints")
+        folder = (found[-1] if found else None) if args.resume == "latest" else Path(args.resume)
+        if folder is None or not (folder / "train_state.json").is_file():
+            say(f"error: --resume {args.resume}: no complete checkpoint "
+                f"{'in ' + str(out / 'checkpoints') if folder is None else 'at ' + str(folder)}; start without --resume")
+            return 2
+        state = json.loads((folder / "train_state.json").read_text())
+        changed = [k for k in RESUME_MUST_MATCH if state["args"].get(k) != vars(args).get(k)]
+        if changed:
+            say(f"error: --resume {folder}: the checkpoint was made with different "
+                + ", ".join(f"--{k.replace('_', '-')} ({state['args'].get(k)} vs {vars(args).get(k)})" for k in changed)
+                + "; resume with the original settings")
             return 2
         accelerator.load_state(str(folder))
-        state = json.loads((folder / "train_state.json").read_text())
+        scheduler.load_state_dict(state["scheduler"])
+        if ema:
+            ema.load_state_dict({**state["ema"], "module": read_state_dict(folder / "ema.safetensors")})
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
-        say(f"resumed from {folder}: epoch {start_epoch}, optimizer step {step}")
+        say(f"resumed from {folder}: {start_epoch} epoch(s) and {step} optimizer steps done")
 
-    hps = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-    accelerator.init_trackers("effnetv2", config=hps)
-    num_classes = len(classes)
-    stage = None
-    metrics = {}
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers("effnetv2", config=hparams)
+    say(f"training EfficientNetV2-{args.variant} for {args.epochs} "
+        f"epochs: {steps_per_epoch} optimizer steps per epoch, {total_steps} in all, on "
+        f"{accelerator.num_processes} process(es) ({accelerator.device})")
+
+    # 6. Train: one epoch at a time, evaluating and checkpointing after each.
+    unwrapped = accelerator.unwrap_model(model)
+    checkpoints = out / "checkpoints"
+    stage, cm = None, None
     for epoch in range(start_epoch, args.epochs):
         if step >= total_steps:
             break
-        new_stage = stage_for_epoch(plan, epoch)
-        if new_stage != stage:
-            stage = new_stage
-            train_set.set_transform(transforms_for(accelerator.unwrap_model(model), train=True,
-                                                   image_size=stage.image_size, randaugment_magnitude=stage.randaugment))
-            accelerator.unwrap_model(model).head.dropout.p = stage.dropout
+        if stage_for_epoch(plan, epoch) != stage:
+            stage = stage_for_epoch(plan, epoch)
+            train_set.set_transform(transforms_for(unwrapped, train=True, image_size=stage.image_size,
+                                                   randaugment_magnitude=stage.randaugment, scale=args.crop_scale))
+            unwrapped.head.dropout.p = stage.dropout
             if args.progressive:
                 say(stage.describe())
+                accelerator.log({f"stage/{k}": v for k, v in stage.as_dict().items()}, step=step)
         train_loader.set_epoch(epoch)
         model.train()
         if freeze:
-            backbone_batchnorm_eval(accelerator.unwrap_model(model))
+            backbone_batchnorm_eval(unwrapped)
         started, seen, loss_sum = time.time(), 0, 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process,
-                   leave=False)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_main_process,
+                   leave=False, dynamic_ncols=True)
         for x, y in bar:
             with accelerator.accumulate(model):
                 if args.channels_last:
@@ -230,85 +319,122 @@ def main(argv=None) -> int:
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
-            if accelerator.sync_gradients:
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            if accelerator.sync_gradients:  # an optimizer step was taken
                 scheduler.step()
                 step += 1
                 if ema:
-                    ema.update(accelerator.unwrap_model(model))
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if step >= total_steps:
-                break
-        elapsed = time.time() - started
-        eval_model = ema.module if ema else model
-        metrics, cm = evaluate(eval_model, val_loader, accelerator, num_classes)
-        metrics.update(epoch=epoch + 1, step=step, train_loss=loss_sum / max(1, seen), lr=scheduler.get_last_lr()[0],
-                       seconds=round(elapsed, 2), images_per_second=round(seen * accelerator.num_processes / elapsed, 2),
-                       image_size=stage.image_size)
+                    ema.update(unwrapped)
+                accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if step >= total_steps:
+                    break
+        train_seconds = time.time() - started
+        totals = accelerator.reduce(torch.tensor([seen, loss_sum], device=accelerator.device, dtype=torch.float64), "sum")
+        evaluated = ema.module if ema else unwrapped
+        if calib_loader is not None:  # a frozen backbone keeps its statistics: only the head's are redone
+            recalibrate_batchnorm(evaluated, (x.to(accelerator.device) for x, _ in calib_loader),
+                                  prefix=HEAD_PREFIX if freeze else "")
+        for replica in {id(unwrapped): unwrapped, id(evaluated): evaluated}.values():
+            average_buffers(replica, accelerator)  # BatchNorm statistics: the same on every process
+        metrics, cm = evaluate(ema.module if ema else model, val_loader, accelerator, num_classes, args.channels_last)
+        metrics.update(epoch=epoch + 1, step=step, lr=scheduler.get_last_lr()[0],
+                       train_loss=totals[1].item() / max(1.0, totals[0].item()), train_images=int(totals[0].item()),
+                       train_seconds=round(train_seconds, 2), epoch_seconds=round(time.time() - started, 2),
+                       images_per_second=round(totals[0].item() / train_seconds, 2), image_size=stage.image_size)
         history.append(metrics)
-        accelerator.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
-        say(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
-            f"val accuracy {metrics['val_accuracy']:.4f}, {elapsed:.1f}s ({metrics['images_per_second']} img/s)")
+        accelerator.log({f"val/{k[4:]}" if k.startswith("val_") else f"epoch/{k}": v for k, v in metrics.items()},
+                        step=step)
+        say(f"epoch {epoch + 1}/{args.epochs}: train loss {metrics['train_loss']:.4f}, val loss "
+            f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f} ({metrics['train_seconds']:.1f}s "
+            f"training, {metrics['images_per_second']} images/s, lr {metrics['lr']:.2e})")
 
-        # Checkpoint atomically: write a temporary folder, then rename it into place.
-        final = checkpoints / f"epoch_{epoch + 1}"
-        tmp = checkpoints / f".tmp_epoch_{epoch + 1}"
+        # Checkpoint atomically: everything goes into a temporary folder that is renamed when complete.
+        final, tmp = checkpoints / f"epoch_{epoch + 1}", checkpoints / f".tmp_epoch_{epoch + 1}"
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process has written its random state
         if accelerator.is_main_process:
-            (tmp / "train_state.json").write_text(json.dumps({"epoch": epoch + 1, "step": step, "history": history}))
+            train_state = {"epoch": epoch + 1, "step": step, "history": history, "scheduler": scheduler.state_dict(),
+                           "args": vars(args)}
+            if ema:
+                save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
+                train_state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "module"}
+            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            done = sorted(checkpoints.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
-            for old in done[:-args.keep_checkpoints]:
+            for old in list_checkpoints(checkpoints)[:-max(1, args.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
+            (out / "metrics.json").write_text(json.dumps({"history": history, "classes": classes}, indent=1))
         accelerator.wait_for_everyone()
 
+    final_model = ema.module if ema else unwrapped
+    if cm is None:  # nothing left to train after a resume: evaluate what the checkpoint holds
+        metrics, cm = evaluate(final_model, val_loader, accelerator, num_classes, args.channels_last)
+    # DDP keeps the replicas' weights identical: check it, so that the saved model is "the" model.
+    fingerprints = gather_object([state_fingerprint(final_model)])
     accelerator.end_training()
     if not accelerator.is_main_process:
         return 0
+    in_sync = len(set(fingerprints)) == 1
+    if not in_sync:
+        say(f"warning: the {len(fingerprints)} processes ended with different weights; saving process 0's")
 
-    # The Hub-ready model folder.
-    final_model = ema.module if ema else accelerator.unwrap_model(model)
+    # 7. The Hub-ready model folder, metrics and confusion matrix.
+    final = history[-1] if history else metrics
     final_model = final_model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     final_model.head.dropout.p = final_model.dropout_rate
-    final = history[-1] if history else {}
-    weights_note = "EMA of the weights" if ema else "the final weights"
+    launcher = (f"accelerate launch --num_processes {accelerator.num_processes} train.py"
+                if accelerator.num_processes > 1 else "python train.py")
+    command = f"{launcher} {shlex.join(sys.argv[1:] if argv is None else argv)}"
+    weights_note = f"EMA of the weights (decay {args.ema_decay})" if ema else "the final weights"
+    initial = args.weights if args.weights.lower() != "none" else "none (from scratch)"
     model_card_kwargs = dict(
-        metrics={"accuracy": round(final.get("val_accuracy", float("nan")), 4), "val_loss": round(final.get("val_loss", float("nan")), 4)},
+        metrics={"accuracy": round(final["val_accuracy"], 4), "val_loss": round(final["val_loss"], 4)},
         dataset=f"`{Path(args.data_path).name}`: {len(train_samples)} training and {len(val_samples)} validation "
-                f"images in {num_classes} classes (seeded stratified split, seed {args.seed})",
-        base_model=args.weights if "/" in args.weights and not Path(args.weights).exists() else None,
-        training={"epochs": final.get("epoch"), "optimizer steps": step, "optimizer": args.optimizer, "lr": args.lr,
-                  "lrf": args.lrf, "batch size (per process)": args.batch_size, "processes": accelerator.num_processes,
-                  "frozen backbone": freeze, "progressive": args.progressive, "saved weights": weights_note},
-        command="python train.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                f"images in {num_classes} classes (stratified split, --val-fraction {args.val_fraction}, seed {args.seed})",
+        base_model=args.weights.split("@")[0] if args.weights.count("/") == 1 and not Path(args.weights).exists() else None,
+        training={"initial weights": initial, "epochs": f"{final.get('epoch', start_epoch)} of {args.epochs}",
+                  "optimizer steps": step, "optimizer": args.optimizer, "lr (cosine decay to lr*lrf)": args.lr,
+                  "lrf": args.lrf, "warmup steps": warmup_steps, "weight decay": args.weight_decay,
+                  "batch size per process": args.batch_size, "processes": accelerator.num_processes,
+                  "gradient accumulation": args.grad_accum, "mixed precision": args.mixed_precision,
+                  "frozen backbone": freeze, "label smoothing": args.label_smoothing,
+                  "progressive learning": f"{args.stages} stages" if args.progressive else "off",
+                  "train image size": stage.image_size if stage else train_size, "saved weights": weights_note},
+        command=command,
     )
-    for name in ("README.md",):
-        (out / name).unlink(missing_ok=True)
     to_save = final_model.half() if args.save_dtype == "float16" else final_model
     to_save.save_pretrained(out, model_card_kwargs=model_card_kwargs)
-    (out / "metrics.json").write_text(json.dumps({"final": final, "history": history, "classes": classes}, indent=1))
-    plot_confusion_matrix(cm, classes, out / "confusion_matrix.png",
-                          f"validation accuracy {final.get('val_accuracy', 0):.3f}")
-    say(f"saved the model to {out} (val accuracy {final.get('val_accuracy', float('nan')):.4f})")
+    summary = {"final": final, "history": history, "classes": classes, "train_images": len(train_samples),
+               "val_images": len(val_samples), "optimizer_steps": step, "total_steps": total_steps,
+               "steps_per_epoch": steps_per_epoch, "processes": accelerator.num_processes,
+               "replicas_in_sync": in_sync, "fingerprint": fingerprints[0], "saved_weights": weights_note,
+               "command": command}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", f"validation accuracy {final['val_accuracy']:.3f}")
+    say(f"saved the model to {out} (val accuracy {final['val_accuracy']:.4f})")
 
     if args.push_to_hub:
-        try:
-            from huggingface_hub import HfApi
+        from huggingface_hub import HfApi
 
+        ignore = ["checkpoints/*", "logs/*"]
+        try:
             api = HfApi()
             api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)
-            api.upload_folder(repo_id=args.push_to_hub, folder_path=str(out), ignore_patterns=["checkpoints/*", "logs/*"],
-                              commit_message=f"train.py: val accuracy {final.get('val_accuracy', 0):.4f}")
-            say(f"pushed to https://huggingface.co/{args.push_to_hub}")
-        except Exception as err:  # the run is saved; a push failure must not lose it
-            say(f"error: push to {args.push_to_hub} failed ({type(err).__name__}: {err}). Everything is saved in "
-                f"{out}; retry with: hf upload {args.push_to_hub} {out} --exclude 'checkpoints/*' 'logs/*'")
+            api.upload_folder(repo_id=args.push_to_hub, folder_path=str(out), ignore_patterns=ignore,
+                              commit_message=f"train.py: val accuracy {final['val_accuracy']:.4f}")
+        except Exception as err:  # the run is saved locally; a failed push must not lose it
+            retry = (f"python -c \"from huggingface_hub import HfApi; HfApi().upload_folder(repo_id='{args.push_to_hub}', "
+                     f"folder_path='{out}', ignore_patterns={ignore})\"")
+            say(f"error: pushing to {args.push_to_hub} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
+                f"\nEverything is saved in {out}. Log in (`hf auth login` or HF_TOKEN) if needed, then retry with:\n"
+                f"  hf upload {args.push_to_hub} {out} . --exclude 'checkpoints/*' --exclude 'logs/*'\nor\n  {retry}")
             return 1
+        say(f"pushed to {api.endpoint}/{args.push_to_hub}")
     return 0
 
 

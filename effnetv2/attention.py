@@ -5,6 +5,10 @@ the same shape. Each token is projected to a query, a key and a value (``Q = x W
 width ``D`` is split into ``h`` heads of ``D/h`` channels (``split_heads``); every head scores each
 query against every key, ``softmax(Q K^T / sqrt(D/h))`` ``[B, h, L, L]``, and takes that weighted
 mean of the values; the heads are put back side by side (``merge_heads``) and mixed by ``out_proj``.
+
+``AttentionPool2d`` uses the same module to pool a CNN feature map: one pooled query attends over
+the ``H*W`` cells. ``attention_walkthrough`` and ``self_attention_walkthrough`` redo every step with
+the real tensors and return them, shape by shape, for the demo.
 """
 from __future__ import annotations
 
@@ -15,16 +19,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _check_heads(dim: int, num_heads: int, what: str) -> None:
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+    if dim % num_heads:
+        divisors = [h for h in range(1, min(dim, 64) + 1) if dim % h == 0]
+        raise ValueError(f"{what} {dim} is not divisible by num_heads={num_heads}: every head gets "
+                         f"{what} / num_heads channels, so pick num_heads from {divisors} "
+                         f"(or change the {what})")
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """``[B, L, D]`` → ``[B, h, L, D/h]``: head ``i`` holds channels ``i*D/h .. (i+1)*D/h - 1``."""
+    if x.dim() != 3:
+        raise ValueError(f"split_heads expects tokens [B, L, D], got a tensor of shape {list(x.shape)}")
     batch, length, dim = x.shape
-    if dim % num_heads:
-        raise ValueError(f"width {dim} is not divisible by num_heads={num_heads}")
+    _check_heads(dim, num_heads, "width")
     return x.reshape(batch, length, num_heads, dim // num_heads).transpose(1, 2)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """``[B, h, L, D/h]`` → ``[B, L, D]``, the inverse of :func:`split_heads`."""
+    if x.dim() != 4:
+        raise ValueError(f"merge_heads expects heads [B, h, L, D/h], got a tensor of shape {list(x.shape)}")
     batch, heads, length, head_dim = x.shape
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
@@ -33,10 +50,15 @@ def scaled_dot_product_weights(q: torch.Tensor, k: torch.Tensor,
                                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention weights ``softmax(q k^T / sqrt(d))`` ``[B, h, Lq, Lk]`` from ``[B, h, L, d]`` inputs.
 
-    ``key_padding_mask`` ``[B, Lk]`` is True where a key must be ignored.
+    ``key_padding_mask`` ``[B, Lk]`` (bool) is True where a key must be ignored: those keys get
+    weight 0. A query whose keys are all masked has no defined weights (NaN), as in PyTorch.
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     if key_padding_mask is not None:
+        batch, keys = k.shape[0], k.shape[-2]
+        if key_padding_mask.shape != (batch, keys) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be a bool tensor [B, L] = [{batch}, {keys}] (True = "
+                             f"ignore that key), got {key_padding_mask.dtype} {list(key_padding_mask.shape)}")
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     return scores.softmax(dim=-1)
 
@@ -45,15 +67,15 @@ class MultiHeadSelfAttention(nn.Module):
     """Multi-head attention with separate ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj``.
 
     Numerically equal to ``torch.nn.MultiheadAttention(dim, num_heads, batch_first=True)`` given
-    the same weights.
+    the same weights (its ``in_proj_weight`` is ``q_proj``, ``k_proj``, ``v_proj`` stacked).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        _check_heads(dim, num_heads, "dim")
         self.dim = dim
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
@@ -73,7 +95,8 @@ class MultiHeadSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, return_attention: bool = False,
                 key_padding_mask: torch.Tensor | None = None):
-        """Self-attention of ``x`` ``[B, L, D]`` → ``[B, L, D]`` (and ``[B, h, L, L]`` weights)."""
+        """Self-attention of ``x`` ``[B, L, D]`` → ``[B, L, D]``, or ``(output, weights [B, h, L, L])``
+        with ``return_attention=True``. ``key_padding_mask`` ``[B, L]`` is True for keys to ignore."""
         out, weights = self.attend(x, x, key_padding_mask)
         return (out, weights) if return_attention else out
 
@@ -81,9 +104,11 @@ class MultiHeadSelfAttention(nn.Module):
 class AttentionPool2d(nn.Module):
     """Pool a feature map ``[B, C, H, W]`` into one vector by multi-head attention.
 
-    The H*W cells become tokens (projected from ``C`` to ``dim`` channels, plus a learned position
-    embedding resampled to the input's grid). The query is the tokens' mean plus a learned offset, so
-    it starts as average pooling and learns where to look. Output: ``[B, dim]``.
+    The H*W cells become tokens: projected from ``C`` to ``dim`` channels by a 1x1 conv, plus a
+    learned position embedding defined on a ``grid_size`` x ``grid_size`` grid and resampled
+    (bicubic) to the input's grid, so a model trained at one image size runs at any other. The
+    query is the tokens' mean plus a learned offset, so the pool starts close to average pooling
+    and learns where to look. Output: ``[B, dim]``.
     """
 
     def __init__(self, in_chs: int, dim: int = 256, num_heads: int = 8, grid_size: int = 7):
@@ -94,15 +119,38 @@ class AttentionPool2d(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, dim, grid_size, grid_size))
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
         self.attn = MultiHeadSelfAttention(dim, num_heads)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Variance-preserving init (std = fan_in^-1/2, zero biases) for the projections.
+
+        Unit-scale tokens give attention scores of order 1 at the start, so the weights are neither
+        uniform nor one-hot and Q/K receive useful gradients (with the backbone's N(0, 0.01) linear
+        init, the bilinear scores Q K^T start ~1e-4 and barely move). Position embedding N(0, 0.02),
+        query offset 0.
+        """
+        if isinstance(self.proj, nn.Conv2d):
+            nn.init.normal_(self.proj.weight, std=self.proj.in_channels ** -0.5)
+            nn.init.zeros_(self.proj.bias)
+        for linear in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj, self.attn.out_proj):
+            nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.zeros_(self.query)
+
+    def resampled_pos_embed(self, size: tuple[int, int]) -> torch.Tensor:
+        """The position embedding ``[1, dim, h, w]`` for a ``size = (h, w)`` feature grid (bicubic;
+        the stored one unchanged when the sizes match)."""
+        size = tuple(int(s) for s in size)
+        if self.pos_embed.shape[-2:] == size:
+            return self.pos_embed
+        return F.interpolate(self.pos_embed, size=size, mode="bicubic", align_corners=False)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature map ``[B, C, H, W]`` → position-encoded tokens ``[B, H*W, dim]``."""
+        """Feature map ``[B, C, H, W]`` → position-encoded tokens ``[B, H*W, dim]`` (row-major cells)."""
         x = self.proj(x)
-        pos = self.pos_embed
-        if pos.shape[-2:] != x.shape[-2:]:
-            pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
-        return (x + pos).flatten(2).transpose(1, 2)
+        return (x + self.resampled_pos_embed(x.shape[-2:])).flatten(2).transpose(1, 2)
 
     def pooled_query(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, L, dim]`` → the pooling query ``[B, 1, dim]``."""
@@ -118,35 +166,116 @@ class AttentionPool2d(nn.Module):
         return out
 
 
+def check_cell(query: tuple[int, int], grid: tuple[int, int]) -> int:
+    """The flat token index ``row * w + col`` of ``query = (row, col)`` on a ``grid = (h, w)``."""
+    height, width = (int(v) for v in grid)
+    try:
+        row, col = (int(v) for v in query)
+    except (TypeError, ValueError):
+        raise ValueError(f"query must be a (row, col) pair of integers, got {query!r}") from None
+    if not (0 <= row < height and 0 <= col < width):
+        raise ValueError(f"query cell {tuple(query)} is outside the {height}x{width} feature grid: use a row "
+                         f"in 0..{height - 1} and a column in 0..{width - 1}, or query=None")
+    return row * width + col
+
+
+def standardised_tokens(feats: torch.Tensor) -> torch.Tensor:
+    """Feature map ``[B, C, H, W]`` → tokens ``[B, H*W, C]``, each standardised over its channels
+    (zero mean, unit variance), so that dot products compare directions, not magnitudes."""
+    return F.layer_norm(feats.flatten(2).transpose(1, 2).float(), (feats.shape[1],))
+
+
 def self_attention_maps(feats: torch.Tensor, num_heads: int,
                         query: tuple[int, int] | None = None) -> torch.Tensor:
     """Parameter-free multi-head self-attention of a feature map's cells, seen from one cell.
 
-    The cells of ``feats`` ``[B, C, H, W]`` are tokens; each is standardised over its channels (so
-    the scores compare directions, not magnitudes), split into ``num_heads`` heads of ``C/h``
-    channels, and scored with ``softmax(q K^T / sqrt(C/h))`` where ``q`` is the token at
-    ``query = (row, col)``. With no query, the cell that receives the most attention from all cells
-    (summed over heads) is used. Returns ``[B, h, H, W]``, each map summing to 1.
+    The cells of ``feats`` ``[B, C, H, W]`` are standardised tokens (Q = K = V, no learned
+    weights), split into ``num_heads`` heads of ``C/h`` channels and scored with
+    ``softmax(q K^T / sqrt(C/h))``, where ``q`` is the token at ``query = (row, col)``. With no
+    query, each image uses the cell that receives the most attention from all cells (summed over
+    heads): the most "typical" region. Returns ``[B, h, H, W]``, each map summing to 1.
     """
-    batch, chs, height, width = feats.shape
-    tokens = F.layer_norm(feats.flatten(2).transpose(1, 2).float(), (chs,))
-    heads = split_heads(tokens, num_heads)
+    batch, _, height, width = feats.shape
+    heads = split_heads(standardised_tokens(feats), num_heads)
     if query is None:
-        weights = scaled_dot_product_weights(heads, heads)  # [B, h, L, L]
-        cell = weights.sum(dim=(1, 2)).argmax(dim=-1)  # [B]
+        cell = scaled_dot_product_weights(heads, heads).sum(dim=(1, 2)).argmax(dim=-1)  # [B]
     else:
-        row, col = query
-        if not (0 <= row < height and 0 <= col < width):
-            raise ValueError(f"query cell {query} is outside the {height}x{width} feature grid")
-        cell = torch.full((batch,), row * width + col, dtype=torch.long, device=feats.device)
+        cell = torch.full((batch,), check_cell(query, (height, width)), dtype=torch.long, device=feats.device)
     q = heads[torch.arange(batch), :, cell].unsqueeze(2)  # [B, h, 1, d]
     return scaled_dot_product_weights(q, heads)[:, :, 0].unflatten(-1, (height, width))
 
 
-def _sample(t: torch.Tensor, n: int = 4) -> list:
-    """A few leading values of a tensor, rounded, for display."""
-    flat = t.detach().flatten()[:n].tolist()
-    return [round(v, 4) for v in flat]
+# ---- Walk-throughs: every step with its real tensors ---------------------------------------------
+
+def _step(name: str, formula: str, tensors: torch.Tensor | dict[str, torch.Tensor], n: int = 4) -> dict:
+    """One walk-through step: its name, a LaTeX formula, the shape(s), and the first ``n`` values of
+    the first row (``sample_at`` says where, e.g. ``[0, 0, 0, :4]``)."""
+    main = tensors if isinstance(tensors, torch.Tensor) else next(iter(tensors.values()))
+    shape = list(main.shape) if isinstance(tensors, torch.Tensor) else {k: list(v.shape) for k, v in tensors.items()}
+    row = main.detach()[(0,) * (main.dim() - 1)]
+    return {"name": name, "formula": formula, "shape": shape,
+            "sample": [round(float(v), 4) for v in row[:n]],
+            "sample_at": "[" + ", ".join(["0"] * (main.dim() - 1) + [f":{min(n, row.numel())}"]) + "]"}
+
+
+def attention_steps(queries: torch.Tensor, tokens: torch.Tensor, num_heads: int,
+                    attn: MultiHeadSelfAttention | None = None, query_formula: str = r"Q = X W_Q") -> dict:
+    """The steps of multi-head attention from ``queries`` ``[B, Lq, D]`` over ``tokens`` ``[B, L, D]``.
+
+    With ``attn`` the learned projections are used; with ``attn=None`` it is parameter-free
+    (``Q = queries``, ``K = V = tokens``, no output projection). Returns ``steps`` (Q/K/V → split
+    heads → scaled scores → softmax → weighted sum → merge heads → output, see ``_step``), the
+    scaled ``scores`` and softmax ``weights`` ``[B, h, Lq, L]``, and ``output`` ``[B, Lq, D]``.
+    """
+    learned = attn is not None
+    if learned and attn.num_heads != num_heads:
+        raise ValueError(f"num_heads={num_heads} does not match the module's {attn.num_heads} heads")
+    identity = nn.Identity()
+    project_q, project_k, project_v, project_out = ((attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj)
+                                                    if learned else (identity,) * 4)
+    q, k, v = project_q(queries), project_k(tokens), project_v(tokens)
+    kv_formula = r",\; K = X W_K,\; V = X W_V" if learned else r",\; K = V = X"
+    steps = [_step("queries, keys, values", query_formula + kv_formula, {"Q": q, "K": k, "V": v})]
+    qh, kh, vh = (split_heads(t, num_heads) for t in (q, k, v))
+    d = qh.shape[-1]
+    steps.append(_step("split into heads", rf"Q_i, K_i, V_i = \text{{channels }} [{d}i, {d}(i+1))\ "
+                       rf"\text{{of }} Q, K, V,\; i = 0..{num_heads - 1}", {"Q": qh, "K": kh, "V": vh}))
+    scores = qh @ kh.transpose(-2, -1) / math.sqrt(d)
+    steps.append(_step("scaled scores", rf"S_i = Q_i K_i^T / \sqrt{{{d}}}", scores))
+    weights = scores.softmax(dim=-1)
+    steps.append(_step("softmax", r"A_i = \mathrm{softmax}(S_i)\ \text{(each row sums to 1)}", weights))
+    mixed = weights @ vh
+    steps.append(_step("weighted sum", r"O_i = A_i V_i", mixed))
+    merged = merge_heads(mixed)
+    steps.append(_step("merge heads", rf"O = [O_0, \dots, O_{{{num_heads - 1}}}]", merged))
+    output = project_out(merged)
+    steps.append(_step("output", r"Y = O W_O + b_O" if learned else r"Y = O", output))
+    return {"steps": steps, "scores": scores, "weights": weights, "output": output}
+
+
+@torch.no_grad()
+def self_attention_walkthrough(tokens: torch.Tensor, attn: MultiHeadSelfAttention | None = None,
+                               num_heads: int | None = None, query_index: int | None = None) -> dict:
+    """Every step of multi-head self-attention of ``tokens`` ``[B, L, D]``.
+
+    ``attn``: the module whose weights to use (None: parameter-free, Q = K = V = tokens, which
+    needs ``num_heads``). ``query_index``: follow only that token's query (default: all tokens).
+    Returns ``steps`` (tokens first, then those of :func:`attention_steps`), ``scores`` and
+    ``weights`` ``[B, h, Lq, L]``, ``output`` ``[B, Lq, D]`` (equal to ``attn(tokens)``, or its row
+    ``query_index``), ``num_heads`` and ``head_dim``.
+    """
+    if attn is None and num_heads is None:
+        raise ValueError("give either attn (a MultiHeadSelfAttention) or num_heads for parameter-free attention")
+    num_heads = attn.num_heads if num_heads is None else num_heads
+    queries, query_formula = tokens, r"Q = X W_Q" if attn is not None else r"Q = X"
+    if query_index is not None:
+        if not 0 <= query_index < tokens.shape[1]:
+            raise ValueError(f"query_index {query_index} is outside the {tokens.shape[1]} tokens (0..{tokens.shape[1] - 1})")
+        queries = tokens[:, query_index:query_index + 1]
+        query_formula = rf"Q = X_{{{query_index}}} W_Q" if attn is not None else rf"Q = X_{{{query_index}}}"
+    result = attention_steps(queries, tokens, num_heads, attn, query_formula)
+    result["steps"].insert(0, _step("tokens", r"X \in \mathbb{R}^{L \times D}", tokens))
+    return {**result, "num_heads": num_heads, "head_dim": tokens.shape[-1] // num_heads}
 
 
 @torch.no_grad()
@@ -157,92 +286,60 @@ def attention_walkthrough(model: nn.Module, x: torch.Tensor, query: tuple[int, i
     at grid cell ``query``); average-pooled models use parameter-free attention of the standardised
     feature tokens (Q = K = V = tokens; query: ``query`` or the most attended cell).
 
-    Returns a dict: ``steps`` (list of ``{"name", "formula", "shape", "sample"}`` in order: tokens →
-    Q, K, V → split heads → scaled scores → softmax → weighted sum → merged → output), ``maps``
-    ``[h, H, W]`` (the query's weights over the grid), ``all_weights`` ``[h, L, L]`` (every token as
-    a query), ``grid`` ``(H, W)``, ``query``, ``num_heads``, ``head_dim`` and ``output`` ``[D]``.
+    Returns a dict: ``steps`` (list of ``{"name", "formula", "shape", "sample", "sample_at"}`` in
+    order: feature map → tokens → Q, K, V → split heads → scaled scores → softmax → weighted sum →
+    merged → output), ``maps`` ``[h, H, W]`` (the query's weights over the grid), ``all_weights``
+    ``[h, L, L]`` (every token as a query), ``grid`` ``(H, W)``, ``query``, ``num_heads``,
+    ``head_dim`` and ``output`` ``[D]`` (for the pooled query: the pool's output).
     """
     feats = model.forward_features(x[:1])
     height, width = feats.shape[-2:]
     num_heads = model.num_heads
     pool = getattr(model.head, "attn_pool", None)
-    steps = [{"name": "feature map", "formula": r"F = \mathrm{backbone}(x)", "shape": list(feats.shape),
-              "sample": _sample(feats)}]
+    steps = [_step("feature map", r"F = \mathrm{backbone}(x)", feats)]
     if pool is not None:
-        tokens = pool.tokens(feats)
-        steps.append({"name": "tokens", "formula": r"X = \mathrm{flatten}(W_p F) + P",
-                      "shape": list(tokens.shape), "sample": _sample(tokens)})
-        attn = pool.attn
-        q_in = pool.pooled_query(tokens) if query is None else None
-        project_q, project_k, project_v, project_out = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
-        q_formula = r"Q = (\bar{X} + q_0) W_Q" if query is None else r"Q = X_{query} W_Q"
+        tokens, attn = pool.tokens(feats), pool.attn
+        steps.append(_step("tokens", r"X = \mathrm{flatten}(W_p F + P)", tokens))
     else:
-        tokens = F.layer_norm(feats.flatten(2).transpose(1, 2), (feats.shape[1],))
-        steps.append({"name": "tokens", "formula": r"X = \mathrm{standardise}(\mathrm{flatten}(F))",
-                      "shape": list(tokens.shape), "sample": _sample(tokens)})
-        q_in = None
-        project_q = project_k = project_v = project_out = nn.Identity()
-        q_formula = r"Q = X_{query}"
-    keys, values = project_k(tokens), project_v(tokens)
-    all_queries = project_q(tokens)
-    all_weights = scaled_dot_product_weights(split_heads(all_queries, num_heads), split_heads(keys, num_heads))[0]
-    if query is None and q_in is None:  # parameter-free: the most attended cell
-        cell = int(all_weights.sum(dim=(0, 1)).argmax())
-        query = (cell // width, cell % width)
-    if q_in is None:
-        row, col = query
-        if not (0 <= row < height and 0 <= col < width):
-            raise ValueError(f"query cell {query} is outside the {height}x{width} feature grid")
-        q_in = tokens[:, row * width + col].unsqueeze(1)
-    q = project_q(q_in)
-    steps.append({"name": "queries, keys, values", "formula": q_formula + r",\; K = X W_K,\; V = X W_V",
-                  "shape": {"Q": list(q.shape), "K": list(keys.shape), "V": list(values.shape)},
-                  "sample": _sample(q)})
-    qh, kh, vh = (split_heads(t, num_heads) for t in (q, keys, values))
-    head_dim = qh.shape[-1]
-    steps.append({"name": "split into heads", "formula": rf"Q_i, K_i, V_i \in \mathbb{{R}}^{{L \times {head_dim}}},\; i = 1..{num_heads}",
-                  "shape": {"Q": list(qh.shape), "K": list(kh.shape), "V": list(vh.shape)}, "sample": _sample(qh)})
-    scores = qh @ kh.transpose(-2, -1) / math.sqrt(head_dim)
-    steps.append({"name": "scaled scores", "formula": rf"S_i = Q_i K_i^T / \sqrt{{{head_dim}}}",
-                  "shape": list(scores.shape), "sample": _sample(scores)})
-    weights = scores.softmax(dim=-1)
-    steps.append({"name": "softmax", "formula": r"A_i = \mathrm{softmax}(S_i)\ \text{(each row sums to 1)}",
-                  "shape": list(weights.shape), "sample": _sample(weights)})
-    mixed = weights @ vh
-    steps.append({"name": "weighted sum", "formula": r"O_i = A_i V_i", "shape": list(mixed.shape),
-                  "sample": _sample(mixed)})
-    merged = merge_heads(mixed)
-    steps.append({"name": "merge heads", "formula": r"O = [O_1, \dots, O_h]", "shape": list(merged.shape),
-                  "sample": _sample(merged)})
-    output = project_out(merged)
-    steps.append({"name": "output", "formula": r"Y = O W_O" if pool is not None else r"Y = O",
-                  "shape": list(output.shape), "sample": _sample(output)})
-    return {"steps": steps, "maps": weights[0, :, 0].unflatten(-1, (height, width)), "all_weights": all_weights,
-            "grid": (int(height), int(width)), "query": query, "num_heads": num_heads, "head_dim": head_dim,
-            "output": output[0, 0]}
+        tokens, attn = standardised_tokens(feats), None
+        steps.append(_step("tokens", r"X = \mathrm{standardise}(\mathrm{flatten}(F))", tokens))
+    all_weights = self_attention_walkthrough(tokens, attn, num_heads)["weights"][0]
+    if query is None and pool is not None:
+        queries, formula = pool.pooled_query(tokens), r"Q = (\bar{X} + q_0) W_Q"
+    else:
+        if query is None:  # parameter-free: the most attended cell, as self_attention_maps
+            query = divmod(int(all_weights.sum(dim=(0, 1)).argmax()), int(width))
+        cell = check_cell(query, (height, width))
+        query = (int(query[0]), int(query[1]))
+        queries = tokens[:, cell:cell + 1]
+        formula = rf"Q = X_{{{cell}}} W_Q" if pool is not None else rf"Q = X_{{{cell}}}"
+    result = attention_steps(queries, tokens, num_heads, attn, formula)
+    return {"steps": steps + result["steps"], "maps": result["weights"][0, :, 0].unflatten(-1, (height, width)),
+            "all_weights": all_weights, "grid": (int(height), int(width)), "query": query,
+            "num_heads": num_heads, "head_dim": tokens.shape[-1] // num_heads, "output": result["output"][0, 0]}
 
 
 def textbook_example(num_tokens: int = 3, width: int = 768, num_heads: int = 12, seed: int = 0) -> dict:
     """The textbook case: ``num_tokens`` random tokens of ``width`` channels through a freshly
-    initialised ``MultiHeadSelfAttention`` with ``num_heads`` heads.
+    initialised ``MultiHeadSelfAttention`` with ``num_heads`` heads (deterministic per ``seed``).
 
-    Returns ``{"tokens": [1, L, D], "weights": [h, L, L], "output": [1, L, D], "shapes": {...}}``.
+    Returns ``tokens`` ``[1, L, D]``, each head's score matrix ``scores`` ``[h, L, L]`` (scaled,
+    before the softmax) and ``weights`` ``[h, L, L]`` (after it), ``output`` ``[1, L, D]``,
+    ``shapes`` (step → shape), ``steps`` (as :func:`self_attention_walkthrough`), ``num_heads`` and
+    ``head_dim``.
     """
     if not (1 <= num_tokens <= 256 and 1 <= width <= 8192 and 1 <= num_heads <= 256):
-        raise ValueError("tokens must be 1..256, width 1..8192 and heads 1..256")
-    if width % num_heads:
-        raise ValueError(f"width {width} must be divisible by the number of heads {num_heads} "
-                         f"(each head gets width / heads channels)")
+        raise ValueError(f"tokens must be 1..256, width 1..8192 and heads 1..256, got {num_tokens}, {width}, {num_heads}")
+    _check_heads(width, num_heads, "width")
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randn(1, num_tokens, width, generator=generator)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         attn = MultiHeadSelfAttention(width, num_heads)
-    with torch.no_grad():
-        output, weights = attn(tokens, return_attention=True)
+    walk = self_attention_walkthrough(tokens, attn)
     d = width // num_heads
     shapes = {"X": [1, num_tokens, width], "Q, K, V": [1, num_tokens, width],
               "split heads": [1, num_heads, num_tokens, d], "scores / softmax": [1, num_heads, num_tokens, num_tokens],
               "weighted sum": [1, num_heads, num_tokens, d], "merged / output": [1, num_tokens, width]}
-    return {"tokens": tokens, "weights": weights[0], "output": output, "shapes": shapes,
-            "num_heads": num_heads, "head_dim": d}
+    return {"tokens": tokens, "scores": walk["scores"][0], "weights": walk["weights"][0], "output": walk["output"],
+            "shapes": shapes, "steps": walk["steps"], "num_heads": num_heads, "head_dim": d}

@@ -42,111 +42,194 @@ def feature_grid(model, x: torch.Tensor | None = None) -> tuple[int, int]:
 
 
 def cell_from_click(xy: tuple[float, float], image_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
-    """A click at pixel ``(x, y)`` of an image of ``(width, height)`` → the ``(row, col)`` grid cell."""
+    """A click at pixel ``(x, y)`` of an image of ``image_size = (width, height)`` → the ``(row, col)``
+    cell of a ``grid = (rows, cols)`` feature grid laid over the whole image (clicks outside are
+    clamped to the nearest cell). The same cells :func:`upsample_nearest` paints."""
     (x, y), (width, height), (rows, cols) = xy, image_size, grid
-    row = min(rows - 1, max(0, int(y * rows / height)))
-    col = min(cols - 1, max(0, int(x * cols / width)))
+    row = min(rows - 1, max(0, int(y * rows // height)))
+    col = min(cols - 1, max(0, int(x * cols // width)))
     return row, col
 
 
-def heatmap(attn: torch.Tensor | np.ndarray, size: tuple[int, int], vmax: float | None = None) -> Image.Image:
-    """A ``[h, w]`` map → RGB heat map of ``size = (width, height)``, nearest-upsampled, scaled to
-    ``[0, vmax]`` (default: the map's max)."""
+def cell_box(cell: tuple[int, int], grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The pixels ``[x0, y0, x1, y1)`` that grid cell ``(row, col)`` covers in an image of
+    ``(width, height)``: exactly the pixels :func:`cell_from_click` maps to that cell."""
+    (row, col), (rows, cols), (width, height) = cell, grid, image_size
+    return (-(-col * width // cols), -(-row * height // rows),
+            -(-(col + 1) * width // cols), -(-(row + 1) * height // rows))
+
+
+def upsample_nearest(values: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A ``[h, w]`` map → ``[height, width]`` for ``size = (width, height)`` by block replication:
+    pixel ``(x, y)`` takes cell ``(y * h // height, x * w // width)``. When the size is a multiple of
+    the grid every cell becomes an equal ``height/h`` x ``width/w`` block (``np.repeat``); otherwise
+    blocks differ by at most one pixel. Grids need not be square."""
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise ValueError(f"expected a [h, w] map, got shape {list(values.shape)}")
+    (width, height), (rows, cols) = size, values.shape
+    return values[(np.arange(height) * rows // height)[:, None], (np.arange(width) * cols // width)[None, :]]
+
+
+def heatmap(attn: torch.Tensor | np.ndarray, size: tuple[int, int], vmax: float | None = None,
+            vmin: float = 0.0, cmap: str = "inferno") -> Image.Image:
+    """A ``[h, w]`` map → RGB heat map of ``size = (width, height)``, nearest-upsampled
+    (:func:`upsample_nearest`), colours scaled from ``vmin`` to ``vmax`` (default: the map's max)."""
     values = np.asarray(attn, dtype=np.float64)
-    top = vmax if vmax is not None else max(float(values.max()), 1e-12)
-    small = Image.fromarray(colormap(values / top))
-    return small.resize(size, Image.NEAREST)
+    top = vmax if vmax is not None else float(values.max())
+    scaled = (values - vmin) / max(top - vmin, 1e-12)
+    return Image.fromarray(colormap(upsample_nearest(scaled, size), cmap))
 
 
 def overlay(image: Image.Image, attn, alpha: float = 0.55, vmax: float | None = None) -> Image.Image:
     """The heat map of ``attn`` ``[h, w]`` alpha-blended over ``image``: ``(1 - alpha) * image + alpha * heat``."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1] (0: only the image, 1: only the heat map), got {alpha}")
     heat = heatmap(attn, image.size, vmax)
     return Image.blend(image.convert("RGB"), heat, alpha)
 
 
-def with_colorbar(image: Image.Image, vmin: float, vmax: float, width: int = 14) -> Image.Image:
-    """``image`` with a vertical colour bar on its right, labelled with the value range."""
-    height = image.height
-    ramp = colormap(np.linspace(1, 0, height)[:, None].repeat(width, 1))
-    label_w = 44
-    canvas = Image.new("RGB", (image.width + width + label_w + 6, height), "white")
-    canvas.paste(image, (0, 0))
-    canvas.paste(Image.fromarray(ramp), (image.width + 4, 0))
-    draw = ImageDraw.Draw(canvas)
-    x = image.width + width + 6
-    draw.text((x, 0), f"{vmax:.3f}", fill="black")
-    draw.text((x, height - 12), f"{vmin:.3f}", fill="black")
+def colorbar(height: int, vmin: float, vmax: float, width: int = 14, cmap: str = "inferno",
+             ticks: int = 3) -> Image.Image:
+    """A vertical colour bar ``height`` pixels tall: ``vmax`` at the top, ``vmin`` at the bottom,
+    with ``ticks`` evenly spaced labelled values (same colour map as :func:`heatmap`)."""
+    label_w = 48
+    ramp = colormap(np.linspace(1, 0, height)[:, None].repeat(width, 1), cmap)
+    bar = Image.new("RGB", (width + 4 + label_w, height), "white")
+    bar.paste(Image.fromarray(ramp), (0, 0))
+    draw = ImageDraw.Draw(bar)
+    for i in range(ticks):
+        frac = i / max(ticks - 1, 1)  # 0 at the top
+        y = round(frac * (height - 1))
+        draw.line([(width, y), (width + 3, y)], fill="black")
+        text_y = min(max(0, y - 5), max(0, height - 11))
+        draw.text((width + 5, text_y), f"{vmax - frac * (vmax - vmin):.3g}", fill="black")
+    return bar
+
+
+def with_colorbar(image: Image.Image, vmin: float, vmax: float, width: int = 14, cmap: str = "inferno") -> Image.Image:
+    """``image`` with a :func:`colorbar` of the value range ``[vmin, vmax]`` on its right."""
+    bar = colorbar(image.height, vmin, vmax, width, cmap)
+    canvas = Image.new("RGB", (image.width + 4 + bar.width, image.height), "white")
+    canvas.paste(image.convert("RGB"), (0, 0))
+    canvas.paste(bar, (image.width + 4, 0))
     return canvas
 
 
-def head_gallery(view: Image.Image, maps: torch.Tensor, alpha: float = 0.55) -> list[tuple[Image.Image, str]]:
+def head_gallery(view: Image.Image, maps: torch.Tensor, alpha: float = 0.55,
+                 shared_scale: bool = False) -> list[tuple[Image.Image, str]]:
     """One overlay per head of ``maps`` ``[h, rows, cols]`` and one of their mean, each with a colour
-    bar and a caption giving the head's peak weight and where it is."""
+    bar and a caption giving the head's peak weight and where it is.
+
+    Each picture is scaled from 0 to its own peak, or to the peak over all heads with
+    ``shared_scale=True`` (then the heads' brightness can be compared).
+    """
     maps = maps.detach().float().cpu()
-    out = []
     entries = [(f"head {i + 1}", maps[i]) for i in range(maps.shape[0])] + [("mean of heads", maps.mean(0))]
+    top = float(maps.max()) if shared_scale else None
+    out = []
     for name, attn in entries:
         peak = float(attn.max())
         row, col = divmod(int(attn.argmax()), attn.shape[1])
-        picture = with_colorbar(overlay(view, attn.numpy(), alpha), 0.0, peak)
+        vmax = top if top is not None else peak
+        picture = with_colorbar(overlay(view, attn.numpy(), alpha, vmax=vmax), 0.0, vmax)
         out.append((picture, f"{name}: peak {peak:.3f} at cell ({row}, {col})"))
     return out
 
 
+def compose_grid(images: list[Image.Image], cols: int | None = None, captions: list[str] | None = None,
+                 pad: int = 6, background: str = "white") -> Image.Image:
+    """Tile ``images`` (any sizes) row by row into one picture, ``cols`` per row (default: about
+    square), each in a cell as large as the largest image, with an optional caption under each."""
+    if not images:
+        raise ValueError("compose_grid needs at least one image")
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"got {len(captions)} captions for {len(images)} images")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    cell_w = max(image.width for image in images)
+    cell_h = max(image.height for image in images) + (14 if captions else 0)
+    canvas = Image.new("RGB", (cols * cell_w + (cols + 1) * pad, rows * cell_h + (rows + 1) * pad), background)
+    draw = ImageDraw.Draw(canvas)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        x, y = pad + c * (cell_w + pad), pad + r * (cell_h + pad)
+        canvas.paste(image.convert("RGB"), (x, y))
+        if captions:
+            draw.text((x, y + image.height + 2), captions[i], fill="black")
+    return canvas
+
+
 def grid_image(view: Image.Image, grid: tuple[int, int], cell: tuple[int, int] | None = None) -> Image.Image:
-    """``view`` with the feature grid drawn on it and the query ``cell`` outlined."""
+    """``view`` with the feature grid drawn on it and the query ``cell`` outlined (the cells are those
+    of :func:`cell_from_click`)."""
     picture = view.convert("RGB").copy()
     draw = ImageDraw.Draw(picture)
     rows, cols = grid
     width, height = picture.size
     for r in range(1, rows):
-        draw.line([(0, r * height / rows), (width, r * height / rows)], fill=(255, 255, 255), width=1)
+        y = cell_box((r, 0), grid, picture.size)[1]
+        draw.line([(0, y), (width, y)], fill=(255, 255, 255), width=1)
     for c in range(1, cols):
-        draw.line([(c * width / cols, 0), (c * width / cols, height)], fill=(255, 255, 255), width=1)
+        x = cell_box((0, c), grid, picture.size)[0]
+        draw.line([(x, 0), (x, height)], fill=(255, 255, 255), width=1)
     if cell is not None:
-        r, c = cell
-        draw.rectangle([c * width / cols, r * height / rows, (c + 1) * width / cols - 1, (r + 1) * height / rows - 1],
-                       outline=(0, 255, 255), width=3)
+        x0, y0, x1, y1 = cell_box(cell, grid, picture.size)
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 255, 255), width=3)
     return picture
 
 
 def matrix_image(matrix: torch.Tensor | np.ndarray, cell_px: int | None = None,
                  highlight_row: int | None = None) -> Image.Image:
-    """A ``[rows, cols]`` matrix as a heat map (each entry a square block) with a colour bar."""
+    """A ``[rows, cols]`` matrix as a heat map (each entry a square block) with a colour bar from
+    ``min(0, min)`` to ``max`` of the values (scores may be negative; weights start at 0)."""
     values = np.asarray(matrix, dtype=np.float64)
     rows, cols = values.shape
     cell_px = cell_px or max(4, min(48, 384 // max(rows, cols)))
-    picture = heatmap(values, (cols * cell_px, rows * cell_px))
+    vmin, vmax = min(0.0, float(values.min())), float(values.max())
+    picture = heatmap(values, (cols * cell_px, rows * cell_px), vmax=vmax, vmin=vmin)
     if highlight_row is not None:
         ImageDraw.Draw(picture).rectangle([0, highlight_row * cell_px, cols * cell_px - 1,
                                            (highlight_row + 1) * cell_px - 1], outline=(0, 255, 255), width=2)
-    return with_colorbar(picture, float(values.min()), float(values.max()))
+    return with_colorbar(picture, vmin, vmax)
 
 
 def score_matrix_image(all_weights: torch.Tensor, query: tuple[int, int] | None = None,
                        grid: tuple[int, int] | None = None) -> Image.Image:
-    """The query-by-key weights ``[h, L, L]`` averaged over heads, the query's row outlined."""
+    """The query-by-key weights ``[h, L, L]`` averaged over heads; with ``query = (row, col)`` and the
+    ``grid = (rows, cols)`` it lives on, that query's row is outlined."""
     mean = all_weights.detach().float().mean(0).cpu().numpy()
     row = None
     if query is not None:
-        cols = grid[1] if grid else int(round(math.sqrt(mean.shape[0])))
-        row = query[0] * cols + query[1]
+        if grid is None:
+            raise ValueError("score_matrix_image needs the feature grid (rows, cols) to find the query's row")
+        row = query[0] * grid[1] + query[1]
     return matrix_image(mean, highlight_row=row)
 
 
-def attention_mass_in_box(maps: torch.Tensor, box: list[float], image_size: tuple[int, int]) -> float:
-    """Fraction of attention (mean over heads if ``maps`` is ``[h, rows, cols]``) that falls inside
-    ``box = [x0, y0, x1, y1]`` of an image of ``(width, height)``, each cell weighted by its overlap."""
-    attn = maps.float().mean(0) if maps.dim() == 3 else maps.float()
+def attention_mass_in_box(maps: torch.Tensor | np.ndarray, box: list[float], image_size: tuple[int, int]) -> float:
+    """Fraction of the attention that falls inside the object's ``box = [x0, y0, x1, y1]`` (pixels) of
+    an image of ``image_size = (width, height)`` over which the ``[h, w]`` grid is laid.
+
+    ``maps`` is ``[h, w]`` or ``[heads, h, w]`` (then the mean over heads). Each cell counts with the
+    fraction of its area inside the box, so a uniform map gives the box's area share: a model that
+    looks at the object scores above ``box area / image area``.
+    """
+    attn = torch.as_tensor(np.asarray(maps) if not isinstance(maps, torch.Tensor) else maps).detach().double().cpu()
+    if attn.dim() == 3:
+        attn = attn.mean(0)
+    if attn.dim() != 2:
+        raise ValueError(f"maps must be [h, w] or [heads, h, w], got shape {list(attn.shape)}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x0 <= x1 and y0 <= y1):
+        raise ValueError(f"box must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1, got {list(box)}")
     rows, cols = attn.shape
     width, height = image_size
-    x0, y0, x1, y1 = box
     ys = torch.arange(rows + 1, dtype=torch.float64) * height / rows
     xs = torch.arange(cols + 1, dtype=torch.float64) * width / cols
-    overlap_y = (torch.minimum(ys[1:], torch.tensor(float(y1))) - torch.maximum(ys[:-1], torch.tensor(float(y0)))).clamp(min=0)
-    overlap_x = (torch.minimum(xs[1:], torch.tensor(float(x1))) - torch.maximum(xs[:-1], torch.tensor(float(x0)))).clamp(min=0)
-    share = (overlap_y[:, None] / (height / rows)) * (overlap_x[None, :] / (width / cols))
-    return float((attn.double() * share).sum() / attn.double().sum())
+    overlap_y = (ys[1:].clamp(max=y1) - ys[:-1].clamp(min=y0)).clamp(min=0) / (height / rows)
+    overlap_x = (xs[1:].clamp(max=x1) - xs[:-1].clamp(min=x0)).clamp(min=0) / (width / cols)
+    return float((attn * overlap_y[:, None] * overlap_x[None, :]).sum() / attn.sum())
 
 
 def _shape(shape) -> str:
@@ -167,11 +250,14 @@ def walkthrough_markdown(walk: dict) -> str:
     return "\n".join(lines)
 
 
-def textbook_gallery(example: dict) -> list[tuple[Image.Image, str]]:
-    """One score-matrix heat map per head of ``attention.textbook_example``."""
-    weights = example["weights"]
-    return [(matrix_image(weights[i]), f"head {i + 1}: softmax(Q Kᵀ / √{example['head_dim']})")
-            for i in range(weights.shape[0])]
+def textbook_gallery(example: dict, which: str = "weights") -> list[tuple[Image.Image, str]]:
+    """One heat map per head of ``attention.textbook_example``: its softmax ``weights`` (default) or
+    its scaled ``scores`` before the softmax, each ``[L, L]`` (row = query, column = key)."""
+    if which not in ("weights", "scores"):
+        raise ValueError(f"which must be 'weights' or 'scores', got {which!r}")
+    matrices, d = example[which], example["head_dim"]
+    formula = f"softmax(Q Kᵀ / √{d})" if which == "weights" else f"Q Kᵀ / √{d}"
+    return [(matrix_image(matrices[i]), f"head {i + 1}: {formula}") for i in range(matrices.shape[0])]
 
 
 def textbook_markdown(example: dict) -> str:

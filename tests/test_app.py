@@ -148,19 +148,18 @@ def test_attention_from_a_clicked_cell(predictor, photo):
     pooled = app.attention(predictor, str(photo), app.POOLED)
     cell = app.attention(predictor, str(photo), app.CELL, 1, 0)
     assert cell[2] != pooled[2]
-    with pytest.raises(gr.Error, match="outside the 2x2 feature grid"):
-        app.attention(predictor, str(photo), app.CELL, 5, 0)
+    for row, col in ((5, 0), (0, -1), ("x", 0), (None, 1)):
+        with pytest.raises(gr.Error, match="outside the 2x2 feature grid"):
+            app.attention(predictor, str(photo), app.CELL, row, col)
 
 
-def test_click_on_the_grid_image_picks_that_cell(predictor, photo):
+def test_click_on_the_grid_picture_picks_that_cell(predictor, photo):
     *_, grid = app.attention(predictor, str(photo), app.POOLED)
-    path = photo.parent / "grid.png"
-    grid.save(path)
-    width, height = grid.size
-    click = gr.SelectData(None, {"index": [int(width * 0.9), int(height * 0.2)], "value": None})
-    assert app.pick_cell(predictor, {"path": str(path)}, click) == (app.CELL, 0, 1)
-    click = gr.SelectData(None, {"index": [0, height - 1], "value": None})
-    assert app.pick_cell(predictor, str(path), click) == (app.CELL, 1, 0)
+    assert grid.size == (app.VIEW_PX, app.VIEW_PX)  # the picture the clicks are measured on
+    top_right = gr.SelectData(None, {"index": [app.VIEW_PX - 1, app.VIEW_PX // 4], "value": None})
+    assert app.pick_cell(predictor, top_right) == (app.CELL, 0, 1)
+    bottom_left = gr.SelectData(None, {"index": [0, app.VIEW_PX - 1], "value": None})
+    assert app.pick_cell(predictor, bottom_left) == (app.CELL, 1, 0)
 
 
 def test_playground_textbook_example(predictor):

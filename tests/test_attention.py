@@ -1,15 +1,23 @@
+"""effnetv2.attention: the multi-head attention module against PyTorch's, and the walk-throughs."""
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from effnetv2 import EfficientNetV2, viz
-from effnetv2.attention import (MultiHeadSelfAttention, attention_walkthrough, merge_heads, self_attention_maps,
-                                split_heads, textbook_example)
+from effnetv2 import EfficientNetV2
+from effnetv2.attention import (MultiHeadSelfAttention, attention_walkthrough, check_cell, merge_heads,
+                                self_attention_maps, self_attention_walkthrough, split_heads, standardised_tokens,
+                                textbook_example)
+
+STEP_NAMES = ["queries, keys, values", "split into heads", "scaled scores", "softmax", "weighted sum",
+              "merge heads", "output"]
 
 
 def _pair(dim=32, heads=4):
+    """Our module (with non-zero biases) and ``nn.MultiheadAttention`` holding the same weights."""
     ours = MultiHeadSelfAttention(dim, heads)
+    with torch.no_grad():
+        for linear in (ours.q_proj, ours.k_proj, ours.v_proj, ours.out_proj):
+            linear.bias.normal_()
     ref = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
     with torch.no_grad():
         ref.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight]))
@@ -19,14 +27,26 @@ def _pair(dim=32, heads=4):
     return ours.eval(), ref.eval()
 
 
-def test_split_merge_round_trip():
+def test_split_merge_round_trip_exactly():
     x = torch.randn(2, 5, 24)
     heads = split_heads(x, 3)
     assert heads.shape == (2, 3, 5, 8)
-    assert torch.equal(heads[:, 1], x[:, :, 8:16])  # head i holds channels i*d..(i+1)*d-1
+    for i in range(3):  # head i holds channels i*d .. (i+1)*d - 1
+        assert torch.equal(heads[:, i], x[:, :, 8 * i:8 * (i + 1)])
     assert torch.equal(merge_heads(heads), x)
-    with pytest.raises(ValueError, match="divisible"):
-        split_heads(x, 5)
+    h = torch.randn(3, 6, 7, 5)
+    assert torch.equal(split_heads(merge_heads(h), 6), h)
+
+
+def test_widths_that_heads_do_not_divide_are_refused():
+    with pytest.raises(ValueError, match=r"width 24 is not divisible by num_heads=5.*\[1, 2, 3, 4, 6, 8, 12, 24\]"):
+        split_heads(torch.randn(1, 2, 24), 5)
+    with pytest.raises(ValueError, match="dim 30 is not divisible by num_heads=4"):
+        MultiHeadSelfAttention(30, 4)
+    with pytest.raises(ValueError, match="positive integer"):
+        MultiHeadSelfAttention(32, 0)
+    with pytest.raises(ValueError, match="tokens \\[B, L, D\\]"):
+        split_heads(torch.randn(2, 24), 4)
 
 
 def test_equals_torch_multihead_attention():
@@ -35,10 +55,14 @@ def test_equals_torch_multihead_attention():
     out, weights = ours(x, return_attention=True)
     ref_out, ref_weights = ref(x, x, x, average_attn_weights=False)
     assert weights.shape == (3, 4, 7, 7)
-    assert torch.allclose(out, ref_out, atol=1e-6)
-    assert torch.allclose(weights, ref_weights, atol=1e-6)
-    assert torch.allclose(weights.sum(-1), torch.ones(3, 4, 7), atol=1e-6)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
     assert torch.equal(ours(x), out)
+    # the gradients flow the same way too
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours(x1).square().sum().backward()
+    ref(x2, x2, x2)[0].square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_equals_scaled_dot_product_attention():
@@ -46,105 +70,139 @@ def test_equals_scaled_dot_product_attention():
     x = torch.randn(2, 6, 32)
     q, k, v = (split_heads(p(x), 4) for p in (ours.q_proj, ours.k_proj, ours.v_proj))
     expected = ours.out_proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
-    assert torch.allclose(ours(x), expected, atol=1e-6)
+    torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_of_the_weights_sum_to_one():
+    ours, _ = _pair(48, 6)
+    _, weights = ours(torch.randn(2, 9, 48) * 5, return_attention=True)
+    assert torch.all(weights >= 0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 6, 9))
 
 
 def test_key_padding_mask():
     ours, ref = _pair()
     x = torch.randn(2, 6, 32)
-    mask = torch.zeros(2, 6, dtype=torch.bool)
-    mask[:, 4:] = True
+    lengths = [4, 6]  # the first sequence is padded with two tokens
+    mask = torch.arange(6)[None, :] >= torch.tensor(lengths)[:, None]  # True = padding
     out, weights = ours(x, return_attention=True, key_padding_mask=mask)
-    assert torch.all(weights[..., 4:] == 0)
-    ref_out, _ = ref(x, x, x, key_padding_mask=mask)
-    assert torch.allclose(out, ref_out, atol=1e-6)
-    short = ours.attend(x[:, :4], x[:, :4])[0]
-    assert torch.allclose(out[:, :4], short, atol=1e-6)
+    assert torch.all(weights[0, ..., 4:] == 0) and torch.all(weights[1] > 0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 6))
+    ref_out, ref_weights = ref(x, x, x, key_padding_mask=mask, average_attn_weights=False)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+    for i, length in enumerate(lengths):  # real tokens see exactly what the unpadded sequence gives
+        short = ours(x[i:i + 1, :length])
+        torch.testing.assert_close(out[i:i + 1, :length], short, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="key_padding_mask must be a bool tensor"):
+        ours(x, key_padding_mask=mask.float())
 
 
-def test_attention_pool_runs_at_other_sizes_and_round_trips(tmp_path):
-    model = EfficientNetV2("b0", num_classes=3, pool="attention", num_heads=4, attn_dim=64).eval()
-    assert model.head.attn_pool.pos_embed.shape == (1, 64, 7, 7)
-    for size in [(64, 64), (96, 160)]:
-        x = torch.randn(2, 3, *size)
-        assert model(x).shape == (2, 3)
-        maps = model.attention_maps(x)
-        grid = viz.feature_grid(model, x)
-        assert maps.shape == (2, 4, *grid)
-        assert torch.allclose(maps.sum((-2, -1)), torch.ones(2, 4), atol=1e-5)
-    model.save_pretrained(tmp_path)
-    loaded = EfficientNetV2.from_pretrained(tmp_path)
-    x = torch.randn(1, 3, 96, 64)
-    assert torch.equal(loaded(x), model(x))
-    pool_state = {k: v.clone() for k, v in model.head.attn_pool.state_dict().items()}
-    model.reset_classifier(7)
-    assert all(torch.equal(pool_state[k], v) for k, v in model.head.attn_pool.state_dict().items())
-    assert model(x).shape == (1, 7)
+def test_self_attention_walkthrough_matches_the_module():
+    ours, _ = _pair(48, 6)
+    x = torch.randn(2, 5, 48)
+    walk = self_attention_walkthrough(x, ours)
+    expected, weights = ours(x, return_attention=True)
+    torch.testing.assert_close(walk["output"], expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(walk["weights"], weights)
+    torch.testing.assert_close(walk["scores"].softmax(-1), weights)
+    assert [s["name"] for s in walk["steps"]] == ["tokens"] + STEP_NAMES
+    shapes = {s["name"]: s["shape"] for s in walk["steps"]}
+    assert shapes["tokens"] == [2, 5, 48]
+    assert shapes["queries, keys, values"] == {"Q": [2, 5, 48], "K": [2, 5, 48], "V": [2, 5, 48]}
+    assert shapes["split into heads"]["V"] == [2, 6, 5, 8]
+    assert shapes["scaled scores"] == shapes["softmax"] == [2, 6, 5, 5]
+    assert shapes["weighted sum"] == [2, 6, 5, 8]
+    assert shapes["merge heads"] == shapes["output"] == [2, 5, 48]
+    softmax = next(s for s in walk["steps"] if s["name"] == "softmax")
+    assert softmax["sample"] == [round(float(v), 4) for v in weights.detach()[0, 0, 0, :4]]
+    assert softmax["sample_at"] == "[0, 0, 0, :4]"
+    one = self_attention_walkthrough(x, ours, query_index=3)
+    torch.testing.assert_close(one["output"], expected[:, 3:4], atol=1e-6, rtol=1e-5)
+    assert one["weights"].shape == (2, 6, 1, 5)
+    with pytest.raises(ValueError, match="query_index 5 is outside the 5 tokens"):
+        self_attention_walkthrough(x, ours, query_index=5)
 
 
-def test_attention_maps_query_cell_and_errors():
-    model = EfficientNetV2("b0", num_classes=3, pool="attention", num_heads=4, attn_dim=64).eval()
-    avg = EfficientNetV2("b0", num_classes=3, num_heads=8).eval()
-    x = torch.randn(1, 3, 64, 96)  # grid 2 x 3
-    for m, heads in ((model, 4), (avg, 8)):
-        maps = m.attention_maps(x, query=(1, 2))
-        assert maps.shape == (1, heads, 2, 3)
-        assert torch.allclose(maps.sum((-2, -1)), torch.ones(1, heads), atol=1e-5)
-        with pytest.raises(ValueError, match="outside the 2x3 feature grid"):
-            m.attention_maps(x, query=(2, 0))
-    # parameter-free maps from a cell equal a hand computation
-    feats = avg.forward_features(x)
-    tokens = F.layer_norm(feats.flatten(2).transpose(1, 2), (feats.shape[1],))
-    heads = split_heads(tokens, 8)
-    q = heads[:, :, 1 * 3 + 2 : 1 * 3 + 3]
-    expected = (q @ heads.transpose(-2, -1) / (heads.shape[-1] ** 0.5)).softmax(-1)[:, :, 0].reshape(1, 8, 2, 3)
-    assert torch.allclose(avg.attention_maps(x, query=(1, 2)), expected, atol=1e-5)
-    assert torch.allclose(self_attention_maps(feats, 8, (1, 2)), expected, atol=1e-5)
+def test_parameter_free_walkthrough_is_plain_softmax_attention():
+    x = torch.randn(1, 4, 12)
+    walk = self_attention_walkthrough(x, num_heads=3)
+    heads = split_heads(x, 3)
+    expected = merge_heads(F.scaled_dot_product_attention(heads, heads, heads))
+    torch.testing.assert_close(walk["output"], expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="num_heads"):
+        self_attention_walkthrough(x)
 
 
-def test_walkthrough_matches_the_module():
-    model = EfficientNetV2("b0", num_classes=3, pool="attention", num_heads=4, attn_dim=64).eval()
-    x = torch.randn(1, 3, 64, 96)
+def test_query_cells_are_checked_against_the_grid():
+    assert check_cell((1, 2), (2, 3)) == 5 and check_cell((0, 0), (1, 1)) == 0
+    with pytest.raises(ValueError, match=r"outside the 2x3 feature grid: use a row in 0..1 and a column in 0..2"):
+        check_cell((0, 3), (2, 3))
+    with pytest.raises(ValueError, match=r"\(row, col\) pair"):
+        check_cell("centre", (2, 3))
+    feats = torch.randn(1, 8, 2, 3)
+    with pytest.raises(ValueError, match="outside the 2x3 feature grid"):
+        self_attention_maps(feats, 2, query=(-1, 0))
+
+
+def _walk_model(pool):
+    model = EfficientNetV2("b0", num_classes=3, pool=pool, num_heads=4, attn_dim=64 if pool == "attention" else None)
+    for bn in model.modules():  # BatchNorm statistics of real activations, so eval features are not ~0
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.momentum = None
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 64, 96))
+    return model.eval()
+
+
+def test_model_walkthrough_matches_the_attention_pool():
+    model = _walk_model("attention")
+    x = torch.randn(1, 3, 64, 96)  # feature grid 2 x 3
     walk = attention_walkthrough(model, x)
     with torch.no_grad():
         pooled = model.head.attn_pool(model.forward_features(x))
-    assert torch.allclose(walk["output"], pooled[0], atol=1e-6)
-    assert torch.allclose(walk["maps"], model.attention_maps(x)[0], atol=1e-6)
-    names = [s["name"] for s in walk["steps"]]
-    assert names == ["feature map", "tokens", "queries, keys, values", "split into heads", "scaled scores",
-                     "softmax", "weighted sum", "merge heads", "output"]
+    torch.testing.assert_close(walk["output"], pooled[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(walk["maps"], model.attention_maps(x)[0])
+    assert [s["name"] for s in walk["steps"]] == ["feature map", "tokens"] + STEP_NAMES
     shapes = {s["name"]: s["shape"] for s in walk["steps"]}
-    assert shapes["tokens"] == [1, 6, 64] and shapes["scaled scores"] == [1, 4, 1, 6]
-    assert shapes["split into heads"]["K"] == [1, 4, 6, 16]
-    assert walk["all_weights"].shape == (4, 6, 6)
+    assert shapes["feature map"] == [1, 1280, 2, 3] and shapes["tokens"] == [1, 6, 64]
+    assert shapes["queries, keys, values"] == {"Q": [1, 1, 64], "K": [1, 6, 64], "V": [1, 6, 64]}
+    assert shapes["split into heads"]["K"] == [1, 4, 6, 16] and shapes["scaled scores"] == [1, 4, 1, 6]
+    assert shapes["output"] == [1, 1, 64]
+    assert walk["all_weights"].shape == (4, 6, 6) and walk["grid"] == (2, 3) and walk["query"] is None
     cell = attention_walkthrough(model, x, query=(0, 2))
-    assert torch.allclose(cell["maps"], model.attention_maps(x, query=(0, 2))[0], atol=1e-6)
+    torch.testing.assert_close(cell["maps"], model.attention_maps(x, query=(0, 2))[0])
+    torch.testing.assert_close(cell["all_weights"][:, 2], cell["maps"].flatten(1))  # the query's row
+    with pytest.raises(ValueError, match="outside the 2x3 feature grid"):
+        attention_walkthrough(model, x, query=(2, 0))
+
+
+def test_model_walkthrough_for_average_pooled_models():
+    model = _walk_model("avg")
+    x = torch.randn(1, 3, 96, 64)  # feature grid 3 x 2
+    walk = attention_walkthrough(model, x)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+    torch.testing.assert_close(walk["maps"], self_attention_maps(feats, 4)[0])
+    row, col = walk["query"]
+    tokens = standardised_tokens(feats)
+    torch.testing.assert_close(walk["output"], self_attention_walkthrough(tokens, num_heads=4)["output"][0, row * 2 + col])
+    assert walk["grid"] == (3, 2) and walk["head_dim"] == 320
 
 
 def test_textbook_example():
     example = textbook_example(3, 768, 12)
-    assert example["weights"].shape == (12, 3, 3) and example["head_dim"] == 64
-    assert torch.allclose(example["weights"].sum(-1), torch.ones(12, 3), atol=1e-6)
+    assert example["scores"].shape == example["weights"].shape == (12, 3, 3) and example["head_dim"] == 64
+    torch.testing.assert_close(example["scores"].softmax(-1), example["weights"])
+    torch.testing.assert_close(example["weights"].sum(-1), torch.ones(12, 3))
     assert example["output"].shape == (1, 3, 768)
+    torch.manual_seed(0)  # the example's module is built from the seed alone
+    attn = MultiHeadSelfAttention(768, 12)
+    torch.testing.assert_close(example["output"], attn(example["tokens"]), atol=1e-5, rtol=1e-5)
+    assert torch.equal(textbook_example(3, 768, 12)["scores"], example["scores"])
+    small = textbook_example(5, 64, 4, seed=1)
+    assert small["weights"].shape == (4, 5, 5) and small["shapes"]["split heads"] == [1, 4, 5, 16]
     with pytest.raises(ValueError, match="divisible"):
         textbook_example(3, 770, 12)
-
-
-def test_viz_helpers():
-    maps = torch.zeros(2, 2, 3)
-    maps[0, 1, 2] = 1.0  # head 1 looks at the bottom-right cell
-    maps[1] = 1 / 6
-    view = Image.new("RGB", (90, 60), (0, 0, 0))
-    heat = viz.heatmap(maps[0], view.size)
-    pixels = heat.load()
-    assert heat.size == (90, 60)
-    assert sum(pixels[80, 50]) > sum(pixels[10, 10])  # brightest where the weight is
-    blended = viz.overlay(view, maps[0].numpy(), alpha=0.5)
-    assert blended.getpixel((80, 50)) == tuple(v // 2 for v in heat.getpixel((80, 50)))
-    gallery = viz.head_gallery(view, maps)
-    assert [c.split(":")[0] for _, c in gallery] == ["head 1", "head 2", "mean of heads"]
-    assert "peak 1.000 at cell (1, 2)" in gallery[0][1]
-    assert viz.cell_from_click((89, 59), (90, 60), (2, 3)) == (1, 2)
-    assert viz.cell_from_click((31, 29), (90, 60), (2, 3)) == (0, 1)
-    assert viz.attention_mass_in_box(maps[0], [60, 30, 90, 60], (90, 60)) == pytest.approx(1.0)
-    assert viz.attention_mass_in_box(maps[1], [0, 0, 45, 60], (90, 60)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="tokens must be 1..256"):
+        textbook_example(0, 768, 12)

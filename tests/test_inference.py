@@ -64,9 +64,10 @@ def test_fused_model_equals_eager(kwargs):
         feats, logits = model.forward_features(x), model(x)
         xc = x.contiguous(memory_format=torch.channels_last)
         fused_feats, fused_logits = fused.forward_features(xc), fused(xc)
-    assert logits.abs().max() > 0.5 and logits.std(dim=0).mean() > 0.05  # a scale where errors show
-    # Features reach ~50 here; float32 rounding of eager itself is ~1e-4 at that scale, so relative.
-    assert (fused_feats - feats).abs().max() < 1e-5 * feats.abs().max()
+    assert logits.abs().max() > 0.3 and logits.std(dim=0).mean() > 0.05  # a scale where errors show
+    # Features reach ~30 here and folding reorders float32 sums (~1e-5 of the scale); a wrong fold
+    # gives errors of the features' own order.
+    assert (fused_feats - feats).abs().max() < 1e-4 * feats.abs().max()
     assert (fused_logits - logits).abs().max() < 1e-4
     assert relative_error(fused_logits, logits) < 1e-5
 

@@ -45,34 +45,36 @@ def test_find_images(images, tmp_path):
     assert missing == [(str(tmp_path / "nope.jpg"), "no such file or folder")]
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
-def test_predict_cli_writes_results_in_order_and_skips_bad_files(model_dir, images, tmp_path, capsys, suffix,
-                                                                 monkeypatch):
+def read_results(path):
+    """``[(path, [(label, probability), ...]), ...]`` from a .jsonl or .csv written by the CLI."""
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        return [(r["path"], [(p["label"], p["probability"]) for p in r["predictions"]]) for r in records]
+    with path.open() as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in table] == [1, 2, 3] * (len(table) // 3)
+    return [(name, [(r["label"], float(r["probability"])) for r in table if r["path"] == name])
+            for name in dict.fromkeys(r["path"] for r in table)]
+
+
+def test_predict_cli_writes_results_in_order_and_skips_bad_files(model_dir, images, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("EFFNETV2_CACHE", str(tmp_path / "cache"))
     root, files = images
     good = [f for f in files if not f.endswith("broken.jpg")]
-    out = tmp_path / f"preds{suffix}"
-    code = main(["--model", str(model_dir), str(root), "--top-k", "3", "--batch-size", "2", "--workers", "3",
-                 "--backend", "torch", "--output", str(out)])
-    assert code == 0
-    err = capsys.readouterr().err
-    assert "skipped 1 file" in err and "broken.jpg" in err and err.count("warning:") == 1
-    if suffix == ".jsonl":
-        records = [json.loads(line) for line in out.read_text().splitlines()]
-        rows = [(r["path"], [(p["label"], p["probability"]) for p in r["predictions"]]) for r in records]
-    else:
-        with out.open() as f:
-            table = list(csv.DictReader(f))
-        assert [int(r["rank"]) for r in table] == [1, 2, 3] * len(good)
-        rows = [(path, [(r["label"], float(r["probability"])) for r in table if r["path"] == path])
-                for path in dict.fromkeys(r["path"] for r in table)]
-    assert [path for path, _ in rows] == good  # input order, bad file left out
-    predictor = Predictor(str(model_dir), backend="torch")
-    expected = predictor.predict(good, top_k=3)
-    for (_, top), want in zip(rows, expected):
-        assert [label for label, _ in top] == [label for label, _ in want]
-        assert [p for _, p in top] == pytest.approx([p for _, p in want], abs=1e-5)
-        assert all(label.startswith("class_") for label, _ in top)
+    expected = Predictor(str(model_dir), backend="torch").predict(good, top_k=3)
+    for suffix in (".jsonl", ".csv"):
+        out = tmp_path / f"preds{suffix}"
+        code = main(["--model", str(model_dir), str(root), "--top-k", "3", "--batch-size", "2", "--workers", "3",
+                     "--backend", "torch", "--output", str(out)])
+        assert code == 0
+        err = capsys.readouterr().err
+        assert "skipped 1 file" in err and "broken.jpg" in err and err.count("warning:") == 1
+        rows = read_results(out)
+        assert [path for path, _ in rows] == good  # input order, the bad file left out
+        for (_, top), want in zip(rows, expected):
+            assert [label for label, _ in top] == [label for label, _ in want]
+            assert [p for _, p in top] == pytest.approx([p for _, p in want], abs=1e-5)
+            assert all(label.startswith("class_") for label, _ in top)
 
 
 def test_predict_cli_table_and_errors(model_dir, images, tmp_path, capsys, monkeypatch):

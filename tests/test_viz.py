@@ -1,0 +1,144 @@
+"""effnetv2.viz: heat maps, colour bars, overlays, galleries, click → cell, attention mass in a box."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from effnetv2 import viz
+
+
+def _brightness(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float64).sum(-1)
+
+
+def test_upsample_is_block_replication_on_non_square_grids():
+    values = np.arange(6.0).reshape(2, 3)
+    big = viz.upsample_nearest(values, (90, 40))  # (width, height)
+    assert big.shape == (40, 90)
+    assert np.array_equal(big, np.repeat(np.repeat(values, 20, axis=0), 30, axis=1))
+    uneven = viz.upsample_nearest(values, (7, 5))  # blocks differ by at most one pixel
+    assert uneven.shape == (5, 7)
+    for (row, col), value in np.ndenumerate(values):
+        x0, y0, x1, y1 = viz.cell_box((row, col), (2, 3), (7, 5))
+        assert np.all(uneven[y0:y1, x0:x1] == value)
+    boxes = [viz.cell_box((r, c), (2, 3), (7, 5)) for r in range(2) for c in range(3)]
+    assert sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes) == 7 * 5  # the cells tile the image
+    with pytest.raises(ValueError, match=r"\[h, w\] map"):
+        viz.upsample_nearest(np.zeros((2, 2, 2)), (4, 4))
+
+
+def test_heatmap_is_brightest_where_the_attention_is():
+    maps = torch.full((3, 5), 0.01)
+    maps[2, 1] = 0.9  # bottom row, second column
+    heat = viz.heatmap(maps, (100, 60))
+    assert heat.size == (100, 60) and heat.mode == "RGB"
+    bright = _brightness(heat)
+    y, x = np.unravel_index(bright.argmax(), bright.shape)
+    assert viz.cell_from_click((x, y), heat.size, (3, 5)) == (2, 1)
+    x0, y0, x1, y1 = viz.cell_box((2, 1), (3, 5), heat.size)
+    assert np.all(bright[y0:y1, x0:x1] == bright.max())  # the whole cell, one block
+    assert np.all(np.delete(bright, np.s_[y0:y1], axis=0) < bright.max())
+    # values are scaled to [0, vmax]: the same map with a larger vmax is darker
+    assert _brightness(viz.heatmap(maps, (100, 60), vmax=2.0)).max() < bright.max()
+
+
+def test_overlay_blends_with_alpha():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    maps = np.random.default_rng(1).random((2, 3))
+    heat = np.asarray(viz.heatmap(maps, image.size), dtype=np.float64)
+    for alpha in (0.0, 0.3, 1.0):
+        blended = np.asarray(viz.overlay(image, maps, alpha=alpha), dtype=np.float64)
+        expected = (1 - alpha) * np.asarray(image, dtype=np.float64) + alpha * heat
+        assert np.abs(blended - expected).max() <= 1.0  # uint8 rounding only
+    with pytest.raises(ValueError, match="alpha must be in"):
+        viz.overlay(image, maps, alpha=1.5)
+
+
+def test_colorbar_shows_the_scale():
+    bar = viz.colorbar(100, 0.0, 0.5)
+    pixels = _brightness(bar)[:, 2]  # a column inside the colour ramp
+    assert bar.height == 100 and pixels[0] > pixels[50] > pixels[99]  # high values bright, at the top
+    picture = viz.with_colorbar(Image.new("RGB", (80, 100), "red"), 0.0, 0.5)
+    assert picture.size == (80 + 4 + bar.width, 100)
+    assert picture.getpixel((10, 10)) == (255, 0, 0)
+    labels = _brightness(bar)[:, 20:]  # the tick labels: dark text on white, saying the values
+    assert labels.min() < 300
+    assert not np.array_equal(labels, _brightness(viz.colorbar(100, 0.0, 0.9))[:, 20:])
+
+
+def test_head_gallery_has_each_head_and_the_mean():
+    maps = torch.zeros(2, 2, 3)
+    maps[0, 1, 2] = 1.0  # head 1 looks at the bottom-right cell
+    maps[1] = 1 / 6
+    view = Image.new("RGB", (90, 60), (0, 0, 0))
+    gallery = viz.head_gallery(view, maps)
+    assert [c.split(":")[0] for _, c in gallery] == ["head 1", "head 2", "mean of heads"]
+    assert "peak 1.000 at cell (1, 2)" in gallery[0][1] and "peak 0.167" in gallery[1][1]
+    assert "peak 0.583 at cell (1, 2)" in gallery[2][1]
+    first = gallery[0][0]
+    assert first.height == 60 and first.width > 90  # the overlay plus its colour bar
+    assert sum(first.getpixel((80, 50))) > sum(first.getpixel((10, 10)))
+    shared = viz.head_gallery(view, maps, shared_scale=True)
+    assert sum(shared[1][0].getpixel((10, 10))) < sum(gallery[1][0].getpixel((10, 10)))  # 1/6 of the top
+
+
+def test_compose_grid_tiles_images_with_captions():
+    images = [Image.new("RGB", (30, 20), colour) for colour in ("red", "green", "blue")]
+    sheet = viz.compose_grid(images, cols=2, captions=["a", "b", "c"], pad=5)
+    assert sheet.size == (2 * 30 + 3 * 5, 2 * (20 + 14) + 3 * 5)
+    assert sheet.getpixel((5, 5)) == (255, 0, 0)
+    assert sheet.getpixel((5 + 30 + 5, 5)) == (0, 128, 0)
+    assert sheet.getpixel((5, 5 + 34 + 5)) == (0, 0, 255)
+    assert viz.compose_grid(images).size[0] == 2 * 30 + 3 * 6  # about square: 2 columns for 3
+    with pytest.raises(ValueError, match="2 captions for 3 images"):
+        viz.compose_grid(images, captions=["a", "b"])
+
+
+def test_click_to_cell_on_non_square_grids():
+    # 90 x 60 image, 2 rows x 3 columns: each cell is 30 x 30 pixels
+    assert viz.cell_from_click((0, 0), (90, 60), (2, 3)) == (0, 0)
+    assert viz.cell_from_click((29.9, 29.9), (90, 60), (2, 3)) == (0, 0)
+    assert viz.cell_from_click((30, 29), (90, 60), (2, 3)) == (0, 1)
+    assert viz.cell_from_click((89, 59), (90, 60), (2, 3)) == (1, 2)
+    assert viz.cell_from_click((500, -5), (90, 60), (2, 3)) == (0, 2)  # outside: clamped
+    # a tall grid on a wide picture: 4 rows x 1 column over 50 x 20 pixels
+    assert [viz.cell_from_click((49, y), (50, 20), (4, 1)) for y in (0, 5, 10, 19)] == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    # every pixel of a cell's box maps back to that cell
+    for cell in [(0, 0), (1, 2), (2, 4)]:
+        x0, y0, x1, y1 = viz.cell_box(cell, (3, 5), (101, 67))
+        assert {viz.cell_from_click((x, y), (101, 67), (3, 5)) for x in (x0, x1 - 1) for y in (y0, y1 - 1)} == {cell}
+
+
+def test_grid_image_outlines_the_query_cell():
+    picture = viz.grid_image(Image.new("RGB", (90, 60)), (2, 3), (1, 2))
+    assert picture.getpixel((60, 30)) == (0, 255, 255) and picture.getpixel((89, 59)) == (0, 255, 255)
+    assert picture.getpixel((45, 15)) == (0, 0, 0)
+    assert picture.getpixel((30, 15)) == (255, 255, 255)  # a grid line
+
+
+def test_matrix_images_and_score_matrix():
+    weights = torch.softmax(torch.randn(4, 6, 6), -1)
+    picture = viz.score_matrix_image(weights, query=(1, 0), grid=(2, 3))
+    assert picture.height == 6 * 48
+    with pytest.raises(ValueError, match="feature grid"):
+        viz.score_matrix_image(weights, query=(1, 0))
+    example = {"weights": weights, "scores": torch.randn(4, 6, 6), "head_dim": 16}
+    assert [c for _, c in viz.textbook_gallery(example, "scores")][0] == "head 1: Q Kᵀ / √16"
+    assert len(viz.textbook_gallery(example)) == 4
+
+
+def test_attention_mass_in_box():
+    maps = torch.zeros(2, 2, 3)
+    maps[0, 1, 2] = 1.0
+    maps[1] = 1 / 6
+    assert viz.attention_mass_in_box(maps[0], [60, 30, 90, 60], (90, 60)) == pytest.approx(1.0)
+    assert viz.attention_mass_in_box(maps[0], [0, 0, 60, 60], (90, 60)) == pytest.approx(0.0)
+    assert viz.attention_mass_in_box(maps[0], [75, 45, 90, 60], (90, 60)) == pytest.approx(0.25)  # quarter cell
+    # a uniform map gives the box's area share, whatever the box
+    for box in ([0, 0, 45, 60], [10, 7, 33, 51], [0, 0, 90, 60]):
+        share = (box[2] - box[0]) * (box[3] - box[1]) / (90 * 60)
+        assert viz.attention_mass_in_box(maps[1], box, (90, 60)) == pytest.approx(share)
+    # [heads, h, w]: the mean over heads; numpy works too
+    assert viz.attention_mass_in_box(maps.numpy(), [60, 30, 90, 60], (90, 60)) == pytest.approx((1 + 1 / 6) / 2)
+    with pytest.raises(ValueError, match="x0 <= x1"):
+        viz.attention_mass_in_box(maps[0], [50, 0, 10, 10], (90, 60))
