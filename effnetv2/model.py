@@ -179,6 +179,8 @@ class EfficientNetV2(
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
+        if self.head.attn_pool is not None:  # its own scale-preserving init (see AttentionPool2d)
+            self.head.attn_pool.reset_parameters()
 
     @property
     def config(self) -> dict:
