@@ -53,7 +53,7 @@ from effnetv2.configs import VARIANTS
 from effnetv2.data import (DatasetError, ImageFolderDataset, check_images, report_bad_files, save_class_indices,
                            scan_folder, split_samples, write_split)
 from effnetv2.ema import ModelEma
-from effnetv2.hub import read_state_dict
+from effnetv2.hub import card_upload_patterns, read_state_dict
 from effnetv2.progressive import Stage, progressive_plan, stage_for_epoch
 from effnetv2.schedule import cosine_schedule, optimizer_steps_per_epoch
 from effnetv2.training import (HEAD_PREFIX, average_buffers, backbone_batchnorm_eval, build_model, confusion_matrix,
@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stages", type=int, default=4, help="progressive-learning stages (M)")
     p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="push the model folder at the end")
     p.add_argument("--private", action="store_true", help="create the Hub repo private")
+    p.add_argument("--overwrite-card", action="store_true",
+                   help="replace the Hub repo's README.md even if it was edited there (default: keep it)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
@@ -425,7 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             api = HfApi()
             api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)
-            api.upload_folder(repo_id=args.push_to_hub, folder_path=str(out), ignore_patterns=ignore,
+            # a card edited on the Hub is kept unless --overwrite-card
+            upload_ignore = list(ignore) if args.overwrite_card else card_upload_patterns(
+                args.push_to_hub, ignore_patterns=list(ignore))[0]
+            api.upload_folder(repo_id=args.push_to_hub, folder_path=str(out), ignore_patterns=upload_ignore,
                               commit_message=f"train.py: val accuracy {final['val_accuracy']:.4f}")
         except Exception as err:  # the run is saved locally; a failed push must not lose it
             retry = (f"python -c \"from huggingface_hub import HfApi; HfApi().upload_folder(repo_id='{args.push_to_hub}', "

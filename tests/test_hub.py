@@ -270,6 +270,18 @@ def test_train_pushes_the_run_and_survives_a_failed_push(hub_server, train_modul
     assert {"config.json", "model.safetensors", "README.md", "metrics.json"} <= uploaded
     assert not [f for f in uploaded if f.startswith(("checkpoints/", "logs/"))]
 
+    # a second run pushed to the same repo keeps a card edited on the Hub, unless --overwrite-card
+    edited = b"---\nlicense: mit\nlibrary_name: effnetv2\n---\n# Edited on the Hub\n"
+    HfApi().upload_file(path_or_fileobj=edited, path_in_repo="README.md", repo_id="org/trained")
+    assert train(tmp_path / "again", "org/trained") == 0
+    assert hub_server.files("org/trained")["README.md"] == edited
+    assert hub_server.files("org/trained")["model.safetensors"] == (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert train_module.main(["--data-path", str(data), "--output-dir", str(tmp_path / "again"), "--push-to-hub",
+                              "org/trained", "--overwrite-card", "--variant", "b0", "--image-size", "32",
+                              "--batch-size", "4", "--workers", "0", "--cpu", "--epochs", "1", "--max-steps", "1"]) == 0
+    assert hub_server.files("org/trained")["README.md"] == (tmp_path / "again" / "README.md").read_bytes()
+    capsys.readouterr()
+
     hub_server.fail("POST", r"/commit/main$", status=500)  # the Hub is down when the run ends
     out = tmp_path / "down"
     assert train(out, "org/later") == 1
