@@ -1,6 +1,8 @@
 """The EfficientNetV2 model: one class for the whole family, configured by ``configs.VARIANTS``."""
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import torch
@@ -170,7 +172,12 @@ class EfficientNetV2(
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                # He init over fan-out per group, as the TF reference: N(0, 2 / (k*k*out/groups)).
+                # PyTorch's kaiming_normal_(mode="fan_out") ignores groups, which leaves depthwise
+                # kernels ~30x too small; under BatchNorm every optimizer step then rescales them
+                # wildly and training from scratch stalls at chance for thousands of steps.
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
