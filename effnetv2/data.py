@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes.add_argument("--image-size", type=int, default=96)
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--classes", nargs="+", default=list(SHAPES), choices=SHAPES)
+    shapes.add_argument("--no-clutter", dest="clutter", action="store_false",
+                        help="plain noisy backgrounds, no distractors (an easy first curriculum stage)")
     check = sub.add_parser("check", help="scan a folder-per-class data set, split it and list unreadable files")
     check.add_argument("root", type=Path)
     check.add_argument("--val-fraction", type=float, default=0.2)
@@ -288,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return _check_command(args)
     try:
-        root = make_shapes_dataset(args.out, args.num_per_class, args.image_size, args.seed, tuple(args.classes))
+        root = make_shapes_dataset(args.out, args.num_per_class, args.image_size, args.seed, tuple(args.classes),
+                                   clutter=args.clutter)
     except ValueError as err:
         parser.error(str(err))
     classes = list(dict.fromkeys(args.classes))

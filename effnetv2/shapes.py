@@ -64,9 +64,13 @@ def _distractor(draw: ImageDraw.ImageDraw, rng: random.Random, size: int) -> Non
                       for i in range(n)], fill=colour)
 
 
-def background(rng: random.Random, size: int) -> Image.Image:
-    """A ``size``x``size`` RGB clutter image: gradient at a random angle, noise, 2–6 distractors."""
+def background(rng: random.Random, size: int, clutter: bool = True) -> Image.Image:
+    """A ``size``x``size`` RGB clutter image: gradient at a random angle, noise, 2–6 distractors.
+    Without ``clutter``: one random colour with mild noise (an easy first curriculum stage)."""
     nrng = np.random.default_rng(rng.getrandbits(32))
+    if not clutter:
+        array = nrng.uniform(0, 255, 3) + nrng.normal(0, 10, (size, size, 3))
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
     c0, c1 = nrng.uniform(0, 255, 3), nrng.uniform(0, 255, 3)
     angle = rng.uniform(0, 2 * math.pi)
     grid = np.linspace(-0.5, 0.5, size)
@@ -103,23 +107,25 @@ def draw_shape(image: Image.Image, kind: str, rng: random.Random) -> list[int]:
     return list(mask.getbbox())
 
 
-def render_shape(kind: str, rng: random.Random, size: int) -> tuple[Image.Image, list[int]]:
+def render_shape(kind: str, rng: random.Random, size: int, clutter: bool = True) -> tuple[Image.Image, list[int]]:
     """One ``size``x``size`` RGB image of ``kind`` and the object's box ``[x0, y0, x1, y1]`` (pixels,
     end exclusive): clutter, the shape, sometimes a distractor across it, then a slight blur."""
-    image = background(rng, size)
+    image = background(rng, size, clutter)
     box = draw_shape(image, kind, rng)
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.choice((0, 0, 1, 2))):  # occluders: the shape is not always whole
+    for _ in range(rng.choice((0, 0, 1, 2)) if clutter else 0):  # occluders: the shape is not always whole
         _distractor(draw, rng, size)
     return image.filter(ImageFilter.GaussianBlur(0.5)), box
 
 
 def make_shapes_dataset(root: str | Path, num_per_class: int = 60, image_size: int = 96, seed: int = 0,
-                        classes: tuple[str, ...] = SHAPES) -> Path:
+                        classes: tuple[str, ...] = SHAPES, clutter: bool = True) -> Path:
     """Write ``root/<class>/<class>_NNNN.png`` and ``root/annotations.json``; return ``root``.
 
     ``annotations.json`` maps each image's path relative to ``root`` (``"star/star_0003.png"``) to
-    ``{"label": "star", "box": [x0, y0, x1, y1]}``, the object's pixel box with exclusive ends. The same
+    ``{"label": "star", "box": [x0, y0, x1, y1]}``, the object's pixel box with exclusive ends.
+    ``clutter=False`` draws the shapes on plain noisy backgrounds with no distractors: an easy set
+    for the first stage of a curriculum (training from scratch learns it much sooner). The same
     arguments always give the same bytes. Writing again into a folder made by an earlier call removes
     the images that the earlier call listed and this one does not write; no other file is touched.
     """
@@ -136,7 +142,7 @@ def make_shapes_dataset(root: str | Path, num_per_class: int = 60, image_size: i
         (root / kind).mkdir(parents=True, exist_ok=True)
         for i in range(num_per_class):
             rng = random.Random(f"{seed}-{kind}-{i}")
-            image, box = render_shape(kind, rng, image_size)
+            image, box = render_shape(kind, rng, image_size, clutter)
             name = f"{kind}/{kind}_{i:04d}.png"
             image.save(root / name)
             annotations[name] = {"label": kind, "box": box}

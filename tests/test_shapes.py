@@ -106,3 +106,24 @@ def test_shapes_cli(tmp_path):
     assert len(samples) == 10 and len(classes) == 5
     made = make_shapes_dataset(tmp_path / "t", num_per_class=2, image_size=32, seed=3)
     assert (made / "star" / "star_0001.png").read_bytes() == (tmp_path / "s" / "star" / "star_0001.png").read_bytes()
+
+
+def test_without_clutter_the_background_is_plain(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root = make_shapes_dataset(tmp_path / "plain", num_per_class=2, image_size=64, seed=3, clutter=False)
+    cluttered = make_shapes_dataset(tmp_path / "busy", num_per_class=2, image_size=64, seed=3)
+    boxes = json.loads((root / "annotations.json").read_text())
+
+    def outside_spread(folder, name):
+        pixels = np.asarray(Image.open(folder / name), dtype=float)
+        x0, y0, x1, y1 = boxes[name]["box"]
+        mask = np.ones(pixels.shape[:2], bool)
+        mask[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = False
+        return pixels[mask].std(0).max()
+
+    assert all(outside_spread(root, name) < 15 for name in boxes)  # one colour and mild noise
+    assert np.mean([outside_spread(cluttered, name) for name in boxes]) > 25  # gradients and distractors
