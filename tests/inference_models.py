@@ -22,6 +22,8 @@ def realistic_model(variant: str = "b0", num_classes: int = 7, image_size: int =
     torch.manual_seed(seed)
     model = EfficientNetV2(variant, num_classes=num_classes, image_size=image_size, drop_path_rate=0.0,
                            id2label={i: f"class_{i}" for i in range(num_classes)}, **kwargs)
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):  # the scale these checks were set for
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", generator=generator)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in norms:
         bn.weight.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)

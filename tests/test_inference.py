@@ -68,8 +68,9 @@ def test_fused_model_equals_eager(kwargs):
     # Features reach ~30 here and folding reorders float32 sums (~1e-5 of the scale); a wrong fold
     # gives errors of the features' own order.
     assert (fused_feats - feats).abs().max() < 1e-4 * feats.abs().max()
-    assert (fused_logits - logits).abs().max() < 1e-4
-    assert relative_error(fused_logits, logits) < 1e-5
+    # logits reach ~15 here: 2e-4 absolute is ~1e-5 of their scale
+    assert (fused_logits - logits).abs().max() < 2e-4
+    assert relative_error(fused_logits, logits) < 2e-5
 
 
 def test_fusing_never_changes_the_model(model):
@@ -170,7 +171,9 @@ def test_predict_top_k(model, cache_dir, tmp_path):
         values = [p for _, p in top]
         assert values == sorted(values, reverse=True) and sum(values) <= 1 + 1e-6
         best = row.argsort(descending=True)[:3].tolist()
-        assert [label for label, _ in top] == [model.id2label[str(i)] for i in best]
+        assert top[0][0] == model.id2label[str(best[0])]  # lower ranks may tie at ~1e-6
+        label2id = {v: int(k) for k, v in model.id2label.items()}
+        assert values == pytest.approx([row[label2id[label]].item() for label, _ in top], abs=1e-5)
         assert values == pytest.approx(row[best].tolist(), abs=1e-5)
     assert len(predictor.predict(images[:1], top_k=50)[0]) == 7  # capped at the number of classes
     with pytest.raises(ValueError, match="top_k"):
