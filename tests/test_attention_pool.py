@@ -10,6 +10,7 @@ from torch import nn
 
 from effnetv2 import EfficientNetV2, viz
 from effnetv2.attention import AttentionPool2d, split_heads, standardised_tokens
+from effnetv2.training import recalibrate_batchnorm
 
 HEADS, WIDTH = 4, 64
 
@@ -20,12 +21,7 @@ def _recalibrate_batchnorm(model: EfficientNetV2, x: torch.Tensor) -> EfficientN
     A freshly built or briefly trained model still carries running statistics far from its
     activations (a fresh one gives features ~1e-7 in eval mode), which would hide what it learned.
     """
-    for bn in model.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average over the pass
-    with torch.no_grad():
-        model.train().forward_features(x)
+    recalibrate_batchnorm(model, [x])
     return model.eval()
 
 
