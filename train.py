@@ -26,12 +26,16 @@ Choices worth knowing:
 - --precise-bn N (default 256 images) recomputes the BatchNorm statistics of the evaluated weights
   before each evaluation: short runs from scratch otherwise evaluate with statistics that lag far
   behind the weights (and EMA weights with statistics of other weights). A frozen backbone keeps its own.
+- --clip-grad NORM clips the global gradient norm (on by default, at 1.0, for an attention pool:
+  its query/key weights fine-tuned by SGD at the classic lr 0.01 otherwise blow up). A run whose
+  loss becomes NaN or infinite stops with an error before that epoch is saved.
 - Checkpoints are per epoch; --max-steps ends an epoch early and that epoch counts as done.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shlex
@@ -101,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warmup, in epochs")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear lr warmup, in optimizer steps")
     p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    p.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+                   help="clip the gradients' global L2 norm to NORM before each optimizer step (default: 1.0 "
+                        "for an attention pool, off for avg; 0: off)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--ema", action="store_true", help="keep an EMA of the weights; it is evaluated and saved")
@@ -208,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             f"drop --variant or pick weights of that variant")
         return 2
     args.variant = model.variant
+    if args.clip_grad is None:  # attention heads fine-tuned with SGD at the classic lr diverge without it
+        args.clip_grad = 1.0 if model.pool_type == "attention" else 0.0
     freeze = args.freeze_layers if args.freeze_layers is not None else args.weights.lower() != "none"
     if freeze:
         trainable = freeze_backbone(model)
@@ -319,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                 x, targets = mix_batch(x, y, num_classes, stage.mixup, args.cutmix, args.label_smoothing)
                 loss = soft_cross_entropy(model(x), targets)
                 accelerator.backward(loss)
+                if args.clip_grad and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad()
             seen += len(y)
@@ -345,6 +356,15 @@ def main(argv: list[str] | None = None) -> int:
                        train_loss=totals[1].item() / max(1.0, totals[0].item()), train_images=int(totals[0].item()),
                        train_seconds=round(train_seconds, 2), epoch_seconds=round(time.time() - started, 2),
                        images_per_second=round(totals[0].item() / train_seconds, 2), image_size=stage.image_size)
+        if not math.isfinite(metrics["train_loss"]):
+            # every process sees the same reduced loss, so all stop together; the bad epoch is not saved
+            last = list_checkpoints(checkpoints)
+            say(f"error: training diverged in epoch {epoch + 1}: the training loss became {metrics['train_loss']} "
+                f"(peak lr {args.lr:g}, {args.optimizer}). Nothing of this epoch was saved"
+                + (f"; the last checkpoint written is {last[-1]}" if last else "")
+                + ". Run again with a lower --lr or with --clip-grad 1.0.")
+            accelerator.end_training()
+            return 1
         history.append(metrics)
         accelerator.log({f"val/{k[4:]}" if k.startswith("val_") else f"epoch/{k}": v for k, v in metrics.items()},
                         step=step)
@@ -405,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                   "batch size per process": args.batch_size, "processes": accelerator.num_processes,
                   "gradient accumulation": args.grad_accum, "mixed precision": args.mixed_precision,
                   "frozen backbone": freeze, "label smoothing": args.label_smoothing,
+                  "gradient clipping (max L2 norm)": args.clip_grad or "off",
                   "progressive learning": f"{args.stages} stages" if args.progressive else "off",
                   "train image size": stage.image_size if stage else train_size, "saved weights": weights_note},
         command=command,

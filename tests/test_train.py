@@ -96,6 +96,7 @@ def test_smoke_run_writes_everything_and_saves_the_ema(shapes, tmp_path, capsys)
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     card = (out / "README.md").read_text()
     assert "EMA of the weights" in card and "python train.py --data-path" in card and "| accuracy |" in card
+    assert "| gradient clipping (max L2 norm) | off |" in card  # off for an avg pool
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1", "epoch_2"]
 
 
@@ -128,6 +129,36 @@ def test_frozen_backbone_keeps_weights_and_batchnorm_statistics(shapes, tmp_path
     assert all(torch.equal(before[k], after[k]) for k in backbone)  # weights and BatchNorm statistics
     for changed in ("head.project_conv.conv.weight", "head.project_conv.bn.running_mean", "head.attn_pool.attn.v_proj.weight"):
         assert not torch.equal(before[changed], after[changed]), changed
+    assert "| gradient clipping (max L2 norm) | 1.0 |" in (out / "README.md").read_text()  # on for attention pools
+
+
+@pytest.mark.parametrize("clip", [None, 1e-6])
+def test_clip_grad_bounds_every_optimizer_step(shapes, tmp_path, clip):
+    """Plain SGD (lr 1, no momentum, no weight decay) for 6 steps: unclipped, the backbone moves far;
+    with --clip-grad 1e-6 the whole update is at most 6 * lr * 1e-6 in global L2 norm."""
+    initial = EfficientNetV2("b0", num_classes=5, image_size=32)
+    initial.save_pretrained(tmp_path / "base")
+    out = tmp_path / "run"
+    extra = ["--clip-grad", str(clip)] if clip else []
+    assert run(shapes, out, "--weights", str(tmp_path / "base"), "--no-freeze-layers", "--epochs", "1", "--lr", "1",
+               "--momentum", "0", "--weight-decay", "0", "--lrf", "1", *extra) == 0
+    before, after = dict(initial.named_parameters()), load_file(out / "model.safetensors")
+    moved = torch.stack([(after[k] - before[k].detach()).norm() for k in before if not k.startswith("head.")]).norm()
+    if clip:
+        assert moved <= 6 * clip * 1.01, moved
+    else:
+        assert moved > 1e-2, moved
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_bad(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = run(shapes, out, "--epochs", "3", "--lr", "1e30", "--momentum", "0.9")
+    printed = capsys.readouterr().out
+    assert rc == 1 and "training diverged in epoch" in printed and "--clip-grad" in printed, printed
+    assert not (out / "model.safetensors").exists()
+    for checkpoint in (out / "checkpoints").glob("epoch_*"):  # only epochs whose loss was finite
+        history = json.loads((checkpoint / "train_state.json").read_text())["history"]
+        assert all(h["train_loss"] < float("inf") for h in history)
 
 
 def test_freeze_helpers_on_a_model():
@@ -333,14 +364,15 @@ BUNDLED = ROOT / "assets" / "model"
 @pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(), reason="the bundled model is not in this checkout")
 def test_short_fine_tune_on_shapes_learns(tmp_path):
     """A real fine-tune: the bundled model's backbone (frozen, the default with --weights), a new
-    head for 3 classes, 50 AdamW steps on 21 images of a seed the bundled model never saw; the 9
+    head for 3 classes, 50 steps of the default recipe (SGD, lr 0.01, gradient clipping on for the
+    attention pool: without it this run diverges) on 21 images of a seed the bundled model never saw; the 9
     held-out images are classified well above chance (1/3)."""
     data = make_shapes_dataset(tmp_path / "shapes", num_per_class=10, image_size=128, seed=1234,
                                classes=("circle", "star", "triangle"))
     out = tmp_path / "run"
     assert train.main(["--data-path", str(data), "--output-dir", str(out), "--weights", str(BUNDLED),
                        "--batch-size", "4", "--workers", "0", "--cpu", "--seed", "0", "--epochs", "10",
-                       "--lr", "1e-3", "--optimizer", "adamw", "--val-fraction", "0.3"]) == 0
+                       "--val-fraction", "0.3"]) == 0
     m = metrics_of(out)
     assert m["final"]["val_images"] == 9 and m["optimizer_steps"] == 50
     assert m["final"]["val_accuracy"] >= 0.75, [(h["train_loss"], h["val_loss"], h["val_accuracy"]) for h in m["history"]]
