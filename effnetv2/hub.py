@@ -216,6 +216,21 @@ def explained_download_errors(repo_id: str, filename: str, revision: str | None 
                          f"damaged; save or upload the model again") from None
 
 
+def check_config_is_an_object(model_id: str, revision: str | None = None, cache_dir: str | None = None) -> None:
+    """Raise a ``ValueError`` naming ``config.json`` when it holds JSON that is not an object (a list,
+    a number...); return quietly otherwise, or when the file is not at hand."""
+    try:
+        path = resolve_file(model_id, CONFIG_NAME, revision, local_files_only=True, cache_dir=cache_dir)
+        value = json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
+    except (ModelDownloadError, OSError, ValueError):
+        return
+    if not isinstance(value, dict):
+        where = (os.path.join(model_id, CONFIG_NAME) if os.path.isdir(model_id)
+                 else f"{CONFIG_NAME} of {_describe(model_id, revision)}")
+        raise ValueError(f"{where} holds a JSON {type(value).__name__}, not an object of settings: it was not "
+                         f"written by save_pretrained, or it was damaged; save or upload the model again") from None
+
+
 def resolve_file(model_id: str, filename: str, revision: str | None = None, token: str | bool | None = None,
                  local_files_only: bool = False, **download_kwargs: Any) -> str | None:
     """Path of ``filename`` in a local folder or a Hub repo (downloaded into the cache), or None when

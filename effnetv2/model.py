@@ -282,7 +282,11 @@ class EfficientNetV2(
         model_id = str(pretrained_model_name_or_path)
         with hub.explained_download_errors(model_id, hub.CONFIG_NAME, kwargs.get("revision"), kwargs.get("token"),
                                            kwargs.get("local_files_only", False)):
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            try:
+                return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            except AttributeError:  # huggingface_hub calls config.items() on whatever JSON it read
+                hub.check_config_is_an_object(model_id, kwargs.get("revision"), kwargs.get("cache_dir"))
+                raise
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only,

@@ -219,6 +219,7 @@ def test_tampered_files_are_named(hub_server, tmp_path):
         "key": (bad_config(cfg, colour="blue"), weights,
                 r"config.json of Hub repo 'org/key': unknown keys \['colour'\]"),
         "json": (b'{"variant": "b0",', weights, "config.json of Hub repo 'org/json' is not valid JSON"),
+        "list": (b'["b0", 3]', weights, "config.json of Hub repo 'org/list' holds a JSON list, not an object"),
         "truncated": (bad_config(cfg), weights[: len(weights) // 2],
                       r"model.safetensors of Hub repo 'org/truncated' \(cached at .*\) is not a readable safetensors "
                       r"file .* corrupt or truncated"),
@@ -317,3 +318,10 @@ def test_convert_cli_pushes_a_complete_repo(hub_server, tmp_path):
     assert pushed.keys() == local.keys() and all(torch.equal(pushed[k], local[k]) for k in local)
     assert json.loads(files["config.json"]) == json.loads((out / "config.json").read_text())
     assert 'from_pretrained("org/conv")' in files["README.md"].decode()
+
+
+def test_a_local_config_that_is_not_an_object_is_named(tmp_path):
+    tiny().save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"m/config.json holds a JSON list, not an object of settings"):
+        EfficientNetV2.from_pretrained(tmp_path / "m")
