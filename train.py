@@ -136,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     low, high = args.crop_scale
     if not 0 < low <= high <= 1:
         p.error(f"--crop-scale {low} {high}: give MIN MAX with 0 < MIN <= MAX <= 1, e.g. --crop-scale 0.5 1")
+    if args.clip_grad is not None and not (math.isfinite(args.clip_grad) and args.clip_grad >= 0):
+        p.error(f"--clip-grad {args.clip_grad}: give a positive max gradient norm (e.g. 1.0), or 0 to turn clipping off")
     return args
 
 

@@ -266,6 +266,17 @@ def test_command_line_error_exits_without_traceback(tmp_path):
     assert "single class" in result.stdout and "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--clip-grad", "-1"], "--clip-grad -1.0: give a positive max gradient norm"),
+    (["--clip-grad", "nan"], "--clip-grad nan: give a positive max gradient norm"),
+    (["--crop-scale", "0.9", "0.5"], "--crop-scale 0.9 0.5: give MIN MAX"),
+])
+def test_bad_flag_values_are_named(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--data-path", str(tmp_path), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_two_processes_train_on_disjoint_shards_and_stay_in_sync(shapes, tmp_path):
     out = tmp_path / "ddp"
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
