@@ -210,10 +210,15 @@ def explained_download_errors(repo_id: str, filename: str, revision: str | None 
             raise
         raise explained from None
     except json.JSONDecodeError as err:
-        where = (os.path.join(repo_id, CONFIG_NAME) if os.path.isdir(repo_id)
-                 else f"{CONFIG_NAME} of {_describe(repo_id, revision)}")
-        raise ValueError(f"{where} is not valid JSON ({err}): it was not written by save_pretrained, or it was "
-                         f"damaged; save or upload the model again") from None
+        raise ValueError(f"{_config_where(repo_id, revision)} is not valid JSON ({err}): it was not written by "
+                         "save_pretrained, or it was damaged; save or upload the model again") from None
+
+
+def _config_where(model_id: str, revision: str | None) -> str:
+    """How messages name ``config.json``: its path in a local folder, else the Hub repo's file."""
+    if os.path.isdir(model_id):
+        return os.path.join(model_id, CONFIG_NAME)
+    return f"{CONFIG_NAME} of {_describe(model_id, revision)}"
 
 
 def check_config_is_an_object(model_id: str, revision: str | None = None, cache_dir: str | None = None) -> None:
@@ -225,10 +230,9 @@ def check_config_is_an_object(model_id: str, revision: str | None = None, cache_
     except (ModelDownloadError, OSError, ValueError):
         return
     if not isinstance(value, dict):
-        where = (os.path.join(model_id, CONFIG_NAME) if os.path.isdir(model_id)
-                 else f"{CONFIG_NAME} of {_describe(model_id, revision)}")
-        raise ValueError(f"{where} holds a JSON {type(value).__name__}, not an object of settings: it was not "
-                         f"written by save_pretrained, or it was damaged; save or upload the model again") from None
+        raise ValueError(f"{_config_where(model_id, revision)} holds a JSON {type(value).__name__}, not an object "
+                         "of settings: it was not written by save_pretrained, or it was damaged; save or upload the "
+                         "model again") from None
 
 
 def resolve_file(model_id: str, filename: str, revision: str | None = None, token: str | bool | None = None,
@@ -263,7 +267,7 @@ def load_pretrained(cls: type["EfficientNetV2"], *, model_id: str, config: dict 
                 f"`python -m effnetv2.convert`)")
         raise ModelDownloadError(f"{CONFIG_NAME} of {_describe(model_id, revision)} could not be fetched (a passing "
                                  f"Hub error?): retry", model_id)
-    config_path = os.path.join(model_id, CONFIG_NAME) if is_dir else f"{CONFIG_NAME} of {_describe(model_id, revision)}"
+    config_path = _config_where(model_id, revision)
     unknown = sorted(set(config) - set(cls._hub_mixin_init_parameters) - {"self"})
     if unknown:
         raise ValueError(f"{config_path}: unknown keys {unknown}; it was not written by this version of effnetv2")
