@@ -143,7 +143,11 @@ def save_class_indices(path: str | Path, classes: list[str]) -> None:
 def write_split(path: str | Path, train: list[Sample], val: list[Sample], classes: list[str],
                 root: str | Path) -> None:
     """Record the split as JSON (``split.json``): ``root``, ``classes``, per-class counts, and
-    ``train`` / ``val`` as ``[relative path, class index]`` pairs, paths relative to ``root``."""
+    ``train`` / ``val`` as ``[relative path, class index]`` pairs, paths relative to ``root``.
+
+    ``root`` is recorded by its folder name only: the file is published with the model, and nothing
+    about the machine that trained it (``/home/me/...``) belongs there. Pass the data folder to
+    :func:`read_split` to use the split again."""
     def rel(samples: list[Sample]) -> list[list]:
         return [[Path(os.path.relpath(p, root)).as_posix(), label] for p, label in samples]
 
@@ -151,7 +155,7 @@ def write_split(path: str | Path, train: list[Sample], val: list[Sample], classe
         seen = Counter(label for _, label in samples)
         return {name: seen[i] for i, name in enumerate(classes)}
 
-    head = json.dumps({"root": str(root), "classes": list(classes),
+    head = json.dumps({"root": Path(os.path.abspath(root)).name, "classes": list(classes),
                        "counts": {"train": counts(train), "val": counts(val)}}, indent=1)[:-2]
     rows = {key: ",\n".join(f"  {json.dumps(row)}" for row in rel(part)) for key, part in (("train", train), ("val", val))}
     # one [path, label] pair per line: readable and diff-able for thousands of images

@@ -147,7 +147,8 @@ def test_class_indices_and_split_record_round_trip(tmp_path):
     record = json.loads((tmp_path / "split.json").read_text())
     assert record["train"] == [["daisy/1.png", 0], ["rose/a/3.png", 1]] and record["val"] == [["rose/2.png", 1]]
     assert record["counts"] == {"train": {"daisy": 1, "rose": 1}, "val": {"daisy": 0, "rose": 1}}
-    assert read_split(tmp_path / "split.json") == (train, val, ["daisy", "rose"])
+    assert record["root"] == tmp_path.name  # no local path: split.json is published with the model
+    assert read_split(tmp_path / "split.json", root=tmp_path) == (train, val, ["daisy", "rose"])
     moved = read_split(tmp_path / "split.json", root="/elsewhere")
     assert moved[1] == [("/elsewhere/rose/2.png", 1)]
 
