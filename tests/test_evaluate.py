@@ -1,12 +1,15 @@
 """effnetv2.evaluate: boxes through the eval transform, accuracy and attention-in-box on shapes."""
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
 from effnetv2 import EfficientNetV2
 from effnetv2.data import make_shapes_dataset
-from effnetv2.evaluate import CARD_BEGIN, box_in_view, card_section, evaluate, update_card
+from effnetv2.evaluate import CARD_BEGIN, CARD_END, box_in_view, card_section, evaluate, main, update_card
 from effnetv2.shapes import SHAPES
 
 
@@ -25,22 +28,67 @@ def shapes(tmp_path_factory):
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_per_class=2, image_size=64, seed=5)
 
 
-def test_attention_mass_follows_the_maps(shapes, monkeypatch):
-    model = EfficientNetV2("b0", num_classes=len(SHAPES), id2label=dict(enumerate(SHAPES)), pool="attention",
-                           num_heads=2, attn_dim=32, image_size=64).eval()
-    uniform = evaluate(model, shapes, batch_size=4)
-    assert uniform["images"] == 2 * len(SHAPES) and 0 <= uniform["accuracy"] <= 1
-    assert set(uniform["per_class_accuracy"]) == set(SHAPES)
+def _model() -> EfficientNetV2:
+    return EfficientNetV2("b0", num_classes=len(SHAPES), id2label=dict(enumerate(SHAPES)), pool="attention",
+                          num_heads=2, attn_dim=32, image_size=64, crop_pct=1.0).eval()
 
-    def everything_on_one_cell(x, query=None):  # all attention on the top-left cell (32x32 px)
+
+def _always(model, monkeypatch, label: str) -> None:
+    """The model answers ``label`` for every image and puts all attention on the top-right cell."""
+    def logits(x):
+        out = torch.zeros(len(x), len(SHAPES))
+        out[:, SHAPES.index(label)] = 1
+        return out
+
+    def top_right(x, query=None):  # a 2x2 grid over 64 px: row 0, column 1 is x in [32, 64), y in [0, 32)
         maps = torch.zeros(len(x), 2, 2, 2)
-        maps[:, :, 0, 0] = 1
+        maps[:, :, 0, 1] = 1
         return maps
-    monkeypatch.setattr(model, "attention_maps", everything_on_one_cell)
-    corner = evaluate(model, shapes, batch_size=4)
-    assert corner["box_area_share"] == pytest.approx(uniform["box_area_share"])
-    assert corner["attention_mass_in_box"] != pytest.approx(uniform["attention_mass_in_box"])
-    assert 0 <= corner["attention_mass_in_box"] <= 1
+    monkeypatch.setattr(model, "forward", logits)
+    monkeypatch.setattr(model, "attention_maps", top_right)
+
+
+def test_figures_match_what_the_annotations_say(shapes, monkeypatch):
+    """Every figure worked out from annotations.json by hand: the images are 64 px and the model
+    sees them whole (image_size 64, crop_pct 1), so boxes need no mapping."""
+    annotations = json.loads((shapes / "annotations.json").read_text())
+    model = _model()
+    _always(model, monkeypatch, "star")
+    result = evaluate(model, shapes, batch_size=3)  # batches that do not divide the 10 images
+    masses, shares = [], []
+    for item in annotations.values():
+        x0, y0, x1, y1 = item["box"]
+        masses.append(max(0, x1 - max(x0, 32)) * max(0, min(y1, 32) - y0) / 32 ** 2)
+        shares.append((x1 - x0) * (y1 - y0) / 64 ** 2)
+    assert result["images"] == len(annotations) == 2 * len(SHAPES)
+    assert result["accuracy"] == pytest.approx(sum(a["label"] == "star" for a in annotations.values()) / 10)
+    assert result["per_class_accuracy"] == {label: float(label == "star") for label in SHAPES}
+    assert result["attention_mass_in_box"] == pytest.approx(np.mean(masses))
+    assert result["box_area_share"] == pytest.approx(np.mean(shares))
+    assert result["mass_over_share"] == pytest.approx(sum(masses) / sum(shares))
+    assert result["images_with_mass_above_share"] == pytest.approx(np.mean(np.array(masses) > np.array(shares)))
+    assert result["attention_mass_in_box_per_head"] == pytest.approx([np.mean(masses)] * 2, abs=1e-4)
+
+
+def test_command_line_prints_writes_json_and_updates_the_card(shapes, tmp_path, capsys):
+    folder = tmp_path / "model"
+    _model().save_pretrained(folder)
+    card_before = (folder / "README.md").read_text()
+    assert CARD_BEGIN not in card_before
+    out_json = tmp_path / "figures.json"
+    assert main(["--model", str(folder), "--data", str(shapes), "--batch-size", "4", "--json", str(out_json),
+                 "--update-card"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads(out_json.read_text())
+    assert printed == written and written["images"] == 10
+    card = (folder / "README.md").read_text()
+    assert card.count(CARD_BEGIN) == 1 and card.count(CARD_END) == 1
+    assert f"| accuracy | {written['accuracy']:.4f} |" in card
+    assert f"| the box's share of the image (what uniform attention would give) | {written['box_area_share']:.3f} |" in card
+    assert f"python -m effnetv2.evaluate --model {folder} --data {shapes}" in card
+    with pytest.raises(SystemExit):  # a folder without annotations.json is a usage error
+        main(["--model", str(folder), "--data", str(tmp_path)])
+    assert "has no annotations.json" in capsys.readouterr().err
 
 
 def test_card_section_is_inserted_once(tmp_path):

@@ -46,8 +46,32 @@ def test_eval_transform_equals_timm(photo):
     torch.testing.assert_close(transforms_for(model)(photo), theirs, rtol=0, atol=1e-6)
 
 
-def test_train_transform_shape(photo):
+@pytest.mark.parametrize("magnitude", [0, 9])
+def test_train_transform_equals_torchvision_reference_pipeline(photo, magnitude):
+    """torchvision's classification training preset (references/classification/presets.py), written
+    out with EfficientNetV2-S's published preprocessing: bilinear, ImageNet mean/std, 300 px."""
+    from torchvision import transforms as T
+
+    bilinear = T.InterpolationMode.BILINEAR
+    steps = [T.RandomResizedCrop(300, scale=(0.08, 1.0), interpolation=bilinear, antialias=True),
+             T.RandomHorizontalFlip(0.5)]
+    if magnitude:
+        steps.append(T.RandAugment(magnitude=magnitude, interpolation=bilinear))
+    reference = T.Compose(steps + [T.PILToTensor(), T.ConvertImageDtype(torch.float),
+                                   T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    ours = transforms_for(converted("s"), train=True, randaugment_magnitude=magnitude)
+    outputs = []
+    for seed in range(4):  # several draws, so crops, flips and operations all differ between them
+        torch.manual_seed(seed)
+        expected = reference(photo)
+        torch.manual_seed(seed)
+        outputs.append(ours(photo))
+        assert torch.equal(outputs[-1], expected), seed
+    assert outputs[0].shape == (3, 300, 300) and not torch.equal(outputs[0], outputs[1])
+
+
+def test_train_transform_size_and_crop_scale(photo):
     model = converted("s")
-    out = transforms_for(model, train=True)(photo)
-    assert out.shape == (3, 300, 300) and out.dtype == torch.float32
     assert transforms_for(model, train=True, image_size=128, randaugment_magnitude=9)(photo).shape == (3, 128, 128)
+    with pytest.raises(ValueError, match="crop scale"):
+        transforms_for(model, train=True, scale=(0.5, 0.2))

@@ -116,12 +116,54 @@ def test_grid_image_outlines_the_query_cell():
     assert picture.getpixel((30, 15)) == (255, 255, 255)  # a grid line
 
 
-def test_matrix_images_and_score_matrix():
-    weights = torch.softmax(torch.randn(4, 6, 6), -1)
-    picture = viz.score_matrix_image(weights, query=(1, 0), grid=(2, 3))
-    assert picture.height == 6 * 48
+def _blocks(picture: Image.Image, rows: int, cols: int, cell_px: int) -> np.ndarray:
+    """The colour ``[rows, cols, 3]`` of each matrix entry's block; asserts every block is one flat colour."""
+    pixels = np.asarray(picture.convert("RGB"))[: rows * cell_px, : cols * cell_px].reshape(rows, cell_px, cols, cell_px, 3)
+    inner = pixels[:, 2:-2, :, 2:-2]  # clear of an outline
+    assert np.all(inner == inner[:, :1, :, :1])
+    return inner[:, 0, :, 0]
+
+
+def _inferno(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    from matplotlib import colormaps
+
+    return (colormaps["inferno"]((values - vmin) / (vmax - vmin))[..., :3] * 255).astype(np.uint8)
+
+
+def test_matrix_image_colour_follows_the_values():
+    values = np.array([[1.0, 0.9, 0.8], [0.7, 0.5, 0.35], [0.2, 0.1, 0.0]])
+    picture = viz.matrix_image(values, cell_px=10)
+    blocks = _blocks(picture, 3, 3, 10)
+    # the documented scale: inferno from min(0, min) = 0 to max = 1
+    assert np.array_equal(blocks, _inferno(values, 0.0, 1.0))
+    lum = blocks.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    assert np.array_equal(np.argsort(lum, axis=None), np.argsort(values, axis=None))  # brighter = larger
+    # negative scores: the scale starts at the minimum
+    signed = viz.matrix_image(values - 0.5, cell_px=10)
+    assert np.array_equal(_blocks(signed, 3, 3, 10), _inferno(values - 0.5, -0.5, 0.5))
+
+
+def test_score_matrix_is_the_mean_over_heads_with_the_query_row_outlined():
+    weights = torch.zeros(2, 6, 6)
+    weights[0, :, 4] = 1.0  # head 1: every query looks at key 4
+    weights[1] = torch.eye(6)  # head 2: every query looks at itself
+    picture = viz.score_matrix_image(weights, query=(1, 0), grid=(2, 3))  # cell (1, 0) of a 2x3 grid = row 3
+    cell_px = 48  # 384 // 6 entries, capped at 48
+    assert picture.height == 6 * cell_px
+    mean = np.zeros((6, 6))  # worked out by hand: 1 at (4, 4), 0.5 on the rest of column 4 and the diagonal
+    mean[:, 4] += 0.5
+    mean[np.arange(6), np.arange(6)] += 0.5
+    assert np.array_equal(_blocks(picture, 6, 6, cell_px), _inferno(mean, 0.0, 1.0))
+    pixels = np.asarray(picture)
+    assert tuple(pixels[3 * cell_px, 5]) == (0, 255, 255)  # the outline's top edge, on row 3
+    assert tuple(pixels[3 * cell_px + cell_px // 2, 0]) == (0, 255, 255)
+    assert tuple(pixels[2 * cell_px + 1, 5]) != (0, 255, 255) and tuple(pixels[4 * cell_px + 2, 5]) != (0, 255, 255)
     with pytest.raises(ValueError, match="feature grid"):
         viz.score_matrix_image(weights, query=(1, 0))
+
+
+def test_textbook_gallery_captions():
+    weights = torch.softmax(torch.randn(4, 6, 6), -1)
     example = {"weights": weights, "scores": torch.randn(4, 6, 6), "head_dim": 16}
     assert [c for _, c in viz.textbook_gallery(example, "scores")][0] == "head 1: Q Kᵀ / √16"
     assert len(viz.textbook_gallery(example)) == 4
