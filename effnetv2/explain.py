@@ -1,0 +1,175 @@
+"""Why did the model choose this class? Exact class attribution, Grad-CAM, and how faithful a map is.
+
+The head of an EfficientNetV2 is linear after pooling, so the target logit splits exactly into one
+share per grid cell (and per head, for an attention pool) plus a rest that no cell changes:
+
+- attention pool: ``logit_c = b_c + w_c·b_O + Σ_h Σ_j a_hj · w_c·W_O^h v_hj``, where ``a_hj`` is head h's
+  attention weight on cell j, ``v_hj`` that cell's value in head h and ``W_O^h`` the output
+  projection's columns for head h (the classifier follows the output projection linearly; dropout
+  is off in eval mode);
+- average pool: ``logit_c = b_c + (1/HW) Σ_j w_c·f_j``, the class activation map (one "head").
+
+A share is signed: positive cells push towards the class, negative ones against it.
+
+Faithfulness is measured in feature space, where removing a cell is exact: a map ranks the cells;
+deletion removes them best-first (keys masked out of the attention pool, or cells zeroed in the
+average) and integrates the target probability over the fraction removed (lower is better);
+insertion starts from no cell and adds them best-first (higher is better).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .attention import split_heads
+from .model import EfficientNetV2
+
+
+@contextlib.contextmanager
+def _eval_mode(model: EfficientNetV2):
+    """Eval mode (BatchNorm running statistics, no dropout) for the duration, then as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _targets(logits: torch.Tensor, target) -> torch.Tensor:
+    """Target class per image ``[B]``: the predicted class by default, else an int or ``[B]`` ints."""
+    batch, classes = logits.shape
+    if target is None:
+        return logits.argmax(-1)
+    target = torch.as_tensor(target, device=logits.device).long().reshape(-1).expand(batch)
+    if ((target < 0) | (target >= classes)).any():
+        raise ValueError(f"target must be class indices in 0..{classes - 1}, got {target.tolist()}")
+    return target
+
+
+def _cell_terms(model: EfficientNetV2, feats: torch.Tensor):
+    """The pieces every function here builds on, in float64 for exact sums.
+
+    Returns ``(scores, contributions, rest)``: ``scores`` ``[B, h, L]`` are the attention scores before
+    the softmax (None for average pooling), ``contributions`` ``[B, h, L, C]`` what each cell adds to
+    each class's logit at full weight (multiply by the attention weight), ``rest`` ``[C]`` the bias
+    terms no cell changes. L = H*W cells in row-major order.
+    """
+    classifier = model.head.classifier
+    if not isinstance(classifier, torch.nn.Linear):
+        raise ValueError("the model has no classifier (num_classes=0): attribution needs class logits")
+    weight, bias = classifier.weight.double(), classifier.bias.double()  # [C, D], [C]
+    pool = model.head.attn_pool
+    if pool is None:
+        cells = feats.flatten(2).transpose(1, 2).double()  # [B, L, D]
+        return None, (cells @ weight.T / cells.shape[1]).unsqueeze(1), bias
+    attn = pool.attn
+    tokens = pool.tokens(feats).double()
+    q = split_heads(F.linear(pool.pooled_query(tokens), attn.q_proj.weight.double(), attn.q_proj.bias.double()),
+                    attn.num_heads)
+    k = split_heads(F.linear(tokens, attn.k_proj.weight.double(), attn.k_proj.bias.double()), attn.num_heads)
+    v = split_heads(F.linear(tokens, attn.v_proj.weight.double(), attn.v_proj.bias.double()), attn.num_heads)
+    scores = (q @ k.transpose(-1, -2))[:, :, 0] / k.shape[-1] ** 0.5  # [B, h, L]
+    head_dim = v.shape[-1]
+    # W_cls @ W_O, split by the heads' column blocks: [C, h, D/h]
+    through = (weight @ attn.out_proj.weight.double()).reshape(len(weight), attn.num_heads, head_dim)
+    contributions = torch.einsum("bhld,chd->bhlc", v, through)
+    rest = bias + weight @ attn.out_proj.bias.double()
+    return scores, contributions, rest
+
+
+@torch.no_grad()
+def class_attribution(model: EfficientNetV2, images: torch.Tensor, target=None,
+                      return_rest: bool = False):
+    """Each head's and grid cell's additive share of the target logit.
+
+    ``images`` ``[B, 3, H, W]`` (preprocessed) → ``[B, heads, h, w]`` (average pooling: heads = 1),
+    float64, such that ``attribution.sum((1, 2, 3)) + rest == logit[target]`` exactly (to float
+    rounding). ``target``: a class index, or one per image ``[B]``; default the predicted class.
+    With ``return_rest=True`` also returns ``rest`` ``[B]``: the classifier bias (plus, for an
+    attention pool, the output projection's bias through the classifier), the same for every image.
+    """
+    with _eval_mode(model):
+        feats = model.forward_features(images)
+        scores, contributions, rest = _cell_terms(model, feats)
+        target = _targets(model.forward_head(feats), target)
+        share = contributions[torch.arange(len(feats)), :, :, target]  # [B, h, L]
+        if scores is not None:
+            share = share * scores.softmax(-1)
+    maps = share.unflatten(-1, feats.shape[-2:])
+    return (maps, rest[target]) if return_rest else maps
+
+
+def gradcam(model: EfficientNetV2, images: torch.Tensor, target=None) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al., 2017) on the last feature map (after the head's 1x1 conv).
+
+    ``images`` ``[B, 3, H, W]`` → ``[B, 1, h, w]``: ReLU of the channels weighted by the mean gradient
+    of the target logit over the grid. ``target`` as in :func:`class_attribution`.
+    """
+    with _eval_mode(model), torch.enable_grad():
+        feats = model.forward_features(images).detach().requires_grad_(True)
+        logits = model.forward_head(feats)
+        target = _targets(logits.detach(), target)
+        (grads,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), feats)
+    weights = grads.mean((2, 3), keepdim=True)
+    return F.relu((weights * feats.detach()).sum(1, keepdim=True))
+
+
+def _ranked_keep_masks(maps: torch.Tensor, cells: int, delete: bool) -> torch.Tensor:
+    """``[B, L+1, L]`` masks, step k keeping (deletion) all but the k best-ranked cells, or (insertion)
+    only the k best. Cells rank by the maps' sum over heads, best first; ties by position."""
+    ranking = maps.flatten(2).sum(1) if maps.dim() == 4 else maps.flatten(1)
+    if ranking.shape[-1] != cells:
+        raise ValueError(f"maps cover {ranking.shape[-1]} cells but the model's feature grid has {cells}: "
+                         f"give maps [B, heads, h, w] on the grid of these images")
+    order = torch.sort(ranking.double(), dim=-1, descending=True, stable=True).indices  # [B, L]
+    position = torch.empty_like(order).scatter_(1, order, torch.arange(cells).expand_as(order))  # rank of each cell
+    steps = torch.arange(cells + 1)[None, :, None]  # [1, L+1, 1]
+    chosen = position[:, None, :] < steps  # the k best cells at step k
+    return ~chosen if delete else chosen
+
+
+@torch.no_grad()
+def removal_curve(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None,
+                  mode: str = "deletion") -> torch.Tensor:
+    """Target probability as cells are removed (``mode="deletion"``) or added (``"insertion"``) in the
+    order ``maps`` ranks them. Returns ``[B, L+1]``: step k has k cells removed (or present).
+
+    Removing a cell masks it out of the attention pool's keys (the softmax renormalises over the rest;
+    the query stays the one of the whole image) or zeroes it in the average (the rest keep weight
+    1/HW). With no cell present the pooled vector contributes nothing: the logits are the rest.
+    """
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    with _eval_mode(model):
+        feats = model.forward_features(images)
+        scores, contributions, rest = _cell_terms(model, feats)
+        target = _targets(model.forward_head(feats), target)
+    keep = _ranked_keep_masks(maps.to(feats.device), feats.shape[-2] * feats.shape[-1], mode == "deletion")
+    if scores is None:
+        weights = keep.double()[:, :, None, :]  # [B, K, 1, L]
+    else:
+        masked = scores[:, None].masked_fill(~keep[:, :, None, :], float("-inf"))  # [B, K, h, L]
+        weights = masked.softmax(-1).nan_to_num(0.0)  # no key left: no contribution
+    logits = torch.einsum("bkhl,bhlc->bkc", weights, contributions) + rest
+    probs = logits.softmax(-1)
+    return probs.gather(2, target[:, None, None].expand(-1, probs.shape[1], 1))[..., 0]
+
+
+def _auc(curve: torch.Tensor) -> torch.Tensor:
+    """Trapezoid area under ``[B, L+1]`` values over the fraction 0..1 of cells → ``[B]``."""
+    return torch.trapezoid(curve, dx=1.0 / (curve.shape[-1] - 1), dim=-1)
+
+
+def deletion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None) -> torch.Tensor:
+    """Area under the target probability as the cells ``maps`` ``[B, heads, h, w]`` ranks first are
+    removed, per image ``[B]``: lower is better (the map found what the class depends on)."""
+    return _auc(removal_curve(model, images, maps, target, "deletion"))
+
+
+def insertion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None) -> torch.Tensor:
+    """Area under the target probability as the cells ``maps`` ranks first are added to an empty
+    grid, per image ``[B]``: higher is better."""
+    return _auc(removal_curve(model, images, maps, target, "insertion"))

@@ -1,0 +1,167 @@
+"""effnetv2.explain: exact class attribution, Grad-CAM, deletion/insertion faithfulness curves."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effnetv2 import EfficientNetV2
+from effnetv2.explain import class_attribution, deletion_auc, gradcam, insertion_auc, removal_curve
+
+
+def _model(pool: str) -> EfficientNetV2:
+    """b0 with non-zero biases everywhere in the head, so that the rest term matters."""
+    torch.manual_seed(0)
+    model = EfficientNetV2("b0", num_classes=4, pool=pool, num_heads=4, attn_dim=32, image_size=64).eval()
+    with torch.no_grad():
+        model.head.classifier.weight.normal_(0, 0.5)
+        model.head.classifier.bias.normal_(0, 1.0)
+        if model.head.attn_pool is not None:
+            model.head.attn_pool.attn.out_proj.bias.normal_(0, 1.0)
+            model.head.attn_pool.query.normal_(0, 1.0)
+    return model
+
+
+IMAGES = {"square": (2, 3, 64, 64), "odd": (3, 3, 67, 45)}  # grids 2x2 and 3x2
+
+
+@pytest.mark.parametrize("pool", ["attention", "avg"])
+@pytest.mark.parametrize("size", IMAGES)
+def test_shares_plus_rest_are_the_logit(pool, size):
+    model = _model(pool)
+    x = torch.randn(IMAGES[size])
+    with torch.no_grad():
+        logits = model(x).double()
+    grid = model.forward_features(x).shape[-2:]
+    for target in (None, 2, torch.tensor([3, 0, 1][: len(x)])):
+        maps, rest = class_attribution(model, x, target, return_rest=True)
+        assert maps.shape == (len(x), 4 if pool == "attention" else 1, *grid)
+        chosen = logits.argmax(-1) if target is None else torch.as_tensor(target).expand(len(x))
+        expected = logits.gather(1, chosen[:, None])[:, 0]
+        torch.testing.assert_close(maps.sum((1, 2, 3)) + rest, expected, rtol=1e-5, atol=1e-5)
+        assert rest.abs().min() > 1e-3  # the biases were made non-zero: the rest is not a no-op
+    assert not model.training
+
+
+def test_a_head_share_is_what_removing_that_head_takes_away():
+    """Zero head 1's columns of the output projection: the logit drops by head 1's total share."""
+    model, x = _model("attention"), torch.randn(2, 3, 64, 64)
+    shares = class_attribution(model, x, target=1)
+    head_dim = 32 // 4
+    with torch.no_grad():
+        before = model(x)[:, 1]
+        model.head.attn_pool.attn.out_proj.weight[:, head_dim:2 * head_dim] = 0
+        after = model(x)[:, 1]
+    torch.testing.assert_close((before - after).double(), shares[:, 1].sum((1, 2)), rtol=1e-4, atol=1e-5)
+
+
+def test_an_average_pool_cell_share_is_what_zeroing_that_cell_takes_away():
+    model, x = _model("avg"), torch.randn(2, 3, 64, 64)
+    shares = class_attribution(model, x, target=2)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        zeroed = feats.clone()
+        zeroed[:, :, 1, 0] = 0
+        drop = model.forward_head(feats)[:, 2] - model.forward_head(zeroed)[:, 2]
+    torch.testing.assert_close(drop.double(), shares[:, 0, 1, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_gradcam_of_an_average_pool_is_the_rectified_class_activation_map():
+    """For global average pooling the gradient of logit c is w_c / HW at every cell, so Grad-CAM is
+    ReLU(Σ_k w_ck f_k / HW): the positive part of the class activation map."""
+    model, x = _model("avg"), torch.randn(2, 3, 67, 45)
+    cam = gradcam(model, x, target=3)
+    assert cam.shape == (2, 1, 3, 2) and cam.min() >= 0
+    torch.testing.assert_close(cam.double(), F.relu(class_attribution(model, x, target=3)), rtol=1e-4, atol=1e-6)
+
+
+def test_gradcam_follows_the_gradient_for_an_attention_pool():
+    model, x = _model("attention"), torch.randn(1, 3, 64, 64)
+    feats = model.forward_features(x).detach().requires_grad_(True)
+    model.forward_head(feats)[0, 0].backward()
+    expected = F.relu((feats.grad.mean((2, 3), keepdim=True) * feats).sum(1, keepdim=True)).detach()
+    torch.testing.assert_close(gradcam(model, x, target=0), expected)
+
+
+def _attend_without(model, x, removed: list[int]) -> torch.Tensor:
+    """Class probabilities with ``removed`` cells masked out of the pool's keys, through the pool's own
+    attention (``key_padding_mask``, tested against torch's MultiheadAttention) and the classifier."""
+    pool = model.head.attn_pool
+    with torch.no_grad():
+        tokens = pool.tokens(model.forward_features(x))
+        mask = torch.zeros(tokens.shape[:2], dtype=torch.bool)
+        mask[:, removed] = True
+        out, _ = pool.attn.attend(pool.pooled_query(tokens), tokens, key_padding_mask=mask)
+        return model.head.classifier(out[:, 0]).softmax(-1)
+
+
+def test_deletion_curve_masks_the_best_ranked_keys_first():
+    model, x = _model("attention"), torch.randn(1, 3, 96, 96)  # a 3x3 grid
+    ranking = torch.tensor([[5.0, 1.0, 9.0], [0.0, 7.0, 3.0], [2.0, 8.0, 4.0]])[None, None]  # best: cells 2, 7, 4
+    curve = removal_curve(model, x, ranking, target=1)
+    assert curve.shape == (1, 10)
+    with torch.no_grad():
+        full = model(x).softmax(-1)[0, 1]
+    torch.testing.assert_close(curve[0, 0].float(), full, rtol=1e-5, atol=1e-6)
+    for k, removed in [(1, [2]), (3, [2, 7, 4])]:
+        torch.testing.assert_close(curve[0, k].float(), _attend_without(model, x, removed)[0, 1], rtol=1e-5, atol=1e-6)
+    # nothing left: the logits are the biases alone, b + W b_O
+    rest = model.head.classifier(model.head.attn_pool.attn.out_proj.bias).softmax(-1)[1]
+    torch.testing.assert_close(curve[0, -1].float(), rest.detach(), rtol=1e-5, atol=1e-6)
+    insertion = removal_curve(model, x, ranking, target=1, mode="insertion")
+    torch.testing.assert_close(insertion[0, 2].float(), _attend_without(model, x, [0, 1, 3, 4, 5, 6, 8])[0, 1],
+                               rtol=1e-5, atol=1e-6)  # only the two best (2 and 7) present
+    torch.testing.assert_close(insertion[0, -1], curve[0, 0])
+    torch.testing.assert_close(insertion[0, 0], curve[0, -1])
+
+
+def test_deletion_curve_zeroes_average_pool_cells():
+    model, x = _model("avg"), torch.randn(2, 3, 64, 64)
+    ranking = torch.tensor([[0.1, 0.9], [0.5, 0.3]]).expand(2, 1, 2, 2)  # best: (0, 1), then (1, 0)
+    curve = removal_curve(model, x, ranking, target=0)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        feats[:, :, 0, 1] = 0
+        feats[:, :, 1, 0] = 0
+        expected = model.forward_head(feats).softmax(-1)[:, 0]  # mean over all 4 cells, two of them zero
+    torch.testing.assert_close(curve[:, 2].float(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_areas_are_trapezoids_over_the_fraction_removed():
+    model, x = _model("avg"), torch.randn(2, 3, 64, 64)
+    maps = torch.rand(2, 1, 2, 2)
+    curve = removal_curve(model, x, maps).double()
+    by_hand = ((curve[:, :-1] + curve[:, 1:]) / 2).sum(-1) / 4  # 4 cells: steps of 1/4
+    torch.testing.assert_close(deletion_auc(model, x, maps), by_hand)
+    inserted = removal_curve(model, x, maps, mode="insertion").double()
+    torch.testing.assert_close(insertion_auc(model, x, maps), ((inserted[:, :-1] + inserted[:, 1:]) / 2).sum(-1) / 4)
+
+
+def test_exact_attribution_deletes_a_linear_head_fastest():
+    """For a linear (average-pooled) head, removing the cells with the largest shares first lowers
+    the target logit at every step at least as much as any other order: check against all others."""
+    import itertools
+
+    model, x = _model("avg"), torch.randn(1, 3, 64, 64)
+    shares = class_attribution(model, x, target=0)[0, 0].flatten()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+    def logit_without(cells):
+        kept = feats.clone().flatten(2)
+        kept[:, :, list(cells)] = 0
+        return model.forward_head(kept.view_as(feats))[0, 0].item()
+    best_first = torch.argsort(shares, descending=True).tolist()
+    for k in range(1, 4):
+        ours = logit_without(best_first[:k])
+        assert all(ours <= logit_without(c) + 1e-5 for c in itertools.combinations(range(4), k))
+
+
+def test_bad_arguments_are_named():
+    model, x = _model("avg"), torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"target must be class indices in 0\.\.3"):
+        class_attribution(model, x, target=4)
+    with pytest.raises(ValueError, match="maps cover 9 cells but the model's feature grid has 4"):
+        deletion_auc(model, x, torch.rand(1, 1, 3, 3))
+    with pytest.raises(ValueError, match="mode must be"):
+        removal_curve(model, x, torch.rand(1, 1, 2, 2), mode="both")
+    model.train()
+    class_attribution(model, x)
+    assert model.training  # restored
