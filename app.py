@@ -6,14 +6,22 @@
     EFFNETV2_MODEL=./my-model python app.py --port 7861
 
 Tab "Classify" gives the top-5 labels; tab "Attention" draws each head's attention over the image,
-the query-by-key score matrix and the maths with this image's real tensor shapes. Both are named API
-endpoints (`/classify`, `/attention`) that `gradio_client` can call. Everything reusable lives in the
+the query-by-key score matrix and the maths with this image's real tensor shapes, and a playground
+with the textbook example. All three are named API endpoints (`/classify`, `/attention`, `/textbook`)
+that `gradio_client` can call. Everything reusable lives in the
 `effnetv2` package; this file only wires it to the UI, so copy it and change what you like.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
+import hashlib
+import io
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import gradio as gr
@@ -36,9 +44,12 @@ MAX_FILE_SIZE = "10mb"       # the server refuses bigger uploads before anything
 MAX_PIXELS = 40_000_000      # a small file can still decode to a gigapixel ("decompression bomb")
 MAX_ASPECT = 20              # resizing the short side of a 1x5000 strip would make a huge tensor
 SMALL_SIDE = 16              # below this the answer says little: warn, but answer
-CONCURRENCY = 1              # requests of one event computed at once: the runtime already uses every
-                             # core for one image, and an OpenVINO infer request serves one thread
+COMPUTE = "compute"          # the one concurrency group of every event that computes (model, playground)
+CONCURRENCY = 2              # requests of that group computed at once: one request's forward runs while
+                             # another's image decodes or its pictures encode (single-threaded work), and
+                             # memory stays bounded: at most two images of MAX_PIXELS are decoded at once
 QUEUE_SIZE = 64              # requests waiting beyond that are turned away with a message
+PLAYGROUND = {"tokens": (1, 64), "width": (1, 4096), "heads": (1, 64), "seed": (0, 2**32 - 1)}  # inclusive
 VIEW_PX = 320                # what the model sees is drawn at this size (maps and clickable grid)
 POOLED, CELL = "pooled", "cell"
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
@@ -113,7 +124,7 @@ def parse_query(query: str, row, col, grid: tuple[int, int]) -> tuple[int, int] 
     height, width = grid
     try:
         cell = int(float(row)), int(float(col))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # None, text, NaN, infinity
         cell = None
     if cell is None or not (0 <= cell[0] < height and 0 <= cell[1] < width):
         raise user_error(f"Query cell ({row}, {col}) is outside the {height}x{width} feature grid: "
@@ -145,32 +156,95 @@ def pick_cell(predictor: Predictor, evt: gr.SelectData) -> tuple[str, int, int]:
 
 # ---- Textbook playground ------------------------------------------------------------------------
 
+def whole_number(value, name: str) -> int:
+    """A playground field's raw value (the event skips Gradio's preprocessing, which fails on
+    infinity) → a whole number within ``PLAYGROUND[name]``, else a message naming the field."""
+    low, high = PLAYGROUND[name]
+    try:
+        number = round(float(value))
+    except (TypeError, ValueError, OverflowError):  # None, text, NaN, infinity
+        number = None
+    if number is None or not low <= number <= high:
+        raise user_error(f"{name} must be a whole number from {low} to {high}, got {value}.",
+                         title="Check the sizes")
+    return number
+
+
 def playground(tokens: float, width: float, heads: float, seed: float):
     """The textbook example: ``tokens`` random tokens of ``width`` channels in ``heads`` heads →
     each head's score matrix (gallery) and the shapes at each step (Markdown)."""
+    tokens, width, heads, seed = (whole_number(value, name)
+                                  for value, name in zip((tokens, width, heads, seed), PLAYGROUND))
     try:
-        example = textbook_example(int(tokens), int(width), int(heads), seed=int(seed))
+        example = textbook_example(tokens, width, heads, seed=seed)
     except ValueError as err:
         raise user_error(str(err), title="Check the sizes") from None
     return viz.textbook_gallery(example), viz.textbook_markdown(example)
 
 
+# ---- Pictures to serve --------------------------------------------------------------------------
+
+@functools.cache
+def picture_dir() -> Path:
+    """This process's folder of served pictures (in the system temp folder, where Gradio may read)."""
+    folder = Path(tempfile.mkdtemp(prefix="effnetv2-app-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def picture_file(image: Image.Image) -> str:
+    """``image`` as a PNG file in :func:`picture_dir`, named by its content and never rewritten.
+
+    Returned PIL images would go through Gradio's ``save_pil_to_cache``, which rewrites the cached
+    file in place (truncate, then write) while another request for the same picture may be streaming
+    it: that response ends short. A new file is written under a temporary name and renamed into
+    place, so whoever opens the name gets a complete file; Gradio copies a returned path into its
+    cache the same way.
+    """
+    buffer = io.BytesIO()
+    image.save(buffer, format="png", compress_level=1)  # 4x faster than the default 6, files 20% larger
+    data = buffer.getvalue()
+    path = picture_dir() / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    if not path.exists():
+        fd, staging = tempfile.mkstemp(dir=path.parent, suffix=".part")
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(staging, path)
+    return str(path)
+
+
+def as_files(outputs):
+    """An event's outputs with every PIL image (also inside gallery lists of (image, caption)) → a
+    :func:`picture_file` path."""
+    if isinstance(outputs, Image.Image):
+        return picture_file(outputs)
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(as_files(value) for value in outputs)
+    return outputs
+
+
 # ---- The page -----------------------------------------------------------------------------------
 
 def build_demo(predictor: Predictor, header: str) -> gr.Blocks:
-    """The two-tab app around ``predictor``; the events with an ``api_name`` are the public API.
+    """The two-tab app around ``predictor``, queue set up; the events with an ``api_name`` are the
+    public API.
 
-    Image events run with ``preprocess=False``: the handlers get the raw upload and decode it with
-    ``read_image``, so a bad file is a message for the user, never a Gradio processing error.
+    Computing events run with ``preprocess=False``: the handlers get the raw upload and decode it
+    with ``read_image`` (raw numbers: ``whole_number``), so a bad input is a message for the user,
+    never a Gradio processing error. They share the concurrency group ``COMPUTE``, so button and
+    example clicks of both tabs together compute at most ``CONCURRENCY`` requests at once.
     """
     def run_classify(image):
         return classify(predictor, image)
 
     def run_attention(image, query, row, col):
-        return attention(predictor, image, query, row, col)
+        return as_files(attention(predictor, image, query, row, col))
 
     def run_attention_example(image):
-        return *attention(predictor, image), POOLED
+        return *as_files(attention(predictor, image)), POOLED
+
+    def run_playground(tokens, width, heads, seed):
+        return as_files(playground(tokens, width, heads, seed))
 
     def run_pick(evt: gr.SelectData):
         return pick_cell(predictor, evt)
@@ -199,10 +273,12 @@ def build_demo(predictor: Predictor, header: str) -> gr.Blocks:
                                          elem_id="classify-image")
                         button = gr.Button("Classify", variant="primary", elem_id="classify-button")
                     labels = gr.Label(num_top_classes=TOP_K, label=f"Top {TOP_K}", elem_id="classify-label")
-                button.click(run_classify, image, labels, api_name="classify", preprocess=False)
-                if EXAMPLES:
-                    gr.Examples(EXAMPLES, inputs=image, outputs=labels, fn=run_classify,
-                                run_on_click=True, cache_examples=False)
+                button.click(run_classify, image, labels, api_name="classify", preprocess=False,
+                             concurrency_id=COMPUTE)
+                if EXAMPLES:  # gr.Examples(fn=...) cannot join a concurrency group: run it as a next step
+                    gr.Examples(EXAMPLES, inputs=image).load_input_event.then(
+                        run_classify, image, labels, preprocess=False, concurrency_id=COMPUTE,
+                        api_visibility="private")
 
             with gr.Tab("Attention", id="attention"):
                 gr.Markdown(intro, latex_delimiters=LATEX)
@@ -226,27 +302,27 @@ def build_demo(predictor: Predictor, header: str) -> gr.Blocks:
                     maths = gr.Markdown(latex_delimiters=LATEX, elem_id="maths")
                 att_outputs = [heads, matrix, maths, grid_view]
                 att_button.click(run_attention, [att_image, query, row, col], att_outputs,
-                                 api_name="attention", preprocess=False)
+                                 api_name="attention", preprocess=False, concurrency_id=COMPUTE)
                 grid_view.select(run_pick, None, [query, row, col], api_visibility="private").then(
                     run_attention, [att_image, query, row, col], att_outputs, preprocess=False,
-                    api_visibility="private")
+                    concurrency_id=COMPUTE, api_visibility="private")
                 if EXAMPLES:
-                    gr.Examples(EXAMPLES, inputs=att_image, outputs=att_outputs + [query],
-                                fn=run_attention_example, run_on_click=True, cache_examples=False)
+                    gr.Examples(EXAMPLES, inputs=att_image).load_input_event.then(
+                        run_attention_example, att_image, att_outputs + [query], preprocess=False,
+                        concurrency_id=COMPUTE, api_visibility="private")
 
                 with gr.Accordion("Playground: the textbook example", open=False):
                     gr.Markdown("A sequence of tokens of some width, split into heads: each head scores "
                                 "every token against every other. Change the sizes.")
                     with gr.Row():
-                        n_tokens = gr.Number(3, label="tokens", precision=0, minimum=1, maximum=64)
-                        n_width = gr.Number(768, label="width", precision=0, minimum=1, maximum=4096)
-                        n_heads = gr.Number(12, label="heads", precision=0, minimum=1, maximum=64)
-                        n_seed = gr.Number(0, label="seed", precision=0)
+                        numbers = [gr.Number(value, label=name, precision=0, minimum=low, maximum=high)
+                                   for value, (name, (low, high)) in zip((3, 768, 12, 0), PLAYGROUND.items())]
                         play = gr.Button("Run")
                     play_gallery = gr.Gallery(label="Score matrix of each head", columns=6, format="png")
                     play_maths = gr.Markdown(latex_delimiters=LATEX)
-                    play.click(playground, [n_tokens, n_width, n_heads, n_seed], [play_gallery, play_maths],
-                               api_name="textbook")
+                    play.click(run_playground, numbers, [play_gallery, play_maths], api_name="textbook",
+                               preprocess=False, concurrency_id=COMPUTE)
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return demo
 
 
@@ -264,14 +340,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    predictor, header = load(args.model, args.backend)
+    try:
+        predictor, header = load(args.model, args.backend)
+    except (ValueError, OSError, ImportError) as err:  # the library's messages say what to do
+        print(f"error: --model {args.model}: {err}", file=sys.stderr)
+        return 2
     demo = build_demo(predictor, header)
-    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
                 max_file_size=MAX_FILE_SIZE, footer_links=["api"])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,16 +1,27 @@
-"""app.py's endpoint functions called in-process: answers, the maths shown, and bad inputs."""
+"""app.py's endpoint functions called in-process: answers, the maths shown, bad inputs, limits,
+the pictures it serves, and its concurrency group (one in-process server)."""
 from __future__ import annotations
 
+import os
+import re
 import struct
+import tempfile
+import threading
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 import torch
+from gradio_client import Client, handle_file
 from PIL import Image
 
 import app
-from effnetv2 import EfficientNetV2, transforms_for
+from app_server import free_port
+from effnetv2 import EfficientNetV2, transforms_for, viz
 
 LABELS = ["circle", "hexagon", "square", "star", "triangle", "ring", "cross"]
 HEADS, WIDTH, SIZE = 4, 64, 64
@@ -109,6 +120,33 @@ def test_bad_inputs_give_clear_errors(predictor, tmp_path, photo, fn, case, mess
     assert app.classify(predictor, str(photo))  # and the next request is served as usual
 
 
+@pytest.mark.parametrize("size, refused", [((8000, 5000), False), ((8001, 5000), True)])
+def test_pixel_limit_at_its_edge(predictor, tmp_path, size, refused):
+    """40,000,000 pixels are read; 40,005,000 (0.0125% more) are refused before decoding."""
+    path = tmp_path / "big.png"
+    if refused:
+        _png_header_only(path, *size)
+        with pytest.raises(gr.Error, match="8001x5000 pixels is more than the 40,000,000 allowed"):
+            app.classify(predictor, str(path))
+    else:
+        Image.new("L", size).save(path, compress_level=1)
+        assert len(app.classify(predictor, str(path))) == app.TOP_K
+
+
+@pytest.mark.parametrize("fn", ["classify", "attention"])
+@pytest.mark.parametrize("size, refused", [((2000, 100), False), ((100, 2000), False),
+                                           ((2001, 100), True), ((100, 2001), True)])
+def test_aspect_limit_at_its_edge(predictor, tmp_path, fn, size, refused):
+    """20:1 is answered, 20.01:1 refused, lying or standing."""
+    path = tmp_path / "strip.png"
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    if refused:
+        with pytest.raises(gr.Error, match=f"{size[0]}x{size[1]} pixels, more elongated than 20:1"):
+            getattr(app, fn)(predictor, str(path))
+    else:
+        assert getattr(app, fn)(predictor, str(path))
+
+
 def test_one_pixel_image_is_answered_with_a_warning(predictor, tmp_path):
     path = tmp_path / "dot.png"
     Image.new("RGB", (1, 1), (255, 0, 0)).save(path)
@@ -144,11 +182,21 @@ def test_attention_gives_each_head_the_mean_the_matrix_and_the_maths(predictor, 
     assert "softmax" in maths
 
 
-def test_attention_from_a_clicked_cell(predictor, photo):
-    pooled = app.attention(predictor, str(photo), app.POOLED)
-    cell = app.attention(predictor, str(photo), app.CELL, 1, 0)
-    assert cell[2] != pooled[2]
-    for row, col in ((5, 0), (0, -1), ("x", 0), (None, 1)):
+def test_attention_from_a_clicked_cell(predictor, model_dir, photo):
+    gallery, _, maths, _ = app.attention(predictor, str(photo), app.CELL, 1, 0)
+    model = EfficientNetV2.from_pretrained(model_dir)
+    image = Image.open(photo).convert("RGB")
+    with torch.no_grad():
+        maps = model.attention_maps(transforms_for(model)(image)[None], query=(1, 0))[0]  # [heads, 2, 2]
+    for (_, caption), attn in zip(gallery, [*maps, maps.mean(0)]):
+        peak, row, col = re.search(r"peak ([\d.]+) at cell \((\d+), (\d+)\)", caption).groups()
+        assert float(peak) == pytest.approx(float(attn.max()), abs=1e-3)
+        assert (int(row), int(col)) == divmod(int(attn.argmax()), 2)
+    view = viz.model_input(model, image)[1].resize((app.VIEW_PX, app.VIEW_PX), Image.BICUBIC)
+    for (picture, _), (expected, _) in zip(gallery, viz.head_gallery(view, maps)):  # the same maps drawn
+        assert np.abs(np.asarray(picture, int) - np.asarray(expected, int)).max() <= 1
+    assert "the token at cell (1, 0)" in maths
+    for row, col in ((5, 0), (0, -1), ("x", 0), (None, 1), (float("inf"), 0), (0, float("nan"))):
         with pytest.raises(gr.Error, match="outside the 2x2 feature grid"):
             app.attention(predictor, str(photo), app.CELL, row, col)
 
@@ -162,31 +210,142 @@ def test_click_on_the_grid_picture_picks_that_cell(predictor, photo):
     assert app.pick_cell(predictor, bottom_left) == (app.CELL, 1, 0)
 
 
-def test_playground_textbook_example(predictor):
+def test_playground_textbook_example():
     gallery, maths = app.playground(3, 768, 12, 0)
-    assert len(gallery) == 12 and "head 12" in gallery[-1][1]
-    assert "64" in maths  # 768 / 12 channels per head
+    assert [caption.split(":")[0] for _, caption in gallery] == [f"head {i}" for i in range(1, 13)]
+    # 3 tokens of width 768; 12 heads of 768 / 12 = 64 channels; 3 x 3 scores per head
+    for step, shape in [("X", "[1, 3, 768]"), ("split heads", "[1, 12, 3, 64]"),
+                        ("scores / softmax", "[1, 12, 3, 3]"), ("weighted sum", "[1, 12, 3, 64]"),
+                        ("merged / output", "[1, 3, 768]")]:
+        assert f"- {step}: `{shape}`" in maths
+    assert all(picture.size[0] > 0 for picture, _ in gallery)
     with pytest.raises(gr.Error, match="divisible"):
         app.playground(3, 768, 7, 0)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ((3, 768, 12, float("inf")), "seed must be a whole number from 0 to 4294967295, got inf"),
+    ((3, 768, 12, float("nan")), "seed must be a whole number from 0 to 4294967295, got nan"),
+    ((3, 768, 12, -1), "seed must be"), ((3, 768, 12, 2**32), "seed must be"),
+    ((float("inf"), 768, 12, 0), "tokens must be a whole number from 1 to 64, got inf"),
+    ((65, 768, 12, 0), "tokens must be"), ((3, 0, 12, 0), "width must be a whole number from 1 to 4096"),
+    ((3, 768, None, 0), "heads must be a whole number from 1 to 64, got None"), ((3, "x", 12, 0), "width")])
+def test_playground_refuses_bad_sizes_with_a_message(sizes, message):
+    with pytest.raises(gr.Error, match=re.escape(message)):
+        app.playground(*sizes)
+
+
+def test_playground_takes_the_edges_of_its_ranges():
+    assert len(app.playground(1, 1, 1, 2**32 - 1)[0]) == 1
+    assert len(app.playground(64, 4096, 64, 0)[0]) == 64
 
 
 def test_demo_builds_with_the_named_endpoints(loaded):
     demo = app.build_demo(*loaded)
     names = {fn.api_name for fn in demo.fns.values()}
-    assert {"classify", "attention"} <= names
+    assert {"classify", "attention", "textbook"} <= names
 
 
-def test_main_limits_uploads_queue_and_sharing(monkeypatch, model_dir):
+def test_every_computing_event_is_in_one_concurrency_group(loaded):
+    """Buttons, example clicks (both tabs), the grid click and the playground share one budget."""
+    demo = app.build_demo(*loaded)
+    groups = {fn.name: fn.concurrency_id for fn in demo.fns.values()}
+    computing = [name for name in groups if name.startswith("run_") and name != "run_pick"]
+    assert sorted(computing) == ["run_attention", "run_attention_example", "run_classify", "run_playground"]
+    # each name once per event: classify button + example, attention button + grid click, ...
+    events = [fn for fn in demo.fns.values() if fn.name in computing]
+    assert len(events) == 6 and {fn.concurrency_id for fn in events} == {"compute"}
+
+
+def test_classify_and_attention_together_compute_two_at_a_time(loaded, photo, monkeypatch):
+    """Four /classify and four /attention requests at once through a real server: at most two are
+    inside the model's work at any moment (separate queues would let four in)."""
+    active, peak, lock = 0, 0, threading.Lock()
+    read_image = app.read_image
+
+    def slow_read_image(value):
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        try:
+            time.sleep(0.4)  # long enough for every request to be waiting at once
+            return read_image(value)
+        finally:
+            with lock:
+                active -= 1
+    monkeypatch.setattr(app, "read_image", slow_read_image)
+    demo = app.build_demo(*loaded)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        requests = [((handle_file(str(photo)),), "/classify"),
+                    ((handle_file(str(photo)), app.POOLED, 0, 0), "/attention")] * 4
+        with ThreadPoolExecutor(len(requests)) as pool:
+            results = list(pool.map(lambda r: client.predict(*r[0], api_name=r[1]), requests))
+    finally:
+        demo.close()
+    assert len(results) == 8 and all(results)
+    assert peak == 2
+
+
+def test_pictures_are_files_never_rewritten(tmp_path):
+    red, blue = Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (40, 30), (0, 0, 255))
+    path = Path(app.picture_file(red))
+    assert path.parent == app.picture_dir() and path.parent.parent == Path(tempfile.gettempdir())
+    assert path.suffix == ".png" and np.array_equal(np.asarray(Image.open(path)), np.asarray(red))
+    before = os.stat(path)
+    time.sleep(0.01)
+    assert app.picture_file(red.copy()) == str(path)  # the same picture is the same file, untouched
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert app.picture_file(blue) != str(path)
+    assert not list(path.parent.glob("*.part"))  # no half-written file is left behind
+    gallery, matrix, text = app.as_files(([(red, "head 1")], blue, "maths"))
+    assert gallery == [(str(path), "head 1")] and matrix == app.picture_file(blue) and text == "maths"
+
+
+@pytest.fixture()
+def launched(monkeypatch):
+    """What ``app.main`` passes to ``launch`` (which does not run), with the Blocks' queue."""
     seen = {}
 
     def fake_launch(self, **kwargs):
         seen.update(kwargs, queue=self._queue)
     monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
-    app.main(["--model", str(model_dir), "--port", "7999", "--backend", "torch"])
-    assert seen["share"] is False and seen["show_error"] is False
-    assert seen["max_file_size"] == app.MAX_FILE_SIZE and seen["server_name"] == "127.0.0.1"
-    assert seen["queue"].max_size == app.QUEUE_SIZE
-    assert seen["queue"].default_concurrency_limit == app.CONCURRENCY
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    return seen
+
+
+def test_main_limits_uploads_queue_and_sharing(launched, model_dir):
+    assert app.main(["--model", str(model_dir), "--port", "7999", "--backend", "torch"]) == 0
+    assert launched["share"] is False and launched["show_error"] is False
+    assert launched["max_file_size"] == "10mb"  # README: uploads are limited to 10 MB
+    assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999
+    assert launched["queue"].max_size == 64  # README: holds at most 64 waiting
+    assert launched["queue"].default_concurrency_limit == 2  # README: computes 2 requests at a time
+
+
+def test_main_honours_the_server_name_a_space_sets(launched, model_dir, monkeypatch):
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
+    app.main(["--model", str(model_dir), "--backend", "torch"])
+    assert (launched["server_name"], launched["server_port"]) == ("0.0.0.0", 7861)
+    app.main(["--model", str(model_dir), "--backend", "torch", "--host", "127.0.0.1"])  # the flag wins
+    assert launched["server_name"] == "127.0.0.1"
+
+
+def test_main_offline_without_the_model_says_what_to_do(launched, capsys, monkeypatch, tmp_path):
+    """Offline, a Hub id that is not in the cache: one line naming it and the way out, exit status 2."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert app.main(["--model", "effnetv2-tests/not-cached"]) == 2
+    assert "queue" not in launched  # nothing was started
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("error: --model effnetv2-tests/not-cached: ")
+    assert "HF_HUB_OFFLINE=1" in err and "hf download effnetv2-tests/not-cached" in err
 
 
 def test_model_comes_from_flag_env_or_the_bundled_default(monkeypatch):
