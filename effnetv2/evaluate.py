@@ -6,8 +6,13 @@
 For each image, the attention maps of ``model.attention_maps`` (the pooled query, mean over heads)
 give the attention mass inside the object's box (``annotations.json``, mapped through the eval
 resize and crop); the box's share of the image area is what a uniform map would put there. A model
-that looks at the object has mass well above share. ``--update-card`` writes the figures and the
-command into the model folder's README.md (between the markers below, replaced on a re-run).
+that looks at the object has mass well above share.
+
+Every kind of map (raw attention, exact class attribution, Grad-CAM, and a random and a uniform map
+as baselines; see ``effnetv2.explain``) is also scored for faithfulness on the predicted class:
+deletion AUC (lower is better), insertion AUC (higher is better) and mass in the box (signed maps
+count their positive part). ``--update-card`` writes the figures and the command into the model
+folder's README.md (between the markers below, replaced on a re-run).
 """
 from __future__ import annotations
 
@@ -19,12 +24,22 @@ from pathlib import Path
 
 import torch
 
+from .explain import class_attribution, deletion_auc, gradcam, insertion_auc
 from .images import open_image
 from .sources import load_model
 from .transforms import transforms_for
 from .viz import attention_mass_in_box
 
 CARD_BEGIN, CARD_END = "<!-- effnetv2.evaluate: begin -->", "<!-- effnetv2.evaluate: end -->"
+MAP_KINDS = ("attention", "class attribution", "Grad-CAM", "random", "uniform")
+
+
+def explanation_maps(model, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every map kind for images ``x`` ``[B, 3, H, W]``, each ``[B, heads, h, w]``, on the predicted class."""
+    attention = model.attention_maps(x)
+    return {"attention": attention, "class attribution": class_attribution(model, x), "Grad-CAM": gradcam(model, x),
+            "random": torch.rand(attention[:, :1].shape, generator=generator),
+            "uniform": torch.ones_like(attention[:, :1])}
 
 
 def box_in_view(box: list[float], image_size: tuple[int, int], cfg: dict) -> list[float]:
@@ -46,12 +61,23 @@ def evaluate(model, root: Path, batch_size: int = 64) -> dict:
     size = cfg["image_size"]
     names = sorted(annotations)
     correct, per_class, masses, shares, head_masses = 0, {}, [], [], []
+    faithfulness = {kind: {"deletion_auc": [], "insertion_auc": [], "mass_in_box": []} for kind in MAP_KINDS}
+    generator = torch.Generator().manual_seed(0)  # the random baseline is the same on every run
     for start in range(0, len(names), batch_size):
         chunk = names[start:start + batch_size]
         images = [open_image(root / name) for name in chunk]
         x = torch.stack([transform(image) for image in images])
         predictions = model(x).argmax(-1).tolist()
-        maps = model.attention_maps(x)  # [B, heads, h, w]
+        kinds = explanation_maps(model, x, generator)
+        maps = kinds["attention"]  # [B, heads, h, w]
+        for kind, kind_maps in kinds.items():
+            faithfulness[kind]["deletion_auc"] += deletion_auc(model, x, kind_maps).tolist()
+            faithfulness[kind]["insertion_auc"] += insertion_auc(model, x, kind_maps).tolist()
+            for image, name, one in zip(images, chunk, kind_maps):
+                box = box_in_view(annotations[name]["box"], image.size, cfg)
+                positive = one.double().sum(0).clamp(min=0)
+                faithfulness[kind]["mass_in_box"].append(
+                    attention_mass_in_box(positive, box, (size, size)) if positive.sum() > 0 else 0.0)
         for name, image, prediction, attn in zip(chunk, images, predictions, maps):
             label = annotations[name]["label"]
             hit = model.id2label[str(prediction)] == label
@@ -73,6 +99,8 @@ def evaluate(model, root: Path, batch_size: int = 64) -> dict:
         "mass_over_share": sum(masses) / sum(shares),
         "images_with_mass_above_share": sum(m > s for m, s in zip(masses, shares)) / count,
         "attention_mass_in_box_per_head": [round(m, 4) for m in heads],
+        "maps": {kind: {metric: sum(values) / count for metric, values in figures.items()}
+                 for kind, figures in faithfulness.items()},
     }
 
 
@@ -95,6 +123,7 @@ def card_section(result: dict, data: Path, command: str) -> str:
         f"| images whose attention mass in the box exceeds its area share | {result['images_with_mass_above_share']:.1%} |",
         f"| mass in the box, per head | {heads} |",
         "",
+        *_faithfulness_table(result.get("maps")),
         "Measured with:",
         "",
         "```bash",
@@ -102,6 +131,23 @@ def card_section(result: dict, data: Path, command: str) -> str:
         "```",
         CARD_END,
     ])
+
+
+def _faithfulness_table(maps: dict | None) -> list[str]:
+    """Card lines: each map kind's deletion AUC, insertion AUC and mass in the box (none if not measured)."""
+    if not maps:
+        return []
+    return [
+        "How faithful each kind of map is to the predicted class (`effnetv2.explain`): cells are removed from "
+        "(deletion, lower is better) or added to (insertion, higher is better) the pooling in the order the map "
+        "ranks them, and the class probability is integrated over the fraction of cells.",
+        "",
+        "| map | deletion AUC ↓ | insertion AUC ↑ | mass in the box |",
+        "|---|---|---|---|",
+        *(f"| {kind} | {m['deletion_auc']:.3f} | {m['insertion_auc']:.3f} | {m['mass_in_box']:.3f} |"
+          for kind, m in maps.items()),
+        "",
+    ]
 
 
 def update_card(card: Path, section: str) -> None:

@@ -68,6 +68,12 @@ def test_figures_match_what_the_annotations_say(shapes, monkeypatch):
     assert result["mass_over_share"] == pytest.approx(sum(masses) / sum(shares))
     assert result["images_with_mass_above_share"] == pytest.approx(np.mean(np.array(masses) > np.array(shares)))
     assert result["attention_mass_in_box_per_head"] == pytest.approx([np.mean(masses)] * 2, abs=1e-4)
+    # faithfulness table: a uniform map puts exactly the box's share in the box, the attention kind is
+    # the attention mass above, and every AUC is a probability integrated over [0, 1]
+    assert set(result["maps"]) == {"attention", "class attribution", "Grad-CAM", "random", "uniform"}
+    assert result["maps"]["uniform"]["mass_in_box"] == pytest.approx(np.mean(shares))
+    assert result["maps"]["attention"]["mass_in_box"] == pytest.approx(np.mean(masses))
+    assert all(0 < m["deletion_auc"] < 1 and 0 < m["insertion_auc"] < 1 for m in result["maps"].values())
 
 
 def test_command_line_prints_writes_json_and_updates_the_card(shapes, tmp_path, capsys):
@@ -86,6 +92,9 @@ def test_command_line_prints_writes_json_and_updates_the_card(shapes, tmp_path, 
     assert f"| accuracy | {written['accuracy']:.4f} |" in card
     assert f"| the box's share of the image (what uniform attention would give) | {written['box_area_share']:.3f} |" in card
     assert f"python -m effnetv2.evaluate --model {folder} --data {shapes}" in card
+    attribution = written["maps"]["class attribution"]
+    assert (f"| class attribution | {attribution['deletion_auc']:.3f} | {attribution['insertion_auc']:.3f} | "
+            f"{attribution['mass_in_box']:.3f} |") in card
     with pytest.raises(SystemExit):  # a folder without annotations.json is a usage error
         main(["--model", str(folder), "--data", str(tmp_path)])
     assert "has no annotations.json" in capsys.readouterr().err
