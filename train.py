@@ -8,7 +8,9 @@ Output (--output-dir): a Hub-ready model folder (config.json with labels and pre
 model.safetensors, README.md model card with the run's metrics and command), metrics.json (per epoch
 and final), class_indices.json, split.json, confusion_matrix.png, TensorBoard logs in logs/, and
 checkpoints/epoch_N after every epoch (the last --keep-checkpoints), so a killed run continues with
---resume latest: same optimizer, lr schedule, EMA, epoch, random state and data order.
+--resume latest: same optimizer, lr schedule, EMA, epoch, random state and data order. A folder holds
+one run: one that holds another is refused unless --resume (the same run, same settings and data) or
+--overwrite (cleared first). Local paths stay local: split.json and the card name the data folder only.
 
 Choices worth knowing:
 - --freeze-layers (train only the head: the 1x1 head conv, the attention pool and the classifier;
@@ -39,16 +41,15 @@ import math
 import os
 import random
 import shlex
-import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -60,9 +61,11 @@ from effnetv2.ema import ModelEma
 from effnetv2.hub import card_upload_patterns, read_state_dict
 from effnetv2.progressive import Stage, progressive_plan, stage_for_epoch
 from effnetv2.schedule import cosine_schedule, optimizer_steps_per_epoch
-from effnetv2.training import (HEAD_PREFIX, average_buffers, backbone_batchnorm_eval, build_model, confusion_matrix,
-                               freeze_backbone, list_checkpoints, mix_batch, plot_confusion_matrix,
-                               recalibrate_batchnorm, soft_cross_entropy, state_fingerprint)
+from effnetv2.training import (HEAD_PREFIX, OutputDirError, WriteError, atomic_path, average_buffers,
+                               backbone_batchnorm_eval, build_model, check_output_dir, clear_output_dir,
+                               confusion_matrix, data_fingerprint, freeze_backbone, list_checkpoints, mix_batch,
+                               plot_confusion_matrix, prune_checkpoints, public_argv, recalibrate_batchnorm,
+                               resume_mismatches, save_checkpoint, save_model, soft_cross_entropy, state_fingerprint)
 
 RESUME_MUST_MATCH = ("variant", "weights", "pool", "batch_size", "grad_accum", "optimizer", "lr", "lrf", "epochs",
                      "seed", "val_fraction", "ema", "progressive", "stages")
@@ -86,9 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--freeze-layers", action=argparse.BooleanOptionalAction, default=None,
                    help="train only the head, backbone BatchNorm statistics frozen (default: on with --weights, "
                         "off from scratch)")
-    p.add_argument("--output-dir", default="outputs/run")
+    p.add_argument("--output-dir", default="outputs/run", help="a new or empty folder, or this run's (--resume)")
     p.add_argument("--resume", default=None, metavar="{PATH,latest}",
                    help="a checkpoint folder, or 'latest' in --output-dir/checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what --output-dir holds (an earlier train.py run) before this run starts")
     p.add_argument("--progressive", action="store_true", help="EfficientNetV2 progressive learning")
     p.add_argument("--stages", type=int, default=4, help="progressive-learning stages (M)")
     p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="push the model folder at the end")
@@ -138,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--crop-scale {low} {high}: give MIN MAX with 0 < MIN <= MAX <= 1, e.g. --crop-scale 0.5 1")
     if args.clip_grad is not None and not (math.isfinite(args.clip_grad) and args.clip_grad >= 0):
         p.error(f"--clip-grad {args.clip_grad}: give a positive max gradient norm (e.g. 1.0), or 0 to turn clipping off")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --output-dir and --overwrite deletes it: give one of them")
     return args
 
 
@@ -177,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     say = accelerator.print
     set_seed(args.seed)
 
+    # 0. The output folder: a file, a read-only place or another run's folder is refused before any work.
+    try:
+        check_output_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
+    except OutputDirError as err:
+        say(f"error: {err}")
+        return 2
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes there
+
     # 1. Data: scan, drop unreadable files, split; every error comes before any training starts.
     try:
         samples, classes = scan_folder(args.data_path)
@@ -195,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {err}")
         return 2
     num_classes = len(classes)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_class_indices(out / "class_indices.json", classes)
-        write_split(out / "split.json", train_samples, val_samples, classes, args.data_path)
+    data = data_fingerprint(args.data_path, train_samples, val_samples)
     say(f"data: {len(train_samples)} training and {len(val_samples)} validation images in {num_classes} classes "
         f"({', '.join(classes)})")
 
@@ -225,6 +237,31 @@ def main(argv: list[str] | None = None) -> int:
         say(f"backbone frozen: training {sum(model.get_parameter(n).numel() for n in trainable):,} head parameters")
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+
+    # The checkpoint to resume must be this run's: same settings, same data (it is loaded after prepare()).
+    run_id, resume_from = uuid.uuid4().hex, None
+    if args.resume:
+        found = list_checkpoints(out / "checkpoints")
+        resume_from = (found[-1] if found else None) if args.resume == "latest" else Path(args.resume)
+        if resume_from is None or not (resume_from / "train_state.json").is_file():
+            say(f"error: --resume {args.resume}: no complete checkpoint "
+                f"{'in ' + str(out / 'checkpoints') if resume_from is None else 'at ' + str(resume_from)}; "
+                f"start without --resume")
+            return 2
+        state = json.loads((resume_from / "train_state.json").read_text())
+        mismatches = resume_mismatches(state, vars(args), RESUME_MUST_MATCH, data)
+        if mismatches:
+            say(f"error: --resume {resume_from}: the checkpoint was made with different " + ", ".join(mismatches)
+                + "; resume with the original settings and data, or start a new run (--overwrite, or another "
+                  "--output-dir)")
+            return 2
+        run_id = state["run_id"]
+    if accelerator.is_main_process:
+        if args.overwrite:
+            clear_output_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_class_indices(out / "class_indices.json", classes)
+        write_split(out / "split.json", train_samples, val_samples, classes, args.data_path)
 
     # 3. Progressive learning: image size and regularisation grow stage by stage (one stage otherwise).
     train_size = model.config["train_image_size"]
@@ -274,26 +311,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. Resume: model, optimizer, RNG states and sampler (load_state), then scheduler, EMA, history.
     start_epoch, step, history = 0, 0, []
-    if args.resume:
-        found = list_checkpoints(out / "checkpoints")
-        folder = (found[-1] if found else None) if args.resume == "latest" else Path(args.resume)
-        if folder is None or not (folder / "train_state.json").is_file():
-            say(f"error: --resume {args.resume}: no complete checkpoint "
-                f"{'in ' + str(out / 'checkpoints') if folder is None else 'at ' + str(folder)}; start without --resume")
-            return 2
-        state = json.loads((folder / "train_state.json").read_text())
-        changed = [k for k in RESUME_MUST_MATCH if state["args"].get(k) != vars(args).get(k)]
-        if changed:
-            say(f"error: --resume {folder}: the checkpoint was made with different "
-                + ", ".join(f"--{k.replace('_', '-')} ({state['args'].get(k)} vs {vars(args).get(k)})" for k in changed)
-                + "; resume with the original settings")
-            return 2
-        accelerator.load_state(str(folder))
+    if resume_from:
+        accelerator.load_state(str(resume_from))
         scheduler.load_state_dict(state["scheduler"])
         if ema:
-            ema.load_state_dict({**state["ema"], "module": read_state_dict(folder / "ema.safetensors")})
+            ema.load_state_dict({**state["ema"], "module": read_state_dict(resume_from / "ema.safetensors")})
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
-        say(f"resumed from {folder}: {start_epoch} epoch(s) and {step} optimizer steps done")
+        say(f"resumed from {resume_from}: {start_epoch} epoch(s) and {step} optimizer steps done")
 
     hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers("effnetv2", config=hparams)
@@ -374,26 +398,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f} ({metrics['train_seconds']:.1f}s "
             f"training, {metrics['images_per_second']} images/s, lr {metrics['lr']:.2e})")
 
-        # Checkpoint atomically: everything goes into a temporary folder that is renamed when complete.
-        final, tmp = checkpoints / f"epoch_{epoch + 1}", checkpoints / f".tmp_epoch_{epoch + 1}"
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()  # every process has written its random state
-        if accelerator.is_main_process:
-            train_state = {"epoch": epoch + 1, "step": step, "history": history, "scheduler": scheduler.state_dict(),
-                           "args": vars(args)}
-            if ema:
-                save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
-                train_state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "module"}
-            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in list_checkpoints(checkpoints)[:-max(1, args.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
-            (out / "metrics.json").write_text(json.dumps({"history": history, "classes": classes}, indent=1))
-        accelerator.wait_for_everyone()
+        # Checkpoint atomically (a temporary folder, renamed when complete); prune this run's older ones.
+        train_state = {"run_id": run_id, "data": data, "epoch": epoch + 1, "step": step, "history": history,
+                       "scheduler": scheduler.state_dict(), "args": vars(args)}
+        try:
+            save_checkpoint(accelerator, checkpoints / f"epoch_{epoch + 1}", train_state, model, optimizer, ema)
+            if accelerator.is_main_process:
+                prune_checkpoints(checkpoints, run_id, args.keep_checkpoints)
+                with atomic_path(out / "metrics.json") as tmp:
+                    tmp.write_text(json.dumps({"history": history, "classes": classes}, indent=1))
+        except WriteError as err:
+            last = list_checkpoints(checkpoints)
+            say(f"error: {err}. Nothing of epoch {epoch + 1} was saved"
+                + (f"; the last checkpoint, {last[-1]}, is intact" if last else "")
+                + ". Free some space, then continue with --resume latest.")
+            accelerator.end_training()
+            return 1
 
     final_model = ema.module if ema else unwrapped
     if cm is None:  # nothing left to train after a resume: evaluate what the checkpoint holds
@@ -413,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     final_model.head.dropout.p = final_model.dropout_rate
     launcher = (f"accelerate launch --num_processes {accelerator.num_processes} train.py"
                 if accelerator.num_processes > 1 else "python train.py")
-    command = f"{launcher} {shlex.join(sys.argv[1:] if argv is None else argv)}"
+    command = f"{launcher} {shlex.join(public_argv(sys.argv[1:] if argv is None else argv))}"  # no local paths
     weights_note = f"EMA of the weights (decay {args.ema_decay})" if ema else "the final weights"
     initial = args.weights if args.weights.lower() != "none" else "none (from scratch)"
     model_card_kwargs = dict(
@@ -432,15 +452,20 @@ def main(argv: list[str] | None = None) -> int:
                   "train image size": stage.image_size if stage else train_size, "saved weights": weights_note},
         command=command,
     )
-    to_save = final_model.half() if args.save_dtype == "float16" else final_model
-    to_save.save_pretrained(out, model_card_kwargs=model_card_kwargs)
     summary = {"final": final, "history": history, "classes": classes, "train_images": len(train_samples),
                "val_images": len(val_samples), "optimizer_steps": step, "total_steps": total_steps,
                "steps_per_epoch": steps_per_epoch, "processes": accelerator.num_processes,
                "replicas_in_sync": in_sync, "fingerprint": fingerprints[0], "saved_weights": weights_note,
                "command": command}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
-    plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", f"validation accuracy {final['val_accuracy']:.3f}")
+    try:  # every file through a temporary name: a full disk leaves the previous ones intact
+        save_model(final_model.half() if args.save_dtype == "float16" else final_model, out, model_card_kwargs)
+        with atomic_path(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
+        plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", f"validation accuracy {final['val_accuracy']:.3f}")
+    except WriteError as err:
+        say(f"error: {err}. The files already in {out} are unchanged. Free some space, then run the same command "
+            f"with --resume latest to evaluate and save the last checkpoint again.")
+        return 1
     say(f"saved the model to {out} (val accuracy {final['val_accuracy']:.4f})")
 
     if args.push_to_hub:

@@ -250,6 +250,9 @@ class EfficientNetV2(
     # Hub integration: strict safetensors loading with errors that name the file.
     def _save_pretrained(self, save_directory: Path) -> None:
         hub.save_weights(self, Path(save_directory))
+        # huggingface_hub's save_pretrained writes the card only when there is no README.md yet: drop
+        # the old one so that the card always describes the weights just saved
+        (Path(save_directory) / hub.CARD_NAME).unlink(missing_ok=True)
 
     def generate_model_card(self, *args, **kwargs):
         return hub.generate_model_card(self, **kwargs)

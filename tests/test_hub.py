@@ -278,7 +278,7 @@ def test_train_pushes_the_run_and_survives_a_failed_push(hub_server, train_modul
     assert hub_server.files("org/trained")["README.md"] == edited
     assert hub_server.files("org/trained")["model.safetensors"] == (tmp_path / "again" / "model.safetensors").read_bytes()
     assert train_module.main(["--data-path", str(data), "--output-dir", str(tmp_path / "again"), "--push-to-hub",
-                              "org/trained", "--overwrite-card", "--variant", "b0", "--image-size", "32",
+                              "org/trained", "--overwrite-card", "--overwrite", "--variant", "b0", "--image-size", "32",
                               "--batch-size", "4", "--workers", "0", "--cpu", "--epochs", "1", "--max-steps", "1"]) == 0
     assert hub_server.files("org/trained")["README.md"] == (tmp_path / "again" / "README.md").read_bytes()
     capsys.readouterr()

@@ -1,5 +1,6 @@
 """train.py end to end on tiny shapes sets: outputs, schedule, freezing, progressive learning, bad data,
 two processes, resume after a kill, and a short real fine-tune."""
+import errno
 import importlib.util
 import json
 import os
@@ -18,8 +19,9 @@ from safetensors.torch import load_file
 from effnetv2 import EfficientNetV2
 from effnetv2.data import make_shapes_dataset
 from effnetv2.schedule import cosine_factor
-from effnetv2.training import (backbone_batchnorm_eval, build_model, freeze_backbone, recalibrate_batchnorm,
-                               state_fingerprint)
+from effnetv2.training import (backbone_batchnorm_eval, build_model, check_output_dir, confusion_matrix,
+                               data_changes, data_fingerprint, freeze_backbone, prune_checkpoints, public_argv,
+                               recalibrate_batchnorm, state_fingerprint)
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
@@ -44,6 +46,12 @@ def fresh_accelerate():
 def shapes(tmp_path_factory):
     """30 images (6 per class, 40 px): 25 for training, 5 for validation."""
     return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", num_per_class=6, image_size=40)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """15 images (3 per class, 32 px): 10 for training (2 steps of 4 per epoch), 5 for validation."""
+    return make_shapes_dataset(tmp_path_factory.mktemp("tiny") / "tiny", num_per_class=3, image_size=32)
 
 
 def run(data, out, *extra):
@@ -96,6 +104,11 @@ def test_smoke_run_writes_everything_and_saves_the_ema(shapes, tmp_path, capsys)
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     card = (out / "README.md").read_text()
     assert "EMA of the weights" in card and "python train.py --data-path" in card and "| accuracy |" in card
+    # nothing about this machine in what is pushed: the data folder and the output folder by name only
+    assert split["root"] == "shapes" and "--data-path shapes --output-dir run --variant b0" in card
+    for name in ("README.md", "split.json", "metrics.json"):
+        text = (out / name).read_text()
+        assert str(shapes.parent) not in text and str(tmp_path) not in text, name
     assert "| gradient clipping (max L2 norm) | off |" in card  # off for an avg pool
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1", "epoch_2"]
 
@@ -150,15 +163,28 @@ def test_clip_grad_bounds_every_optimizer_step(shapes, tmp_path, clip):
         assert moved > 1e-2, moved
 
 
-def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_bad(shapes, tmp_path, capsys):
+def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_bad(shapes, tmp_path, capsys, monkeypatch):
+    """The loss turns infinite from the first batch of epoch 2 on (6 batches per epoch): epoch 1's
+    checkpoint stays as it was, nothing of epoch 2 is written, and the message names the epoch and lr."""
+    batches, real_loss = 0, train.soft_cross_entropy
+
+    def loss_infinite_from_epoch_2(logits, targets):
+        nonlocal batches
+        batches += 1
+        loss = real_loss(logits, targets)
+        return loss * float("inf") if batches > 6 else loss
+
+    monkeypatch.setattr(train, "soft_cross_entropy", loss_infinite_from_epoch_2)
     out = tmp_path / "run"
-    rc = run(shapes, out, "--epochs", "3", "--lr", "1e30", "--momentum", "0.9")
+    rc = run(shapes, out, "--epochs", "3", "--lr", "0.05")
     printed = capsys.readouterr().out
-    assert rc == 1 and "training diverged in epoch" in printed and "--clip-grad" in printed, printed
+    assert rc == 1 and batches == 12, printed
+    assert "training diverged in epoch 2" in printed and "peak lr 0.05" in printed and "--clip-grad" in printed
+    assert f"the last checkpoint written is {out / 'checkpoints' / 'epoch_1'}" in printed
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1"]  # no epoch 2, no temporary folder
+    state = json.loads((out / "checkpoints" / "epoch_1" / "train_state.json").read_text())
+    assert state["epoch"] == 1 and state["step"] == 6 and state["history"][0]["train_loss"] < float("inf")
     assert not (out / "model.safetensors").exists()
-    for checkpoint in (out / "checkpoints").glob("epoch_*"):  # only epochs whose loss was finite
-        history = json.loads((checkpoint / "train_state.json").read_text())["history"]
-        assert all(h["train_loss"] < float("inf") for h in history)
 
 
 def test_freeze_helpers_on_a_model():
@@ -199,7 +225,6 @@ def test_initial_weights_from_pth_files(tmp_path):
 
 
 def test_initial_weights_from_a_torchvision_pth(tmp_path):
-    pytest.importorskip("effnetv2.convert")
     from torchvision.models import efficientnet_v2_s
 
     tv = efficientnet_v2_s()
@@ -334,6 +359,202 @@ def test_resume_after_kill_continues_the_same_run(shapes, tmp_path):
 def test_resume_latest_without_checkpoints_is_an_error(shapes, tmp_path, capsys):
     assert run(shapes, tmp_path / "run", "--epochs", "1", "--resume", "latest") == 2
     assert "no complete checkpoint" in capsys.readouterr().out
+
+
+def test_confusion_matrix_rows_are_true_classes_and_columns_predictions():
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    preds = torch.tensor([0, 1, 1, 2, 0, 2])
+    # worked by hand: class 0 -> predicted 0 and 1; class 1 -> 1; class 2 -> 2, 0, 2
+    assert confusion_matrix(preds, labels, 3).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+class Killed(BaseException):
+    """Stands for a kill: not an Exception, so nothing in train.py catches it."""
+
+
+def test_a_reused_output_dir_never_yields_another_runs_model(tiny, tmp_path, capsys, monkeypatch):
+    """Issue scenario: a finished run in out/, then a run on other data into out/, killed in epoch 2,
+    then --resume latest. The other run's folder is refused, its checkpoints cannot be resumed on other
+    data, and with --overwrite the new run (and only it) is checkpointed, resumed and saved."""
+    other = make_shapes_dataset(tmp_path / "other", num_per_class=4, image_size=32, seed=1,
+                                classes=("circle", "square", "star"))
+    out = tmp_path / "out"
+    assert run(tiny, out, "--epochs", "3") == 0
+    first = {name: (out / name).read_bytes() for name in ("model.safetensors", "README.md", "config.json")}
+    first_checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    capsys.readouterr()
+
+    # another run into the same folder is refused, and changes nothing there
+    assert run(other, out, "--epochs", "3") == 2
+    printed = capsys.readouterr().out
+    assert f"--output-dir {out} already holds a run" in printed
+    assert "--resume latest" in printed and "--overwrite" in printed
+    # resuming the folder's run on other data is refused too, naming what changed
+    assert run(other, out, "--epochs", "3", "--resume", "latest") == 2
+    printed = capsys.readouterr().out
+    assert f"--data-path ({tiny.resolve()} vs {other.resolve()})" in printed
+    assert "training images (10 vs 9)" in printed and "validation images (5 vs 3)" in printed
+    assert {name: (out / name).read_bytes() for name in first} == first
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == first_checkpoints
+
+    # --overwrite: the new run starts in an emptied folder; it is killed in epoch 2 (2 steps per epoch)
+    batches, real_loss = 0, train.soft_cross_entropy
+
+    def killed_in_epoch_2(logits, targets):
+        nonlocal batches
+        batches += 1
+        if batches == 4:
+            raise Killed
+        return real_loss(logits, targets)
+
+    monkeypatch.setattr(train, "soft_cross_entropy", killed_in_epoch_2)
+    with pytest.raises(Killed):
+        run(other, out, "--epochs", "3", "--overwrite")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1"]
+    assert not (out / "model.safetensors").exists() and not (out / "README.md").exists()
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    capsys.readouterr()
+    assert run(other, out, "--epochs", "3", "--resume", "latest") == 0
+    assert f"resumed from {out / 'checkpoints' / 'epoch_1'}: 1 epoch(s) and 2 optimizer steps done" in capsys.readouterr().out
+    m = metrics_of(out)  # 9 training images: 2 full batches of 4 per epoch
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3] and m["optimizer_steps"] == m["total_steps"]
+    assert list(EfficientNetV2.from_pretrained(out).id2label.values()) == ["circle", "square", "star"]
+    assert "circle, square, star" in (out / "README.md").read_text().replace("`", "")
+    run_ids = {json.loads((p / "train_state.json").read_text())["run_id"] for p in (out / "checkpoints").iterdir()}
+    assert len(run_ids) == 1
+
+
+def test_pruning_removes_only_this_runs_checkpoints(tmp_path):
+    owners = {1: "me", 2: "other", 3: "me", 4: None, 5: "me"}  # None: a checkpoint from before run ids
+    for epoch, owner in owners.items():
+        (tmp_path / f"epoch_{epoch}").mkdir()
+        (tmp_path / f"epoch_{epoch}" / "train_state.json").write_text(json.dumps({"run_id": owner} if owner else {}))
+    assert prune_checkpoints(tmp_path, "me", keep=2) == [tmp_path / "epoch_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_2", "epoch_3", "epoch_4", "epoch_5"]
+
+
+def test_the_data_fingerprint_names_what_changed(tmp_path):
+    data = tmp_path / "data"
+    for name in ("a/1.png", "a/2.png", "b/3.png"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(b"12345")
+    train_set = [(str(data / "a" / "1.png"), 0), (str(data / "b" / "3.png"), 1)]
+    val_set = [(str(data / "a" / "2.png"), 0)]
+    saved = data_fingerprint(data, train_set, val_set)
+    assert data_changes(saved, data_fingerprint(data, train_set, val_set)) == []
+    (data / "b" / "3.png").write_bytes(b"123456")  # same names, one file one byte longer
+    changed = data_changes(saved, data_fingerprint(data, train_set, val_set))
+    assert len(changed) == 1 and changed[0].startswith("image files (same counts, other names, classes or sizes")
+    swapped = [(str(data / "a" / "1.png"), 1), (str(data / "b" / "3.png"), 0)]  # same files, other labels
+    assert data_changes(data_fingerprint(data, train_set, val_set), data_fingerprint(data, swapped, val_set))
+    moved = shutil.copytree(data, tmp_path / "moved")
+    assert data_changes(saved, data_fingerprint(moved, [(str(moved / "a" / "1.png"), 0)], [])) == [
+        f"--data-path ({data.resolve()} vs {moved.resolve()})", "training images (2 vs 1)", "validation images (1 vs 0)"]
+    assert data_changes(None, saved) == ["data (the checkpoint records none: it was written by an older train.py)"]
+
+
+@pytest.mark.parametrize("kind", ["file", "inside a file", "read-only"])
+def test_an_unusable_output_dir_is_one_line_before_the_data_is_scanned(tmp_path, capsys, monkeypatch, kind):
+    target = tmp_path / "target"
+    if kind == "read-only":
+        target.mkdir()
+        target.chmod(0o555)
+        if os.access(target, os.W_OK):  # root writes anyway: have the system say read-only, as it would to a user
+            real_access = os.access
+            monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != target and real_access(p, mode, **kw))
+        out, expected = target / "run", f"is not writable ({target} is read-only for this user)"
+    else:
+        target.write_text("a file")
+        out, expected = (target, "is a file") if kind == "file" else (target / "run", f"{target} is a file")
+    rc = run(tmp_path / "no such data", out, "--epochs", "1")  # a data error would come later
+    printed = capsys.readouterr().out
+    assert rc == 2 and printed.startswith(f"error: --output-dir {out} ") and expected in printed, printed
+    assert len(printed.strip().splitlines()) == 1 and "no such data" not in printed
+
+
+def test_an_output_dir_of_other_files_is_never_cleared(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"x")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="holds no train.py run: choose a new or empty folder"):
+            check_output_dir(folder, overwrite=overwrite)
+    (folder / "holiday.jpg").unlink()
+    (folder / ".gitkeep").write_text("")
+    check_output_dir(folder)  # hidden files aside, it is empty
+
+
+def test_every_save_writes_the_card_of_its_weights(tmp_path):
+    """huggingface_hub's save_pretrained keeps an existing README.md: the second model's card must win."""
+    EfficientNetV2("b0", num_classes=2, id2label={0: "cat", 1: "dog"}).save_pretrained(
+        tmp_path, model_card_kwargs={"metrics": {"accuracy": 0.25}})
+    EfficientNetV2("b0", num_classes=3, id2label={0: "ant", 1: "bee", 2: "fly"}).save_pretrained(
+        tmp_path, model_card_kwargs={"metrics": {"accuracy": 0.75}})
+    card = (tmp_path / "README.md").read_text()
+    assert "| accuracy | 0.75 |" in card and "0.25" not in card
+    assert "`ant`" in card and "`cat`" not in card
+
+
+def failing_write(real, when):
+    """``real`` (torch.save or safetensors' save_file) that, for a path ``when`` accepts, writes a few
+    bytes and then fails as a full disk does."""
+    def write(obj, path, *args, **kwargs):
+        if not when(Path(path)):
+            return real(obj, path, *args, **kwargs)
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return write
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    # accelerate writes the optimizer state with torch.save: fail it in epoch 2
+    monkeypatch.setattr(torch, "save", failing_write(torch.save, lambda p: "epoch_2" in str(p)))
+    assert run(tiny, out, "--epochs", "3") == 1
+    printed = capsys.readouterr().out
+    assert f"error: no space left on the device for {out / 'checkpoints' / 'epoch_2'}: it needs about" in printed
+    assert f"the last checkpoint, {out / 'checkpoints' / 'epoch_1'}, is intact" in printed and "--resume latest" in printed
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1"]  # the partial one is gone
+    monkeypatch.undo()
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert run(tiny, out, "--epochs", "3", "--resume", "latest") == 0  # epoch 1's checkpoint is whole
+    assert [h["step"] for h in metrics_of(out)["history"]] == [2, 4, 6]
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_model(tiny, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    out = tmp_path / "run"
+    assert run(tiny, out, "--epochs", "1") == 0
+    before = {name: (out / name).read_bytes() for name in ("model.safetensors", "config.json", "README.md")}
+    capsys.readouterr()
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    monkeypatch.setattr(safetensors.torch, "save_file",
+                        failing_write(safetensors.torch.save_file, lambda p: p.name == "model.safetensors"))
+    assert run(tiny, out, "--epochs", "1", "--resume", "latest") == 1  # evaluates and saves the checkpoint again
+    printed = capsys.readouterr().out
+    needed = float(printed.split("it needs about ")[1].split(" MB")[0])
+    assert f"error: no space left on the device for {out}: it needs about" in printed
+    assert needed == pytest.approx(len(before["model.safetensors"]) / 2**20, abs=0.1)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_the_published_command_names_no_local_path(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data-path", "/home/me/flower_photos", "--output-dir=/srv/runs/a", "--weights", str(tmp_path / "base"),
+            "--resume", "latest", "--data", "~/x/shapes", "--lr", "0.1", "--weights", "org/name", "--output-dir",
+            "runs/b", "--weights", "../elsewhere/tv.pth"]
+    assert public_argv(argv) == [
+        "--data-path", "flower_photos", "--output-dir=a", "--weights", "base", "--resume", "latest", "--data",
+        "shapes", "--lr", "0.1", "--weights", "org/name", "--output-dir", "runs/b", "--weights", "tv.pth"]
 
 
 def make_colour_squares(root, per_class=20, size=40, seed=0):
