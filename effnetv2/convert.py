@@ -1,4 +1,5 @@
-"""Weight converters: torchvision ``efficientnet_v2_{s,m,l}`` and timm ``tf_efficientnetv2_*`` → ``EfficientNetV2``.
+"""Weight converters: torchvision ``efficientnet_v2_{s,m,l}`` and timm ``tf_efficientnetv2_*`` → ``EfficientNetV2``,
+and back (``to_timm``, ``to_torchvision``), so a model fine-tuned here runs in either library.
 
 The key mapping is built from structure, block by block: our model's flat ``blocks.{i}`` walk the
 source's stages in order, and each of our conv/BN/SE modules names the source module it takes its
@@ -10,11 +11,17 @@ which needs the internet unless cached, or a local ``.pth``/``.safetensors`` fil
     python -m effnetv2.convert torchvision s --out efficientnetv2-s
     python -m effnetv2.convert timm tf_efficientnetv2_b0 --out efficientnetv2-b0 --push-to-hub org/name
     python -m effnetv2.convert torchvision ./efficientnet_v2_s-dd5fe13b.pth --out efficientnetv2-s
+
+Export (the inverse; MODEL is a folder, Hub id or any source ``effnetv2.sources`` takes)::
+
+    python -m effnetv2.convert --to timm OUT_DIR --model MODEL           # timm.create_model("local-dir:OUT_DIR", pretrained=True)
+    python -m effnetv2.convert --to torchvision OUT.safetensors --model MODEL   # efficientnet_v2_{s,m,l}(num_classes=N)
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import re
@@ -339,6 +346,100 @@ def from_timm(source: Source, variant: str | None = None) -> EfficientNetV2:
                   padding="same", source=provenance, **preprocessing)
 
 
+# --------------------------------------------------------------------------- export (the inverse)
+
+def _exportable(model: EfficientNetV2, kind: str) -> None:
+    """Raise a ValueError naming what ``kind`` ("timm"/"torchvision") cannot represent in ``model``."""
+    if model.pool_type != "avg":
+        raise ValueError(f"EfficientNetV2-{model.variant} has an attention-pooling head, which {kind}'s "
+                         f"EfficientNetV2 does not have: only average-pooled models can be exported to {kind}")
+    if not model.num_classes:
+        raise ValueError(f"the model has no classifier (num_classes=0): {kind} needs one; reset_classifier(N) first")
+    if kind == "torchvision" and model.variant not in TORCHVISION_VARIANTS:
+        raise ValueError(f"torchvision has EfficientNetV2 {', '.join(TORCHVISION_VARIANTS)} only, not "
+                         f"{model.variant}: export it to timm instead (--to timm)")
+    if kind == "torchvision" and model.padding != "symmetric":
+        raise ValueError("torchvision's EfficientNetV2 pads symmetrically, this model pads like TensorFlow "
+                         "(padding 'same', e.g. converted from timm's tf_ weights): export it to timm instead")
+
+
+def export_state_dict(model: EfficientNetV2, kind: str) -> dict[str, torch.Tensor]:
+    """``model``'s weights under ``kind``'s ("timm"/"torchvision") own key names, float32.
+
+    The keys come from that library's model of the same variant and classes, built on the meta device,
+    through the same structural key map as the converters; every key of it is filled.
+    """
+    _exportable(model, kind)
+    with torch.device("meta"):
+        reference = _reference_model(kind, model)
+    if reference is None:
+        raise ValueError(f"exporting to {kind} needs {kind} installed (pip install {kind})")
+    theirs = reference.state_dict()
+    mapping = key_map(model, kind, theirs, f"the {kind} model")
+    ours = model.state_dict()
+    state = {src: ours[key].detach().to("cpu", torch.float32 if ours[key].is_floating_point() else ours[key].dtype)
+             .contiguous() for key, src in mapping.items()}
+    wrong = [k for k in theirs if k not in state or tuple(state[k].shape) != tuple(theirs[k].shape)]
+    if wrong:
+        raise ValueError(f"cannot fill {kind}'s keys {wrong[:3]} from EfficientNetV2-{model.variant}")
+    return state
+
+
+def _labels(model: EfficientNetV2) -> list[str]:
+    return [model.id2label[str(i)] for i in range(model.num_classes)]
+
+
+def to_timm(model: EfficientNetV2, out: str | os.PathLike) -> Path:
+    """Write ``out/config.json`` and ``out/model.safetensors`` so that
+    ``timm.create_model("local-dir:OUT", pretrained=True)`` is this model (equal logits).
+
+    The architecture is ``tf_efficientnetv2_{variant}``; a model with symmetric padding (torchvision's
+    layout, or trained here) keeps it through ``model_args.pad_type = ""``. The labels go into
+    ``pretrained_cfg.label_names``, the preprocessing into the rest of ``pretrained_cfg``.
+    """
+    from safetensors.torch import save_file
+
+    state = export_state_dict(model, "timm")
+    cfg = model.config
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architecture": TIMM_PREFIX + model.variant,
+        "num_classes": model.num_classes,
+        "num_features": model.num_features,
+        "pretrained_cfg": {
+            "input_size": [3, cfg["train_image_size"], cfg["train_image_size"]],
+            "test_input_size": [3, cfg["image_size"], cfg["image_size"]],
+            "interpolation": cfg["interpolation"], "mean": list(cfg["mean"]), "std": list(cfg["std"]),
+            "crop_pct": cfg["crop_pct"], "crop_mode": "center", "num_classes": model.num_classes,
+            "first_conv": "conv_stem", "classifier": "classifier", "label_names": _labels(model),
+        },
+    }
+    if model.padding == "symmetric":
+        config["model_args"] = {"pad_type": ""}
+    save_file(state, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def to_torchvision(model: EfficientNetV2, path: str | os.PathLike) -> Path:
+    """Write a safetensors state dict that ``torchvision.models.efficientnet_v2_{s,m,l}(num_classes=N)``
+    loads strictly, with equal logits. The labels and preprocessing travel in the file's metadata
+    (``id2label``, ``preprocessing``: JSON strings), since a state dict has no other place for them."""
+    from safetensors.torch import save_file
+
+    state = export_state_dict(model, "torchvision")
+    cfg = model.config
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", "architecture": f"torchvision.models.efficientnet_v2_{model.variant}",
+                "num_classes": str(model.num_classes), "id2label": json.dumps(dict(enumerate(_labels(model)))),
+                "preprocessing": json.dumps({k: cfg[k] for k in ("image_size", "train_image_size", "mean", "std",
+                                                                  "interpolation", "crop_pct")})}
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
 # --------------------------------------------------------------------------- command line
 
 def _reference_model(kind: str, model: EfficientNetV2) -> nn.Module | None:
@@ -372,16 +473,24 @@ def max_logit_difference(model: EfficientNetV2, reference: nn.Module, size: int 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m effnetv2.convert",
-        description="Convert torchvision or timm EfficientNetV2 weights into a Hub-ready effnetv2 model folder.")
-    parser.add_argument("library", choices=("torchvision", "timm"), help="where the weights come from")
-    parser.add_argument("source", help="variant or model name for the official weights (torchvision: s, m, l; "
-                                       "timm: tf_efficientnetv2_b0 ... xl; needs the internet unless cached), "
-                                       "or a local .pth/.safetensors file")
-    parser.add_argument("--out", required=True, type=Path, help="folder to write config.json, model.safetensors, README.md")
+        description="Convert torchvision or timm EfficientNetV2 weights into a Hub-ready effnetv2 model folder, "
+                    "or (--to) export an effnetv2 model to timm or torchvision.")
+    parser.add_argument("library", nargs="?", choices=("torchvision", "timm"), help="where the weights come from")
+    parser.add_argument("source", nargs="?", help="variant or model name for the official weights (torchvision: "
+                                                  "s, m, l; timm: tf_efficientnetv2_b0 ... xl; needs the internet "
+                                                  "unless cached), or a local .pth/.safetensors file")
+    parser.add_argument("--out", type=Path, help="folder to write config.json, model.safetensors, README.md")
     parser.add_argument("--variant", help="architecture variant, when it cannot be inferred from the weights")
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="also upload the folder to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--to", nargs=2, metavar=("{timm,torchvision}", "OUT"),
+                        help="export --model instead: to a timm folder, or a torchvision .safetensors state dict")
+    parser.add_argument("--model", help="with --to: the effnetv2 model to export (folder, Hub id, ...)")
     args = parser.parse_args(argv)
+    if args.to:
+        return _export_main(parser, args)
+    if not (args.library and args.source and args.out):
+        parser.error("give LIBRARY SOURCE --out DIR to convert, or --to {timm,torchvision} OUT --model MODEL to export")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     convert = from_torchvision if args.library == "torchvision" else from_timm
@@ -413,6 +522,27 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.out} .{' --private' if args.private else ''}", file=sys.stderr)
             return 1
         print(f"pushed to {url}")
+    return 0
+
+
+def _export_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    kind, out = args.to
+    if kind not in ("timm", "torchvision"):
+        parser.error(f"--to {kind}: choose timm or torchvision")
+    if not args.model:
+        parser.error("--to needs --model: the effnetv2 model folder or Hub id to export")
+    from .sources import load_model
+
+    try:
+        model = load_model(args.model).float().eval()
+        written = to_timm(model, out) if kind == "timm" else to_torchvision(model, out)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    how = (f'timm.create_model("local-dir:{written}", pretrained=True)' if kind == "timm" else
+           f"torchvision.models.efficientnet_v2_{model.variant}(num_classes={model.num_classes})"
+           f".load_state_dict(safetensors.torch.load_file('{written}'))")
+    print(f"wrote {written}: load it with {how}")
     return 0
 
 

@@ -249,3 +249,73 @@ def test_timm_by_name_offline_needs_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(RuntimeError, match="Hugging Face cache"):
         convert.from_timm("tf_efficientnetv2_b0")
+
+
+# --------------------------------------------------------------------------- export: the inverse
+
+def fine_tuned(variant: str, padding: str = "symmetric") -> EfficientNetV2:
+    """A model as train.py leaves it: random backbone statistics, a new 3-class head with labels."""
+    model = EfficientNetV2(variant, num_classes=3, padding=padding, image_size=64, drop_path_rate=0.0,
+                           id2label={0: "daisy", 1: "roses", 2: "tulips"})
+    return randomise(model, seed=1)
+
+
+def assert_logits_equal(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert (theirs[0] - theirs[1]).abs().max() > 0.05 * theirs.abs().max()  # the input matters
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+
+
+@needs_timm
+@pytest.mark.parametrize("padding", ["symmetric", "same"])
+def test_export_to_timm_loads_as_a_timm_model_with_equal_logits(padding, tmp_path):
+    model = fine_tuned("b0", padding)
+    out = convert.to_timm(model, tmp_path / "timm-b0")
+    theirs = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert theirs.pretrained_cfg["label_names"] == ["daisy", "roses", "tulips"]
+    assert tuple(theirs.pretrained_cfg["test_input_size"]) == (3, 64, 64)
+    x = torch.randn(2, 3, 67, 67)  # odd size: TF SAME and symmetric padding differ here
+    with torch.no_grad():
+        assert_logits_equal(model(x), theirs(x))
+    # and timm's own transform is ours
+    data_cfg = timm.data.resolve_data_config({}, model=theirs, use_test_size=True)
+    assert tuple(data_cfg["mean"]) == tuple(model.config["mean"]) and data_cfg["crop_pct"] == model.config["crop_pct"]
+
+
+def test_export_to_torchvision_loads_strictly_with_equal_logits(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model = fine_tuned("s")
+    path = convert.to_torchvision(model, tmp_path / "s.safetensors")
+    theirs = torchvision.models.efficientnet_v2_s(num_classes=3).eval()
+    theirs.load_state_dict(load_file(path), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_logits_equal(model(x), theirs(x))
+    with safe_open(path, "pt") as f:
+        assert json.loads(f.metadata()["id2label"]) == {"0": "daisy", "1": "roses", "2": "tulips"}
+    # back again: the torchvision converter reads the export to the same weights
+    back = convert.from_torchvision(str(path))
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("kind, model, message", [
+    ("timm", lambda: EfficientNetV2("b0", num_classes=3, pool="attention", num_heads=2, attn_dim=32),
+     "attention-pooling head"),
+    ("torchvision", lambda: EfficientNetV2("b0", num_classes=3), "not b0: export it to timm"),
+    ("torchvision", lambda: EfficientNetV2("s", num_classes=3, padding="same"), "pads like TensorFlow"),
+])
+def test_export_refuses_what_the_library_cannot_hold(kind, model, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        (convert.to_timm if kind == "timm" else convert.to_torchvision)(model(), tmp_path / "out")
+
+
+@needs_timm
+def test_cli_exports_a_saved_model_to_timm(tmp_path, capsys):
+    fine_tuned("b0").save_pretrained(tmp_path / "mine")
+    assert convert.main(["--to", "timm", str(tmp_path / "timm"), "--model", str(tmp_path / "mine")]) == 0
+    assert "local-dir:" in capsys.readouterr().out
+    assert json.loads((tmp_path / "timm" / "config.json").read_text())["architecture"] == "tf_efficientnetv2_b0"
+    with pytest.raises(SystemExit):
+        convert.main(["--to", "timm", str(tmp_path / "x")])
+    assert "--to needs --model" in capsys.readouterr().err
