@@ -173,3 +173,15 @@ def insertion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tenso
     """Area under the target probability as the cells ``maps`` ranks first are added to an empty
     grid, per image ``[B]``: higher is better."""
     return _auc(removal_curve(model, images, maps, target, "insertion"))
+
+
+def deletion_summary(curve: torch.Tensor, label: str, cells: int | None = None) -> str:
+    """A deletion curve ``[L+1]`` (one image, :func:`removal_curve`) in plain words, e.g. "removing the
+    3 cells this map ranks first drops P(star) from 0.98 to 0.12". ``cells``: how many (default: a
+    tenth of the grid, at least 1)."""
+    steps = curve.shape[-1] - 1
+    k = max(1, round(steps / 10)) if cells is None else min(max(1, cells), steps)
+    before, after = float(curve[0]), float(curve[k])
+    verb = "drops" if after < before else "raises"
+    noun = "cell" if k == 1 else f"{k} cells"
+    return f"removing the {noun} this map ranks first {verb} P({label}) from {before:.2f} to {after:.2f}"

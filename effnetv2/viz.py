@@ -81,11 +81,12 @@ def heatmap(attn: torch.Tensor | np.ndarray, size: tuple[int, int], vmax: float 
     return Image.fromarray(colormap(upsample_nearest(scaled, size), cmap))
 
 
-def overlay(image: Image.Image, attn, alpha: float = 0.55, vmax: float | None = None) -> Image.Image:
+def overlay(image: Image.Image, attn, alpha: float = 0.55, vmax: float | None = None, vmin: float = 0.0,
+            cmap: str = "inferno") -> Image.Image:
     """The heat map of ``attn`` ``[h, w]`` alpha-blended over ``image``: ``(1 - alpha) * image + alpha * heat``."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1] (0: only the image, 1: only the heat map), got {alpha}")
-    heat = heatmap(attn, image.size, vmax)
+    heat = heatmap(attn, image.size, vmax, vmin, cmap)
     return Image.blend(image.convert("RGB"), heat, alpha)
 
 
@@ -134,6 +135,30 @@ def head_gallery(view: Image.Image, maps: torch.Tensor, alpha: float = 0.55,
         vmax = top if top is not None else peak
         picture = with_colorbar(overlay(view, attn.numpy(), alpha, vmax=vmax), 0.0, vmax)
         out.append((picture, f"{name}: peak {peak:.3f} at cell ({row}, {col})"))
+    return out
+
+
+SIGNED_CMAP = "RdBu_r"  # diverging: red pushes towards the class, blue against it, white is 0
+
+
+def attribution_gallery(view: Image.Image, shares: torch.Tensor, label: str,
+                        alpha: float = 0.6) -> list[tuple[Image.Image, str]]:
+    """One overlay per head of the signed class shares ``[heads, rows, cols]`` (``explain.class_attribution``)
+    and one of their sum over heads, on a diverging colour map centred on 0 with one scale for all, so
+    colours compare across pictures. Captions give each head's total share of ``label``'s logit."""
+    shares = shares.detach().double().cpu()
+    entries = [(f"head {i + 1}", shares[i]) for i in range(shares.shape[0])]
+    if shares.shape[0] > 1:
+        entries.append(("all heads", shares.sum(0)))
+    top = max(float(max(entry.abs().max() for _, entry in entries)), 1e-12)
+    out = []
+    for name, values in entries:
+        total = float(values.sum())
+        row, col = divmod(int(values.abs().argmax()), values.shape[1])
+        picture = with_colorbar(overlay(view, values.numpy(), alpha, vmax=top, vmin=-top, cmap=SIGNED_CMAP),
+                                -top, top, cmap=SIGNED_CMAP)
+        direction = "towards" if total >= 0 else "against"
+        out.append((picture, f"{name}: {total:+.2f} {direction} {label} (strongest cell ({row}, {col}))"))
     return out
 
 

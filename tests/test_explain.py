@@ -165,3 +165,12 @@ def test_bad_arguments_are_named():
     model.train()
     class_attribution(model, x)
     assert model.training  # restored
+
+
+def test_deletion_summary_in_plain_words():
+    from effnetv2.explain import deletion_summary
+
+    curve = torch.tensor([0.98, 0.5, 0.3, 0.12] + [0.1] * 27)  # 30 cells: a tenth is 3
+    assert deletion_summary(curve, "star") == "removing the 3 cells this map ranks first drops P(star) from 0.98 to 0.12"
+    assert deletion_summary(curve, "star", cells=1) == "removing the cell this map ranks first drops P(star) from 0.98 to 0.50"
+    assert "raises P(circle) from 0.10 to 0.40" in deletion_summary(torch.tensor([0.1, 0.4, 0.2]), "circle")

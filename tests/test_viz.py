@@ -184,3 +184,25 @@ def test_attention_mass_in_box():
     assert viz.attention_mass_in_box(maps.numpy(), [60, 30, 90, 60], (90, 60)) == pytest.approx((1 + 1 / 6) / 2)
     with pytest.raises(ValueError, match="x0 <= x1"):
         viz.attention_mass_in_box(maps[0], [50, 0, 10, 10], (90, 60))
+
+
+def test_attribution_gallery_is_signed_with_one_scale():
+    shares = torch.zeros(2, 2, 2)
+    shares[0, 0, 0] = 2.0  # head 1 pushes towards the class at the top-left cell
+    shares[1, 1, 1] = -1.0  # head 2 argues against it at the bottom-right cell
+    view = Image.new("RGB", (64, 64), (128, 128, 128))
+    gallery = viz.attribution_gallery(view, shares, "star", alpha=1.0)
+    assert [caption for _, caption in gallery] == [
+        "head 1: +2.00 towards star (strongest cell (0, 0))",
+        "head 2: -1.00 against star (strongest cell (1, 1))",
+        "all heads: +1.00 towards star (strongest cell (0, 0))"]
+    first, second = (np.asarray(picture)[:64, :64] for picture, _ in gallery[:2])
+    # one scale for all, from -2 to +2 (the largest |share|): +2 is the top of matplotlib's RdBu_r (dark
+    # red), 0 its middle (white), -1 a quarter of the way up (light blue)
+    from matplotlib import colormaps
+
+    expected = {value: (np.asarray(colormaps["RdBu_r"](value)[:3]) * 255).astype(np.uint8) for value in (1.0, 0.5, 0.25)}
+    assert np.array_equal(first[10, 10], expected[1.0]) and first[10, 10][0] > first[10, 10][2]
+    assert np.array_equal(first[50, 50], expected[0.5]) and np.array_equal(second[10, 10], expected[0.5])
+    assert np.array_equal(second[50, 50], expected[0.25]) and second[50, 50][2] > second[50, 50][0]
+    assert gallery[0][0].width > 64  # the colour bar is beside the map
