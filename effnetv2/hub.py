@@ -31,6 +31,8 @@ CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 MODEL_CARD_TEMPLATE = (Path(__file__).parent / "model_card.md").read_text(encoding="utf-8")
 CLASSIFIER_KEYS = ("head.classifier.weight", "head.classifier.bias")
+# A safetensors header is ~100 bytes per tensor: EfficientNetV2-XL with an attention pool needs 0.2 MB.
+MAX_HEADER_BYTES = 8 * 2**20
 
 
 def normalise_labels(id2label: dict | None, label2id: dict | None,
@@ -74,6 +76,32 @@ def _unpickling_reason(err: Exception) -> str:
     return reason.split(" Please use")[0]
 
 
+def _unreadable_safetensors(name: str, reason: object) -> ValueError:
+    return ValueError(f"{name} is not a readable safetensors file ({reason}); it may be corrupt or truncated: save "
+                      f"or upload it again (for a damaged download, retry with force_download=True)")
+
+
+def safetensors_shapes(path: str | os.PathLike, name: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape, from a ``.safetensors`` file's header alone (no tensor is read).
+
+    The header (an 8-byte little-endian length, then JSON) is refused above ``MAX_HEADER_BYTES``,
+    so a file declaring millions of tensors costs nothing to reject. ``name`` is for messages.
+    """
+    name = name or str(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 2 <= length <= MAX_HEADER_BYTES:
+            raise _unreadable_safetensors(name, f"its header claims {length:,} bytes; at most "
+                                                f"{MAX_HEADER_BYTES:,} are accepted" if length > 0 else "no header")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+        return {key: tuple(int(n) for n in entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise _unreadable_safetensors(name, f"bad header: {type(err).__name__}") from None
+
+
 def read_state_dict(path: str | os.PathLike, map_location: str = "cpu", name: str | None = None
                     ) -> dict[str, torch.Tensor]:
     """Tensors from a ``.safetensors`` file, or a ``.bin``/``.pth`` read with ``weights_only=True``.
@@ -87,12 +115,11 @@ def read_state_dict(path: str | os.PathLike, map_location: str = "cpu", name: st
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        safetensors_shapes(path, name)  # refuses an oversized header before safetensors parses it
         try:
             return load_file(str(path), device=map_location)
         except Exception as err:  # safetensors raises its own error type and OSError variants
-            raise ValueError(f"{name} is not a readable safetensors file ({err}); it may be corrupt or truncated: "
-                             f"save or upload it again (for a damaged download, retry with "
-                             f"force_download=True)") from None
+            raise _unreadable_safetensors(name, err) from None
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
@@ -107,14 +134,18 @@ def read_state_dict(path: str | os.PathLike, map_location: str = "cpu", name: st
     return state
 
 
-def load_state_dict_checked(model: "EfficientNetV2", state: dict[str, torch.Tensor], path: str,
-                            reinit_classifier: bool = False) -> None:
-    """Load strictly; when only the classifier's size differs, re-initialise it if allowed, else say
-    how to. Every error names ``path``."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+def check_weight_shapes(model: "EfficientNetV2", shapes: dict[str, tuple[int, ...]], path: str,
+                        reinit_classifier: bool = False) -> bool:
+    """Check stored tensor ``shapes`` against ``model`` (all keys, all shapes) before loading.
+
+    Returns True when only the classifier's size differs and ``reinit_classifier`` allows a new
+    one; otherwise a mismatch raises a ``ValueError`` naming ``path`` (and, for the classifier
+    alone, how to load with a new ``num_classes``).
+    """
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own]
+    mismatched = [k for k in own if k in shapes and tuple(shapes[k]) != own[k]]
     if missing or unexpected or (mismatched and set(mismatched) - set(CLASSIFIER_KEYS)):
         lines = []
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
@@ -124,17 +155,24 @@ def load_state_dict_checked(model: "EfficientNetV2", state: dict[str, torch.Tens
         raise ValueError(f"the weights in {path} do not fit EfficientNetV2-{model.variant} "
                          f"(pool={model.pool_type!r}, num_classes={model.num_classes}): " + "; ".join(lines)
                          + ". Check that config.json belongs to these weights.")
-    if mismatched:
-        stored = state["head.classifier.weight"].shape[0]
-        if not reinit_classifier:
-            raise ValueError(
-                f"only the classifier differs: {path} has {stored} classes but the model was built "
-                f"for {model.num_classes}. To fine-tune on new classes, load with "
-                f"EfficientNetV2.from_pretrained(..., num_classes={model.num_classes}) (optionally "
-                f"id2label=...): the backbone is loaded and the classifier re-initialised.")
-        state = {k: v for k, v in state.items() if k not in CLASSIFIER_KEYS}
-        logger.warning("classifier re-initialised for %d classes (%s has %d)", model.num_classes, path, stored)
-        model.load_state_dict(state, strict=False)
+    if mismatched and not reinit_classifier:
+        raise ValueError(
+            f"only the classifier differs: {path} has {shapes[CLASSIFIER_KEYS[0]][0]} classes but the model was "
+            f"built for {model.num_classes}. To fine-tune on new classes, load with "
+            f"EfficientNetV2.from_pretrained(..., num_classes={model.num_classes}) (optionally "
+            f"id2label=...): the backbone is loaded and the classifier re-initialised.")
+    return bool(mismatched)
+
+
+def load_state_dict_checked(model: "EfficientNetV2", state: dict[str, torch.Tensor], path: str,
+                            reinit_classifier: bool = False) -> None:
+    """Load strictly; when only the classifier's size differs, re-initialise it if allowed, else say
+    how to. Every error names ``path``."""
+    if check_weight_shapes(model, {k: tuple(v.shape) for k, v in state.items()}, path, reinit_classifier):
+        stored = state[CLASSIFIER_KEYS[0]].shape[0]
+        logger.warning("%s re-initialised for %d classes (%s has %d); the rest of the weights are loaded",
+                       CLASSIFIER_KEYS[0].rsplit(".", 1)[0], model.num_classes, path, stored)
+        model.load_state_dict({k: v for k, v in state.items() if k not in CLASSIFIER_KEYS}, strict=False)
         return
     model.load_state_dict(state, strict=True)
 
@@ -291,6 +329,8 @@ def load_pretrained(cls: type["EfficientNetV2"], *, model_id: str, config: dict 
         raise FileNotFoundError(f"{where} has {CONFIG_NAME} but no {WEIGHTS_NAME}: save or upload the weights "
                                 f"with save_pretrained/push_to_hub")
     name = weights if is_dir else f"{filename} of {_describe(model_id, revision)} (cached at {weights})"
+    if filename == WEIGHTS_NAME:  # shapes checked from the header before any tensor is read
+        check_weight_shapes(model, safetensors_shapes(weights, name), name, reinit_classifier=new_head)
     state = read_state_dict(weights, map_location, name=name)
     load_state_dict_checked(model, state, name, reinit_classifier=new_head)
     return model.to(map_location).eval()

@@ -16,6 +16,11 @@ from .layers import BLOCKS, PADDINGS, ConvBNAct
 
 POOLS = ("avg", "attention")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+# Upper bounds on the sizes a config may ask for, so that a hostile config.json cannot make the
+# constructor allocate gigabytes: ImageNet-21k has 21,843 classes; every variant's width is <= 1536.
+MAX_CLASSES = 50_000
+MAX_ATTN_DIM = 2048
+MAX_HEADS = 128
 
 
 class Head(nn.Module):
@@ -42,6 +47,15 @@ class Head(nn.Module):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, low: int, high: int) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+           f"{name} must be an integer between {low} and {high}, got {value!r}")
 
 
 class EfficientNetV2(
@@ -98,24 +112,30 @@ class EfficientNetV2(
         source: dict | None = None,
     ):
         super().__init__()
+        # Every size is checked before anything is allocated: config.json may come from a stranger.
         cfg = get_variant(variant)
-        _check(isinstance(num_classes, int) and not isinstance(num_classes, bool) and 0 <= num_classes <= 1_000_000,
-               f"num_classes must be an integer between 0 and 1,000,000, got {num_classes!r}")
+        _check_int("num_classes", num_classes, 0, MAX_CLASSES)
         _check(isinstance(drop_path_rate, (int, float)) and 0 <= drop_path_rate < 1,
                f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
         _check(dropout is None or (isinstance(dropout, (int, float)) and 0 <= dropout < 1),
                f"dropout must be None or in [0, 1), got {dropout!r}")
         _check(pool in POOLS, f"pool must be one of {POOLS}, got {pool!r}")
         _check(padding in PADDINGS, f"padding must be one of {PADDINGS}, got {padding!r}")
-        _check(isinstance(in_chans, int) and 1 <= in_chans <= 64, f"in_chans must be 1..64, got {in_chans!r}")
-        _check(isinstance(num_heads, int) and num_heads >= 1, f"num_heads must be a positive integer, got {num_heads!r}")
+        _check_int("in_chans", in_chans, 1, 64)
+        _check_int("num_heads", num_heads, 1, MAX_HEADS)
+        if attn_dim is not None:
+            _check_int("attn_dim", attn_dim, num_heads, MAX_ATTN_DIM)
+            _check(attn_dim % num_heads == 0, f"attn_dim must be a multiple of num_heads={num_heads}, got {attn_dim}")
+        _check(pool != "attention" or attn_dim or cfg.head_chs % num_heads == 0,
+               f"num_heads={num_heads} must divide the attention width {cfg.head_chs} (num_features): "
+               f"set attn_dim to a multiple of num_heads")
         for name, size in (("image_size", image_size), ("train_image_size", train_image_size)):
-            _check(size is None or (isinstance(size, int) and 32 <= size <= 4096),
-                   f"{name} must be an integer between 32 and 4096, got {size!r}")
+            if size is not None:
+                _check_int(name, size, 32, 4096)
         for name, stats in (("mean", mean), ("std", std)):
             _check(stats is None or (isinstance(stats, (list, tuple)) and len(stats) == in_chans
-                                     and all(isinstance(v, (int, float)) for v in stats)),
-                   f"{name} must be a list of {in_chans} numbers, got {stats!r}")
+                                     and all(_is_number(v) and math.isfinite(v) for v in stats)),
+                   f"{name} must be a list of {in_chans} finite numbers, got {stats!r}")
         _check(std is None or all(v > 0 for v in std), f"std values must be positive, got {std!r}")
         _check(interpolation is None or interpolation in INTERPOLATIONS,
                f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
@@ -154,10 +174,6 @@ class EfficientNetV2(
                     drop_path_rate=drop_path_rate * index / total, padding=padding))
                 index += 1
         self.blocks = nn.Sequential(*blocks)
-        _check(attn_dim is None or (isinstance(attn_dim, int) and attn_dim % num_heads == 0),
-               f"attn_dim must be a multiple of num_heads={num_heads}, got {attn_dim!r}")
-        _check(pool != "attention" or (attn_dim or self.num_features) % num_heads == 0,
-               f"num_heads={num_heads} must divide the attention width {attn_dim or self.num_features}")
         self.head = Head(stages[-1].out_chs, self.num_features, num_classes, self.dropout_rate,
                          pool, num_heads, attn_dim, padding)
         self._init_weights()

@@ -325,3 +325,76 @@ def test_a_local_config_that_is_not_an_object_is_named(tmp_path):
     (tmp_path / "m" / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"m/config.json holds a JSON list, not an object of settings"):
         EfficientNetV2.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"pool": "attention", "attn_dim": 16000}, "attn_dim"),
+    ({"pool": "attention", "attn_dim": -8}, "attn_dim"),
+    ({"num_classes": 10**6, "id2label": None, "label2id": None}, "num_classes"),
+    ({"std": [0.2, float("nan"), 0.2]}, "std"),
+])
+def test_a_hostile_local_config_is_refused_by_file_and_key(tmp_path, changes, key):
+    tiny().save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(ValueError, match=rf"m/config.json does not describe a valid model: {key} must be"):
+        EfficientNetV2.from_pretrained(tmp_path / "m")
+
+
+def write_safetensors_header(path: Path, header: dict) -> None:
+    """A safetensors file by its format (8-byte little-endian header length, JSON header, data)."""
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob)
+
+
+def test_weights_are_checked_from_the_header_before_any_tensor_is_read(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from effnetv2 import hub
+
+    model = tiny()
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    good = weights.read_bytes()
+    read = []
+    real_load_file = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: read.append(a) or real_load_file(*a, **k))
+
+    # A header declaring more tensors than any EfficientNetV2 has (1.2 M empty ones in the wild).
+    count = hub.MAX_HEADER_BYTES // 60
+    write_safetensors_header(weights, {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+                                       for i in range(count)})
+    with pytest.raises(ValueError, match=r"m/model.safetensors is not a readable safetensors file \(its header "
+                                         r"claims [\d,]+ bytes; at most 8,388,608"):
+        EfficientNetV2.from_pretrained(tmp_path / "m")
+    # Weights of another architecture: refused by their shapes alone.
+    EfficientNetV2("b1", num_classes=3).save_pretrained(tmp_path / "b1")
+    weights.write_bytes((tmp_path / "b1" / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"the weights in .*m/model.safetensors do not fit EfficientNetV2-b0"):
+        EfficientNetV2.from_pretrained(tmp_path / "m")
+    EfficientNetV2("b0", num_classes=7).save_pretrained(tmp_path / "seven")
+    weights.write_bytes((tmp_path / "seven" / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="only the classifier differs: .*m/model.safetensors has 7 classes"):
+        EfficientNetV2.from_pretrained(tmp_path / "m")
+    assert read == []
+    weights.write_bytes(good)
+    assert_same_model(EfficientNetV2.from_pretrained(tmp_path / "m"), model)
+    assert len(read) == 1
+
+
+def test_a_new_num_classes_keeps_the_backbone_and_warns_about_the_classifier(tmp_path, caplog):
+    model = tiny()
+    model.save_pretrained(tmp_path / "m")
+    saved = load_file(tmp_path / "m" / "model.safetensors")
+    with caplog.at_level("WARNING", logger="effnetv2.hub"):
+        loaded = EfficientNetV2.from_pretrained(tmp_path / "m", num_classes=5)
+    state = loaded.state_dict()
+    assert loaded.num_classes == 5 and state["head.classifier.weight"].shape == (5, 1280)
+    assert state["head.classifier.bias"].shape == (5,)
+    backbone = [k for k in saved if not k.startswith("head.classifier.")]
+    assert len(backbone) == len(state) - 2
+    assert all(torch.equal(state[k], saved[k]) for k in backbone)
+    assert loaded.id2label == {str(i): str(i) for i in range(5)}
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "head.classifier re-initialised for 5 classes" in record.getMessage()
+    assert "has 3" in record.getMessage()

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+import effnetv2.model
 from effnetv2 import VARIANTS, EfficientNetV2
 from effnetv2.configs import round_channels
 from effnetv2.layers import Conv2dSame, FusedMBConv, MBConv, drop_path
@@ -174,6 +175,31 @@ def test_config_is_json_and_complete():
     ({"mean": [0.5, 0.5]}, "mean"),
 ])
 def test_bad_arguments_are_named(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        EfficientNetV2(**{"variant": "b0", **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"pool": "attention", "attn_dim": 16000}, "attn_dim must be an integer between 8 and 2048, got 16000"),
+    ({"pool": "attention", "attn_dim": 8_000_000}, "attn_dim"),
+    ({"pool": "attention", "attn_dim": -8}, "attn_dim .* got -8"),
+    ({"pool": "attention", "attn_dim": 12}, "attn_dim must be a multiple of num_heads=8"),
+    ({"pool": "attention", "num_heads": 3}, "num_heads=3 must divide the attention width 1280"),
+    ({"num_classes": 10**6}, "num_classes must be an integer between 0 and 50000"),
+    ({"num_heads": 10**9}, "num_heads must be an integer between 1 and 128"),
+    ({"num_heads": True}, "num_heads"),
+    ({"mean": [0.5, float("nan"), 0.5]}, "mean must be a list of 3 finite numbers"),
+    ({"std": [0.2, float("inf"), 0.2]}, "std must be a list of 3 finite numbers"),
+    ({"std": [0.2, 0.0, 0.2]}, "std values must be positive"),
+    ({"mean": [True, 0.5, 0.5]}, "mean"),
+])
+def test_sizes_are_checked_before_anything_is_built(kwargs, words, monkeypatch):
+    """A config.json may come from anyone: oversized or nonsensical sizes are refused by name
+    before a single layer (and its memory) is created."""
+    def built(*args, **kwargs):
+        raise AssertionError("a layer was built before the arguments were checked")
+
+    monkeypatch.setattr(effnetv2.model, "ConvBNAct", built)
     with pytest.raises(ValueError, match=words):
         EfficientNetV2(**{"variant": "b0", **kwargs})
 
