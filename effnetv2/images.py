@@ -1,71 +1,188 @@
-"""Opening user images safely: any file format and colour mode in, an RGB ``PIL.Image`` out."""
+"""Opening user images safely: any file format and colour mode in, an RGB ``PIL.Image`` out.
+
+Memory follows the pixel count, not the bit depth: 16-bit, 32-bit and float images are brought to 8 bits
+a strip of rows at a time, so :func:`open_image` holds at most the decoded source plus its 8-bit copy,
+then that copy plus the RGB result (PIL keeps RGB at 4 bytes a pixel): about 5 bytes a pixel for a
+16-bit PNG (``benchmarks/memory.py`` measures it).
+"""
 from __future__ import annotations
 
+import ctypes
 import os
-import warnings
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-# Larger than any photo a phone takes (~200 MP); past it PIL's decompression-bomb guard refuses.
+# Larger than any photo a phone takes (~200 MP). This is the limit: PIL's own guard (Image.MAX_IMAGE_PIXELS,
+# which refuses above 179 MP by default and only warns above 89 MP) is off while we open and decode.
 MAX_IMAGE_PIXELS = 200_000_000
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+BYTES_PER_PIXEL = 4  # the most PIL keeps a decoded pixel in, any mode (RGB is stored as RGBX)
+_STRIP_PIXELS = 1 << 20  # converted a strip of rows at a time: the float temporaries stay a few MB
+
+try:  # glibc's; elsewhere freed memory goes back to the OS without being asked
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+except (AttributeError, OSError, TypeError):
+    _malloc_trim = None
+
+_pil_guard_lock = threading.Lock()
+_pil_guard_users = 0
+_pil_guard_saved: int | None = None
 
 
 class ImageLoadError(ValueError):
     """An input could not be turned into an RGB image; the message says which file and why."""
 
 
+@contextmanager
+def _our_pixel_limit() -> Iterator[None]:
+    """Turn PIL's global decompression-bomb guard off while we open and decode (our size check comes first).
+
+    Counted, so that concurrent decodes (threads) restore the user's ``Image.MAX_IMAGE_PIXELS`` only when
+    the last one ends.
+    """
+    global _pil_guard_users, _pil_guard_saved
+    with _pil_guard_lock:
+        if _pil_guard_users == 0:
+            _pil_guard_saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        _pil_guard_users += 1
+    try:
+        yield
+    finally:
+        with _pil_guard_lock:
+            _pil_guard_users -= 1
+            if _pil_guard_users == 0:
+                Image.MAX_IMAGE_PIXELS = _pil_guard_saved
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory a decode freed back to the OS.
+
+    glibc raises its mmap threshold to the size of freed blocks, so after the first large image Pillow's
+    16 MB blocks come from the decoding thread's heap and stay there when freed: threads taking turns
+    (check_images, a web server's workers) would each keep an image's worth resident.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says; the same object when there is nothing to turn."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
+        return ImageOps.exif_transpose(image)
+    return image  # exif_transpose would return a full copy
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float image as 8-bit ``L`` by the rule of :func:`to_rgb`; other modes unchanged."""
+    if image.mode not in HIGH_DEPTH_MODES:
+        return image
+    low, high = (0, 65535) if image.mode.startswith("I;16") else image.getextrema()
+    offset = 0.0
+    if image.mode == "F":  # 0..1, or 0..max when max > 1, to 0..255, rounded half up
+        top = float(high) if high > 1 else 1.0  # also when high is NaN
+        scale, offset = 255.0 / top, 0.5
+    elif high > 255:  # 16-bit values (I;16, or I holding them): the high byte
+        top, scale = 65535, 1 / 256
+    else:  # I holding 8-bit values
+        top, scale = 255, 1.0
+    width, height = image.size
+    out = np.empty((height, width), np.uint8)
+    rows = max(1, _STRIP_PIXELS // width)
+    for y in range(0, height, rows):
+        strip = np.asarray(image.crop((0, y, width, min(y + rows, height))), np.float64)
+        out[y:y + rows] = np.floor(np.clip(np.nan_to_num(strip, nan=0.0), 0, top) * scale + offset)
+    return Image.fromarray(out)  # [H, W] uint8: mode L
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode (1, L, LA, P, RGBA, CMYK, I;16, I, F, ...) → 8-bit RGB, EXIF orientation applied.
 
-    Transparent pixels are composited over white; 16-bit and float images are rescaled to 0..255.
+    Transparent pixels are composited over white. High bit depths keep their top 8 bits, as PIL itself
+    reads 16-bit RGB PNGs: 16-bit ``I;16`` values become ``v // 256`` (65535 → 255, 32768 → 128,
+    32767 → 127); ``I`` (32-bit) the same when any value is above 255, else its values clipped to 0..255,
+    negatives 0 and anything above 65535 255; ``F`` (float) maps 0..1, or 0..max when its max is above 1,
+    to 0..255 rounded half up (0.5 → 128), negatives and NaN 0. May return ``image`` itself when it is
+    already upright RGB.
     """
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        if image.mode == "F":
-            top = max(float(array.max()), 1e-12) if array.max() > 1 else 1.0
-        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L")
+    image = _eight_bit(_upright(image))
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        image = Image.new("RGB", rgba.size, (255, 255, 255))
+        image.paste(rgba, mask=rgba)  # alpha-composited over white, without an RGBA copy of the result
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def open_image(source: str | os.PathLike | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Load ``source`` (a path or a PIL image) fully into memory as RGB.
-
-    Raises :class:`ImageLoadError` naming the file for unreadable, truncated, empty, or oversized
-    (decompression bomb) inputs.
-    """
-    name = "image" if isinstance(source, Image.Image) else str(source)
+def image_pixels(path: str | os.PathLike) -> int:
+    """Width x height of the image file at ``path`` from its header (nothing decoded); 0 when unreadable."""
     try:
-        if isinstance(source, Image.Image):
-            image = source
-        else:
-            if not Path(source).is_file():
-                raise ImageLoadError(f"{name}: no such file")
-            image = Image.open(source)
+        with _our_pixel_limit(), Image.open(path) as image:
+            return image.width * image.height
+    except (OSError, SyntaxError, ValueError):
+        return 0
+
+
+@contextmanager
+def _errors_named(name: str) -> Iterator[None]:
+    """PIL's and numpy's exceptions while reading ``name`` as one :class:`ImageLoadError` naming it."""
+    try:
+        yield
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{name}: not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageLoadError(f"{name}: unreadable or truncated image ({err})") from None
+
+
+def _load(source: str | os.PathLike | Image.Image, name: str, max_pixels: int) -> Image.Image:
+    """``source`` opened, its size checked against ``max_pixels``, then every pixel decoded."""
+    if not isinstance(source, Image.Image) and not Path(source).is_file():
+        raise ImageLoadError(f"{name}: no such file")
+    with _our_pixel_limit():
+        image = source if isinstance(source, Image.Image) else Image.open(source)
         width, height = image.size
         if width < 1 or height < 1:
             raise ImageLoadError(f"{name}: image has no pixels ({width}x{height})")
         if width * height > max_pixels:
             raise ImageLoadError(f"{name}: {width}x{height} pixels is more than the {max_pixels:,} "
                                  f"allowed (possible decompression bomb); downscale it first")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()
-        return to_rgb(image)
-    except ImageLoadError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageLoadError(f"{name}: not an image file PIL can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageLoadError(f"{name}: refused as a possible decompression bomb ({err})") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(f"{name}: unreadable or truncated image ({err})") from None
+        image.load()
+    return image
+
+
+def open_image(source: str | os.PathLike | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Load ``source`` (a path or a PIL image) fully into memory as RGB (see :func:`to_rgb`).
+
+    Raises :class:`ImageLoadError` naming the file for missing, unreadable, truncated, empty, or oversized
+    inputs: more than ``max_pixels`` pixels (a decompression bomb) is refused before decoding, whatever
+    PIL's ``Image.MAX_IMAGE_PIXELS`` says.
+    """
+    name = "image" if isinstance(source, Image.Image) else str(source)
+    with _errors_named(name):
+        image = _load(source, name, max_pixels)
+        image = _upright(image)  # each step drops the image before it: one full-size copy alive at a time
+        image = _eight_bit(image)
+        image = to_rgb(image)
+    _release_freed_memory()
+    return image
+
+
+def verify_image(source: str | os.PathLike | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Raise :class:`ImageLoadError` exactly where :func:`open_image` would, holding only the decoded pixels.
+
+    Every pixel is decoded (truncation and corruption show there); the colour conversion, which depends on
+    the mode alone, runs on the first row instead of the whole image.
+    """
+    name = "image" if isinstance(source, Image.Image) else str(source)
+    with _errors_named(name):
+        image = _load(source, name, max_pixels)
+        to_rgb(image.crop((0, 0, image.width, 1)))
+        del image
+    _release_freed_memory()

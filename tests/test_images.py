@@ -1,0 +1,105 @@
+"""effnetv2.images: high-bit-depth conversion values, the pixel limit, and memory bounded by the pixel count."""
+import re
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.memory import measure_open_image, png_bytes, ramp, write_png16
+from effnetv2.images import MAX_IMAGE_PIXELS, ImageLoadError, image_pixels, open_image, verify_image
+
+# 16-bit values and their 8-bit results, worked by hand: the high byte, v // 256.
+SIXTEEN_BIT = [0, 255, 256, 32767, 32768, 65535]
+HIGH_BYTE = [0, 0, 1, 127, 128, 255]
+
+
+def _red(image: Image.Image) -> list[int]:
+    """The first row's red channel of ``open_image(image)``."""
+    return np.asarray(open_image(image))[0, :, 0].tolist()
+
+
+def test_sixteen_bit_grey_png_keeps_the_high_byte(tmp_path):
+    path = write_png16(tmp_path / "grey.png", np.array(SIXTEEN_BIT), height=2)
+    with Image.open(path) as raw:
+        assert raw.mode == "I;16"
+    rgb = np.asarray(open_image(path))
+    assert rgb.shape == (2, len(SIXTEEN_BIT), 3)
+    assert (rgb == np.array(HIGH_BYTE)[None, :, None]).all(), rgb[0, :, 0]
+
+
+def test_sixteen_bit_rgb_png_is_read_by_pil_with_the_same_rule(tmp_path):
+    # PIL decodes 16-bit-per-channel PNGs to 8-bit "RGB" itself; a grey one must come out the same.
+    row = np.array(SIXTEEN_BIT).reshape(-1, 3)
+    path = write_png16(tmp_path / "rgb.png", row, height=1)
+    with Image.open(path) as raw:
+        assert raw.mode == "RGB"
+    assert np.asarray(open_image(path))[0].ravel().tolist() == HIGH_BYTE
+
+
+def test_big_endian_sixteen_bit_image():
+    image = Image.fromarray(np.array([SIXTEEN_BIT], ">u2"))
+    assert image.mode == "I;16B"
+    assert _red(image) == HIGH_BYTE
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([-5, 0, 255, 256, 32768, 65535, 70000], [0, 0, 0, 1, 128, 255, 255]),  # above 255: 16-bit, clipped
+    ([-5, 0, 7, 200, 255], [0, 0, 7, 200, 255]),  # nothing above 255: 8-bit values
+])
+def test_thirty_two_bit_integer_image(values, expected):
+    image = Image.fromarray(np.array([values], np.int32))
+    assert image.mode == "I"
+    assert _red(image) == expected
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([np.nan, -1.0, 0.0, 0.25, 0.5, 1.0], [0, 0, 0, 64, 128, 255]),  # 0.25 * 255 = 63.75, 0.5 * 255 = 127.5
+    ([0.0, 1.0, 2.0, 4.0], [0, 64, 128, 255]),  # max 4: x * 255 / 4
+])
+def test_float_image(values, expected):
+    image = Image.fromarray(np.array([values], np.float32))
+    assert image.mode == "F"
+    assert _red(image) == expected
+
+
+@pytest.mark.parametrize("pil_limit", [None, 1000])  # PIL's guard off, or refusing above 2000 pixels
+def test_the_pixel_limit_is_ours_at_its_edge(tmp_path, monkeypatch, pil_limit):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pil_limit)
+    at_limit = tmp_path / "at.png"
+    Image.new("L", (100, 30), 7).save(at_limit)  # 3000 pixels
+    one_more = tmp_path / "over.png"
+    Image.new("L", (3001, 1), 7).save(one_more)
+    assert open_image(at_limit, max_pixels=3000).size == (100, 30)
+    verify_image(at_limit, max_pixels=3000)
+    for check in (open_image, verify_image):
+        with pytest.raises(ImageLoadError, match=rf"^{re.escape(str(one_more))}: 3001x1 pixels is more than the 3,000 allowed"):
+            check(one_more, max_pixels=3000)
+    assert Image.MAX_IMAGE_PIXELS == pil_limit  # PIL's setting is back as it was
+
+
+def test_the_default_limit_is_ours_not_pils(tmp_path):
+    assert Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS / 2  # PIL would refuse before ours: 179 MP by default
+    over = tmp_path / "over.png"  # a header claiming one pixel more than our default, almost no data
+    over.write_bytes(png_bytes(66_666_667, 3, 8, 0, zlib.compress(b"\0" * 64)))
+    assert 66_666_667 * 3 == MAX_IMAGE_PIXELS + 1 and image_pixels(over) == MAX_IMAGE_PIXELS + 1
+    with pytest.raises(ImageLoadError, match="66666667x3 pixels is more than the 200,000,000 allowed"):
+        open_image(over)
+
+
+def test_image_pixels_reads_the_header_only(tmp_path):
+    (tmp_path / "claim.png").write_bytes(png_bytes(60_000, 60_000, 8, 2, zlib.compress(b"\0" * 64)))
+    (tmp_path / "text.png").write_text("not an image")
+    assert image_pixels(tmp_path / "claim.png") == 3_600_000_000
+    assert image_pixels(tmp_path / "text.png") == image_pixels(tmp_path / "missing.png") == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the child's /proc/self/status")
+def test_decoding_a_16_bit_png_costs_bytes_per_pixel_not_float64(tmp_path):
+    # 36 MP: a float64 copy alone is 288 MB and the old conversion made four (measured: +1010 MB); the
+    # 16-bit source, its 8-bit copy and the RGB result take about 5 bytes a pixel (measured: +185 MB).
+    path = write_png16(tmp_path / "big.png", ramp(6000), 6000)
+    result = measure_open_image(path)
+    assert result["code"] == 0, result["output"]
+    assert result["increase"] < 400e6, f"{result['increase'] / 1e6:.0f} MB"
