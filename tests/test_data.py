@@ -3,6 +3,8 @@ import io
 import json
 import random
 import struct
+import threading
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import effnetv2.data
 from effnetv2.data import (DatasetError, ImageFolderDataset, check_images, main, read_split, report_bad_files,
                            save_class_indices, scan_folder, split_samples, write_split)
 from effnetv2.images import ImageLoadError, open_image
@@ -190,6 +193,35 @@ def test_every_bad_file_kind_is_reported_once_and_skipped(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         report_bad_files([])  # nothing to say, no warning
+
+
+def test_check_decodes_only_as_many_images_at_once_as_the_memory_budget_holds(tmp_path, monkeypatch):
+    samples = [(str(_image(tmp_path / f"{i}.png", "L", (32, 32))), 0) for i in range(6)]
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def slow_verify(path):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)  # long enough for every thread the budget lets in to start its own
+        with lock:
+            running[0] -= 1
+
+    monkeypatch.setattr(effnetv2.data, "verify_image", slow_verify)
+    one = 32 * 32 * 4  # a decode counts 4 bytes a pixel
+    for budget, bound in ((2 * one, 2), (one // 2, 1)):  # room for two; less than one: still one at a time
+        most[0] = 0
+        assert check_images(samples, num_workers=6, memory_budget=budget) == (samples, [])
+        assert 1 <= most[0] <= bound, (budget, most[0])
+
+
+def test_check_applies_our_pixel_limit_not_pils_from_every_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL warns above 1000 pixels, refuses above 2000
+    samples = [(str(_image(tmp_path / f"{i}.png", "L", (40 + 20 * (i % 2), 40))), 0) for i in range(8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_images(samples, num_workers=4) == (samples, [])  # 1600 and 2400 pixels: all good
+    assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's setting is back once the last thread is done
 
 
 def test_decompression_bomb_under_a_small_limit(tmp_path):
