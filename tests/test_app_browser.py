@@ -89,3 +89,19 @@ def test_attention_tab(page, example, shots):
     page.locator("#maths", has_text=f"the token at cell (0, {cols - 1})").wait_for()
     page.wait_for_load_state("networkidle")
     page.screenshot(path=str(shots / "screenshot_attention.png"), full_page=True)
+
+
+def test_example_clicks_run_the_model(page):
+    """An example click fills the image and computes (a step of its own in the app's concurrency group)."""
+    from effnetv2.inference import Predictor
+
+    circle = str(Path(app.__file__).parent / "assets" / "examples" / "circle.png")
+    expected = Predictor(app.DEFAULT_MODEL, backend="torch").predict([circle], top_k=1)[0][0][0]
+    page.get_by_role("tab", name="Classify").click()
+    page.locator("button.gallery-item:visible", has=page.locator("img[src$='/circle.png']")).click()
+    page.locator("#classify-label [data-testid='label-output-value']", has_text=expected).wait_for()
+    page.get_by_role("tab", name="Attention").click()  # the last test left a clicked cell as the query
+    assert page.locator("#query-mode input[value='cell']").is_checked()
+    page.locator("button.gallery-item:visible", has=page.locator("img[src$='/hexagon.png']")).click()
+    page.locator("#maths", has_text="the pooled query").wait_for()
+    assert page.locator("#query-mode input[value='pooled']").is_checked()
