@@ -18,7 +18,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # Larger than any photo a phone takes (~200 MP). This is the limit: PIL's own guard (Image.MAX_IMAGE_PIXELS,
-# which refuses above 179 MP by default and only warns above 89 MP) is off while we open and decode.
+# which refuses above 179 MP by default and only warns above 89 MP) is off, process-wide, while we decode.
 MAX_IMAGE_PIXELS = 200_000_000
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 BYTES_PER_PIXEL = 4  # the most PIL keeps a decoded pixel in, any mode (RGB is stored as RGBX)
@@ -81,7 +81,7 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     """A 16-bit, 32-bit or float image as 8-bit ``L`` by the rule of :func:`to_rgb`; other modes unchanged."""
     if image.mode not in HIGH_DEPTH_MODES:
         return image
-    low, high = (0, 65535) if image.mode.startswith("I;16") else image.getextrema()
+    high = 65535 if image.mode.startswith("I;16") else image.getextrema()[1]
     offset = 0.0
     if image.mode == "F":  # 0..1, or 0..max when max > 1, to 0..255, rounded half up
         top = float(high) if high > 1 else 1.0  # also when high is NaN
