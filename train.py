@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(memory_format=torch.channels_last)
 
     # The checkpoint to resume must be this run's: same settings, same data (it is loaded after prepare()).
-    run_id, resume_from = uuid.uuid4().hex, None
+    run_id, resume_from, state = uuid.uuid4().hex, None, {}
     if args.resume:
         found = list_checkpoints(out / "checkpoints")
         resume_from = (found[-1] if found else None) if args.resume == "latest" else Path(args.resume)

@@ -325,9 +325,8 @@ def resume_mismatches(state: dict, args: dict, keys: tuple[str, ...], data: dict
 def public_argv(argv: list[str]) -> list[str]:
     """``argv`` fit to publish (the model card's command): a local path given to one of
     :data:`PATH_FLAGS` (or an abbreviation) that is absolute, starts with ``~`` or climbs out with
-    ``..`` is shown relative to the working folder when it lies inside it, else by its last name
-    (``/home/me/flowers`` → ``flowers``); relative paths, Hub ids, ``torchvision:s`` and ``latest``
-    stay as given."""
+    ``..`` is shown by its last name (``/home/me/flowers`` → ``flowers``); relative paths, Hub ids,
+    ``torchvision:s`` and ``latest`` stay as given."""
     def is_path_flag(arg: str) -> bool:
         return len(arg) > 2 and arg.startswith("--") and any(flag.startswith(arg) for flag in PATH_FLAGS)
 
@@ -345,10 +344,9 @@ def public_argv(argv: list[str]) -> list[str]:
 
 
 def _public_path(value: str) -> str:
-    if not (os.path.isabs(value) or value.startswith("~") or ".." in Path(value).parts):
-        return value
-    path = Path(os.path.abspath(os.path.expanduser(value)))
-    return path.relative_to(Path.cwd()).as_posix() if path.is_relative_to(Path.cwd()) else path.name or value
+    if os.path.isabs(value) or value.startswith("~") or ".." in Path(value).parts:
+        return Path(os.path.abspath(os.path.expanduser(value))).name or value
+    return value
 
 
 class WriteError(OSError):

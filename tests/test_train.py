@@ -548,7 +548,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_model(tiny, tmp_path, capsy
 
 
 def test_the_published_command_names_no_local_path(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a path inside the working folder is no exception
     argv = ["--data-path", "/home/me/flower_photos", "--output-dir=/srv/runs/a", "--weights", str(tmp_path / "base"),
             "--resume", "latest", "--data", "~/x/shapes", "--lr", "0.1", "--weights", "org/name", "--output-dir",
             "runs/b", "--weights", "../elsewhere/tv.pth"]
