@@ -3,8 +3,9 @@ ONNX Runtime or OpenVINO.
 
 ``Predictor(model)(x)`` gives the eager model's logits for a preprocessed batch ``[B, 3, H, W]``;
 ``Predictor(model).predict(images, top_k=5)`` takes PIL images or paths and returns labelled top-k.
-Exported graphs are cached on disk, keyed by a hash of the weights and config, so creating a
-Predictor for the same model again is fast.
+Exported graphs are cached on disk in a private (0700) folder, keyed by a hash of the weights and
+config and checked against their own SHA-256 on every load, so creating a Predictor for the same
+model again is fast and a damaged or replaced graph is exported again.
 """
 from __future__ import annotations
 
@@ -68,17 +69,48 @@ def _import_runtime(name: str):
                           f"pip install {name}, or use backend='torch'") from err
 
 
-def _writable_dir(path: Path) -> Path:
+def _private_dir(path: Path) -> Path:
+    """``path``, created if needed, as a folder that only this user can enter (mode 0700), and
+    writable; OSError otherwise (e.g. a folder of the same name made by another user)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to another user")
+    if info.st_mode & 0o077:
+        path.chmod(0o700)
+    tempfile.NamedTemporaryFile(dir=path).close()
+    return path
+
+
+def _cache_subdir(cache_dir: Path, name: str) -> Path:
+    """The private folder ``cache_dir / name``; when that is not usable, a private per-user folder
+    under the system temp folder (never a shared one: graphs found there are run)."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, delete=True)
-        probe.close()
-        return path
-    except OSError:
-        fallback = Path(tempfile.gettempdir()) / "effnetv2-cache"
-        logger.warning("cache folder %s is not writable; using %s", path, fallback)
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback
+        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return _private_dir(cache_dir / name)
+    except OSError as err:
+        uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
+        fallback = Path(tempfile.gettempdir()) / f"effnetv2-cache-{uid}" / name
+        logger.warning("cache folder %s is not usable (%s); using %s", cache_dir / name, err, fallback)
+        try:
+            _private_dir(fallback.parent)
+            return _private_dir(fallback)
+        except OSError:  # taken by another user: a fresh folder with an unpredictable name
+            return Path(tempfile.mkdtemp(prefix="effnetv2-cache-"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json_atomically(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
 
 
 class Predictor:
@@ -119,6 +151,7 @@ class Predictor:
         self._lock = threading.Lock()
         self._fused: EfficientNetV2 | None = None
         self._fingerprint = ""
+        self._graph_dir: Path | None = None
         candidates = ["torch"] if self.device.type != "cpu" else list(AUTO_ORDER) if backend == "auto" else [backend]
         size = self.config["image_size"]
         for name in candidates:
@@ -161,14 +194,33 @@ class Predictor:
         return run
 
     def _onnx_path(self, height: int, width: int) -> Path:
-        """The cached ONNX graph for this model at ``height x width`` (exported on first use)."""
+        """The cached ONNX graph for this model at ``height x width``, exported on first use.
+
+        Beside each graph a record holds the model fingerprint, the size and the graph's SHA-256;
+        a graph that does not match its record (overwritten, truncated, unreadable) is exported
+        again with a warning, so a cached graph always computes this model's logits.
+        """
         if not self._fingerprint:
             self._fingerprint = model_fingerprint(self.model)
-            self._cache_dir = _writable_dir(self._cache_dir)
-        path = self._cache_dir / "onnx" / f"effnetv2-{self.model.variant}-{self._fingerprint}-{height}x{width}.onnx"
-        if not path.is_file():
+        if self._graph_dir is None:
+            self._graph_dir = _cache_subdir(self._cache_dir, "onnx")
+        path = self._graph_dir / f"effnetv2-{self.model.variant}-{self._fingerprint}-{height}x{width}.onnx"
+        record_path = path.with_suffix(".json")
+        expected = {"fingerprint": self._fingerprint, "size": [height, width]}
+        if path.exists() or record_path.exists():
+            try:
+                record = json.loads(record_path.read_text())
+                if {k: record.get(k) for k in expected} == expected and record.get("sha256") == _sha256(path):
+                    return path
+                problem = "it does not match its record (overwritten or truncated?)"
+            except (OSError, ValueError) as err:
+                problem = f"it or its record is unreadable ({err})"
+            logger.warning("cached graph %s is not the one exported for this model: %s; exporting it again",
+                           path, problem)
+        else:
             logger.info("exporting EfficientNetV2-%s at %dx%d to %s", self.model.variant, height, width, path)
-            export_onnx(self.model, path, (height, width), opset=DEFAULT_OPSET)
+        export_onnx(self.model, path, (height, width), opset=DEFAULT_OPSET)
+        _write_json_atomically(record_path, {**expected, "sha256": _sha256(path)})
         return path
 
     def _onnxruntime_runner(self, ort, path: Path) -> Callable:
@@ -182,7 +234,7 @@ class Predictor:
     def _openvino_runner(self, ov, path: Path) -> Callable:
         core = ov.Core()
         # OpenVINO keeps the compiled graph here too, which makes the next compile of it fast.
-        core.set_property({"CACHE_DIR": str(self._cache_dir / "openvino")})
+        core.set_property({"CACHE_DIR": str(_cache_subdir(self._cache_dir, "openvino"))})
         # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise run in bf16 and the
         # logits would no longer equal the eager model's.
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -106,10 +108,13 @@ def test_predictor_equals_eager(model, batch, cache_dir, backend):
     assert (single - expected[:1]).abs().max() < 1e-4
 
 
-def test_auto_prefers_the_fastest_installed_runtime(model, cache_dir):
-    predictor = Predictor(model, cache_dir=cache_dir)
-    installed = [b for b in inference.AUTO_ORDER if b == "torch" or importlib.util.find_spec(b)]
-    assert predictor.backend == installed[0]
+def test_auto_prefers_the_fastest_installed_runtime(model, cache_dir, monkeypatch):
+    documented = ("onnxruntime", "openvino", "torch")  # the README: onnxruntime > openvino > torch
+    installed = [b for b in documented if b == "torch" or importlib.util.find_spec(b)]
+    assert Predictor(model, cache_dir=cache_dir).backend == installed[0]
+    if HAS_ONNXRUNTIME and HAS_OPENVINO:  # without ONNX Runtime, OpenVINO comes next
+        monkeypatch.setitem(sys.modules, "onnxruntime", None)
+        assert Predictor(model, cache_dir=cache_dir).backend == "openvino"
 
 
 def test_auto_falls_back_to_torch_without_runtimes(model, batch, monkeypatch, tmp_path):
@@ -190,3 +195,56 @@ def test_predictor_from_source_exposes_model_config_labels(model, tmp_path):
         predictor(torch.zeros(3, 64, 64))
     with pytest.raises(ValueError, match="backend must be"):
         Predictor(model, backend="tensorrt")
+
+
+def graph_of(model, cache_dir):
+    [path] = (cache_dir / "onnx").glob(f"*-{model_fingerprint(model)}-64x64.onnx")
+    return path
+
+
+@pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="onnxruntime not installed")
+def test_a_replaced_or_damaged_cached_graph_is_exported_again(model, batch, tmp_path, caplog):
+    other = realistic_model("b0", num_classes=7, image_size=64, seed=1)
+    with torch.no_grad():
+        expected, others = model(batch), other(batch)
+    assert not torch.equal(expected.argmax(1), others.argmax(1))  # a swapped graph would show in the top class
+    Predictor(model, backend="onnxruntime", cache_dir=tmp_path)
+    Predictor(other, backend="onnxruntime", cache_dir=tmp_path)
+    graph = graph_of(model, tmp_path)
+    damages = {"overwritten with another model's graph": graph_of(other, tmp_path).read_bytes(),
+               "truncated": graph.read_bytes()[:1000]}
+    for damage, content in damages.items():
+        graph.write_bytes(content)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="effnetv2.inference"):
+            predictor = Predictor(model, backend="auto", cache_dir=tmp_path)
+        assert predictor.backend == "onnxruntime", damage
+        assert f"cached graph {graph} is not the one exported for this model" in caplog.text, damage
+        logits = predictor(batch)
+        assert torch.equal(logits.argmax(1), expected.argmax(1)) and relative_error(logits, expected) < 1e-5, damage
+        caplog.clear()
+        Predictor(model, backend="onnxruntime", cache_dir=tmp_path)  # healed: no second warning
+        assert "not the one exported" not in caplog.text
+
+
+def test_graph_cache_folders_are_private(model, tmp_path, monkeypatch):
+    def mode(path):
+        return path.stat().st_mode & 0o777
+
+    Predictor(model, backend="onnxruntime" if HAS_ONNXRUNTIME else "torch", cache_dir=tmp_path / "cache")
+    if HAS_ONNXRUNTIME:
+        assert mode(tmp_path / "cache") == 0o700 and mode(tmp_path / "cache" / "onnx") == 0o700
+    # An unusable cache folder falls back to a per-user folder in the temp dir, never a shared one.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "not-a-folder").write_text("")
+    folder = inference._cache_subdir(tmp_path / "not-a-folder", "onnx")
+    assert folder == tmp_path / "tmp" / f"effnetv2-cache-{os.getuid()}" / "onnx"
+    assert mode(folder) == 0o700 and mode(folder.parent) == 0o700
+    folder.parent.chmod(0o777)  # loosened by someone: tightened again before use
+    assert inference._cache_subdir(tmp_path / "not-a-folder", "onnx") == folder and mode(folder.parent) == 0o700
+    if os.getuid() == 0:  # a folder of that name owned by another user is not used
+        os.chown(folder.parent, 12345, 12345)
+        taken = inference._cache_subdir(tmp_path / "not-a-folder", "onnx")
+        assert taken.parent == tmp_path / "tmp" and taken.name.startswith("effnetv2-cache-") and taken != folder.parent
+        assert mode(taken) == 0o700
