@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .configs import VARIANTS
-from .hub import read_state_dict
+from .hub import ModelDownloadError, is_offline, read_state_dict
 from .layers import ConvBNAct, MBConv
 from .model import EfficientNetV2
 
@@ -220,15 +220,19 @@ def _official_torchvision_file(variant: str) -> Path:
     filename = os.path.basename(weights.url)
     path = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)  # where the message asks to put the file
+        what = f"the official torchvision EfficientNetV2-{variant.upper()} weights"
+        remedy = f"put that file at {path} (or set TORCH_HOME), or pass the path of a local .pth instead."
+        if is_offline():  # known offline: fail now rather than after the network times out
+            raise ModelDownloadError(f"{what} are not in torch's cache and this machine is offline (HF_HUB_OFFLINE=1 "
+                                     f"is set), so they cannot be downloaded from {weights.url}: {remedy}",
+                                     f"torchvision:{variant}")
         match = re.search(r"-([a-f0-9]+)\.", filename)
         try:
             torch.hub.download_url_to_file(weights.url, str(path), match[1] if match else None, progress=True)
         except Exception as err:  # network errors come in many types (URLError, OSError, RuntimeError)
-            raise RuntimeError(
-                f"could not download the official torchvision EfficientNetV2-{variant.upper()} weights from "
-                f"{weights.url} ({err}). Without internet, put that file at {path} (or set TORCH_HOME), or "
-                f"pass the path of a local .pth instead.") from None
+            raise ModelDownloadError(f"could not download {what} from {weights.url} ({err}). Without internet, "
+                                     f"{remedy}", f"torchvision:{variant}") from None
     return path
 
 
@@ -496,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     convert = from_torchvision if args.library == "torchvision" else from_timm
     try:
         model = convert(args.source, variant=args.variant)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     reference = _reference_model(args.library, model)

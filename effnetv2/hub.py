@@ -177,6 +177,23 @@ def load_state_dict_checked(model: "EfficientNetV2", state: dict[str, torch.Tens
     model.load_state_dict(state, strict=True)
 
 
+def is_offline() -> bool:
+    """True when the network is known to be off limits: ``HF_HUB_OFFLINE`` is set (even after
+    huggingface_hub was imported) or huggingface_hub's constants say offline."""
+    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+# A branch, tag (git ref names, e.g. "v1.0", "refs/pr/3") or commit id; no "..", no leading "-" or "/".
+_REVISION = re.compile(r"(?!.*\.\.)(?!.*//)[A-Za-z0-9][A-Za-z0-9._+/-]{0,254}(?<![./])")
+
+
+def check_revision(revision: str | None) -> None:
+    """``ValueError`` unless ``revision`` is None or looks like a branch, tag or commit id."""
+    if revision is not None and not (isinstance(revision, str) and _REVISION.fullmatch(revision)):
+        raise ValueError(f"revision {revision!r} is not a branch, tag or commit id (letters, digits and . _ + - /, "
+                         f"no '..'): give e.g. 'main', 'v1.0' or a commit hash")
+
+
 class ModelDownloadError(OSError):
     """A model file could not be fetched from the Hub or the local cache. The message names the repo,
     says why (not found or private, gated, unknown revision, offline, unreachable) and what to do."""
@@ -218,7 +235,7 @@ def explain_download_error(err: Exception, repo_id: str, filename: str, revision
                    f"revoked. Log in again with {login}, or unset HF_TOKEN to read public repos.")
     elif isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         cache = f"the local Hugging Face cache ({constants.HF_HUB_CACHE})"
-        if constants.is_offline_mode():
+        if is_offline():
             message = (f"{filename} of {repo} is not in {cache} and this machine is offline (HF_HUB_OFFLINE=1 is "
                        f"set), so it cannot be downloaded. Download the model once while online (run the same "
                        f"command without HF_HUB_OFFLINE=1, or `hf download {repo_id}`), or pass a local folder "

@@ -299,6 +299,9 @@ class EfficientNetV2(
         ``cache_dir=``, model overrides such as ``num_classes=``), in eval mode, with errors that say
         which repo or file failed and what to do (``hub.ModelDownloadError`` for download problems)."""
         model_id = str(pretrained_model_name_or_path)
+        hub.check_revision(kwargs.get("revision"))
+        if hub.is_offline():  # HF_HUB_OFFLINE set after huggingface_hub read it: still no network
+            kwargs["local_files_only"] = True
         with hub.explained_download_errors(model_id, hub.CONFIG_NAME, kwargs.get("revision"), kwargs.get("token"),
                                            kwargs.get("local_files_only", False)):
             try:

@@ -145,7 +145,7 @@ def test_official_weights_offline_from_cache(tv_s, tv_s_pth, tmp_path, monkeypat
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     url = torchvision.models.EfficientNet_V2_S_Weights.IMAGENET1K_V1.url
     cached = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
-    with pytest.raises(RuntimeError, match=f"put that file at {cached}"):
+    with pytest.raises(OSError, match=f"put that file at {cached}"):
         convert.from_torchvision("s")
     cached.write_bytes(tv_s_pth.read_bytes())
     model = convert.from_torchvision("s")

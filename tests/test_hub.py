@@ -136,6 +136,18 @@ def test_offline_loads_from_the_cache_and_explains_a_miss(hub_server, monkeypatc
             load("org/elsewhere")
 
 
+def test_offline_set_after_import_asks_the_hub_nothing(hub_server, monkeypatch):
+    tiny().push_to_hub("org/name")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # huggingface_hub read it at import: its constant stays False
+    before = len(hub_server.requests)
+    for load in (EfficientNetV2.from_pretrained, load_model):
+        with pytest.raises(ModelDownloadError, match=r"config.json of Hub repo 'org/name' is not in the local Hugging "
+                                                     r"Face cache .* offline \(HF_HUB_OFFLINE=1 is set\).* pass a "
+                                                     r"local folder written by save_pretrained\.$"):
+            load("org/name")
+    assert len(hub_server.requests) == before
+
+
 def test_card_edited_on_the_hub_survives_a_push(hub_server):
     api = HfApi()
     tiny(0).push_to_hub("org/name")

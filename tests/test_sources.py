@@ -1,10 +1,13 @@
 """The model-source resolver shared by the app, train.py and the CLIs."""
 from __future__ import annotations
 
+from urllib.error import URLError
+
 import pytest
 import torch
 
 from effnetv2 import EfficientNetV2
+from effnetv2.hub import ModelDownloadError
 from effnetv2.sources import load_model
 
 
@@ -62,3 +65,48 @@ def test_weights_file_and_folder_without_config(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ValueError, match="is a file, not a model"):
         load_model(str(tmp_path / "notes.txt"))
+
+
+@pytest.mark.parametrize("offline", ["env and constants", "env set after import"])
+def test_torchvision_weights_offline_fail_at_once_with_one_clear_error(offline, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    downloads = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *args, **kwargs: downloads.append(args))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline == "env and constants")
+    with pytest.raises(ModelDownloadError) as caught:
+        load_model("torchvision:s")
+    message = str(caught.value)
+    assert isinstance(caught.value, OSError)  # what train.py and app.py catch and print
+    assert "EfficientNetV2-S weights are not in torch's cache and this machine is offline" in message
+    assert message.endswith(f"put that file at {tmp_path / 'hub' / 'checkpoints' / 'efficientnet_v2_s-dd5fe13b.pth'} "
+                            f"(or set TORCH_HOME), or pass the path of a local .pth instead.")
+    assert downloads == []  # not even tried
+
+
+def test_torchvision_download_failure_is_an_oserror(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    def unreachable(url, *args, **kwargs):
+        raise URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ModelDownloadError, match=r"could not download the official torchvision EfficientNetV2-S "
+                                                 r"weights from https://.*Name or service not known.*local \.pth"):
+        load_model("torchvision:s")
+
+
+@pytest.mark.parametrize("revision", ["../../etc", "a b", "-x", "main/", "v1..2", "x\ny"])
+def test_revisions_are_checked_before_use(revision, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("the Hub was asked"))
+    with pytest.raises(ValueError, match=r"revision .* is not a branch, tag or commit id"):
+        load_model(f"org/name@{revision}")
+    with pytest.raises(ValueError, match=r"revision .* is not a branch, tag or commit id"):
+        EfficientNetV2.from_pretrained("org/name", revision=revision)
