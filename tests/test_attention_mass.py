@@ -1,88 +1,120 @@
-"""An attention-pool model trained for a few steps puts its attention on the object.
+"""A freshly initialised attention pool, trained to classify shapes, puts its attention on the object.
 
-The data: 128 px images of grey noise with one filled square whose colour is the class (red, green,
-blue) at a random place and size, so the object's box is known and only its pixels carry the label.
-The model: EfficientNetV2-b0 with an attention pool (4 heads), trained from scratch end to end for
-80 AdamW steps at 64 px (a 2x2 feature grid). The measure, ``viz.attention_mass_in_box``, gives a
-uniform map exactly the box's share of the image area; before training the pooled query's mass in
-the box is that share, after training it is clearly more, on held-out images.
+The data: ``shapes`` images (128 px, class = the outline, colour random, clutter and distractors), so
+no colour or global statistic gives the class away; each image's object box is in its annotations.
+The features: the bundled model's frozen backbone (``forward_features``, a 4x4 grid at 128 px),
+computed once. The pool: a new ``AttentionPool2d`` (4 heads, 64 channels) and linear classifier,
+trained for 100 AdamW steps on 150 images, from three initialisations. The measure,
+``viz.attention_mass_in_box`` on 100 held-out images, gives a uniform map exactly the box's share of
+the image area: the untrained pools put that share in the box, the trained ones two to three times more.
+
+Why not a whole network from scratch: it needs thousands of steps to tell shapes apart, and on a task
+it learns in a few dozen (the colour of a square) it needs no attention to the object, so the mass
+after such a short run depends on float summation order (CPU kernels, thread count). Here every initialisation is far from the threshold. The seed of the data
+and initialisations is ``EFFNETV2_TEST_SEED`` (default 0), for ``benchmarks/training_test_margins.py``.
 """
-import random
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 from effnetv2 import EfficientNetV2, transforms_for
-from effnetv2.training import recalibrate_batchnorm
+from effnetv2.attention import AttentionPool2d
+from effnetv2.data import make_shapes_dataset
+from effnetv2.evaluate import box_in_view
+from effnetv2.images import open_image
 from effnetv2.viz import attention_mass_in_box
 
-SIZE = 128
-COLOURS = {"red": (220, 40, 40), "green": (40, 190, 40), "blue": (40, 40, 220)}
+BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "model"
+SEED = int(os.environ.get("EFFNETV2_TEST_SEED", "0"))
+INITS = 3  # pool initialisations per run, each checked on its own
+# trained pools put 2.2-3.1x the box's area share in the box (2.7-2.9x on average over the inits);
+# maps read transposed give 1.9x on average, flipped 1.5x, scores that get no gradient 1.3x
+MIN_MEAN_MASS_OVER_SHARE = 2.0
+MIN_MASS_OVER_SHARE = 1.5  # for each init
+MIN_ACCURACY = 0.85  # on 100 held-out images of 5 classes (chance: 0.2)
+MAX_UNTRAINED_OFFSET = 0.02  # untrained pools: |mass - share|, as a uniform map would give
+pytestmark = pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(), reason="no bundled model in this checkout")
 
 
-def colour_squares(count: int, seed: int):
-    """``count`` (image, label, box) triples; the box ``[x0, y0, x1, y1]`` is in pixels, ends exclusive."""
-    rng, noise = random.Random(seed), np.random.default_rng(seed)
-    items = []
-    for i in range(count):
-        label = i % len(COLOURS)
-        image = Image.fromarray(noise.integers(70, 190, (SIZE, SIZE, 1)).repeat(3, 2).astype(np.uint8))
-        side = rng.randint(SIZE // 5, SIZE // 3)
-        x, y = rng.randint(0, SIZE - side), rng.randint(0, SIZE - side)
-        ImageDraw.Draw(image).rectangle([x, y, x + side - 1, y + side - 1], fill=list(COLOURS.values())[label])
-        items.append((image, label, [x, y, x + side, y + side]))
-    return items
-
-
-def evaluate(model, x_train, x_test, y_test, test_items):
-    """Accuracy, mean attention mass in the box and mean box area share on the held-out images."""
-    recalibrate_batchnorm(model, x_train.split(32))  # BatchNorm statistics of these weights
-    model.eval()
+def frozen_features(backbone: EfficientNetV2, root: Path):
+    """Features ``[N, C, h, w]``, labels ``[N]`` and object boxes (in the model's view) of a shapes set."""
+    annotations = json.loads((root / "annotations.json").read_text())
+    names, transform, classes = sorted(annotations), transforms_for(backbone), sorted(backbone.label2id)
+    images = [open_image(root / name) for name in names]
     with torch.no_grad():
-        feats = model.forward_features(x_test)
-        accuracy = (model.forward_head(feats).argmax(-1) == y_test).float().mean().item()
-        _, maps = model.head.attn_pool(feats, return_attention=True)
-    mass = np.mean([attention_mass_in_box(m, box, (SIZE, SIZE)) for m, (_, _, box) in zip(maps, test_items)])
-    share = np.mean([(b[2] - b[0]) * (b[3] - b[1]) / SIZE**2 for _, _, b in test_items])
-    return accuracy, float(mass), float(share)
+        feats = torch.cat([backbone.forward_features(torch.stack([transform(i) for i in images[s:s + 50]]))
+                           for s in range(0, len(images), 50)])
+    labels = torch.tensor([classes.index(annotations[name]["label"]) for name in names])
+    boxes = [box_in_view(annotations[name]["box"], image.size, backbone.config) for name, image in zip(names, images)]
+    return feats, labels, boxes
+
+
+def held_out_figures(pool, classifier, feats, labels, boxes, size: int) -> tuple[float, float]:
+    """Accuracy and mean attention mass in the object box (pooled query, mean over heads)."""
+    with torch.no_grad():
+        pooled, maps = pool(feats, return_attention=True)  # maps [N, heads, h, w]
+        accuracy = (classifier(pooled).argmax(-1) == labels).float().mean().item()
+    return accuracy, float(np.mean([attention_mass_in_box(m, box, (size, size)) for m, box in zip(maps, boxes)]))
+
+
+def shapes_features(root: Path, seed: int):
+    """The bundled backbone's features of 150 training and 100 held-out shapes images of data seeds
+    derived from ``seed`` (none used anywhere else), and the image size."""
+    backbone = EfficientNetV2.from_pretrained(BUNDLED).float().eval()
+    size = backbone.config["image_size"]
+    train, test = (frozen_features(backbone, make_shapes_dataset(root / name, num_per_class=count, image_size=size,
+                                                                 seed=base + seed))
+                   for name, count, base in (("train", 30, 530_000), ("test", 20, 540_000)))
+    return train, test, size
+
+
+def train_pools(train, test, size: int, seed: int, steps: int = 100) -> dict:
+    """``INITS`` fresh pools and classifiers trained on ``train`` features; their held-out figures
+    (accuracy, mass in the box) before and after training, and the mean box share."""
+    (train_feats, train_labels, _), runs = train, []
+    for init in range(INITS):
+        torch.manual_seed(INITS * seed + init)
+        pool = AttentionPool2d(train_feats.shape[1], dim=64, num_heads=4)
+        classifier = torch.nn.Linear(64, int(train_labels.max()) + 1)
+        before = held_out_figures(pool, classifier, *test, size)
+        optimizer = torch.optim.AdamW([*pool.parameters(), *classifier.parameters()], lr=2e-3, weight_decay=0.0)
+        for _ in range(steps):
+            batch = torch.randint(0, len(train_labels), (32,))
+            loss = F.cross_entropy(classifier(pool(train_feats[batch])), train_labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        runs.append({"before": before, "after": held_out_figures(pool, classifier, *test, size)})
+    share = float(np.mean([(b[2] - b[0]) * (b[3] - b[1]) / size ** 2 for b in test[2]]))
+    return {"share": share, "runs": runs}
+
+
+def measure(root: Path, seed: int = SEED) -> dict:
+    """What the tests below check, for ``seed``: ``train_pools`` on the bundled backbone's features."""
+    return train_pools(*shapes_features(root, seed), seed)
 
 
 @pytest.fixture(scope="module")
-def trained():
-    torch.manual_seed(0)
-    model = EfficientNetV2("b0", num_classes=3, pool="attention", num_heads=4, attn_dim=64, image_size=64,
-                           drop_path_rate=0.0, dropout=0.0, id2label=dict(enumerate(COLOURS)))
-    train_items, test_items = colour_squares(96, seed=0), colour_squares(48, seed=1)
-    transform = transforms_for(model, train=False)
-    x_train = torch.stack([transform(image) for image, _, _ in train_items])
-    y_train = torch.tensor([label for _, label, _ in train_items])
-    x_test = torch.stack([transform(image) for image, _, _ in test_items])
-    y_test = torch.tensor([label for _, label, _ in test_items])
-    before = evaluate(model, x_train, x_test, y_test, test_items)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(80):
-        model.train()
-        batch = torch.randint(0, len(train_items), (16,), generator=generator)
-        loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return {"before": before, "after": evaluate(model, x_train, x_test, y_test, test_items)}
+def trained(tmp_path_factory):
+    return measure(tmp_path_factory.mktemp("shapes"))
 
 
-def test_the_trained_model_classifies_held_out_images(trained):
-    assert trained["before"][0] < 0.5 and trained["after"][0] >= 0.9, trained
+def test_the_trained_pool_classifies_held_out_images(trained):
+    for run in trained["runs"]:
+        assert run["before"][0] < 0.5 and run["after"][0] >= MIN_ACCURACY, trained
 
 
 def test_attention_mass_inside_the_box_beats_its_area_share(trained):
-    (_, mass_before, share), (_, mass_after, _) = trained["before"], trained["after"]
-    print(f"\nattention mass inside the object box (48 held-out images): {mass_before:.3f} before training, "
-          f"{mass_after:.3f} after 80 steps; the box's area share is {share:.3f}")
-    assert abs(mass_before - share) < 0.01  # untrained: as good as a uniform map
-    assert mass_after > 1.25 * share  # trained: the object's cells get more than their area share
-    assert mass_after > mass_before + 0.02
+    share = trained["share"]
+    print(f"\nattention mass inside the object box (100 held-out images), box area share {share:.3f}: "
+          + ", ".join(f"{r['before'][1]:.3f} -> {r['after'][1]:.3f}" for r in trained["runs"]))
+    for run in trained["runs"]:
+        (_, mass_before), (_, mass_after) = run["before"], run["after"]
+        assert abs(mass_before - share) < MAX_UNTRAINED_OFFSET, trained  # untrained: like a uniform map
+        assert mass_after > MIN_MASS_OVER_SHARE * share, trained  # trained: the object's cells get more
+    assert np.mean([run["after"][1] for run in trained["runs"]]) > MIN_MEAN_MASS_OVER_SHARE * share, trained
