@@ -11,6 +11,7 @@ import logging
 import os
 import re
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -29,7 +30,8 @@ WEIGHTS_NAME = "model.safetensors"
 PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
-MODEL_CARD_TEMPLATE = (Path(__file__).parent / "model_card.md").read_text(encoding="utf-8")
+# Package data (a real file, not a link: links become one-line text files on Windows checkouts).
+MODEL_CARD_TEMPLATE = resources.files(__package__).joinpath("model_card.md").read_text(encoding="utf-8")
 CLASSIFIER_KEYS = ("head.classifier.weight", "head.classifier.bias")
 # A safetensors header is ~100 bytes per tensor: EfficientNetV2-XL with an attention pool needs 0.2 MB.
 MAX_HEADER_BYTES = 8 * 2**20
