@@ -14,7 +14,7 @@ from torchvision import transforms as T
 
 from effnetv2 import EfficientNetV2
 from effnetv2.data import ImageFolderDataset
-from test_train import metrics_of, run, shapes, train  # noqa: F401  (shapes is a fixture)
+from test_train import SMOKE, metrics_of, run, shapes, train  # noqa: F401  (shapes is a fixture)
 from test_training import find_cutmix, recover_mixup, smoothed_onehot
 
 BATCH = 4  # test_train's SMOKE: b0, 32 px, batch 4, one CPU process, no loader workers
@@ -27,16 +27,16 @@ class Recorder:
     def __init__(self):
         self.images, self.labels, self.train_transforms = [], [], []  # each training image as the loader fetched it
         self.inputs, self.targets, self.lrs = [], [], []  # per training step: model input, loss targets, lr used
-        self.models = []  # the model that trained
+        self.model = None  # the model that trained
         self.channels_last_weights = []  # per training forward: is the stem conv's weight channels_last
         self.linear_dtypes = {True: set(), False: set()}  # dtypes out of every nn.Linear, training / not
 
     def on_forward_pre(self, module, args):
         if isinstance(module, EfficientNetV2) and module.training:
-            self.inputs.append(args[0].detach().clone(memory_format=torch.preserve_format))
+            self.inputs.append(args[0].detach().clone())
             self.channels_last_weights.append(module.stem.conv.weight.is_contiguous(memory_format=torch.channels_last))
-            if not self.models:
-                self.models.append(module)
+            if self.model is None:
+                self.model = module
 
     def on_forward(self, module, args, output):
         if isinstance(module, torch.nn.Linear):
@@ -142,9 +142,8 @@ def test_bf16_autocasts_on_the_cpu_and_keeps_float32_weights(flags_run, weights_
 def test_fp16_autocasts_on_a_gpu(shapes, tmp_path):
     out = tmp_path / "run"
     with observed_run() as rec:
-        assert train.main(["--data-path", str(shapes), "--output-dir", str(out), "--variant", "b0", "--image-size",
-                           "32", "--batch-size", str(BATCH), "--workers", "0", "--epochs", "1", "--max-steps", "3",
-                           "--mixed-precision", "fp16"]) == 0
+        assert train.main(["--data-path", str(shapes), "--output-dir", str(out), *(a for a in SMOKE if a != "--cpu"),
+                           "--epochs", "1", "--max-steps", "3", "--mixed-precision", "fp16"]) == 0
     assert rec.linear_dtypes[True] == {torch.float16}
     assert {t.dtype for t in load_file(out / "model.safetensors").values() if t.is_floating_point()} == {torch.float32}
     assert torch.isfinite(torch.tensor(metrics_of(out)["final"]["train_loss"]))
@@ -167,7 +166,7 @@ def test_channels_last_trains_in_that_layout_and_saves_the_standard_one(flags_ru
     assert all(rec.channels_last_weights)  # the weights too, not only the batches
     assert not any(x.is_contiguous(memory_format=torch.channels_last) for x in control.inputs)
     assert not any(control.channels_last_weights)
-    model, saved = rec.models[0], load_file(out / "model.safetensors")
+    model, saved = rec.model, load_file(out / "model.safetensors")
     # the trained model was put back in the standard layout, and the file holds exactly its weights
     assert all(t.is_contiguous() for t in model.state_dict().values())
     assert saved.keys() == model.state_dict().keys()
@@ -227,7 +226,7 @@ def test_attention_pool_and_heads_from_the_command_line(flags_run, weights_run):
     (out, rec), (control_out, _) = flags_run, weights_run
     tuned = EfficientNetV2.from_pretrained(out)
     assert tuned.config["pool"] == "attention" and tuned.config["num_heads"] == 4
-    for model in (rec.models[0], tuned):  # the model that trained and the one saved
+    for model in (rec.model, tuned):  # the model that trained and the one saved
         assert model.head.attn_pool.attn.num_heads == 4
     saved = load_file(out / "model.safetensors")
     assert {"head.attn_pool.pos_embed", "head.attn_pool.attn.q_proj.weight"} <= saved.keys()
