@@ -66,6 +66,7 @@ def make_cases(root: Path) -> dict[str, Path]:
         "num_heads_1e9": {**attention, "num_heads": 1_000_000_000},
         "mean_nan": {"mean": [float("nan")] * 3},
         "std_inf": {"std": [float("inf")] * 3},
+        "config_200MB": {"source": {"notes": "x" * 200_000_000}},
         "header_1.2M_tensors": {},
     }
     cases = {"baseline": good}
@@ -85,7 +86,8 @@ def run_case(folder: Path) -> tuple[float, float, str]:
     """(seconds in from_pretrained, peak RSS in MB, outcome) of a fresh interpreter loading ``folder``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(folder)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(folder)], capture_output=True, text=True, env=env,
+                          cwd=folder)  # not the repo: "-c" puts the working folder first on sys.path
     lines = proc.stdout.strip().splitlines()
     if not lines:
         return float("nan"), float("nan"), f"exit {proc.returncode}: {proc.stderr.strip()[-200:]}"

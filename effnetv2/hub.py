@@ -33,6 +33,8 @@ CARD_NAME = "README.md"
 # Package data (a real file, not a link: links become one-line text files on Windows checkouts).
 MODEL_CARD_TEMPLATE = resources.files(__package__).joinpath("model_card.md").read_text(encoding="utf-8")
 CLASSIFIER_KEYS = ("head.classifier.weight", "head.classifier.bias")
+# config.json with 50,000 labels (model.MAX_CLASSES) of 60 characters, twice (id2label, label2id): ~7 MB.
+MAX_CONFIG_BYTES = 16 * 2**20
 # A safetensors header is ~100 bytes per tensor: EfficientNetV2-XL with an attention pool needs 0.2 MB.
 MAX_HEADER_BYTES = 8 * 2**20
 
@@ -276,6 +278,14 @@ def _config_where(model_id: str, revision: str | None) -> str:
     if os.path.isdir(model_id):
         return os.path.join(model_id, CONFIG_NAME)
     return f"{CONFIG_NAME} of {_describe(model_id, revision)}"
+
+
+def check_config_size(model_id: str) -> None:
+    """Refuse a local folder's ``config.json`` above ``MAX_CONFIG_BYTES`` before it is parsed."""
+    path = os.path.join(model_id, CONFIG_NAME)
+    if os.path.isdir(model_id) and os.path.isfile(path) and os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} is {os.path.getsize(path):,} bytes, more than the {MAX_CONFIG_BYTES:,} a model's "
+                         f"settings and labels need: it was not written by save_pretrained, or it was damaged")
 
 
 def check_config_is_an_object(model_id: str, revision: str | None = None, cache_dir: str | None = None) -> None:

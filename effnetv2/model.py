@@ -300,6 +300,7 @@ class EfficientNetV2(
         which repo or file failed and what to do (``hub.ModelDownloadError`` for download problems)."""
         model_id = str(pretrained_model_name_or_path)
         hub.check_revision(kwargs.get("revision"))
+        hub.check_config_size(model_id)
         if hub.is_offline():  # HF_HUB_OFFLINE set after huggingface_hub read it: still no network
             kwargs["local_files_only"] = True
         with hub.explained_download_errors(model_id, hub.CONFIG_NAME, kwargs.get("revision"), kwargs.get("token"),

@@ -410,3 +410,15 @@ def test_a_new_num_classes_keeps_the_backbone_and_warns_about_the_classifier(tmp
     [record] = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "head.classifier re-initialised for 5 classes" in record.getMessage()
     assert "has 3" in record.getMessage()
+
+
+def test_an_oversized_local_config_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    from effnetv2 import hub
+
+    tiny().save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    padded = json.dumps({**config, "source": {"notes": "x" * hub.MAX_CONFIG_BYTES}})
+    (tmp_path / "m" / "config.json").write_text(padded)
+    monkeypatch.setattr(json, "load", lambda *a, **k: pytest.fail("config.json was parsed"))
+    with pytest.raises(ValueError, match=rf"m/config.json is {len(padded):,} bytes, more than the 16,777,216"):
+        EfficientNetV2.from_pretrained(tmp_path / "m")
