@@ -461,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         save_model(final_model.half() if args.save_dtype == "float16" else final_model, out, model_card_kwargs)
         with atomic_path(out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
-        plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", f"validation accuracy {final['val_accuracy']:.3f}")
+        plot_confusion_matrix(cm, classes, out / "confusion_matrix.png",
+                              f"validation accuracy {final['val_accuracy']:.3f}")
     except WriteError as err:
         say(f"error: {err}. The files already in {out} are unchanged. Free some space, then run the same command "
             f"with --resume latest to evaluate and save the last checkpoint again.")
