@@ -163,8 +163,8 @@ def test_clip_grad_bounds_every_optimizer_step(shapes, tmp_path, clip):
         assert moved > 1e-2, moved
 
 
-def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_bad(shapes, tmp_path, capsys, monkeypatch):
-    """The loss turns infinite from the first batch of epoch 2 on (6 batches per epoch): epoch 1's
+def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_bad(tiny, tmp_path, capsys, monkeypatch):
+    """The loss turns infinite from the first batch of epoch 2 on (2 batches per epoch): epoch 1's
     checkpoint stays as it was, nothing of epoch 2 is written, and the message names the epoch and lr."""
     batches, real_loss = 0, train.soft_cross_entropy
 
@@ -172,18 +172,18 @@ def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_bad(shapes, 
         nonlocal batches
         batches += 1
         loss = real_loss(logits, targets)
-        return loss * float("inf") if batches > 6 else loss
+        return loss * float("inf") if batches > 2 else loss
 
     monkeypatch.setattr(train, "soft_cross_entropy", loss_infinite_from_epoch_2)
     out = tmp_path / "run"
-    rc = run(shapes, out, "--epochs", "3", "--lr", "0.05")
+    rc = run(tiny, out, "--epochs", "3", "--lr", "0.05")
     printed = capsys.readouterr().out
-    assert rc == 1 and batches == 12, printed
+    assert rc == 1 and batches == 4, printed
     assert "training diverged in epoch 2" in printed and "peak lr 0.05" in printed and "--clip-grad" in printed
     assert f"the last checkpoint written is {out / 'checkpoints' / 'epoch_1'}" in printed
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1"]  # no epoch 2, no temporary folder
     state = json.loads((out / "checkpoints" / "epoch_1" / "train_state.json").read_text())
-    assert state["epoch"] == 1 and state["step"] == 6 and state["history"][0]["train_loss"] < float("inf")
+    assert state["epoch"] == 1 and state["step"] == 2 and state["history"][0]["train_loss"] < float("inf")
     assert not (out / "model.safetensors").exists()
 
 
