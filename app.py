@@ -1,15 +1,19 @@
-"""The effnetv2 demo: classify an image, and see where each attention head looks.
+"""The effnetv2 demo: classify an image, see where each attention head looks and why it chose a class.
 
     python app.py                                  # the bundled shapes model (assets/model), no network
     python app.py --model org/name@v1.0            # a Hub repo, optionally at a revision
     python app.py --model torchvision:s            # torchvision's ImageNet weights (downloaded once)
     EFFNETV2_MODEL=./my-model python app.py --port 7861
+    gradio app.py                                  # reload mode: edits re-run this file ($EFFNETV2_MODEL)
 
-Tab "Classify" gives the top-5 labels; tab "Attention" draws each head's attention over the image,
-the query-by-key score matrix and the maths with this image's real tensor shapes, and a playground
-with the textbook example. All three are named API endpoints (`/classify`, `/attention`, `/textbook`)
-that `gradio_client` can call. Everything reusable lives in the
-`effnetv2` package; this file only wires it to the UI, so copy it and change what you like.
+Tab "Classify" gives the top-5 labels; tab "Attention" answers "why this class?": where each head
+looks, what each head adds to the chosen class (signed, exact), Grad-CAM beside it, how faithful each
+map is (deletion AUC), the query-by-key score matrix, the maths with this image's real tensor shapes,
+and a playground with the textbook example. The named API endpoints (`/classify`, `/attention`,
+`/explain`, `/textbook`) can be called with `gradio_client`, and with Gradio's `mcp` extra installed
+`python app.py` is also an MCP server (tools `classify`, `attention`, `explain`, `textbook`).
+Everything reusable lives in the `effnetv2` package; this file only wires it to the UI, so copy it
+and change what you like.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import argparse
 import atexit
 import functools
 import hashlib
+import importlib.util
 import io
 import os
 import shutil
@@ -26,8 +31,10 @@ from pathlib import Path
 
 import gradio as gr
 import torch
+import pandas as pd
 from PIL import Image
 
+from effnetv2 import explain as attribution
 from effnetv2 import viz
 from effnetv2.attention import attention_walkthrough, textbook_example
 from effnetv2.images import ImageLoadError, open_image
@@ -39,6 +46,7 @@ DEFAULT_MODEL = str(HERE / "assets" / "model")
 EXAMPLES = [str(p) for p in sorted((HERE / "assets" / "examples").glob("*"),
                                    key=lambda p: (p.name.startswith("photo_"), p.name))  # shapes first
             if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}]
+PHOTOS = [path for path in EXAMPLES if Path(path).name.startswith("photo_")]  # out of the bundled model's world
 TOP_K = 5
 MAX_FILE_SIZE = "10mb"       # the server refuses bigger uploads before anything reads them
 MAX_PIXELS = 40_000_000      # a small file can still decode to a gigapixel ("decompression bomb")
@@ -50,7 +58,14 @@ CONCURRENCY = 2              # requests of that group computed at once: one requ
                              # memory stays bounded: at most two images of MAX_PIXELS are decoded at once
 QUEUE_SIZE = 64              # requests waiting beyond that are turned away with a message
 PLAYGROUND = {"tokens": (1, 64), "width": (1, 4096), "heads": (1, 64), "seed": (0, 2**32 - 1)}  # inclusive
-VIEW_PX = 320                # what the model sees is drawn at this size (maps and clickable grid)
+VIEW_PX = 320                # the clickable grid picture: what the model sees, drawn at this size
+MAP_PX = 192                 # each map of a gallery: five in a row at 1280 px keep labels >= 10 px
+UNSURE_BELOW = 0.8           # a top probability under this gets "this model knows only ...":
+                             # benchmarks/ood_threshold.py, bundled model: 3.4% of 500 shapes of an unseen
+                             # seed fall under it, and 100% of noise, 77% of smooth colour fields, both photos
+ATTENTION, ATTRIBUTION, GRADCAM = "attention", "attribution", "gradcam"  # the tab's views
+PREDICTED = ""
+MCP_AVAILABLE = importlib.util.find_spec("mcp") is not None  # Gradio's `mcp` extra: serve the API as MCP tools               # the class selector's "the predicted class"
 POOLED, CELL = "pooled", "cell"
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 
@@ -113,6 +128,15 @@ def classify(predictor: Predictor, image) -> dict[str, float]:
     return {label: float(prob) for label, prob in top}
 
 
+def unsure_note(top_prob: float, labels: list[str]) -> str:
+    """A warning in Markdown when the top probability is under ``UNSURE_BELOW`` (the image is likely
+    none of the model's classes), else ``""``."""
+    if top_prob >= UNSURE_BELOW:
+        return ""
+    return (f"**Unsure ({top_prob:.0%}).** This model knows only {len(labels)} classes: "
+            f"{', '.join(labels)}. An image of anything else still gets one of them.")
+
+
 # ---- Attention ----------------------------------------------------------------------------------
 
 def parse_query(query: str, row, col, grid: tuple[int, int]) -> tuple[int, int] | None:
@@ -141,17 +165,79 @@ def attention(predictor: Predictor, image, query: str = POOLED, row: float = 0, 
     x, view = viz.model_input(model, read_image(image))
     grid = viz.feature_grid(model, x)
     walk = attention_walkthrough(model, x, query=parse_query(query, row, col, grid))
-    view = view.resize((VIEW_PX, VIEW_PX), Image.BICUBIC)
-    return (viz.head_gallery(view, walk["maps"]),
+    return (viz.head_gallery(view.resize((MAP_PX, MAP_PX), Image.BICUBIC), walk["maps"]),
             viz.score_matrix_image(walk["all_weights"], walk["query"], grid),
             viz.walkthrough_markdown(walk),
-            viz.grid_image(view, grid, walk["query"]))
+            viz.grid_image(view.resize((VIEW_PX, VIEW_PX), Image.BICUBIC), grid, walk["query"]))
 
 
 def pick_cell(predictor: Predictor, evt: gr.SelectData) -> tuple[str, int, int]:
     """A click at pixel ``evt.index = (x, y)`` of the grid picture → query "cell" and its (row, col)."""
     row, col = viz.cell_from_click(evt.index, (VIEW_PX, VIEW_PX), viz.feature_grid(predictor.model))
     return CELL, row, col
+
+
+# ---- Why this class? ----------------------------------------------------------------------------
+
+def target_class(labels: list[str], class_name: str | None, probs: torch.Tensor) -> int:
+    """The class selector's value (a label, or empty for the predicted class) → its index."""
+    if not class_name:
+        return int(probs.argmax())
+    if class_name not in labels:
+        raise user_error(f"Unknown class {class_name!r}: choose one of {', '.join(labels)}, "
+                         f"or leave it empty for the predicted class.", title="Unknown class")
+    return labels.index(class_name)
+
+
+def explain(predictor: Predictor, image, class_name: str | None = PREDICTED):
+    """Why ``class_name`` (default: the predicted class) for one image.
+
+    Returns the attribution gallery (each head's signed share of the class logit, and their sum),
+    the per-head totals (a table: head, contribution), the faithfulness of each map kind in Markdown
+    (deletion AUC against a random map's, and what removing the top cells does, in words), the
+    (Grad-CAM, attribution) pair for the slider, and the class explained.
+    """
+    model = predictor.model
+    labels = list(predictor.id2label.values())
+    x, view = viz.model_input(model, read_image(image))
+    with torch.no_grad():
+        probs = model.eval()(x).softmax(-1)[0]
+    target = target_class(labels, class_name, probs)
+    label = labels[target]
+    shares = attribution.class_attribution(model, x, target)[0]  # [heads, h, w]
+    with torch.no_grad():
+        looks = model.attention_maps(x)[0]
+    cam = attribution.gradcam(model, x, target)[0]  # [1, h, w]
+    random = torch.rand(shares.shape[-2:], generator=torch.Generator().manual_seed(0))
+    kinds = {"class attribution": shares.sum(0), "attention (mean of heads)": looks.mean(0),
+             "Grad-CAM": cam[0], "random map": random}
+    maps = torch.stack([m.double() for m in kinds.values()])[:, None]  # [kinds, 1, h, w]
+    batch = x.expand(len(kinds), -1, -1, -1)
+    curves = attribution.removal_curve(model, batch, maps, target)
+    aucs = attribution.deletion_auc(model, batch, maps, target)
+    small = view.resize((MAP_PX, MAP_PX), Image.BICUBIC)
+    gallery = viz.attribution_gallery(small, shares, label)
+    heads = [f"head {i + 1}" for i in range(len(shares))] if len(shares) > 1 else ["all cells"]
+    totals = pd.DataFrame({"head": heads, "contribution": shares.sum((1, 2)).float().numpy()})
+    random_auc = float(aucs[-1])
+    rows = [f"| {kind} | {float(auc):.3f} | {attribution.deletion_summary(curve, label)} |"
+            for kind, auc, curve in zip(kinds, aucs, curves)]
+    choice = "predicted" if target == int(probs.argmax()) else f"chosen; predicted: {labels[int(probs.argmax())]}"
+    note = unsure_note(float(probs.max()), labels)
+    faithfulness = "\n".join([
+        f"**Why {label}?** P({label}) = {float(probs[target]):.2f} ({choice}).", *([note] if note else []),
+        "", f"Deletion AUC: the mean P({label}) as the cells each map ranks first are removed; lower "
+        f"is more faithful. The random map's {random_auc:.3f} is the bar to beat.", "",
+        "| map | deletion AUC | removing its top cells |", "|---|---|---|", *rows])
+    pair = (viz.with_colorbar(viz.overlay(small, cam[0].numpy()), 0.0, float(cam.max())), gallery[-1][0])
+    return gallery, totals, faithfulness, pair, label
+
+
+def view_choices(label: str | None = None) -> list[tuple[str, str]]:
+    """The view switch's choices, naming the class once one is explained."""
+    name = label or "the class"
+    return [("where each head looks", ATTENTION), (f"what each head adds to {name}", ATTRIBUTION),
+            (f"Grad-CAM against the attribution (slider)", GRADCAM)]
 
 
 # ---- Textbook playground ------------------------------------------------------------------------
@@ -224,106 +310,254 @@ def as_files(outputs):
 
 
 # ---- The page -----------------------------------------------------------------------------------
+# Computing events run with ``preprocess=False``: the handlers get the raw upload and decode it with
+# ``read_image`` (raw numbers: ``whole_number``), so a bad input is a message for the user, never a
+# Gradio processing error. They share the concurrency group ``COMPUTE``, so button and example clicks
+# of all tabs together compute at most ``CONCURRENCY`` requests at once. Events with an ``api_name``
+# are the public API (and MCP tools, named after their handler); the rest are private.
 
-def build_demo(predictor: Predictor, header: str) -> gr.Blocks:
-    """The two-tab app around ``predictor``, queue set up; the events with an ``api_name`` are the
-    public API.
+SOURCES = ["upload", "webcam", "clipboard"]
+CSS = """
+#head-gallery .caption-label, #attribution-gallery .caption-label {white-space: normal; max-width: 100%;}
+"""
 
-    Computing events run with ``preprocess=False``: the handlers get the raw upload and decode it
-    with ``read_image`` (raw numbers: ``whole_number``), so a bad input is a message for the user,
-    never a Gradio processing error. They share the concurrency group ``COMPUTE``, so button and
-    example clicks of both tabs together compute at most ``CONCURRENCY`` requests at once.
-    """
+
+def named(name: str):
+    """Name a handler: Gradio's MCP server lists an endpoint as a tool named after its function."""
+    def rename(fn):
+        fn.__name__ = fn.__qualname__ = name
+        return fn
+    return rename
+
+
+def examples(image: gr.Image, then) -> None:
+    """The example images under ``image``, shapes and photos apart; a click loads one and then runs
+    ``then(image.load_event)`` (gr.Examples(fn=...) cannot join a concurrency group)."""
+    for label, paths in (("Shapes: what the bundled model knows", [p for p in EXAMPLES if p not in PHOTOS]),
+                         ("Photos: outside the bundled model's five shapes", PHOTOS)):
+        if paths:
+            then(gr.Examples(paths, inputs=image, label=label).load_input_event)
+
+
+def classify_tab(predictor: Predictor) -> gr.Image:
+    """Tab "Classify": an image → the top-``TOP_K`` labels, and a note when the model is unsure.
+    Returns its image input."""
+    @named("classify")
     def run_classify(image):
+        """Classify an image with the loaded EfficientNetV2: the top-5 labels with their probabilities.
+
+        Args:
+            image: the image to classify (PNG, JPEG or WebP; URL or file).
+        Returns:
+            the most likely label and the top-5 labels with their probabilities (they sum to at most 1).
+        """
         return classify(predictor, image)
 
+    def note(result):
+        return unsure_note(max(result.values(), default=1.0), list(predictor.id2label.values()))
+
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(label="Image", type="filepath", image_mode=None, sources=SOURCES,
+                             elem_id="classify-image", height=300)
+            button = gr.Button("Classify", variant="primary", elem_id="classify-button")
+        with gr.Column():
+            labels = gr.Label(num_top_classes=TOP_K, label=f"Top {TOP_K}", elem_id="classify-label")
+            warning = gr.Markdown(elem_id="classify-note")
+    button.click(run_classify, image, labels, api_name="classify", preprocess=False, concurrency_id=COMPUTE)
+    examples(image, lambda event: event.then(run_classify, image, labels, preprocess=False,
+                                             concurrency_id=COMPUTE, api_visibility="private"))
+    labels.change(note, labels, warning, queue=False, api_visibility="private")
+    return image
+
+
+def attention_tab(predictor: Predictor) -> gr.Image:
+    """Tab "Attention": why this class? The views (where each head looks, what each head adds to the
+    class, Grad-CAM on a slider), faithfulness, per-head totals, then the score matrix and the maths
+    from a query cell picked on the grid. Returns its image input."""
+    labels = list(predictor.id2label.values())
+
+    @named("attention")
     def run_attention(image, query, row, col):
+        """Where each attention head of the model looks in an image.
+
+        Args:
+            image: the image (PNG, JPEG or WebP; URL or file).
+            query: "pooled" for the classifier's query, or "cell" for the token at grid cell (row, col).
+            row: the query cell's row in the feature grid (used when query is "cell").
+            col: the query cell's column in the feature grid (used when query is "cell").
+        Returns:
+            one attention map per head and their mean (with peak weights), the query-by-key weight
+            matrix, the maths with this image's tensor shapes, and the feature grid drawn on the image.
+        """
         return as_files(attention(predictor, image, query, row, col))
 
     def run_attention_example(image):
         return *as_files(attention(predictor, image)), POOLED
 
-    def run_playground(tokens, width, heads, seed):
-        return as_files(playground(tokens, width, heads, seed))
+    @named("explain")
+    def run_explain(image, class_name):
+        """Why the model gives an image a class: each attention head's exact signed share of the
+        class score over the image, and how faithful that map is.
 
-    def run_pick(evt: gr.SelectData):
+        Args:
+            image: the image (PNG, JPEG or WebP; URL or file).
+            class_name: one of the model's class names, or "" for the predicted class.
+        Returns:
+            the attribution pictures (one per head and their sum; red pushes towards the class, blue
+            against), each head's total contribution to the class score, the faithfulness table
+            (deletion AUC of each map kind against a random map's, lower is better), and the
+            Grad-CAM / attribution pair.
+        """
+        gallery, totals, faithfulness, pair, label = explain(predictor, image, class_name)
+        return as_files(gallery), totals, faithfulness, as_files(pair), label
+
+    def show_view(view):
+        return [gr.update(visible=view == name) for name in (ATTENTION, ATTRIBUTION, GRADCAM)]
+
+    def name_views(label, view):
+        return gr.Radio(choices=view_choices(label), value=view)
+
+    def pick(evt: gr.SelectData):
         return pick_cell(predictor, evt)
 
-    sources = ["upload", "webcam", "clipboard"]
-    if predictor.model.pool_type == "attention":
-        pooled_name, intro = "pooled query", (
-            "The attention pool's heads each score every cell of the feature grid against a query, "
-            "$\\mathrm{softmax}(QK^T/\\sqrt{d})$, and take that weighted mean of the values. The maps "
-            "show those weights (they sum to 1 per head) over what the model sees. Use the pooled query "
-            "(what the classifier uses), or click a cell of the grid picture to see from there.")
-    else:
-        pooled_name, intro = "most attended cell", (
-            "This model pools by averaging, so the maps show parameter-free multi-head self-attention "
+    with gr.Row():
+        with gr.Column(scale=1, min_width=280):
+            image = gr.Image(label="Image", type="filepath", image_mode=None, sources=SOURCES,
+                             elem_id="attention-image", height=200)
+            target = gr.Dropdown([("the predicted class", PREDICTED), *((l, l) for l in labels)],
+                                 value=PREDICTED, label="Why this class?", elem_id="class-choice")
+            view = gr.Radio(view_choices(), value=ATTRIBUTION, label="View", elem_id="view-choice")
+            button = gr.Button("Explain", variant="primary", elem_id="attention-button")
+        with gr.Column(scale=3):
+            heads = gr.Gallery(label="Attention of each head, and their mean", columns=5, format="png",
+                               object_fit="contain", height="auto", elem_id="head-gallery", visible=False)
+            shares = gr.Gallery(label="What each head adds to the class (red: towards, blue: against)",
+                                columns=5, format="png", object_fit="contain", height="auto",
+                                elem_id="attribution-gallery")
+            slider = gr.ImageSlider(label="Grad-CAM (left) against the class attribution of all heads (right)",
+                                    type="filepath", format="png", elem_id="gradcam-slider", visible=False,
+                                    max_height=400)
+            with gr.Row():
+                faithfulness = gr.Markdown(elem_id="faithfulness")
+                totals = gr.BarPlot(x="head", y="contribution", label="Each head's total contribution",
+                                    height=220, elem_id="head-totals", sort=None)
+    explained = gr.State()
+    with gr.Accordion("How the attention is computed: query cell, score matrix, maths", open=True):
+        gr.Markdown(intro_text(predictor.model), latex_delimiters=LATEX)
+        with gr.Row():
+            with gr.Column(scale=1):
+                pooled_name = "pooled query" if predictor.model.pool_type == "attention" else "most attended cell"
+                query = gr.Radio([(pooled_name, POOLED), ("the clicked cell", CELL)], value=POOLED,
+                                 label="Query", elem_id="query-mode")
+                with gr.Row(visible=False) as cell_inputs:
+                    row = gr.Number(0, label="row", precision=0, minimum=0, elem_id="query-row")
+                    col = gr.Number(0, label="column", precision=0, minimum=0, elem_id="query-col")
+                grid_view = gr.Image(label="What the model sees, and its feature grid: click a cell",
+                                     type="filepath", format="png", interactive=False, elem_id="grid-view")
+            with gr.Column(scale=1):
+                gr.Markdown("**Query-by-key weights** (mean over heads)")
+                matrix = gr.Image(show_label=False, format="png", interactive=False, elem_id="score-matrix")
+            maths = gr.Markdown(latex_delimiters=LATEX, elem_id="maths")
+
+    att_outputs = [heads, matrix, maths, grid_view]
+    explain_outputs = [shares, totals, faithfulness, slider, explained]
+
+    def then_explain(event):
+        return event.then(run_explain, [image, target], explain_outputs, preprocess=False,
+                          concurrency_id=COMPUTE, api_visibility="private").then(
+            name_views, [explained, view], view, queue=False, api_visibility="private")
+
+    then_explain(button.click(run_attention, [image, query, row, col], att_outputs, api_name="attention",
+                              preprocess=False, concurrency_id=COMPUTE))
+    explain_button = gr.Button(visible=False)  # /explain on its own: image and class → why
+    explain_button.click(run_explain, [image, target], explain_outputs, api_name="explain",
+                         preprocess=False, concurrency_id=COMPUTE)
+    view.change(show_view, view, [heads, shares, slider], queue=False, api_visibility="private")
+    query.change(lambda q: gr.Row(visible=q == CELL), query, cell_inputs, queue=False,
+                 api_visibility="private")
+    grid_view.select(pick, None, [query, row, col], api_visibility="private").then(
+        run_attention, [image, query, row, col], att_outputs, preprocess=False,
+        concurrency_id=COMPUTE, api_visibility="private")
+    with gr.Row():
+        examples(image, lambda event: then_explain(event.then(
+            run_attention_example, image, att_outputs + [query], preprocess=False,
+            concurrency_id=COMPUTE, api_visibility="private")))
+    return image
+
+
+def intro_text(model) -> str:
+    """What the attention maps show, for this model's pool type (Markdown with LaTeX)."""
+    if model.pool_type == "attention":
+        return ("The attention pool's heads each score every cell of the feature grid against a query, "
+                "$\\mathrm{softmax}(QK^T/\\sqrt{d})$, and take that weighted mean of the values. The maps "
+                "show those weights (they sum to 1 per head) over what the model sees. Use the pooled query "
+                "(what the classifier uses), or click a cell of the grid picture to see from there.")
+    return ("This model pools by averaging, so the maps show parameter-free multi-head self-attention "
             "of its feature cells, $\\mathrm{softmax}(QK^T/\\sqrt{d})$ with Q = K = V = the "
             "standardised features: the weights (they sum to 1 per head) from one query cell. Start "
             "from the most attended cell, or click a cell of the grid picture.")
+
+
+def playground_section() -> None:
+    """The textbook example, in an accordion: token count, width, heads and seed → each head's scores."""
+    @named("textbook")
+    def run_playground(tokens, width, heads, seed):
+        """The textbook multi-head attention example: random tokens split into heads.
+
+        Args:
+            tokens: number of tokens (1 to 64).
+            width: channels per token (1 to 4096, divisible by heads).
+            heads: number of heads (1 to 64).
+            seed: random seed (0 to 4294967295).
+        Returns:
+            each head's score matrix, and the tensor shapes at each step.
+        """
+        return as_files(playground(tokens, width, heads, seed))
+
+    with gr.Accordion("Playground: the textbook example", open=False):
+        gr.Markdown("A sequence of tokens of some width, split into heads: each head scores "
+                    "every token against every other. Change the sizes.")
+        with gr.Row():
+            numbers = [gr.Number(value, label=name, precision=0, minimum=low, maximum=high)
+                       for value, (name, (low, high)) in zip((3, 768, 12, 0), PLAYGROUND.items())]
+            play = gr.Button("Run")
+        play_gallery = gr.Gallery(label="Score matrix of each head", columns=6, format="png")
+        play_maths = gr.Markdown(latex_delimiters=LATEX)
+    play.click(run_playground, numbers, [play_gallery, play_maths], api_name="textbook",
+               preprocess=False, concurrency_id=COMPUTE)
+
+
+def build_demo(predictor: Predictor, header: str) -> gr.Blocks:
+    """The app around ``predictor``: the tabs, an image given in one tab shown in the other, and the
+    queue set up."""
     with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False) as demo:
-        gr.Markdown("# EfficientNetV2: classify an image and see its attention")
+        gr.Markdown("# EfficientNetV2: classify an image and see why")
         gr.Markdown(header, elem_id="model-header")
         with gr.Tabs():
             with gr.Tab("Classify", id="classify"):
-                with gr.Row():
-                    with gr.Column():
-                        image = gr.Image(label="Image", type="filepath", image_mode=None, sources=sources,
-                                         elem_id="classify-image")
-                        button = gr.Button("Classify", variant="primary", elem_id="classify-button")
-                    labels = gr.Label(num_top_classes=TOP_K, label=f"Top {TOP_K}", elem_id="classify-label")
-                button.click(run_classify, image, labels, api_name="classify", preprocess=False,
-                             concurrency_id=COMPUTE)
-                if EXAMPLES:  # gr.Examples(fn=...) cannot join a concurrency group: run it as a next step
-                    gr.Examples(EXAMPLES, inputs=image).load_input_event.then(
-                        run_classify, image, labels, preprocess=False, concurrency_id=COMPUTE,
-                        api_visibility="private")
-
+                classify_image = classify_tab(predictor)
             with gr.Tab("Attention", id="attention"):
-                gr.Markdown(intro, latex_delimiters=LATEX)
-                with gr.Row():
-                    with gr.Column():
-                        att_image = gr.Image(label="Image", type="filepath", image_mode=None, sources=sources,
-                                             elem_id="attention-image")
-                        query = gr.Radio([(pooled_name, POOLED), ("the clicked cell", CELL)], value=POOLED,
-                                         label="Query", elem_id="query-mode")
-                        with gr.Row():
-                            row = gr.Number(0, label="row", precision=0, minimum=0, elem_id="query-row")
-                            col = gr.Number(0, label="column", precision=0, minimum=0, elem_id="query-col")
-                        att_button = gr.Button("Show attention", variant="primary", elem_id="attention-button")
-                    grid_view = gr.Image(label="What the model sees, and its feature grid: click a cell",
-                                         type="filepath", format="png", interactive=False, elem_id="grid-view")
-                heads = gr.Gallery(label="Attention of each head, and their mean", columns=5, format="png",
-                                   object_fit="contain", height="auto", elem_id="head-gallery")
-                with gr.Row():
-                    matrix = gr.Image(label="Query-by-key weights (mean over heads; rows: queries, columns: keys)",
-                                      format="png", interactive=False, elem_id="score-matrix")
-                    maths = gr.Markdown(latex_delimiters=LATEX, elem_id="maths")
-                att_outputs = [heads, matrix, maths, grid_view]
-                att_button.click(run_attention, [att_image, query, row, col], att_outputs,
-                                 api_name="attention", preprocess=False, concurrency_id=COMPUTE)
-                grid_view.select(run_pick, None, [query, row, col], api_visibility="private").then(
-                    run_attention, [att_image, query, row, col], att_outputs, preprocess=False,
-                    concurrency_id=COMPUTE, api_visibility="private")
-                if EXAMPLES:
-                    gr.Examples(EXAMPLES, inputs=att_image).load_input_event.then(
-                        run_attention_example, att_image, att_outputs + [query], preprocess=False,
-                        concurrency_id=COMPUTE, api_visibility="private")
-
-                with gr.Accordion("Playground: the textbook example", open=False):
-                    gr.Markdown("A sequence of tokens of some width, split into heads: each head scores "
-                                "every token against every other. Change the sizes.")
-                    with gr.Row():
-                        numbers = [gr.Number(value, label=name, precision=0, minimum=low, maximum=high)
-                                   for value, (name, (low, high)) in zip((3, 768, 12, 0), PLAYGROUND.items())]
-                        play = gr.Button("Run")
-                    play_gallery = gr.Gallery(label="Score matrix of each head", columns=6, format="png")
-                    play_maths = gr.Markdown(latex_delimiters=LATEX)
-                    play.click(run_playground, numbers, [play_gallery, play_maths], api_name="textbook",
-                               preprocess=False, concurrency_id=COMPUTE)
+                attention_image = attention_tab(predictor)
+                playground_section()
+        for source, target in ((classify_image, attention_image), (attention_image, classify_image)):
+            source.input(None, source, target, js="(image) => image", api_visibility="private")
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return demo
+
+
+@functools.cache
+def default_demo() -> gr.Blocks:
+    """The app around $EFFNETV2_MODEL, else the bundled model (built once, on first use)."""
+    return build_demo(*load(os.environ.get("EFFNETV2_MODEL") or DEFAULT_MODEL))
+
+
+def __getattr__(name: str):
+    """``app.demo`` is :func:`default_demo`, built on first access: `gradio app.py` (reload mode) finds
+    it as in Gradio's examples, and importing this module (tests) loads no model."""
+    if name == "demo":
+        return default_demo()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -349,9 +583,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     demo = build_demo(predictor, header)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
-                max_file_size=MAX_FILE_SIZE, footer_links=["api"])
+                max_file_size=MAX_FILE_SIZE, footer_links=["api"], css=CSS,
+                mcp_server=MCP_AVAILABLE)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status:  # a clean return must not raise SystemExit: `gradio app.py` re-runs this file in a thread
+        sys.exit(status)

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .transforms import transforms_for
 
@@ -90,21 +90,26 @@ def overlay(image: Image.Image, attn, alpha: float = 0.55, vmax: float | None = 
     return Image.blend(image.convert("RGB"), heat, alpha)
 
 
+TICK_FONT_PX = 14  # colour-bar labels: still >= 10 px when a gallery shows the picture at 3/4 size
+
+
 def colorbar(height: int, vmin: float, vmax: float, width: int = 14, cmap: str = "inferno",
              ticks: int = 3) -> Image.Image:
     """A vertical colour bar ``height`` pixels tall: ``vmax`` at the top, ``vmin`` at the bottom,
     with ``ticks`` evenly spaced labelled values (same colour map as :func:`heatmap`)."""
-    label_w = 48
+    font = ImageFont.load_default(size=TICK_FONT_PX)
+    fracs = [i / max(ticks - 1, 1) for i in range(ticks)]  # 0 at the top
+    labels = [f"{vmax - frac * (vmax - vmin):.3g}" for frac in fracs]
+    label_w = max(round(font.getlength(label)) for label in labels) + 2
     ramp = colormap(np.linspace(1, 0, height)[:, None].repeat(width, 1), cmap)
-    bar = Image.new("RGB", (width + 4 + label_w, height), "white")
+    bar = Image.new("RGB", (width + 5 + label_w, height), "white")
     bar.paste(Image.fromarray(ramp), (0, 0))
     draw = ImageDraw.Draw(bar)
-    for i in range(ticks):
-        frac = i / max(ticks - 1, 1)  # 0 at the top
+    for frac, label in zip(fracs, labels):
         y = round(frac * (height - 1))
         draw.line([(width, y), (width + 3, y)], fill="black")
-        text_y = min(max(0, y - 5), max(0, height - 11))
-        draw.text((width + 5, text_y), f"{vmax - frac * (vmax - vmin):.3g}", fill="black")
+        text_y = min(max(0, y - TICK_FONT_PX // 2), max(0, height - TICK_FONT_PX - 2))
+        draw.text((width + 5, text_y), label, fill="black", font=font)
     return bar
 
 
@@ -204,10 +209,36 @@ def grid_image(view: Image.Image, grid: tuple[int, int], cell: tuple[int, int] |
     return picture
 
 
+def with_axis_ticks(picture: Image.Image, cell_px: int, row_labels: list[str], col_labels: list[str],
+                    row_title: str = "", col_title: str = "") -> Image.Image:
+    """``picture`` (a matrix drawn ``cell_px`` pixels per entry) with tick labels left of its rows and
+    above its columns (every n-th column when they would overlap) and optional axis titles."""
+    font = ImageFont.load_default(size=TICK_FONT_PX)
+    left = max(round(font.getlength(text)) for text in [*row_labels, row_title]) + 8
+    col_w = max(round(font.getlength(text)) for text in col_labels) + 4
+    top = (TICK_FONT_PX + 4) * (2 if col_title else 1) + 2
+    canvas = Image.new("RGB", (left + picture.width, top + picture.height), "white")
+    canvas.paste(picture, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    if col_title:
+        draw.text((left, 0), col_title, fill="black", font=font)
+    if row_title:
+        draw.text((0, top - TICK_FONT_PX - 4), row_title, fill="black", font=font)
+    for i, text in enumerate(row_labels):
+        y = top + i * cell_px + (cell_px - TICK_FONT_PX) // 2
+        draw.text((left - 4 - round(font.getlength(text)), y), text, fill="black", font=font)
+    for i in range(0, len(col_labels), math.ceil(col_w / cell_px)):
+        x = left + i * cell_px + (cell_px - round(font.getlength(col_labels[i]))) // 2
+        draw.text((x, top - TICK_FONT_PX - 3), col_labels[i], fill="black", font=font)
+    return canvas
+
+
 def matrix_image(matrix: torch.Tensor | np.ndarray, cell_px: int | None = None,
-                 highlight_row: int | None = None) -> Image.Image:
+                 highlight_row: int | None = None, row_labels: list[str] | None = None,
+                 col_labels: list[str] | None = None, row_title: str = "", col_title: str = "") -> Image.Image:
     """A ``[rows, cols]`` matrix as a heat map (each entry a square block) with a colour bar from
-    ``min(0, min)`` to ``max`` of the values (scores may be negative; weights start at 0)."""
+    ``min(0, min)`` to ``max`` of the values (scores may be negative; weights start at 0), and with
+    ``row_labels`` and ``col_labels`` given, tick labels (:func:`with_axis_ticks`)."""
     values = np.asarray(matrix, dtype=np.float64)
     rows, cols = values.shape
     cell_px = cell_px or max(4, min(48, 384 // max(rows, cols)))
@@ -216,7 +247,10 @@ def matrix_image(matrix: torch.Tensor | np.ndarray, cell_px: int | None = None,
     if highlight_row is not None:
         ImageDraw.Draw(picture).rectangle([0, highlight_row * cell_px, cols * cell_px - 1,
                                            (highlight_row + 1) * cell_px - 1], outline=(0, 255, 255), width=2)
-    return with_colorbar(picture, vmin, vmax)
+    picture = with_colorbar(picture, vmin, vmax)
+    if row_labels is not None and col_labels is not None:
+        picture = with_axis_ticks(picture, cell_px, row_labels, col_labels, row_title, col_title)
+    return picture
 
 
 def score_matrix_image(all_weights: torch.Tensor, query: tuple[int, int] | None = None,
@@ -229,7 +263,11 @@ def score_matrix_image(all_weights: torch.Tensor, query: tuple[int, int] | None 
         if grid is None:
             raise ValueError("score_matrix_image needs the feature grid (rows, cols) to find the query's row")
         row = query[0] * grid[1] + query[1]
-    return matrix_image(mean, highlight_row=row)
+    if grid is None:
+        return matrix_image(mean, highlight_row=row)
+    cells = [f"{r},{c}" for r in range(grid[0]) for c in range(grid[1])]
+    return matrix_image(mean, highlight_row=row, row_labels=cells, col_labels=cells,
+                        row_title="query", col_title="key cell (row,col)")
 
 
 def attention_mass_in_box(maps: torch.Tensor | np.ndarray, box: list[float], image_size: tuple[int, int]) -> float:
