@@ -182,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot set up training with --mixed-precision {args.mixed_precision}: {err}", file=sys.stderr)
         return 2
     say = accelerator.print
+    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate autocasts to fp16 only on accelerators: on the CPU the run would be float32, silently
+        say("error: --mixed-precision fp16 needs a GPU; on the CPU it would train in float32. Use "
+            "--mixed-precision bf16 (CPUs autocast to bfloat16) or leave it off")
+        return 2
     set_seed(args.seed)
 
     # 0. The output folder: a file, a read-only place or another run's folder is refused before any work.

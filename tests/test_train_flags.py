@@ -149,8 +149,6 @@ def test_fp16_autocasts_on_a_gpu(shapes, tmp_path):
     assert torch.isfinite(torch.tensor(metrics_of(out)["final"]["train_loss"]))
 
 
-@pytest.mark.xfail(strict=True, reason="on the CPU, Accelerate ignores fp16 (no autocast, no error) and the model "
-                                       "card still says 'mixed precision | fp16'")
 def test_fp16_on_the_cpu_autocasts_or_is_refused(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     with observed_run() as rec:
