@@ -22,16 +22,41 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .explain import class_attribution, deletion_auc, gradcam, insertion_auc
 from .images import open_image
 from .sources import load_model
 from .transforms import transforms_for
-from .viz import attention_mass_in_box
 
 CARD_BEGIN, CARD_END = "<!-- effnetv2.evaluate: begin -->", "<!-- effnetv2.evaluate: end -->"
 MAP_KINDS = ("attention", "class attribution", "Grad-CAM", "random", "uniform")
+
+
+def attention_mass_in_box(maps: torch.Tensor | np.ndarray, box: list[float], image_size: tuple[int, int]) -> float:
+    """Fraction of the attention that falls inside the object's ``box = [x0, y0, x1, y1]`` (pixels) of
+    an image of ``image_size = (width, height)`` over which the ``[h, w]`` grid is laid.
+
+    ``maps`` is ``[h, w]`` or ``[heads, h, w]`` (then the mean over heads). Each cell counts with the
+    fraction of its area inside the box, so a uniform map gives the box's area share: a model that
+    looks at the object scores above ``box area / image area``.
+    """
+    attn = torch.as_tensor(np.asarray(maps) if not isinstance(maps, torch.Tensor) else maps).detach().double().cpu()
+    if attn.dim() == 3:
+        attn = attn.mean(0)
+    if attn.dim() != 2:
+        raise ValueError(f"maps must be [h, w] or [heads, h, w], got shape {list(attn.shape)}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x0 <= x1 and y0 <= y1):
+        raise ValueError(f"box must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1, got {list(box)}")
+    rows, cols = attn.shape
+    width, height = image_size
+    ys = torch.arange(rows + 1, dtype=torch.float64) * height / rows
+    xs = torch.arange(cols + 1, dtype=torch.float64) * width / cols
+    overlap_y = (ys[1:].clamp(max=y1) - ys[:-1].clamp(min=y0)).clamp(min=0) / (height / rows)
+    overlap_x = (xs[1:].clamp(max=x1) - xs[:-1].clamp(min=x0)).clamp(min=0) / (width / cols)
+    return float((attn * overlap_y[:, None] * overlap_x[None, :]).sum() / attn.sum())
 
 
 def explanation_maps(model, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from . import hub
-from .attention import AttentionPool2d, self_attention_maps
+from .attention import AttentionPool2d, check_cell, self_attention_maps
 from .configs import IMAGENET_MEAN, IMAGENET_STD, get_variant
 from .layers import BLOCKS, PADDINGS, ConvBNAct
 
@@ -255,13 +255,10 @@ class EfficientNetV2(
             return self_attention_maps(feats, self.num_heads, query)
         if query is None:
             return pool(feats, return_attention=True)[1]
-        height, width = feats.shape[-2:]
-        row, col = query
-        if not (0 <= row < height and 0 <= col < width):
-            raise ValueError(f"query cell {query} is outside the {height}x{width} feature grid")
+        cell = check_cell(query, feats.shape[-2:])
         tokens = pool.tokens(feats)
-        _, weights = pool.attn.attend(tokens[:, row * width + col].unsqueeze(1), tokens)
-        return weights[:, :, 0].unflatten(-1, (height, width))
+        _, weights = pool.attn.attend(tokens[:, cell].unsqueeze(1), tokens)
+        return weights[:, :, 0].unflatten(-1, feats.shape[-2:])
 
     # Hub integration: strict safetensors loading with errors that name the file.
     def _save_pretrained(self, save_directory: Path) -> None:

@@ -270,31 +270,6 @@ def score_matrix_image(all_weights: torch.Tensor, query: tuple[int, int] | None 
                         row_title="query", col_title="key cell (row,col)")
 
 
-def attention_mass_in_box(maps: torch.Tensor | np.ndarray, box: list[float], image_size: tuple[int, int]) -> float:
-    """Fraction of the attention that falls inside the object's ``box = [x0, y0, x1, y1]`` (pixels) of
-    an image of ``image_size = (width, height)`` over which the ``[h, w]`` grid is laid.
-
-    ``maps`` is ``[h, w]`` or ``[heads, h, w]`` (then the mean over heads). Each cell counts with the
-    fraction of its area inside the box, so a uniform map gives the box's area share: a model that
-    looks at the object scores above ``box area / image area``.
-    """
-    attn = torch.as_tensor(np.asarray(maps) if not isinstance(maps, torch.Tensor) else maps).detach().double().cpu()
-    if attn.dim() == 3:
-        attn = attn.mean(0)
-    if attn.dim() != 2:
-        raise ValueError(f"maps must be [h, w] or [heads, h, w], got shape {list(attn.shape)}")
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if not (x0 <= x1 and y0 <= y1):
-        raise ValueError(f"box must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1, got {list(box)}")
-    rows, cols = attn.shape
-    width, height = image_size
-    ys = torch.arange(rows + 1, dtype=torch.float64) * height / rows
-    xs = torch.arange(cols + 1, dtype=torch.float64) * width / cols
-    overlap_y = (ys[1:].clamp(max=y1) - ys[:-1].clamp(min=y0)).clamp(min=0) / (height / rows)
-    overlap_x = (xs[1:].clamp(max=x1) - xs[:-1].clamp(min=x0)).clamp(min=0) / (width / cols)
-    return float((attn * overlap_y[:, None] * overlap_x[None, :]).sum() / attn.sum())
-
-
 def _shape(shape) -> str:
     if isinstance(shape, dict):
         return ", ".join(f"{k} `{v}`" for k, v in shape.items())
@@ -302,7 +277,7 @@ def _shape(shape) -> str:
 
 
 def walkthrough_markdown(walk: dict) -> str:
-    """The steps of ``attention.attention_walkthrough`` as Markdown with LaTeX and real shapes."""
+    """The steps of ``walkthrough.attention_walkthrough`` as Markdown with LaTeX and real shapes."""
     rows, cols = walk["grid"]
     query = "the pooled query" if walk["query"] is None else f"the token at cell {tuple(walk['query'])}"
     lines = [f"**The maths for this image**: a {rows}×{cols} feature grid gives L = {rows * cols} tokens; "
@@ -314,7 +289,7 @@ def walkthrough_markdown(walk: dict) -> str:
 
 
 def textbook_gallery(example: dict, which: str = "weights") -> list[tuple[Image.Image, str]]:
-    """One heat map per head of ``attention.textbook_example``: its softmax ``weights`` (default) or
+    """One heat map per head of ``walkthrough.textbook_example``: its softmax ``weights`` (default) or
     its scaled ``scores`` before the softmax, each ``[L, L]`` (row = query, column = key)."""
     if which not in ("weights", "scores"):
         raise ValueError(f"which must be 'weights' or 'scores', got {which!r}")

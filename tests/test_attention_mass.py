@@ -27,7 +27,7 @@ from effnetv2.attention import AttentionPool2d
 from effnetv2.data import make_shapes_dataset
 from effnetv2.evaluate import box_in_view
 from effnetv2.images import open_image
-from effnetv2.viz import attention_mass_in_box
+from effnetv2.evaluate import attention_mass_in_box
 
 BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "model"
 SEED = int(os.environ.get("EFFNETV2_TEST_SEED", "0"))

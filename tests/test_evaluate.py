@@ -9,7 +9,8 @@ import torch
 
 from effnetv2 import EfficientNetV2
 from effnetv2.data import make_shapes_dataset
-from effnetv2.evaluate import CARD_BEGIN, CARD_END, box_in_view, card_section, evaluate, main, update_card
+from effnetv2.evaluate import (CARD_BEGIN, CARD_END, attention_mass_in_box, box_in_view, card_section, evaluate, main,
+                               update_card)
 from effnetv2.shapes import SHAPES
 
 
@@ -21,6 +22,23 @@ def test_box_follows_the_resize_and_centre_crop():
     assert box_in_view([0, 0, 40, 128], (256, 128), cfg) == [0, 0, 0, 64]  # cropped away: empty
     # crop_pct 0.8: resize to 80, crop 64 → 8 px off each side
     assert box_in_view([0, 0, 80, 80], (80, 80), {"image_size": 64, "crop_pct": 0.8}) == [0, 0, 64, 64]
+
+
+def test_attention_mass_in_box():
+    maps = torch.zeros(2, 2, 3)
+    maps[0, 1, 2] = 1.0
+    maps[1] = 1 / 6
+    assert attention_mass_in_box(maps[0], [60, 30, 90, 60], (90, 60)) == pytest.approx(1.0)
+    assert attention_mass_in_box(maps[0], [0, 0, 60, 60], (90, 60)) == pytest.approx(0.0)
+    assert attention_mass_in_box(maps[0], [75, 45, 90, 60], (90, 60)) == pytest.approx(0.25)  # quarter cell
+    # a uniform map gives the box's area share, whatever the box
+    for box in ([0, 0, 45, 60], [10, 7, 33, 51], [0, 0, 90, 60]):
+        share = (box[2] - box[0]) * (box[3] - box[1]) / (90 * 60)
+        assert attention_mass_in_box(maps[1], box, (90, 60)) == pytest.approx(share)
+    # [heads, h, w]: the mean over heads; numpy works too
+    assert attention_mass_in_box(maps.numpy(), [60, 30, 90, 60], (90, 60)) == pytest.approx((1 + 1 / 6) / 2)
+    with pytest.raises(ValueError, match="x0 <= x1"):
+        attention_mass_in_box(maps[0], [50, 0, 10, 10], (90, 60))
 
 
 @pytest.fixture(scope="module")

@@ -169,23 +169,6 @@ def test_textbook_gallery_captions():
     assert len(viz.textbook_gallery(example)) == 4
 
 
-def test_attention_mass_in_box():
-    maps = torch.zeros(2, 2, 3)
-    maps[0, 1, 2] = 1.0
-    maps[1] = 1 / 6
-    assert viz.attention_mass_in_box(maps[0], [60, 30, 90, 60], (90, 60)) == pytest.approx(1.0)
-    assert viz.attention_mass_in_box(maps[0], [0, 0, 60, 60], (90, 60)) == pytest.approx(0.0)
-    assert viz.attention_mass_in_box(maps[0], [75, 45, 90, 60], (90, 60)) == pytest.approx(0.25)  # quarter cell
-    # a uniform map gives the box's area share, whatever the box
-    for box in ([0, 0, 45, 60], [10, 7, 33, 51], [0, 0, 90, 60]):
-        share = (box[2] - box[0]) * (box[3] - box[1]) / (90 * 60)
-        assert viz.attention_mass_in_box(maps[1], box, (90, 60)) == pytest.approx(share)
-    # [heads, h, w]: the mean over heads; numpy works too
-    assert viz.attention_mass_in_box(maps.numpy(), [60, 30, 90, 60], (90, 60)) == pytest.approx((1 + 1 / 6) / 2)
-    with pytest.raises(ValueError, match="x0 <= x1"):
-        viz.attention_mass_in_box(maps[0], [50, 0, 10, 10], (90, 60))
-
-
 def test_attribution_gallery_is_signed_with_one_scale():
     shares = torch.zeros(2, 2, 2)
     shares[0, 0, 0] = 2.0  # head 1 pushes towards the class at the top-left cell
