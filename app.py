@@ -31,7 +31,6 @@ from pathlib import Path
 
 import gradio as gr
 import torch
-import pandas as pd
 from PIL import Image
 
 from effnetv2 import explain as attribution
@@ -193,7 +192,7 @@ def explain(predictor: Predictor, image, class_name: str | None = PREDICTED):
     """Why ``class_name`` (default: the predicted class) for one image.
 
     Returns the attribution gallery (each head's signed share of the class logit, and their sum),
-    the per-head totals (a table: head, contribution), the faithfulness of each map kind in Markdown
+    the per-head totals (a bar chart's table: head, contribution), the faithfulness of each map kind in Markdown
     (deletion AUC against a random map's, and what removing the top cells does, in words), the
     (Grad-CAM, attribution) pair for the slider, and the class explained.
     """
@@ -218,7 +217,7 @@ def explain(predictor: Predictor, image, class_name: str | None = PREDICTED):
     small = view.resize((MAP_PX, MAP_PX), Image.BICUBIC)
     gallery = viz.attribution_gallery(small, shares, label)
     heads = [f"head {i + 1}" for i in range(len(shares))] if len(shares) > 1 else ["all cells"]
-    totals = pd.DataFrame({"head": heads, "contribution": shares.sum((1, 2)).float().numpy()})
+    totals = bar_chart(heads, shares.sum((1, 2)).tolist(), "head", "contribution")
     random_auc = float(aucs[-1])
     rows = [f"| {kind} | {float(auc):.3f} | {attribution.deletion_summary(curve, label)} |"
             for kind, auc, curve in zip(kinds, aucs, curves)]
@@ -231,6 +230,13 @@ def explain(predictor: Predictor, image, class_name: str | None = PREDICTED):
         "| map | deletion AUC | removing its top cells |", "|---|---|---|", *rows])
     pair = (viz.with_colorbar(viz.overlay(small, cam[0].numpy()), 0.0, float(cam.max())), gallery[-1][0])
     return gallery, totals, faithfulness, pair, label
+
+
+def bar_chart(names: list[str], values: list[float], x: str, y: str) -> dict:
+    """A ``gr.BarPlot`` value of one bar per name, in Gradio's wire format (what it makes of a pandas
+    DataFrame, so this file needs no pandas): API clients get the numbers as a table."""
+    return {"columns": [x, y], "data": [[name, float(value)] for name, value in zip(names, values)],
+            "datatypes": {x: "nominal", y: "quantitative"}, "mark": "bar"}
 
 
 def view_choices(label: str | None = None) -> list[tuple[str, str]]:
@@ -409,6 +415,9 @@ def attention_tab(predictor: Predictor) -> gr.Image:
             (deletion AUC of each map kind against a random map's, lower is better), and the
             Grad-CAM / attribution pair.
         """
+        return explain_and_name(image, class_name)[:4]
+
+    def explain_and_name(image, class_name):  # the UI's: also the class, to name the view after it
         gallery, totals, faithfulness, pair, label = explain(predictor, image, class_name)
         return as_files(gallery), totals, faithfulness, as_files(pair), label
 
@@ -461,18 +470,18 @@ def attention_tab(predictor: Predictor) -> gr.Image:
             maths = gr.Markdown(latex_delimiters=LATEX, elem_id="maths")
 
     att_outputs = [heads, matrix, maths, grid_view]
-    explain_outputs = [shares, totals, faithfulness, slider, explained]
+    explain_outputs = [shares, totals, faithfulness, slider]  # no State: Gradio's MCP server mishandles one
 
     def then_explain(event):
-        return event.then(run_explain, [image, target], explain_outputs, preprocess=False,
+        return event.then(explain_and_name, [image, target], [*explain_outputs, explained], preprocess=False,
                           concurrency_id=COMPUTE, api_visibility="private").then(
             name_views, [explained, view], view, queue=False, api_visibility="private")
 
-    then_explain(button.click(run_attention, [image, query, row, col], att_outputs, api_name="attention",
-                              preprocess=False, concurrency_id=COMPUTE))
-    explain_button = gr.Button(visible=False)  # /explain on its own: image and class → why
+    explain_button = gr.Button(visible=False)  # /explain on its own: image and class → why (registered first: it gets the name)
     explain_button.click(run_explain, [image, target], explain_outputs, api_name="explain",
                          preprocess=False, concurrency_id=COMPUTE)
+    then_explain(button.click(run_attention, [image, query, row, col], att_outputs, api_name="attention",
+                              preprocess=False, concurrency_id=COMPUTE))
     view.change(show_view, view, [heads, shares, slider], queue=False, api_visibility="private")
     query.change(lambda q: gr.Row(visible=q == CELL), query, cell_inputs, queue=False,
                  api_visibility="private")

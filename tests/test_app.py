@@ -192,7 +192,7 @@ def test_attention_from_a_clicked_cell(predictor, model_dir, photo):
         peak, row, col = re.search(r"peak ([\d.]+) at cell \((\d+), (\d+)\)", caption).groups()
         assert float(peak) == pytest.approx(float(attn.max()), abs=1e-3)
         assert (int(row), int(col)) == divmod(int(attn.argmax()), 2)
-    view = viz.model_input(model, image)[1].resize((app.VIEW_PX, app.VIEW_PX), Image.BICUBIC)
+    view = viz.model_input(model, image)[1].resize((app.MAP_PX, app.MAP_PX), Image.BICUBIC)
     for (picture, _), (expected, _) in zip(gallery, viz.head_gallery(view, maps)):  # the same maps drawn
         assert np.abs(np.asarray(picture, int) - np.asarray(expected, int)).max() <= 1
     assert "the token at cell (1, 0)" in maths
@@ -208,6 +208,57 @@ def test_click_on_the_grid_picture_picks_that_cell(predictor, photo):
     assert app.pick_cell(predictor, top_right) == (app.CELL, 0, 1)
     bottom_left = gr.SelectData(None, {"index": [0, app.VIEW_PX - 1], "value": None})
     assert app.pick_cell(predictor, bottom_left) == (app.CELL, 1, 0)
+
+
+def _logits(model_dir, photo):
+    model = EfficientNetV2.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return model, model(transforms_for(model)(Image.open(photo).convert("RGB"))[None])[0]
+
+
+@pytest.mark.parametrize("class_name", ["", "star", "cross"])
+def test_explain_splits_the_class_logit_among_the_heads(predictor, model_dir, photo, class_name):
+    """The per-head totals and the pooled output's bias through the classifier add up to the class
+    logit (the attention pool's output is linear in the values, then one linear classifier)."""
+    gallery, totals, faithfulness, pair, label = app.explain(predictor, str(photo), class_name)
+    model, logits = _logits(model_dir, photo)
+    target = LABELS.index(class_name) if class_name else int(logits.argmax())
+    assert label == LABELS[target]
+    assert totals["columns"] == ["head", "contribution"]
+    names, contributions = zip(*totals["data"])
+    assert list(names) == [f"head {i + 1}" for i in range(HEADS)]
+    classifier, out_proj = model.head.classifier, model.head.attn_pool.attn.out_proj
+    with torch.no_grad():
+        rest = classifier.bias[target] + classifier.weight[target] @ out_proj.bias
+    assert sum(contributions) + float(rest) == pytest.approx(float(logits[target]), rel=1e-4, abs=1e-5)
+    # one picture per head and their sum, captions with each head's total, signed
+    assert len(gallery) == HEADS + 1 and "all heads" in gallery[-1][1]
+    for (_, caption), total in zip(gallery, contributions):
+        assert caption.startswith(f"head") and f"{total:+.2f}" in caption and label in caption
+    assert all(isinstance(picture, Image.Image) for picture in pair)
+    prob = float(logits.softmax(-1)[target])
+    assert f"P({label}) = {prob:.2f}" in faithfulness
+    rows = re.findall(r"^\| ([^|]+) \| ([\d.]+) \| removing the (?:cell|\d+ cells) this map ranks first "
+                      r"(?:drops|raises) P\(\w+\) from ([\d.]+) to ([\d.]+) \|$", faithfulness, re.M)
+    assert [row[0] for row in rows] == ["class attribution", "attention (mean of heads)", "Grad-CAM", "random map"]
+    for _, auc, before, after in rows:
+        assert 0 <= float(auc) <= 1 and float(before) == pytest.approx(prob, abs=0.006)
+
+
+def test_explain_refuses_an_unknown_class_naming_the_classes(predictor, photo):
+    with pytest.raises(gr.Error, match="Unknown class 'dog': choose one of circle, hexagon, square, star, "
+                                       "triangle, ring, cross, or leave it empty"):
+        app.explain(predictor, str(photo), "dog")
+    with pytest.raises(gr.Error, match="No image"):
+        app.explain(predictor, None, "star")
+
+
+@pytest.mark.parametrize("prob, warned", [(0.25, True), (0.7999, True), (0.8, False), (1.0, False)])
+def test_unsure_answers_say_what_the_model_knows(prob, warned):
+    note = app.unsure_note(prob, ["circle", "star"])
+    assert bool(note) == warned
+    if warned:
+        assert f"{prob:.0%}" in note and "only 2 classes: circle, star" in note
 
 
 def test_playground_textbook_example():
@@ -242,19 +293,49 @@ def test_playground_takes_the_edges_of_its_ranges():
 
 def test_demo_builds_with_the_named_endpoints(loaded):
     demo = app.build_demo(*loaded)
-    names = {fn.api_name for fn in demo.fns.values()}
-    assert {"classify", "attention", "textbook"} <= names
+    named = set(demo.get_api_info()["named_endpoints"])
+    assert named == {"/classify", "/attention", "/explain", "/textbook"}  # the UI-only events stay private
 
 
 def test_every_computing_event_is_in_one_concurrency_group(loaded):
-    """Buttons, example clicks (both tabs), the grid click and the playground share one budget."""
+    """Buttons, example clicks (both tabs, shapes and photos), the grid click, /explain and the
+    playground share one budget; the UI-only events (view switch, notes, cell inputs) compute nothing."""
     demo = app.build_demo(*loaded)
-    groups = {fn.name: fn.concurrency_id for fn in demo.fns.values()}
-    computing = [name for name in groups if name.startswith("run_") and name != "run_pick"]
-    assert sorted(computing) == ["run_attention", "run_attention_example", "run_classify", "run_playground"]
-    # each name once per event: classify button + example, attention button + grid click, ...
+    computing = {"classify", "attention", "run_attention_example", "explain", "explain_and_name", "textbook"}
     events = [fn for fn in demo.fns.values() if fn.name in computing]
-    assert len(events) == 6 and {fn.concurrency_id for fn in events} == {"compute"}
+    # classify: button + 2 example sets; attention: button + grid click; examples: 2 sets;
+    # explain: after the button, after 2 example sets, and /explain; textbook: 1
+    assert sorted(fn.name for fn in events) == sorted(["classify"] * 3 + ["attention"] * 2 +
+                                                      ["run_attention_example"] * 2 + ["explain"] + ["explain_and_name"] * 3 + ["textbook"])
+    assert {fn.concurrency_id for fn in events} == {"compute"}
+    others = [fn for fn in demo.fns.values() if fn not in events]
+    assert all(fn.concurrency_id != "compute" for fn in others)
+
+
+def test_photo_examples_are_marked_apart_from_the_shapes(loaded):
+    assert app.PHOTOS and all(Path(path).name.startswith("photo_") for path in app.PHOTOS)
+    demo = app.build_demo(*loaded)
+    sets = [block for block in demo.blocks.values() if isinstance(block, gr.Dataset)]
+    photo_sets = [block for block in sets if "outside" in block.label]
+    assert len(sets) == 4 and len(photo_sets) == 2  # one of each per tab
+    for block in photo_sets:
+        assert [Path(sample[0]["path"]).name for sample in block.samples] == [Path(p).name for p in app.PHOTOS]
+
+
+def test_module_level_demo_is_built_on_first_use_from_the_environment(model_dir, monkeypatch):
+    """`gradio app.py` reads ``app.demo``: the model of $EFFNETV2_MODEL; importing app builds nothing."""
+    app.default_demo.cache_clear()
+    monkeypatch.setenv("EFFNETV2_MODEL", str(model_dir))
+    try:
+        assert app.default_demo.cache_info().currsize == 0
+        demo = app.demo
+        assert isinstance(demo, gr.Blocks) and app.demo is demo
+        header = next(block.value for block in demo.blocks.values() if getattr(block, "elem_id", None) == "model-header")
+        assert str(model_dir) in header
+    finally:
+        app.default_demo.cache_clear()
+    with pytest.raises(AttributeError, match="no attribute 'dmeo'"):
+        app.dmeo
 
 
 def test_classify_and_attention_together_compute_two_at_a_time(loaded, photo, monkeypatch):

@@ -5,6 +5,9 @@ never asserted (`benchmarks/app_latency.py` measures them against a bare forward
 """
 from __future__ import annotations
 
+import ast
+import asyncio
+import base64
 import time
 from pathlib import Path
 
@@ -52,7 +55,7 @@ def _top(result: dict) -> list[tuple[str, float]]:
 
 def test_api_lists_the_named_endpoints(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/classify", "/attention", "/textbook"} <= set(endpoints)
+    assert set(endpoints) == {"/classify", "/attention", "/explain", "/textbook"}
 
 
 def test_classify_through_the_client(client, example):
@@ -77,6 +80,47 @@ def test_attention_through_the_client(client, example, model):
     assert "the pooled query" in maths and "softmax" in maths
     *_, cell_maths, _ = client.predict(handle_file(example), app.CELL, 1, 2, api_name="/attention")
     assert "the token at cell (1, 2)" in cell_maths
+
+
+def test_explain_through_the_client(client, example, model):
+    """/explain with the predicted class (empty) and a chosen one: pictures per head and their sum,
+    the per-head totals as a table, and the faithfulness table in words."""
+    gallery, totals, faithfulness, pair = client.predict(handle_file(example), "", api_name="/explain")
+    assert len(gallery) == model.num_heads + 1 and "all heads: +" in gallery[-1]["caption"]
+    assert all("towards star" in item["caption"] or "against star" in item["caption"] for item in gallery)
+    assert [head for head, _ in totals["data"]] == [f"head {i + 1}" for i in range(model.num_heads)]
+    for (head, total), item in zip(totals["data"], gallery):  # the chart's numbers are the captions'
+        assert item["caption"].startswith(f"{head}: {total:+.2f} ")
+    assert "**Why star?**" in faithfulness and "| random map |" in faithfulness
+    assert all(Image.open(path).size[0] > 0 for path in [item["image"] for item in gallery] + list(pair))
+    *_, square = client.predict(handle_file(example), "square", api_name="/explain")[:3]
+    assert "**Why square?**" in square and "predicted: star" in square
+    with pytest.raises(AppError, match="Unknown class 'dog'"):
+        client.predict(handle_file(example), "dog", api_name="/explain")
+
+
+def test_mcp_server_lists_the_tools_and_classifies_like_the_client(server, client, example):
+    """`python app.py` is an MCP server too (Gradio's `mcp` extra): its tools are the named endpoints,
+    described for an agent, and `classify` answers as /classify does."""
+    pytest.importorskip("mcp", reason="Gradio's mcp extra is not installed (pip install 'gradio[mcp]')")
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    image = "data:image/png;base64," + base64.b64encode(Path(example).read_bytes()).decode()
+
+    async def ask():
+        async with streamable_http_client(server + "gradio_api/mcp/") as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                return (await session.list_tools()).tools, await session.call_tool("classify", {"image": image})
+    tools, answer = asyncio.run(ask())
+    described = {tool.name: tool for tool in tools}
+    assert set(described) == {"classify", "attention", "explain", "textbook"}  # no UI-only event
+    assert described["classify"].description.startswith("Classify an image")
+    assert set(described["explain"].inputSchema["properties"]) == {"image", "class_name"}
+    assert not answer.isError
+    expected = client.predict(handle_file(example), api_name="/classify")
+    assert ast.literal_eval(answer.content[0].text) == expected
 
 
 def test_bad_uploads_get_a_message_and_the_server_keeps_serving(client, tmp_path, example):
