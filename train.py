@@ -54,18 +54,20 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from effnetv2 import transforms_for
+from effnetv2.card import card_upload_patterns
+from effnetv2.checkpoint import read_state_dict, weights_fingerprint
 from effnetv2.configs import VARIANTS
 from effnetv2.data import (DatasetError, ImageFolderDataset, check_images, report_bad_files, save_class_indices,
                            scan_folder, split_samples, write_split)
 from effnetv2.ema import ModelEma
-from effnetv2.hub import card_upload_patterns, read_state_dict
 from effnetv2.progressive import Stage, progressive_plan, stage_for_epoch
 from effnetv2.schedule import cosine_schedule, optimizer_steps_per_epoch
+from effnetv2.sources import parse_source
 from effnetv2.training import (HEAD_PREFIX, OutputDirError, WriteError, atomic_path, average_buffers,
                                backbone_batchnorm_eval, build_model, check_output_dir, clear_output_dir,
                                confusion_matrix, data_fingerprint, freeze_backbone, list_checkpoints, mix_batch,
                                plot_confusion_matrix, prune_checkpoints, public_argv, recalibrate_batchnorm,
-                               resume_mismatches, save_checkpoint, save_model, soft_cross_entropy, state_fingerprint)
+                               resume_mismatches, save_checkpoint, save_model, soft_cross_entropy)
 
 RESUME_MUST_MATCH = ("variant", "weights", "pool", "batch_size", "grad_accum", "optimizer", "lr", "lrf", "epochs",
                      "seed", "val_fraction", "ema", "progressive", "stages")
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                  "train_image_size": args.image_size, "image_size": args.eval_size or args.image_size}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
-        model = build_model(args.weights, args.variant or "s", classes, **overrides)
+        source = parse_source(args.weights)
+        model = build_model(source, args.variant or "s", classes, **overrides)
     except (ValueError, OSError, ImportError) as err:
         say(f"error: --weights {args.weights}: {err}")
         return 2
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args.variant = model.variant
     if args.clip_grad is None:  # attention heads fine-tuned with SGD at the classic lr diverge without it
         args.clip_grad = 1.0 if model.pool_type == "attention" else 0.0
-    freeze = args.freeze_layers if args.freeze_layers is not None else args.weights.lower() != "none"
+    freeze = args.freeze_layers if args.freeze_layers is not None else source.kind != "none"
     if freeze:
         trainable = freeze_backbone(model)
         say(f"backbone frozen: training {sum(model.get_parameter(n).numel() for n in trainable):,} head parameters")
@@ -424,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     if cm is None:  # nothing left to train after a resume: evaluate what the checkpoint holds
         metrics, cm = evaluate(final_model, val_loader, accelerator, num_classes, args.channels_last)
     # DDP keeps the replicas' weights identical: check it, so that the saved model is "the" model.
-    fingerprints = gather_object([state_fingerprint(final_model)])
+    fingerprints = gather_object([weights_fingerprint(final_model)])
     accelerator.end_training()
     if not accelerator.is_main_process:
         return 0
@@ -440,12 +443,12 @@ def main(argv: list[str] | None = None) -> int:
                 if accelerator.num_processes > 1 else "python train.py")
     command = f"{launcher} {shlex.join(public_argv(sys.argv[1:] if argv is None else argv))}"  # no local paths
     weights_note = f"EMA of the weights (decay {args.ema_decay})" if ema else "the final weights"
-    initial = args.weights if args.weights.lower() != "none" else "none (from scratch)"
+    initial = args.weights if source.kind != "none" else "none (from scratch)"
     model_card_kwargs = dict(
         metrics={"accuracy": round(final["val_accuracy"], 4), "val_loss": round(final["val_loss"], 4)},
         dataset=f"`{Path(args.data_path).name}`: {len(train_samples)} training and {len(val_samples)} validation "
                 f"images in {num_classes} classes (stratified split, --val-fraction {args.val_fraction}, seed {args.seed})",
-        base_model=args.weights.split("@")[0] if args.weights.count("/") == 1 and not Path(args.weights).exists() else None,
+        base_model=source.repo_id if source.kind == "hub" else None,
         training={"initial weights": initial, "epochs": f"{final.get('epoch', start_epoch)} of {args.epochs}",
                   "optimizer steps": step, "optimizer": args.optimizer, "lr (cosine decay to lr*lrf)": args.lr,
                   "lrf": args.lrf, "warmup steps": warmup_steps, "weight decay": args.weight_decay,

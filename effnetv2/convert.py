@@ -33,16 +33,16 @@ import torch
 from torch import nn
 
 from .configs import VARIANTS
-from .hub import ModelDownloadError, is_offline, read_state_dict
+from .checkpoint import read_state_dict
+from .hub import ModelDownloadError, is_offline
 from .layers import ConvBNAct, MBConv
 from .model import EfficientNetV2
+from .sources import TORCHVISION_VARIANTS, WEIGHT_SUFFIXES, torchvision_variant
 
 logger = logging.getLogger(__name__)
 
-Source = Union[nn.Module, dict, str, os.PathLike]
-TORCHVISION_VARIANTS = ("s", "m", "l")
+Weights = Union[nn.Module, dict, str, os.PathLike]  # what the converters read: a model, its state dict, a file, a name
 TIMM_PREFIX = "tf_efficientnetv2_"
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
 # --------------------------------------------------------------------------- key mapping
@@ -181,7 +181,7 @@ def _imagenet_labels(num_classes: int) -> dict[int, str] | None:
     return dict(enumerate(_IMAGENET_CATEGORIES))
 
 
-def _read_source(source: Source) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _read_source(source: Weights) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, provenance) from a module, a state dict or a weights file."""
     if isinstance(source, nn.Module):
         return source.state_dict(), {}
@@ -236,7 +236,7 @@ def _official_torchvision_file(variant: str) -> Path:
     return path
 
 
-def from_torchvision(source: Source, variant: str | None = None) -> EfficientNetV2:
+def from_torchvision(source: Weights, variant: str | None = None) -> EfficientNetV2:
     """``EfficientNetV2`` (eval mode, padding "symmetric") from torchvision EfficientNetV2 weights.
 
     ``source``: a ``torchvision.models.efficientnet_v2_{s,m,l}`` model, its state dict, the path of
@@ -247,9 +247,9 @@ def from_torchvision(source: Source, variant: str | None = None) -> EfficientNet
     Its logits for ``[B, 3, H, W]`` equal the torchvision model's.
     """
     provenance: dict[str, Any] = {"source": "torchvision"}
-    name = source.lower().removeprefix("efficientnet_v2_") if isinstance(source, str) else None
-    if name is not None and not Path(source).exists() and not name.endswith(WEIGHT_SUFFIXES):
-        if name not in TORCHVISION_VARIANTS:
+    if isinstance(source, str) and not Path(source).exists() and not source.lower().endswith(WEIGHT_SUFFIXES):
+        name = torchvision_variant(source)
+        if name is None:
             raise ValueError(f"{source!r} is neither a weights file nor a torchvision variant: give 's', 'm', "
                              f"'l' (official ImageNet weights) or the path of a .pth/.safetensors file")
         variant = variant or name
@@ -309,7 +309,7 @@ def _timm_model(name: str) -> nn.Module:
                            f"already be in the Hugging Face cache, or pass a local .pth/.safetensors") from None
 
 
-def from_timm(source: Source, variant: str | None = None) -> EfficientNetV2:
+def from_timm(source: Weights, variant: str | None = None) -> EfficientNetV2:
     """``EfficientNetV2`` (eval mode, padding "same") from timm ``tf_efficientnetv2_*`` weights.
 
     ``source``: a timm model, its state dict, the path of a ``.pth``/``.safetensors``, or a timm
@@ -319,7 +319,7 @@ def from_timm(source: Source, variant: str | None = None) -> EfficientNetV2:
     from the checkpoint's classifier. Logits for ``[B, 3, H, W]`` equal the timm model's.
     """
     provenance: dict[str, Any] = {"source": "timm"}
-    if isinstance(source, str) and not Path(source).exists() and not source.endswith(WEIGHT_SUFFIXES):
+    if isinstance(source, str) and not Path(source).exists() and not source.lower().endswith(WEIGHT_SUFFIXES):
         provenance["weights"] = source if source.startswith(TIMM_PREFIX) else TIMM_PREFIX + source
         source = _timm_model(provenance["weights"])
     pretrained_cfg = dict(getattr(source, "pretrained_cfg", None) or {}) if isinstance(source, nn.Module) else None

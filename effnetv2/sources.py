@@ -1,23 +1,47 @@
-"""One resolver for every "where does the model come from" string (the app, train.py, the CLIs).
+"""One resolver for every "where do the weights come from" string (the app, train.py, the CLIs).
 
 A source is one of:
 
 - a local folder written by ``save_pretrained`` or train.py (it holds ``config.json``);
 - a Hub id ``org/name``, optionally pinned as ``org/name@revision`` (branch, tag or commit);
-- ``torchvision:<variant>`` (``s``, ``m``, ``l``): torchvision's official ImageNet weights.
+- ``torchvision:<variant>`` (``s``, ``m``, ``l``): torchvision's official ImageNet weights;
+- a weights file (``.pth``, ``.safetensors``, ...): a state dict without config, which only
+  train.py's ``--weights`` takes (it knows the variant and the classes);
+- ``none``: no weights (train.py from scratch).
+
+:func:`parse_source` reads the string once into a :class:`Source`; everything downstream looks at
+its fields instead of the string.
 """
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .model import EfficientNetV2
 
 TORCHVISION_PREFIX = "torchvision:"
 TORCHVISION_VARIANTS = ("s", "m", "l")
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+# what hub.read_state_dict reads: safetensors, or a torch.save file read with weights_only=True
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+SourceKind = Literal["folder", "hub", "torchvision", "weights", "none"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parsed model source. ``kind`` says which fields are set: ``folder``/``weights``: ``path``;
+    ``hub``: ``repo_id`` and ``revision`` (None: the default branch); ``torchvision``: ``variant``."""
+
+    kind: SourceKind
+    text: str  # as the user gave it, for messages
+    repo_id: str | None = None
+    revision: str | None = None
+    path: Path | None = None
+    variant: str | None = None
 
 
 def describe_sources() -> str:
@@ -26,51 +50,86 @@ def describe_sources() -> str:
             "'org/name@revision'), or 'torchvision:s' / 'torchvision:m' / 'torchvision:l' (official ImageNet weights)")
 
 
+def torchvision_variant(name: str) -> str | None:
+    """``"s"``, ``"m"`` or ``"l"`` for a torchvision variant name (``"S"``, ``"efficientnet_v2_s"``);
+    None for anything else."""
+    variant = name.strip().lower().removeprefix("efficientnet_v2_")
+    return variant if variant in TORCHVISION_VARIANTS else None
+
+
 def _looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~", "\\")) or text.count("/") > 1 or "\\" in text or ":" in text
 
 
-def load_model(source: str | os.PathLike, **kwargs) -> EfficientNetV2:
-    """The ``EfficientNetV2`` (eval mode) that ``source`` names (see the module docstring).
+def parse_source(text: str | os.PathLike | Source) -> Source:
+    """The :class:`Source` that ``text`` names (see the module docstring); a ``Source`` is returned as is.
+
+    An existing local folder or file wins over a Hub id of the same name. A string that looks like a
+    path (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``C:\\x``) is a folder even when it does not exist:
+    loading it says so. Raises ``ValueError`` with what to do for an empty string, an unknown
+    torchvision variant, ``org/name@`` without a revision, or text that is none of the above.
+    """
+    if isinstance(text, Source):
+        return text
+    text = str(text).strip()
+    if not text:
+        raise ValueError(f"the model source is empty: give {describe_sources()}")
+    if text.lower() == "none":
+        return Source("none", text)
+    if text.lower().startswith(TORCHVISION_PREFIX):
+        variant = torchvision_variant(text[len(TORCHVISION_PREFIX):])
+        if variant is None:
+            raise ValueError(f"{text!r}: torchvision has EfficientNetV2 weights for variants {TORCHVISION_VARIANTS} "
+                             f"only: use e.g. 'torchvision:s'")
+        return Source("torchvision", text, variant=variant)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return Source("folder", text, path=path)
+    if path.is_file() or path.suffix.lower() in WEIGHT_SUFFIXES:
+        return Source("weights", text, path=path)
+    repo, at, revision = text.partition("@")
+    if _HUB_ID.match(repo) and not _looks_like_path(repo):
+        if at and not revision:
+            raise ValueError(f"{text!r}: nothing after '@': give a branch, tag or commit, or drop the '@'")
+        return Source("hub", text, repo_id=repo, revision=revision or None)
+    if _looks_like_path(text):
+        return Source("folder", text, path=path)
+    raise ValueError(f"model source {text!r} not understood: give {describe_sources()}")
+
+
+def load_model(source: str | os.PathLike | Source, **kwargs) -> EfficientNetV2:
+    """The ``EfficientNetV2`` (eval mode) that ``source`` names (a string, see :func:`parse_source`).
 
     ``kwargs`` (``num_classes``, ``map_location``, ...) go to ``EfficientNetV2.from_pretrained``
     for folders and Hub ids. Raises ``ValueError`` with what to do for anything else, including a
-    bare weights file (``.pth``/``.safetensors`` carry no config).
+    bare weights file (``.pth``/``.safetensors`` carry no config) and ``none``.
     """
-    text = str(source).strip()
-    if not text:
-        raise ValueError(f"the model source is empty: give {describe_sources()}")
-    if text.lower().startswith(TORCHVISION_PREFIX):
-        variant = text[len(TORCHVISION_PREFIX):].strip().lower().removeprefix("efficientnet_v2_")
-        if variant not in TORCHVISION_VARIANTS:
-            raise ValueError(f"{text!r}: torchvision has EfficientNetV2 weights for variants {TORCHVISION_VARIANTS} "
-                             f"only: use e.g. 'torchvision:s'")
+    source = parse_source(source)
+    text, path = source.text, source.path
+    if source.kind == "none":
+        raise ValueError(f"{text!r} names no model ('none' is train.py --weights' way to train from scratch): "
+                         f"give {describe_sources()}")
+    if source.kind == "torchvision":
         if kwargs:
             raise ValueError(f"{text!r}: options {sorted(kwargs)} apply to folders and Hub ids only")
         try:
             from .convert import from_torchvision
         except ImportError as err:
             raise ValueError(f"{text!r} needs effnetv2.convert, which could not be imported ({err})") from None
-        return from_torchvision(variant).eval()
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path} is a folder without config.json: point at a folder written by "
-                             f"save_pretrained or train.py")
-        return EfficientNetV2.from_pretrained(str(path), **kwargs)
-    if path.suffix.lower() in WEIGHT_SUFFIXES:
+        return from_torchvision(source.variant).eval()
+    if source.kind == "hub":
+        return EfficientNetV2.from_pretrained(source.repo_id, revision=source.revision, **kwargs)
+    if source.kind == "weights":
+        if path.suffix.lower() not in WEIGHT_SUFFIXES:
+            raise ValueError(f"{text} is a file, not a model: give {describe_sources()}")
         where = "is a weights file" if path.is_file() else "looks like a weights file (and does not exist)"
         raise ValueError(f"{text} {where}, not a full model: weights alone do not say which variant, classes "
                          f"and preprocessing they belong to. Use the folder that holds them with their "
                          f"config.json, convert them with `python -m effnetv2.convert`, or pass them to "
                          f"train.py --weights.")
-    if path.is_file():
-        raise ValueError(f"{text} is a file, not a model: give {describe_sources()}")
-    repo, at, revision = text.partition("@")
-    if _HUB_ID.match(repo) and not _looks_like_path(repo):
-        if at and not revision:
-            raise ValueError(f"{text!r}: nothing after '@': give a branch, tag or commit, or drop the '@'")
-        return EfficientNetV2.from_pretrained(repo, revision=revision or None, **kwargs)
-    if _looks_like_path(text):
+    if not path.is_dir():
         raise ValueError(f"{text}: no such folder. Give {describe_sources()}")
-    raise ValueError(f"model source {text!r} not understood: give {describe_sources()}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is a folder without config.json: point at a folder written by "
+                         f"save_pretrained or train.py")
+    return EfficientNetV2.from_pretrained(str(path), **kwargs)

@@ -19,8 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from .hub import read_state_dict
+from .checkpoint import read_state_dict
 from .model import EfficientNetV2
+from .sources import Source, load_model, parse_source
 
 HEAD_PREFIX = "head."
 # Parts a fine-tune may create afresh: the classifier always, the attention pool when the initial
@@ -51,30 +52,28 @@ def _state_model(state: dict[str, torch.Tensor], variant: str, path: Path, overr
     return base
 
 
-def load_initial_model(weights: str, variant: str, overrides: dict) -> EfficientNetV2 | None:
+def load_initial_model(weights: str | Source, variant: str, overrides: dict) -> EfficientNetV2 | None:
     """The model ``weights`` names, before any change for the user's classes; None for "none".
 
-    ``weights``: a ``.pth``/``.pt``/``.bin``/``.safetensors`` file (a torchvision EfficientNetV2
-    state dict, converted with ``effnetv2.convert.from_torchvision``, or an effnetv2 one for
-    ``variant``; read with ``weights_only=True``), or any source ``effnetv2.sources.load_model``
-    takes (a folder, a Hub id ``org/name[@rev]``, ``torchvision:<variant>``).
+    ``weights``: any source :func:`effnetv2.sources.parse_source` reads. A weights file is a
+    torchvision EfficientNetV2 state dict (converted with ``effnetv2.convert.from_torchvision``) or
+    an effnetv2 one for ``variant``, read with ``weights_only=True``; folders, Hub ids and
+    ``torchvision:<variant>`` go to :func:`effnetv2.sources.load_model`.
     """
-    if weights.lower() == "none":
+    source = parse_source(weights)
+    if source.kind == "none":
         return None
-    path = Path(weights).expanduser()
-    if path.is_file():
-        state = read_state_dict(path)
+    if source.kind == "weights":
+        state = read_state_dict(source.path)
         if any(k.startswith("features.") for k in state):
             from .convert import from_torchvision
 
             return from_torchvision(state)
-        return _state_model(state, variant, path, overrides)
-    from .sources import load_model
-
-    return load_model(weights)
+        return _state_model(state, variant, source.path, overrides)
+    return load_model(source)
 
 
-def build_model(weights: str, variant: str, classes: list[str], **overrides) -> EfficientNetV2:
+def build_model(weights: str | Source, variant: str, classes: list[str], **overrides) -> EfficientNetV2:
     """A model for ``classes`` initialised from ``weights`` (see :func:`load_initial_model`).
 
     The backbone (and an attention pool, when the weights have one and the new model keeps it) is
@@ -84,7 +83,8 @@ def build_model(weights: str, variant: str, classes: list[str], **overrides) -> 
     The variant always comes from the weights when there are some.
     """
     id2label = dict(enumerate(classes))
-    base = load_initial_model(weights, variant, overrides)
+    source = parse_source(weights)
+    base = load_initial_model(source, variant, overrides)
     if base is None:
         return EfficientNetV2(variant, num_classes=len(classes), id2label=id2label, **overrides)
     config = {**base.config, **overrides, "num_classes": len(classes), "id2label": id2label, "label2id": None,
@@ -95,7 +95,7 @@ def build_model(weights: str, variant: str, classes: list[str], **overrides) -> 
              if not k.startswith("head.classifier.") and k in own and v.shape == own[k].shape}
     missing = [k for k in own if k not in state and not k.startswith(NEW_HEAD_KEYS)]
     if missing:
-        raise ValueError(f"weights {weights!r} do not fit EfficientNetV2-{model.variant} with these options: "
+        raise ValueError(f"weights {source.text!r} do not fit EfficientNetV2-{model.variant} with these options: "
                          f"missing or reshaped {missing[:3]}")
     model.load_state_dict(state, strict=False)
     return model
@@ -205,15 +205,6 @@ def average_buffers(model: nn.Module, accelerator) -> None:
     flat = accelerator.reduce(torch.cat([b.reshape(-1).float() for b in buffers]), "mean")
     for b, value in zip(buffers, flat.split([b.numel() for b in buffers])):
         b.copy_(value.view_as(b))
-
-
-def state_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (names, dtypes, values): equal fingerprints, equal models."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:

@@ -1,6 +1,7 @@
 """The model-source resolver shared by the app, train.py and the CLIs."""
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.error import URLError
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from effnetv2 import EfficientNetV2
 from effnetv2.hub import ModelDownloadError
-from effnetv2.sources import load_model
+from effnetv2.sources import Source, load_model, parse_source
 
 
 def test_folder_loads_the_saved_model(tmp_path):
@@ -110,3 +111,67 @@ def test_revisions_are_checked_before_use(revision, monkeypatch):
         load_model(f"org/name@{revision}")
     with pytest.raises(ValueError, match=r"revision .* is not a branch, tag or commit id"):
         EfficientNetV2.from_pretrained("org/name", revision=revision)
+
+
+# Expected values written by hand from the module docstring's grammar, not computed by the parser.
+# None of these paths exist, so only their spelling decides.
+@pytest.mark.parametrize("text, expected", [
+    ("org/name", Source("hub", "org/name", repo_id="org/name")),
+    ("org/name@v1.0", Source("hub", "org/name@v1.0", repo_id="org/name", revision="v1.0")),
+    ("  my-org/effnet.v2_s@0123abc  ", Source("hub", "my-org/effnet.v2_s@0123abc", repo_id="my-org/effnet.v2_s",
+                                              revision="0123abc")),
+    ("org/name@refs/pr/1", Source("hub", "org/name@refs/pr/1", repo_id="org/name", revision="refs/pr/1")),
+    ("./dir", Source("folder", "./dir", path=Path("dir"))),
+    ("/abs/run", Source("folder", "/abs/run", path=Path("/abs/run"))),
+    ("runs/a/b", Source("folder", "runs/a/b", path=Path("runs/a/b"))),
+    ("C:\\models\\run", Source("folder", "C:\\models\\run", path=Path("C:\\models\\run"))),
+    ("torchvision:s", Source("torchvision", "torchvision:s", variant="s")),
+    ("torchvision:S", Source("torchvision", "torchvision:S", variant="s")),
+    ("TorchVision:efficientnet_v2_l", Source("torchvision", "TorchVision:efficientnet_v2_l", variant="l")),
+    ("x.safetensors", Source("weights", "x.safetensors", path=Path("x.safetensors"))),
+    ("org/model.pth", Source("weights", "org/model.pth", path=Path("org/model.pth"))),
+    ("run/last.CKPT", Source("weights", "run/last.CKPT", path=Path("run/last.CKPT"))),
+    ("C:\\w\\tv.pt", Source("weights", "C:\\w\\tv.pt", path=Path("C:\\w\\tv.pt"))),
+    ("none", Source("none", "none")),
+    ("None", Source("none", "None")),
+])
+def test_parse_table(text, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing of these names exists here
+    assert parse_source(text) == expected
+    assert parse_source(expected) is expected  # a parsed source goes through as it is
+
+
+def test_an_existing_local_folder_or_file_wins_over_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    (tmp_path / "org" / "weights").write_bytes(b"")
+    assert parse_source("org/name") == Source("folder", "org/name", path=Path("org/name"))
+    assert parse_source("org/weights") == Source("weights", "org/weights", path=Path("org/weights"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "empty"), ("   ", "empty"), ("torchvision:b0", "variants"), ("torchvision:", "variants"),
+    ("org/name@", "nothing after '@'"), ("just-a-name", "not understood"),
+])
+def test_parse_refuses_what_is_no_source(text, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        parse_source(text)
+
+
+def test_load_model_refuses_none_and_takes_a_parsed_source(monkeypatch):
+    with pytest.raises(ValueError, match="names no model"):
+        load_model("none")
+    calls = []
+    monkeypatch.setattr(EfficientNetV2, "from_pretrained",
+                        classmethod(lambda cls, repo, **kw: calls.append((repo, kw)) or "model"))
+    assert load_model(Source("hub", "org/name@dev", repo_id="org/name", revision="dev")) == "model"
+    assert calls == [("org/name", {"revision": "dev"})]
+
+
+def test_weight_suffixes_and_torchvision_names_are_shared_with_the_converter():
+    from effnetv2 import convert, sources
+
+    assert convert.WEIGHT_SUFFIXES is sources.WEIGHT_SUFFIXES
+    assert convert.TORCHVISION_VARIANTS is sources.TORCHVISION_VARIANTS
+    assert set(sources.WEIGHT_SUFFIXES) == {".safetensors", ".pth", ".pt", ".bin", ".ckpt"}

@@ -17,11 +17,12 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from effnetv2 import EfficientNetV2
+from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.data import make_shapes_dataset
 from effnetv2.schedule import cosine_factor
 from effnetv2.training import (backbone_batchnorm_eval, build_model, check_output_dir, confusion_matrix,
                                data_changes, data_fingerprint, freeze_backbone, prune_checkpoints, public_argv,
-                               recalibrate_batchnorm, state_fingerprint)
+                               recalibrate_batchnorm)
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
@@ -86,7 +87,7 @@ def test_smoke_run_writes_everything_and_saves_the_ema(shapes, tmp_path, capsys)
     assert [h["epoch"] for h in m["history"]] == [1, 2] and [h["step"] for h in m["history"]] == [6, 12]
     assert [h["lr"] for h in m["history"]] == pytest.approx([0.05 * cosine_factor(6, 12), 0.05 * 0.01])
     assert m["final"]["val_images"] == 5 and m["history"][0]["train_images"] == 24
-    assert m["replicas_in_sync"] and m["fingerprint"] == state_fingerprint(model)
+    assert m["replicas_in_sync"] and m["fingerprint"] == weights_fingerprint(model)
 
     # the saved weights are the EMA, not the raw weights of the last step
     saved = load_file(out / "model.safetensors")
@@ -320,7 +321,7 @@ def test_two_processes_train_on_disjoint_shards_and_stay_in_sync(shapes, tmp_pat
     assert m["final"]["val_images"] == 5  # gather_for_metrics drops the padding of the uneven last batch
     assert m["replicas_in_sync"]  # both processes ended with identical weights and BatchNorm statistics
     assert m["command"].startswith("accelerate launch --num_processes 2 train.py")
-    assert state_fingerprint(EfficientNetV2.from_pretrained(out)) == m["fingerprint"]
+    assert weights_fingerprint(EfficientNetV2.from_pretrained(out)) == m["fingerprint"]
 
 
 def test_resume_after_kill_continues_the_same_run(shapes, tmp_path):
@@ -560,3 +561,30 @@ def test_the_published_command_names_no_local_path(monkeypatch, tmp_path):
         "--data-path", "flower_photos", "--output-dir=a", "--weights", "base", "--resume", "latest", "--data",
         "shapes", "--lr", "0.1", "--weights", "org/name", "--output-dir", "runs/b", "--weights", "tv.pth"]
 
+
+
+def test_hub_weights_name_the_base_model_and_freeze_by_default(tiny, tmp_path, monkeypatch):
+    """--weights is parsed once: a Hub id (with @revision) is the card's base_model; a local folder that
+    happens to be spelt org/name is not; both count as weights, so the backbone is frozen by default."""
+    EfficientNetV2("b0", num_classes=3, image_size=32).save_pretrained(tmp_path / "org" / "name")
+    asked = []
+    real = EfficientNetV2.from_pretrained.__func__
+
+    def from_hub(cls, repo, **kwargs):
+        if Path(repo).is_dir():
+            return real(cls, repo, **kwargs)
+        asked.append((repo, kwargs.get("revision")))
+        return real(cls, str(tmp_path / "org" / "name"))
+
+    monkeypatch.setattr(EfficientNetV2, "from_pretrained", classmethod(from_hub))
+    monkeypatch.chdir(tmp_path / "org")  # "org/name" does not exist from here: a Hub id
+    assert run(tiny, tmp_path / "hub", "--weights", "org/name@v2", "--max-steps", "1", "--epochs", "1") == 0
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert asked == [("org/name", "v2")]
+    assert "base_model: org/name\n" in card and "Fine-tuned from `org/name`" in card
+    assert "| frozen backbone | True |" in card and "| initial weights | org/name@v2 |" in card
+    monkeypatch.chdir(tmp_path)  # now it is a local folder
+    assert run(tiny, tmp_path / "local", "--weights", "org/name", "--max-steps", "1", "--epochs", "1") == 0
+    card = (tmp_path / "local" / "README.md").read_text()
+    assert asked == [("org/name", "v2")]  # the Hub was not asked again
+    assert "base_model" not in card and "| frozen backbone | True |" in card

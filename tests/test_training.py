@@ -1,13 +1,12 @@
 """effnetv2/training.py helpers on their own: mixup and CutMix (checked from the images they return, not
 from the code's own draws), label smoothing, the soft-target loss against torch's cross-entropy, the
-confusion matrix's orientation, checkpoint listing and the weights fingerprint. The build/freeze/BatchNorm
+confusion matrix's orientation, checkpoint listing. The build/freeze/BatchNorm
 helpers are tested in test_train.py."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from effnetv2.training import confusion_matrix, list_checkpoints, mix_batch, soft_cross_entropy, state_fingerprint
+from effnetv2.training import confusion_matrix, list_checkpoints, mix_batch, soft_cross_entropy
 
 
 def smoothed_onehot(y: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:
@@ -175,14 +174,3 @@ def test_list_checkpoints_is_complete_ones_in_epoch_order(tmp_path):
     (tmp_path / "epoch_3" / "train_state.json").unlink()  # interrupted before it was complete
     (tmp_path / "epoch_12").write_text("a file, not a checkpoint")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch_2", "epoch_9", "epoch_10"]
-
-
-def test_state_fingerprint_sees_every_weight_buffer_and_dtype():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    reference = state_fingerprint(model)
-    copy = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    copy.load_state_dict(model.state_dict())
-    assert state_fingerprint(copy) == reference
-    copy[1].running_var[2] += 1e-3  # a BatchNorm statistic, not a parameter
-    assert state_fingerprint(copy) != reference
-    assert state_fingerprint(model.half()) != reference
