@@ -132,3 +132,27 @@ def get_variant(name: str) -> VariantConfig:
     if key not in VARIANTS:
         raise ValueError(f"unknown EfficientNetV2 variant {name!r}: choose one of {', '.join(VARIANTS)}")
     return VARIANTS[key]
+
+
+def normalise_labels(id2label: dict | None, label2id: dict | None,
+                     num_classes: int) -> tuple[dict[str, str], dict[str, int]]:
+    """Labels as stored in ``config.json``: ``{"0": name}`` and ``{name: 0}``, checked against
+    ``num_classes``. Missing labels default to the class index."""
+    if id2label is None:
+        id2label = {i: str(i) for i in range(num_classes)}
+    if not isinstance(id2label, dict):
+        raise ValueError(f"id2label must be a dict of class index → name, got {type(id2label).__name__}")
+    try:
+        labels = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"id2label keys must be class indices (0..{num_classes - 1})") from None
+    if sorted(labels) != list(range(num_classes)):
+        raise ValueError(f"id2label has {len(labels)} labels with indices {sorted(labels)[:5]}..., but "
+                         f"num_classes={num_classes}: give one label for each index 0..{num_classes - 1}")
+    id2label = {str(i): labels[i] for i in range(num_classes)}
+    derived = {name: int(i) for i, name in id2label.items()}
+    if len(derived) != num_classes:
+        raise ValueError("id2label has duplicate class names: every class needs its own name")
+    if label2id is not None and {str(k): v for k, v in label2id.items()} != derived:
+        raise ValueError("label2id does not match id2label: drop label2id, it is derived from id2label")
+    return id2label, derived

@@ -12,7 +12,7 @@ Every kind of map (raw attention, exact class attribution, Grad-CAM, and a rando
 as baselines; see ``effnetv2.explain``) is also scored for faithfulness on the predicted class:
 deletion AUC (lower is better), insertion AUC (higher is better) and mass in the box (signed maps
 count their positive part). ``--update-card`` writes the figures and the command into the model
-folder's README.md (between the markers below, replaced on a re-run).
+folder's README.md (``effnetv2.card.update_card``: replaced on a re-run).
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .card import card_section, update_card
 from .explain import class_attribution, deletion_auc, gradcam, insertion_auc
 from .images import open_image
 from .sources import load_model
 from .transforms import transforms_for
 
-CARD_BEGIN, CARD_END = "<!-- effnetv2.evaluate: begin -->", "<!-- effnetv2.evaluate: end -->"
 MAP_KINDS = ("attention", "class attribution", "Grad-CAM", "random", "uniform")
 
 
@@ -127,66 +127,6 @@ def evaluate(model, root: Path, batch_size: int = 64) -> dict:
         "maps": {kind: {metric: sum(values) / count for metric, values in figures.items()}
                  for kind, figures in faithfulness.items()},
     }
-
-
-def card_section(result: dict, data: Path, command: str) -> str:
-    heads = ", ".join(f"{m:.2f}" for m in result["attention_mass_in_box_per_head"])
-    return "\n".join([
-        CARD_BEGIN,
-        "## Evaluation on an unseen shapes set",
-        "",
-        f"{result['images']} images of `{data.name}`, generated with a seed the model never saw in "
-        "training or validation.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| accuracy | {result['accuracy']:.4f} |",
-        *(f"| accuracy, {label} | {acc:.4f} |" for label, acc in result["per_class_accuracy"].items()),
-        f"| attention mass inside the object box (pooled query, mean over heads) | {result['attention_mass_in_box']:.3f} |",
-        f"| the box's share of the image (what uniform attention would give) | {result['box_area_share']:.3f} |",
-        f"| mass / share | {result['mass_over_share']:.2f}× |",
-        f"| images whose attention mass in the box exceeds its area share | {result['images_with_mass_above_share']:.1%} |",
-        f"| mass in the box, per head | {heads} |",
-        "",
-        *_faithfulness_table(result.get("maps")),
-        "Measured with:",
-        "",
-        "```bash",
-        command,
-        "```",
-        CARD_END,
-    ])
-
-
-def _faithfulness_table(maps: dict | None) -> list[str]:
-    """Card lines: each map kind's deletion AUC, insertion AUC and mass in the box (none if not measured)."""
-    if not maps:
-        return []
-    return [
-        "How faithful each kind of map is to the predicted class (`effnetv2.explain`): cells are removed from "
-        "(deletion, lower is better) or added to (insertion, higher is better) the pooling in the order the map "
-        "ranks them, and the class probability is integrated over the fraction of cells.",
-        "",
-        "| map | deletion AUC ↓ | insertion AUC ↑ | mass in the box |",
-        "|---|---|---|---|",
-        *(f"| {kind} | {m['deletion_auc']:.3f} | {m['insertion_auc']:.3f} | {m['mass_in_box']:.3f} |"
-          for kind, m in maps.items()),
-        "",
-    ]
-
-
-def update_card(card: Path, section: str) -> None:
-    """Insert ``section`` before the card's "## Architecture" heading, or replace the one there."""
-    text = card.read_text(encoding="utf-8")
-    if CARD_BEGIN in text:
-        before, rest = text.split(CARD_BEGIN, 1)
-        text = before + section + rest.split(CARD_END, 1)[1]
-    elif "## Architecture" in text:
-        before, after = text.split("## Architecture", 1)
-        text = before + section + "\n\n## Architecture" + after
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    card.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,184 +1,45 @@
-"""Hugging Face Hub plumbing for ``EfficientNetV2``: labels, safetensors I/O, the model card.
+"""Hugging Face Hub access for ``EfficientNetV2``: resolve a file in a folder or a Hub repo, explain
+download failures in plain words, and build a model from ``config.json`` plus its weights.
 
-Weights are only ever read from safetensors (or a ``.bin``/``.pth`` through
-``torch.load(weights_only=True)``): loading a model never unpickles arbitrary objects.
+The weights file itself is read by ``effnetv2.checkpoint``, the card written by ``effnetv2.card``, and
+the labels checked by ``effnetv2.configs.normalise_labels``.
 """
 from __future__ import annotations
 
-import glob
 import json
-import logging
 import os
 import re
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, get_token, hf_hub_download
+from huggingface_hub import constants, get_token, hf_hub_download
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                     RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
-from huggingface_hub.utils import filter_repo_objects
+
+from .checkpoint import (PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, check_weight_shapes, load_state_dict_checked,
+                         read_state_dict, safetensors_shapes)
 
 if TYPE_CHECKING:
     from .model import EfficientNetV2
 
-logger = logging.getLogger(__name__)
-
-WEIGHTS_NAME = "model.safetensors"
-PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
 CONFIG_NAME = "config.json"
-CARD_NAME = "README.md"
-# Package data (a real file, not a link: links become one-line text files on Windows checkouts).
-MODEL_CARD_TEMPLATE = resources.files(__package__).joinpath("model_card.md").read_text(encoding="utf-8")
-CLASSIFIER_KEYS = ("head.classifier.weight", "head.classifier.bias")
 # config.json with 50,000 labels (model.MAX_CLASSES) of 60 characters, twice (id2label, label2id): ~7 MB.
 MAX_CONFIG_BYTES = 16 * 2**20
-# A safetensors header is ~100 bytes per tensor: EfficientNetV2-XL with an attention pool needs 0.2 MB.
-MAX_HEADER_BYTES = 8 * 2**20
+# Names that lived here before the split into checkpoint, card and configs: old imports keep working.
+_MOVED = {**dict.fromkeys(("save_weights", "safetensors_shapes", "read_state_dict", "check_weight_shapes",
+                           "load_state_dict_checked", "CLASSIFIER_KEYS", "MAX_HEADER_BYTES", "WEIGHTS_NAME",
+                           "PICKLE_WEIGHTS_NAME"), "checkpoint"),
+          **dict.fromkeys(("generate_model_card", "card_upload_patterns", "MODEL_CARD_TEMPLATE", "CARD_NAME"), "card"),
+          "normalise_labels": "configs"}
 
 
-def normalise_labels(id2label: dict | None, label2id: dict | None,
-                     num_classes: int) -> tuple[dict[str, str], dict[str, int]]:
-    """Labels as stored in ``config.json``: ``{"0": name}`` and ``{name: 0}``, checked against
-    ``num_classes``. Missing labels default to the class index."""
-    if id2label is None:
-        id2label = {i: str(i) for i in range(num_classes)}
-    if not isinstance(id2label, dict):
-        raise ValueError(f"id2label must be a dict of class index → name, got {type(id2label).__name__}")
-    try:
-        labels = {int(k): str(v) for k, v in id2label.items()}
-    except (TypeError, ValueError):
-        raise ValueError(f"id2label keys must be class indices (0..{num_classes - 1})") from None
-    if sorted(labels) != list(range(num_classes)):
-        raise ValueError(f"id2label has {len(labels)} labels with indices {sorted(labels)[:5]}..., but "
-                         f"num_classes={num_classes}: give one label for each index 0..{num_classes - 1}")
-    id2label = {str(i): labels[i] for i in range(num_classes)}
-    derived = {name: int(i) for i, name in id2label.items()}
-    if len(derived) != num_classes:
-        raise ValueError("id2label has duplicate class names: every class needs its own name")
-    if label2id is not None and {str(k): v for k, v in label2id.items()} != derived:
-        raise ValueError("label2id does not match id2label: drop label2id, it is derived from id2label")
-    return id2label, derived
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
 
-
-def save_weights(model: "EfficientNetV2", directory: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "effnetv2"})
-
-
-def _unpickling_reason(err: Exception) -> str:
-    """What torch's weights-only unpickler refused (e.g. "Unsupported global: GLOBAL posix.system"),
-    without its advice to allow-list the object or to turn the check off."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).replace("WeightsUnpickler error:", "").strip()
-             for line in str(err).splitlines()]
-    lines = [line for line in lines if line and not line.startswith("Weights only load failed")]
-    reason = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else type(err).__name__)
-    return reason.split(" Please use")[0]
-
-
-def _unreadable_safetensors(name: str, reason: object) -> ValueError:
-    return ValueError(f"{name} is not a readable safetensors file ({reason}); it may be corrupt or truncated: save "
-                      f"or upload it again (for a damaged download, retry with force_download=True)")
-
-
-def safetensors_shapes(path: str | os.PathLike, name: str | None = None) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape, from a ``.safetensors`` file's header alone (no tensor is read).
-
-    The header (an 8-byte little-endian length, then JSON) is refused above ``MAX_HEADER_BYTES``,
-    so a file declaring millions of tensors costs nothing to reject. ``name`` is for messages.
-    """
-    name = name or str(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 2 <= length <= MAX_HEADER_BYTES:
-            raise _unreadable_safetensors(name, f"its header claims {length:,} bytes; at most "
-                                                f"{MAX_HEADER_BYTES:,} are accepted" if length > 0 else "no header")
-        raw = f.read(length)
-    try:
-        header = json.loads(raw)
-        return {key: tuple(int(n) for n in entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise _unreadable_safetensors(name, f"bad header: {type(err).__name__}") from None
-
-
-def read_state_dict(path: str | os.PathLike, map_location: str = "cpu", name: str | None = None
-                    ) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` file, or a ``.bin``/``.pth`` read with ``weights_only=True``.
-
-    ``name`` says where the file comes from in error messages (default: its path).
-    """
-    path = Path(path)
-    name = name or str(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {name} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        safetensors_shapes(path, name)  # refuses an oversized header before safetensors parses it
-        try:
-            return load_file(str(path), device=map_location)
-        except Exception as err:  # safetensors raises its own error type and OSError variants
-            raise _unreadable_safetensors(name, err) from None
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{name} could not be read as a weights-only PyTorch checkpoint ({_unpickling_reason(err)}). "
-                         f"Only plain state dicts of tensors are accepted: pickled objects are never loaded, since "
-                         f"unpickling can run code. Prefer safetensors (save_pretrained writes "
-                         f"model.safetensors).") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{name} does not hold a state dict of tensors")
-    return state
-
-
-def check_weight_shapes(model: "EfficientNetV2", shapes: dict[str, tuple[int, ...]], path: str,
-                        reinit_classifier: bool = False) -> bool:
-    """Check stored tensor ``shapes`` against ``model`` (all keys, all shapes) before loading.
-
-    Returns True when only the classifier's size differs and ``reinit_classifier`` allows a new
-    one; otherwise a mismatch raises a ``ValueError`` naming ``path`` (and, for the classifier
-    alone, how to load with a new ``num_classes``).
-    """
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in own if k not in shapes]
-    unexpected = [k for k in shapes if k not in own]
-    mismatched = [k for k in own if k in shapes and tuple(shapes[k]) != own[k]]
-    if missing or unexpected or (mismatched and set(mismatched) - set(CLASSIFIER_KEYS)):
-        lines = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if keys:
-                shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-                lines.append(f"{what}: {shown}")
-        raise ValueError(f"the weights in {path} do not fit EfficientNetV2-{model.variant} "
-                         f"(pool={model.pool_type!r}, num_classes={model.num_classes}): " + "; ".join(lines)
-                         + ". Check that config.json belongs to these weights.")
-    if mismatched and not reinit_classifier:
-        raise ValueError(
-            f"only the classifier differs: {path} has {shapes[CLASSIFIER_KEYS[0]][0]} classes but the model was "
-            f"built for {model.num_classes}. To fine-tune on new classes, load with "
-            f"EfficientNetV2.from_pretrained(..., num_classes={model.num_classes}) (optionally "
-            f"id2label=...): the backbone is loaded and the classifier re-initialised.")
-    return bool(mismatched)
-
-
-def load_state_dict_checked(model: "EfficientNetV2", state: dict[str, torch.Tensor], path: str,
-                            reinit_classifier: bool = False) -> None:
-    """Load strictly; when only the classifier's size differs, re-initialise it if allowed, else say
-    how to. Every error names ``path``."""
-    if check_weight_shapes(model, {k: tuple(v.shape) for k, v in state.items()}, path, reinit_classifier):
-        stored = state[CLASSIFIER_KEYS[0]].shape[0]
-        logger.warning("%s re-initialised for %d classes (%s has %d); the rest of the weights are loaded",
-                       CLASSIFIER_KEYS[0].rsplit(".", 1)[0], model.num_classes, path, stored)
-        model.load_state_dict({k: v for k, v in state.items() if k not in CLASSIFIER_KEYS}, strict=False)
-        return
-    model.load_state_dict(state, strict=True)
+        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_offline() -> bool:
@@ -363,64 +224,3 @@ def load_pretrained(cls: type["EfficientNetV2"], *, model_id: str, config: dict 
     state = read_state_dict(weights, map_location, name=name)
     load_state_dict_checked(model, state, name, reinit_classifier=new_head)
     return model.to(map_location).eval()
-
-
-def card_upload_patterns(repo_id: str, *, token: str | bool | None = None, revision: str | None = None,
-                         ignore_patterns: list[str] | str | None = None,
-                         delete_patterns: list[str] | str | None = None,
-                         ) -> tuple[list[str] | str | None, list[str] | str | None]:
-    """``ignore_patterns`` and ``delete_patterns`` for an ``upload_folder`` that keeps the model card
-    already in ``repo_id`` (it may have been edited on the Hub): README.md is neither uploaded nor
-    deleted. Unchanged when the repo has no card yet."""
-    api = HfApi(token=token)
-    if not api.file_exists(repo_id, CARD_NAME, revision=revision, token=token):
-        return ignore_patterns, delete_patterns
-    as_list = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
-    if delete_patterns is not None:  # spell out the files to delete, README.md excepted
-        remote = api.list_repo_files(repo_id, revision=revision, token=token)
-        doomed = filter_repo_objects([f for f in remote if f != CARD_NAME], allow_patterns=delete_patterns)
-        delete_patterns = [glob.escape(f) for f in doomed] or None
-    return [*as_list, CARD_NAME], delete_patterns
-
-
-def _labels_text(id2label: dict[str, str], limit: int = 20) -> str:
-    names = list(id2label.values())
-    shown = ", ".join(f"`{n}`" for n in names[:limit])
-    return shown + (f", … ({len(names)} in all; see `config.json`)" if len(names) > limit else "")
-
-
-def generate_model_card(model: "EfficientNetV2", repo_id: str | None = None, metrics: dict | None = None,
-                        dataset: str | None = None, datasets: list | None = None,
-                        base_model: str | None = None, training: dict | None = None,
-                        command: str | None = None, notes: str | None = None, **extra: Any) -> ModelCard:
-    """The model card (README.md) rendered from ``model_card.md`` with the model's real metadata.
-
-    ``metrics`` ({name: value}), ``dataset``/``datasets``, ``base_model``, ``training`` (settings)
-    and ``command`` (to reproduce) fill the optional sections and the YAML front matter.
-    """
-    cfg = model.config
-    info = model._hub_mixin_info
-    card_data = ModelCardData(
-        library_name=info.model_card_data.library_name,
-        license=info.model_card_data.license,
-        pipeline_tag=info.model_card_data.pipeline_tag,
-        tags=list(info.model_card_data.tags or []) + [f"efficientnetv2-{model.variant}"],
-        datasets=datasets,
-        base_model=base_model,
-        metrics=sorted(metrics) if metrics else None,
-    )
-    size = cfg["image_size"]
-    return ModelCard.from_template(
-        card_data, template_str=info.model_card_template,
-        title=extra.pop("title", None) or f"EfficientNetV2-{model.variant.upper()}"
-        + (f" — {repo_id}" if repo_id else ""),
-        repo_id=repo_id or "ORG/NAME", variant=model.variant,
-        num_params=sum(p.numel() for p in model.parameters()), num_classes=model.num_classes,
-        pool_text="attention pooling" if model.pool_type == "attention" else "average pooling",
-        base_model=base_model, source=cfg.get("source"), image_size=size,
-        resize_size=int(size / cfg["crop_pct"]), train_image_size=cfg["train_image_size"],
-        interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
-        labels_text=_labels_text(model.id2label), metrics=metrics, dataset=dataset, training=training,
-        command=command, notes=notes, drop_path_rate=cfg["drop_path_rate"], dropout=cfg["dropout"],
-        padding=cfg["padding"], repo_url=info.repo_url, **extra,
-    )

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoint import weights_fingerprint
 from .export import DEFAULT_OPSET, INPUT_NAME, export_onnx
 from .fuse import optimize_for_inference
 from .images import open_image
@@ -47,17 +48,6 @@ def default_cache_dir() -> Path:
     if os.environ.get("EFFNETV2_CACHE"):
         return Path(os.environ["EFFNETV2_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "effnetv2"
-
-
-def model_fingerprint(model: EfficientNetV2) -> str:
-    """A short hash of ``model``'s config, weights and buffers (and what shapes its exported graph)."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(model.config, sort_keys=True, default=str).encode())
-    digest.update(f"{torch.__version__}/{GRAPH_VERSION}".encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:24]
 
 
 def _import_runtime(name: str):
@@ -201,7 +191,9 @@ class Predictor:
         again with a warning, so a cached graph always computes this model's logits.
         """
         if not self._fingerprint:
-            self._fingerprint = model_fingerprint(self.model)
+            # the graph depends on the weights, the config and the exporter (torch, GRAPH_VERSION)
+            self._fingerprint = weights_fingerprint(self.model, json.dumps(self.model.config, sort_keys=True, default=str),
+                                                    f"{torch.__version__}/{GRAPH_VERSION}")[:24]
         if self._graph_dir is None:
             self._graph_dir = _cache_subdir(self._cache_dir, "onnx")
         path = self._graph_dir / f"effnetv2-{self.model.variant}-{self._fingerprint}-{height}x{width}.onnx"

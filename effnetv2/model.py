@@ -9,9 +9,9 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from . import hub
+from . import card, checkpoint, hub
 from .attention import AttentionPool2d, check_cell, self_attention_maps
-from .configs import IMAGENET_MEAN, IMAGENET_STD, get_variant
+from .configs import IMAGENET_MEAN, IMAGENET_STD, get_variant, normalise_labels
 from .layers import BLOCKS, PADDINGS, ConvBNAct
 
 POOLS = ("avg", "attention")
@@ -66,7 +66,7 @@ class EfficientNetV2(
     pipeline_tag="image-classification",
     tags=["image-classification", "efficientnetv2", "vision"],
     paper_url="https://arxiv.org/abs/2104.00298",
-    model_card_template=hub.MODEL_CARD_TEMPLATE,
+    model_card_template=card.MODEL_CARD_TEMPLATE,
 ):
     """EfficientNetV2 (Tan & Le, 2021) image classifier: variants b0-b3, s, m, l, xl.
 
@@ -142,7 +142,7 @@ class EfficientNetV2(
         _check(crop_pct is None or (isinstance(crop_pct, (int, float)) and 0.1 <= crop_pct <= 1.0),
                f"crop_pct must be in [0.1, 1], got {crop_pct!r}")
         _check(source is None or isinstance(source, dict), f"source must be a dict, got {source!r}")
-        id2label, label2id = hub.normalise_labels(id2label, label2id, num_classes)
+        id2label, label2id = normalise_labels(id2label, label2id, num_classes)
 
         self.variant = str(variant).lower()
         self.num_classes = num_classes
@@ -227,7 +227,7 @@ class EfficientNetV2(
 
         The backbone and attention pool are kept; labels default to "0", "1", ...
         """
-        id2label, label2id = hub.normalise_labels(id2label, None, num_classes)
+        id2label, label2id = normalise_labels(id2label, None, num_classes)
         ref = self.head.classifier.weight if isinstance(self.head.classifier, nn.Linear) else None
         classifier = nn.Linear(self.head.pooled_features, num_classes) if num_classes else nn.Identity()
         if num_classes:
@@ -262,13 +262,13 @@ class EfficientNetV2(
 
     # Hub integration: strict safetensors loading with errors that name the file.
     def _save_pretrained(self, save_directory: Path) -> None:
-        hub.save_weights(self, Path(save_directory))
+        checkpoint.save_weights(self, Path(save_directory))
         # huggingface_hub's save_pretrained writes the card only when there is no README.md yet: drop
         # the old one so that the card always describes the weights just saved
-        (Path(save_directory) / hub.CARD_NAME).unlink(missing_ok=True)
+        (Path(save_directory) / card.CARD_NAME).unlink(missing_ok=True)
 
     def generate_model_card(self, *args, **kwargs):
-        return hub.generate_model_card(self, **kwargs)
+        return card.generate_model_card(self, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, config: dict | None = None,
                     commit_message: str = "Push model using huggingface_hub.", private: bool | None = None,
@@ -283,7 +283,7 @@ class EfficientNetV2(
         the card written for a new repo shows ``repo_id`` in its usage examples.
         """
         if not overwrite_card:
-            ignore_patterns, delete_patterns = hub.card_upload_patterns(
+            ignore_patterns, delete_patterns = card.card_upload_patterns(
                 repo_id, token=token, revision=branch, ignore_patterns=ignore_patterns, delete_patterns=delete_patterns)
         return super().push_to_hub(
             repo_id, config=config, commit_message=commit_message, private=private, token=token, branch=branch,

@@ -9,8 +9,8 @@ import torch
 
 from effnetv2 import EfficientNetV2
 from effnetv2.data import make_shapes_dataset
-from effnetv2.evaluate import (CARD_BEGIN, CARD_END, attention_mass_in_box, box_in_view, card_section, evaluate, main,
-                               update_card)
+from effnetv2.card import CARD_BEGIN, CARD_END
+from effnetv2.evaluate import attention_mass_in_box, box_in_view, evaluate, main
 from effnetv2.shapes import SHAPES
 
 
@@ -116,16 +116,3 @@ def test_command_line_prints_writes_json_and_updates_the_card(shapes, tmp_path, 
     with pytest.raises(SystemExit):  # a folder without annotations.json is a usage error
         main(["--model", str(folder), "--data", str(tmp_path)])
     assert "has no annotations.json" in capsys.readouterr().err
-
-
-def test_card_section_is_inserted_once(tmp_path):
-    card = tmp_path / "README.md"
-    card.write_text("# Model\n\n## Architecture\n\nblocks\n")
-    result = {"images": 10, "accuracy": 0.98, "per_class_accuracy": {"circle": 1.0}, "attention_mass_in_box": 0.5,
-              "box_area_share": 0.2, "mass_over_share": 2.5, "images_with_mass_above_share": 0.9,
-              "attention_mass_in_box_per_head": [0.4, 0.6]}
-    for _ in range(2):
-        update_card(card, card_section(result, tmp_path, "python -m effnetv2.evaluate ..."))
-    text = card.read_text()
-    assert text.count(CARD_BEGIN) == 1 and "| accuracy | 0.9800 |" in text
-    assert text.index(CARD_BEGIN) < text.index("## Architecture")

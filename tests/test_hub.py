@@ -362,7 +362,7 @@ def write_safetensors_header(path: Path, header: dict) -> None:
 def test_weights_are_checked_from_the_header_before_any_tensor_is_read(tmp_path, monkeypatch):
     import safetensors.torch
 
-    from effnetv2 import hub
+    from effnetv2 import checkpoint
 
     model = tiny()
     model.save_pretrained(tmp_path / "m")
@@ -373,7 +373,7 @@ def test_weights_are_checked_from_the_header_before_any_tensor_is_read(tmp_path,
     monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: read.append(a) or real_load_file(*a, **k))
 
     # A header declaring more tensors than any EfficientNetV2 has (1.2 M empty ones in the wild).
-    count = hub.MAX_HEADER_BYTES // 60
+    count = checkpoint.MAX_HEADER_BYTES // 60
     write_safetensors_header(weights, {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
                                        for i in range(count)})
     with pytest.raises(ValueError, match=r"m/model.safetensors is not a readable safetensors file \(its header "
@@ -398,7 +398,7 @@ def test_a_new_num_classes_keeps_the_backbone_and_warns_about_the_classifier(tmp
     model = tiny()
     model.save_pretrained(tmp_path / "m")
     saved = load_file(tmp_path / "m" / "model.safetensors")
-    with caplog.at_level("WARNING", logger="effnetv2.hub"):
+    with caplog.at_level("WARNING", logger="effnetv2.checkpoint"):
         loaded = EfficientNetV2.from_pretrained(tmp_path / "m", num_classes=5)
     state = loaded.state_dict()
     assert loaded.num_classes == 5 and state["head.classifier.weight"].shape == (5, 1280)

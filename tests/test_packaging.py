@@ -86,6 +86,6 @@ def test_card_template_ships_as_a_real_file_equal_to_the_repo_one():
     assert not packaged.is_symlink()  # a git symlink checks out as a one-line text file on Windows
     assert packaged.read_bytes() == (ROOT / "model_card.md").read_bytes()
     assert "model_card.md" in PYPROJECT["tool"]["setuptools"]["package-data"]["effnetv2"]
-    from effnetv2 import hub
+    from effnetv2 import card
 
-    assert hub.MODEL_CARD_TEMPLATE == packaged.read_text(encoding="utf-8")
+    assert card.MODEL_CARD_TEMPLATE == packaged.read_text(encoding="utf-8")

@@ -1,0 +1,144 @@
+"""The model card (the README.md of a model folder): written from ``model_card.md`` beside this module,
+updated in place by ``effnetv2.evaluate --update-card``, and kept on the Hub when it was edited there.
+"""
+from __future__ import annotations
+
+import glob
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import filter_repo_objects
+
+if TYPE_CHECKING:
+    from .model import EfficientNetV2
+
+CARD_NAME = "README.md"
+# Package data (a real file, not a link: links become one-line text files on Windows checkouts).
+MODEL_CARD_TEMPLATE = resources.files(__package__).joinpath("model_card.md").read_text(encoding="utf-8")
+# The evaluation section's markers: a re-run of effnetv2.evaluate replaces what lies between them.
+CARD_BEGIN, CARD_END = "<!-- effnetv2.evaluate: begin -->", "<!-- effnetv2.evaluate: end -->"
+
+
+def card_upload_patterns(repo_id: str, *, token: str | bool | None = None, revision: str | None = None,
+                         ignore_patterns: list[str] | str | None = None,
+                         delete_patterns: list[str] | str | None = None,
+                         ) -> tuple[list[str] | str | None, list[str] | str | None]:
+    """``ignore_patterns`` and ``delete_patterns`` for an ``upload_folder`` that keeps the model card
+    already in ``repo_id`` (it may have been edited on the Hub): README.md is neither uploaded nor
+    deleted. Unchanged when the repo has no card yet."""
+    api = HfApi(token=token)
+    if not api.file_exists(repo_id, CARD_NAME, revision=revision, token=token):
+        return ignore_patterns, delete_patterns
+    as_list = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+    if delete_patterns is not None:  # spell out the files to delete, README.md excepted
+        remote = api.list_repo_files(repo_id, revision=revision, token=token)
+        doomed = filter_repo_objects([f for f in remote if f != CARD_NAME], allow_patterns=delete_patterns)
+        delete_patterns = [glob.escape(f) for f in doomed] or None
+    return [*as_list, CARD_NAME], delete_patterns
+
+
+def _labels_text(id2label: dict[str, str], limit: int = 20) -> str:
+    names = list(id2label.values())
+    shown = ", ".join(f"`{n}`" for n in names[:limit])
+    return shown + (f", … ({len(names)} in all; see `config.json`)" if len(names) > limit else "")
+
+
+def generate_model_card(model: "EfficientNetV2", repo_id: str | None = None, metrics: dict | None = None,
+                        dataset: str | None = None, datasets: list | None = None,
+                        base_model: str | None = None, training: dict | None = None,
+                        command: str | None = None, notes: str | None = None, **extra: Any) -> ModelCard:
+    """The model card (README.md) rendered from ``model_card.md`` with the model's real metadata.
+
+    ``metrics`` ({name: value}), ``dataset``/``datasets``, ``base_model``, ``training`` (settings)
+    and ``command`` (to reproduce) fill the optional sections and the YAML front matter.
+    """
+    cfg = model.config
+    info = model._hub_mixin_info
+    card_data = ModelCardData(
+        library_name=info.model_card_data.library_name,
+        license=info.model_card_data.license,
+        pipeline_tag=info.model_card_data.pipeline_tag,
+        tags=list(info.model_card_data.tags or []) + [f"efficientnetv2-{model.variant}"],
+        datasets=datasets,
+        base_model=base_model,
+        metrics=sorted(metrics) if metrics else None,
+    )
+    size = cfg["image_size"]
+    return ModelCard.from_template(
+        card_data, template_str=info.model_card_template,
+        title=extra.pop("title", None) or f"EfficientNetV2-{model.variant.upper()}"
+        + (f" — {repo_id}" if repo_id else ""),
+        repo_id=repo_id or "ORG/NAME", variant=model.variant,
+        num_params=sum(p.numel() for p in model.parameters()), num_classes=model.num_classes,
+        pool_text="attention pooling" if model.pool_type == "attention" else "average pooling",
+        base_model=base_model, source=cfg.get("source"), image_size=size,
+        resize_size=int(size / cfg["crop_pct"]), train_image_size=cfg["train_image_size"],
+        interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
+        labels_text=_labels_text(model.id2label), metrics=metrics, dataset=dataset, training=training,
+        command=command, notes=notes, drop_path_rate=cfg["drop_path_rate"], dropout=cfg["dropout"],
+        padding=cfg["padding"], repo_url=info.repo_url, **extra,
+    )
+
+
+def card_section(result: dict, data: Path, command: str) -> str:
+    """The card's evaluation section (between ``CARD_BEGIN`` and ``CARD_END``) for ``effnetv2.evaluate.evaluate``'s
+    ``result`` on the shapes set at ``data``, measured with ``command``."""
+    heads = ", ".join(f"{m:.2f}" for m in result["attention_mass_in_box_per_head"])
+    return "\n".join([
+        CARD_BEGIN,
+        "## Evaluation on an unseen shapes set",
+        "",
+        f"{result['images']} images of `{data.name}`, generated with a seed the model never saw in "
+        "training or validation.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | {result['accuracy']:.4f} |",
+        *(f"| accuracy, {label} | {acc:.4f} |" for label, acc in result["per_class_accuracy"].items()),
+        f"| attention mass inside the object box (pooled query, mean over heads) | {result['attention_mass_in_box']:.3f} |",
+        f"| the box's share of the image (what uniform attention would give) | {result['box_area_share']:.3f} |",
+        f"| mass / share | {result['mass_over_share']:.2f}× |",
+        f"| images whose attention mass in the box exceeds its area share | {result['images_with_mass_above_share']:.1%} |",
+        f"| mass in the box, per head | {heads} |",
+        "",
+        *_faithfulness_table(result.get("maps")),
+        "Measured with:",
+        "",
+        "```bash",
+        command,
+        "```",
+        CARD_END,
+    ])
+
+
+def _faithfulness_table(maps: dict | None) -> list[str]:
+    """Card lines: each map kind's deletion AUC, insertion AUC and mass in the box (none if not measured)."""
+    if not maps:
+        return []
+    return [
+        "How faithful each kind of map is to the predicted class (`effnetv2.explain`): cells are removed from "
+        "(deletion, lower is better) or added to (insertion, higher is better) the pooling in the order the map "
+        "ranks them, and the class probability is integrated over the fraction of cells.",
+        "",
+        "| map | deletion AUC ↓ | insertion AUC ↑ | mass in the box |",
+        "|---|---|---|---|",
+        *(f"| {kind} | {m['deletion_auc']:.3f} | {m['insertion_auc']:.3f} | {m['mass_in_box']:.3f} |"
+          for kind, m in maps.items()),
+        "",
+    ]
+
+
+def update_card(card: Path, section: str) -> None:
+    """Insert ``section`` before the card's "## Architecture" heading, or replace the one there."""
+    text = card.read_text(encoding="utf-8")
+    if CARD_BEGIN in text:
+        before, rest = text.split(CARD_BEGIN, 1)
+        text = before + section + rest.split(CARD_END, 1)[1]
+    elif "## Architecture" in text:
+        before, after = text.split("## Architecture", 1)
+        text = before + section + "\n\n## Architecture" + after
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    card.write_text(text, encoding="utf-8")
