@@ -206,7 +206,7 @@ def _load_problem(path: str, budget: _MemoryBudget) -> str | None:
         with budget.reserve(image_pixels(path) * BYTES_PER_PIXEL):
             verify_image(path)
     except ImageLoadError as err:
-        return str(err).removeprefix(f"{path}: ")
+        return err.reason
     return None
 
 
@@ -277,7 +277,7 @@ class ImageFolderDataset(Dataset):
             try:
                 image = open_image(path)
             except ImageLoadError as err:
-                self.bad_files[path] = str(err).removeprefix(f"{path}: ")
+                self.bad_files[path] = err.reason
                 warnings.warn(f"skipping unreadable image {err}; using another image of its class instead",
                               stacklevel=2)
                 continue

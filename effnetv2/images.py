@@ -35,7 +35,15 @@ _pil_guard_saved: int | None = None
 
 
 class ImageLoadError(ValueError):
-    """An input could not be turned into an RGB image; the message says which file and why."""
+    """An input could not be turned into an RGB image: ``path`` (the file, or "image" for a PIL image)
+    and ``reason`` (why, in words); the message is ``"{path}: {reason}"``."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):  # picklable across worker processes despite the two-argument constructor
+        return type(self), (self.path, self.reason)
 
 
 @contextmanager
@@ -136,22 +144,22 @@ def _errors_named(name: str) -> Iterator[None]:
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{name}: not an image file PIL can read") from None
+        raise ImageLoadError(name, "not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(f"{name}: unreadable or truncated image ({err})") from None
+        raise ImageLoadError(name, f"unreadable or truncated image ({err})") from None
 
 
 def _load(source: str | os.PathLike | Image.Image, name: str, max_pixels: int) -> Image.Image:
     """``source`` opened, its size checked against ``max_pixels``, then every pixel decoded."""
     if not isinstance(source, Image.Image) and not Path(source).is_file():
-        raise ImageLoadError(f"{name}: no such file")
+        raise ImageLoadError(name, "no such file")
     with _our_pixel_limit():
         image = source if isinstance(source, Image.Image) else Image.open(source)
         width, height = image.size
         if width < 1 or height < 1:
-            raise ImageLoadError(f"{name}: image has no pixels ({width}x{height})")
+            raise ImageLoadError(name, f"image has no pixels ({width}x{height})")
         if width * height > max_pixels:
-            raise ImageLoadError(f"{name}: {width}x{height} pixels is more than the {max_pixels:,} "
+            raise ImageLoadError(name, f"{width}x{height} pixels is more than the {max_pixels:,} "
                                  f"allowed (possible decompression bomb); downscale it first")
         image.load()
     return image

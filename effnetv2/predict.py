@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .data import IMAGE_EXTENSIONS, is_image_file
+from .data import IMAGE_EXTENSIONS, is_image_file, report_bad_files
 from .images import ImageLoadError, open_image
 from .inference import BACKENDS, Predictor
 
@@ -50,7 +50,7 @@ def _load(predictor: Predictor, path: str) -> torch.Tensor | str:
     try:
         return predictor.transform(open_image(path))
     except ImageLoadError as err:
-        return str(err).removeprefix(f"{path}: ")
+        return err.reason
     except (OSError, ValueError, RuntimeError) as err:  # e.g. a decoder failing inside the transform
         return f"{type(err).__name__}: {err}"
 
@@ -121,13 +121,6 @@ def write_results(results: list[Prediction], output: str | os.PathLike | None) -
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def report_skipped(skipped: list[tuple[str, str]]) -> None:
-    """One warning on stderr listing every skipped path with its reason (nothing if none)."""
-    if skipped:
-        lines = "\n".join(f"  {path}: {reason}" for path, reason in skipped)
-        print(f"warning: skipped {len(skipped)} file(s) that could not be read:\n{lines}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m effnetv2.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
@@ -147,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     files, missing = find_images(args.paths)
     if not files:
-        report_skipped(missing)
+        report_bad_files(missing)
         print(f"error: no image files in {' '.join(args.paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})",
               file=sys.stderr)
         return 2
@@ -158,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results, bad = predict_files(predictor, files, args.top_k, args.batch_size, args.workers,
                                  progress=not args.quiet)
-    report_skipped(missing + bad)
+    report_bad_files(missing + bad)
     write_results(results, args.output)
     if args.output:
         print(f"{len(results)} predictions written to {args.output} (backend {predictor.backend}, "

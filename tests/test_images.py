@@ -80,6 +80,20 @@ def test_the_pixel_limit_is_ours_at_its_edge(tmp_path, monkeypatch, pil_limit):
     assert Image.MAX_IMAGE_PIXELS == pil_limit  # PIL's setting is back as it was
 
 
+def test_load_errors_carry_the_path_and_the_reason(tmp_path):
+    import pickle
+
+    (tmp_path / "text.png").write_text("not an image")
+    cases = {tmp_path / "gone.png": "no such file", tmp_path / "text.png": "not an image file PIL can read"}
+    for path, reason in cases.items():
+        with pytest.raises(ImageLoadError) as caught:
+            open_image(path)
+        assert (caught.value.path, caught.value.reason) == (str(path), reason)
+        assert str(caught.value) == f"{path}: {reason}"
+        copy = pickle.loads(pickle.dumps(caught.value))  # crosses process boundaries (data loader workers)
+        assert (copy.path, copy.reason, str(copy)) == (str(path), reason, str(caught.value))
+
+
 def test_the_default_limit_is_ours_not_pils(tmp_path):
     assert Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS / 2  # PIL would refuse before ours: 179 MP by default
     over = tmp_path / "over.png"  # a header claiming one pixel more than our default, almost no data

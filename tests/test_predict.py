@@ -64,11 +64,12 @@ def test_predict_cli_writes_results_in_order_and_skips_bad_files(model_dir, imag
     expected = Predictor(str(model_dir), backend="torch").predict(good, top_k=3)
     for suffix in (".jsonl", ".csv"):
         out = tmp_path / f"preds{suffix}"
-        code = main(["--model", str(model_dir), str(root), "--top-k", "3", "--batch-size", "2", "--workers", "3",
-                     "--backend", "torch", "--output", str(out)])
+        with pytest.warns(UserWarning) as record:  # data.report_bad_files: one warning for all skipped files
+            code = main(["--model", str(model_dir), str(root), "--top-k", "3", "--batch-size", "2", "--workers", "3",
+                         "--backend", "torch", "--output", str(out)])
         assert code == 0
-        err = capsys.readouterr().err
-        assert "skipped 1 file" in err and "broken.jpg" in err and err.count("warning:") == 1
+        [warning] = [str(r.message) for r in record if "unreadable" in str(r.message)]
+        assert warning.startswith("skipping 1 unreadable image file(s)") and "broken.jpg: " in warning
         rows = read_results(out)
         assert [path for path, _ in rows] == good  # input order, the bad file left out
         for (_, top), want in zip(rows, expected):
@@ -83,7 +84,8 @@ def test_predict_cli_table_and_errors(model_dir, images, tmp_path, capsys, monke
     assert main(["--model", str(model_dir), files[0], "--backend", "torch", "--quiet", "--top-k", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(files[0]) and lines[0].count("class_") == 2
-    assert main(["--model", str(model_dir), str(tmp_path / "empty")]) == 2
+    with pytest.warns(UserWarning, match="empty: no such file or folder"):
+        assert main(["--model", str(model_dir), str(tmp_path / "empty")]) == 2
     assert "no image files" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model", str(model_dir), str(root), "--output", str(tmp_path / "preds.txt")])
