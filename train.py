@@ -45,6 +45,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,19 +56,22 @@ from tqdm.auto import tqdm
 
 from effnetv2 import transforms_for
 from effnetv2.card import card_upload_patterns
-from effnetv2.checkpoint import read_state_dict, weights_fingerprint
+from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.configs import VARIANTS
 from effnetv2.data import (DatasetError, ImageFolderDataset, check_images, report_bad_files, save_class_indices,
                            scan_folder, split_samples, write_split)
 from effnetv2.ema import ModelEma
+from effnetv2.finetune import build_model
+from effnetv2.model import EfficientNetV2
 from effnetv2.progressive import Stage, progressive_plan, stage_for_epoch
 from effnetv2.schedule import cosine_schedule, optimizer_steps_per_epoch
-from effnetv2.sources import parse_source
-from effnetv2.training import (HEAD_PREFIX, OutputDirError, WriteError, atomic_path, average_buffers,
-                               backbone_batchnorm_eval, build_model, check_output_dir, clear_output_dir,
-                               confusion_matrix, data_fingerprint, freeze_backbone, list_checkpoints, mix_batch,
-                               plot_confusion_matrix, prune_checkpoints, public_argv, recalibrate_batchnorm,
-                               resume_mismatches, save_checkpoint, save_model, soft_cross_entropy)
+from effnetv2.run_folder import (OutputDirError, WriteError, atomic_path, check_output_dir, clear_output_dir,
+                                 data_fingerprint, find_resume_checkpoint, list_checkpoints, load_checkpoint,
+                                 prune_checkpoints, public_argv, resume_mismatches, save_checkpoint, save_model)
+from effnetv2.sources import Source, parse_source
+from effnetv2.training import (HEAD_PREFIX, average_buffers, backbone_batchnorm_eval, confusion_matrix,
+                               freeze_backbone, mix_batch, recalibrate_batchnorm, soft_cross_entropy)
+from effnetv2.viz import confusion_matrix_png
 
 RESUME_MUST_MATCH = ("variant", "weights", "pool", "batch_size", "grad_accum", "optimizer", "lr", "lrf", "epochs",
                      "seed", "val_fraction", "ema", "progressive", "stages")
@@ -150,8 +154,140 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def make_accelerator(args: argparse.Namespace, out: Path) -> Accelerator:
+    return Accelerator(
+        cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
+        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # a seeded sampler gives every epoch the same order after a resume (set_epoch below)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+
+
+class RunError(Exception):
+    """A run that cannot start or go on: one line for the user (no traceback) and the exit status."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+def load_data(args: argparse.Namespace, accelerator: Accelerator):
+    """(train samples, validation samples, class names): the folder scanned, unreadable files dropped
+    (and reported), split; every data error is a RunError before any training starts."""
+    try:
+        samples, classes = scan_folder(args.data_path)
+        if args.check_images:
+            samples, bad = check_images(samples, max(1, args.workers))
+            if accelerator.is_main_process:
+                report_bad_files(bad)
+            empty = sorted(set(range(len(classes))) - {label for _, label in samples})
+            if empty:
+                raise DatasetError(f"class(es) {', '.join(classes[i] for i in empty)} have no readable image left "
+                                   f"(see the warning above): fix or remove those folders")
+        train_samples, val_samples = split_samples(samples, args.val_fraction, args.seed)
+        if not val_samples:
+            raise DatasetError("--val-fraction 0 leaves no validation images: use e.g. 0.2")
+    except DatasetError as err:
+        raise RunError(str(err)) from None
+    return train_samples, val_samples, classes
+
+
+def find_resume(args: argparse.Namespace, settings: dict, checkpoints: Path, data: dict) -> tuple[Path | None, dict]:
+    """The checkpoint --resume names and its train_state (None, {} without --resume); it must be this
+    run's: the same ``settings`` (those in RESUME_MUST_MATCH) and the same ``data``."""
+    if not args.resume:
+        return None, {}
+    try:
+        folder, state = find_resume_checkpoint(args.resume, checkpoints)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    mismatches = resume_mismatches(state, settings, RESUME_MUST_MATCH, data)
+    if mismatches:
+        raise RunError(f"--resume {folder}: the checkpoint was made with different " + ", ".join(mismatches)
+                       + "; resume with the original settings and data, or start a new run (--overwrite, or "
+                         "another --output-dir)")
+    return folder, state
+
+
+class Resolved(NamedTuple):
+    """What the command line leaves to the weights, decided once they are loaded (``args`` stays as parsed)."""
+
+    source: Source
+    variant: str
+    clip_grad: float  # 0: off
+    freeze: bool
+
+    def settings(self, args: argparse.Namespace) -> dict:
+        """The run's settings: the command line with the resolved values (checkpoints, trackers)."""
+        return {**vars(args), "variant": self.variant, "clip_grad": self.clip_grad}
+
+
+def make_model(args: argparse.Namespace, classes: list[str]) -> tuple[EfficientNetV2, Resolved]:
+    """The model to fine-tune (initial weights in, classifier for ``classes``) and what it resolves."""
+    overrides = {"pool": args.pool, "num_heads": args.num_heads, "attn_dim": args.attn_dim,
+                 "drop_path_rate": args.drop_path_rate, "dropout": args.dropout,
+                 "train_image_size": args.image_size, "image_size": args.eval_size or args.image_size}
+    try:
+        source = parse_source(args.weights)
+        model = build_model(source, args.variant or "s", classes, **{k: v for k, v in overrides.items() if v is not None})
+    except (ValueError, OSError, ImportError) as err:
+        raise RunError(f"--weights {args.weights}: {err}") from None
+    if args.variant and model.variant != args.variant:
+        raise RunError(f"--variant {args.variant} but --weights {args.weights} is EfficientNetV2-{model.variant}: "
+                       f"drop --variant or pick weights of that variant")
+    # attention heads fine-tuned with SGD at the classic lr diverge without clipping
+    clip_grad = args.clip_grad if args.clip_grad is not None else 1.0 if model.pool_type == "attention" else 0.0
+    freeze = args.freeze_layers if args.freeze_layers is not None else source.kind != "none"
+    return model, Resolved(source, model.variant, clip_grad, freeze)
+
+
+def make_loaders(args: argparse.Namespace, model: EfficientNetV2, train_samples, val_samples, classes, accelerator):
+    """(train set, train loader, val loader, precise-BatchNorm loader or None). The train set's
+    transform is set per stage; the others use the model's eval transform."""
+    train_set = ImageFolderDataset(train_samples, classes)
+    val_set = ImageFolderDataset(val_samples, classes, transforms_for(model, train=False))
+    # persistent_workers=False: workers are re-created each epoch and see the stage's new transform
+    train_loader = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=args.workers,
+                              drop_last=len(train_set) >= args.batch_size * accelerator.num_processes)
+    val_loader = DataLoader(val_set, args.batch_size, num_workers=args.workers)
+    if args.precise_bn <= 0:
+        return train_set, train_loader, val_loader, None
+    # Precise BatchNorm: a fixed sample of training images, seen as at evaluation, split over processes.
+    calib = random.Random(args.seed).sample(train_samples, min(args.precise_bn, len(train_samples)))
+    calib = calib[accelerator.process_index::accelerator.num_processes] or calib
+    calib_loader = DataLoader(ImageFolderDataset(calib, classes, transforms_for(model, train=False)),
+                              args.batch_size, num_workers=args.workers)
+    return train_set, train_loader, val_loader, calib_loader
+
+
+def stage_plan(args: argparse.Namespace, model: EfficientNetV2) -> list[Stage]:
+    """Progressive learning's stages (image size and regularisation grow), or one stage."""
+    train_size = model.config["train_image_size"]
+    if not args.progressive:
+        return [Stage(0, 0, train_size, args.randaugment, args.mixup, model.dropout_rate)]
+    try:
+        return progressive_plan(model.variant, args.epochs, args.stages, max_size=train_size)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+
+
+def start_output_dir(out: Path, args: argparse.Namespace, train_samples, val_samples, classes: list[str]) -> None:
+    """The output folder (emptied first with --overwrite) with the run's class indices and split."""
+    if args.overwrite:
+        clear_output_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_class_indices(out / "class_indices.json", classes)
+    write_split(out / "split.json", train_samples, val_samples, classes, args.data_path)
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
 @torch.no_grad()
-def evaluate(model, loader, accelerator, num_classes: int, channels_last: bool):
+def validate(model, loader, accelerator, num_classes: int, channels_last: bool):
     """Validation loss, accuracy and confusion matrix over all processes (``gather_for_metrics``
     drops the samples Accelerate repeats to even out the last batch)."""
     model.eval()
@@ -171,333 +307,280 @@ def evaluate(model, loader, accelerator, num_classes: int, channels_last: bool):
     return metrics, confusion_matrix(preds, labels, num_classes)
 
 
+def check_finite(metrics: dict, epoch: int, args: argparse.Namespace, checkpoints: Path) -> None:
+    """A RunError when the epoch's training loss is NaN or infinite: the bad epoch is not saved."""
+    if not math.isfinite(metrics["train_loss"]):
+        last = list_checkpoints(checkpoints)
+        raise RunError(f"training diverged in epoch {epoch + 1}: the training loss became {metrics['train_loss']} "
+                       f"(peak lr {args.lr:g}, {args.optimizer}). Nothing of this epoch was saved"
+                       + (f"; the last checkpoint written is {last[-1]}" if last else "")
+                       + ". Run again with a lower --lr or with --clip-grad 1.0.", status=1)
+
+
+def save_epoch(accelerator, out: Path, train_state: dict, model, optimizer, ema, keep: int, classes: list[str]) -> None:
+    """Checkpoint the epoch atomically (checkpoints/epoch_N), prune this run's older checkpoints and
+    rewrite metrics.json; a failed write is a RunError that names the intact checkpoint."""
+    checkpoints, epoch = out / "checkpoints", train_state["epoch"]
+    try:
+        save_checkpoint(accelerator, checkpoints / f"epoch_{epoch}", train_state, model, optimizer, ema)
+        if accelerator.is_main_process:
+            prune_checkpoints(checkpoints, train_state["run_id"], keep)
+            with atomic_path(out / "metrics.json") as tmp:
+                tmp.write_text(json.dumps({"history": train_state["history"], "classes": classes}, indent=1))
+    except WriteError as err:
+        last = list_checkpoints(checkpoints)
+        raise RunError(f"{err}. Nothing of epoch {epoch} was saved"
+                       + (f"; the last checkpoint, {last[-1]}, is intact" if last else "")
+                       + ". Free some space, then continue with --resume latest.", status=1) from None
+
+
+def published_command(argv: list[str] | None, processes: int) -> str:
+    """The command line for the model card, local paths reduced to their last name."""
+    launcher = f"accelerate launch --num_processes {processes} train.py" if processes > 1 else "python train.py"
+    return f"{launcher} {shlex.join(public_argv(sys.argv[1:] if argv is None else argv))}"
+
+
+def card_fields(args: argparse.Namespace, resolved: Resolved, run: dict) -> dict:
+    """The model card's fields (``model_card_kwargs``) for the run summarised by ``run``."""
+    final, source = run["final"], resolved.source
+    return dict(
+        metrics={"accuracy": round(final["val_accuracy"], 4), "val_loss": round(final["val_loss"], 4)},
+        dataset=f"`{Path(args.data_path).name}`: {run['train_images']} training and {run['val_images']} validation "
+                f"images in {len(run['classes'])} classes (stratified split, --val-fraction {args.val_fraction}, "
+                f"seed {args.seed})",
+        base_model=source.repo_id if source.kind == "hub" else None,
+        training={"initial weights": args.weights if source.kind != "none" else "none (from scratch)",
+                  "epochs": f"{final.get('epoch', run['start_epoch'])} of {args.epochs}",
+                  "optimizer steps": run["optimizer_steps"], "optimizer": args.optimizer,
+                  "lr (cosine decay to lr*lrf)": args.lr, "lrf": args.lrf, "warmup steps": run["warmup_steps"],
+                  "weight decay": args.weight_decay, "batch size per process": args.batch_size,
+                  "processes": run["processes"], "gradient accumulation": args.grad_accum,
+                  "mixed precision": args.mixed_precision, "frozen backbone": resolved.freeze,
+                  "label smoothing": args.label_smoothing, "gradient clipping (max L2 norm)": resolved.clip_grad or "off",
+                  "progressive learning": f"{args.stages} stages" if args.progressive else "off",
+                  "train image size": run["train_image_size"], "saved weights": run["saved_weights"]},
+        command=run["command"],
+    )
+
+
+def save_run(model: EfficientNetV2, out: Path, args: argparse.Namespace, card: dict, summary: dict, cm) -> None:
+    """The Hub-ready model folder, metrics.json and confusion_matrix.png, every file through a
+    temporary name: a full disk leaves the previous ones intact (a RunError says so)."""
+    final = summary["final"]
+    model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    model.head.dropout.p = model.dropout_rate  # the last stage's dropout was set on the module
+    try:
+        save_model(model.half() if args.save_dtype == "float16" else model, out, card)
+        with atomic_path(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
+        png = confusion_matrix_png(cm, summary["classes"], f"validation accuracy {final['val_accuracy']:.3f}")
+        with atomic_path(out / "confusion_matrix.png") as tmp:
+            tmp.write_bytes(png)
+    except WriteError as err:
+        raise RunError(f"{err}. The files already in {out} are unchanged. Free some space, then run the same "
+                       f"command with --resume latest to evaluate and save the last checkpoint again.", status=1) from None
+
+
+def push(out: Path, repo_id: str, private: bool, overwrite_card: bool, val_accuracy: float) -> str:
+    """Upload the model folder (not its checkpoints and logs) to ``repo_id``; returns its URL. A
+    failure is a RunError with the commands to retry: the run is saved locally either way."""
+    from huggingface_hub import HfApi
+
+    ignore = ["checkpoints/*", "logs/*"]
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        # a card edited on the Hub is kept unless --overwrite-card
+        upload_ignore = list(ignore) if overwrite_card else card_upload_patterns(repo_id, ignore_patterns=list(ignore))[0]
+        api.upload_folder(repo_id=repo_id, folder_path=str(out), ignore_patterns=upload_ignore,
+                          commit_message=f"train.py: val accuracy {val_accuracy:.4f}")
+    except Exception as err:  # the run is saved locally; a failed push must not lose it
+        retry = (f"python -c \"from huggingface_hub import HfApi; HfApi().upload_folder(repo_id='{repo_id}', "
+                 f"folder_path='{out}', ignore_patterns={ignore})\"")
+        raise RunError(f"pushing to {repo_id} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
+                       f"\nEverything is saved in {out}. Log in (`hf auth login` or HF_TOKEN) if needed, then retry with:\n"
+                       f"  hf upload {repo_id} {out} . --exclude 'checkpoints/*' --exclude 'logs/*'\nor\n  {retry}",
+                       status=1) from None
+    return f"{api.endpoint}/{repo_id}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir)
     try:
-        accelerator = Accelerator(
-            cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
-            log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-            # a seeded sampler gives every epoch the same order after a resume (set_epoch below)
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        accelerator = make_accelerator(args, out)
     except (ValueError, RuntimeError) as err:
         print(f"error: cannot set up training with --mixed-precision {args.mixed_precision}: {err}", file=sys.stderr)
         return 2
     say = accelerator.print
-    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # Accelerate autocasts to fp16 only on accelerators: on the CPU the run would be float32, silently
-        say("error: --mixed-precision fp16 needs a GPU; on the CPU it would train in float32. Use "
-            "--mixed-precision bf16 (CPUs autocast to bfloat16) or leave it off")
-        return 2
-    set_seed(args.seed)
-
-    # 0. The output folder: a file, a read-only place or another run's folder is refused before any work.
     try:
-        check_output_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
-    except OutputDirError as err:
-        say(f"error: {err}")
-        return 2
-    accelerator.wait_for_everyone()  # every process has looked before the main one writes there
+        if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+            # Accelerate autocasts to fp16 only on accelerators: on the CPU the run would be float32, silently
+            raise RunError("--mixed-precision fp16 needs a GPU; on the CPU it would train in float32. Use "
+                           "--mixed-precision bf16 (CPUs autocast to bfloat16) or leave it off")
+        set_seed(args.seed)
 
-    # 1. Data: scan, drop unreadable files, split; every error comes before any training starts.
-    try:
-        samples, classes = scan_folder(args.data_path)
-        if args.check_images:
-            samples, bad = check_images(samples, max(1, args.workers))
-            if accelerator.is_main_process:
-                report_bad_files(bad)
-            empty = sorted(set(range(len(classes))) - {label for _, label in samples})
-            if empty:
-                raise DatasetError(f"class(es) {', '.join(classes[i] for i in empty)} have no readable image left "
-                                   f"(see the warning above): fix or remove those folders")
-        train_samples, val_samples = split_samples(samples, args.val_fraction, args.seed)
-        if not val_samples:
-            raise DatasetError("--val-fraction 0 leaves no validation images: use e.g. 0.2")
-    except DatasetError as err:
-        say(f"error: {err}")
-        return 2
-    num_classes = len(classes)
-    data = data_fingerprint(args.data_path, train_samples, val_samples)
-    say(f"data: {len(train_samples)} training and {len(val_samples)} validation images in {num_classes} classes "
-        f"({', '.join(classes)})")
-
-    # 2. Model: initial weights in, classifier replaced for our classes.
-    overrides = {"pool": args.pool, "num_heads": args.num_heads, "attn_dim": args.attn_dim,
-                 "drop_path_rate": args.drop_path_rate, "dropout": args.dropout,
-                 "train_image_size": args.image_size, "image_size": args.eval_size or args.image_size}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        source = parse_source(args.weights)
-        model = build_model(source, args.variant or "s", classes, **overrides)
-    except (ValueError, OSError, ImportError) as err:
-        say(f"error: --weights {args.weights}: {err}")
-        return 2
-    if args.variant and model.variant != args.variant:
-        say(f"error: --variant {args.variant} but --weights {args.weights} is EfficientNetV2-{model.variant}: "
-            f"drop --variant or pick weights of that variant")
-        return 2
-    args.variant = model.variant
-    if args.clip_grad is None:  # attention heads fine-tuned with SGD at the classic lr diverge without it
-        args.clip_grad = 1.0 if model.pool_type == "attention" else 0.0
-    freeze = args.freeze_layers if args.freeze_layers is not None else source.kind != "none"
-    if freeze:
-        trainable = freeze_backbone(model)
-        say(f"backbone frozen: training {sum(model.get_parameter(n).numel() for n in trainable):,} head parameters")
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-
-    # The checkpoint to resume must be this run's: same settings, same data (it is loaded after prepare()).
-    run_id, resume_from, state = uuid.uuid4().hex, None, {}
-    if args.resume:
-        found = list_checkpoints(out / "checkpoints")
-        resume_from = (found[-1] if found else None) if args.resume == "latest" else Path(args.resume)
-        if resume_from is None or not (resume_from / "train_state.json").is_file():
-            say(f"error: --resume {args.resume}: no complete checkpoint "
-                f"{'in ' + str(out / 'checkpoints') if resume_from is None else 'at ' + str(resume_from)}; "
-                f"start without --resume")
-            return 2
-        state = json.loads((resume_from / "train_state.json").read_text())
-        mismatches = resume_mismatches(state, vars(args), RESUME_MUST_MATCH, data)
-        if mismatches:
-            say(f"error: --resume {resume_from}: the checkpoint was made with different " + ", ".join(mismatches)
-                + "; resume with the original settings and data, or start a new run (--overwrite, or another "
-                  "--output-dir)")
-            return 2
-        run_id = state["run_id"]
-    if accelerator.is_main_process:
-        if args.overwrite:
-            clear_output_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_class_indices(out / "class_indices.json", classes)
-        write_split(out / "split.json", train_samples, val_samples, classes, args.data_path)
-
-    # 3. Progressive learning: image size and regularisation grow stage by stage (one stage otherwise).
-    train_size = model.config["train_image_size"]
-    if args.progressive:
+        # 0. The output folder: a file, a read-only place or another run's folder is refused before any work.
         try:
-            plan = progressive_plan(model.variant, args.epochs, args.stages, max_size=train_size)
-        except ValueError as err:
-            say(f"error: {err}")
-            return 2
-    else:
-        plan = [Stage(0, 0, train_size, args.randaugment, args.mixup, model.dropout_rate)]
+            check_output_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
+        except OutputDirError as err:
+            raise RunError(str(err)) from None
+        accelerator.wait_for_everyone()  # every process has looked before the main one writes there
 
-    train_set = ImageFolderDataset(train_samples, classes)  # its transform is set per stage
-    val_set = ImageFolderDataset(val_samples, classes, transforms_for(model, train=False))
-    # persistent_workers=False: workers are re-created each epoch and see the stage's new transform
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=args.workers,
-                              drop_last=len(train_set) >= args.batch_size * accelerator.num_processes)
-    val_loader = DataLoader(val_set, args.batch_size, num_workers=args.workers)
-    # Precise BatchNorm: a fixed sample of training images, seen as at evaluation, split over processes.
-    calib_loader = None
-    if args.precise_bn > 0:
-        calib = random.Random(args.seed).sample(train_samples, min(args.precise_bn, len(train_samples)))
-        calib = calib[accelerator.process_index::accelerator.num_processes] or calib
-        calib_loader = DataLoader(ImageFolderDataset(calib, classes, transforms_for(model, train=False)),
-                                  args.batch_size, num_workers=args.workers)
+        # 1. Data: scan, drop unreadable files, split.
+        train_samples, val_samples, classes = load_data(args, accelerator)
+        num_classes = len(classes)
+        data = data_fingerprint(args.data_path, train_samples, val_samples)
+        say(f"data: {len(train_samples)} training and {len(val_samples)} validation images in {num_classes} "
+            f"classes ({', '.join(classes)})")
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-
-    # 4. The lr schedule counts optimizer steps; it is stepped by hand once per optimizer step (a
-    # scheduler passed to prepare() would step once per process).
-    steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), args.grad_accum)
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
-    try:
-        scheduler = cosine_schedule(optimizer, total_steps, args.lrf, warmup_steps)
-    except ValueError as err:
-        say(f"error: {err} (--warmup-epochs/--warmup-steps/--lrf)")
-        return 2
-    ema = ModelEma(accelerator.unwrap_model(model), args.ema_decay) if args.ema else None
-
-    # 5. Resume: model, optimizer, RNG states and sampler (load_state), then scheduler, EMA, history.
-    start_epoch, step, history = 0, 0, []
-    if resume_from:
-        accelerator.load_state(str(resume_from))
-        scheduler.load_state_dict(state["scheduler"])
-        if ema:
-            ema.load_state_dict({**state["ema"], "module": read_state_dict(resume_from / "ema.safetensors")})
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
-        say(f"resumed from {resume_from}: {start_epoch} epoch(s) and {step} optimizer steps done")
-
-    hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-    accelerator.init_trackers("effnetv2", config=hparams)
-    say(f"training EfficientNetV2-{args.variant} for {args.epochs} "
-        f"epochs: {steps_per_epoch} optimizer steps per epoch, {total_steps} in all, on "
-        f"{accelerator.num_processes} process(es) ({accelerator.device})")
-
-    # 6. Train: one epoch at a time, evaluating and checkpointing after each.
-    unwrapped = accelerator.unwrap_model(model)
-    checkpoints = out / "checkpoints"
-    stage, cm = None, None
-    for epoch in range(start_epoch, args.epochs):
-        if step >= total_steps:
-            break
-        if stage_for_epoch(plan, epoch) != stage:
-            stage = stage_for_epoch(plan, epoch)
-            train_set.set_transform(transforms_for(unwrapped, train=True, image_size=stage.image_size,
-                                                   randaugment_magnitude=stage.randaugment, scale=args.crop_scale))
-            unwrapped.head.dropout.p = stage.dropout
-            if args.progressive:
-                say(stage.describe())
-                accelerator.log({f"stage/{k}": v for k, v in stage.as_dict().items()}, step=step)
-        train_loader.set_epoch(epoch)
-        model.train()
+        # 2. Model: initial weights in, classifier replaced for our classes; what the weights decide
+        # (variant, clipping default, freezing) is kept apart from the command line's args.
+        model, resolved = make_model(args, classes)
+        settings, freeze, clip_grad = resolved.settings(args), resolved.freeze, resolved.clip_grad
         if freeze:
-            backbone_batchnorm_eval(unwrapped)
-        started, seen, loss_sum = time.time(), 0, 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_main_process,
-                   leave=False, dynamic_ncols=True)
-        for x, y in bar:
-            with accelerator.accumulate(model):
-                if args.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                x, targets = mix_batch(x, y, num_classes, stage.mixup, args.cutmix, args.label_smoothing)
-                loss = soft_cross_entropy(model(x), targets)
-                accelerator.backward(loss)
-                if args.clip_grad and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad()
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            if accelerator.sync_gradients:  # an optimizer step was taken
-                scheduler.step()
-                step += 1
-                if ema:
-                    ema.update(unwrapped)
-                accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if step >= total_steps:
-                    break
-        train_seconds = time.time() - started
-        totals = accelerator.reduce(torch.tensor([seen, loss_sum], device=accelerator.device, dtype=torch.float64), "sum")
-        evaluated = ema.module if ema else unwrapped
-        if calib_loader is not None:  # a frozen backbone keeps its statistics: only the head's are redone
-            recalibrate_batchnorm(evaluated, (x.to(accelerator.device) for x, _ in calib_loader),
-                                  prefix=HEAD_PREFIX if freeze else "")
-        for replica in {id(unwrapped): unwrapped, id(evaluated): evaluated}.values():
-            average_buffers(replica, accelerator)  # BatchNorm statistics: the same on every process
-        metrics, cm = evaluate(ema.module if ema else model, val_loader, accelerator, num_classes, args.channels_last)
-        metrics.update(epoch=epoch + 1, step=step, lr=scheduler.get_last_lr()[0],
-                       train_loss=totals[1].item() / max(1.0, totals[0].item()), train_images=int(totals[0].item()),
-                       train_seconds=round(train_seconds, 2), epoch_seconds=round(time.time() - started, 2),
-                       images_per_second=round(totals[0].item() / train_seconds, 2), image_size=stage.image_size)
-        if not math.isfinite(metrics["train_loss"]):
-            # every process sees the same reduced loss, so all stop together; the bad epoch is not saved
-            last = list_checkpoints(checkpoints)
-            say(f"error: training diverged in epoch {epoch + 1}: the training loss became {metrics['train_loss']} "
-                f"(peak lr {args.lr:g}, {args.optimizer}). Nothing of this epoch was saved"
-                + (f"; the last checkpoint written is {last[-1]}" if last else "")
-                + ". Run again with a lower --lr or with --clip-grad 1.0.")
-            accelerator.end_training()
-            return 1
-        history.append(metrics)
-        accelerator.log({f"val/{k[4:]}" if k.startswith("val_") else f"epoch/{k}": v for k, v in metrics.items()},
-                        step=step)
-        say(f"epoch {epoch + 1}/{args.epochs}: train loss {metrics['train_loss']:.4f}, val loss "
-            f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f} ({metrics['train_seconds']:.1f}s "
-            f"training, {metrics['images_per_second']} images/s, lr {metrics['lr']:.2e})")
+            trainable = freeze_backbone(model)
+            say(f"backbone frozen: training {sum(model.get_parameter(n).numel() for n in trainable):,} head parameters")
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
 
-        # Checkpoint atomically (a temporary folder, renamed when complete); prune this run's older ones.
-        train_state = {"run_id": run_id, "data": data, "epoch": epoch + 1, "step": step, "history": history,
-                       "scheduler": scheduler.state_dict(), "args": vars(args)}
+        # The checkpoint to resume must be this run's: same settings, same data (it is loaded after prepare()).
+        checkpoints = out / "checkpoints"
+        resume_from, state = find_resume(args, settings, checkpoints, data)
+        run_id = state.get("run_id") or uuid.uuid4().hex
+        if accelerator.is_main_process:
+            start_output_dir(out, args, train_samples, val_samples, classes)
+
+        # 3. Data loaders and progressive learning: image size and regularisation grow stage by stage.
+        plan = stage_plan(args, model)
+        train_set, train_loader, val_loader, calib_loader = make_loaders(args, model, train_samples, val_samples,
+                                                                         classes, accelerator)
+        optimizer = make_optimizer(model, args)
+        model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+
+        # 4. The lr schedule counts optimizer steps; it is stepped by hand once per optimizer step (a
+        # scheduler passed to prepare() would step once per process).
+        steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), args.grad_accum)
+        total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+        warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
         try:
-            save_checkpoint(accelerator, checkpoints / f"epoch_{epoch + 1}", train_state, model, optimizer, ema)
-            if accelerator.is_main_process:
-                prune_checkpoints(checkpoints, run_id, args.keep_checkpoints)
-                with atomic_path(out / "metrics.json") as tmp:
-                    tmp.write_text(json.dumps({"history": history, "classes": classes}, indent=1))
-        except WriteError as err:
-            last = list_checkpoints(checkpoints)
-            say(f"error: {err}. Nothing of epoch {epoch + 1} was saved"
-                + (f"; the last checkpoint, {last[-1]}, is intact" if last else "")
-                + ". Free some space, then continue with --resume latest.")
-            accelerator.end_training()
-            return 1
+            scheduler = cosine_schedule(optimizer, total_steps, args.lrf, warmup_steps)
+        except ValueError as err:
+            raise RunError(f"{err} (--warmup-epochs/--warmup-steps/--lrf)") from None
+        ema = ModelEma(accelerator.unwrap_model(model), args.ema_decay) if args.ema else None
 
-    final_model = ema.module if ema else unwrapped
-    if cm is None:  # nothing left to train after a resume: evaluate what the checkpoint holds
-        metrics, cm = evaluate(final_model, val_loader, accelerator, num_classes, args.channels_last)
-    # DDP keeps the replicas' weights identical: check it, so that the saved model is "the" model.
-    fingerprints = gather_object([weights_fingerprint(final_model)])
-    accelerator.end_training()
-    if not accelerator.is_main_process:
+        # 5. Resume: model, optimizer, RNG states and sampler, then scheduler, EMA, history.
+        start_epoch, step, history = 0, 0, []
+        if resume_from:
+            load_checkpoint(accelerator, resume_from, state, scheduler, ema)
+            start_epoch, step, history = state["epoch"], state["step"], state["history"]
+            say(f"resumed from {resume_from}: {start_epoch} epoch(s) and {step} optimizer steps done")
+
+        accelerator.init_trackers("effnetv2", config={k: v for k, v in settings.items()
+                                                      if isinstance(v, (int, float, str, bool))})
+        say(f"training EfficientNetV2-{resolved.variant} for {args.epochs} "
+            f"epochs: {steps_per_epoch} optimizer steps per epoch, {total_steps} in all, on "
+            f"{accelerator.num_processes} process(es) ({accelerator.device})")
+
+        # 6. Train: one epoch at a time, validating and checkpointing after each.
+        unwrapped = accelerator.unwrap_model(model)
+        stage, cm = None, None
+        for epoch in range(start_epoch, args.epochs):
+            if step >= total_steps:
+                break
+            if stage_for_epoch(plan, epoch) != stage:
+                stage = stage_for_epoch(plan, epoch)
+                train_set.set_transform(transforms_for(unwrapped, train=True, image_size=stage.image_size,
+                                                       randaugment_magnitude=stage.randaugment, scale=args.crop_scale))
+                unwrapped.head.dropout.p = stage.dropout
+                if args.progressive:
+                    say(stage.describe())
+                    accelerator.log({f"stage/{k}": v for k, v in stage.as_dict().items()}, step=step)
+            train_loader.set_epoch(epoch)
+            model.train()
+            if freeze:
+                backbone_batchnorm_eval(unwrapped)
+            started, seen, loss_sum = time.time(), 0, 0.0
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_main_process,
+                       leave=False, dynamic_ncols=True)
+            for x, y in bar:
+                with accelerator.accumulate(model):
+                    if args.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    x, targets = mix_batch(x, y, num_classes, stage.mixup, args.cutmix, args.label_smoothing)
+                    loss = soft_cross_entropy(model(x), targets)
+                    accelerator.backward(loss)
+                    if clip_grad and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                seen += len(y)
+                loss_sum += loss.item() * len(y)
+                if accelerator.sync_gradients:  # an optimizer step was taken
+                    scheduler.step()
+                    step += 1
+                    if ema:
+                        ema.update(unwrapped)
+                    accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                    if step >= total_steps:
+                        break
+            train_seconds = time.time() - started
+            totals = accelerator.reduce(torch.tensor([seen, loss_sum], device=accelerator.device, dtype=torch.float64),
+                                        "sum")
+            evaluated = ema.module if ema else unwrapped
+            if calib_loader is not None:  # a frozen backbone keeps its statistics: only the head's are redone
+                recalibrate_batchnorm(evaluated, (x.to(accelerator.device) for x, _ in calib_loader),
+                                      prefix=HEAD_PREFIX if freeze else "")
+            for replica in {id(unwrapped): unwrapped, id(evaluated): evaluated}.values():
+                average_buffers(replica, accelerator)  # BatchNorm statistics: the same on every process
+            metrics, cm = validate(ema.module if ema else model, val_loader, accelerator, num_classes, args.channels_last)
+            metrics.update(epoch=epoch + 1, step=step, lr=scheduler.get_last_lr()[0],
+                           train_loss=totals[1].item() / max(1.0, totals[0].item()), train_images=int(totals[0].item()),
+                           train_seconds=round(train_seconds, 2), epoch_seconds=round(time.time() - started, 2),
+                           images_per_second=round(totals[0].item() / train_seconds, 2), image_size=stage.image_size)
+            check_finite(metrics, epoch, args, checkpoints)  # every process sees the same loss: all stop together
+            history.append(metrics)
+            accelerator.log({f"val/{k[4:]}" if k.startswith("val_") else f"epoch/{k}": v for k, v in metrics.items()},
+                            step=step)
+            say(f"epoch {epoch + 1}/{args.epochs}: train loss {metrics['train_loss']:.4f}, val loss "
+                f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f} ({metrics['train_seconds']:.1f}s "
+                f"training, {metrics['images_per_second']} images/s, lr {metrics['lr']:.2e})")
+            save_epoch(accelerator, out, {"run_id": run_id, "data": data, "epoch": epoch + 1, "step": step,
+                                          "history": history, "scheduler": scheduler.state_dict(), "args": settings},
+                       model, optimizer, ema, args.keep_checkpoints, classes)
+
+        final_model = ema.module if ema else unwrapped
+        if cm is None:  # nothing left to train after a resume: validate what the checkpoint holds
+            metrics, cm = validate(final_model, val_loader, accelerator, num_classes, args.channels_last)
+        # DDP keeps the replicas' weights identical: check it, so that the saved model is "the" model.
+        fingerprints = gather_object([weights_fingerprint(final_model)])
+        accelerator.end_training()
+        if not accelerator.is_main_process:
+            return 0
+        in_sync = len(set(fingerprints)) == 1
+        if not in_sync:
+            say(f"warning: the {len(fingerprints)} processes ended with different weights; saving process 0's")
+
+        # 7. The Hub-ready model folder (card filled with the run), metrics and confusion matrix; the push.
+        command = published_command(argv, accelerator.num_processes)
+        summary = {"final": history[-1] if history else metrics, "history": history, "classes": classes,
+                   "train_images": len(train_samples), "val_images": len(val_samples), "optimizer_steps": step,
+                   "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+                   "processes": accelerator.num_processes, "replicas_in_sync": in_sync, "fingerprint": fingerprints[0],
+                   "saved_weights": f"EMA of the weights (decay {args.ema_decay})" if ema else "the final weights",
+                   "command": command}
+        card = card_fields(args, resolved, {**summary, "start_epoch": start_epoch, "warmup_steps": warmup_steps,
+                                            "train_image_size": (stage or plan[-1]).image_size})
+        save_run(final_model, out, args, card, summary, cm)
+        say(f"saved the model to {out} (val accuracy {summary['final']['val_accuracy']:.4f})")
+        if args.push_to_hub:
+            say(f"pushed to {push(out, args.push_to_hub, args.private, args.overwrite_card, summary['final']['val_accuracy'])}")
         return 0
-    in_sync = len(set(fingerprints)) == 1
-    if not in_sync:
-        say(f"warning: the {len(fingerprints)} processes ended with different weights; saving process 0's")
-
-    # 7. The Hub-ready model folder, metrics and confusion matrix.
-    final = history[-1] if history else metrics
-    final_model = final_model.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    final_model.head.dropout.p = final_model.dropout_rate
-    launcher = (f"accelerate launch --num_processes {accelerator.num_processes} train.py"
-                if accelerator.num_processes > 1 else "python train.py")
-    command = f"{launcher} {shlex.join(public_argv(sys.argv[1:] if argv is None else argv))}"  # no local paths
-    weights_note = f"EMA of the weights (decay {args.ema_decay})" if ema else "the final weights"
-    initial = args.weights if source.kind != "none" else "none (from scratch)"
-    model_card_kwargs = dict(
-        metrics={"accuracy": round(final["val_accuracy"], 4), "val_loss": round(final["val_loss"], 4)},
-        dataset=f"`{Path(args.data_path).name}`: {len(train_samples)} training and {len(val_samples)} validation "
-                f"images in {num_classes} classes (stratified split, --val-fraction {args.val_fraction}, seed {args.seed})",
-        base_model=source.repo_id if source.kind == "hub" else None,
-        training={"initial weights": initial, "epochs": f"{final.get('epoch', start_epoch)} of {args.epochs}",
-                  "optimizer steps": step, "optimizer": args.optimizer, "lr (cosine decay to lr*lrf)": args.lr,
-                  "lrf": args.lrf, "warmup steps": warmup_steps, "weight decay": args.weight_decay,
-                  "batch size per process": args.batch_size, "processes": accelerator.num_processes,
-                  "gradient accumulation": args.grad_accum, "mixed precision": args.mixed_precision,
-                  "frozen backbone": freeze, "label smoothing": args.label_smoothing,
-                  "gradient clipping (max L2 norm)": args.clip_grad or "off",
-                  "progressive learning": f"{args.stages} stages" if args.progressive else "off",
-                  "train image size": stage.image_size if stage else train_size, "saved weights": weights_note},
-        command=command,
-    )
-    summary = {"final": final, "history": history, "classes": classes, "train_images": len(train_samples),
-               "val_images": len(val_samples), "optimizer_steps": step, "total_steps": total_steps,
-               "steps_per_epoch": steps_per_epoch, "processes": accelerator.num_processes,
-               "replicas_in_sync": in_sync, "fingerprint": fingerprints[0], "saved_weights": weights_note,
-               "command": command}
-    try:  # every file through a temporary name: a full disk leaves the previous ones intact
-        save_model(final_model.half() if args.save_dtype == "float16" else final_model, out, model_card_kwargs)
-        with atomic_path(out / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=1))
-        plot_confusion_matrix(cm, classes, out / "confusion_matrix.png",
-                              f"validation accuracy {final['val_accuracy']:.3f}")
-    except WriteError as err:
-        say(f"error: {err}. The files already in {out} are unchanged. Free some space, then run the same command "
-            f"with --resume latest to evaluate and save the last checkpoint again.")
-        return 1
-    say(f"saved the model to {out} (val accuracy {final['val_accuracy']:.4f})")
-
-    if args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        ignore = ["checkpoints/*", "logs/*"]
-        try:
-            api = HfApi()
-            api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)
-            # a card edited on the Hub is kept unless --overwrite-card
-            upload_ignore = list(ignore) if args.overwrite_card else card_upload_patterns(
-                args.push_to_hub, ignore_patterns=list(ignore))[0]
-            api.upload_folder(repo_id=args.push_to_hub, folder_path=str(out), ignore_patterns=upload_ignore,
-                              commit_message=f"train.py: val accuracy {final['val_accuracy']:.4f}")
-        except Exception as err:  # the run is saved locally; a failed push must not lose it
-            retry = (f"python -c \"from huggingface_hub import HfApi; HfApi().upload_folder(repo_id='{args.push_to_hub}', "
-                     f"folder_path='{out}', ignore_patterns={ignore})\"")
-            say(f"error: pushing to {args.push_to_hub} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
-                f"\nEverything is saved in {out}. Log in (`hf auth login` or HF_TOKEN) if needed, then retry with:\n"
-                f"  hf upload {args.push_to_hub} {out} . --exclude 'checkpoints/*' --exclude 'logs/*'\nor\n  {retry}")
-            return 1
-        say(f"pushed to {api.endpoint}/{args.push_to_hub}")
-    return 0
+    except RunError as err:
+        say(f"error: {err}")
+        accelerator.end_training()
+        return err.status
 
 
 if __name__ == "__main__":

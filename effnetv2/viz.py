@@ -307,3 +307,32 @@ def textbook_markdown(example: dict) -> str:
     lines.append(r"Per head: $A_i = \mathrm{softmax}(Q_i K_i^T / \sqrt{d})$, $O_i = A_i V_i$; "
                  r"then $[O_1, \dots, O_h] W_O$.")
     return "\n".join(lines)
+
+
+def confusion_matrix_png(matrix: torch.Tensor, classes: list[str], title: str = "") -> bytes:
+    """The ``[C, C]`` confusion matrix (rows true, columns predicted) as PNG bytes, counts in the cells."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.7 * n, 1.6 + 0.6 * n), dpi=100)
+    ax.imshow(matrix.numpy(), cmap="Blues", vmin=0)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    top = int(matrix.max()) if matrix.numel() else 0
+    for i in range(n):
+        for j in range(n):
+            value = int(matrix[i, j])
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

@@ -20,9 +20,9 @@ from effnetv2 import EfficientNetV2
 from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.data import make_shapes_dataset
 from effnetv2.schedule import cosine_factor
-from effnetv2.training import (backbone_batchnorm_eval, build_model, check_output_dir, confusion_matrix,
-                               data_changes, data_fingerprint, freeze_backbone, prune_checkpoints, public_argv,
-                               recalibrate_batchnorm)
+from effnetv2.finetune import build_model
+from effnetv2.run_folder import check_output_dir, data_changes, data_fingerprint, prune_checkpoints, public_argv
+from effnetv2.training import backbone_batchnorm_eval, confusion_matrix, freeze_backbone, recalibrate_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effnetv2.training import confusion_matrix, list_checkpoints, mix_batch, soft_cross_entropy
+from effnetv2.run_folder import list_checkpoints
+from effnetv2.training import confusion_matrix, mix_batch, soft_cross_entropy
 
 
 def smoothed_onehot(y: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:

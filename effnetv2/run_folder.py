@@ -1,0 +1,320 @@
+"""A train.py run's folder: the output-folder check, epoch checkpoints (save, find, load, prune, the
+resume check), the data fingerprint, and writes that never leave half a file.
+
+Not to be confused with :mod:`effnetv2.checkpoint`: a model's state-dict I/O.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import read_state_dict
+from .model import EfficientNetV2
+
+CHECKPOINT_PREFIX = "epoch_"
+RUN_MARKERS = ("checkpoints", "metrics.json", "split.json")  # what every train.py run folder holds
+PATH_FLAGS = ("--data-path", "--output-dir", "--weights", "--resume")  # flags that may name local paths
+# torch.save reports a full disk as a RuntimeError ("file write failed"), safetensors as a SafetensorError
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Complete checkpoints ``folder/epoch_N`` (written atomically by train.py), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "train_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def checkpoint_run_id(checkpoint: str | Path) -> str | None:
+    """The run id stored in a checkpoint's ``train_state.json`` (None for checkpoints without one)."""
+    return json.loads((Path(checkpoint) / "train_state.json").read_text()).get("run_id")
+
+
+def prune_checkpoints(folder: str | Path, run_id: str, keep: int) -> list[Path]:
+    """Delete run ``run_id``'s checkpoints in ``folder`` but its newest ``keep`` (at least one); the
+    checkpoints of any other run are never touched. Returns the deleted folders."""
+    own = [p for p in list_checkpoints(folder) if checkpoint_run_id(p) == run_id]
+    doomed = own[:-max(1, keep)]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
+
+
+def find_resume_checkpoint(resume: str, folder: str | Path) -> tuple[Path, dict]:
+    """The checkpoint ``--resume`` names (its path, or ``"latest"`` in ``folder``) and its
+    ``train_state.json``; ``ValueError`` naming it when there is no complete checkpoint there."""
+    found = list_checkpoints(folder)
+    path = (found[-1] if found else None) if resume == "latest" else Path(resume)
+    if path is None or not (path / "train_state.json").is_file():
+        where = f"in {folder}" if path is None else f"at {path}"
+        raise ValueError(f"--resume {resume}: no complete checkpoint {where}; start without --resume")
+    return path, json.loads((path / "train_state.json").read_text())
+
+
+def load_checkpoint(accelerator, folder: str | Path, train_state: dict, scheduler, ema=None) -> None:
+    """Restore what :func:`save_checkpoint` wrote into ``folder``: the model, optimizer, random states
+    and sampler (``accelerator.load_state``; call after ``prepare``), the lr schedule and the EMA."""
+    accelerator.load_state(str(folder))
+    scheduler.load_state_dict(train_state["scheduler"])
+    if ema is not None:
+        ema.load_state_dict({**train_state["ema"], "module": read_state_dict(Path(folder) / "ema.safetensors")})
+
+
+class OutputDirError(ValueError):
+    """``--output-dir`` cannot take this run; ``reason`` says why and what to do."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"--output-dir {path} {reason}")
+        self.path, self.reason = path, reason
+
+
+def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Raise :class:`OutputDirError` unless a train.py run may write into ``path``; writes nothing.
+
+    ``path`` must be a folder, or not exist yet, in a place this user can write to. A folder that
+    already holds something (hidden entries aside) is taken only when ``resume`` (the same run goes
+    on; the checkpoint's own check follows) or when ``overwrite`` and it is a train.py run folder
+    (:func:`clear_output_dir` empties it): another run's model, card or checkpoints are never mixed
+    into this one, and a folder of other files is never deleted.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(path, "is a file: give a folder (it is created if missing)")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputDirError(path, f"cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputDirError(path, f"is not writable ({existing} is read-only for this user): choose a folder you "
+                                   f"can write to")
+    entries = sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else []
+    if not entries or resume:
+        return
+    listing = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+    if not any((path / name).exists() for name in RUN_MARKERS):
+        raise OutputDirError(path, f"is not empty ({listing}) and holds no train.py run: choose a new or empty folder")
+    if not overwrite:
+        resume_hint = "continue it with --resume latest, " if list_checkpoints(path / "checkpoints") else ""
+        raise OutputDirError(path, f"already holds a run ({listing}): {resume_hint}replace it with --overwrite "
+                                   f"(deletes everything in it), or choose another --output-dir")
+
+
+def clear_output_dir(path: str | Path) -> None:
+    """Delete everything inside ``path`` (kept itself, with its permissions), for ``--overwrite``."""
+    path = Path(path)
+    if path.is_dir():
+        for entry in path.iterdir():
+            _remove(entry)
+
+
+def data_fingerprint(root: str | Path, train: list[tuple[str, int]], val: list[tuple[str, int]]) -> dict:
+    """What a run trains on, recorded in its checkpoints for the resume check: the data folder
+    (absolute), the image counts, and a SHA-256 over every image's part (train/val), path relative to
+    ``root``, class index and size in bytes."""
+    digest = hashlib.sha256()
+    for part, samples in (("train", train), ("val", val)):
+        for path, label in samples:
+            rel = Path(os.path.relpath(path, root)).as_posix()
+            digest.update(f"{part}\0{rel}\0{label}\0{os.path.getsize(path)}\n".encode())
+    return {"path": str(Path(root).resolve()), "train_images": len(train), "val_images": len(val),
+            "sha256": digest.hexdigest()}
+
+
+def data_changes(saved: dict | None, current: dict) -> list[str]:
+    """How the data of :func:`data_fingerprint` record ``current`` differs from ``saved``, in words
+    (``"what (checkpoint vs now)"``); empty when it is the same data."""
+    if not saved:
+        return ["data (the checkpoint records none: it was written by an older train.py)"]
+    changes = [f"--data-path ({saved['path']} vs {current['path']})"] if saved["path"] != current["path"] else []
+    counts = [f"{what} ({saved[key]} vs {current[key]})" for key, what in
+              (("train_images", "training images"), ("val_images", "validation images")) if saved[key] != current[key]]
+    if saved["sha256"] != current["sha256"] and not counts:
+        counts = [f"image files (same counts, other names, classes or sizes: fingerprint {saved['sha256'][:12]} vs "
+                  f"{current['sha256'][:12]})"]
+    return changes + counts
+
+
+def resume_mismatches(state: dict, args: dict, keys: tuple[str, ...], data: dict) -> list[str]:
+    """Why the checkpoint whose ``train_state.json`` is ``state`` cannot go on with the settings
+    ``args`` (only ``keys`` are compared) and the data ``data`` (:func:`data_fingerprint`), in words."""
+    changed = [f"--{k.replace('_', '-')} ({state['args'].get(k)} vs {args.get(k)})"
+               for k in keys if state["args"].get(k) != args.get(k)]
+    return changed + data_changes(state.get("data"), data)
+
+
+def public_argv(argv: list[str]) -> list[str]:
+    """``argv`` fit to publish (the model card's command): a local path given to one of
+    :data:`PATH_FLAGS` (or an abbreviation) that is absolute, starts with ``~`` or climbs out with
+    ``..`` is shown by its last name (``/home/me/flowers`` → ``flowers``); relative paths, Hub ids,
+    ``torchvision:s`` and ``latest`` stay as given."""
+    def is_path_flag(arg: str) -> bool:
+        return len(arg) > 2 and arg.startswith("--") and any(flag.startswith(arg) for flag in PATH_FLAGS)
+
+    shown, takes_path = [], False
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if takes_path:
+            shown.append(_public_path(arg))
+        elif eq and is_path_flag(flag):
+            shown.append(f"{flag}={_public_path(value)}")
+        else:
+            shown.append(arg)
+        takes_path = not eq and is_path_flag(arg)
+    return shown
+
+
+def _public_path(value: str) -> str:
+    if os.path.isabs(value) or value.startswith("~") or ".." in Path(value).parts:
+        return Path(os.path.abspath(os.path.expanduser(value))).name or value
+    return value
+
+
+class WriteError(OSError):
+    """A file of the run could not be written, most often because the disk is full. ``path`` is what
+    was being written, ``needed`` the bytes it takes, ``free`` those left there (None: unknown)."""
+
+    def __init__(self, path: Path, reason: str, needed: int, free: int | None, out_of_space: bool):
+        self.path, self.reason, self.needed, self.free, self.out_of_space = path, reason, needed, free, out_of_space
+        if out_of_space:
+            super().__init__(f"no space left on the device for {path}: it needs about {_megabytes(needed)} and "
+                             f"{_megabytes(free)} are free there")
+        else:
+            super().__init__(f"could not write {path} ({reason})")
+
+
+def _megabytes(size: int | None) -> str:
+    return "an unknown amount" if size is None else f"{size / 2**20:.1f} MB"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def tensor_bytes(*objects) -> int:
+    """Bytes of every tensor in ``objects`` (state dicts, nested dicts, lists and tuples)."""
+    total = 0
+    for obj in objects:
+        if isinstance(obj, torch.Tensor):
+            total += obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            total += tensor_bytes(*obj.values())
+        elif isinstance(obj, (list, tuple)):
+            total += tensor_bytes(*obj)
+    return total
+
+
+def _write_error(path: Path, err: BaseException, needed: int) -> WriteError:
+    """``err``, raised while writing ``path`` (its temporary files already deleted), as a WriteError."""
+    try:
+        free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+    except OSError:
+        free = None
+    text = str(err)
+    out_of_space = (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text
+                    or "StorageFull" in text or (free is not None and free < needed))
+    return WriteError(path, f"{type(err).__name__}: {text.splitlines()[0] if text else ''}", needed, free, out_of_space)
+
+
+@contextmanager
+def _writing(tmp: Path, target: Path, needed: int) -> Iterator[None]:
+    """Start from no ``tmp``; when the block fails, delete ``tmp`` and raise write failures as
+    :class:`WriteError` naming ``target``."""
+    _remove(tmp)
+    try:
+        yield
+    except WriteError:
+        _remove(tmp)
+        raise
+    except WRITE_ERRORS as err:
+        _remove(tmp)
+        raise _write_error(target, err, needed) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextmanager
+def atomic_path(path: str | Path, needed: int = 0) -> Iterator[Path]:
+    """Write the file or folder ``path`` through a temporary sibling (``.tmp_<name>``, yielded): it
+    replaces ``path`` in one rename when the block succeeds, and is deleted when it fails, so ``path``
+    keeps its previous content. Write failures raise :class:`WriteError` (``needed``: the bytes the
+    write takes, for its message)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp_{path.name}")
+    with _writing(tmp, path, needed):
+        yield tmp
+        if path.is_dir():  # os.replace cannot replace a non-empty folder
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, folder: str | Path, train_state: dict, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, ema=None) -> None:
+    """Write the checkpoint ``folder`` (``checkpoints/epoch_N``): ``accelerator.save_state`` (model,
+    optimizer, every process's random state, sampler), the EMA weights (``ema.safetensors``, its
+    settings in ``train_state``) and ``train_state.json``.
+
+    Atomic: everything goes into ``.tmp_epoch_N``, renamed to ``epoch_N`` once complete, so a kill or
+    a full disk leaves the earlier checkpoints as they were. Every process calls it; a failure on any
+    raises :class:`WriteError` on all of them, naming ``folder``. ``model`` and ``optimizer`` size
+    the message.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp_{folder.name}")
+    if accelerator.is_main_process:
+        _remove(tmp)
+    accelerator.wait_for_everyone()
+    error = None
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            if ema is not None:
+                save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
+                train_state = {**train_state, "ema": {k: v for k, v in ema.state_dict().items() if k != "module"}}
+            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
+    except WRITE_ERRORS as err:
+        error = err
+    failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), "sum")
+    if failed.item():
+        accelerator.wait_for_everyone()  # no process is still writing into tmp
+        if accelerator.is_main_process:
+            _remove(tmp)
+        needed = tensor_bytes(model.state_dict(), optimizer.state_dict(), ema.module.state_dict() if ema else {})
+        if error is None:
+            raise WriteError(folder, "another process could not write its part", needed, None, False)
+        raise _write_error(folder, error, needed) from None
+    if accelerator.is_main_process:
+        if folder.is_dir():  # this epoch again (a resumed run): the new checkpoint replaces it
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    accelerator.wait_for_everyone()
+
+
+def save_model(model: EfficientNetV2, folder: str | Path, model_card_kwargs: dict) -> None:
+    """``model.save_pretrained(folder, model_card_kwargs=...)`` that never leaves a half-written model:
+    config.json, model.safetensors and README.md are written into a temporary folder, then each moved
+    over the old file in one rename. On a write failure the previous files stay as they were and
+    :class:`WriteError` names ``folder``."""
+    folder = Path(folder)
+    tmp = folder / ".tmp_model"
+    with _writing(tmp, folder, tensor_bytes(model.state_dict())):
+        model.save_pretrained(tmp, model_card_kwargs=model_card_kwargs)
+        for file in sorted(tmp.iterdir()):
+            os.replace(file, folder / file.name)
+        tmp.rmdir()
