@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # app.py and tests/app_server.py are scripts, not in the package
 import app  # noqa: E402
 from app_server import mixed_load, percentile, running_app  # noqa: E402
 from effnetv2.inference import Predictor  # noqa: E402

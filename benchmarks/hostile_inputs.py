@@ -8,7 +8,8 @@ upload; each is loaded in a fresh subprocess. Printed per case: the seconds from
 (imports excluded), the child's peak RSS (``VmHWM``, Linux; imports included: the first row,
 ``baseline``, loads a good b0 folder), and the start of the error.
 The goal: every hostile case fails in under 2 s with a message naming the file and the key, and
-peak RSS stays under 1 GB. Set PYTHONPATH to measure another checkout of effnetv2.
+peak RSS stays under 1 GB. Measures the installed effnetv2 (`pip install -e .`); set PYTHONPATH to measure
+another checkout.
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import json, sys, time
@@ -50,7 +49,6 @@ def write_header_bomb(path: Path, count: int) -> None:
 
 def make_cases(root: Path) -> dict[str, Path]:
     """Folder per case: a good b0 model, then config.json / weights edits of it."""
-    sys.path.insert(0, str(ROOT))
     from effnetv2 import EfficientNetV2
 
     good = root / "baseline"
@@ -84,8 +82,7 @@ def make_cases(root: Path) -> dict[str, Path]:
 
 def run_case(folder: Path) -> tuple[float, float, str]:
     """(seconds in from_pretrained, peak RSS in MB, outcome) of a fresh interpreter loading ``folder``."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(folder)], capture_output=True, text=True, env=env,
                           cwd=folder)  # not the repo: "-c" puts the working folder first on sys.path
     lines = proc.stdout.strip().splitlines()

@@ -20,17 +20,15 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from effnetv2 import EfficientNetV2  # noqa: E402
-from effnetv2.export import relative_error  # noqa: E402
-from effnetv2.fuse import optimize_for_inference  # noqa: E402
-from effnetv2.inference import Predictor  # noqa: E402
+from effnetv2 import EfficientNetV2
+from effnetv2.export import relative_error
+from effnetv2.fuse import optimize_for_inference
+from effnetv2.inference import Predictor
 
 CPU_PATHS = ("reference", "eager", "fused", "onnxruntime", "openvino")
 GPU_PATHS = ("reference", "eager", "fused")

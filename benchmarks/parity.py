@@ -10,14 +10,11 @@ Nothing is downloaded. The same check, with a 1e-4-of-scale tolerance, is in tes
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from effnetv2 import convert  # noqa: E402
+from effnetv2 import convert
 
 
 @torch.no_grad()

@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from effnetv2 import EfficientNetV2  # noqa: E402
-from effnetv2.data import make_shapes_dataset  # noqa: E402
-from effnetv2.training import backbone_batchnorm_eval, freeze_backbone  # noqa: E402
+from effnetv2 import EfficientNetV2
+from effnetv2.data import make_shapes_dataset
+from effnetv2.training import backbone_batchnorm_eval, freeze_backbone
 
 NUM_CLASSES = 5
 

@@ -79,7 +79,6 @@ def worker(name: str) -> None:
     """In the child process: run one measure and print its rows as JSON on the last line."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory() as tmp:
         rows = MEASURES[name](Path(tmp))
     print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
@@ -87,8 +86,7 @@ def worker(name: str) -> None:
 
 
 def run_cell(name: str, seed: int, threads: str, cpu: str) -> dict:
-    env = {**os.environ, **CPUS[cpu], "EFFNETV2_TEST_SEED": str(seed), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **CPUS[cpu], "EFFNETV2_TEST_SEED": str(seed), "HF_HUB_OFFLINE": "1"}
     env.pop("OMP_NUM_THREADS", None)
     if threads != "default":
         env["OMP_NUM_THREADS"] = threads

@@ -24,7 +24,7 @@ def test_random_init_with_options():
     model = torch.hub.load(REPO, "efficientnetv2_b0", source="local", num_classes=5)
     assert isinstance(model, EfficientNetV2) and model.variant == "b0" and model.num_classes == 5
     assert sum(p.numel() for p in torch.hub.load(REPO, "efficientnetv2", source="local", variant="b0").parameters()) \
-        == 7_139_704  # SPEC's parameter count for b0 with 1000 classes
+        == 7_139_704  # timm's tf_efficientnetv2_b0 with 1000 classes
 
 
 def test_weights_from_a_saved_folder(tmp_path):

@@ -7,7 +7,8 @@ from effnetv2 import VARIANTS, EfficientNetV2
 from effnetv2.configs import round_channels
 from effnetv2.layers import Conv2dSame, FusedMBConv, MBConv, drop_path
 
-# SPEC §2: equal to timm's tf_efficientnetv2_* and torchvision's efficientnet_v2_{s,m,l}.
+# With 1000 classes: the parameter counts of timm's tf_efficientnetv2_{b0..b3,s,m,l,xl} and of torchvision's
+# EfficientNet_V2_{S,M,L}_Weights.IMAGENET1K_V1.meta["num_params"] (the same architecture, counted by them).
 PARAM_COUNTS = {"b0": 7_139_704, "b1": 8_141_052, "b2": 10_096_086, "b3": 14_358_406,
                 "s": 21_458_488, "m": 54_139_356, "l": 118_515_272, "xl": 208_119_808}
 

@@ -89,3 +89,27 @@ def test_card_template_ships_as_a_real_file_equal_to_the_repo_one():
     from effnetv2 import card
 
     assert card.MODEL_CARD_TEMPLATE == packaged.read_text(encoding="utf-8")
+
+
+def test_version_comes_from_the_package_metadata(monkeypatch):
+    import importlib
+    import importlib.metadata
+
+    import effnetv2
+
+    try:
+        installed = importlib.metadata.version("effnetv2")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed is not None:  # pip install -e . (the benchmarks need it)
+        assert installed == PYPROJECT["project"]["version"] == effnetv2.__version__
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    try:
+        assert importlib.reload(effnetv2).__version__ == "0+unknown"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(effnetv2)
