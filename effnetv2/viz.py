@@ -167,29 +167,6 @@ def attribution_gallery(view: Image.Image, shares: torch.Tensor, label: str,
     return out
 
 
-def compose_grid(images: list[Image.Image], cols: int | None = None, captions: list[str] | None = None,
-                 pad: int = 6, background: str = "white") -> Image.Image:
-    """Tile ``images`` (any sizes) row by row into one picture, ``cols`` per row (default: about
-    square), each in a cell as large as the largest image, with an optional caption under each."""
-    if not images:
-        raise ValueError("compose_grid needs at least one image")
-    if captions is not None and len(captions) != len(images):
-        raise ValueError(f"got {len(captions)} captions for {len(images)} images")
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    cell_w = max(image.width for image in images)
-    cell_h = max(image.height for image in images) + (14 if captions else 0)
-    canvas = Image.new("RGB", (cols * cell_w + (cols + 1) * pad, rows * cell_h + (rows + 1) * pad), background)
-    draw = ImageDraw.Draw(canvas)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        x, y = pad + c * (cell_w + pad), pad + r * (cell_h + pad)
-        canvas.paste(image.convert("RGB"), (x, y))
-        if captions:
-            draw.text((x, y + image.height + 2), captions[i], fill="black")
-    return canvas
-
-
 def grid_image(view: Image.Image, grid: tuple[int, int], cell: tuple[int, int] | None = None) -> Image.Image:
     """``view`` with the feature grid drawn on it and the query ``cell`` outlined (the cells are those
     of :func:`cell_from_click`)."""

@@ -82,18 +82,6 @@ def test_head_gallery_has_each_head_and_the_mean():
     assert sum(shared[1][0].getpixel((10, 10))) < sum(gallery[1][0].getpixel((10, 10)))  # 1/6 of the top
 
 
-def test_compose_grid_tiles_images_with_captions():
-    images = [Image.new("RGB", (30, 20), colour) for colour in ("red", "green", "blue")]
-    sheet = viz.compose_grid(images, cols=2, captions=["a", "b", "c"], pad=5)
-    assert sheet.size == (2 * 30 + 3 * 5, 2 * (20 + 14) + 3 * 5)
-    assert sheet.getpixel((5, 5)) == (255, 0, 0)
-    assert sheet.getpixel((5 + 30 + 5, 5)) == (0, 128, 0)
-    assert sheet.getpixel((5, 5 + 34 + 5)) == (0, 0, 255)
-    assert viz.compose_grid(images).size[0] == 2 * 30 + 3 * 6  # about square: 2 columns for 3
-    with pytest.raises(ValueError, match="2 captions for 3 images"):
-        viz.compose_grid(images, captions=["a", "b"])
-
-
 def test_click_to_cell_on_non_square_grids():
     # 90 x 60 image, 2 rows x 3 columns: each cell is 30 x 30 pixels
     assert viz.cell_from_click((0, 0), (90, 60), (2, 3)) == (0, 0)
