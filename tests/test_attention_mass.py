@@ -5,7 +5,7 @@ no colour or global statistic gives the class away; each image's object box is i
 The features: the bundled model's frozen backbone (``forward_features``, a 4x4 grid at 128 px),
 computed once. The pool: a new ``AttentionPool2d`` (4 heads, 64 channels) and linear classifier,
 trained for 100 AdamW steps on 150 images, from three initialisations. The measure,
-``viz.attention_mass_in_box`` on 100 held-out images, gives a uniform map exactly the box's share of
+``evaluate.attention_mass_in_box`` on 100 held-out images, gives a uniform map exactly the box's share of
 the image area: the untrained pools put that share in the box, the trained ones two to three times more.
 
 Why not a whole network from scratch: it needs thousands of steps to tell shapes apart, and on a task
@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from effnetv2 import EfficientNetV2, transforms_for
 from effnetv2.attention import AttentionPool2d
 from effnetv2.data import make_shapes_dataset
-from effnetv2.evaluate import box_in_view
+from effnetv2.evaluate import attention_mass_in_box, box_in_view
 from effnetv2.images import open_image
-from effnetv2.evaluate import attention_mass_in_box
 
 BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "model"
 SEED = int(os.environ.get("EFFNETV2_TEST_SEED", "0"))

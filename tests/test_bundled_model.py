@@ -8,7 +8,8 @@ import pytest
 
 from effnetv2 import EfficientNetV2
 from effnetv2.data import make_shapes_dataset
-from effnetv2.evaluate import CARD_BEGIN, CARD_END, evaluate
+from effnetv2.card import CARD_BEGIN, CARD_END
+from effnetv2.evaluate import evaluate
 
 BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "model"
 SEED = int(os.environ.get("EFFNETV2_TEST_SEED", "0"))  # benchmarks/training_test_margins.py varies it
