@@ -58,13 +58,17 @@ CONCURRENCY = 2              # requests of that group computed at once: one requ
 QUEUE_SIZE = 64              # requests waiting beyond that are turned away with a message
 PLAYGROUND = {"tokens": (1, 64), "width": (1, 4096), "heads": (1, 64), "seed": (0, 2**32 - 1)}  # inclusive
 VIEW_PX = 320                # the clickable grid picture: what the model sees, drawn at this size
-MAP_PX = 192                 # each map of a gallery: five in a row at 1280 px keep labels >= 10 px
+MAP_PX = 176                 # each map of a gallery: five in a row at 1280 px keep labels >= 10 px
 UNSURE_BELOW = 0.8           # a top probability under this gets "this model knows only ...":
                              # benchmarks/ood_threshold.py, bundled model: 3.4% of 500 shapes of an unseen
                              # seed fall under it, and 100% of noise, 77% of smooth colour fields, both photos
 ATTENTION, ATTRIBUTION, GRADCAM = "attention", "attribution", "gradcam"  # the tab's views
-PREDICTED = ""
-MCP_AVAILABLE = importlib.util.find_spec("mcp") is not None  # Gradio's `mcp` extra: serve the API as MCP tools               # the class selector's "the predicted class"
+PREDICTED = ""               # the class selector's "the predicted class"
+LEGENDS = {ATTENTION: "Each head's attention weights over the image (each map sums to 1; its own scale).",
+           ATTRIBUTION: "What each head adds to the class score, cell by cell: red pushes towards the class, "
+                        "blue against (one colour scale for all).",
+           GRADCAM: "Grad-CAM (left) against the class attribution of all heads (right): drag the slider."}
+MCP_AVAILABLE = importlib.util.find_spec("mcp") is not None  # Gradio's `mcp` extra: serve the API as MCP tools
 POOLED, CELL = "pooled", "cell"
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 
@@ -219,7 +223,8 @@ def explain(predictor: Predictor, image, class_name: str | None = PREDICTED):
     heads = [f"head {i + 1}" for i in range(len(shares))] if len(shares) > 1 else ["all cells"]
     totals = bar_chart(heads, shares.sum((1, 2)).tolist(), "head", "contribution")
     random_auc = float(aucs[-1])
-    rows = [f"| {kind} | {float(auc):.3f} | {attribution.deletion_summary(curve, label)} |"
+    quarter = max(1, curves.shape[-1] // 4)  # a quarter of the cells: a tenth of a small grid changes little
+    rows = [f"| {kind} | {float(auc):.3f} | {attribution.deletion_summary(curve, label, quarter)} |"
             for kind, auc, curve in zip(kinds, aucs, curves)]
     choice = "predicted" if target == int(probs.argmax()) else f"chosen; predicted: {labels[int(probs.argmax())]}"
     note = unsure_note(float(probs.max()), labels)
@@ -324,7 +329,12 @@ def as_files(outputs):
 
 SOURCES = ["upload", "webcam", "clipboard"]
 CSS = """
-#head-gallery .caption-label, #attribution-gallery .caption-label {white-space: normal; max-width: 100%;}
+#head-gallery .gallery-item, #attribution-gallery .gallery-item {height: auto !important;}
+#head-gallery .thumbnail-item, #attribution-gallery .thumbnail-item {aspect-ratio: auto !important;
+  height: auto !important; display: flex; flex-direction: column;}
+#head-gallery .caption-label, #attribution-gallery .caption-label {position: static !important;
+  white-space: normal; max-width: 100%; border: none;}
+#head-gallery img, #attribution-gallery img {object-fit: contain !important; height: auto !important;}
 """
 
 
@@ -336,13 +346,12 @@ def named(name: str):
     return rename
 
 
-def examples(image: gr.Image, then) -> None:
-    """The example images under ``image``, shapes and photos apart; a click loads one and then runs
-    ``then(image.load_event)`` (gr.Examples(fn=...) cannot join a concurrency group)."""
-    for label, paths in (("Shapes: what the bundled model knows", [p for p in EXAMPLES if p not in PHOTOS]),
-                         ("Photos: outside the bundled model's five shapes", PHOTOS)):
-        if paths:
-            then(gr.Examples(paths, inputs=image, label=label).load_input_event)
+def examples(image: gr.Image) -> list:
+    """The example images under ``image``, shapes and photos apart; returns their load events, to chain
+    the computing step on (gr.Examples(fn=...) cannot join a concurrency group)."""
+    sets = (("Shapes: what the bundled model knows", [p for p in EXAMPLES if p not in PHOTOS]),
+            ("Photos: outside the bundled model's five shapes", PHOTOS))
+    return [gr.Examples(paths, inputs=image, label=label).load_input_event for label, paths in sets if paths]
 
 
 def classify_tab(predictor: Predictor) -> gr.Image:
@@ -371,8 +380,8 @@ def classify_tab(predictor: Predictor) -> gr.Image:
             labels = gr.Label(num_top_classes=TOP_K, label=f"Top {TOP_K}", elem_id="classify-label")
             warning = gr.Markdown(elem_id="classify-note")
     button.click(run_classify, image, labels, api_name="classify", preprocess=False, concurrency_id=COMPUTE)
-    examples(image, lambda event: event.then(run_classify, image, labels, preprocess=False,
-                                             concurrency_id=COMPUTE, api_visibility="private"))
+    for loaded in examples(image):
+        loaded.then(run_classify, image, labels, preprocess=False, concurrency_id=COMPUTE, api_visibility="private")
     labels.change(note, labels, warning, queue=False, api_visibility="private")
     return image
 
@@ -422,7 +431,7 @@ def attention_tab(predictor: Predictor) -> gr.Image:
         return as_files(gallery), totals, faithfulness, as_files(pair), label
 
     def show_view(view):
-        return [gr.update(visible=view == name) for name in (ATTENTION, ATTRIBUTION, GRADCAM)]
+        return LEGENDS[view], *(gr.update(visible=view == name) for name in (ATTENTION, ATTRIBUTION, GRADCAM))
 
     def name_views(label, view):
         return gr.Radio(choices=view_choices(label), value=view)
@@ -438,19 +447,23 @@ def attention_tab(predictor: Predictor) -> gr.Image:
                                  value=PREDICTED, label="Why this class?", elem_id="class-choice")
             view = gr.Radio(view_choices(), value=ATTRIBUTION, label="View", elem_id="view-choice")
             button = gr.Button("Explain", variant="primary", elem_id="attention-button")
+            example_loads = examples(image)
         with gr.Column(scale=3):
-            heads = gr.Gallery(label="Attention of each head, and their mean", columns=5, format="png",
-                               object_fit="contain", height="auto", elem_id="head-gallery", visible=False)
-            shares = gr.Gallery(label="What each head adds to the class (red: towards, blue: against)",
-                                columns=5, format="png", object_fit="contain", height="auto",
-                                elem_id="attribution-gallery")
+            legend = gr.Markdown(LEGENDS[ATTRIBUTION], elem_id="view-legend")
+            gallery = dict(columns=5, format="png", object_fit="contain", height=360, show_label=False,
+                           buttons=["fullscreen"])
+            heads = gr.Gallery(label="Attention of each head, and their mean", elem_id="head-gallery",
+                               visible=False, **gallery)
+            shares = gr.Gallery(label="What each head adds to the class", elem_id="attribution-gallery", **gallery)
             slider = gr.ImageSlider(label="Grad-CAM (left) against the class attribution of all heads (right)",
                                     type="filepath", format="png", elem_id="gradcam-slider", visible=False,
-                                    max_height=400)
+                                    max_height=360, show_label=False)
             with gr.Row():
-                faithfulness = gr.Markdown(elem_id="faithfulness")
-                totals = gr.BarPlot(x="head", y="contribution", label="Each head's total contribution",
-                                    height=220, elem_id="head-totals", sort=None)
+                with gr.Column(scale=3):
+                    faithfulness = gr.Markdown(elem_id="faithfulness")
+                with gr.Column(scale=2):
+                    totals = gr.BarPlot(x="head", y="contribution", label="Each head's total contribution",
+                                        height=220, elem_id="head-totals", sort=None)
     explained = gr.State()
     with gr.Accordion("How the attention is computed: query cell, score matrix, maths", open=True):
         gr.Markdown(intro_text(predictor.model), latex_delimiters=LATEX)
@@ -462,11 +475,13 @@ def attention_tab(predictor: Predictor) -> gr.Image:
                 with gr.Row(visible=False) as cell_inputs:
                     row = gr.Number(0, label="row", precision=0, minimum=0, elem_id="query-row")
                     col = gr.Number(0, label="column", precision=0, minimum=0, elem_id="query-col")
-                grid_view = gr.Image(label="What the model sees, and its feature grid: click a cell",
-                                     type="filepath", format="png", interactive=False, elem_id="grid-view")
+                gr.Markdown("**What the model sees, and its feature grid**: click a cell")
+                grid_view = gr.Image(show_label=False, type="filepath", format="png", interactive=False,
+                                     elem_id="grid-view", buttons=[])
             with gr.Column(scale=1):
                 gr.Markdown("**Query-by-key weights** (mean over heads)")
-                matrix = gr.Image(show_label=False, format="png", interactive=False, elem_id="score-matrix")
+                matrix = gr.Image(show_label=False, format="png", interactive=False, elem_id="score-matrix",
+                                  buttons=[])
             maths = gr.Markdown(latex_delimiters=LATEX, elem_id="maths")
 
     att_outputs = [heads, matrix, maths, grid_view]
@@ -482,16 +497,15 @@ def attention_tab(predictor: Predictor) -> gr.Image:
                          preprocess=False, concurrency_id=COMPUTE)
     then_explain(button.click(run_attention, [image, query, row, col], att_outputs, api_name="attention",
                               preprocess=False, concurrency_id=COMPUTE))
-    view.change(show_view, view, [heads, shares, slider], queue=False, api_visibility="private")
+    view.change(show_view, view, [legend, heads, shares, slider], queue=False, api_visibility="private")
     query.change(lambda q: gr.Row(visible=q == CELL), query, cell_inputs, queue=False,
                  api_visibility="private")
     grid_view.select(pick, None, [query, row, col], api_visibility="private").then(
         run_attention, [image, query, row, col], att_outputs, preprocess=False,
         concurrency_id=COMPUTE, api_visibility="private")
-    with gr.Row():
-        examples(image, lambda event: then_explain(event.then(
-            run_attention_example, image, att_outputs + [query], preprocess=False,
-            concurrency_id=COMPUTE, api_visibility="private")))
+    for loaded in example_loads:
+        then_explain(loaded.then(run_attention_example, image, att_outputs + [query], preprocess=False,
+                                 concurrency_id=COMPUTE, api_visibility="private"))
     return image
 
 

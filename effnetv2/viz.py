@@ -90,7 +90,7 @@ def overlay(image: Image.Image, attn, alpha: float = 0.55, vmax: float | None = 
     return Image.blend(image.convert("RGB"), heat, alpha)
 
 
-TICK_FONT_PX = 14  # colour-bar labels: still >= 10 px when a gallery shows the picture at 3/4 size
+TICK_FONT_PX = 16  # colour-bar labels: still >= 10 px when a gallery shows the picture at 2/3 size
 
 
 def colorbar(height: int, vmin: float, vmax: float, width: int = 14, cmap: str = "inferno",
@@ -99,7 +99,8 @@ def colorbar(height: int, vmin: float, vmax: float, width: int = 14, cmap: str =
     with ``ticks`` evenly spaced labelled values (same colour map as :func:`heatmap`)."""
     font = ImageFont.load_default(size=TICK_FONT_PX)
     fracs = [i / max(ticks - 1, 1) for i in range(ticks)]  # 0 at the top
-    labels = [f"{vmax - frac * (vmax - vmin):.3g}" for frac in fracs]
+    values = [vmax - frac * (vmax - vmin) for frac in fracs]
+    labels = [f"{0.0 if abs(v) < 1e-9 * max(abs(vmin), abs(vmax)) else v:.3g}" for v in values]  # no "-0"
     label_w = max(round(font.getlength(label)) for label in labels) + 2
     ramp = colormap(np.linspace(1, 0, height)[:, None].repeat(width, 1), cmap)
     bar = Image.new("RGB", (width + 5 + label_w, height), "white")
