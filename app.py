@@ -604,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError) as err:  # the library's messages say what to do
         print(f"error: --model {args.model}: {err}", file=sys.stderr)
         return 2
+    global demo  # what `gradio app.py` (reload mode) swaps in when this file runs again
     demo = build_demo(predictor, header)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
                 max_file_size=MAX_FILE_SIZE, footer_links=["api"], css=CSS,

@@ -5,10 +5,11 @@
     python benchmarks/app_latency.py --model ./my-model --image cat.jpg --clients 0
 
 Starts `python app.py` on a free loopback port (offline), then prints p50 / p95 of:
-1. /classify and /attention called one at a time through gradio_client (upload, queue, handler,
+1. /classify, /attention and /explain called one at a time through gradio_client (upload, queue, handler,
    answer, pictures downloaded);
 2. the same work without the server: the eager forward, the Predictor's forward (the app's
-   runtime), and `app.attention` (forward, walk-through, pictures) on the same image;
+   runtime), `app.attention` (forward, walk-through, pictures) and `app.explain` (attribution,
+   Grad-CAM, four deletion curves, pictures) on the same image;
 3. `--clients` users at once, each making `--calls-each` calls alternating /classify and /attention
    over the example images (the test suite's mixed load), with the throughput and the error count.
 """
@@ -70,11 +71,15 @@ def main(argv: list[str] | None = None) -> None:
             report("/attention through gradio_client", timings(
                 lambda: client.predict(handle_file(args.image), app.POOLED, 0, 0, api_name="/attention"),
                 args.repeats))
+            report("/explain through gradio_client", timings(
+                lambda: client.predict(handle_file(args.image), "", api_name="/explain"), args.repeats))
             with torch.inference_mode():
                 report("bare forward, eager PyTorch", timings(lambda: model(x), args.repeats))
                 report(f"bare forward, Predictor ({predictor.backend})", timings(lambda: predictor(x), args.repeats))
             report("app.attention in-process (no server)", timings(
                 lambda: app.as_files(app.attention(predictor, args.image)), args.repeats))
+            report("app.explain in-process (no server)", timings(
+                lambda: app.as_files(app.explain(predictor, args.image)), args.repeats))
             if args.clients:
                 start = time.perf_counter()
                 calls = mixed_load(url, app.EXAMPLES, args.clients, args.calls_each, tmp / "load")

@@ -135,9 +135,16 @@ def test_score_matrix_is_the_mean_over_heads_with_the_query_row_outlined():
     weights = torch.zeros(2, 6, 6)
     weights[0, :, 4] = 1.0  # head 1: every query looks at key 4
     weights[1] = torch.eye(6)  # head 2: every query looks at itself
-    picture = viz.score_matrix_image(weights, query=(1, 0), grid=(2, 3))  # cell (1, 0) of a 2x3 grid = row 3
+    labelled = viz.score_matrix_image(weights, query=(1, 0), grid=(2, 3))  # cell (1, 0) of a 2x3 grid = row 3
     cell_px = 48  # 384 // 6 entries, capped at 48
-    assert picture.height == 6 * cell_px
+    top = labelled.height - 6 * cell_px  # tick labels above the columns and left of the rows
+    left = int(np.argmax(np.all(np.asarray(labelled)[top + 3 * cell_px] == (0, 255, 255), axis=-1)))
+    assert top >= viz.TICK_FONT_PX and left >= viz.TICK_FONT_PX
+    margin = _brightness(labelled)
+    for row in range(6):  # each row's label is dark text in the left margin, beside its row
+        assert margin[top + row * cell_px + 8: top + (row + 1) * cell_px - 8, :left].min() < 300
+    assert margin[top - viz.TICK_FONT_PX - 2: top, left: left + cell_px].min() < 300  # the first column's
+    picture = labelled.crop((left, top, labelled.width, labelled.height))
     mean = np.zeros((6, 6))  # worked out by hand: 1 at (4, 4), 0.5 on the rest of column 4 and the diagonal
     mean[:, 4] += 0.5
     mean[np.arange(6), np.arange(6)] += 0.5
