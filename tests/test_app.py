@@ -325,7 +325,7 @@ def test_photo_examples_are_marked_apart_from_the_shapes(loaded):
 def test_module_level_demo_is_built_on_first_use_from_the_environment(model_dir, monkeypatch):
     """`gradio app.py` reads ``app.demo``: the model of $EFFNETV2_MODEL; importing app builds nothing."""
     app.default_demo.cache_clear()
-    monkeypatch.delattr(app, "demo", raising=False)  # the one `app.main` sets
+    monkeypatch.delitem(vars(app), "demo", raising=False)  # the one `app.main` sets
     monkeypatch.setenv("EFFNETV2_MODEL", str(model_dir))
     try:
         assert app.default_demo.cache_info().currsize == 0
