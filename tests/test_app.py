@@ -21,7 +21,7 @@ from PIL import Image
 
 import app
 from app_server import free_port
-from effnetv2 import EfficientNetV2, transforms_for, viz
+from effnetv2 import EfficientNetV2, explain, transforms_for, viz
 
 LABELS = ["circle", "hexagon", "square", "star", "triangle", "ring", "cross"]
 HEADS, WIDTH, SIZE = 4, 64, 64
@@ -243,6 +243,12 @@ def test_explain_splits_the_class_logit_among_the_heads(predictor, model_dir, ph
     assert [row[0] for row in rows] == ["class attribution", "attention (mean of heads)", "Grad-CAM", "random map"]
     for _, auc, before, after in rows:
         assert 0 <= float(auc) <= 1 and float(before) == pytest.approx(prob, abs=0.006)
+    x = transforms_for(model)(Image.open(photo).convert("RGB"))[None]  # each row measures its own map
+    own = {"class attribution": explain.class_attribution(model, x, target),
+           "attention (mean of heads)": model.attention_maps(x).detach(), "Grad-CAM": explain.gradcam(model, x, target)}
+    for kind, auc, _, _ in rows[:3]:
+        assert float(auc) == pytest.approx(float(explain.deletion_auc(model, x, own[kind], target)), abs=6e-4), kind
+    assert rows[3][1] != rows[0][1]  # the random map is not the attribution
 
 
 def test_explain_refuses_an_unknown_class_naming_the_classes(predictor, photo):
