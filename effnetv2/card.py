@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import filter_repo_objects
 
 if TYPE_CHECKING:
@@ -48,14 +48,23 @@ def _labels_text(id2label: dict[str, str], limit: int = 20) -> str:
 def generate_model_card(model: "EfficientNetV2", repo_id: str | None = None, metrics: dict | None = None,
                         dataset: str | None = None, datasets: list | None = None,
                         base_model: str | None = None, training: dict | None = None,
-                        command: str | None = None, notes: str | None = None, **extra: Any) -> ModelCard:
+                        command: str | None = None, notes: str | None = None,
+                        dataset_name: str | None = None, dataset_split: str = "validation",
+                        **extra: Any) -> ModelCard:
     """The model card (README.md) rendered from ``model_card.md`` with the model's real metadata.
 
     ``metrics`` ({name: value}), ``dataset``/``datasets``, ``base_model``, ``training`` (settings)
-    and ``command`` (to reproduce) fill the optional sections and the YAML front matter.
+    and ``command`` (to reproduce) fill the optional sections and the YAML front matter. With
+    ``dataset_name``, the accuracy in ``metrics`` also goes into the YAML's ``model-index`` (task,
+    dataset name and split, metric), so the Hub shows it; ``base_model`` marks the model a fine-tune.
     """
     cfg = model.config
     info = model._hub_mixin_info
+    eval_results = None
+    if dataset_name and metrics and "accuracy" in metrics:
+        eval_results = [EvalResult(task_type="image-classification", dataset_type=dataset_name,
+                                   dataset_name=dataset_name, dataset_split=dataset_split,
+                                   metric_type="accuracy", metric_value=float(metrics["accuracy"]))]
     card_data = ModelCardData(
         library_name=info.model_card_data.library_name,
         license=info.model_card_data.license,
@@ -63,7 +72,10 @@ def generate_model_card(model: "EfficientNetV2", repo_id: str | None = None, met
         tags=list(info.model_card_data.tags or []) + [f"efficientnetv2-{model.variant}"],
         datasets=datasets,
         base_model=base_model,
+        base_model_relation="finetune" if base_model else None,
         metrics=sorted(metrics) if metrics else None,
+        model_name=(repo_id or f"efficientnetv2-{model.variant}") if eval_results else None,
+        eval_results=eval_results,
     )
     size = cfg["image_size"]
     return ModelCard.from_template(

@@ -13,3 +13,26 @@ def test_card_section_is_inserted_once(tmp_path):
     text = card.read_text()
     assert text.count(CARD_BEGIN) == 1 and "| accuracy | 0.9800 |" in text
     assert text.index(CARD_BEGIN) < text.index("## Architecture")
+
+
+def test_model_index_carries_the_measured_accuracy_and_validates(tmp_path):
+    """The YAML front matter as the Hub reads it: huggingface_hub parses model-index back into
+    EvalResult objects (and would raise on a malformed one)."""
+    from huggingface_hub import ModelCard
+
+    from effnetv2 import EfficientNetV2
+    from effnetv2.card import generate_model_card
+
+    model = EfficientNetV2("b0", num_classes=3, id2label={0: "a", 1: "b", 2: "c"})
+    card = generate_model_card(model, repo_id="org/flowers", metrics={"accuracy": 0.9123, "val_loss": 0.3},
+                               dataset_name="flower_photos", base_model="org/base")
+    (tmp_path / "README.md").write_text(str(card))
+    data = ModelCard.load(tmp_path / "README.md").data
+    [result] = data.eval_results
+    assert (result.task_type, result.dataset_name, result.dataset_split) == ("image-classification", "flower_photos",
+                                                                            "validation")
+    assert (result.metric_type, result.metric_value) == ("accuracy", 0.9123)
+    assert data.model_name == "org/flowers" and data.base_model == "org/base"
+    assert data.to_dict()["base_model_relation"] == "finetune"
+    plain = ModelCard(str(generate_model_card(model))).data  # nothing measured: no model-index, no relation
+    assert plain.eval_results is None and "base_model_relation" not in plain.to_dict()
