@@ -154,3 +154,17 @@ def update_card(card: Path, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     card.write_text(text, encoding="utf-8")
+
+
+def record_eval_result(card: Path, dataset_name: str, split: str, accuracy: float) -> None:
+    """Put ``accuracy`` on ``dataset_name``/``split`` into the ``model-index`` of the card at ``card``
+    (replacing an earlier figure for the same dataset and split), so the Hub shows it."""
+    model_card = ModelCard.load(card)
+    kept = [r for r in (model_card.data.eval_results or [])
+            if not (r.dataset_name == dataset_name and r.dataset_split == split and r.metric_type == "accuracy")]
+    model_card.data.eval_results = kept + [EvalResult(
+        task_type="image-classification", dataset_type=dataset_name, dataset_name=dataset_name,
+        dataset_split=split, metric_type="accuracy", metric_value=float(accuracy))]
+    model_card.data.model_name = model_card.data.model_name or Path(card).parent.name
+    model_card.save(card)
+

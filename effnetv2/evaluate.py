@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .card import card_section, update_card
+from .card import card_section, record_eval_result, update_card
 from .explain import class_attribution, deletion_auc, gradcam, insertion_auc
 from .images import open_image
 from .sources import load_model
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--update-card: {card} does not exist (is --model a local folder?)")
         command = "python -m effnetv2.evaluate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         update_card(card, card_section(result, args.data, command))
+        record_eval_result(card, args.data.name, "test", result["accuracy"])
     return 0
 
 

@@ -113,6 +113,11 @@ def test_command_line_prints_writes_json_and_updates_the_card(shapes, tmp_path, 
     attribution = written["maps"]["class attribution"]
     assert (f"| class attribution | {attribution['deletion_auc']:.3f} | {attribution['insertion_auc']:.3f} | "
             f"{attribution['mass_in_box']:.3f} |") in card
+    from huggingface_hub import ModelCard
+
+    [recorded] = ModelCard.load(folder / "README.md").data.eval_results  # model-index, for the Hub
+    assert (recorded.dataset_name, recorded.dataset_split, recorded.metric_type) == (shapes.name, "test", "accuracy")
+    assert recorded.metric_value == written["accuracy"]
     with pytest.raises(SystemExit):  # a folder without annotations.json is a usage error
         main(["--model", str(folder), "--data", str(tmp_path)])
     assert "has no annotations.json" in capsys.readouterr().err
