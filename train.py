@@ -170,6 +170,19 @@ class RunError(Exception):
         self.status = status
 
 
+def check_setup(args: argparse.Namespace, accelerator: Accelerator, out: Path) -> None:
+    """RunError for fp16 on the CPU and for an output folder that is a file, read-only or another run's."""
+    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate autocasts to fp16 only on accelerators: on the CPU the run would be float32, silently
+        raise RunError("--mixed-precision fp16 needs a GPU; on the CPU it would train in float32. Use "
+                       "--mixed-precision bf16 (CPUs autocast to bfloat16) or leave it off")
+    try:
+        check_output_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
+    except OutputDirError as err:
+        raise RunError(str(err)) from None
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes there
+
+
 def load_data(args: argparse.Namespace, accelerator: Accelerator):
     """(train samples, validation samples, class names): the folder scanned, unreadable files dropped
     (and reported), split; every data error is a RunError before any training starts."""
@@ -237,6 +250,8 @@ def make_model(args: argparse.Namespace, classes: list[str]) -> tuple[EfficientN
     # attention heads fine-tuned with SGD at the classic lr diverge without clipping
     clip_grad = args.clip_grad if args.clip_grad is not None else 1.0 if model.pool_type == "attention" else 0.0
     freeze = args.freeze_layers if args.freeze_layers is not None else source.kind != "none"
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model, Resolved(source, model.variant, clip_grad, freeze)
 
 
@@ -277,6 +292,13 @@ def start_output_dir(out: Path, args: argparse.Namespace, train_samples, val_sam
     out.mkdir(parents=True, exist_ok=True)
     save_class_indices(out / "class_indices.json", classes)
     write_split(out / "split.json", train_samples, val_samples, classes, args.data_path)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, lrf: float, warmup_steps: int):
+    try:
+        return cosine_schedule(optimizer, total_steps, lrf, warmup_steps)
+    except ValueError as err:
+        raise RunError(f"{err} (--warmup-epochs/--warmup-steps/--lrf)") from None
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -414,18 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     say = accelerator.print
     try:
-        if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-            # Accelerate autocasts to fp16 only on accelerators: on the CPU the run would be float32, silently
-            raise RunError("--mixed-precision fp16 needs a GPU; on the CPU it would train in float32. Use "
-                           "--mixed-precision bf16 (CPUs autocast to bfloat16) or leave it off")
+        check_setup(args, accelerator, out)  # before any work: a setting that cannot work, an unusable --output-dir
         set_seed(args.seed)
-
-        # 0. The output folder: a file, a read-only place or another run's folder is refused before any work.
-        try:
-            check_output_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
-        except OutputDirError as err:
-            raise RunError(str(err)) from None
-        accelerator.wait_for_everyone()  # every process has looked before the main one writes there
 
         # 1. Data: scan, drop unreadable files, split.
         train_samples, val_samples, classes = load_data(args, accelerator)
@@ -441,8 +453,6 @@ def main(argv: list[str] | None = None) -> int:
         if freeze:
             trainable = freeze_backbone(model)
             say(f"backbone frozen: training {sum(model.get_parameter(n).numel() for n in trainable):,} head parameters")
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
 
         # The checkpoint to resume must be this run's: same settings, same data (it is loaded after prepare()).
         checkpoints = out / "checkpoints"
@@ -463,10 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), args.grad_accum)
         total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
         warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
-        try:
-            scheduler = cosine_schedule(optimizer, total_steps, args.lrf, warmup_steps)
-        except ValueError as err:
-            raise RunError(f"{err} (--warmup-epochs/--warmup-steps/--lrf)") from None
+        scheduler = make_scheduler(optimizer, total_steps, args.lrf, warmup_steps)
         ema = ModelEma(accelerator.unwrap_model(model), args.ema_decay) if args.ema else None
 
         # 5. Resume: model, optimizer, RNG states and sampler, then scheduler, EMA, history.
