@@ -37,12 +37,21 @@ from .checkpoint import read_state_dict
 from .hub import ModelDownloadError, is_offline
 from .layers import ConvBNAct, MBConv
 from .model import EfficientNetV2
-from .sources import TORCHVISION_VARIANTS, WEIGHT_SUFFIXES, torchvision_variant
 
 logger = logging.getLogger(__name__)
 
 Weights = Union[nn.Module, dict, str, os.PathLike]  # what the converters read: a model, its state dict, a file, a name
 TIMM_PREFIX = "tf_efficientnetv2_"
+TORCHVISION_VARIANTS = ("s", "m", "l")
+# what checkpoint.read_state_dict reads: safetensors, or a torch.save file read with weights_only=True
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def torchvision_variant(name: str) -> str | None:
+    """``"s"``, ``"m"`` or ``"l"`` for a torchvision variant name (``"S"``, ``"efficientnet_v2_s"``);
+    None for anything else."""
+    variant = name.strip().lower().removeprefix("efficientnet_v2_")
+    return variant if variant in TORCHVISION_VARIANTS else None
 
 
 # --------------------------------------------------------------------------- key mapping

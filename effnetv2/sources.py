@@ -20,12 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .convert import TORCHVISION_VARIANTS, WEIGHT_SUFFIXES, torchvision_variant
 from .model import EfficientNetV2
 
 TORCHVISION_PREFIX = "torchvision:"
-TORCHVISION_VARIANTS = ("s", "m", "l")
-# what hub.read_state_dict reads: safetensors, or a torch.save file read with weights_only=True
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 SourceKind = Literal["folder", "hub", "torchvision", "weights", "none"]
@@ -48,13 +46,6 @@ def describe_sources() -> str:
     """What a model source may be, for error and help messages."""
     return ("a folder written by save_pretrained or train.py, a Hub id 'org/name' (optionally "
             "'org/name@revision'), or 'torchvision:s' / 'torchvision:m' / 'torchvision:l' (official ImageNet weights)")
-
-
-def torchvision_variant(name: str) -> str | None:
-    """``"s"``, ``"m"`` or ``"l"`` for a torchvision variant name (``"S"``, ``"efficientnet_v2_s"``);
-    None for anything else."""
-    variant = name.strip().lower().removeprefix("efficientnet_v2_")
-    return variant if variant in TORCHVISION_VARIANTS else None
 
 
 def _looks_like_path(text: str) -> bool:
@@ -112,10 +103,8 @@ def load_model(source: str | os.PathLike | Source, **kwargs) -> EfficientNetV2:
     if source.kind == "torchvision":
         if kwargs:
             raise ValueError(f"{text!r}: options {sorted(kwargs)} apply to folders and Hub ids only")
-        try:
-            from .convert import from_torchvision
-        except ImportError as err:
-            raise ValueError(f"{text!r} needs effnetv2.convert, which could not be imported ({err})") from None
+        from .convert import from_torchvision  # looked up at call time: tests stand in a fake converter
+
         return from_torchvision(source.variant).eval()
     if source.kind == "hub":
         return EfficientNetV2.from_pretrained(source.repo_id, revision=source.revision, **kwargs)

@@ -172,6 +172,6 @@ def test_load_model_refuses_none_and_takes_a_parsed_source(monkeypatch):
 def test_weight_suffixes_and_torchvision_names_are_shared_with_the_converter():
     from effnetv2 import convert, sources
 
-    assert convert.WEIGHT_SUFFIXES is sources.WEIGHT_SUFFIXES
+    assert sources.WEIGHT_SUFFIXES is convert.WEIGHT_SUFFIXES
     assert convert.TORCHVISION_VARIANTS is sources.TORCHVISION_VARIANTS
     assert set(sources.WEIGHT_SUFFIXES) == {".safetensors", ".pth", ".pt", ".bin", ".ckpt"}
