@@ -12,11 +12,14 @@ MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 
 
 def _never_runs_during_import(node: ast.AST) -> bool:
-    """``if TYPE_CHECKING:`` (annotations only) and a module's ``__getattr__`` (PEP 562: old names kept as
-    aliases, looked up only on a module that has finished importing, so they cannot see a partial one)."""
+    """``if TYPE_CHECKING:`` (annotations only), a module's ``__getattr__`` (PEP 562: old names kept as
+    aliases, looked up only on a module that has finished importing, so they cannot see a partial one),
+    and a command line (``main`` and ``_..._main``: the top layer, e.g. ``python -m effnetv2.convert --to``
+    loading any model source through ``effnetv2.sources``; the library never calls it)."""
     if isinstance(node, ast.If):
         return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
-    return isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
+    return isinstance(node, ast.FunctionDef) and (node.name in ("__getattr__", "main") or
+                                                  (node.name.startswith("_") and node.name.endswith("_main")))
 
 
 def package_imports(module: str) -> set[str]:
