@@ -367,6 +367,7 @@ def card_fields(args: argparse.Namespace, resolved: Resolved, run: dict) -> dict
     final, source = run["final"], resolved.source
     return dict(
         metrics={"accuracy": round(final["val_accuracy"], 4), "val_loss": round(final["val_loss"], 4)},
+        dataset_name=Path(args.data_path).name,  # model-index: the Hub shows the validation accuracy
         dataset=f"`{Path(args.data_path).name}`: {run['train_images']} training and {run['val_images']} validation "
                 f"images in {len(run['classes'])} classes (stratified split, --val-fraction {args.val_fraction}, "
                 f"seed {args.seed})",

@@ -105,6 +105,12 @@ def test_smoke_run_writes_everything_and_saves_the_ema(shapes, tmp_path, capsys)
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     card = (out / "README.md").read_text()
     assert "EMA of the weights" in card and "python train.py --data-path" in card and "| accuracy |" in card
+    from huggingface_hub import ModelCard
+
+    [result] = ModelCard.load(out / "README.md").data.eval_results  # model-index: what the Hub shows
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert (result.dataset_name, result.dataset_split) == ("shapes", "validation")
+    assert result.metric_value == round(final["val_accuracy"], 4)
     # nothing about this machine in what is pushed: the data folder and the output folder by name only
     assert split["root"] == "shapes" and "--data-path shapes --output-dir run --variant b0" in card
     for name in ("README.md", "split.json", "metrics.json"):
