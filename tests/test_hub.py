@@ -4,7 +4,6 @@ train.py / convert CLI pushes. Large files travel by the LFS batch API (basic tr
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -253,16 +252,11 @@ def test_tampered_files_are_named(hub_server, tmp_path):
 
 @pytest.fixture
 def train_module():
-    from accelerate.state import AcceleratorState, GradientState
+    from train_script import reset_accelerate, train
 
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield module
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
+    yield train
+    reset_accelerate()
 
 
 def test_train_pushes_the_run_and_survives_a_failed_push(hub_server, train_module, tmp_path, monkeypatch, capsys):

@@ -1,7 +1,6 @@
 """train.py end to end on tiny shapes sets: outputs, schedule, freezing, progressive learning, bad data,
 two processes, resume after a kill, and a short real fine-tune."""
 import errno
-import importlib.util
 import json
 import os
 import shutil
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from effnetv2 import EfficientNetV2
@@ -24,23 +22,12 @@ from effnetv2.finetune import build_model
 from effnetv2.run_folder import check_output_dir, data_changes, data_fingerprint, prune_checkpoints, public_argv
 from effnetv2.training import backbone_batchnorm_eval, confusion_matrix, freeze_backbone, recalibrate_batchnorm
 
+from train_script import fresh_accelerate, reset_accelerate, train  # noqa: F401  (fresh_accelerate: autouse)
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
 
 SMOKE = ["--variant", "b0", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--cpu", "--seed", "0"]
 CLASSES = ["circle", "hexagon", "square", "star", "triangle"]  # sorted folder names
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    """train.main() builds an Accelerator; its state is a process-wide singleton."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -352,14 +339,12 @@ def test_resume_after_kill_continues_the_same_run(shapes, tmp_path):
     assert [h["lr"] for h in m["history"]] == pytest.approx([0.05 * cosine_factor(s, 18) for s in (6, 12, 18)])
 
     # the same weights as a run that was never interrupted: same data order, RNG, optimizer and EMA
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     straight = tmp_path / "straight"
     assert train.main([*args, "--output-dir", str(straight)]) == 0
     assert metrics_of(straight)["fingerprint"] == m["fingerprint"]
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     assert train.main([*args, "--output-dir", str(killed), "--resume", "latest", "--batch-size", "8"]) == 2
 
 
@@ -422,8 +407,7 @@ def test_a_reused_output_dir_never_yields_another_runs_model(tiny, tmp_path, cap
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1"]
     assert not (out / "model.safetensors").exists() and not (out / "README.md").exists()
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     capsys.readouterr()
     assert run(other, out, "--epochs", "2", "--resume", "latest") == 0
     resumed = f"resumed from {out / 'checkpoints' / 'epoch_1'}: 1 epoch(s) and 2 optimizer steps done"
@@ -531,8 +515,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1"]  # the partial one is gone
     monkeypatch.undo()
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     assert run(tiny, out, "--epochs", "2", "--resume", "latest") == 0  # epoch 1's checkpoint is whole
     assert [h["step"] for h in metrics_of(out)["history"]] == [2, 4]
 
@@ -545,8 +528,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_model(tiny, tmp_path, capsy
     before = {name: (out / name).read_bytes() for name in ("model.safetensors", "config.json", "README.md")}
     capsys.readouterr()
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     monkeypatch.setattr(safetensors.torch, "save_file",
                         failing_write(safetensors.torch.save_file, lambda p: p.name == "model.safetensors"))
     assert run(tiny, out, "--epochs", "1", "--resume", "latest") == 1  # evaluates and saves the checkpoint again

@@ -7,14 +7,14 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torchvision import transforms as T
 
 from effnetv2 import EfficientNetV2
 from effnetv2.data import ImageFolderDataset
-from test_train import SMOKE, metrics_of, run, shapes, train  # noqa: F401  (shapes is a fixture)
+from test_train import SMOKE, metrics_of, run, shapes  # noqa: F401  (shapes is a fixture)
+from train_script import reset_accelerate, train
 from test_training import find_cutmix, recover_mixup, smoothed_onehot
 
 BATCH = 4  # test_train's SMOKE: b0, 32 px, batch 4, one CPU process, no loader workers
@@ -75,8 +75,7 @@ def observed_run():
         rec.targets.append(targets.detach().clone())
         return loss(logits, targets)
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     hooks = [torch.nn.modules.module.register_module_forward_pre_hook(rec.on_forward_pre),
              torch.nn.modules.module.register_module_forward_hook(rec.on_forward),
              register_optimizer_step_pre_hook(rec.on_optimizer_step)]
@@ -88,8 +87,7 @@ def observed_run():
     finally:
         for hook in hooks:
             hook.remove()
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
 
 
 @pytest.fixture(scope="module")

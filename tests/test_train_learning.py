@@ -6,7 +6,6 @@ sized to pass with a clear margin for every seed, thread count and CPU instructi
 ``benchmarks/training_test_margins.py`` tries; that script calls ``fine_tune`` and ``from_scratch``
 below. Their seed (data, split, initialisation, batches) is ``EFFNETV2_TEST_SEED``, default 0.
 """
-import importlib.util
 import json
 import math
 import os
@@ -15,32 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image, ImageDraw
 
 from effnetv2 import EfficientNetV2
 from effnetv2.data import make_shapes_dataset
 
+from train_script import fresh_accelerate, train  # noqa: F401  (fresh_accelerate: autouse)
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "assets" / "model"
 SEED = int(os.environ.get("EFFNETV2_TEST_SEED", "0"))
-_spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
 
 MIN_FINE_TUNE_ACCURACY = 0.8  # 30 held-out images of 3 classes (chance: 1/3)
 MIN_SCRATCH_ACCURACY = 0.6  # 60 held-out images of 3 classes (chance: 1/3)
 MAX_SCRATCH_VAL_LOSS = 0.9 * math.log(3)  # below what any uniform guess scores
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    """train.main() builds an Accelerator; its state is a process-wide singleton."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def fine_tune(tmp: Path, seed: int = SEED) -> dict:
