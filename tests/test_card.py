@@ -1,4 +1,5 @@
-"""effnetv2.card: the evaluation section is placed before the architecture and replaced on a re-run."""
+"""effnetv2.card: the evaluation section, the model-index, and a card written with every save."""
+from effnetv2 import EfficientNetV2
 from effnetv2.card import CARD_BEGIN, card_section, update_card
 
 
@@ -36,3 +37,14 @@ def test_model_index_carries_the_measured_accuracy_and_validates(tmp_path):
     assert data.to_dict()["base_model_relation"] == "finetune"
     plain = ModelCard(str(generate_model_card(model))).data  # nothing measured: no model-index, no relation
     assert plain.eval_results is None and "base_model_relation" not in plain.to_dict()
+
+
+def test_every_save_writes_the_card_of_its_weights(tmp_path):
+    """huggingface_hub's save_pretrained keeps an existing README.md: the second model's card must win."""
+    EfficientNetV2("b0", num_classes=2, id2label={0: "cat", 1: "dog"}).save_pretrained(
+        tmp_path, model_card_kwargs={"metrics": {"accuracy": 0.25}})
+    EfficientNetV2("b0", num_classes=3, id2label={0: "ant", 1: "bee", 2: "fly"}).save_pretrained(
+        tmp_path, model_card_kwargs={"metrics": {"accuracy": 0.75}})
+    card = (tmp_path / "README.md").read_text()
+    assert "| accuracy | 0.75 |" in card and "0.25" not in card
+    assert "`ant`" in card and "`cat`" not in card

@@ -18,9 +18,7 @@ from effnetv2 import EfficientNetV2
 from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.data import make_shapes_dataset
 from effnetv2.schedule import cosine_factor
-from effnetv2.finetune import build_model
-from effnetv2.run_folder import check_output_dir, data_changes, data_fingerprint, prune_checkpoints, public_argv
-from effnetv2.training import backbone_batchnorm_eval, confusion_matrix, freeze_backbone, recalibrate_batchnorm
+from effnetv2.run_folder import public_argv
 
 from train_script import fresh_accelerate, reset_accelerate, train  # noqa: F401  (fresh_accelerate: autouse)
 
@@ -181,54 +179,6 @@ def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_bad(tiny, tm
     assert not (out / "model.safetensors").exists()
 
 
-def test_freeze_helpers_on_a_model():
-    model = EfficientNetV2("b0", num_classes=3)
-    trainable = freeze_backbone(model)
-    assert trainable and all(n.startswith("head.") for n in trainable)
-    model.train()
-    backbone_batchnorm_eval(model)
-    assert not model.stem.bn.training and not model.blocks[5].project_conv.bn.training
-    assert model.head.project_conv.bn.training and model.training
-
-
-def test_precise_batchnorm_uses_the_exact_statistics_and_no_randomness():
-    model = EfficientNetV2("b0", num_classes=3, dropout=0.5)
-    model.train()
-    batches = [torch.randn(4, 3, 32, 32) for _ in range(2)]
-    stem_out = [model.stem.conv(x) for x in batches]
-    blocks_bn = model.blocks[0].project_conv.bn.running_mean.clone()
-    rng = torch.get_rng_state()
-    assert recalibrate_batchnorm(model, batches, prefix="stem.") == 2
-    assert torch.equal(torch.get_rng_state(), rng)  # dropout and drop-path stayed off
-    assert model.training and model.head.dropout.training  # modes restored
-    expected = torch.stack([o.mean((0, 2, 3)) for o in stem_out]).mean(0)  # average of the batch means
-    assert torch.allclose(model.stem.bn.running_mean, expected, atol=1e-5)
-    assert model.stem.bn.momentum == 0.1 and int(model.stem.bn.num_batches_tracked) == 2
-    assert torch.equal(model.blocks[0].project_conv.bn.running_mean, blocks_bn)  # outside the prefix: untouched
-
-
-def test_initial_weights_from_pth_files(tmp_path):
-    source = EfficientNetV2("b0", num_classes=7, pool="attention", num_heads=4, attn_dim=64)
-    torch.save(source.state_dict(), tmp_path / "ours.pth")
-    model = build_model(str(tmp_path / "ours.pth"), "b0", ["a", "b"])
-    assert model.pool_type == "attention" and model.num_classes == 2 and model.id2label == {"0": "a", "1": "b"}
-    state, src = model.state_dict(), source.state_dict()
-    assert all(torch.equal(state[k], src[k]) for k in state if not k.startswith("head.classifier."))
-    with pytest.raises(ValueError, match="not an EfficientNetV2-s state dict"):
-        build_model(str(tmp_path / "ours.pth"), "s", ["a", "b"])
-
-
-def test_initial_weights_from_a_torchvision_pth(tmp_path):
-    from torchvision.models import efficientnet_v2_s
-
-    tv = efficientnet_v2_s()
-    torch.save(tv.state_dict(), tmp_path / "tv.pth")
-    model = build_model(str(tmp_path / "tv.pth"), "s", ["a", "b", "c"])
-    assert model.variant == "s" and model.num_classes == 3
-    assert torch.equal(model.stem.conv.weight, tv.features[0][0].weight)
-    assert torch.equal(model.head.project_conv.conv.weight, tv.features[7][0].weight)
-
-
 def _folder(root, counts):
     """A folder-per-class tree with ``counts[name]`` images in each class folder."""
     src = make_shapes_dataset(root / ".src", max(counts.values()) or 1, 32, classes=("circle", "square")) / "circle"
@@ -353,13 +303,6 @@ def test_resume_latest_without_checkpoints_is_an_error(shapes, tmp_path, capsys)
     assert "no complete checkpoint" in capsys.readouterr().out
 
 
-def test_confusion_matrix_rows_are_true_classes_and_columns_predictions():
-    labels = torch.tensor([0, 0, 1, 2, 2, 2])
-    preds = torch.tensor([0, 1, 1, 2, 0, 2])
-    # worked by hand: class 0 -> predicted 0 and 1; class 1 -> 1; class 2 -> 2, 0, 2
-    assert confusion_matrix(preds, labels, 3).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
-
-
 class Killed(BaseException):
     """Stands for a kill: not an Exception, so nothing in train.py catches it."""
 
@@ -420,36 +363,6 @@ def test_a_reused_output_dir_never_yields_another_runs_model(tiny, tmp_path, cap
     assert len(run_ids) == 1
 
 
-def test_pruning_removes_only_this_runs_checkpoints(tmp_path):
-    owners = {1: "me", 2: "other", 3: "me", 4: None, 5: "me"}  # None: a checkpoint from before run ids
-    for epoch, owner in owners.items():
-        (tmp_path / f"epoch_{epoch}").mkdir()
-        (tmp_path / f"epoch_{epoch}" / "train_state.json").write_text(json.dumps({"run_id": owner} if owner else {}))
-    assert prune_checkpoints(tmp_path, "me", keep=2) == [tmp_path / "epoch_1"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_2", "epoch_3", "epoch_4", "epoch_5"]
-
-
-def test_the_data_fingerprint_names_what_changed(tmp_path):
-    data = tmp_path / "data"
-    for name in ("a/1.png", "a/2.png", "b/3.png"):
-        (data / name).parent.mkdir(parents=True, exist_ok=True)
-        (data / name).write_bytes(b"12345")
-    train_set = [(str(data / "a" / "1.png"), 0), (str(data / "b" / "3.png"), 1)]
-    val_set = [(str(data / "a" / "2.png"), 0)]
-    saved = data_fingerprint(data, train_set, val_set)
-    assert data_changes(saved, data_fingerprint(data, train_set, val_set)) == []
-    (data / "b" / "3.png").write_bytes(b"123456")  # same names, one file one byte longer
-    changed = data_changes(saved, data_fingerprint(data, train_set, val_set))
-    assert len(changed) == 1 and changed[0].startswith("image files (same counts, other names, classes or sizes")
-    swapped = [(str(data / "a" / "1.png"), 1), (str(data / "b" / "3.png"), 0)]  # same files, other labels
-    assert data_changes(data_fingerprint(data, train_set, val_set), data_fingerprint(data, swapped, val_set))
-    moved = shutil.copytree(data, tmp_path / "moved")
-    assert data_changes(saved, data_fingerprint(moved, [(str(moved / "a" / "1.png"), 0)], [])) == [
-        f"--data-path ({data.resolve()} vs {moved.resolve()})", "training images (2 vs 1)",
-        "validation images (1 vs 0)"]
-    assert data_changes(None, saved) == ["data (the checkpoint records none: it was written by an older train.py)"]
-
-
 @pytest.mark.parametrize("kind", ["file", "inside a file", "read-only"])
 def test_an_unusable_output_dir_is_one_line_before_the_data_is_scanned(tmp_path, capsys, monkeypatch, kind):
     target = tmp_path / "target"
@@ -467,29 +380,6 @@ def test_an_unusable_output_dir_is_one_line_before_the_data_is_scanned(tmp_path,
     printed = capsys.readouterr().out
     assert rc == 2 and printed.startswith(f"error: --output-dir {out} ") and expected in printed, printed
     assert len(printed.strip().splitlines()) == 1 and "no such data" not in printed
-
-
-def test_an_output_dir_of_other_files_is_never_cleared(tmp_path):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    (folder / "holiday.jpg").write_bytes(b"x")
-    for overwrite in (False, True):
-        with pytest.raises(ValueError, match="holds no train.py run: choose a new or empty folder"):
-            check_output_dir(folder, overwrite=overwrite)
-    (folder / "holiday.jpg").unlink()
-    (folder / ".gitkeep").write_text("")
-    check_output_dir(folder)  # hidden files aside, it is empty
-
-
-def test_every_save_writes_the_card_of_its_weights(tmp_path):
-    """huggingface_hub's save_pretrained keeps an existing README.md: the second model's card must win."""
-    EfficientNetV2("b0", num_classes=2, id2label={0: "cat", 1: "dog"}).save_pretrained(
-        tmp_path, model_card_kwargs={"metrics": {"accuracy": 0.25}})
-    EfficientNetV2("b0", num_classes=3, id2label={0: "ant", 1: "bee", 2: "fly"}).save_pretrained(
-        tmp_path, model_card_kwargs={"metrics": {"accuracy": 0.75}})
-    card = (tmp_path / "README.md").read_text()
-    assert "| accuracy | 0.75 |" in card and "0.25" not in card
-    assert "`ant`" in card and "`cat`" not in card
 
 
 def failing_write(real, when):

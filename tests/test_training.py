@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effnetv2.run_folder import list_checkpoints
-from effnetv2.training import confusion_matrix, mix_batch, soft_cross_entropy
+from effnetv2 import EfficientNetV2
+from effnetv2.training import (backbone_batchnorm_eval, confusion_matrix, freeze_backbone, mix_batch,
+                               recalibrate_batchnorm, soft_cross_entropy)
 
 
 def smoothed_onehot(y: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:
@@ -167,11 +168,27 @@ def test_confusion_matrix_rows_are_true_classes_and_columns_predictions():
                                                           [0, 0, 0, 0]]
 
 
-def test_list_checkpoints_is_complete_ones_in_epoch_order(tmp_path):
-    assert list_checkpoints(tmp_path / "missing") == []
-    for name in ("epoch_10", "epoch_2", "epoch_9", ".tmp_epoch_11", "epoch_3", "epoch_x", "other_4"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "train_state.json").write_text("{}")
-    (tmp_path / "epoch_3" / "train_state.json").unlink()  # interrupted before it was complete
-    (tmp_path / "epoch_12").write_text("a file, not a checkpoint")
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch_2", "epoch_9", "epoch_10"]
+def test_freeze_helpers_on_a_model():
+    model = EfficientNetV2("b0", num_classes=3)
+    trainable = freeze_backbone(model)
+    assert trainable and all(n.startswith("head.") for n in trainable)
+    model.train()
+    backbone_batchnorm_eval(model)
+    assert not model.stem.bn.training and not model.blocks[5].project_conv.bn.training
+    assert model.head.project_conv.bn.training and model.training
+
+
+def test_precise_batchnorm_uses_the_exact_statistics_and_no_randomness():
+    model = EfficientNetV2("b0", num_classes=3, dropout=0.5)
+    model.train()
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    stem_out = [model.stem.conv(x) for x in batches]
+    blocks_bn = model.blocks[0].project_conv.bn.running_mean.clone()
+    rng = torch.get_rng_state()
+    assert recalibrate_batchnorm(model, batches, prefix="stem.") == 2
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout and drop-path stayed off
+    assert model.training and model.head.dropout.training  # modes restored
+    expected = torch.stack([o.mean((0, 2, 3)) for o in stem_out]).mean(0)  # average of the batch means
+    assert torch.allclose(model.stem.bn.running_mean, expected, atol=1e-5)
+    assert model.stem.bn.momentum == 0.1 and int(model.stem.bn.num_batches_tracked) == 2
+    assert torch.equal(model.blocks[0].project_conv.bn.running_mean, blocks_bn)  # outside the prefix: untouched

@@ -1,0 +1,59 @@
+"""effnetv2.run_folder: a run's checkpoints, its data record and the output folder's rules."""
+import json
+import shutil
+
+import pytest
+
+from effnetv2.run_folder import check_output_dir, data_changes, data_fingerprint, list_checkpoints, prune_checkpoints
+
+
+def test_list_checkpoints_is_complete_ones_in_epoch_order(tmp_path):
+    assert list_checkpoints(tmp_path / "missing") == []
+    for name in ("epoch_10", "epoch_2", "epoch_9", ".tmp_epoch_11", "epoch_3", "epoch_x", "other_4"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_state.json").write_text("{}")
+    (tmp_path / "epoch_3" / "train_state.json").unlink()  # interrupted before it was complete
+    (tmp_path / "epoch_12").write_text("a file, not a checkpoint")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch_2", "epoch_9", "epoch_10"]
+
+
+def test_pruning_removes_only_this_runs_checkpoints(tmp_path):
+    owners = {1: "me", 2: "other", 3: "me", 4: None, 5: "me"}  # None: a checkpoint from before run ids
+    for epoch, owner in owners.items():
+        (tmp_path / f"epoch_{epoch}").mkdir()
+        (tmp_path / f"epoch_{epoch}" / "train_state.json").write_text(json.dumps({"run_id": owner} if owner else {}))
+    assert prune_checkpoints(tmp_path, "me", keep=2) == [tmp_path / "epoch_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_2", "epoch_3", "epoch_4", "epoch_5"]
+
+
+def test_the_data_fingerprint_names_what_changed(tmp_path):
+    data = tmp_path / "data"
+    for name in ("a/1.png", "a/2.png", "b/3.png"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(b"12345")
+    train_set = [(str(data / "a" / "1.png"), 0), (str(data / "b" / "3.png"), 1)]
+    val_set = [(str(data / "a" / "2.png"), 0)]
+    saved = data_fingerprint(data, train_set, val_set)
+    assert data_changes(saved, data_fingerprint(data, train_set, val_set)) == []
+    (data / "b" / "3.png").write_bytes(b"123456")  # same names, one file one byte longer
+    changed = data_changes(saved, data_fingerprint(data, train_set, val_set))
+    assert len(changed) == 1 and changed[0].startswith("image files (same counts, other names, classes or sizes")
+    swapped = [(str(data / "a" / "1.png"), 1), (str(data / "b" / "3.png"), 0)]  # same files, other labels
+    assert data_changes(data_fingerprint(data, train_set, val_set), data_fingerprint(data, swapped, val_set))
+    moved = shutil.copytree(data, tmp_path / "moved")
+    assert data_changes(saved, data_fingerprint(moved, [(str(moved / "a" / "1.png"), 0)], [])) == [
+        f"--data-path ({data.resolve()} vs {moved.resolve()})", "training images (2 vs 1)",
+        "validation images (1 vs 0)"]
+    assert data_changes(None, saved) == ["data (the checkpoint records none: it was written by an older train.py)"]
+
+
+def test_an_output_dir_of_other_files_is_never_cleared(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"x")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="holds no train.py run: choose a new or empty folder"):
+            check_output_dir(folder, overwrite=overwrite)
+    (folder / "holiday.jpg").unlink()
+    (folder / ".gitkeep").write_text("")
+    check_output_dir(folder)  # hidden files aside, it is empty
