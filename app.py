@@ -214,16 +214,15 @@ def explain(predictor: Predictor, image, class_name: str | None = PREDICTED):
     random = torch.rand(shares.shape[-2:], generator=torch.Generator().manual_seed(0))
     kinds = {"class attribution": shares.sum(0), "attention (mean of heads)": looks.mean(0),
              "Grad-CAM": cam[0], "random map": random}
-    maps = torch.stack([m.double() for m in kinds.values()])[:, None]  # [kinds, 1, h, w]
-    batch = x.expand(len(kinds), -1, -1, -1)
-    curves = attribution.removal_curve(model, batch, maps, target)
-    aucs = attribution.deletion_auc(model, batch, maps, target)
+    found = attribution.removal_curves(model, x, {kind: m[None, None] for kind, m in kinds.items()}, target)
+    curves = [found[kind]["deletion"][0] for kind in kinds]  # one forward pass for every map
+    aucs = [attribution.curve_auc(curve) for curve in curves]
     small = view.resize((MAP_PX, MAP_PX), Image.BICUBIC)
     gallery = viz.attribution_gallery(small, shares, label)
     heads = [f"head {i + 1}" for i in range(len(shares))] if len(shares) > 1 else ["all cells"]
     totals = bar_chart(heads, shares.sum((1, 2)).tolist(), "head", "contribution")
     random_auc = float(aucs[-1])
-    quarter = max(1, curves.shape[-1] // 4)  # a quarter of the cells: a tenth of a small grid changes little
+    quarter = max(1, curves[0].shape[-1] // 4)  # a quarter of the cells: a tenth of a small grid changes little
     rows = [f"| {kind} | {float(auc):.3f} | {attribution.deletion_summary(curve, label, quarter)} |"
             for kind, auc, curve in zip(kinds, aucs, curves)]
     choice = "predicted" if target == int(probs.argmax()) else f"chosen; predicted: {labels[int(probs.argmax())]}"

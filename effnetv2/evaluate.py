@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .card import card_section, record_eval_result, update_card
-from .explain import class_attribution, deletion_auc, gradcam, insertion_auc
+from .explain import class_attribution, curve_auc, gradcam, removal_curves
 from .images import open_image
 from .sources import load_model
 from .transforms import transforms_for
@@ -95,9 +95,10 @@ def evaluate(model, root: Path, batch_size: int = 64) -> dict:
         predictions = model(x).argmax(-1).tolist()
         kinds = explanation_maps(model, x, generator)
         maps = kinds["attention"]  # [B, heads, h, w]
+        curves = removal_curves(model, x, kinds)  # one forward pass for every kind and both directions
         for kind, kind_maps in kinds.items():
-            faithfulness[kind]["deletion_auc"] += deletion_auc(model, x, kind_maps).tolist()
-            faithfulness[kind]["insertion_auc"] += insertion_auc(model, x, kind_maps).tolist()
+            faithfulness[kind]["deletion_auc"] += curve_auc(curves[kind]["deletion"]).tolist()
+            faithfulness[kind]["insertion_auc"] += curve_auc(curves[kind]["insertion"]).tolist()
             for image, name, one in zip(images, chunk, kind_maps):
                 box = box_in_view(annotations[name]["box"], image.size, cfg)
                 positive = one.double().sum(0).clamp(min=0)

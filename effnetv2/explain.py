@@ -132,6 +132,29 @@ def _ranked_keep_masks(maps: torch.Tensor, cells: int, delete: bool) -> torch.Te
 
 
 @torch.no_grad()
+def removal_curves(model: EfficientNetV2, images: torch.Tensor, maps: dict[str, torch.Tensor],
+                   target=None) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`removal_curve` for several maps of the same images, from one forward pass:
+    ``{name: {"deletion": [B, L+1], "insertion": [B, L+1]}}`` for ``maps = {name: [B, heads, h, w]}``."""
+    with _eval_mode(model):
+        feats = model.forward_features(images)
+        scores, contributions, rest = _cell_terms(model, feats)
+        target = _targets(model.forward_head(feats), target)
+    cells = feats.shape[-2] * feats.shape[-1]
+
+    def curve(keep: torch.Tensor) -> torch.Tensor:
+        if scores is None:
+            weights = keep.double()[:, :, None, :]  # [B, K, 1, L]
+        else:
+            masked = scores[:, None].masked_fill(~keep[:, :, None, :], float("-inf"))  # [B, K, h, L]
+            weights = masked.softmax(-1).nan_to_num(0.0)  # no key left: no contribution
+        probs = (torch.einsum("bkhl,bhlc->bkc", weights, contributions) + rest).softmax(-1)
+        return probs.gather(2, target[:, None, None].expand(-1, probs.shape[1], 1))[..., 0]
+
+    return {name: {mode: curve(_ranked_keep_masks(m.to(feats.device), cells, mode == "deletion"))
+                   for mode in ("deletion", "insertion")} for name, m in maps.items()}
+
+
 def removal_curve(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None,
                   mode: str = "deletion") -> torch.Tensor:
     """Target probability as cells are removed (``mode="deletion"``) or added (``"insertion"``) in the
@@ -143,22 +166,10 @@ def removal_curve(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tenso
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
-    with _eval_mode(model):
-        feats = model.forward_features(images)
-        scores, contributions, rest = _cell_terms(model, feats)
-        target = _targets(model.forward_head(feats), target)
-    keep = _ranked_keep_masks(maps.to(feats.device), feats.shape[-2] * feats.shape[-1], mode == "deletion")
-    if scores is None:
-        weights = keep.double()[:, :, None, :]  # [B, K, 1, L]
-    else:
-        masked = scores[:, None].masked_fill(~keep[:, :, None, :], float("-inf"))  # [B, K, h, L]
-        weights = masked.softmax(-1).nan_to_num(0.0)  # no key left: no contribution
-    logits = torch.einsum("bkhl,bhlc->bkc", weights, contributions) + rest
-    probs = logits.softmax(-1)
-    return probs.gather(2, target[:, None, None].expand(-1, probs.shape[1], 1))[..., 0]
+    return removal_curves(model, images, {"map": maps}, target)["map"][mode]
 
 
-def _auc(curve: torch.Tensor) -> torch.Tensor:
+def curve_auc(curve: torch.Tensor) -> torch.Tensor:
     """Trapezoid area under ``[B, L+1]`` values over the fraction 0..1 of cells → ``[B]``."""
     return torch.trapezoid(curve, dx=1.0 / (curve.shape[-1] - 1), dim=-1)
 
@@ -166,13 +177,13 @@ def _auc(curve: torch.Tensor) -> torch.Tensor:
 def deletion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None) -> torch.Tensor:
     """Area under the target probability as the cells ``maps`` ``[B, heads, h, w]`` ranks first are
     removed, per image ``[B]``: lower is better (the map found what the class depends on)."""
-    return _auc(removal_curve(model, images, maps, target, "deletion"))
+    return curve_auc(removal_curve(model, images, maps, target, "deletion"))
 
 
 def insertion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None) -> torch.Tensor:
     """Area under the target probability as the cells ``maps`` ranks first are added to an empty
     grid, per image ``[B]``: higher is better."""
-    return _auc(removal_curve(model, images, maps, target, "insertion"))
+    return curve_auc(removal_curve(model, images, maps, target, "insertion"))
 
 
 def deletion_summary(curve: torch.Tensor, label: str, cells: int | None = None) -> str:
