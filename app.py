@@ -381,7 +381,8 @@ def classify_tab(predictor: Predictor) -> gr.Image:
     button.click(run_classify, image, labels, api_name="classify", preprocess=False, concurrency_id=COMPUTE)
     for loaded in examples(image):
         loaded.then(run_classify, image, labels, preprocess=False, concurrency_id=COMPUTE, api_visibility="private")
-    labels.change(note, labels, warning, queue=False, api_visibility="private")
+    # No progress timer on the note: it would flash "0.0s" under every answer.
+    labels.change(note, labels, warning, queue=False, show_progress="hidden", api_visibility="private")
     return image
 
 
