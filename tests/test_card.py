@@ -48,3 +48,33 @@ def test_every_save_writes_the_card_of_its_weights(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "| accuracy | 0.75 |" in card and "0.25" not in card
     assert "`ant`" in card and "`cat`" not in card
+
+
+def test_card_links_only_to_what_exists_and_names_no_local_path(tmp_path):
+    """No placeholder repository link (the library has no public home yet: plain name), a real one when
+    the class is given its URL; the bundled card names its local starting weights by folder name only."""
+    import re
+    from pathlib import Path
+
+    from effnetv2.card import generate_model_card
+
+    model = EfficientNetV2("b0", num_classes=2, id2label={0: "cat", 1: "dog"})
+    links = re.findall(r"\]\((https?://[^)]+)\)", str(generate_model_card(model)))
+    assert not [link for link in links if "github.com" in link], links
+    model._hub_mixin_info.repo_url = "https://example.org/effnetv2"  # what a class with a home would carry
+    try:
+        assert "[effnetv2](https://example.org/effnetv2) library" in str(generate_model_card(model))
+    finally:
+        model._hub_mixin_info.repo_url = None
+    bundled = (Path(__file__).parents[1] / "assets" / "model" / "README.md").read_text()
+    rows = dict(re.findall(r"^\| (initial weights) \| (.*) \|$", bundled, flags=re.M))
+    assert "/" not in rows["initial weights"], rows
+    assert "github.com/effnetv2" not in bundled
+
+
+def test_initial_weights_text_names_a_local_folder_by_its_name():
+    from train_script import train  # train.py, loaded as tests load it
+
+    assert train.initial_weights_text("/home/me/runs/shapes-b0", "folder") == "local folder `shapes-b0` (not published)"
+    assert train.initial_weights_text("org/name@v2", "hub") == "org/name@v2"
+    assert train.initial_weights_text("none", "none") == "none (from scratch)"
