@@ -1,0 +1,281 @@
+"""Online serving on Ray Serve: an HTTP JSON API over :class:`~effnetv2.inference.Predictor`, with
+dynamic batching.
+
+    python -m effnetv2.serve --model SOURCE [--replicas N] [--max-replicas M] [--port P] [--host H]
+                             [--max-batch-size 8] [--batch-wait-ms 10] [--top-k 5] [--address ADDR]
+
+Routes:
+
+- ``POST /classify[?top_k=K]``: the image as the request body (raw bytes, any ``Content-Type``) or as a
+  ``multipart/form-data`` upload (the first part with a file name) → ``{"predictions": [{"label",
+  "probability"}, ...best first], "batch_size": n}``, where ``n`` is how many requests the model ran
+  together with this one; plus ``"warning"`` for a tiny image, which is still answered.
+- ``GET /health`` → ``{"status": "ok", "model", "backend", "classes", "max_batch_size"}``.
+
+Bad input follows the app's rules (``app.py``): a 4xx JSON ``{"error": "..."}`` that names what was
+wrong and what to send, and the server keeps serving.
+
+Each replica decodes uploads in a small thread pool while its model runs; ``@serve.batch`` gathers the
+decoded images into one ``[B, 3, S, S]`` forward of up to ``--max-batch-size`` images, waiting at most
+``--batch-wait-ms`` for a batch to fill.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import email.parser
+import email.policy
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .images import ImageLoadError, open_image
+from .inference import BACKENDS, Predictor
+from .sources import Source, load_model, parse_source
+
+APP_NAME = "effnetv2"
+# The app's bad-input rules (app.py): uploads over 10 MB are refused unread, a small file can still decode
+# to a gigapixel, and resizing the short side of a 1x5000 strip would make a huge tensor.
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+MAX_PIXELS = 40_000_000
+MAX_ASPECT = 20
+SMALL_SIDE = 16              # below this the answer says little: warned, but answered
+DECODE_WORKERS = 2           # images decoded at once per replica: memory stays bounded, as in the app
+SEND_IMAGE = ("send the image file as the request body (curl --data-binary @photo.jpg) or as a "
+              "multipart upload (curl -F image=@photo.jpg)")
+
+
+class RequestError(Exception):
+    """A request the server refuses: ``status`` (HTTP 4xx) and ``message`` (what was wrong, what to send)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+async def read_body(request: Any, limit: int = MAX_UPLOAD_BYTES) -> bytes:
+    """The body of a Starlette ``request``; 413 as soon as it is over ``limit`` bytes (stops reading)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"the upload is {int(declared):,} bytes, more than the {limit:,} allowed: "
+                                f"send a smaller image")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the upload is more than the {limit:,} bytes allowed: send a smaller image")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def image_payload(body: bytes, content_type: str) -> tuple[bytes, str]:
+    """The image bytes of a request and a name for messages: the body itself, or for
+    ``multipart/form-data`` the first part with a file name (its name). 400 when there is no image."""
+    if not body:
+        raise RequestError(400, f"the request has no body: {SEND_IMAGE}")
+    if not content_type.lower().startswith("multipart/"):
+        return body, "the request body"
+    header = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
+    for part in message.iter_parts() if message.is_multipart() else ():
+        if part.get_filename() is not None:
+            return part.get_payload(decode=True) or b"", Path(part.get_filename()).name or "the upload"
+    raise RequestError(400, f"the multipart upload has no file part: {SEND_IMAGE}")
+
+
+def decode(data: bytes, name: str, transform) -> tuple[torch.Tensor, str | None]:
+    """Image bytes → the model input ``[3, S, S]`` (``transform`` of the RGB image) and a warning or
+    None. Decoded by ``effnetv2.images.open_image`` from a private temporary file, so that every format
+    and every bad-file rule is the library's; 400 naming ``name`` when the image is not usable."""
+    with tempfile.NamedTemporaryFile(suffix=Path(name).suffix) as file:
+        file.write(data)
+        file.flush()
+        try:
+            image = open_image(file.name, max_pixels=MAX_PIXELS)
+        except ImageLoadError as err:
+            raise RequestError(400, f"Could not read {name}: {err.reason}. Try a PNG, JPEG or WebP photo.") from None
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise RequestError(400, f"{name} is {width}x{height} pixels, more elongated than {MAX_ASPECT}:1: "
+                                f"crop it closer to a square and try again.")
+    warning = None
+    if min(width, height) < SMALL_SIDE:
+        warning = (f"{name} is only {width}x{height} pixels: it is scaled up to the model's input size, "
+                   f"so the answer says little.")
+    return transform(image), warning
+
+
+def parse_top_k(text: str | None, default: int, classes: int) -> int:
+    """The ``top_k`` query parameter as a number from 1 to ``classes`` (``default`` when absent); else 400."""
+    if text is None:
+        return min(default, classes)
+    if not text.strip().isdigit() or not 1 <= int(text) <= classes:
+        raise RequestError(400, f"top_k must be a whole number from 1 to {classes}, got {text!r}")
+    return int(text)
+
+
+class ImageClassifier:
+    """The Serve deployment's replica: one :class:`Predictor` behind ``/classify`` and ``/health``.
+
+    Args:
+        source: the model (see ``effnetv2.sources``); a local folder must exist on every node.
+        top_k: labels returned when the request does not say.
+        backend, num_threads: as :class:`Predictor` (``num_threads``: the CPUs Ray gives the replica).
+        max_batch_size, batch_wait_timeout_s: ``@serve.batch``'s batch limits.
+    """
+
+    def __init__(self, source: str | Source, top_k: int = 5, backend: str = "auto", num_threads: int | None = None,
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
+        from ray import serve
+
+        self.predictor = Predictor(load_model(source), backend=backend, num_threads=num_threads)
+        self.source = parse_source(source).text
+        self.top_k = top_k
+        self.max_batch_size = max_batch_size
+        self._decoder = ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode")
+        # applied here, not as a decorator, so that importing this module needs no Ray
+        self._classify = serve.batch(max_batch_size=max_batch_size,
+                                     batch_wait_timeout_s=batch_wait_timeout_s)(self._classify_batch)
+
+    async def _classify_batch(self, items: list[tuple[torch.Tensor, int]]) -> list[tuple[list, int]]:
+        """``[(input [3, S, S], top_k), ...]`` → per item its top-k pairs and the batch size, in one forward."""
+        x = torch.stack([tensor for tensor, _ in items])  # [B, 3, S, S]
+        logits = await asyncio.to_thread(self.predictor, x)  # the event loop keeps taking requests meanwhile
+        return [(self.predictor.topk(logits[i:i + 1], top_k)[0], len(items)) for i, (_, top_k) in enumerate(items)]
+
+    async def health(self, request: Any) -> dict:
+        """The answer to ``GET /health``: the replica is up, and what it serves."""
+        return {"status": "ok", "model": self.source, "backend": self.predictor.backend,
+                "classes": len(self.predictor.id2label), "max_batch_size": self.max_batch_size}
+
+    async def classify(self, request: Any) -> dict:
+        """The answer to ``POST /classify`` (see the module docstring); :class:`RequestError` for bad input."""
+        top_k = parse_top_k(request.query_params.get("top_k"), self.top_k, len(self.predictor.id2label))
+        data, name = image_payload(await read_body(request), request.headers.get("content-type", ""))
+        x, warning = await asyncio.get_running_loop().run_in_executor(
+            self._decoder, decode, data, name, self.predictor.transform)
+        top, batch_size = await self._classify((x, top_k))
+        answer = {"predictions": [{"label": label, "probability": p} for label, p in top], "batch_size": batch_size}
+        return answer | ({"warning": warning} if warning else {})
+
+    async def __call__(self, request: Any):
+        """Every HTTP request (a Starlette ``Request``) → a JSON response."""
+        from starlette.responses import JSONResponse
+
+        routes = {"/classify": ("POST", self.classify), "/health": ("GET", self.health)}
+        path = request.url.path.rstrip("/") or "/"
+        try:
+            if path not in routes:
+                raise RequestError(404, f"no route {path}: POST the image to /classify, or GET /health")
+            method, handler = routes[path]
+            if request.method != method:
+                raise RequestError(405, f"{path} takes {method}, not {request.method}"
+                                        + (f": {SEND_IMAGE}" if path == "/classify" else ""))
+            return JSONResponse(await handler(request))
+        except RequestError as err:
+            return JSONResponse({"error": err.message}, status_code=err.status)
+
+
+def build_app(source: str | Source, *, replicas: int = 1, max_replicas: int | None = None,
+              max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, top_k: int = 5,
+              backend: str = "auto", cpus_per_replica: float = 1.0):
+    """The Serve application for ``serve.run``: :class:`ImageClassifier` on ``replicas`` replicas, or
+    autoscaled between ``replicas`` and ``max_replicas`` when that is larger.
+
+    Each replica reserves ``cpus_per_replica`` of Ray's CPUs and runs its model on as many threads.
+    It takes up to ``2 * max_batch_size`` requests at once (one batch computing while the next fills);
+    the rest wait in Serve's proxy. The autoscaler aims at ``max_batch_size`` requests in flight per
+    replica: a full batch each.
+    """
+    from ray import serve
+
+    if max_replicas is not None and max_replicas > replicas:
+        scaling = {"autoscaling_config": {"min_replicas": replicas, "initial_replicas": replicas,
+                                          "max_replicas": max_replicas, "target_ongoing_requests": max_batch_size}}
+    else:
+        scaling = {"num_replicas": replicas}
+    deployment = serve.deployment(ImageClassifier, name="EfficientNetV2", max_ongoing_requests=2 * max_batch_size,
+                                  ray_actor_options={"num_cpus": cpus_per_replica}, **scaling)
+    return deployment.bind(source, top_k=top_k, backend=backend, num_threads=max(1, round(cpus_per_replica)),
+                           max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+
+
+@contextmanager
+def serving(app, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+            **ray_options) -> Iterator[str]:
+    """Run ``app`` (from :func:`build_app`) over HTTP on ``host:port`` until the block ends; yield its URL.
+
+    ``address`` None starts a Ray instance on this machine (``ray_options`` go to ``ray.init``:
+    ``num_cpus``, ``object_store_memory``, ``_temp_dir``, ...) and stops it at the end; otherwise this
+    joins that cluster (``"auto"``: the one on this machine) and removes only this application.
+    """
+    import ray
+    from ray import serve
+
+    ray.init(address=address or "local", **ray_options)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        yield f"http://{host}:{port}/"
+    finally:
+        if address:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m effnetv2.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="folder, Hub id org/name[@revision], or torchvision:<variant>")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas (the minimum when autoscaling)")
+    parser.add_argument("--max-replicas", type=int, default=None,
+                        help="autoscale between --replicas and this many (default: a fixed --replicas)")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs, and model threads, per replica")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="images in one forward at most")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="longest wait for a batch to fill")
+    parser.add_argument("--top-k", type=int, default=5, help="labels returned when a request does not say")
+    parser.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: your network)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--address", default=None,
+                        help="a running Ray cluster (e.g. auto, or HOST:6379); default: start one on this machine")
+    args = parser.parse_args(argv)
+    for flag in ("replicas", "max_batch_size", "top_k"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.max_replicas is not None and args.max_replicas < args.replicas:
+        parser.error(f"--max-replicas {args.max_replicas} is below --replicas {args.replicas}")
+    if args.batch_wait_ms < 0 or args.cpus_per_replica <= 0:
+        parser.error("--batch-wait-ms must be 0 or more and --cpus-per-replica more than 0")
+    try:
+        source = parse_source(args.model)
+        if source.path is not None:  # replicas run in other processes, maybe in another folder
+            source = dataclasses.replace(source, path=source.path.resolve())
+        load_model(source)  # a wrong source is said here in one line, not as every replica's traceback
+    except (ValueError, OSError) as err:
+        print(f"error: --model {args.model}: {err}", file=sys.stderr)
+        return 2
+
+    app = build_app(source, replicas=args.replicas, max_replicas=args.max_replicas, max_batch_size=args.max_batch_size,
+                    batch_wait_timeout_s=args.batch_wait_ms / 1000, top_k=args.top_k, backend=args.backend,
+                    cpus_per_replica=args.cpus_per_replica)
+    with serving(app, host=args.host, port=args.port, address=args.address) as url:
+        print(f"serving {args.model} at {url}classify (GET {url}health); Ctrl-C stops", file=sys.stderr)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
