@@ -1,13 +1,16 @@
-"""Batch prediction over image files and folders.
+"""Batch prediction over image files and folders, on this machine or on a Ray cluster.
 
     python -m effnetv2.predict --model SOURCE PATH... [--top-k 5] [--batch-size N] [--backend B]
-                               [--output preds.jsonl|preds.csv] [--workers N]
+                               [--output preds.jsonl|preds.csv|preds.parquet] [--workers N]
+    python -m effnetv2.predict --engine ray [--address auto|HOST:PORT|ray://HOST:PORT] [--num-actors N] ...
 
-Folders are searched recursively for images (``effnetv2.data.IMAGE_EXTENSIONS``, any case).
-Images are decoded and preprocessed in a thread pool while the model runs; unreadable files are
-listed in one warning and skipped. Results keep the order of the inputs (folders sorted by path).
-Without ``--output`` a table goes to stdout; ``.jsonl`` writes one JSON object per image,
-``.csv`` one row per (image, rank).
+Folders are searched recursively for images (``effnetv2.data.IMAGE_EXTENSIONS``, any case). Locally,
+images are decoded and preprocessed in a thread pool while the model runs; ``--engine ray`` does the
+same on Ray Data (``effnetv2.batch_ray``). Either way every input is one row, in input order (folders
+sorted by path): its top-k, or the error that kept it from the model (unreadable files are also listed
+in one warning). Without ``--output`` a table goes to stdout; ``.jsonl`` and ``.parquet`` hold one
+record per file (``path``, ``predictions`` [{``label``, ``probability``}], ``error``), ``.csv`` one row
+per (file, rank) with the columns ``path, rank, label, probability, error``.
 """
 from __future__ import annotations
 
@@ -19,16 +22,29 @@ import os
 import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain, islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
+from PIL import Image
 
 from .data import IMAGE_EXTENSIONS, is_image_file, report_bad_files
 from .images import ImageLoadError, open_image
 from .inference import BACKENDS, Predictor
+from .sources import load_model
 
-Prediction = tuple[str, list[tuple[str, float]]]
+OUTPUT_FORMATS = (".jsonl", ".csv", ".parquet")
+_PARQUET_ROWS = 4096  # rows per Parquet row group: streamed out, never the whole run in memory
+
+
+class Prediction(NamedTuple):
+    """One input file: its ``top`` ``(label, probability)`` pairs, best first, or the ``error``
+    (in words) that kept it from the model, with ``top`` empty."""
+
+    path: str
+    top: list[tuple[str, float]]
+    error: str | None = None
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -45,10 +61,10 @@ def find_images(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[tup
     return files, missing
 
 
-def _load(predictor: Predictor, path: str) -> torch.Tensor | str:
-    """The preprocessed image ``[3, S, S]``, or the reason it could not be read."""
+def load_input(transform: Callable[[Image.Image], torch.Tensor], path: str) -> torch.Tensor | str:
+    """``transform(open_image(path))`` (the model's input ``[3, S, S]``), or the reason it could not be made."""
     try:
-        return predictor.transform(open_image(path))
+        return transform(open_image(path))
     except ImageLoadError as err:
         return err.reason
     except (OSError, ValueError, RuntimeError) as err:  # e.g. a decoder failing inside the transform
@@ -60,7 +76,7 @@ def _decoded(predictor: Predictor, files: list[str], pool: ThreadPoolExecutor,
     """``(path, tensor or reason)`` in input order, decoding at most ``ahead`` files in advance."""
     pending: deque[tuple[str, Future]] = deque()
     for path in files:
-        pending.append((path, pool.submit(_load, predictor, path)))
+        pending.append((path, pool.submit(load_input, predictor.transform, path)))
         if len(pending) >= ahead:
             first, future = pending.popleft()
             yield first, future.result()
@@ -70,55 +86,99 @@ def _decoded(predictor: Predictor, files: list[str], pool: ThreadPoolExecutor,
 
 
 def predict_files(predictor: Predictor, files: list[str], top_k: int = 5, batch_size: int = 16,
-                  workers: int = 4, progress: bool = True) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """Top-k predictions for ``files``, in their order: ``([(path, [(label, p), ...]), ...],
-    [(bad path, reason), ...])``. Decoding runs in ``workers`` threads ahead of the model."""
+                  workers: int = 4, progress: bool = True) -> list[Prediction]:
+    """One :class:`Prediction` per file of ``files``, in their order (a bad file has its ``error``).
+    Decoding runs in ``workers`` threads ahead of the model."""
     from tqdm import tqdm
 
-    results: list[Prediction] = []
-    bad: list[tuple[str, str]] = []
-    batch: list[tuple[str, torch.Tensor]] = []
+    rows: list[Prediction | None] = []
+    batch: list[tuple[int, torch.Tensor]] = []  # (index in rows, [3, S, S])
 
     def flush() -> None:
         logits = predictor(torch.stack([tensor for _, tensor in batch]))
-        results.extend(zip([path for path, _ in batch], predictor.topk(logits, top_k)))
+        for (index, _), top in zip(batch, predictor.topk(logits, top_k)):
+            rows[index] = Prediction(files[index], top)
         batch.clear()
 
     with ThreadPoolExecutor(max(1, workers)) as pool, \
             tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress) as bar:
         for path, item in _decoded(predictor, files, pool, ahead=2 * batch_size + workers):
             if isinstance(item, str):
-                bad.append((path, item))
+                rows.append(Prediction(path, [], item))
             else:
-                batch.append((path, item))
+                batch.append((len(rows), item))
+                rows.append(None)  # filled in by flush
                 if len(batch) == batch_size:
                     flush()
             bar.update(1)
         if batch:
             flush()
-    return results, bad
+    return rows
 
 
-def write_results(results: list[Prediction], output: str | os.PathLike | None) -> None:
-    """A table on stdout (``output`` None), or ``.jsonl`` / ``.csv`` to the file ``output``."""
+def missing_rows(missing: list[tuple[str, str]]) -> list[Prediction]:
+    """The inputs :func:`find_images` found nothing at, as rows with their reason."""
+    return [Prediction(path, [], reason) for path, reason in missing]
+
+
+def _records(rows: Iterable[Prediction]) -> Iterator[dict]:
+    """``rows`` as the records of the .jsonl and .parquet files."""
+    for row in rows:
+        yield {"path": row.path, "predictions": [{"label": label, "probability": prob} for label, prob in row.top],
+               "error": row.error}
+
+
+def _write_parquet(rows: Iterable[Prediction], output: Path) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError(f"--output {output}: writing Parquet needs pyarrow ({err}): "
+                          f"pip install pyarrow, or 'effnetv2[scale]'") from err
+    schema = pa.schema([("path", pa.string()),
+                        ("predictions", pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))),
+                        ("error", pa.string())])
+    records = _records(rows)
+    with pq.ParquetWriter(output, schema) as writer:
+        writer.write_table(pa.Table.from_pylist([], schema=schema))  # the schema even when there are no rows
+        while chunk := list(islice(records, _PARQUET_ROWS)):
+            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+
+
+def write_results(rows: Iterable[Prediction], output: str | os.PathLike | None) -> None:
+    """A table on stdout (``output`` None), or a ``.jsonl``, ``.csv`` or ``.parquet`` file (see the
+    module's docstring for the columns). ``rows`` may be a stream: files are written as it arrives."""
     if output is None:
-        width = max([len(path) for path, _ in results] + [5])
-        for path, top in results:
-            shown = "  ".join(f"{label} {prob:.3f}" for label, prob in top)
+        rows = list(rows)
+        width = max([len(row.path) for row in rows] + [5])
+        for path, top, error in rows:
+            shown = f"error: {error}" if error else "  ".join(f"{label} {prob:.3f}" for label, prob in top)
             print(f"{path:<{width}}  {shown}")
         return
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix.lower() == ".parquet":
+        _write_parquet(rows, output)
+        return
     with output.open("w", newline="", encoding="utf-8") as f:
         if output.suffix.lower() == ".csv":
             writer = csv.writer(f)
-            writer.writerow(["path", "rank", "label", "probability"])
-            for path, top in results:
-                writer.writerows([path, rank, label, f"{prob:.6f}"] for rank, (label, prob) in enumerate(top, 1))
+            writer.writerow(["path", "rank", "label", "probability", "error"])
+            for path, top, error in rows:
+                if error:
+                    writer.writerow([path, "", "", "", error])
+                writer.writerows([path, rank, label, f"{prob:.6f}", ""] for rank, (label, prob) in enumerate(top, 1))
         else:
-            for path, top in results:
-                record = {"path": path, "predictions": [{"label": label, "probability": prob} for label, prob in top]}
+            for record in _records(rows):
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _noting_errors(rows: Iterable[Prediction], bad: list[tuple[str, str]]) -> Iterator[Prediction]:
+    """``rows`` passed on, the ``(path, error)`` of each failed one appended to ``bad`` on the way."""
+    for row in rows:
+        if row.error:
+            bad.append((row.path, row.error))
+        yield row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,15 +188,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
-    parser.add_argument("--output", default=None, help="write predictions to a .jsonl or .csv file")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
+    parser.add_argument("--output", default=None, help="write predictions to a .jsonl, .csv or .parquet file")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="decoding threads (--engine local)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray_options = parser.add_argument_group("--engine ray (Ray Data; pip install 'effnetv2[scale]')")
+    ray_options.add_argument("--engine", default="local", choices=("local", "ray"),
+                             help="local: this process; ray: decoding in Ray tasks, the model in an actor pool")
+    ray_options.add_argument("--address", default=None,
+                             help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: $RAY_ADDRESS, "
+                                  "else a Ray started on this machine by `ray start`, else a new local Ray)")
+    ray_options.add_argument("--num-actors", type=int, default=1, help="model replicas (one Predictor each)")
+    ray_options.add_argument("--cpus-per-actor", type=float, default=1.0,
+                             help="CPUs each replica reserves (and its ONNX Runtime threads)")
+    ray_options.add_argument("--gpus-per-actor", type=float, default=0.0,
+                             help="GPUs each replica reserves; > 0 runs the torch backend on CUDA")
+    ray_options.add_argument("--object-store-memory", type=int, default=None, metavar="BYTES",
+                             help="object store size of a Ray this command starts (default: Ray's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    if args.output and Path(args.output).suffix.lower() not in (".jsonl", ".csv"):
-        parser.error(f"--output {args.output}: use a .jsonl or .csv file name")
-    if args.top_k < 1 or args.batch_size < 1:
-        parser.error("--top-k and --batch-size must be at least 1")
+    if args.output and Path(args.output).suffix.lower() not in OUTPUT_FORMATS:
+        parser.error(f"--output {args.output}: use a {', '.join(OUTPUT_FORMATS)} file name")
+    if args.top_k < 1 or args.batch_size < 1 or args.num_actors < 1:
+        parser.error("--top-k, --batch-size and --num-actors must be at least 1")
+    if args.object_store_memory and args.address:
+        parser.error("--object-store-memory sizes a Ray this command starts; with --address, size it in `ray start`")
 
     files, missing = find_images(args.paths)
     if not files:
@@ -144,19 +220,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no image files in {' '.join(args.paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})",
               file=sys.stderr)
         return 2
-    try:
-        predictor = Predictor(args.model, backend=args.backend)
+    try:  # the model first: a wrong --model fails before any Ray starts
+        if args.engine == "local":
+            predictor = Predictor(args.model, backend=args.backend)
+        else:
+            from .batch_ray import RayOptions, import_ray, predictions_on_ray, ray_session
+
+            import_ray()
+            model = load_model(args.model)
     except (ValueError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results, bad = predict_files(predictor, files, args.top_k, args.batch_size, args.workers,
-                                 progress=not args.quiet)
-    report_bad_files(missing + bad)
-    write_results(results, args.output)
+    bad: list[tuple[str, str]] = []
+    if args.engine == "local":
+        rows = predict_files(predictor, files, args.top_k, args.batch_size, args.workers, progress=not args.quiet)
+        write_results(_noting_errors(rows + missing_rows(missing), bad), args.output)
+        engine = f"backend {predictor.backend}"
+    else:
+        options = RayOptions(args.num_actors, args.cpus_per_actor, args.gpus_per_actor, args.backend)
+        try:
+            with ray_session(args.address, object_store_memory=args.object_store_memory):
+                rows = predictions_on_ray(model, files, args.top_k, args.batch_size, options, progress=not args.quiet)
+                write_results(_noting_errors(chain(rows, missing_rows(missing)), bad), args.output)
+        except ConnectionError as err:
+            print(f"error: --address {args.address}: {err}", file=sys.stderr)
+            return 2
+        engine = f"Ray Data, {args.num_actors} actor(s)"
+    report_bad_files(bad)
     if args.output:
-        print(f"{len(results)} predictions written to {args.output} (backend {predictor.backend}, "
-              f"{len(missing) + len(bad)} skipped)", file=sys.stderr)
-    return 0 if results else 1
+        print(f"{len(files) + len(missing) - len(bad)} predictions written to {args.output} ({engine}, "
+              f"{len(bad)} skipped)", file=sys.stderr)
+    return 0 if len(bad) < len(files) + len(missing) else 1
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""`python -m effnetv2.predict`: files and folders, batching, bad files skipped and reported, order kept."""
+"""`python -m effnetv2.predict`: files and folders, batching, bad files kept as rows with their error and
+reported, order kept."""
 from __future__ import annotations
 
 import csv
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -46,33 +48,47 @@ def test_find_images(images, tmp_path):
 
 
 def read_results(path):
-    """``[(path, [(label, probability), ...]), ...]`` from a .jsonl or .csv written by the CLI."""
-    if path.suffix == ".jsonl":
+    """``[(path, [(label, probability), ...], error or None), ...]`` from a .jsonl, .csv or .parquet file
+    written by the CLI (Parquet read by pyarrow itself)."""
+    if path.suffix == ".csv":
+        with path.open() as f:
+            table = list(csv.DictReader(f))
+        rows = []
+        for name in dict.fromkeys(r["path"] for r in table):
+            mine = [r for r in table if r["path"] == name]
+            ranked = [r for r in mine if r["rank"]]
+            assert [int(r["rank"]) for r in ranked] == list(range(1, len(ranked) + 1))
+            rows.append((name, [(r["label"], float(r["probability"])) for r in ranked], mine[0]["error"] or None))
+        return rows
+    if path.suffix == ".parquet":
+        records = pq.read_table(path).to_pylist()
+    else:
         records = [json.loads(line) for line in path.read_text().splitlines()]
-        return [(r["path"], [(p["label"], p["probability"]) for p in r["predictions"]]) for r in records]
-    with path.open() as f:
-        table = list(csv.DictReader(f))
-    assert [int(r["rank"]) for r in table] == [1, 2, 3] * (len(table) // 3)
-    return [(name, [(r["label"], float(r["probability"])) for r in table if r["path"] == name])
-            for name in dict.fromkeys(r["path"] for r in table)]
+    return [(r["path"], [(p["label"], p["probability"]) for p in r["predictions"]], r["error"]) for r in records]
 
 
-def test_predict_cli_writes_results_in_order_and_skips_bad_files(model_dir, images, tmp_path, capsys, monkeypatch):
+def test_predict_cli_writes_results_in_order_and_keeps_bad_files_as_rows(model_dir, images, tmp_path, capsys,
+                                                                         monkeypatch):
     monkeypatch.setenv("EFFNETV2_CACHE", str(tmp_path / "cache"))
     root, files = images
     good = [f for f in files if not f.endswith("broken.jpg")]
-    expected = Predictor(str(model_dir), backend="torch").predict(good, top_k=3)
-    for suffix in (".jsonl", ".csv"):
+    expected = dict(zip(good, Predictor(str(model_dir), backend="torch").predict(good, top_k=3)))
+    for suffix in (".jsonl", ".csv", ".parquet"):
         out = tmp_path / f"preds{suffix}"
-        with pytest.warns(UserWarning) as record:  # data.report_bad_files: one warning for all skipped files
+        with pytest.warns(UserWarning) as record:  # data.report_bad_files: one warning for all bad files
             code = main(["--model", str(model_dir), str(root), "--top-k", "3", "--batch-size", "2", "--workers", "3",
                          "--backend", "torch", "--output", str(out)])
         assert code == 0
         [warning] = [str(r.message) for r in record if "unreadable" in str(r.message)]
         assert warning.startswith("skipping 1 unreadable image file(s)") and "broken.jpg: " in warning
         rows = read_results(out)
-        assert [path for path, _ in rows] == good  # input order, the bad file left out
-        for (_, top), want in zip(rows, expected):
+        assert [path for path, _, _ in rows] == files  # input order, the bad file in its place
+        for path, top, error in rows:
+            if path not in expected:
+                assert top == [] and error.startswith("unreadable or truncated image")
+                continue
+            want = expected[path]
+            assert error is None
             assert [label for label, _ in top] == [label for label, _ in want]
             assert [p for _, p in top] == pytest.approx([p for _, p in want], abs=1e-5)
             assert all(label.startswith("class_") for label, _ in top)
