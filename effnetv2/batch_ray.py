@@ -26,6 +26,8 @@ from .predict import Prediction, find_images, load_input, missing_rows
 from .sources import load_model
 from .transforms import transforms_for
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class RayOptions:
@@ -120,6 +122,11 @@ def prediction_dataset(model: EfficientNetV2, files: list[str], top_k: int = 5, 
     """The lazy Ray Dataset of one row per file, in the order of ``files``: ``path``, ``labels`` and
     ``probabilities`` (best first), ``error`` ("" when the file was read)."""
     ray = import_ray()
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if options.num_actors * options.cpus_per_actor > cpus - 1:  # an autoscaling cluster may still grow
+        logger.warning("%d actor(s) x %g CPU(s) leave no CPU for decoding among the cluster's %g: lower "
+                       "--num-actors or --cpus-per-actor, or the run waits for CPUs", options.num_actors,
+                       options.cpus_per_actor, cpus)
     dataset = ray.data.from_items([{"path": path} for path in files],
                                   override_num_blocks=max(1, math.ceil(len(files) / batch_size)))
     dataset = dataset.map_batches(_decode, fn_kwargs={"config": model.config}, batch_size=batch_size,

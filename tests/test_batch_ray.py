@@ -1,0 +1,187 @@
+"""`python -m effnetv2.predict --engine ray` (effnetv2.batch_ray): the rows of the local engine, on a Ray the
+command starts and on a 2-node Ray cluster on loopback.
+
+200 files with bad ones mixed in; the local CLI's Parquet file is the reference. Every Ray here has its own
+short temp folder (Ray's socket paths must stay under 108 characters), free ports and an 80 MB object
+store, and is stopped by the test that started it, never another one (no `ray stop`: it stops them all).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import ray
+from PIL import Image
+
+from app_server import free_port
+from effnetv2.batch_ray import RayOptions, predict_with_ray, ray_session
+from effnetv2.predict import main
+from inference_models import realistic_model
+from test_predict import read_results
+
+ROOT = Path(__file__).resolve().parents[1]
+OBJECT_STORE = 80 * 1024 * 1024
+LOOPBACK = "127.0.0.2"  # Ray replaces 127.0.0.1 and localhost by the host's network address; not this one
+BAD = {"broken.jpg": b"\xff\xd8\xff\xe0 not really a jpeg", "empty.png": b"", "notes.jpg": b"plain text",
+       "half.png": None, "cut.jpg": None, "header.webp": b"RIFF\x00\x00\x00\x00WEBPVP8 "}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The module's environment, also inherited by every Ray process: one graph cache (each model exported
+    once), effnetv2 imported from this checkout, no Ray found through $RAY_ADDRESS."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EFFNETV2_CACHE", str(tmp_path_factory.mktemp("cache")))
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        patch.delenv("RAY_ADDRESS", raising=False)
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A b0 model (64 px) and a folder of 194 readable images (sizes, modes and formats vary, some nested)
+    with 6 bad files among them; ``files`` is the folder's sorted listing."""
+    root = tmp_path_factory.mktemp("ray-photos")
+    model_dir = root / "model"
+    realistic_model("b0", num_classes=4, image_size=64).save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    folder = root / "photos"
+    for i in range(194):
+        (folder / f"part{i % 3}").mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (int(rng.integers(24, 90)), int(rng.integers(24, 90)), 3), dtype=np.uint8)
+        mode, suffix = [("RGB", "jpg"), ("L", "jpg"), ("RGBA", "png"), ("P", "png")][i % 4]
+        Image.fromarray(pixels).convert(mode).save(folder / f"part{i % 3}" / f"img{i:03d}.{suffix}")
+    png, jpeg = io.BytesIO(), io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(png, "PNG")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    contents = {**BAD, "half.png": png.getvalue()[:300], "cut.jpg": jpeg.getvalue()[:200]}
+    for i, (name, data) in enumerate(contents.items()):
+        (folder / f"part{i % 3}" / name).write_bytes(data)
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
+    assert len(files) == 200
+    return model_dir, folder, files
+
+
+@pytest.fixture(scope="module")
+def local_rows(env, photos, tmp_path_factory):
+    """What the local CLI writes to Parquet for the folder and a path that does not exist."""
+    model_dir, folder, files = photos
+    out = tmp_path_factory.mktemp("local") / "preds.parquet"
+    with pytest.warns(UserWarning, match="skipping 7 unreadable"):
+        assert main(["--model", str(model_dir), str(folder), str(folder / "gone.png"), "--top-k", "3",
+                     "--batch-size", "16", "--quiet", "--output", str(out)]) == 0
+    rows = read_results(out)
+    assert [path for path, _, _ in rows] == files + [str(folder / "gone.png")]
+    assert sorted(Path(path).name for path, _, error in rows if error) == sorted([*BAD, "gone.png"])
+    return rows
+
+
+def assert_same_rows(rows, expected):
+    """Same paths in the same order, same errors, same labels, probabilities to 1e-5."""
+    assert [path for path, _, _ in rows] == [path for path, _, _ in expected]
+    for (path, top, error), (_, want, want_error) in zip(rows, expected):
+        assert error == want_error, path
+        assert [label for label, _ in top] == [label for label, _ in want], path
+        assert [p for _, p in top] == pytest.approx([p for _, p in want], abs=1e-5), path
+
+
+def ray_processes(temp_dir: str) -> list[psutil.Process]:
+    """The processes of the Ray whose temp folder is ``temp_dir`` (and their children); never this one."""
+    found = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid != os.getpid() and temp_dir in " ".join(proc.info["cmdline"] or []):
+            for member in [proc, *proc.children(recursive=True)]:
+                found[member.pid] = member
+    return list(found.values())
+
+
+def stop_ray(temp_dir: str) -> None:
+    """Stop the Ray started with ``temp_dir``: SIGTERM, SIGKILL what is left after 5 s."""
+    procs = ray_processes(temp_dir)
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
+def test_ray_engine_on_a_ray_it_starts_writes_the_local_rows(env, photos, local_rows, tmp_path):
+    model_dir, folder, _ = photos
+    temp_root = tempfile.mkdtemp(dir="/tmp", prefix="ray")
+    env.setenv("RAY_TMPDIR", temp_root)  # Ray's own variable: its folders go under $RAY_TMPDIR/ray
+    out = tmp_path / "preds.parquet"
+    try:
+        with pytest.warns(UserWarning, match="skipping 7 unreadable"):
+            assert main(["--engine", "ray", "--num-actors", "2", "--cpus-per-actor", "0.5", "--model", str(model_dir),
+                         str(folder), str(folder / "gone.png"), "--top-k", "3", "--batch-size", "16", "--quiet",
+                         "--object-store-memory", str(OBJECT_STORE), "--output", str(out)]) == 0
+        assert_same_rows(read_results(out), local_rows)
+        assert not ray.is_initialized() and not ray_processes(temp_root)  # the command stopped its Ray
+    finally:
+        env.delenv("RAY_TMPDIR")
+        ray.shutdown()
+        stop_ray(temp_root)
+        shutil.rmtree(temp_root, ignore_errors=True)
+
+
+def ray_start(*args: str, temp_dir: str) -> None:
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--node-ip-address", LOOPBACK,
+                    "--temp-dir", temp_dir, "--object-store-memory", str(OBJECT_STORE),
+                    "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats", *args],
+                   check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cluster(env):
+    """A head node (1 CPU) and a worker node (2 CPUs) on this host, joined over loopback; yields the address."""
+    temp_dir = tempfile.mkdtemp(dir="/tmp", prefix="ray")
+    address = f"{LOOPBACK}:{free_port()}"
+    try:
+        ray_start("--head", "--port", address.split(":")[1], "--num-cpus", "1", "--include-dashboard", "false",
+                  "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+                  temp_dir=temp_dir)
+        ray_start("--address", address, "--num-cpus", "2", temp_dir=temp_dir)
+        yield address
+    finally:
+        ray.shutdown()
+        stop_ray(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_predict_with_ray_on_a_two_node_cluster_gives_the_local_rows(photos, local_rows, cluster):
+    model_dir, folder, _ = photos
+    with ray_session(cluster):
+        nodes = [node for node in ray.nodes() if node["Alive"]]
+        assert [node["NodeManagerAddress"] for node in nodes] == [LOOPBACK, LOOPBACK]
+        assert sorted(node["Resources"]["CPU"] for node in nodes) == [1, 2]
+        rows = predict_with_ray(str(model_dir), [folder, folder / "gone.png"], top_k=3, batch_size=16,
+                                options=RayOptions(num_actors=2, cpus_per_actor=0.5))
+        assert ray.is_initialized()  # a Ray the caller connected to stays connected
+    assert_same_rows(rows, local_rows)
+
+
+def test_without_ray_the_error_says_what_to_install(photos, monkeypatch, capsys):
+    model_dir, folder, _ = photos
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if it were not installed
+    assert main(["--engine", "ray", "--model", str(model_dir), str(folder)]) == 2
+    assert "pip install 'effnetv2[scale]'" in capsys.readouterr().err
+
+
+def test_object_store_memory_is_refused_with_an_address(photos):
+    model_dir, folder, _ = photos
+    with pytest.raises(SystemExit):
+        main(["--engine", "ray", "--address", "auto", "--object-store-memory", "80000000", "--model",
+              str(model_dir), str(folder)])
