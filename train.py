@@ -50,7 +50,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DataLoaderConfiguration, DynamoBackend, ProjectConfiguration, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -69,7 +69,7 @@ from effnetv2.run_folder import (OutputDirError, WriteError, atomic_path, check_
                                  data_fingerprint, find_resume_checkpoint, list_checkpoints, load_checkpoint,
                                  prune_checkpoints, public_argv, resume_mismatches, save_checkpoint, save_model)
 from effnetv2.sources import Source, parse_source
-from effnetv2.training import (HEAD_PREFIX, average_buffers, backbone_batchnorm_eval, confusion_matrix,
+from effnetv2.training import (HEAD_PREFIX, average_buffers, backbone_batchnorm_eval, confusion_matrix, epoch_coverage,
                                freeze_backbone, mix_batch, recalibrate_batchnorm, soft_cross_entropy)
 from effnetv2.viz import confusion_matrix_png
 
@@ -130,6 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   choices=[b.value.lower() for b in DynamoBackend if b is not DynamoBackend.NO],
+                   help="torch.compile the model through Accelerate, with BACKEND (default inductor; aot_eager needs "
+                        "no C++ compiler); the same as `accelerate launch --dynamo_backend BACKEND`")
     p.add_argument("--pool", default=None, choices=["avg", "attention"], help="default: the weights' pool, or avg")
     p.add_argument("--num-heads", type=int, default=None, help="attention-pool heads (default 8)")
     p.add_argument("--attn-dim", type=int, default=None, help="attention-pool width (default: num_features)")
@@ -157,6 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_accelerator(args: argparse.Namespace, out: Path) -> Accelerator:
     return Accelerator(
         cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
+        dynamo_backend=args.compile,  # None: `accelerate launch --dynamo_backend` (or its config) decides
         log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         # a seeded sampler gives every epoch the same order after a resume (set_epoch below)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
@@ -261,8 +266,11 @@ def make_loaders(args: argparse.Namespace, model: EfficientNetV2, train_samples,
     train_set = ImageFolderDataset(train_samples, classes)
     val_set = ImageFolderDataset(val_samples, classes, transforms_for(model, train=False))
     # persistent_workers=False: workers are re-created each epoch and see the stage's new transform
+    # whole steps only (see epoch_coverage), when there is at least one
     train_loader = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=args.workers,
                               drop_last=len(train_set) >= args.batch_size * accelerator.num_processes)
+    # no drop_last: Accelerate pads the last batches with repeats (even_batches) and validate()'s
+    # gather_for_metrics removes them, so every validation image counts exactly once
     val_loader = DataLoader(val_set, args.batch_size, num_workers=args.workers)
     if args.precise_bn <= 0:
         return train_set, train_loader, val_loader, None
@@ -485,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
         warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
         scheduler = make_scheduler(optimizer, total_steps, args.lrf, warmup_steps)
-        ema = ModelEma(accelerator.unwrap_model(model), args.ema_decay) if args.ema else None
+        # the plain module (not its torch.compile wrapper) is what EMA copies and train.py saves
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        ema = ModelEma(unwrapped, args.ema_decay) if args.ema else None
 
         # 5. Resume: model, optimizer, RNG states and sampler, then scheduler, EMA, history.
         start_epoch, step, history = 0, 0, []
@@ -496,12 +506,21 @@ def main(argv: list[str] | None = None) -> int:
 
         accelerator.init_trackers("effnetv2", config={k: v for k, v in settings.items()
                                                       if isinstance(v, (int, float, str, bool))})
+        dynamo = accelerator.state.dynamo_plugin.backend  # --compile, or accelerate launch --dynamo_backend
         say(f"training EfficientNetV2-{resolved.variant} for {args.epochs} "
             f"epochs: {steps_per_epoch} optimizer steps per epoch, {total_steps} in all, on "
-            f"{accelerator.num_processes} process(es) ({accelerator.device})")
+            f"{accelerator.num_processes} process(es) ({accelerator.device})"
+            + ("" if dynamo is DynamoBackend.NO else f", torch.compile backend {dynamo.value.lower()}"))
+        coverage = epoch_coverage(len(train_samples), args.batch_size, accelerator.num_processes)
+        if coverage.left_out:
+            say(f"each epoch trains on {coverage.trained} of the {len(train_samples)} training images (whole batches of "
+                f"{args.batch_size} on each of {accelerator.num_processes} process(es)); the other {coverage.left_out}, "
+                f"a different random {coverage.left_out} each epoch, are left out")
+        elif coverage.repeated:
+            say(f"{len(train_samples)} training images are less than a batch of {args.batch_size} for each of "
+                f"{accelerator.num_processes} processes: {coverage.repeated} are repeated each epoch")
 
         # 6. Train: one epoch at a time, validating and checkpointing after each.
-        unwrapped = accelerator.unwrap_model(model)
         stage, cm = None, None
         for epoch in range(start_epoch, args.epochs):
             if step >= total_steps:
@@ -572,7 +591,12 @@ def main(argv: list[str] | None = None) -> int:
         if cm is None:  # nothing left to train after a resume: validate what the checkpoint holds
             metrics, cm = validate(final_model, val_loader, accelerator, num_classes, args.channels_last)
         # DDP keeps the replicas' weights identical: check it, so that the saved model is "the" model.
-        fingerprints = gather_object([weights_fingerprint(final_model)])
+        # Each process also prints its own, so every machine's log shows it.
+        fingerprint = weights_fingerprint(final_model)
+        if accelerator.num_processes > 1:
+            print(f"process {accelerator.process_index} of {accelerator.num_processes}: final weights fingerprint "
+                  f"{fingerprint}", flush=True)
+        fingerprints = gather_object([fingerprint])
         accelerator.end_training()
         if not accelerator.is_main_process:
             return 0
@@ -584,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         command = published_command(argv, accelerator.num_processes)
         summary = {"final": history[-1] if history else metrics, "history": history, "classes": classes,
                    "train_images": len(train_samples), "val_images": len(val_samples), "optimizer_steps": step,
-                   "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+                   "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "train_coverage": coverage._asdict(),
                    "processes": accelerator.num_processes, "replicas_in_sync": in_sync, "fingerprint": fingerprints[0],
                    "saved_weights": f"EMA of the weights (decay {args.ema_decay})" if ema else "the final weights",
                    "command": command}

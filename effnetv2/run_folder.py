@@ -10,11 +10,13 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from accelerate.utils import gather_object
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
@@ -270,20 +272,32 @@ def save_checkpoint(accelerator, folder: str | Path, train_state: dict, model: n
     optimizer, every process's random state, sampler), the EMA weights (``ema.safetensors``, its
     settings in ``train_state``) and ``train_state.json``.
 
-    Atomic: everything goes into ``.tmp_epoch_N``, renamed to ``epoch_N`` once complete, so a kill or
-    a full disk leaves the earlier checkpoints as they were. Every process calls it; a failure on any
-    raises :class:`WriteError` on all of them, naming ``folder``. ``model`` and ``optimizer`` size
-    the message.
+    Only the main process writes there: the others save their state (their random state) into a
+    temporary folder of their own and send the files to it, so a machine that does not share the
+    output folder's disk writes nothing into a copy of its own, and the checkpoint is complete in one
+    place. Atomic: everything goes into ``.tmp_epoch_N``, renamed to ``epoch_N`` once complete, so a
+    kill or a full disk leaves the earlier checkpoints as they were. Every process calls it; a failure
+    on any raises :class:`WriteError` on all of them, naming ``folder``. ``model`` and ``optimizer``
+    size the message.
     """
     folder = Path(folder)
     tmp = folder.with_name(f".tmp_{folder.name}")
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    if main:
         _remove(tmp)
     accelerator.wait_for_everyone()
-    error = None
+    error, files = None, {}
+    with tempfile.TemporaryDirectory(prefix="effnetv2-state-") as own:
+        try:
+            accelerator.save_state(str(tmp if main else own))
+            files = {} if main else {p.name: p.read_bytes() for p in Path(own).iterdir()}
+        except WRITE_ERRORS as err:
+            error = err
+    sent = gather_object([files])  # every process takes part, failed or not
     try:
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
+        if main and error is None:
+            for name, data in ((n, d) for part in sent for n, d in part.items()):
+                (tmp / name).write_bytes(data)
             if ema is not None:
                 save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
                 train_state = {**train_state, "ema": {k: v for k, v in ema.state_dict().items() if k != "module"}}
@@ -293,13 +307,13 @@ def save_checkpoint(accelerator, folder: str | Path, train_state: dict, model: n
     failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), "sum")
     if failed.item():
         accelerator.wait_for_everyone()  # no process is still writing into tmp
-        if accelerator.is_main_process:
+        if main:
             _remove(tmp)
         needed = tensor_bytes(model.state_dict(), optimizer.state_dict(), ema.module.state_dict() if ema else {})
         if error is None:
             raise WriteError(folder, "another process could not write its part", needed, None, False)
         raise _write_error(folder, error, needed) from None
-    if accelerator.is_main_process:
+    if main:
         if folder.is_dir():  # this epoch again (a resumed run): the new checkpoint replaces it
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -1,8 +1,10 @@
 """The training loop's pieces (train.py): freezing the backbone, mixup/CutMix targets and their loss,
-precise BatchNorm, replicas kept equal, and the validation confusion matrix."""
+precise BatchNorm, replicas kept equal, how an epoch's images spread over processes, and the
+validation confusion matrix."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -118,6 +120,29 @@ def average_buffers(model: nn.Module, accelerator) -> None:
     flat = accelerator.reduce(torch.cat([b.reshape(-1).float() for b in buffers]), "mean")
     for b, value in zip(buffers, flat.split([b.numel() for b in buffers])):
         b.copy_(value.view_as(b))
+
+
+class EpochCoverage(NamedTuple):
+    """What one training epoch does with ``num_images`` when every process takes whole batches."""
+
+    trained: int  # image slots trained per epoch: steps x batch size x processes
+    left_out: int  # images no process trains on this epoch (a different random set each epoch)
+    repeated: int  # slots filled by repeating images (fewer images than one batch per process)
+
+
+def epoch_coverage(num_images: int, batch_size: int, num_processes: int) -> EpochCoverage:
+    """How a training epoch covers ``num_images``: each step takes ``batch_size`` images on each of
+    ``num_processes`` processes. The remainder that fills no whole step is left out (train.py's
+    ``drop_last``: a small last batch would give noisy BatchNorm statistics, and padding it would
+    count some images twice); a set smaller than one step is one short batch on one process, and is
+    padded with repeats on several (Accelerate's ``even_batches``)."""
+    per_step = batch_size * num_processes
+    if num_images >= per_step:
+        trained = num_images // per_step * per_step
+        return EpochCoverage(trained, num_images - trained, 0)
+    if num_processes == 1:  # one short batch: Accelerate pads only so that every process has a batch
+        return EpochCoverage(num_images, 0, 0)
+    return EpochCoverage(per_step, 0, per_step - num_images)
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
