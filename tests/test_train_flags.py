@@ -1,7 +1,8 @@
 """train.py's promised options end to end (README, "Paper-grade options"): --mixed-precision, --channels-last,
 --mixup, --cutmix, --label-smoothing, --warmup-epochs, --randaugment, --pool attention --num-heads, and a
 .safetensors file as --weights. Two runs carry all the flags; each test checks what one flag must change,
-and the other run is its control. The runs are observed, never altered: global module and optimizer hooks,
+and the other run is its control. --compile has its own pair of runs (eager and compiled) on a two-block
+network. The runs are observed, never altered: global module and optimizer hooks,
 and call-through spies on the loss and on the dataset's images."""
 from contextlib import contextmanager
 
@@ -12,6 +13,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torchvision import transforms as T
 
 from effnetv2 import EfficientNetV2
+from effnetv2.checkpoint import weights_fingerprint
+from effnetv2.configs import VARIANTS, StageConfig, VariantConfig
 from effnetv2.data import ImageFolderDataset
 from test_train import SMOKE, metrics_of, run, shapes  # noqa: F401  (shapes is a fixture)
 from train_script import reset_accelerate, train
@@ -237,3 +240,60 @@ def test_safetensors_weights_initialise_the_frozen_backbone(weights_run, weights
     assert all(torch.equal(saved[k], initial[k]) for k in backbone)  # weights and BatchNorm statistics
     assert saved["head.classifier.weight"].shape == (5, 1280) and initial["head.classifier.weight"].shape == (3, 1280)
     assert not torch.equal(saved["head.project_conv.conv.weight"], initial["head.project_conv.conv.weight"])  # trained
+
+
+# A two-block cut of b0 (its first Fused-MBConv and one MBConv with squeeze-excitation, 64 head features):
+# torch.compile traces every block, and the whole b0 takes minutes to compile on a 2-core CPU.
+TINY_B0 = VariantConfig((StageConfig(1, 3, 1, 1, 32, 16, "F", 0.0), StageConfig(1, 3, 2, 4, 16, 24, "M", 0.25)),
+                        192, 224, 0.2, num_features=64)
+
+
+def tiny_run(data, out, *flags):
+    """train.py on TINY_B0 for 4 steps at lr 0.1 without dropout or drop-path (a compiled graph draws its
+    random numbers its own way); returns the loss of every step and the backends torch.compile was given."""
+    losses, backends = [], []
+    loss, compile_ = train.soft_cross_entropy, torch.compile
+
+    def spy_loss(logits, targets):
+        value = loss(logits, targets)
+        losses.append(value.item())
+        return value
+
+    def spy_compile(model, **kwargs):
+        backends.append(kwargs.get("backend"))
+        return compile_(model, **kwargs)
+
+    reset_accelerate()
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(VARIANTS, "b0", TINY_B0)
+        patch.setattr(train, "soft_cross_entropy", spy_loss)
+        patch.setattr(torch, "compile", spy_compile)
+        assert run(data, out, "--epochs", "1", "--max-steps", "4", "--lr", "0.1", "--dropout", "0",
+                   "--drop-path-rate", "0", "--precise-bn", "0", *flags) == 0
+        saved = weights_fingerprint(EfficientNetV2.from_pretrained(out))
+    reset_accelerate()
+    return losses, backends, saved
+
+
+def test_compile_trains_like_eager(shapes, tmp_path):
+    """--compile through Accelerate's dynamo backend: the model train.py trains is compiled, with the
+    backend asked for, and its loss, step by step, is eager's (float32 reassociation aside). aot_eager
+    traces the forward and backward graphs like inductor but runs them without generating C++ (inductor
+    takes minutes to compile here; the GPU figures come from benchmarks/training.py --compile)."""
+    eager, eager_backends, _ = tiny_run(shapes, tmp_path / "eager")
+    compiled, backends, saved = tiny_run(shapes, tmp_path / "compiled", "--compile", "aot_eager")
+    assert eager_backends == [] and backends == ["aot_eager"]
+    assert len(eager) == len(compiled) == 4
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert max(eager) - min(eager) > 0.05  # the losses move: a trajectory, not one value four times
+    # the weights saved and fingerprinted are the plain module's, not the compiled wrapper's
+    assert metrics_of(tmp_path / "compiled")["fingerprint"] == saved
+
+
+def test_compile_flag_takes_a_dynamo_backend(tmp_path, capsys):
+    assert train.parse_args(["--data-path", str(tmp_path), "--compile"]).compile == "inductor"
+    assert train.parse_args(["--data-path", str(tmp_path)]).compile is None  # accelerate launch decides
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data-path", str(tmp_path), "--compile", "turbo"])
+    assert "--compile: invalid choice: 'turbo'" in capsys.readouterr().err
