@@ -1,9 +1,9 @@
 """train.py's promised options end to end (README, "Paper-grade options"): --mixed-precision, --channels-last,
 --mixup, --cutmix, --label-smoothing, --warmup-epochs, --randaugment, --pool attention --num-heads, and a
 .safetensors file as --weights. Two runs carry all the flags; each test checks what one flag must change,
-and the other run is its control. --compile has its own pair of runs (eager and compiled) on a two-block
-network. The runs are observed, never altered: global module and optimizer hooks,
-and call-through spies on the loss and on the dataset's images."""
+and the other run is its control. The runs are observed, never altered: global module and optimizer hooks,
+and call-through spies on the loss and on the dataset's images. --compile has its own pair of runs (eager
+and compiled), on a two-block network put in b0's place so that compiling stays cheap."""
 from contextlib import contextmanager
 
 import pytest
