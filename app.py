@@ -27,7 +27,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from typing import Callable
 
 import gradio as gr
 import torch
@@ -42,6 +44,7 @@ from effnetv2.sources import load_model
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = str(HERE / "assets" / "model")
+IMAGENET = "torchvision:s"   # the model picker's second model, for real photos: loaded on first use
 EXAMPLES = [str(p) for p in sorted((HERE / "assets" / "examples").glob("*"),
                                    key=lambda p: (p.name.startswith("photo_"), p.name))  # shapes first
             if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}]
@@ -62,6 +65,8 @@ MAP_PX = 176                 # each map of a gallery: five in a row at 1280 px k
 UNSURE_BELOW = 0.8           # a top probability under this gets "this model knows only ...":
                              # benchmarks/ood_threshold.py, bundled model: 3.4% of 500 shapes of an unseen
                              # seed fall under it, and 100% of noise, 77% of smooth colour fields, both photos
+LISTED_CLASSES = 20          # ... for a model of at most this many classes (ImageNet's 1000 cover most photos,
+                             # and a list of them would say nothing)
 ATTENTION, ATTRIBUTION, GRADCAM = "attention", "attribution", "gradcam"  # the tab's views
 PREDICTED = ""               # the class selector's "the predicted class"
 LEGENDS = {ATTENTION: "Each head's attention weights over the image (each map sums to 1; its own scale).",
@@ -114,6 +119,8 @@ def load(source: str, backend: str = "auto") -> tuple[Predictor, str]:
     predictor(torch.zeros(1, 3, size, size))  # builds the runtime's session now, not on the first request
     if source == DEFAULT_MODEL:
         source = "assets/model (bundled)"
+    elif source == IMAGENET:
+        source = f"{IMAGENET} (ImageNet weights of torchvision)"
     labels = list(predictor.id2label.values())
     shown = ", ".join(labels[:6]) + (f", … ({len(labels)} in all)" if len(labels) > 6 else "")
     pool = (f"attention pooling, {model.num_heads} heads" if model.pool_type == "attention"
@@ -121,6 +128,36 @@ def load(source: str, backend: str = "auto") -> tuple[Predictor, str]:
     header = (f"**EfficientNetV2-{model.variant.upper()}** · {len(labels)} classes: {shown} · "
               f"input {size}×{size} · {pool} · source `{source}` · backend `{predictor.backend}`")
     return predictor, header
+
+
+class Models:
+    """The app's models by the picker's value: the one it started with (``main``), and ImageNet
+    EfficientNetV2-S, loaded on the first request for it (torch backend: no export to wait for)."""
+
+    def __init__(self, predictor: Predictor, header: str, source: str | None = None):
+        self.main = "assets/model" if source in (None, DEFAULT_MODEL) else source
+        classes = len(predictor.id2label)
+        self.choices = [(f"{self.main} ({classes} classes)", self.main)]
+        if self.main != IMAGENET:
+            self.choices.append(("ImageNet EfficientNetV2-S (torchvision weights, 1000 classes; "
+                                 "downloaded on first use)", IMAGENET))
+        self._loaded = {self.main: (predictor, header)}
+        self._lock = threading.Lock()  # two first requests at once load it once
+
+    def get(self, name: str | None) -> tuple[Predictor, str]:
+        """The predictor and header of model ``name`` (empty: ``main``); a message if it cannot be had."""
+        name = name or self.main
+        if name not in self._loaded:
+            if name not in [value for _, value in self.choices]:
+                raise user_error(f"Unknown model {name!r}: choose "
+                                 f"{' or '.join(repr(value) for _, value in self.choices)}.", title="Unknown model")
+            with self._lock:
+                if name not in self._loaded:
+                    try:
+                        self._loaded[name] = load(name, backend="torch")
+                    except (ValueError, OSError, ImportError) as err:  # offline, no weights: what to do
+                        raise user_error(f"Could not load {name}: {err}", title="Model not available") from None
+        return self._loaded[name]
 
 
 # ---- Classify -----------------------------------------------------------------------------------
@@ -133,8 +170,8 @@ def classify(predictor: Predictor, image) -> dict[str, float]:
 
 def unsure_note(top_prob: float, labels: list[str]) -> str:
     """A warning in Markdown when the top probability is under ``UNSURE_BELOW`` (the image is likely
-    none of the model's classes), else ``""``."""
-    if top_prob >= UNSURE_BELOW:
+    none of the model's classes, listed when there are at most ``LISTED_CLASSES``), else ``""``."""
+    if top_prob >= UNSURE_BELOW or len(labels) > LISTED_CLASSES:
         return ""
     return (f"**Unsure ({top_prob:.0%}).** This model knows only {len(labels)} classes: "
             f"{', '.join(labels)}. An image of anything else still gets one of them.")
@@ -353,22 +390,23 @@ def examples(image: gr.Image) -> list:
     return [gr.Examples(paths, inputs=image, label=label).load_input_event for label, paths in sets if paths]
 
 
-def classify_tab(predictor: Predictor) -> gr.Image:
+def classify_tab(models: Models, picker: gr.Dropdown) -> gr.Image:
     """Tab "Classify": an image → the top-``TOP_K`` labels, and a note when the model is unsure.
     Returns its image input."""
     @named("classify")
-    def run_classify(image):
-        """Classify an image with the loaded EfficientNetV2: the top-5 labels with their probabilities.
+    def run_classify(image, model):
+        """Classify an image with EfficientNetV2: the top-5 labels with their probabilities.
 
         Args:
             image: the image to classify (PNG, JPEG or WebP; URL or file).
+            model: the app's own model (the default), or "torchvision:s" for ImageNet EfficientNetV2-S.
         Returns:
             the most likely label and the top-5 labels with their probabilities (they sum to at most 1).
         """
-        return classify(predictor, image)
+        return classify(models.get(model)[0], image)
 
-    def note(result):
-        return unsure_note(max(result.values(), default=1.0), list(predictor.id2label.values()))
+    def note(result, model):
+        return unsure_note(max(result.values(), default=1.0), list(models.get(model)[0].id2label.values()))
 
     with gr.Row():
         with gr.Column():
@@ -378,22 +416,36 @@ def classify_tab(predictor: Predictor) -> gr.Image:
         with gr.Column():
             labels = gr.Label(num_top_classes=TOP_K, label=f"Top {TOP_K}", elem_id="classify-label")
             warning = gr.Markdown(elem_id="classify-note")
-    button.click(run_classify, image, labels, api_name="classify", preprocess=False, concurrency_id=COMPUTE)
+    button.click(run_classify, [image, picker], labels, api_name="classify", preprocess=False,
+                 concurrency_id=COMPUTE)
     for loaded in examples(image):
-        loaded.then(run_classify, image, labels, preprocess=False, concurrency_id=COMPUTE, api_visibility="private")
+        loaded.then(run_classify, [image, picker], labels, preprocess=False, concurrency_id=COMPUTE,
+                    api_visibility="private")
     # No progress timer on the note: it would flash "0.0s" under every answer.
-    labels.change(note, labels, warning, queue=False, show_progress="hidden", api_visibility="private")
+    labels.change(note, [labels, picker], warning, queue=False, show_progress="hidden", api_visibility="private")
     return image
 
 
-def attention_tab(predictor: Predictor) -> gr.Image:
+def class_choices(predictor: Predictor) -> list[tuple[str, str]]:
+    """The class selector's choices: the predicted class, then every label of the model."""
+    return [("the predicted class", PREDICTED), *((label, label) for label in predictor.id2label.values())]
+
+
+def query_choices(model) -> list[tuple[str, str]]:
+    """The query switch's choices: the pooled query (attention pool) or the most attended cell, and a clicked cell."""
+    return [("pooled query" if model.pool_type == "attention" else "most attended cell", POOLED),
+            ("the clicked cell", CELL)]
+
+
+def attention_tab(models: Models, picker: gr.Dropdown) -> tuple[gr.Image, list, Callable]:
     """Tab "Attention": why this class? The views (where each head looks, what each head adds to the
     class, Grad-CAM on a slider), faithfulness, per-head totals, then the score matrix and the maths
-    from a query cell picked on the grid. Returns its image input."""
-    labels = list(predictor.id2label.values())
+    from a query cell picked on the grid. Returns its image input, and the components that follow
+    the picked model with the function giving their new values (from a predictor)."""
+    predictor = models.get(models.main)[0]
 
     @named("attention")
-    def run_attention(image, query, row, col):
+    def run_attention(image, query, row, col, model):
         """Where each attention head of the model looks in an image.
 
         Args:
@@ -401,33 +453,35 @@ def attention_tab(predictor: Predictor) -> gr.Image:
             query: "pooled" for the classifier's query, or "cell" for the token at grid cell (row, col).
             row: the query cell's row in the feature grid (used when query is "cell").
             col: the query cell's column in the feature grid (used when query is "cell").
+            model: the app's own model (the default), or "torchvision:s" for ImageNet EfficientNetV2-S.
         Returns:
             one attention map per head and their mean (with peak weights), the query-by-key weight
             matrix, the maths with this image's tensor shapes, and the feature grid drawn on the image.
         """
-        return as_files(attention(predictor, image, query, row, col))
+        return as_files(attention(models.get(model)[0], image, query, row, col))
 
-    def run_attention_example(image):
-        return *as_files(attention(predictor, image)), POOLED
+    def run_attention_example(image, model):
+        return *as_files(attention(models.get(model)[0], image)), POOLED
 
     @named("explain")
-    def run_explain(image, class_name):
+    def run_explain(image, class_name, model):
         """Why the model gives an image a class: each attention head's exact signed share of the
         class score over the image, and how faithful that map is.
 
         Args:
             image: the image (PNG, JPEG or WebP; URL or file).
             class_name: one of the model's class names, or "" for the predicted class.
+            model: the app's own model (the default), or "torchvision:s" for ImageNet EfficientNetV2-S.
         Returns:
             the attribution pictures (one per head and their sum; red pushes towards the class, blue
             against), each head's total contribution to the class score, the faithfulness table
             (deletion AUC of each map kind against a random map's, lower is better), and the
             Grad-CAM / attribution pair.
         """
-        return explain_and_name(image, class_name)[:4]
+        return explain_and_name(image, class_name, model)[:4]
 
-    def explain_and_name(image, class_name):  # the UI's: also the class, to name the view after it
-        gallery, totals, faithfulness, pair, label = explain(predictor, image, class_name)
+    def explain_and_name(image, class_name, model):  # the UI's: also the class, to name the view after it
+        gallery, totals, faithfulness, pair, label = explain(models.get(model)[0], image, class_name)
         return as_files(gallery), totals, faithfulness, as_files(pair), label
 
     def show_view(view):
@@ -436,15 +490,15 @@ def attention_tab(predictor: Predictor) -> gr.Image:
     def name_views(label, view):
         return gr.Radio(choices=view_choices(label), value=view)
 
-    def pick(evt: gr.SelectData):
-        return pick_cell(predictor, evt)
+    def pick(model, evt: gr.SelectData):
+        return pick_cell(models.get(model)[0], evt)
 
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
             image = gr.Image(label="Image", type="filepath", image_mode=None, sources=SOURCES,
                              elem_id="attention-image", height=200)
-            target = gr.Dropdown([("the predicted class", PREDICTED), *((l, l) for l in labels)],
-                                 value=PREDICTED, label="Why this class?", elem_id="class-choice")
+            target = gr.Dropdown(class_choices(predictor), value=PREDICTED, label="Why this class?",
+                                 elem_id="class-choice")
             view = gr.Radio(view_choices(), value=ATTRIBUTION, label="View", elem_id="view-choice")
             button = gr.Button("Explain", variant="primary", elem_id="attention-button")
             example_loads = examples(image)
@@ -466,12 +520,10 @@ def attention_tab(predictor: Predictor) -> gr.Image:
                                         height=220, elem_id="head-totals", sort=None)
     explained = gr.State()
     with gr.Accordion("How the attention is computed: query cell, score matrix, maths", open=True):
-        gr.Markdown(intro_text(predictor.model), latex_delimiters=LATEX)
+        intro = gr.Markdown(intro_text(predictor.model), latex_delimiters=LATEX)
         with gr.Row():
             with gr.Column(scale=1):
-                pooled_name = "pooled query" if predictor.model.pool_type == "attention" else "most attended cell"
-                query = gr.Radio([(pooled_name, POOLED), ("the clicked cell", CELL)], value=POOLED,
-                                 label="Query", elem_id="query-mode")
+                query = gr.Radio(query_choices(predictor.model), value=POOLED, label="Query", elem_id="query-mode")
                 with gr.Row(visible=False) as cell_inputs:
                     row = gr.Number(0, label="row", precision=0, minimum=0, elem_id="query-row")
                     col = gr.Number(0, label="column", precision=0, minimum=0, elem_id="query-col")
@@ -488,25 +540,29 @@ def attention_tab(predictor: Predictor) -> gr.Image:
     explain_outputs = [shares, totals, faithfulness, slider]  # no State: Gradio's MCP server mishandles one
 
     def then_explain(event):
-        return event.then(explain_and_name, [image, target], [*explain_outputs, explained], preprocess=False,
+        return event.then(explain_and_name, [image, target, picker], [*explain_outputs, explained], preprocess=False,
                           concurrency_id=COMPUTE, api_visibility="private").then(
             name_views, [explained, view], view, queue=False, api_visibility="private")
 
     explain_button = gr.Button(visible=False)  # /explain on its own: image and class → why (registered first: it gets the name)
-    explain_button.click(run_explain, [image, target], explain_outputs, api_name="explain",
+    explain_button.click(run_explain, [image, target, picker], explain_outputs, api_name="explain",
                          preprocess=False, concurrency_id=COMPUTE)
-    then_explain(button.click(run_attention, [image, query, row, col], att_outputs, api_name="attention",
+    then_explain(button.click(run_attention, [image, query, row, col, picker], att_outputs, api_name="attention",
                               preprocess=False, concurrency_id=COMPUTE))
     view.change(show_view, view, [legend, heads, shares, slider], queue=False, api_visibility="private")
     query.change(lambda q: gr.Row(visible=q == CELL), query, cell_inputs, queue=False,
                  api_visibility="private")
-    grid_view.select(pick, None, [query, row, col], api_visibility="private").then(
-        run_attention, [image, query, row, col], att_outputs, preprocess=False,
+    grid_view.select(pick, picker, [query, row, col], api_visibility="private").then(
+        run_attention, [image, query, row, col, picker], att_outputs, preprocess=False,
         concurrency_id=COMPUTE, api_visibility="private")
     for loaded in example_loads:
-        then_explain(loaded.then(run_attention_example, image, att_outputs + [query], preprocess=False,
+        then_explain(loaded.then(run_attention_example, [image, picker], att_outputs + [query], preprocess=False,
                                  concurrency_id=COMPUTE, api_visibility="private"))
-    return image
+
+    def follow(picked: Predictor) -> list:  # another model: its classes, its query, its maths
+        return [gr.Dropdown(choices=class_choices(picked), value=PREDICTED),
+                gr.Radio(choices=query_choices(picked.model), value=POOLED), intro_text(picked.model)]
+    return image, [target, query, intro], follow
 
 
 def intro_text(model) -> str:
@@ -551,20 +607,35 @@ def playground_section() -> None:
                preprocess=False, concurrency_id=COMPUTE)
 
 
-def build_demo(predictor: Predictor, header: str) -> gr.Blocks:
-    """The app around ``predictor``: the tabs, an image given in one tab shown in the other, and the
-    queue set up."""
+def build_demo(predictor: Predictor, header: str, source: str | None = None) -> gr.Blocks:
+    """The app around ``predictor`` (loaded from ``source``) and the model picker: the tabs, an image
+    given in one tab shown in the other, and the queue set up."""
+    models = Models(predictor, header, source)
+
+    def switch(name):
+        """The picked model (loaded now if need be; back to the app's own if it cannot be had)."""
+        try:
+            picked, text = models.get(name)
+        except gr.Error as err:
+            gr.Warning(err.message, title=err.title)
+            name, (picked, text) = models.main, models.get(models.main)
+        return name, text, *follow(picked)
+
     with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False) as demo:
         gr.Markdown("# EfficientNetV2: classify an image and see why")
-        gr.Markdown(header, elem_id="model-header")
+        with gr.Row():
+            model_header = gr.Markdown(header, elem_id="model-header")
+            picker = gr.Dropdown(models.choices, value=models.main, label="Model", elem_id="model-choice",
+                                 visible=len(models.choices) > 1, scale=0, min_width=360)
         with gr.Tabs():
             with gr.Tab("Classify", id="classify"):
-                classify_image = classify_tab(predictor)
+                classify_image = classify_tab(models, picker)
             with gr.Tab("Attention", id="attention"):
-                attention_image = attention_tab(predictor)
+                attention_image, following, follow = attention_tab(models, picker)
                 playground_section()
-        for source, target in ((classify_image, attention_image), (attention_image, classify_image)):
-            source.input(None, source, target, js="(image) => image", api_visibility="private")
+        for image, other in ((classify_image, attention_image), (attention_image, classify_image)):
+            image.input(None, image, other, js="(image) => image", api_visibility="private")
+        picker.input(switch, picker, [picker, model_header, *following], api_visibility="private")
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return demo
 
@@ -572,7 +643,8 @@ def build_demo(predictor: Predictor, header: str) -> gr.Blocks:
 @functools.cache
 def default_demo() -> gr.Blocks:
     """The app around $EFFNETV2_MODEL, else the bundled model (built once, on first use)."""
-    return build_demo(*load(os.environ.get("EFFNETV2_MODEL") or DEFAULT_MODEL))
+    source = os.environ.get("EFFNETV2_MODEL") or DEFAULT_MODEL
+    return build_demo(*load(source), source)
 
 
 def __getattr__(name: str):
@@ -605,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --model {args.model}: {err}", file=sys.stderr)
         return 2
     global demo  # what `gradio app.py` (reload mode) swaps in when this file runs again
-    demo = build_demo(predictor, header)
+    demo = build_demo(predictor, header, args.model)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
                 max_file_size=MAX_FILE_SIZE, footer_links=["api"], css=CSS,
                 mcp_server=MCP_AVAILABLE)

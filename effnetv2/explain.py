@@ -189,10 +189,14 @@ def insertion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tenso
 def deletion_summary(curve: torch.Tensor, label: str, cells: int | None = None) -> str:
     """A deletion curve ``[L+1]`` (one image, :func:`removal_curve`) in plain words, e.g. "removing the
     3 cells this map ranks first drops P(star) from 0.98 to 0.12". ``cells``: how many (default: a
-    tenth of the grid, at least 1)."""
+    tenth of the grid, at least 1). Near 0 or 1 the probabilities get the decimals that tell them apart
+    (a confident model's "from 1.000 to 0.997"), up to 6."""
     steps = curve.shape[-1] - 1
     k = max(1, round(steps / 10)) if cells is None else min(max(1, cells), steps)
     before, after = float(curve[0]), float(curve[k])
-    verb = "drops" if after < before else "raises"
     noun = "cell" if k == 1 else f"{k} cells"
-    return f"removing the {noun} this map ranks first {verb} P({label}) from {before:.2f} to {after:.2f}"
+    digits = next((d for d in range(2, 7) if f"{before:.{d}f}" != f"{after:.{d}f}"), None)
+    if digits is None:
+        return f"removing the {noun} this map ranks first leaves P({label}) at {before:.2f}"
+    verb = "drops" if after < before else "raises"
+    return f"removing the {noun} this map ranks first {verb} P({label}) from {before:.{digits}f} to {after:.{digits}f}"

@@ -441,3 +441,66 @@ def test_model_comes_from_flag_env_or_the_bundled_default(monkeypatch):
     monkeypatch.setenv("EFFNETV2_MODEL", "org/name@v1")
     assert app.parse_args([]).model == "org/name@v1"
     assert app.parse_args(["--model", "torchvision:s"]).model == "torchvision:s"
+
+
+@pytest.fixture(scope="module")
+def torchvision_home(tmp_path_factory):
+    """A torch cache holding a file under the name of torchvision's EfficientNetV2-S weights (random
+    weights: no download is possible here; the ImageNet labels come from torchvision's metadata)."""
+    import torchvision
+
+    home = tmp_path_factory.mktemp("torch-home")
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.efficientnet_v2_s().state_dict(),
+               home / "hub" / "checkpoints" / "efficientnet_v2_s-dd5fe13b.pth")
+    return home
+
+
+def switch_of(demo: gr.Blocks):
+    [fn] = [fn.fn for fn in demo.fns.values() if fn.name == "switch"]
+    return fn
+
+
+def test_model_picker_loads_imagenet_s_on_first_use(loaded, photo, torchvision_home, monkeypatch):
+    """The picker's second model: loaded when first asked for, once; classify, explain (CAM: one
+    "head") and the class list follow it; the app's own model stays the API's default."""
+    monkeypatch.setenv("TORCH_HOME", str(torchvision_home))
+    demo = app.build_demo(*loaded)
+    [picker] = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model-choice"]
+    assert [value for _, value in picker.choices] == ["assets/model", "torchvision:s"]
+    name, header, classes, query, intro = switch_of(demo)("torchvision:s")
+    assert name == "torchvision:s" and "EfficientNetV2-S" in header and "1000 classes" in header
+    assert len(classes.choices) == 1001 and ("tench", "tench") in [tuple(c) for c in classes.choices]
+    assert query.choices[0][0] == "most attended cell" and "averaging" in intro
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        top5 = client.predict(handle_file(str(photo)), "torchvision:s", api_name="/classify")
+        own = client.predict(handle_file(str(photo)), api_name="/classify")  # the default: the app's model
+        _, totals, faithfulness, _ = client.predict(handle_file(str(photo)), "tench", "torchvision:s",
+                                                    api_name="/explain")
+    finally:
+        demo.close()
+    from torchvision.models import EfficientNet_V2_S_Weights
+
+    imagenet = EfficientNet_V2_S_Weights.IMAGENET1K_V1.meta["categories"]
+    assert len(top5["confidences"]) == 5 and {c["label"] for c in top5["confidences"]} <= set(imagenet)
+    assert {c["label"] for c in own["confidences"]} <= set(LABELS)
+    assert "**Why tench?**" in faithfulness and [row[0] for row in totals["data"]] == ["all cells"]
+
+
+def test_model_picker_offline_says_why_and_stays_on_the_apps_model(loaded, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no weights there
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models = app.Models(*loaded)
+    with pytest.raises(gr.Error, match=r"Could not load torchvision:s: the official torchvision EfficientNetV2-S "
+                                       r"weights are not in "
+                                       r"torch's cache and this machine is offline"):
+        models.get("torchvision:s")
+    with pytest.raises(gr.Error, match=r"Unknown model 'resnet': choose 'assets/model' or 'torchvision:s'"):
+        models.get("resnet")
+    with pytest.warns(UserWarning, match="this machine is offline"):  # a toast in the page
+        name, header, classes, *_ = switch_of(app.build_demo(*loaded))("torchvision:s")
+    assert name == "assets/model" and header == loaded[1] and len(classes.choices) == len(LABELS) + 1

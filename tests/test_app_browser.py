@@ -8,6 +8,7 @@ docs/screenshot_*.png come from `EFFNETV2_SCREENSHOT_DIR=docs python -m pytest t
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -109,7 +110,8 @@ def test_attention_tab(page, example, shots):
     page.locator("#view-choice", has_text="what each head adds to star").wait_for()
     faithfulness = page.locator("#faithfulness", has_text="Why star?")
     faithfulness.wait_for()
-    assert "random map" in faithfulness.inner_text() and "ranks first drops P(star)" in faithfulness.inner_text()
+    text = faithfulness.inner_text()  # "drops P(star) from 1.000 to 0.997", or "leaves" when it saturates
+    assert "random map" in text and re.search(r"ranks first (drops|leaves) P\(star\)", text)
     page.locator("#head-totals svg, #head-totals canvas").first.wait_for()  # the bar chart is drawn
     settle(page)
     page.screenshot(path=str(shots / "screenshot_explain.png"))  # the first screen, as a visitor sees it

@@ -117,7 +117,9 @@ def test_mcp_server_lists_the_tools_and_classifies_like_the_client(server, clien
     described = {tool.name: tool for tool in tools}
     assert set(described) == {"classify", "attention", "explain", "textbook"}  # no UI-only event
     assert described["classify"].description.startswith("Classify an image")
-    assert set(described["explain"].inputSchema["properties"]) == {"image", "class_name"}
+    assert set(described["explain"].inputSchema["properties"]) == {"image", "class_name", "model"}
+    model = described["classify"].inputSchema["properties"]["model"]  # the picker: optional, its choices told
+    assert "torchvision:s" in str(model) and "model" not in described["classify"].inputSchema.get("required", [])
     assert not answer.isError
     expected = client.predict(handle_file(example), api_name="/classify")
     assert ast.literal_eval(answer.content[0].text) == expected

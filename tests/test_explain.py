@@ -174,3 +174,6 @@ def test_deletion_summary_in_plain_words():
     assert deletion_summary(curve, "star") == "removing the 3 cells this map ranks first drops P(star) from 0.98 to 0.12"
     assert deletion_summary(curve, "star", cells=1) == "removing the cell this map ranks first drops P(star) from 0.98 to 0.50"
     assert "raises P(circle) from 0.10 to 0.40" in deletion_summary(torch.tensor([0.1, 0.4, 0.2]), "circle")
+    # A confident model: two decimals would read "from 1.00 to 1.00"
+    assert deletion_summary(torch.tensor([0.99996, 0.9971, 0.5]), "star", cells=1).endswith("drops P(star) from 1.000 to 0.997")
+    assert deletion_summary(torch.tensor([0.25, 0.25]), "star").endswith("leaves P(star) at 0.25")

@@ -27,6 +27,7 @@ from hubserver import hub_server  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+IMAGENET_LABELS = torchvision.models.EfficientNet_V2_S_Weights.IMAGENET1K_V1.meta["categories"]
 APP_ADDRESS = "http://127.0.0.1:7860/"  # where the README's client block expects `python app.py`
 
 
@@ -124,5 +125,5 @@ def test_python_api_then_prediction_and_conversion(reader_folder, hub_server):
 def test_the_demo_app_client(reader_folder, tmp_path):
     with running_app(tmp_path / "app.log") as url:
         ns = run_section("The demo app", replace=(APP_ADDRESS, url))
-    assert len(ns["top5"]["confidences"]) == 5
+    assert len(ns["top5"]["confidences"]) == 5 and ns["imagenet5"]["label"] in IMAGENET_LABELS
     assert f"Why {ns['top5']['label']}?" in str(ns["faithfulness"])  # /explain explains the class /classify gives
