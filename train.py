@@ -32,6 +32,12 @@ Choices worth knowing:
   its query/key weights fine-tuned by SGD at the classic lr 0.01 otherwise blow up). A run whose
   loss becomes NaN or infinite stops with an error before that epoch is saved.
 - Checkpoints are per epoch; --max-steps ends an epoch early and that epoch counts as done.
+- On several processes or machines (`accelerate launch`), a step takes --batch-size images on every
+  process: the training images that fill no whole step sit out that epoch (a different random few each
+  time; the log says how many), validation counts every image exactly once, and only the main process
+  writes into --output-dir (the others send it their part of each checkpoint).
+- --compile [BACKEND] runs the model through torch.compile via Accelerate (as `accelerate launch
+  --dynamo_backend`); checkpoints and the saved model hold the plain module.
 """
 from __future__ import annotations
 

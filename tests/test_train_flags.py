@@ -291,9 +291,17 @@ def test_compile_trains_like_eager(shapes, tmp_path):
     assert metrics_of(tmp_path / "compiled")["fingerprint"] == saved
 
 
-def test_compile_flag_takes_a_dynamo_backend(tmp_path, capsys):
-    assert train.parse_args(["--data-path", str(tmp_path), "--compile"]).compile == "inductor"
-    assert train.parse_args(["--data-path", str(tmp_path)]).compile is None  # accelerate launch decides
+def test_compile_flag_takes_a_dynamo_backend(tmp_path, capsys, monkeypatch):
+    def backend(*flags):
+        reset_accelerate()
+        args = train.parse_args(["--data-path", str(tmp_path), "--cpu", *flags])
+        return train.make_accelerator(args, tmp_path / "run").state.dynamo_plugin.backend.value.lower()
+
+    assert backend("--compile") == "inductor" and backend("--compile", "aot_eager") == "aot_eager"
+    assert backend() == "no"
+    # without --compile, `accelerate launch --dynamo_backend` (this variable) decides; with it, the flag
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")
+    assert backend() == "aot_eager" and backend("--compile") == "inductor"
     with pytest.raises(SystemExit):
         train.parse_args(["--data-path", str(tmp_path), "--compile", "turbo"])
     assert "--compile: invalid choice: 'turbo'" in capsys.readouterr().err
