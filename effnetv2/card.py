@@ -19,6 +19,8 @@ CARD_NAME = "README.md"
 MODEL_CARD_TEMPLATE = resources.files(__package__).joinpath("model_card.md").read_text(encoding="utf-8")
 # The evaluation section's markers: a re-run of effnetv2.evaluate replaces what lies between them.
 CARD_BEGIN, CARD_END = "<!-- effnetv2.evaluate: begin -->", "<!-- effnetv2.evaluate: end -->"
+# The shipped graphs' section, rewritten by each `python -m effnetv2.export --ship`.
+GRAPHS_BEGIN, GRAPHS_END = "<!-- effnetv2.export: begin -->", "<!-- effnetv2.export: end -->"
 
 
 def card_upload_patterns(repo_id: str, *, token: str | bool | None = None, revision: str | None = None,
@@ -142,12 +144,43 @@ def _faithfulness_table(maps: dict | None) -> list[str]:
     ]
 
 
+def graphs_section(manifest: dict, files: dict[str, str]) -> str:
+    """The card's section on the graphs shipped in ``onnx/`` (``effnetv2.export.ship_graphs``'s
+    ``manifest``; ``files``: precision → path in the repo): what each is, its hash and its parity."""
+    rows = []
+    for precision, graph in manifest["graphs"].items():
+        if precision == "int8":
+            agreement = graph.get("agreement")
+            parity = (f"top-1 agreement with the float graph {agreement['top1_agreement']:.1%} on {agreement['images']} "
+                      f"held-out images" if agreement else "not measured (no held-out images)")
+            parity += f"; calibrated on {graph['calibration_images']} images"
+        else:
+            parity = f"relative error of the logits vs the eager model {graph['relative_error']:.1e}"
+        rows.append(f"| `{files[precision]}` | {precision} | {graph['image_size'][0]}×{graph['image_size'][1]} | "
+                    f"{parity} | `{graph['sha256'][:16]}…` |")
+    return "\n".join([
+        GRAPHS_BEGIN,
+        "## Runtimes in this repo",
+        "",
+        "Exported graphs, ready for ONNX Runtime or OpenVINO: `Predictor(\"<this repo>\")` runs one after "
+        f"checking its SHA-256 and that it was exported from these weights (fingerprint `{manifest['fingerprint'][:16]}…`, "
+        "in `onnx/graphs.json`), and exports the graph itself otherwise.",
+        "",
+        "| file | precision | input | parity | sha256 |",
+        "|---|---|---|---|---|",
+        *rows,
+        GRAPHS_END,
+    ])
+
+
 def update_card(card: Path, section: str) -> None:
-    """Insert ``section`` before the card's "## Architecture" heading, or replace the one there."""
+    """Insert ``section`` before the card's "## Architecture" heading, or replace the one there with
+    the same markers (the evaluation's or the shipped graphs')."""
     text = card.read_text(encoding="utf-8")
-    if CARD_BEGIN in text:
-        before, rest = text.split(CARD_BEGIN, 1)
-        text = before + section + rest.split(CARD_END, 1)[1]
+    begin, end = (GRAPHS_BEGIN, GRAPHS_END) if section.startswith(GRAPHS_BEGIN) else (CARD_BEGIN, CARD_END)
+    if begin in text:
+        before, rest = text.split(begin, 1)
+        text = before + section + rest.split(end, 1)[1]
     elif "## Architecture" in text:
         before, after = text.split("## Architecture", 1)
         text = before + section + "\n\n## Architecture" + after

@@ -1,15 +1,16 @@
 """The fast inference path: one :class:`Predictor` over the BatchNorm-folded model run by PyTorch,
-ONNX Runtime or OpenVINO.
+ONNX Runtime or OpenVINO, in float32, int8 (CPU runtimes) or bfloat16 (PyTorch, the CUDA default).
 
 ``Predictor(model)(x)`` gives the eager model's logits for a preprocessed batch ``[B, 3, H, W]``;
 ``Predictor(model).predict(images, top_k=5)`` takes PIL images or paths and returns labelled top-k.
 Exported graphs are cached on disk in a private (0700) folder, keyed by a hash of the weights and
 config and checked against their own SHA-256 on every load, so creating a Predictor for the same
-model again is fast and a damaged or replaced graph is exported again.
+model again is fast and a damaged or replaced graph is exported again. A model folder or Hub repo
+that ships its graphs (``python -m effnetv2.export --ship``) has them used as they are, once their
+hash and the weights they were exported from check out.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -24,10 +25,12 @@ import torch
 from PIL import Image
 
 from .checkpoint import weights_fingerprint
-from .export import DEFAULT_OPSET, INPUT_NAME, export_onnx
+from .export import (DEFAULT_OPSET, GRAPHS_MANIFEST, INPUT_NAME, SHIPPED_GRAPHS, export_int8, export_onnx,
+                     graph_fingerprint, sha256_file)
 from .fuse import optimize_for_inference
 from .images import open_image
 from .model import EfficientNetV2
+from .quantize import calibration_batches, calibration_split
 from .transforms import transforms_for
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,11 @@ BACKENDS = ("torch", "onnxruntime", "openvino")
 # EfficientNetV2-S at 384 px, ONNX Runtime 63 ms, OpenVINO 80 ms, the fused PyTorch model 89 ms,
 # torchvision eager 113 ms; b0 at 224 px in the same order.
 AUTO_ORDER = ("onnxruntime", "openvino", "torch")
+# int8 runs on the CPU runtimes only; OpenVINO first: EfficientNetV2-S at 384 px, batch 1, 2 cores:
+# OpenVINO 50 ms, ONNX Runtime 88 ms on the same int8 graph (benchmarks/inference.py).
+INT8_AUTO_ORDER = ("openvino", "onnxruntime")
+PRECISIONS = ("fp32", "bf16", "int8")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Bump when the exported graph changes for the same weights, so stale cached graphs are not reused.
 GRAPH_VERSION = 1
 
@@ -89,12 +97,23 @@ def _cache_subdir(cache_dir: Path, name: str) -> Path:
             return Path(tempfile.mkdtemp(prefix="effnetv2-cache-"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def compile_mode(device: torch.device, batch_size: int) -> str | None:
+    """``torch.compile``'s mode for a batch: CUDA graphs ("reduce-overhead") for one image on CUDA,
+    where launching ~300 kernels costs more than running them; the default mode otherwise (a graph
+    per batch size would be recorded, and large batches are bound by the kernels themselves)."""
+    return "reduce-overhead" if device.type == "cuda" and batch_size == 1 else None
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` saying what to do when it is CUDA and CUDA is
+    not available here."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available here (no GPU found, or a CPU-only build of "
+                         f"PyTorch): use device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported: use 'cpu' or 'cuda'")
+    return device
 
 
 def _write_json_atomically(path: Path, value: dict) -> None:
@@ -108,41 +127,53 @@ class Predictor:
 
     Args:
         model_or_source: the model, or a folder / Hub id ``org/name[@rev]`` / ``torchvision:<variant>``.
+            A folder or repo that ships its graphs (``onnx/``) has them used when they check out.
         backend: "auto" (the fastest installed runtime, falling back to "torch"), "torch" (the
             BatchNorm-folded, channels_last PyTorch model), "onnxruntime" or "openvino".
         num_threads: CPU threads for ONNX Runtime / OpenVINO (None: the runtime's default, all cores).
         cache_dir: where exported graphs are kept (default :func:`default_cache_dir`).
         device: "cpu" (default) or a CUDA device; CUDA runs the "torch" backend.
+        precision: "fp32" (the eager model's logits), "int8" (CPU runtimes; a shipped int8 graph or one
+            calibrated on ``calibration``) or "bf16" (torch backend). Default: "bf16" on CUDA, else "fp32".
+        calibration: a folder of images like those the model will see, to calibrate int8 on.
+        compile: ``torch.compile`` the torch backend (CUDA graphs for batch 1 on CUDA, see
+            :func:`compile_mode`). Default: on for CUDA, off on the CPU.
 
     Attributes: ``model`` (the eager model, untouched), ``config``, ``id2label``, ``backend``
-    (the one in use), ``transform`` (PIL image → ``[3, S, S]``).
+    (the one in use), ``precision``, ``transform`` (PIL image → ``[3, S, S]``), ``graph_path``
+    (the graph the runtime loaded last, None for torch).
     """
 
     def __init__(self, model_or_source: EfficientNetV2 | str | os.PathLike, backend: str = "auto", *,
                  num_threads: int | None = None, cache_dir: str | os.PathLike | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", precision: str | None = None,
+                 calibration: str | os.PathLike | None = None, compile: bool | None = None):
         if backend not in ("auto",) + BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        self.device = check_device(device)
+        self.precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
+        self.compile = self.device.type == "cuda" if compile is None else bool(compile)
+        candidates = self._candidates(backend)
+        self._source = None
         if isinstance(model_or_source, EfficientNetV2):
             self.model = model_or_source
         else:
-            from .sources import load_model
+            from .sources import load_model, parse_source
 
-            self.model = load_model(model_or_source)
-        self.device = torch.device(device)
-        if self.device.type != "cpu" and backend not in ("auto", "torch"):
-            raise ValueError(f"backend {backend!r} runs on the CPU; use backend='torch' for device {device!r}")
+            self._source = parse_source(model_or_source)
+            self.model = load_model(self._source)
         self.config = self.model.config
         self.id2label = self.model.id2label
         self.num_threads = num_threads
         self.transform = transforms_for(self.model)
+        self.graph_path: Path | None = None
+        self._calibration = calibration_split(calibration)[0] if calibration is not None else None
         self._cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self._runners: dict[tuple[int, int], Callable[[np.ndarray], np.ndarray]] = {}
         self._lock = threading.Lock()
         self._fused: EfficientNetV2 | None = None
         self._fingerprint = ""
         self._graph_dir: Path | None = None
-        candidates = ["torch"] if self.device.type != "cpu" else list(AUTO_ORDER) if backend == "auto" else [backend]
         size = self.config["image_size"]
         for name in candidates:
             self.backend = name
@@ -157,6 +188,28 @@ class Predictor:
                            candidates[candidates.index(name) + 1])
                 self._runners.clear()
 
+    def _candidates(self, backend: str) -> list[str]:
+        """The backends to try, in order, for ``backend`` at this device and precision (``ValueError``
+        for combinations that cannot run, saying which can)."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.device.type == "cuda":
+            if backend not in ("auto", "torch") or self.precision == "int8":
+                raise ValueError(f"on {self.device} only backend='torch' runs, in precision 'fp32' or 'bf16' (got "
+                                 f"backend={backend!r}, precision={self.precision!r}); int8 runs on the CPU")
+            return ["torch"]
+        if self.compile and backend not in ("auto", "torch"):
+            raise ValueError(f"compile=True applies to backend='torch', not {backend!r}")
+        if self.precision == "int8":
+            if backend == "torch" or self.compile:
+                raise ValueError("precision='int8' runs on backend 'onnxruntime' or 'openvino' (or 'auto'), not on torch")
+            return list(INT8_AUTO_ORDER) if backend == "auto" else [backend]
+        if self.precision == "bf16":
+            if backend not in ("auto", "torch"):
+                raise ValueError(f"precision='bf16' runs on backend='torch', not {backend!r}")
+            return ["torch"]
+        return ["torch"] if self.compile else list(AUTO_ORDER) if backend == "auto" else [backend]
+
     # ---- backends ---------------------------------------------------------------------------------
 
     def _runner(self, height: int, width: int) -> Callable:
@@ -168,41 +221,103 @@ class Predictor:
                     self._runners[key] = self._torch_runner()
                 else:
                     module = _import_runtime(self.backend)
-                    path = self._onnx_path(height, width)
+                    path = self._graph(height, width)
                     build = self._onnxruntime_runner if self.backend == "onnxruntime" else self._openvino_runner
                     self._runners[key] = build(module, path)
+                    self.graph_path = path
             return self._runners[key]
 
     def _torch_runner(self) -> Callable:
+        """The fused model in ``precision``, channels_last (the layout cuDNN and oneDNN convolve fastest,
+        inputs included), optionally compiled; logits come back as float32."""
+        dtype = TORCH_DTYPES[self.precision]
         if self._fused is None:
-            self._fused = optimize_for_inference(self.model, channels_last=True, device=self.device)
+            self._fused = optimize_for_inference(self.model, channels_last=True, device=self.device, dtype=dtype)
         fused = self._fused
+        compiled: dict[str | None, Callable] = {}
 
         def run(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(self.device, dtype).contiguous(memory_format=torch.channels_last)
+            module = fused
+            if self.compile:
+                mode = compile_mode(self.device, x.shape[0])
+                if mode not in compiled:
+                    compiled[mode] = torch.compile(fused, mode=mode)
+                module = compiled[mode]
             with torch.inference_mode():
-                return fused(x.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last))
+                # a copy: a CUDA graph's output buffer is overwritten by its next replay
+                return module(x).to(torch.float32, copy=True)
         return run
 
+    def _graph(self, height: int, width: int) -> Path:
+        """The graph the runtime loads: the one shipped with the model when it checks out, else the
+        cached export (made on first use)."""
+        return self._shipped_graph(height, width) or self._onnx_path(height, width)
+
+    def _shipped_graph(self, height: int, width: int) -> Path | None:
+        """The ``precision`` graph shipped in the model's folder or Hub repo, when its manifest says it was
+        exported from these very weights at this size and the file has the SHA-256 recorded there; None
+        (with a one-line warning naming why, when a graph is shipped but unusable) otherwise."""
+        source = self._source
+        if source is None or source.kind not in ("folder", "hub"):
+            return None
+        from .hub import ModelDownloadError, resolve_file
+
+        model_id = str(source.path) if source.kind == "folder" else source.repo_id
+        name = SHIPPED_GRAPHS[self.precision]
+        try:
+            manifest_path = resolve_file(model_id, GRAPHS_MANIFEST, source.revision)
+            if manifest_path is None:
+                return None
+            manifest = json.loads(Path(manifest_path).read_text())
+            graph = manifest["graphs"].get(self.precision)
+            if graph is None or graph["image_size"] != [height, width]:
+                return None
+            problem = None
+            if manifest["fingerprint"] != graph_fingerprint(self.model):
+                problem = "it was exported from other weights (its fingerprint in onnx/graphs.json differs)"
+            elif (path := resolve_file(model_id, name, source.revision)) is None:
+                problem = "the file is missing"
+            elif sha256_file(path) != graph["sha256"]:
+                problem = "its SHA-256 differs from the one in onnx/graphs.json (damaged or replaced)"
+        except (ModelDownloadError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            problem = f"it could not be read ({type(err).__name__}: {err})"
+        if problem:
+            logger.warning("shipped graph %s of %s is not used: %s; exporting it here instead",
+                           name, source.text, problem)
+            return None
+        logger.info("using the graph shipped with %s: %s", source.text, name)
+        return Path(path)
+
     def _onnx_path(self, height: int, width: int) -> Path:
-        """The cached ONNX graph for this model at ``height x width``, exported on first use.
+        """The cached ONNX graph for this model at ``height x width`` in ``precision``, exported on first use.
 
         Beside each graph a record holds the model fingerprint, the size and the graph's SHA-256;
         a graph that does not match its record (overwritten, truncated, unreadable) is exported
         again with a warning, so a cached graph always computes this model's logits.
         """
+        int8 = self.precision == "int8"
+        if int8 and self._calibration is None:
+            raise ValueError("precision='int8' needs calibration images: pass calibration=FOLDER (images like the ones "
+                             "the model will see), or load a model folder or Hub repo that ships onnx/model_int8.onnx")
+        if int8 and height != width:
+            raise ValueError(f"int8 graphs are calibrated on square images; got a {height}x{width} batch")
         if not self._fingerprint:
-            # the graph depends on the weights, the config and the exporter (torch, GRAPH_VERSION)
+            # the graph depends on the weights, the config, the exporter (torch, GRAPH_VERSION) and, for
+            # int8, the calibration images
+            calibration = [sha256_file(p) for p in self._calibration] if int8 else []
             self._fingerprint = weights_fingerprint(self.model, json.dumps(self.model.config, sort_keys=True, default=str),
-                                                    f"{torch.__version__}/{GRAPH_VERSION}")[:24]
+                                                    f"{torch.__version__}/{GRAPH_VERSION}", *calibration)[:24]
         if self._graph_dir is None:
             self._graph_dir = _cache_subdir(self._cache_dir, "onnx")
-        path = self._graph_dir / f"effnetv2-{self.model.variant}-{self._fingerprint}-{height}x{width}.onnx"
+        suffix = "-int8" if int8 else ""
+        path = self._graph_dir / f"effnetv2-{self.model.variant}-{self._fingerprint}-{height}x{width}{suffix}.onnx"
         record_path = path.with_suffix(".json")
         expected = {"fingerprint": self._fingerprint, "size": [height, width]}
         if path.exists() or record_path.exists():
             try:
                 record = json.loads(record_path.read_text())
-                if {k: record.get(k) for k in expected} == expected and record.get("sha256") == _sha256(path):
+                if {k: record.get(k) for k in expected} == expected and record.get("sha256") == sha256_file(path):
                     return path
                 problem = "it does not match its record (overwritten or truncated?)"
             except (OSError, ValueError) as err:
@@ -210,9 +325,14 @@ class Predictor:
             logger.warning("cached graph %s is not the one exported for this model: %s; exporting it again",
                            path, problem)
         else:
-            logger.info("exporting EfficientNetV2-%s at %dx%d to %s", self.model.variant, height, width, path)
-        export_onnx(self.model, path, (height, width), opset=DEFAULT_OPSET)
-        _write_json_atomically(record_path, {**expected, "sha256": _sha256(path)})
+            logger.info("exporting EfficientNetV2-%s at %dx%d%s to %s", self.model.variant, height, width,
+                        " (int8)" if int8 else "", path)
+        if int8:
+            export_int8(self.model, path, calibration_batches(self.config, self._calibration, image_size=height),
+                        (height, width))
+        else:
+            export_onnx(self.model, path, (height, width), opset=DEFAULT_OPSET)
+        _write_json_atomically(record_path, {**expected, "sha256": sha256_file(path)})
         return path
 
     def _onnxruntime_runner(self, ort, path: Path) -> Callable:
@@ -228,7 +348,7 @@ class Predictor:
         # OpenVINO keeps the compiled graph here too, which makes the next compile of it fast.
         core.set_property({"CACHE_DIR": str(_cache_subdir(self._cache_dir, "openvino"))})
         # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise run in bf16 and the
-        # logits would no longer equal the eager model's.
+        # logits would no longer equal the eager model's (an int8 graph keeps its float parts in f32).
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if self.num_threads:
             config["INFERENCE_NUM_THREADS"] = self.num_threads
@@ -247,8 +367,8 @@ class Predictor:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, num_classes]`` for a preprocessed float batch ``x`` ``[B, 3, H, W]``.
 
-        Equal to ``model(x)`` of the eager model (to float rounding). Runtimes return CPU tensors;
-        the torch backend returns them on ``device``.
+        Equal to ``model(x)`` of the eager model (to float rounding) in fp32; close to it in int8 and
+        bf16. Always float32; runtimes return CPU tensors, the torch backend returns them on ``device``.
         """
         in_chans = self.config["in_chans"]
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != in_chans:
@@ -285,4 +405,4 @@ class Predictor:
 
     def __repr__(self) -> str:
         return (f"Predictor(EfficientNetV2-{self.model.variant}, {self.model.num_classes} classes, "
-                f"backend={self.backend!r}, image_size={self.config['image_size']})")
+                f"backend={self.backend!r}, precision={self.precision!r}, image_size={self.config['image_size']})")
