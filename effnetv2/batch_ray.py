@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -52,6 +53,18 @@ def import_ray():
     return ray
 
 
+def _check_reachable(address: str | None) -> None:
+    """ConnectionError when nothing listens at a HOST:PORT ``address`` (Ray itself would retry for minutes)."""
+    if address is None or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except (OSError, ValueError) as err:
+        raise ConnectionError(f"--address {address}: no Ray cluster answers there ({err}); start one with "
+                              f"`ray start --head`, or give the head node's HOST:PORT") from None
+
+
 @contextmanager
 def ray_session(address: str | None = None, **init_options) -> Iterator[None]:
     """Ray connected for the block.
@@ -65,6 +78,7 @@ def ray_session(address: str | None = None, **init_options) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    _check_reachable(address)
     ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
              **{name: value for name, value in init_options.items() if value is not None})
     try:

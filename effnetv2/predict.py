@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows = predictions_on_ray(model, files, args.top_k, args.batch_size, options, progress=not args.quiet)
                 write_results(_noting_errors(chain(rows, missing_rows(missing)), bad), args.output)
         except ConnectionError as err:
-            print(f"error: --address {args.address}: {err}", file=sys.stderr)
+            print(f"error: {err}", file=sys.stderr)
             return 2
         engine = f"Ray Data, {args.num_actors} actor(s)"
     report_bad_files(bad)

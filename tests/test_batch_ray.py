@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -106,12 +107,12 @@ def ray_processes(temp_dir: str) -> list[psutil.Process]:
 
 
 def stop_ray(temp_dir: str) -> None:
-    """Stop the Ray started with ``temp_dir``: SIGTERM, SIGKILL what is left after 5 s."""
+    """Stop the Ray started with ``temp_dir``: SIGTERM, SIGKILL what is left after 2 s."""
     procs = ray_processes(temp_dir)
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=5)
+    _, alive = psutil.wait_procs(procs, timeout=2)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
@@ -124,10 +125,13 @@ def test_ray_engine_on_a_ray_it_starts_writes_the_local_rows(env, photos, local_
     env.setenv("RAY_TMPDIR", temp_root)  # Ray's own variable: its folders go under $RAY_TMPDIR/ray
     out = tmp_path / "preds.parquet"
     try:
-        with pytest.warns(UserWarning, match="skipping 7 unreadable"):
+        # not pytest.warns: it would show every other warning too, Ray's own that pyproject.toml filters
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
             assert main(["--engine", "ray", "--num-actors", "2", "--cpus-per-actor", "0.5", "--model", str(model_dir),
                          str(folder), str(folder / "gone.png"), "--top-k", "3", "--batch-size", "16", "--quiet",
                          "--object-store-memory", str(OBJECT_STORE), "--output", str(out)]) == 0
+        assert any(str(w.message).startswith("skipping 7 unreadable") for w in caught)
         assert_same_rows(read_results(out), local_rows)
         assert not ray.is_initialized() and not ray_processes(temp_root)  # the command stopped its Ray
     finally:
@@ -178,6 +182,14 @@ def test_without_ray_the_error_says_what_to_install(photos, monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if it were not installed
     assert main(["--engine", "ray", "--model", str(model_dir), str(folder)]) == 2
     assert "pip install 'effnetv2[scale]'" in capsys.readouterr().err
+
+
+def test_an_address_where_no_ray_answers_is_one_error_line(photos, capsys):
+    model_dir, folder, _ = photos
+    address = f"{LOOPBACK}:{free_port()}"  # free: nothing listens there
+    assert main(["--engine", "ray", "--address", address, "--model", str(model_dir), str(folder)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --address {address}: no Ray cluster answers there")
+    assert not ray.is_initialized()
 
 
 def test_object_store_memory_is_refused_with_an_address(photos):
