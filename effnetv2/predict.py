@@ -128,19 +128,24 @@ def _records(rows: Iterable[Prediction]) -> Iterator[dict]:
                "error": row.error}
 
 
-def _write_parquet(rows: Iterable[Prediction], output: Path) -> None:
+def _pyarrow():
+    """``(pyarrow, pyarrow.parquet)``, or ImportError saying how to install them."""
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow
+        import pyarrow.parquet
     except ImportError as err:
-        raise ImportError(f"--output {output}: writing Parquet needs pyarrow ({err}): "
+        raise ImportError(f"writing .parquet needs pyarrow, which is not installed ({err}): "
                           f"pip install pyarrow, or 'effnetv2[scale]'") from err
+    return pyarrow, pyarrow.parquet
+
+
+def _write_parquet(rows: Iterable[Prediction], output: Path) -> None:
+    pa, pq = _pyarrow()
     schema = pa.schema([("path", pa.string()),
                         ("predictions", pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))),
                         ("error", pa.string())])
     records = _records(rows)
     with pq.ParquetWriter(output, schema) as writer:
-        writer.write_table(pa.Table.from_pylist([], schema=schema))  # the schema even when there are no rows
         while chunk := list(islice(records, _PARQUET_ROWS)):
             writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
 
@@ -192,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="decoding threads (--engine local)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    ray_options = parser.add_argument_group("--engine ray (Ray Data; pip install 'effnetv2[scale]')")
-    ray_options.add_argument("--engine", default="local", choices=("local", "ray"),
-                             help="local: this process; ray: decoding in Ray tasks, the model in an actor pool")
+    parser.add_argument("--engine", default="local", choices=("local", "ray"),
+                        help="local: this process; ray: Ray Data, decoding in tasks, the model in an actor pool")
+    ray_options = parser.add_argument_group("--engine ray (pip install 'effnetv2[scale]')")
     ray_options.add_argument("--address", default=None,
                              help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: $RAY_ADDRESS, "
                                   "else a Ray started on this machine by `ray start`, else a new local Ray)")
@@ -220,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no image files in {' '.join(args.paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})",
               file=sys.stderr)
         return 2
-    try:  # the model first: a wrong --model fails before any Ray starts
+    try:  # what can fail fast first: a wrong --model, a missing package, before any work or Ray starts
+        if args.output and Path(args.output).suffix.lower() == ".parquet":
+            _pyarrow()
         if args.engine == "local":
             predictor = Predictor(args.model, backend=args.backend)
         else:
@@ -248,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = f"Ray Data, {args.num_actors} actor(s)"
     report_bad_files(bad)
     if args.output:
-        print(f"{len(files) + len(missing) - len(bad)} predictions written to {args.output} ({engine}, "
-              f"{len(bad)} skipped)", file=sys.stderr)
+        print(f"{len(files) + len(missing) - len(bad)} predictions and {len(bad)} errors written to {args.output} "
+              f"({engine})", file=sys.stderr)
     return 0 if len(bad) < len(files) + len(missing) else 1
 
 
