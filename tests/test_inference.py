@@ -245,3 +245,72 @@ def test_graph_cache_folders_are_private(model, tmp_path, monkeypatch):
         taken = inference._cache_subdir(tmp_path / "not-a-folder", "onnx")
         assert taken.parent == tmp_path / "tmp" and taken.name.startswith("effnetv2-cache-") and taken != folder.parent
         assert mode(taken) == 0o700
+
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the message shown where CUDA is absent")
+def test_cuda_without_cuda_says_so(model):
+    with pytest.raises(ValueError, match=r"device 'cuda': CUDA is not available here .* use device='cpu'"):
+        Predictor(model, device="cuda")
+
+
+def test_precision_backend_and_device_combinations_are_checked(model, cache_dir):
+    with pytest.raises(ValueError, match="precision='bf16' runs on backend='torch'"):
+        Predictor(model, backend="onnxruntime", precision="bf16", cache_dir=cache_dir)
+    with pytest.raises(ValueError, match="compile=True applies to backend='torch'"):
+        Predictor(model, backend="openvino", compile=True, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match="not supported: use 'cpu' or 'cuda'"):
+        Predictor(model, device="meta")
+    predictor = Predictor(model, backend="auto", precision="bf16", cache_dir=cache_dir)
+    assert predictor.backend == "torch" and not predictor.compile  # compiling is the CUDA default only
+    assert Predictor(model, backend="auto", cache_dir=cache_dir).precision == "fp32"
+
+
+def test_compile_mode_records_cuda_graphs_for_single_images_on_cuda_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert inference.compile_mode(cuda, 1) == "reduce-overhead"
+    assert inference.compile_mode(cuda, 128) is None and inference.compile_mode(cpu, 1) is None
+
+
+def test_bf16_torch_path_is_channels_last_and_close_to_fp32(model, batch, monkeypatch):
+    """The path CUDA takes (bf16, channels_last, compiled), run on the CPU: every convolution sees an
+    NHWC bf16 input, the logits come back float32 and pick the eager model's classes; torch.compile is
+    called once per mode on the fused model (stood in by the identity: compiling is CUDA's cost)."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: compiled.append((module, mode)) or module)
+    predictor = Predictor(model, backend="torch", precision="bf16", compile=True)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, i[0].is_contiguous(
+        memory_format=torch.channels_last) or i[0].shape[-1] == 1))) for m in predictor._fused.modules()
+        if isinstance(m, nn.Conv2d)]
+    logits = predictor(batch)  # NCHW float32 in, as a user would pass it
+    predictor(batch[:1])
+    for hook in hooks:
+        hook.remove()
+    assert seen and all(dtype == torch.bfloat16 and channels_last for dtype, channels_last in seen)
+    assert logits.dtype == torch.float32
+    with torch.no_grad():
+        expected = model(batch)
+    assert torch.equal(logits.argmax(1), expected.argmax(1))
+    assert 1e-4 < relative_error(logits, expected) < 0.05  # bf16: close, and really not float32
+    assert [mode for _, mode in compiled] == [None] and compiled[0][0] is predictor._fused  # CPU: default mode
+    assert predictor._fused.stem.conv.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_predictor_is_bf16_compiled_and_matches_eager(model, batch):
+    predictor = Predictor(model, device="cuda")
+    assert (predictor.backend, predictor.precision, predictor.compile) == ("torch", "bf16", True)
+    with torch.no_grad():
+        expected = model(batch)
+    for x in (batch, batch[:1], batch[:1]):  # batch 1 twice: the CUDA graph's replay, copied out
+        logits = predictor(x)
+        assert logits.device.type == "cuda" and logits.dtype == torch.float32
+        assert torch.equal(logits.argmax(1).cpu(), expected[:len(x)].argmax(1))
+        assert relative_error(logits.cpu(), expected[:len(x)]) < 0.05
+    first = predictor(batch[:1])
+    predictor(batch[1:2])
+    assert torch.equal(first.argmax(1).cpu(), expected[:1].argmax(1))  # not overwritten by the next replay
+    assert predictor._fused.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
