@@ -32,9 +32,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+from PIL import Image
 
 from .images import ImageLoadError, open_image
 from .inference import BACKENDS, Predictor
@@ -90,7 +91,8 @@ def image_payload(body: bytes, content_type: str) -> tuple[bytes, str]:
     raise RequestError(400, f"the multipart upload has no file part: {SEND_IMAGE}")
 
 
-def decode(data: bytes, name: str, transform) -> tuple[torch.Tensor, str | None]:
+def decode(data: bytes, name: str,
+           transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, str | None]:
     """Image bytes → the model input ``[3, S, S]`` (``transform`` of the RGB image) and a warning or
     None. Decoded by ``effnetv2.images.open_image`` from a private temporary file, so that every format
     and every bad-file rule is the library's; 400 naming ``name`` when the image is not usable."""
