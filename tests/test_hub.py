@@ -416,3 +416,85 @@ def test_an_oversized_local_config_is_refused_before_it_is_parsed(tmp_path, monk
     monkeypatch.setattr(json, "load", lambda *a, **k: pytest.fail("config.json was parsed"))
     with pytest.raises(ValueError, match=rf"m/config.json is {len(padded):,} bytes, more than the 16,777,216"):
         EfficientNetV2.from_pretrained(tmp_path / "m")
+
+
+def write_images(folder: Path, count: int, size: int = 40) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = torch.Generator().manual_seed(count)
+    for i in range(count):
+        pixels = torch.randint(0, 256, (size, size, 3), generator=rng, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
+
+
+def push_shipped(model: EfficientNetV2, repo_id: str, folder: Path, calibration: Path | None = None) -> dict:
+    """save_pretrained + ship_graphs into ``folder``, uploaded as ``repo_id``; the manifest."""
+    from effnetv2.export import ship_graphs
+
+    model.save_pretrained(folder)
+    manifest = ship_graphs(model, folder, calibration)
+    HfApi().create_repo(repo_id, exist_ok=True)
+    HfApi().upload_folder(repo_id=repo_id, folder_path=folder)
+    return manifest
+
+
+def test_shipped_graphs_run_from_the_hub_without_exporting(hub_server, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import effnetv2.inference as inference
+    from effnetv2.export import relative_error
+    from effnetv2.inference import Predictor
+
+    model = tiny()
+    manifest = push_shipped(model, "org/shipped", tmp_path / "folder", write_images(tmp_path / "calibration", 12))
+    stored = hub_server.files("org/shipped")
+    assert {"onnx/model.onnx", "onnx/model_int8.onnx", "onnx/graphs.json"} <= set(stored)
+    card = stored["README.md"].decode()
+    assert "## Runtimes in this repo" in card and manifest["graphs"]["int8"]["sha256"][:16] in card
+    assert hashlib.sha256(stored["onnx/model.onnx"]).hexdigest() == manifest["graphs"]["fp32"]["sha256"]
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported although the repo ships a good graph")
+
+    monkeypatch.setattr(inference, "export_onnx", no_export)
+    monkeypatch.setattr(inference, "export_int8", no_export)
+    cache = tmp_path / "graph-cache"
+    predictor = Predictor("org/shipped", backend="onnxruntime", cache_dir=cache)
+    assert predictor.graph_path.read_bytes() == stored["onnx/model.onnx"]
+    assert relative_error(predictor(X), model(X).detach()) < 1e-5
+    int8 = Predictor("org/shipped", backend="onnxruntime", precision="int8", cache_dir=cache)  # no calibration: shipped
+    assert int8.graph_path.read_bytes() == stored["onnx/model_int8.onnx"]
+    assert int8(X).shape == (2, 3)
+    assert not cache.exists() or not list(cache.rglob("*.onnx"))
+
+
+def test_a_tampered_shipped_graph_or_new_weights_fall_back_to_exporting(hub_server, tmp_path, monkeypatch, caplog):
+    pytest.importorskip("onnxruntime")
+    import effnetv2.inference as inference
+    from effnetv2.export import export_onnx, relative_error
+    from effnetv2.inference import Predictor
+
+    model, other = tiny(), tiny(seed=1)
+    assert not torch.equal(model(X).argmax(1), other(X).argmax(1))  # a wrong graph shows in the classes
+    push_shipped(model, "org/swapped", tmp_path / "swapped")
+    swapped = export_onnx(other, tmp_path / "other.onnx").read_bytes()
+    HfApi().upload_file(path_or_fileobj=swapped, path_in_repo="onnx/model.onnx", repo_id="org/swapped")
+    push_shipped(model, "org/retrained", tmp_path / "retrained")
+    other.save_pretrained(tmp_path / "other")  # new weights uploaded, the graphs left as they were
+    HfApi().upload_file(path_or_fileobj=tmp_path / "other" / "model.safetensors", path_in_repo="model.safetensors",
+                        repo_id="org/retrained")
+    exports = []
+    real_export = inference.export_onnx
+    monkeypatch.setattr(inference, "export_onnx", lambda *a, **k: exports.append(a[0]) or real_export(*a, **k))
+    for repo, weights, why in (
+            ("org/swapped", model, "its SHA-256 differs from the one in onnx/graphs.json (damaged or replaced)"),
+            ("org/retrained", other, "it was exported from other weights (its fingerprint in onnx/graphs.json differs)")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="effnetv2.inference"):
+            predictor = Predictor(repo, backend="onnxruntime", cache_dir=tmp_path / "cache")
+        assert [r.getMessage() for r in caplog.records] == [
+            f"shipped graph onnx/model.onnx of {repo} is not used: {why}; exporting it here instead"]
+        assert predictor.graph_path.parent == tmp_path / "cache" / "onnx"
+        assert relative_error(predictor(X), weights(X).detach()) < 1e-5
+    assert len(exports) == 2
