@@ -1,9 +1,10 @@
 """Training throughput: train.py's steps against a bare forward/backward loop of the same model and
-batch (what data loading, augmentation and Accelerate cost), and a frozen backbone against full
-fine-tuning.
+batch (what data loading, augmentation and Accelerate cost), a frozen backbone against full
+fine-tuning, and with --compile, torch.compile against eager.
 
     python benchmarks/training.py                              # b0 at 128 px, batch 16, CPU
     python benchmarks/training.py --variant s --image-size 300 --batch-size 32 --device cuda   # GPU: bf16, channels_last
+    python benchmarks/training.py --variant s --image-size 300 --batch-size 32 --device cuda --compile   # + compiled rows
     python benchmarks/training.py --skip-train-py              # the bare loop only
 
 The bare loop feeds one pre-made batch of random images (no data loading) to SGD (momentum 0.9,
@@ -11,6 +12,12 @@ weight decay 1e-4, as train.py); its steps are timed after ``--warmup`` steps. t
 subprocess on a generated ``shapes`` set for ``--steps`` optimizer steps (one epoch cut short by
 --max-steps) and reports its own images/s, which include the first batch's data-loader start-up.
 Random initial weights: nothing is downloaded.
+
+--compile [BACKEND] (inductor by default) adds a compiled row per mode: the bare loop with
+``torch.compile(model, backend=BACKEND)`` (compiled during its warmup steps) and train.py with
+``--compile BACKEND``. train.py compiles during its first steps, so with --compile every train.py
+run (eager too) trains two epochs without --max-steps and reports the second one's images/s. On a CPU
+inductor needs a C++ compiler and takes minutes to compile; the figures worth having are a GPU's.
 """
 from __future__ import annotations
 
@@ -42,8 +49,9 @@ def sync(device: torch.device) -> None:
 
 
 def bare_loop(variant: str, size: int, batch: int, steps: int, warmup: int, device: torch.device,
-              frozen: bool) -> float:
-    """Images per second of plain forward/backward/SGD steps on one resident batch."""
+              frozen: bool, backend: str | None = None) -> float:
+    """Images per second of plain forward/backward/SGD steps on one resident batch; ``backend``:
+    run the model through ``torch.compile`` with it (None: eager)."""
     model = EfficientNetV2(variant, num_classes=NUM_CLASSES).to(device)
     if frozen:
         freeze_backbone(model)
@@ -55,6 +63,8 @@ def bare_loop(variant: str, size: int, batch: int, steps: int, warmup: int, devi
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    if backend:
+        model = torch.compile(model, backend=backend)
     x = torch.randn(batch, 3, size, size, device=device)
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -75,17 +85,19 @@ def bare_loop(variant: str, size: int, batch: int, steps: int, warmup: int, devi
 
 
 def train_py(variant: str, size: int, batch: int, steps: int, device: torch.device, frozen: bool,
-             data: Path, workers: int) -> float | None:
-    """train.py's own images/s for ``steps`` optimizer steps, or None (with the reason printed)."""
+             data: Path, workers: int, backend: str | None = None, two_epochs: bool = False) -> float | None:
+    """train.py's own images/s for ``steps`` optimizer steps, or None (with the reason printed).
+    ``backend``: train.py --compile BACKEND; ``two_epochs``: two whole epochs, the second one's images/s."""
     script = ROOT / "train.py"
     if not script.is_file():
         print("  train.py not found: skipped", file=sys.stderr)
         return None
     with tempfile.TemporaryDirectory(prefix="effnetv2-train-bench-") as out:
         command = [sys.executable, str(script), "--data-path", str(data), "--variant", variant, "--weights", "none",
-                   "--image-size", str(size), "--eval-size", str(size), "--batch-size", str(batch), "--epochs", "1",
-                   "--max-steps", str(steps), "--output-dir", out, "--workers", str(workers),
-                   "--freeze-layers" if frozen else "--no-freeze-layers"]
+                   "--image-size", str(size), "--eval-size", str(size), "--batch-size", str(batch),
+                   "--output-dir", out, "--workers", str(workers), "--freeze-layers" if frozen else "--no-freeze-layers"]
+        command += ["--epochs", "2"] if two_epochs else ["--epochs", "1", "--max-steps", str(steps)]
+        command += ["--compile", backend] if backend else []
         command += ["--mixed-precision", "bf16", "--channels-last"] if device.type == "cuda" else ["--cpu"]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
         run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -108,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-train-py", action="store_true")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="add torch.compile rows (default backend inductor)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -116,28 +130,39 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.benchmark = True
     where = torch.cuda.get_device_name(device) + ", bf16 autocast, channels_last" if device.type == "cuda" \
         else f"CPU, {torch.get_num_threads()} threads, fp32"
-    print(f"EfficientNetV2-{args.variant}, {args.image_size}px, batch {args.batch_size}, {args.steps} steps; {where}")
+    print(f"EfficientNetV2-{args.variant}, {args.image_size}px, batch {args.batch_size}, {args.steps} steps; {where}"
+          + (f"; torch.compile backend {args.compile}, train.py: the second of two epochs" if args.compile else ""))
     rows = []
     with tempfile.TemporaryDirectory(prefix="effnetv2-shapes-") as tmp:
         data = None
         if not args.skip_train_py:
-            # Enough training images (80% split) for the steps, so no epoch ends before --max-steps.
+            # Enough training images (80% split) for the steps, so no epoch ends before --max-steps
+            # (with --compile, where train.py runs whole epochs: about --steps + 1 steps each).
             per_class = math.ceil(args.batch_size * (args.steps + 1) / (0.8 * NUM_CLASSES)) + 1
             data = make_shapes_dataset(Path(tmp) / "shapes", num_per_class=per_class, image_size=args.image_size)
         for frozen in (False, True):
             mode = "frozen backbone" if frozen else "full fine-tuning"
-            bare = bare_loop(args.variant, args.image_size, args.batch_size, args.steps, args.warmup, device, frozen)
-            script = None if args.skip_train_py else train_py(args.variant, args.image_size, args.batch_size,
-                                                              args.steps, device, frozen, data, args.workers)
-            rows.append((mode, bare, script))
-    print(f"\n{'mode':<18} {'bare loop img/s':>16} {'train.py img/s':>15} {'train.py / bare':>16}")
+            for backend in (None, args.compile) if args.compile else (None,):
+                bare = bare_loop(args.variant, args.image_size, args.batch_size, args.steps, args.warmup, device,
+                                 frozen, backend)
+                script = None if args.skip_train_py else train_py(
+                    args.variant, args.image_size, args.batch_size, args.steps, device, frozen, data, args.workers,
+                    backend, two_epochs=bool(args.compile))
+                rows.append((mode + (", compiled" if backend else ""), bare, script))
+    print(f"\n{'mode':<28} {'bare loop img/s':>16} {'train.py img/s':>15} {'train.py / bare':>16}")
     for mode, bare, script in rows:
         shown = f"{script:>15.1f} {script / bare:>16.2f}" if script else f"{'n/a':>15} {'':>16}"
-        print(f"{mode:<18} {bare:>16.1f} {shown}")
-    full, frozen = rows[0][1], rows[1][1]
-    print(f"\nfrozen backbone vs full fine-tuning (bare loop): {frozen / full:.2f}x the images/s")
-    if rows[0][2] and rows[1][2]:
-        print(f"frozen backbone vs full fine-tuning (train.py): {rows[1][2] / rows[0][2]:.2f}x the images/s")
+        print(f"{mode:<28} {bare:>16.1f} {shown}")
+    by_mode = {mode: (bare, script) for mode, bare, script in rows}
+    comparisons = [("frozen backbone vs full fine-tuning", "frozen backbone", "full fine-tuning")]
+    if args.compile:
+        comparisons += [(f"compiled vs eager, {mode}", f"{mode}, compiled", mode)
+                        for mode in ("full fine-tuning", "frozen backbone")]
+    for title, faster, base in comparisons:
+        (bare, script), (base_bare, base_script) = by_mode[faster], by_mode[base]
+        print(f"\n{title} (bare loop): {bare / base_bare:.2f}x the images/s")
+        if script and base_script:
+            print(f"{title} (train.py): {script / base_script:.2f}x the images/s")
 
 
 if __name__ == "__main__":
