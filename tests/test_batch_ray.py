@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -96,19 +97,22 @@ def assert_same_rows(rows, expected):
         assert [p for _, p in top] == pytest.approx([p for _, p in want], abs=1e-5), path
 
 
-def ray_processes(temp_dir: str) -> list[psutil.Process]:
-    """The processes of the Ray whose temp folder is ``temp_dir`` (and their children); never this one."""
+def ray_processes(temp_dir: str, address: str = "") -> list[psutil.Process]:
+    """The processes of the Ray whose temp folder is ``temp_dir`` or whose GCS is at ``address`` (the Ray
+    Client server names only that), and their children; never this one."""
     found = {}
+    # the folder itself, not a longer name it begins; the address whole, not a longer port
+    ours = re.compile("(" + "|".join(re.escape(key) for key in (temp_dir, address) if key) + r")(/|\s|$)")
     for proc in psutil.process_iter(["cmdline"]):
-        if proc.pid != os.getpid() and temp_dir in " ".join(proc.info["cmdline"] or []):
+        if proc.pid != os.getpid() and ours.search(" ".join(proc.info["cmdline"] or [])):
             for member in [proc, *proc.children(recursive=True)]:
                 found[member.pid] = member
     return list(found.values())
 
 
-def stop_ray(temp_dir: str) -> None:
-    """Stop the Ray started with ``temp_dir``: SIGTERM, SIGKILL what is left after 2 s."""
-    procs = ray_processes(temp_dir)
+def stop_ray(temp_dir: str, address: str = "") -> None:
+    """Stop the Ray started with ``temp_dir`` (and ``address``): SIGTERM, SIGKILL what is left after 2 s."""
+    procs = ray_processes(temp_dir, address)
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
@@ -161,7 +165,8 @@ def cluster(env):
         yield address
     finally:
         ray.shutdown()
-        stop_ray(temp_dir)
+        stop_ray(temp_dir, address)
+        assert not ray_processes(temp_dir, address)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
