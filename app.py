@@ -38,7 +38,7 @@ from PIL import Image
 from effnetv2 import explain as attribution
 from effnetv2 import viz
 from effnetv2.attention import attention_walkthrough, textbook_example
-from effnetv2.images import ImageLoadError, open_image
+from effnetv2.images import MAX_REQUEST_PIXELS, MAX_UPLOAD_BYTES, UnusableImageError, open_request_image
 from effnetv2.inference import BACKENDS, Predictor
 from effnetv2.sources import load_model
 
@@ -50,14 +50,10 @@ EXAMPLES = [str(p) for p in sorted((HERE / "assets" / "examples").glob("*"),
             if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}]
 PHOTOS = [path for path in EXAMPLES if Path(path).name.startswith("photo_")]  # out of the bundled model's world
 TOP_K = 5
-MAX_FILE_SIZE = "10mb"       # the server refuses bigger uploads before anything reads them
-MAX_PIXELS = 40_000_000      # a small file can still decode to a gigapixel ("decompression bomb")
-MAX_ASPECT = 20              # resizing the short side of a 1x5000 strip would make a huge tensor
-SMALL_SIDE = 16              # below this the answer says little: warn, but answer
 COMPUTE = "compute"          # the one concurrency group of every event that computes (model, playground)
 CONCURRENCY = 2              # requests of that group computed at once: one request's forward runs while
                              # another's image decodes or its pictures encode (single-threaded work), and
-                             # memory stays bounded: at most two images of MAX_PIXELS are decoded at once
+                             # memory stays bounded: at most two images of MAX_REQUEST_PIXELS are decoded at once
 QUEUE_SIZE = 64              # requests waiting beyond that are turned away with a message
 PLAYGROUND = {"tokens": (1, 64), "width": (1, 4096), "heads": (1, 64), "seed": (0, 2**32 - 1)}  # inclusive
 VIEW_PX = 320                # the clickable grid picture: what the model sees, drawn at this size
@@ -96,18 +92,11 @@ def read_image(value) -> Image.Image:
                          title="No image")
     name = Path(value).name if isinstance(value, (str, os.PathLike)) else "the image"
     try:
-        image = open_image(value, max_pixels=MAX_PIXELS)
-    except ImageLoadError as err:
-        reason = str(err).removeprefix(f"{value}: ")
-        raise user_error(f"Could not read {name}: {reason}. Try a PNG, JPEG or WebP photo.",
-                         title="Not a usable image") from None
-    width, height = image.size
-    if max(width, height) > MAX_ASPECT * min(width, height):
-        raise user_error(f"{name} is {width}x{height} pixels, more elongated than {MAX_ASPECT}:1: "
-                         f"crop it closer to a square and try again.", title="Not a usable image")
-    if min(width, height) < SMALL_SIDE:
-        gr.Warning(f"{name} is only {width}x{height} pixels: it is scaled up to the model's input "
-                   f"size, so the answer says little.")
+        image, warning = open_request_image(value, name)  # the limits of effnetv2.images, as effnetv2.serve's
+    except UnusableImageError as err:
+        raise user_error(str(err), title="Not a usable image") from None
+    if warning:
+        gr.Warning(warning)
     return image
 
 
@@ -679,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     global demo  # what `gradio app.py` (reload mode) swaps in when this file runs again
     demo = build_demo(predictor, header, args.model)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
-                max_file_size=MAX_FILE_SIZE, footer_links=["api"], css=CSS,
+                max_file_size=MAX_UPLOAD_BYTES, footer_links=["api"], css=CSS,
                 mcp_server=MCP_AVAILABLE)
     return 0
 

@@ -34,6 +34,15 @@ _pil_guard_users = 0
 _pil_guard_saved: int | None = None
 
 
+# What a server (app.py, effnetv2.serve) accepts from a request: an upload over MAX_UPLOAD_BYTES is refused
+# unread; a small file can still decode to a gigapixel; resizing the short side of a 1x5000 strip would
+# make a huge tensor; below SMALL_SIDE the answer says little (warned, but answered).
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+MAX_REQUEST_PIXELS = 40_000_000
+MAX_ASPECT = 20
+SMALL_SIDE = 16
+
+
 class ImageLoadError(ValueError):
     """An input could not be turned into an RGB image: ``path`` (the file, or "image" for a PIL image)
     and ``reason`` (why, in words); the message is ``"{path}: {reason}"``."""
@@ -194,3 +203,25 @@ def verify_image(source: str | os.PathLike | Image.Image, max_pixels: int = MAX_
         to_rgb(image.crop((0, 0, image.width, 1)))
         del image
     _release_freed_memory()
+
+
+class UnusableImageError(ValueError):
+    """A request's image that a server refuses; the message is for the sender as is."""
+
+
+def open_request_image(source: str | os.PathLike | Image.Image, name: str) -> tuple[Image.Image, str | None]:
+    """A request's image (``name``: how the sender knows it) under the serving limits → the RGB image
+    and a warning (``None``, or why the answer says little). Raises :class:`UnusableImageError` with one
+    sentence saying what was wrong and what to send."""
+    try:
+        image = open_image(source, max_pixels=MAX_REQUEST_PIXELS)
+    except ImageLoadError as err:
+        raise UnusableImageError(f"Could not read {name}: {err.reason}. Try a PNG, JPEG or WebP photo.") from None
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise UnusableImageError(f"{name} is {width}x{height} pixels, more elongated than {MAX_ASPECT}:1: "
+                                 f"crop it closer to a square and try again.")
+    if min(width, height) < SMALL_SIDE:
+        return image, (f"{name} is only {width}x{height} pixels: it is scaled up to the model's input "
+                       f"size, so the answer says little.")
+    return image, None

@@ -37,17 +37,11 @@ from typing import Any, Callable, Iterator
 import torch
 from PIL import Image
 
-from .images import ImageLoadError, open_image
+from .images import MAX_UPLOAD_BYTES, UnusableImageError, open_request_image
 from .inference import BACKENDS, Predictor
 from .sources import Source, load_model, parse_source
 
 APP_NAME = "effnetv2"
-# The app's bad-input rules (app.py): uploads over 10 MB are refused unread, a small file can still decode
-# to a gigapixel, and resizing the short side of a 1x5000 strip would make a huge tensor.
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024
-MAX_PIXELS = 40_000_000
-MAX_ASPECT = 20
-SMALL_SIDE = 16              # below this the answer says little: warned, but answered
 DECODE_WORKERS = 2           # images decoded at once per replica: memory stays bounded, as in the app
 SEND_IMAGE = ("send the image file as the request body (curl --data-binary @photo.jpg) or as a "
               "multipart upload (curl -F image=@photo.jpg)")
@@ -100,17 +94,9 @@ def decode(data: bytes, name: str,
         file.write(data)
         file.flush()
         try:
-            image = open_image(file.name, max_pixels=MAX_PIXELS)
-        except ImageLoadError as err:
-            raise RequestError(400, f"Could not read {name}: {err.reason}. Try a PNG, JPEG or WebP photo.") from None
-    width, height = image.size
-    if max(width, height) > MAX_ASPECT * min(width, height):
-        raise RequestError(400, f"{name} is {width}x{height} pixels, more elongated than {MAX_ASPECT}:1: "
-                                f"crop it closer to a square and try again.")
-    warning = None
-    if min(width, height) < SMALL_SIDE:
-        warning = (f"{name} is only {width}x{height} pixels: it is scaled up to the model's input size, "
-                   f"so the answer says little.")
+            image, warning = open_request_image(file.name, name)  # the app's rules
+        except UnusableImageError as err:
+            raise RequestError(400, str(err)) from None
     return transform(image), warning
 
 

@@ -410,7 +410,7 @@ def launched(monkeypatch):
 def test_main_limits_uploads_queue_and_sharing(launched, model_dir):
     assert app.main(["--model", str(model_dir), "--port", "7999", "--backend", "torch"]) == 0
     assert launched["share"] is False and launched["show_error"] is False
-    assert launched["max_file_size"] == "10mb"  # README: uploads are limited to 10 MB
+    assert launched["max_file_size"] == 10 * 1024 * 1024  # README: uploads are limited to 10 MB (as Gradio reads "10mb")
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999
     assert launched["queue"].max_size == 64  # README: holds at most 64 waiting
     assert launched["queue"].default_concurrency_limit == 2  # README: computes 2 requests at a time
