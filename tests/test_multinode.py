@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds for the whole two-machine run
 
 
-def launch_machine(rank: int, port: int, cwd: Path, log: Path) -> subprocess.Popen:
+def launch_machine(rank: int, port: int, cwd: Path, log) -> subprocess.Popen:
     """``accelerate launch`` as machine ``rank`` of 2 would run it: ``--multi_gpu`` is Accelerate's
     torchrun launcher (``--cpu`` there would start one unconnected process per machine), train.py's own
     ``--cpu`` makes the process group gloo. Paths are relative: each machine has its own folders."""
@@ -37,8 +38,7 @@ def launch_machine(rank: int, port: int, cwd: Path, log: Path) -> subprocess.Pop
            str(ROOT / "train.py"), "--data-path", "data", "--output-dir", "out", *SMOKE, "--epochs", "1"]
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
     # a session of its own: the launcher's children (torchrun's worker) can be stopped with it
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +51,22 @@ def machines(tmp_path_factory):
     shutil.copytree(folders[0] / "data", folders[1] / "data")
     logs = [root / "machine0.log", root / "machine1.log"]
     port = free_port()
-    procs = [launch_machine(rank, port, folder, log) for rank, (folder, log) in enumerate(zip(folders, logs))]
-    try:
-        codes = [proc.wait(timeout=TIMEOUT) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    with logs[0].open("w") as log0, logs[1].open("w") as log1:
+        procs = [launch_machine(0, port, folders[0], log0), launch_machine(1, port, folders[1], log1)]
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:  # both done, or one failed (the other would wait for it)
+                codes = [proc.poll() for proc in procs]
+                if codes == [0, 0] or any(code not in (None, 0) for code in codes):
+                    break
+                time.sleep(0.2)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
     texts = [log.read_text() for log in logs]
-    assert codes == [0, 0], "\n".join(text[-3000:] for text in texts)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(text[-3000:] for text in texts)
     return folders, texts
 
 
