@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                     batch_wait_timeout_s=args.batch_wait_ms / 1000)
     try:
         with serving(app, port=free_port(), num_cpus=max(os.cpu_count() or 1, args.replicas), include_dashboard=False,
-                     object_store_memory=80 * 1024 * 1024, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
+                     object_store_memory=80 * 1024 * 1024, _temp_dir=temp_dir,
                      log_to_driver=False) as url:
             batch_sizes: list[int] = []
             measure(f"Ray Serve, {args.replicas} replicas, batch <= {args.max_batch_size}",

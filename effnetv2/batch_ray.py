@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -24,6 +23,7 @@ import torch
 from .inference import Predictor
 from .model import EfficientNetV2
 from .predict import Prediction, find_images, load_input, missing_rows
+from .ray_cluster import init_ray
 from .sources import load_model
 from .transforms import transforms_for
 
@@ -53,34 +53,20 @@ def import_ray():
     return ray
 
 
-def _check_reachable(address: str | None) -> None:
-    """ConnectionError when nothing listens at a HOST:PORT ``address`` (Ray itself would retry for minutes)."""
-    if address is None or address in ("auto", "local") or "://" in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=10).close()
-    except (OSError, ValueError) as err:
-        raise ConnectionError(f"--address {address}: no Ray cluster answers there ({err}); start one with "
-                              f"`ray start --head`, or give the head node's HOST:PORT") from None
-
-
 @contextmanager
 def ray_session(address: str | None = None, **init_options) -> Iterator[None]:
     """Ray connected for the block.
 
     When the caller already called ``ray.init``, that Ray, left running. Otherwise
     ``ray.init(address, **init_options)`` (options that are None left out) and ``ray.shutdown()`` at the
-    end, which also stops a Ray it started. ``address`` None follows Ray's own lookup: ``$RAY_ADDRESS``,
-    else a Ray that ``ray start`` started on this machine, else a new local Ray.
+    end, which also stops a Ray it started. ``address`` None: ``$RAY_ADDRESS``, else a new Ray on this
+    machine, on loopback (``effnetv2.ray_cluster.init_ray``); ``auto``: the one ``ray start`` runs here.
     """
     ray = import_ray()
     if ray.is_initialized():
         yield
         return
-    _check_reachable(address)
-    ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
-             **{name: value for name, value in init_options.items() if value is not None})
+    init_ray(address, logging_level=logging.WARNING, include_dashboard=False, **init_options)
     try:
         yield
     finally:

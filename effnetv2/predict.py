@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="local: this process; ray: Ray Data, decoding in tasks, the model in an actor pool")
     ray_options = parser.add_argument_group("--engine ray (pip install 'effnetv2[scale]')")
     ray_options.add_argument("--address", default=None,
-                             help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: $RAY_ADDRESS, "
-                                  "else a Ray started on this machine by `ray start`, else a new local Ray)")
+                             help="Ray cluster: auto (the one `ray start` runs here), HOST:PORT or ray://HOST:PORT "
+                                  "(default: $RAY_ADDRESS, else a new Ray on this machine, on loopback only)")
     ray_options.add_argument("--num-actors", type=int, default=1, help="model replicas (one Predictor each)")
     ray_options.add_argument("--cpus-per-actor", type=float, default=1.0,
                              help="CPUs each replica reserves (and its ONNX Runtime threads)")

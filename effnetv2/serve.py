@@ -200,20 +200,23 @@ def serving(app, *, host: str = "127.0.0.1", port: int = 8000, address: str | No
             **ray_options) -> Iterator[str]:
     """Run ``app`` (from :func:`build_app`) over HTTP on ``host:port`` until the block ends; yield its URL.
 
-    ``address`` None starts a Ray instance on this machine (``ray_options`` go to ``ray.init``:
-    ``num_cpus``, ``object_store_memory``, ``_temp_dir``, ...) and stops it at the end; otherwise this
-    joins that cluster (``"auto"``: the one on this machine) and removes only this application.
+    ``address`` None starts a Ray on this machine, on loopback (``effnetv2.ray_cluster.init_ray``;
+    ``ray_options`` go to ``ray.init``: ``num_cpus``, ``object_store_memory``, ``_temp_dir``, ...) and
+    stops it at the end; otherwise this joins that cluster (``"auto"``: the one ``ray start`` runs here)
+    and removes only this application.
     """
     import ray
     from ray import serve
 
-    ray.init(address=address or "local", **ray_options)
+    from .ray_cluster import init_ray
+
+    joined = init_ray(address, **ray_options)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
         yield f"http://{host}:{port}/"
     finally:
-        if address:
+        if joined:  # another's cluster: take away only this application
             serve.delete(APP_NAME)
         else:
             serve.shutdown()

@@ -34,7 +34,7 @@ def url():
         with pytest.MonkeyPatch.context() as env:
             env.setenv("RAY_GCS_SERVER_PORT", str(free_port()))  # never 6379: another Ray may run beside us
             with serving(app, port=free_port(), num_cpus=2, object_store_memory=80 * 1024 * 1024,
-                         include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1") as url:
+                         include_dashboard=False, _temp_dir=temp_dir) as url:  # Ray on loopback only
                 yield url
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
