@@ -140,3 +140,14 @@ def test_the_command_line_says_what_is_wrong(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", MODEL, "--replicas", "2", "--max-replicas", "1"])
     assert "--max-replicas 1 is below --replicas 2" in capsys.readouterr().err
+
+
+def test_the_ray_it_starts_talks_over_loopback_only(url):
+    """Ray would swap 127.0.0.1 for the host's network address; the node is at a loopback address."""
+    import ipaddress
+
+    import ray
+
+    [node] = ray.nodes()
+    assert ipaddress.ip_address(node["NodeManagerAddress"]).is_loopback
+    assert ipaddress.ip_address(ray.get_runtime_context().gcs_address.rpartition(":")[0]).is_loopback
