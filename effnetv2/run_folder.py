@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from accelerate.utils import gather_object
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
@@ -280,6 +279,8 @@ def save_checkpoint(accelerator, folder: str | Path, train_state: dict, model: n
     on any raises :class:`WriteError` on all of them, naming ``folder``. ``model`` and ``optimizer``
     size the message.
     """
+    from accelerate.utils import gather_object  # the [train] extra: importing this module needs no Accelerate
+
     folder = Path(folder)
     tmp = folder.with_name(f".tmp_{folder.name}")
     main = accelerator.is_main_process

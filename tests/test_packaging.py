@@ -16,7 +16,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Imports the package makes inside functions for optional features, and the extras that install
 # them: the fast runtimes (the Predictor falls back to torch without them), timm for converting
 # timm weights by name, matplotlib for train.py's confusion matrix and the app's colour maps.
-OPTIONAL = {"onnxruntime": ("fast", "scale"), "openvino": ("fast",), "ray": ("scale",), "pyarrow": ("scale",), "starlette": ("scale",), "timm": ("convert",), "matplotlib": ("train", "app")}
+OPTIONAL = {"accelerate": ("train",), "onnxruntime": ("fast", "scale"), "openvino": ("fast",), "ray": ("scale",), "pyarrow": ("scale",), "starlette": ("scale",), "timm": ("convert",), "matplotlib": ("train", "app")}
 SCRIPTS = {"train.py": "train", "app.py": "app"}
 
 
