@@ -8,6 +8,8 @@ int8, and on CUDA through the Predictor (bf16, channels_last, torch.compile with
     python benchmarks/inference.py --paths fused,openvino,compile   # compile: torch.compile (slow to build)
     python benchmarks/inference.py --device cuda         # GPU, batch 1 and 128: bf16, channels_last
                                                          # (torchvision eager, ours eager, fused, compiled)
+    python benchmarks/inference.py --accuracy assets/model --eval-data data/shapes-eval \
+        --calibration data/shapes-calibration          # int8 vs float32: top-1 and agreement (annotations)
 
 int8 graphs are calibrated on ``--calibration DIR`` (default: 64 fresh ``shapes`` images at the
 case's size); with random weights the figure is speed only (accuracy: tests/test_quantize.py, README).
@@ -171,17 +173,46 @@ def run_path(fn: Callable, x: torch.Tensor, device: torch.device) -> torch.Tenso
     return out
 
 
+def int8_accuracy(source: str, eval_data: str, calibration: str) -> None:
+    """Print top-1 (against ``annotations.json``) of the float32 and int8 graphs of ``source`` on the
+    shapes set ``eval_data``, and int8's top-1 agreement with float32, per runtime."""
+    import json
+    from pathlib import Path
+
+    annotations = json.loads((Path(eval_data) / "annotations.json").read_text())
+    files = sorted(annotations)
+    with tempfile.TemporaryDirectory(prefix="effnetv2-bench-") as cache:
+        fp32 = Predictor(source, backend="onnxruntime", cache_dir=cache)
+        labels = torch.tensor([int(fp32.config["label2id"][annotations[f]["label"]]) for f in files])
+        x = fp32.preprocess([Path(eval_data) / f for f in files])
+        reference = fp32(x).argmax(1)
+        print(f"{source} on {len(files)} images of {eval_data}; int8 calibrated on {calibration}")
+        print(f"float32 (onnxruntime): top-1 {(reference == labels).float().mean():.2%}")
+        for backend in ("onnxruntime", "openvino"):
+            predicted = Predictor(source, backend=backend, precision="int8", calibration=calibration,
+                                  cache_dir=cache)(x).argmax(1)
+            print(f"int8 ({backend}): top-1 {(predicted == labels).float().mean():.2%}, "
+                  f"agreement with float32 {(predicted == reference).float().mean():.2%}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="s@384,b0@224", help="comma-separated variant@size")
     parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,16; on CUDA 1,128)")
     parser.add_argument("--paths", default=None, help=f"comma-separated, from {ALL_PATHS}")
     parser.add_argument("--calibration", default=None, help="folder of images to calibrate the int8 paths on")
+    parser.add_argument("--accuracy", metavar="MODEL", help="instead of speed: int8 vs float32 accuracy of MODEL "
+                        "on --eval-data (a shapes folder with annotations.json), calibrated on --calibration")
+    parser.add_argument("--eval-data", help="the shapes folder --accuracy measures on")
     parser.add_argument("--iters", type=int, default=10, help="timed rounds (batch 1); fewer for large batches")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.accuracy:
+        if not (args.eval_data and args.calibration):
+            parser.error("--accuracy needs --eval-data and --calibration (folders of different seeds)")
+        return int8_accuracy(args.accuracy, args.eval_data, args.calibration)
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
