@@ -182,8 +182,8 @@ class Predictor:
                 self._runner(size, size)  # fails now, not on the first request
                 break
             except Exception as err:  # ImportError, or a runtime that installs but cannot run this graph
-                if backend != "auto" or name == candidates[-1]:
-                    raise
+                if backend != "auto" or name == candidates[-1] or isinstance(err, ValueError):
+                    raise  # a ValueError is the caller's to fix (e.g. int8 without calibration images)
                 level = logging.INFO if isinstance(err, ImportError) else logging.WARNING
                 logger.log(level, "backend %s unavailable (%s); trying %s", name, err,
                            candidates[candidates.index(name) + 1])
