@@ -6,6 +6,7 @@ within 1 point of float32 and agrees with it on >= 99% of the images.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -139,3 +140,27 @@ def test_export_cli_int8(shapes, tmp_path, caplog, capsys):
     assert main(["--model", str(tmp_path / "model"), "--out", str(out), "--int8", "--calibration",
                  str(tmp_path / "nowhere")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_export_cli_ships_graphs_into_the_model_folder(shapes, tmp_path, capsys):
+    model = realistic_model("b0", num_classes=5, image_size=64)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    calibration, _ = shapes
+    assert main(["--model", str(folder), "--ship", "--int8", "--calibration", str(calibration),
+                 "--num-calibration", "20"]) == 0
+    manifest = json.loads((folder / "onnx" / "graphs.json").read_text())
+    assert set(manifest["graphs"]) == {"fp32", "int8"} and manifest["graphs"]["int8"]["calibration_images"] == 20
+    assert manifest["graphs"]["int8"]["agreement"]["images"] == 40  # the rest of the folder, held out
+    assert manifest["graphs"]["fp32"]["relative_error"] < 1e-5
+    for precision, name in (("fp32", "model.onnx"), ("int8", "model_int8.onnx")):
+        digest = hashlib.sha256((folder / "onnx" / name).read_bytes()).hexdigest()
+        assert manifest["graphs"][precision]["sha256"] == digest
+    card = (folder / "README.md").read_text()
+    assert card.count("## Runtimes in this repo") == 1 and "`onnx/model_int8.onnx` | int8 | 64×64" in card
+    assert main(["--model", str(folder), "--ship"]) == 0  # again, float only: the int8 graph of before is gone
+    assert not (folder / "onnx" / "model_int8.onnx").exists()
+    assert card.count("## Runtimes in this repo") == (folder / "README.md").read_text().count("## Runtimes in this repo")
+    with pytest.raises(SystemExit):
+        main(["--model", str(folder), "--ship", "--out", str(tmp_path / "x.onnx")])
+    assert "either --out FILE or --ship" in capsys.readouterr().err
