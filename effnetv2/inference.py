@@ -40,9 +40,9 @@ BACKENDS = ("torch", "onnxruntime", "openvino")
 # EfficientNetV2-S at 384 px, ONNX Runtime 63 ms, OpenVINO 80 ms, the fused PyTorch model 89 ms,
 # torchvision eager 113 ms; b0 at 224 px in the same order.
 AUTO_ORDER = ("onnxruntime", "openvino", "torch")
-# int8 runs on the CPU runtimes only; OpenVINO first: EfficientNetV2-S at 384 px, batch 1, both threads of
-# a 2-core AVX-512 VNNI CPU: OpenVINO 109 ms, ONNX Runtime 176 ms on the same int8 graph (benchmarks/
-# inference.py; with one thread ONNX Runtime was ahead, 95 vs 105 ms).
+# int8 runs on the CPU runtimes only; OpenVINO first: EfficientNetV2-S at 384 px, batch 1, two threads on a
+# shared 2-core AVX-512 VNNI CPU, OpenVINO ran the same int8 graph faster in four of five runs
+# (benchmarks/inference.py; README): ONNX Runtime's spinning threads suffer most when cores are shared.
 INT8_AUTO_ORDER = ("openvino", "onnxruntime")
 PRECISIONS = ("fp32", "bf16", "int8")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
