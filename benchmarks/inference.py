@@ -8,7 +8,7 @@ int8, and on CUDA through the Predictor (bf16, channels_last, torch.compile with
     python benchmarks/inference.py --paths fused,openvino,compile   # compile: torch.compile (slow to build)
     python benchmarks/inference.py --device cuda         # GPU, batch 1 and 128: bf16, channels_last
                                                          # (torchvision eager, ours eager, fused, compiled)
-    python benchmarks/inference.py --accuracy assets/model --eval-data data/shapes-eval \
+    python benchmarks/inference.py --accuracy assets/model --eval-data data/shapes-eval-192 \
         --calibration data/shapes-calibration          # int8 vs float32: top-1 and agreement (annotations)
 
 int8 graphs are calibrated on ``--calibration DIR`` (default: 64 fresh ``shapes`` images at the

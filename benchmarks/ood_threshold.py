@@ -17,6 +17,7 @@ from effnetv2.inference import Predictor
 from effnetv2.shapes import SHAPES, render_shape
 
 HERE = Path(__file__).resolve().parents[1]
+THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 
 def top_probs(predictor: Predictor, images: list[Image.Image]) -> np.ndarray:
@@ -40,11 +41,11 @@ def main() -> None:
     sets = {f"shapes (seed {args.seed})": shapes, "uniform noise": noise, "smooth colour fields": smooth,
             "example photos": [Image.open(p).convert("RGB") for p in photos]}
     print(f"top probability of the bundled model; {count} shapes")
-    print(f"{'set':24s} {'n':>5s} {'p1':>6s} {'p5':>6s} {'median':>6s} {'p95':>6s}  share below 0.5 / 0.6 / 0.7 / 0.8")
+    print(f"{'set':24s} {'n':>5s} {'p1':>6s} {'p5':>6s} {'median':>6s} {'p95':>6s}  share below " + " / ".join(map(str, THRESHOLDS)))
     for name, images in sets.items():
         probs = top_probs(predictor, images)
         q = np.percentile(probs, [1, 5, 50, 95])
-        below = " / ".join(f"{(probs < t).mean():.3f}" for t in (0.5, 0.6, 0.7, 0.8))
+        below = " / ".join(f"{(probs < t).mean():.3f}" for t in THRESHOLDS)
         print(f"{name:24s} {len(probs):5d} " + " ".join(f"{v:6.3f}" for v in q) + f"  {below}")
 
 

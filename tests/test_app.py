@@ -259,7 +259,7 @@ def test_explain_refuses_an_unknown_class_naming_the_classes(predictor, photo):
         app.explain(predictor, None, "star")
 
 
-@pytest.mark.parametrize("prob, warned", [(0.25, True), (0.7999, True), (0.8, False), (1.0, False)])
+@pytest.mark.parametrize("prob, warned", [(0.25, True), (0.9499, True), (0.95, False), (1.0, False)])
 def test_unsure_answers_say_what_the_model_knows(prob, warned):
     note = app.unsure_note(prob, ["circle", "star"])
     assert bool(note) == warned

@@ -102,7 +102,7 @@ def test_python_api_then_prediction_and_conversion(reader_folder, hub_server):
     my-model to timm and torchvision, which the conversion section loads."""
     ns = run_section("Python API")
     assert hub_server.lfs_paths("org/name") == {"model.safetensors"}  # push_to_hub really pushed
-    assert ns["model"].variant == "b0" and ns["maps"].shape == (1, 8, 4, 4)
+    assert ns["model"].variant == "b0" and ns["maps"].shape == (1, 8, 6, 6)
     torch.testing.assert_close(ns["maps"].sum((2, 3)), torch.ones(1, 8))  # "each map sums to 1"
     with torch.no_grad():  # "shares.sum((1, 2, 3)) + rest == the predicted class's logit, exactly"
         logits = ns["model"](ns["images"])
