@@ -26,15 +26,17 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
 from .checkpoint import weights_fingerprint
 from .fuse import optimize_for_inference
-from .model import EfficientNetV2
 from .quantize import CALIBRATION_IMAGES, calibration_batches, calibration_split, quantize_onnx, top1_agreement
+
+if TYPE_CHECKING:  # annotations only: EfficientNetV2.save_pretrained(graphs=...) calls ship_graphs
+    from .model import EfficientNetV2
 
 logger = logging.getLogger(__name__)
 

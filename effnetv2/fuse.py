@@ -7,12 +7,15 @@ per conv, which is most of what separates a fused graph from eager PyTorch on a 
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .layers import ConvBNAct
-from .model import EfficientNetV2
+
+if TYPE_CHECKING:  # annotations only: model.py may reach this module (save_pretrained(graphs=...))
+    from .model import EfficientNetV2
 
 
 @torch.no_grad()

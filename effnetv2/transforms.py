@@ -1,10 +1,13 @@
 """torchvision transforms built from a model's preprocessing config."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torchvision import transforms as T
 
-from .model import EfficientNetV2
+if TYPE_CHECKING:  # annotations only: model.py may reach this module (save_pretrained(graphs=...))
+    from .model import EfficientNetV2
 
 _MODES = {"nearest": T.InterpolationMode.NEAREST, "bilinear": T.InterpolationMode.BILINEAR,
           "bicubic": T.InterpolationMode.BICUBIC}
@@ -22,7 +25,7 @@ def transforms_for(model: EfficientNetV2 | dict, train: bool = False, image_size
     ``model`` may be an ``EfficientNetV2`` or its config dict; ``image_size`` overrides ``S``
     (default: the config's eval or train size).
     """
-    cfg = model.config if isinstance(model, EfficientNetV2) else model
+    cfg = model if isinstance(model, dict) else model.config
     mode = _MODES[cfg["interpolation"]]
     normalise = [T.PILToTensor(), T.ConvertImageDtype(torch.float), T.Normalize(cfg["mean"], cfg["std"])]
     if train:

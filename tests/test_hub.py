@@ -429,15 +429,13 @@ def write_images(folder: Path, count: int, size: int = 40) -> Path:
     return folder
 
 
-def push_shipped(model: EfficientNetV2, repo_id: str, folder: Path, calibration: Path | None = None) -> dict:
-    """save_pretrained + ship_graphs into ``folder``, uploaded as ``repo_id``; the manifest."""
-    from effnetv2.export import ship_graphs
+def push_shipped(model: EfficientNetV2, repo_id: str, calibration: Path | None = None) -> dict:
+    """``push_to_hub(graphs=...)``: the weights and the exported graphs (int8 too, calibrated on the
+    images of ``calibration``) in one commit; the manifest it pushed."""
+    from huggingface_hub import hf_hub_download
 
-    model.save_pretrained(folder)
-    manifest = ship_graphs(model, folder, calibration)
-    HfApi().create_repo(repo_id, exist_ok=True)
-    HfApi().upload_folder(repo_id=repo_id, folder_path=folder)
-    return manifest
+    model.push_to_hub(repo_id, graphs=calibration or True)
+    return json.loads(Path(hf_hub_download(repo_id, "onnx/graphs.json")).read_text())
 
 
 def test_shipped_graphs_run_from_the_hub_without_exporting(hub_server, tmp_path, monkeypatch):
@@ -447,7 +445,8 @@ def test_shipped_graphs_run_from_the_hub_without_exporting(hub_server, tmp_path,
     from effnetv2.inference import Predictor
 
     model = tiny()
-    manifest = push_shipped(model, "org/shipped", tmp_path / "folder", write_images(tmp_path / "calibration", 12))
+    manifest = push_shipped(model, "org/shipped", write_images(tmp_path / "calibration", 12))
+    assert len(hub_server.history("org/shipped")) == 2  # the repo's first commit, then one push
     stored = hub_server.files("org/shipped")
     assert {"onnx/model.onnx", "onnx/model_int8.onnx", "onnx/graphs.json"} <= set(stored)
     card = stored["README.md"].decode()
@@ -477,10 +476,10 @@ def test_a_tampered_shipped_graph_or_new_weights_fall_back_to_exporting(hub_serv
 
     model, other = tiny(), tiny(seed=1)
     assert not torch.equal(model(X).argmax(1), other(X).argmax(1))  # a wrong graph shows in the classes
-    push_shipped(model, "org/swapped", tmp_path / "swapped")
+    push_shipped(model, "org/swapped")
     swapped = export_onnx(other, tmp_path / "other.onnx").read_bytes()
     HfApi().upload_file(path_or_fileobj=swapped, path_in_repo="onnx/model.onnx", repo_id="org/swapped")
-    push_shipped(model, "org/retrained", tmp_path / "retrained")
+    push_shipped(model, "org/retrained")
     other.save_pretrained(tmp_path / "other")  # new weights uploaded, the graphs left as they were
     HfApi().upload_file(path_or_fileobj=tmp_path / "other" / "model.safetensors", path_in_repo="model.safetensors",
                         repo_id="org/retrained")
