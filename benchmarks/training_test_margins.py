@@ -31,6 +31,8 @@ CPUS = {  # name -> environment (PyTorch's own kernels, oneDNN's)
 
 
 def _module(name: str):
+    if str(ROOT / "tests") not in sys.path:  # the test modules import their helpers (train_script, ...)
+        sys.path.insert(0, str(ROOT / "tests"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
