@@ -148,6 +148,15 @@ def load_state_dict_checked(model: "EfficientNetV2", state: dict[str, torch.Tens
     model.load_state_dict(state, strict=True)
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def weights_fingerprint(model: nn.Module, *context: str) -> str:
     """SHA-256 (hex) of every parameter and buffer of ``model`` (names, dtypes, shapes, values),
     preceded by the ``context`` strings: equal fingerprints, equal weights (and equal context)."""

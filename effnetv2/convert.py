@@ -20,7 +20,6 @@ Export (the inverse; MODEL is a folder, Hub id or any source ``effnetv2.sources`
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from .configs import VARIANTS
-from .checkpoint import read_state_dict
+from .checkpoint import read_state_dict, sha256_file
 from .hub import ModelDownloadError, is_offline
 from .layers import ConvBNAct, MBConv
 from .model import EfficientNetV2
@@ -173,14 +172,6 @@ def map_state_dict(model: EfficientNetV2, kind: str, state: dict[str, torch.Tens
 
 # --------------------------------------------------------------------------- shared helpers
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _imagenet_labels(num_classes: int) -> dict[int, str] | None:
     """ImageNet-1k class names (torchvision's list) for 1000-way classifiers, else None."""
     if num_classes != 1000:
@@ -197,7 +188,7 @@ def _read_source(source: Weights) -> tuple[dict[str, torch.Tensor], dict[str, An
     if isinstance(source, dict):
         return source, {}
     path = Path(source).expanduser()
-    return read_state_dict(path), {"file": path.name, "sha256": _sha256(path)}
+    return read_state_dict(path), {"file": path.name, "sha256": sha256_file(path)}
 
 
 def _build(kind: str, variant: str, state: dict[str, torch.Tensor], where: str, classifier_key: str,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import weights_fingerprint
+from .checkpoint import sha256_file, weights_fingerprint
 from .fuse import optimize_for_inference
 from .quantize import CALIBRATION_IMAGES, calibration_batches, calibration_split, quantize_onnx, top1_agreement
 
@@ -102,14 +101,6 @@ def graph_fingerprint(model: EfficientNetV2) -> str:
     """SHA-256 of the weights (as float32, the way ``from_pretrained`` loads them, whatever dtype they
     were saved in) and the config: the key that ties a shipped graph to the model it came from."""
     return weights_fingerprint(copy.deepcopy(model).float(), json.dumps(model.config, sort_keys=True, default=str))
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_onnx(path: str | os.PathLike, batches: Sequence[np.ndarray]) -> np.ndarray:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import weights_fingerprint
+from .checkpoint import sha256_file, weights_fingerprint
 from .export import (DEFAULT_OPSET, GRAPHS_MANIFEST, INPUT_NAME, SHIPPED_GRAPHS, export_int8, export_onnx,
-                     graph_fingerprint, sha256_file)
+                     graph_fingerprint)
 from .fuse import optimize_for_inference
 from .images import open_image
 from .model import EfficientNetV2

@@ -14,3 +14,18 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_cou
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def torchvision_home(tmp_path_factory):
+    """A torch cache (for ``TORCH_HOME``) holding a file under the name of torchvision's EfficientNetV2-S
+    weights: random weights, as no download is possible here (the ImageNet labels come from
+    torchvision's metadata). Made once for the session: an 85 MB file."""
+    import torchvision
+
+    home = tmp_path_factory.mktemp("torch-home")
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.efficientnet_v2_s().state_dict(),
+               home / "hub" / "checkpoints" / "efficientnet_v2_s-dd5fe13b.pth")
+    return home

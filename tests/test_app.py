@@ -443,20 +443,6 @@ def test_model_comes_from_flag_env_or_the_bundled_default(monkeypatch):
     assert app.parse_args(["--model", "torchvision:s"]).model == "torchvision:s"
 
 
-@pytest.fixture(scope="module")
-def torchvision_home(tmp_path_factory):
-    """A torch cache holding a file under the name of torchvision's EfficientNetV2-S weights (random
-    weights: no download is possible here; the ImageNet labels come from torchvision's metadata)."""
-    import torchvision
-
-    home = tmp_path_factory.mktemp("torch-home")
-    (home / "hub" / "checkpoints").mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(torchvision.models.efficientnet_v2_s().state_dict(),
-               home / "hub" / "checkpoints" / "efficientnet_v2_s-dd5fe13b.pth")
-    return home
-
-
 def switch_of(demo: gr.Blocks):
     [fn] = [fn.fn for fn in demo.fns.values() if fn.name == "switch"]
     return fn

@@ -59,24 +59,20 @@ def bash_line(prefix: str) -> list[str]:
 
 
 @pytest.fixture
-def reader_folder(tmp_path, monkeypatch):
+def reader_folder(tmp_path, monkeypatch, torchvision_home):
     """The reader's working folder: cat.jpg, the repo's assets/, a torch cache with torchvision's S weights."""
     shutil.copy(ROOT / "assets" / "examples" / "photo_cat.jpg", tmp_path / "cat.jpg")
     (tmp_path / "assets").symlink_to(ROOT / "assets")
-    checkpoints = tmp_path / "torch-home" / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    torch.manual_seed(0)  # torchvision's file name; random weights, as no download is possible here
-    torch.save(torchvision.models.efficientnet_v2_s().state_dict(), checkpoints / "efficientnet_v2_s-dd5fe13b.pth")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("TORCH_HOME", str(torchvision_home))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.hub, "_get_cache_or_reload", lambda repo, *args, **kwargs: str(ROOT))
     return tmp_path
 
 
-def run_section(title: str, namespace: dict | None = None, replace: tuple[str, str] | None = None) -> dict:
+def run_section(title: str, replace: tuple[str, str] | None = None) -> dict:
     """Run the section's blocks statement by statement in one namespace, checking each shape comment
     right after the assignment it follows; return the namespace."""
-    namespace = {} if namespace is None else namespace
+    namespace: dict = {}
     assert SECTIONS.get(title), f"the README has no ```python block under '## {title}'"
     for start, code in SECTIONS[title]:
         if replace:
