@@ -336,13 +336,19 @@ def test_a_local_config_that_is_not_an_object_is_named(tmp_path):
 @pytest.mark.parametrize("changes, key", [
     ({"pool": "attention", "attn_dim": 16000}, "attn_dim"),
     ({"pool": "attention", "attn_dim": -8}, "attn_dim"),
+    ({"pool": "attention", "attn_dim": 8e6}, "attn_dim"),
     ({"num_classes": 10**6, "id2label": None, "label2id": None}, "num_classes"),
     ({"std": [0.2, float("nan"), 0.2]}, "std"),
+    ({"mean": [0.5, float("inf"), 0.5]}, "mean"),
 ])
-def test_a_hostile_local_config_is_refused_by_file_and_key(tmp_path, changes, key):
+def test_a_hostile_local_config_is_refused_by_file_and_key(tmp_path, changes, key, monkeypatch):
+    from effnetv2 import model as model_module
+
     tiny().save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **changes}))
+    # refused before the first layer is built (attn_dim 16000 would otherwise allocate gigabytes)
+    monkeypatch.setattr(model_module, "ConvBNAct", lambda *a, **k: pytest.fail("a layer was built before the check"))
     with pytest.raises(ValueError, match=rf"m/config.json does not describe a valid model: {key} must be"):
         EfficientNetV2.from_pretrained(tmp_path / "m")
 

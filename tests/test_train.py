@@ -235,6 +235,19 @@ def test_command_line_error_exits_without_traceback(tmp_path):
     assert "single class" in result.stdout and "Traceback" not in result.stdout + result.stderr
 
 
+def test_offline_torchvision_weights_are_one_error_line_at_once(tiny, tmp_path, capsys, monkeypatch):
+    """Offline (HF_HUB_OFFLINE, set by conftest) with no cached torchvision weights: no download is
+    tried (so no network wait), and the run ends with the loader's helpful sentence as its one error line."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("a download was tried"))
+    rc = run(tiny, tmp_path / "run", "--weights", "torchvision:s", "--epochs", "1")
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert rc == 2 and printed[:-1] == [
+        "data: 10 training and 5 validation images in 5 classes (circle, hexagon, square, star, triangle)"], printed
+    assert printed[-1].startswith("error: --weights torchvision:s: ") and "offline" in printed[-1]
+    assert printed[-1].endswith("or pass the path of a local .pth instead.")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--clip-grad", "-1"], "--clip-grad -1.0: give a positive max gradient norm"),
     (["--clip-grad", "nan"], "--clip-grad nan: give a positive max gradient norm"),
