@@ -37,10 +37,11 @@ from PIL import Image
 
 from effnetv2 import explain as attribution
 from effnetv2 import viz
-from effnetv2.attention import attention_walkthrough, textbook_example
+from effnetv2.attention import check_cell
 from effnetv2.images import MAX_REQUEST_PIXELS, MAX_UPLOAD_BYTES, UnusableImageError, open_request_image
 from effnetv2.inference import BACKENDS, Predictor
 from effnetv2.sources import load_model
+from effnetv2.walkthrough import attention_walkthrough, textbook_example
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = str(HERE / "assets" / "model")
@@ -177,12 +178,11 @@ def parse_query(query: str, row, col, grid: tuple[int, int]) -> tuple[int, int] 
     height, width = grid
     try:
         cell = int(float(row)), int(float(col))
-    except (TypeError, ValueError, OverflowError):  # None, text, NaN, infinity
-        cell = None
-    if cell is None or not (0 <= cell[0] < height and 0 <= cell[1] < width):
+        check_cell(cell, grid)  # the library's bounds, in the app's words below
+    except (TypeError, ValueError, OverflowError):  # None, text, NaN, infinity, off the grid
         raise user_error(f"Query cell ({row}, {col}) is outside the {height}x{width} feature grid: "
                          f"click a cell on the grid picture, or pick a row in 0..{height - 1} and a "
-                         f"column in 0..{width - 1}.")
+                         f"column in 0..{width - 1}.") from None
     return cell
 
 
