@@ -38,7 +38,7 @@ from PIL import Image
 from effnetv2 import explain as attribution
 from effnetv2 import viz
 from effnetv2.attention import check_cell
-from effnetv2.images import MAX_REQUEST_PIXELS, MAX_UPLOAD_BYTES, UnusableImageError, open_request_image
+from effnetv2.images import MAX_UPLOAD_BYTES, UnusableImageError, open_request_image
 from effnetv2.inference import BACKENDS, Predictor
 from effnetv2.sources import load_model
 from effnetv2.walkthrough import attention_walkthrough, textbook_example
@@ -54,7 +54,7 @@ TOP_K = 5
 COMPUTE = "compute"          # the one concurrency group of every event that computes (model, playground)
 CONCURRENCY = 2              # requests of that group computed at once: one request's forward runs while
                              # another's image decodes or its pictures encode (single-threaded work), and
-                             # memory stays bounded: at most two images of MAX_REQUEST_PIXELS are decoded at once
+                             # memory stays bounded: at most two images of MAX_REQUEST_PIXELS (effnetv2.images) at once
 QUEUE_SIZE = 64              # requests waiting beyond that are turned away with a message
 PLAYGROUND = {"tokens": (1, 64), "width": (1, 4096), "heads": (1, 64), "seed": (0, 2**32 - 1)}  # inclusive
 VIEW_PX = 320                # the clickable grid picture: what the model sees, drawn at this size
@@ -273,7 +273,7 @@ def view_choices(label: str | None = None) -> list[tuple[str, str]]:
     """The view switch's choices, naming the class once one is explained."""
     name = label or "the class"
     return [("where each head looks", ATTENTION), (f"what each head adds to {name}", ATTRIBUTION),
-            (f"Grad-CAM against the attribution (slider)", GRADCAM)]
+            ("Grad-CAM against the attribution (slider)", GRADCAM)]
 
 
 # ---- Textbook playground ------------------------------------------------------------------------

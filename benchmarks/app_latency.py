@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # app.py and tests/app_server.py are scripts, not in the package
 import app  # noqa: E402
 from app_server import mixed_load, percentile, running_app  # noqa: E402
-from effnetv2.inference import Predictor  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 

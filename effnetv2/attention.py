@@ -205,7 +205,6 @@ def self_attention_maps(feats: torch.Tensor, num_heads: int,
     return scaled_dot_product_weights(q, heads)[:, :, 0].unflatten(-1, (height, width))
 
 
-
 def __getattr__(name: str):
     # The walk-through lived here before effnetv2.walkthrough: old imports keep working.
     if name in ("attention_walkthrough", "self_attention_walkthrough", "textbook_example", "attention_steps"):

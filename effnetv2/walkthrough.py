@@ -13,6 +13,8 @@ from torch import nn
 
 from .attention import (MultiHeadSelfAttention, _check_heads, check_cell, merge_heads, split_heads,
                         standardised_tokens)
+
+
 def _step(name: str, formula: str, tensors: torch.Tensor | dict[str, torch.Tensor], n: int = 4) -> dict:
     """One walk-through step: its name, a LaTeX formula, the shape(s), and the first ``n`` values of
     the first row (``sample_at`` says where, e.g. ``[0, 0, 0, :4]``)."""
