@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
+# what read_state_dict reads: safetensors, or a torch.save file read with weights_only=True
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 CLASSIFIER_KEYS = ("head.classifier.weight", "head.classifier.bias")
 # A safetensors header is ~100 bytes per tensor: EfficientNetV2-XL with an attention pool needs 0.2 MB.
 MAX_HEADER_BYTES = 8 * 2**20
@@ -83,7 +85,7 @@ def read_state_dict(path: str | os.PathLike, map_location: str = "cpu", name: st
     name = name or str(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {name} does not exist")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
         safetensors_shapes(path, name)  # refuses an oversized header before safetensors parses it

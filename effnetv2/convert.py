@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .configs import VARIANTS
-from .checkpoint import read_state_dict, sha256_file
+from .checkpoint import WEIGHT_SUFFIXES, read_state_dict, sha256_file
 from .hub import ModelDownloadError, is_offline
 from .layers import ConvBNAct, MBConv
 from .model import EfficientNetV2
@@ -42,8 +42,6 @@ logger = logging.getLogger(__name__)
 Weights = Union[nn.Module, dict, str, os.PathLike]  # what the converters read: a model, its state dict, a file, a name
 TIMM_PREFIX = "tf_efficientnetv2_"
 TORCHVISION_VARIANTS = ("s", "m", "l")
-# what checkpoint.read_state_dict reads: safetensors, or a torch.save file read with weights_only=True
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
 def torchvision_variant(name: str) -> str | None:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .convert import TORCHVISION_VARIANTS, WEIGHT_SUFFIXES, torchvision_variant
+from .checkpoint import WEIGHT_SUFFIXES
+from .convert import TORCHVISION_VARIANTS, torchvision_variant
 from .model import EfficientNetV2
 
 TORCHVISION_PREFIX = "torchvision:"

@@ -1,8 +1,11 @@
-"""effnetv2.checkpoint: the weights fingerprint (the safe reading and checked loading of weights files are
-exercised through ``from_pretrained`` in test_hub.py)."""
+"""effnetv2.checkpoint: the weights fingerprint, and which files it reads (the safe reading and checked
+loading of weights files are exercised through ``from_pretrained`` in test_hub.py)."""
+import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from effnetv2.checkpoint import weights_fingerprint
+from effnetv2.checkpoint import read_state_dict, weights_fingerprint
+from effnetv2.sources import parse_source
 
 
 def test_weights_fingerprint_sees_every_weight_buffer_dtype_and_context():
@@ -15,3 +18,16 @@ def test_weights_fingerprint_sees_every_weight_buffer_dtype_and_context():
     copy[1].running_var[2] += 1e-3  # a BatchNorm statistic, not a parameter
     assert weights_fingerprint(copy) != reference
     assert weights_fingerprint(model.half()) != reference
+
+
+def test_every_weight_suffix_reads_back_whatever_its_case(tmp_path):
+    """What parse_source calls a weights file (``WEIGHT_SUFFIXES``, any case) is what read_state_dict reads."""
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    for suffix in (".safetensors", ".SafeTensors", ".pth", ".PT", ".bin", ".ckpt"):
+        path = tmp_path / f"weights{suffix}"
+        if suffix.lower() == ".safetensors":
+            save_file(state, str(path))
+        else:
+            torch.save(state, path)
+        assert torch.equal(read_state_dict(path)["w"], state["w"]), suffix
+        assert parse_source(str(path)).kind == "weights"

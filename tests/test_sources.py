@@ -170,8 +170,8 @@ def test_load_model_refuses_none_and_takes_a_parsed_source(monkeypatch):
 
 
 def test_weight_suffixes_and_torchvision_names_are_shared_with_the_converter():
-    from effnetv2 import convert, sources
+    from effnetv2 import checkpoint, convert, sources
 
-    assert sources.WEIGHT_SUFFIXES is convert.WEIGHT_SUFFIXES
+    assert sources.WEIGHT_SUFFIXES is convert.WEIGHT_SUFFIXES is checkpoint.WEIGHT_SUFFIXES  # read_state_dict's
     assert convert.TORCHVISION_VARIANTS is sources.TORCHVISION_VARIANTS
     assert set(sources.WEIGHT_SUFFIXES) == {".safetensors", ".pth", ".pt", ".bin", ".ckpt"}
