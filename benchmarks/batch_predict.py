@@ -21,13 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from effnetv2.batch_ray import RayOptions, import_ray, predictions_on_ray, ray_session
+from effnetv2.inference import Predictor
+from effnetv2.predict import find_images, predict_files
+from effnetv2.shapes import make_shapes_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("PYTHONPATH", str(ROOT))  # Ray's workers import effnetv2 from this checkout too
-from effnetv2.batch_ray import RayOptions, import_ray, predictions_on_ray, ray_session  # noqa: E402
-from effnetv2.inference import Predictor  # noqa: E402
-from effnetv2.predict import find_images, predict_files  # noqa: E402
-from effnetv2.shapes import make_shapes_dataset  # noqa: E402
 
 
 def same_rows(rows, expected) -> bool:

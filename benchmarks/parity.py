@@ -14,7 +14,7 @@ import argparse
 import torch
 from torch import nn
 
-from effnetv2 import convert
+from effnetv2 import VARIANTS, convert
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="variants to check (default: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cases = [("torchvision", v) for v in ("s", "m", "l")] + [("timm", v) for v in ("b0", "b1", "b2", "b3", "s", "m", "l", "xl")]
+    cases = [("torchvision", v) for v in convert.TORCHVISION_VARIANTS] + [("timm", v) for v in VARIANTS]
     print("| source | variant | params | size | max |Δ pooled| (scale) | max |Δ logit| (scale) |")
     print("|---|---|---|---|---|---|")
     for kind, variant in cases:
