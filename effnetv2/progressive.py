@@ -54,7 +54,7 @@ def _scaled_s(train_size: int) -> ProgressiveRange:
 RANGES: dict[str, ProgressiveRange] = {
     **_PAPER,
     "xl": _PAPER["l"],
-    **{name: _scaled_s(VARIANTS[name].train_size) for name in ("b0", "b1", "b2", "b3")},
+    **{name: _scaled_s(cfg.train_size) for name, cfg in VARIANTS.items() if name.startswith("b")},
 }
 
 
