@@ -44,6 +44,12 @@ TIMM_PREFIX = "tf_efficientnetv2_"
 TORCHVISION_VARIANTS = ("s", "m", "l")
 
 
+def _names_published_weights(source: Weights) -> bool:
+    """True when ``source`` is a name of published weights ("s", "tf_efficientnetv2_b0"), not a model,
+    a state dict or a weights file (one that exists, or whose name ends in a weights suffix)."""
+    return isinstance(source, str) and not Path(source).exists() and not source.lower().endswith(WEIGHT_SUFFIXES)
+
+
 def torchvision_variant(name: str) -> str | None:
     """``"s"``, ``"m"`` or ``"l"`` for a torchvision variant name (``"S"``, ``"efficientnet_v2_s"``);
     None for anything else."""
@@ -245,7 +251,7 @@ def from_torchvision(source: Weights, variant: str | None = None) -> EfficientNe
     Its logits for ``[B, 3, H, W]`` equal the torchvision model's.
     """
     provenance: dict[str, Any] = {"source": "torchvision"}
-    if isinstance(source, str) and not Path(source).exists() and not source.lower().endswith(WEIGHT_SUFFIXES):
+    if _names_published_weights(source):
         name = torchvision_variant(source)
         if name is None:
             raise ValueError(f"{source!r} is neither a weights file nor a torchvision variant: give 's', 'm', "
@@ -317,7 +323,7 @@ def from_timm(source: Weights, variant: str | None = None) -> EfficientNetV2:
     from the checkpoint's classifier. Logits for ``[B, 3, H, W]`` equal the timm model's.
     """
     provenance: dict[str, Any] = {"source": "timm"}
-    if isinstance(source, str) and not Path(source).exists() and not source.lower().endswith(WEIGHT_SUFFIXES):
+    if _names_published_weights(source):
         provenance["weights"] = source if source.startswith(TIMM_PREFIX) else TIMM_PREFIX + source
         source = _timm_model(provenance["weights"])
     pretrained_cfg = dict(getattr(source, "pretrained_cfg", None) or {}) if isinstance(source, nn.Module) else None
