@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from effnetv2 import EfficientNetV2
+from effnetv2 import EfficientNetV2, transforms_for
 from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.data import make_shapes_dataset
+from effnetv2.images import open_image
 from effnetv2.schedule import cosine_factor
 from effnetv2.run_folder import public_argv
 
@@ -54,8 +55,10 @@ def metrics_of(out):
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_smoke_run_writes_everything_and_saves_the_ema(shapes, tmp_path, capsys):
+def test_smoke_run_writes_everything_and_saves_the_ema(shapes, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
+    drawn, draw = [], train.confusion_matrix_png  # the matrices confusion_matrix.png shows
+    monkeypatch.setattr(train, "confusion_matrix_png", lambda cm, *args: drawn.append(cm) or draw(cm, *args))
     rc = run(shapes, out, "--epochs", "2", "--lr", "0.05", "--ema", "--ema-decay", "0.9",
              "--push-to-hub", "someone/shapes-b0")
     printed = capsys.readouterr().out
@@ -86,6 +89,17 @@ def test_smoke_run_writes_everything_and_saves_the_ema(shapes, tmp_path, capsys)
     assert len(train_files) == 25 and len(val_files) == 5 and not train_files & val_files
     assert {p.split("/")[0] for p in val_files} == set(CLASSES)  # stratified: one per class
     assert json.loads((out / "class_indices.json").read_text()) == {str(i): c for i, c in enumerate(CLASSES)}
+    # the confusion matrix: the saved model's answers on the validation files, row = true class
+    val = [(shapes / path, label) for path, label in split["val"]]
+    expected = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long)
+    with torch.no_grad():
+        for start in range(0, len(val), 4):  # the run's batches of 4
+            chunk = val[start:start + 4]
+            x = torch.stack([transforms_for(model)(open_image(path)) for path, _ in chunk])
+            for (_, label), pred in zip(chunk, model(x).argmax(1).tolist()):
+                expected[label, pred] += 1
+    assert [cm.tolist() for cm in drawn] == [expected.tolist()]
+    assert not torch.equal(expected, expected.T)  # not symmetric: a transposed matrix would show
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     card = (out / "README.md").read_text()
