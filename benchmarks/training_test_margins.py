@@ -31,8 +31,11 @@ CPUS = {  # name -> environment (PyTorch's own kernels, oneDNN's)
 
 
 def _module(name: str):
-    if str(ROOT / "tests") not in sys.path:  # the test modules import their helpers (train_script, ...)
-        sys.path.insert(0, str(ROOT / "tests"))
+    # this checkout's tests measure this checkout's package (as `python -m pytest` from its root does),
+    # whatever effnetv2 is installed; the test modules import their helpers (train_script, ...)
+    for path in (ROOT, ROOT / "tests"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
     spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
