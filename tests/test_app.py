@@ -25,6 +25,7 @@ from effnetv2 import EfficientNetV2, explain, transforms_for, viz
 
 LABELS = ["circle", "hexagon", "square", "star", "triangle", "ring", "cross"]
 HEADS, WIDTH, SIZE = 4, 64, 64
+TOP = 5  # README: tab "Classify" gives the top-5 labels
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_header_says_what_is_loaded(loaded, model_dir):
 
 def test_classify_gives_top5_matching_the_model(predictor, model_dir, photo):
     result = app.classify(predictor, str(photo))
-    assert len(result) == app.TOP_K and set(result) <= set(LABELS)
+    assert len(result) == TOP and set(result) <= set(LABELS)
     probs = list(result.values())
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
     model = EfficientNetV2.from_pretrained(model_dir)
@@ -130,7 +131,7 @@ def test_pixel_limit_at_its_edge(predictor, tmp_path, size, refused):
             app.classify(predictor, str(path))
     else:
         Image.new("L", size).save(path, compress_level=1)
-        assert len(app.classify(predictor, str(path))) == app.TOP_K
+        assert len(app.classify(predictor, str(path))) == TOP
 
 
 @pytest.mark.parametrize("fn", ["classify", "attention"])
@@ -152,7 +153,7 @@ def test_one_pixel_image_is_answered_with_a_warning(predictor, tmp_path):
     Image.new("RGB", (1, 1), (255, 0, 0)).save(path)
     with pytest.warns(UserWarning, match="only 1x1 pixels"):
         result = app.classify(predictor, str(path))
-    assert len(result) == app.TOP_K
+    assert len(result) == TOP
 
 
 @pytest.mark.parametrize("mode, suffix", [("1", ".png"), ("L", ".png"), ("LA", ".png"), ("P", ".gif"),
@@ -166,7 +167,7 @@ def test_any_colour_mode_is_classified(predictor, tmp_path, mode, suffix):
      gradient.convert("F")).save(path)
     assert Image.open(path).mode.startswith(mode[0])
     result = app.classify(predictor, str(path))
-    assert len(result) == app.TOP_K and sum(result.values()) <= 1 + 1e-6
+    assert len(result) == TOP and sum(result.values()) <= 1 + 1e-6
 
 
 def test_attention_gives_each_head_the_mean_the_matrix_and_the_maths(predictor, photo):
@@ -437,7 +438,7 @@ def test_main_offline_without_the_model_says_what_to_do(launched, capsys, monkey
 
 def test_model_comes_from_flag_env_or_the_bundled_default(monkeypatch):
     monkeypatch.delenv("EFFNETV2_MODEL", raising=False)
-    assert app.parse_args([]).model == app.DEFAULT_MODEL
+    assert Path(app.parse_args([]).model) == Path(__file__).resolve().parents[1] / "assets" / "model"  # bundled
     monkeypatch.setenv("EFFNETV2_MODEL", "org/name@v1")
     assert app.parse_args([]).model == "org/name@v1"
     assert app.parse_args(["--model", "torchvision:s"]).model == "torchvision:s"
