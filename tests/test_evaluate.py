@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,8 @@ from effnetv2.data import make_shapes_dataset
 from effnetv2.card import CARD_BEGIN, CARD_END
 from effnetv2.evaluate import attention_mass_in_box, box_in_view, evaluate, main
 from effnetv2.shapes import SHAPES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_box_follows_the_resize_and_centre_crop():
@@ -100,9 +106,11 @@ def test_command_line_prints_writes_json_and_updates_the_card(shapes, tmp_path, 
     card_before = (folder / "README.md").read_text()
     assert CARD_BEGIN not in card_before
     out_json = tmp_path / "figures.json"
-    assert main(["--model", str(folder), "--data", str(shapes), "--batch-size", "4", "--json", str(out_json),
-                 "--update-card"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    done = subprocess.run([sys.executable, "-m", "effnetv2.evaluate", "--model", str(folder), "--data", str(shapes),
+                           "--batch-size", "4", "--json", str(out_json), "--update-card"], cwd=ROOT, text=True,
+                          capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
     written = json.loads(out_json.read_text())
     assert printed == written and written["images"] == 10
     card = (folder / "README.md").read_text()
