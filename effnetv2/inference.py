@@ -47,7 +47,7 @@ INT8_AUTO_ORDER = ("openvino", "onnxruntime")
 PRECISIONS = ("fp32", "bf16", "int8")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Bump when the exported graph changes for the same weights, so stale cached graphs are not reused.
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2
 
 ImageInput = str | os.PathLike | Image.Image
 
