@@ -2,6 +2,8 @@
 from the code's own draws), label smoothing, the soft-target loss against torch's cross-entropy, the
 confusion matrix's orientation, checkpoint listing. The build/freeze/BatchNorm
 helpers are tested in test_train.py."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,6 +155,11 @@ def test_soft_cross_entropy_matches_torch_with_label_smoothing_and_with_probabil
     assert torch.allclose(soft_cross_entropy(logits, F.one_hot(y, 5).float()), F.cross_entropy(logits, y))
     probs = torch.softmax(torch.randn(6, 5, generator=g), -1)
     assert torch.allclose(soft_cross_entropy(logits, probs), F.cross_entropy(logits, probs))
+    # by hand: logits (0, ln 3) give probabilities (1/4, 3/4); targets (1/2, 1/2) cost (ln 4 + ln 4/3) / 2,
+    # and a batch of it with the one-hot second row (ln 4/3) averages the rows
+    two = torch.tensor([[0.0, math.log(3)], [0.0, math.log(3)]])
+    assert soft_cross_entropy(two, torch.tensor([[0.5, 0.5], [0.0, 1.0]])).item() == pytest.approx(
+        (0.5 * math.log(16 / 3) + math.log(4 / 3)) / 2, rel=1e-6)
     # bf16 logits (autocast) are scored in float32
     half = logits.bfloat16()
     loss = soft_cross_entropy(half, probs)
