@@ -80,6 +80,14 @@ def _cell_terms(model: EfficientNetV2, feats: torch.Tensor):
     return scores, contributions, rest
 
 
+def _image_terms(model: EfficientNetV2, images: torch.Tensor, target):
+    """One eval-mode forward of ``images`` ``[B, 3, H, W]``: ``(feats, scores, contributions, rest, target)``,
+    the feature map ``[B, D, h, w]``, its :func:`_cell_terms` and the target classes ``[B]``."""
+    with _eval_mode(model):
+        feats = model.forward_features(images)
+        return (feats, *_cell_terms(model, feats), _targets(model.forward_head(feats), target))
+
+
 @torch.no_grad()
 def class_attribution(model: EfficientNetV2, images: torch.Tensor, target=None,
                       return_rest: bool = False):
@@ -91,13 +99,10 @@ def class_attribution(model: EfficientNetV2, images: torch.Tensor, target=None,
     With ``return_rest=True`` also returns ``rest`` ``[B]``: the classifier bias (plus, for an
     attention pool, the output projection's bias through the classifier), the same for every image.
     """
-    with _eval_mode(model):
-        feats = model.forward_features(images)
-        scores, contributions, rest = _cell_terms(model, feats)
-        target = _targets(model.forward_head(feats), target)
-        share = contributions[torch.arange(len(feats)), :, :, target]  # [B, h, L]
-        if scores is not None:
-            share = share * scores.softmax(-1)
+    feats, scores, contributions, rest, target = _image_terms(model, images, target)
+    share = contributions[torch.arange(len(feats)), :, :, target]  # [B, h, L]
+    if scores is not None:
+        share = share * scores.softmax(-1)
     maps = share.unflatten(-1, feats.shape[-2:])
     return (maps, rest[target]) if return_rest else maps
 
@@ -136,10 +141,7 @@ def removal_curves(model: EfficientNetV2, images: torch.Tensor, maps: dict[str, 
                    target=None) -> dict[str, dict[str, torch.Tensor]]:
     """:func:`removal_curve` for several maps of the same images, from one forward pass:
     ``{name: {"deletion": [B, L+1], "insertion": [B, L+1]}}`` for ``maps = {name: [B, heads, h, w]}``."""
-    with _eval_mode(model):
-        feats = model.forward_features(images)
-        scores, contributions, rest = _cell_terms(model, feats)
-        target = _targets(model.forward_head(feats), target)
+    feats, scores, contributions, rest, target = _image_terms(model, images, target)
     cells = feats.shape[-2] * feats.shape[-1]
 
     def curve(keep: torch.Tensor) -> torch.Tensor:
