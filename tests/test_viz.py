@@ -157,11 +157,17 @@ def test_score_matrix_is_the_mean_over_heads_with_the_query_row_outlined():
         viz.score_matrix_image(weights, query=(1, 0))
 
 
-def test_textbook_gallery_captions():
-    weights = torch.softmax(torch.randn(4, 6, 6), -1)
-    example = {"weights": weights, "scores": torch.randn(4, 6, 6), "head_dim": 16}
-    assert [c for _, c in viz.textbook_gallery(example, "scores")][0] == "head 1: Q Kᵀ / √16"
-    assert len(viz.textbook_gallery(example)) == 4
+def test_textbook_gallery_draws_each_heads_matrix():
+    """Head i's picture is head i's matrix (row = query) on the documented scale; 6 entries: 48 px blocks."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 6, 6, generator=g) * 2
+    example = {"weights": scores.softmax(-1), "scores": scores, "head_dim": 16}
+    for which, formula in (("weights", "softmax(Q Kᵀ / √16)"), ("scores", "Q Kᵀ / √16")):
+        gallery = viz.textbook_gallery(example, which)
+        assert [caption for _, caption in gallery] == [f"head {i}: {formula}" for i in range(1, 5)]
+        for (picture, _), matrix in zip(gallery, example[which].double().numpy()):
+            expected = _inferno(matrix, min(0.0, matrix.min()), matrix.max())
+            assert np.array_equal(_blocks(picture, 6, 6, 48), expected), which
 
 
 def test_attribution_gallery_is_signed_with_one_scale():
