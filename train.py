@@ -376,14 +376,14 @@ def published_command(argv: list[str] | None, processes: int) -> str:
     return f"{launcher} {shlex.join(public_argv(sys.argv[1:] if argv is None else argv))}"
 
 
-def initial_weights_text(weights: str, kind: str) -> str:
+def initial_weights_text(source: Source) -> str:
     """The card's "initial weights": Hub ids and torchvision names as given; a local folder or file,
     which a reader of the card cannot open, by its last name and what it is."""
-    if kind == "none":
+    if source.kind == "none":
         return "none (from scratch)"
-    if kind in ("folder", "weights"):
-        return f"local {'folder' if kind == 'folder' else 'file'} `{Path(weights).name}` (not published)"
-    return weights
+    if source.kind in ("folder", "weights"):
+        return f"local {'folder' if source.kind == 'folder' else 'file'} `{source.path.name}` (not published)"
+    return source.text
 
 
 def card_fields(args: argparse.Namespace, resolved: Resolved, run: dict) -> dict:
@@ -396,7 +396,7 @@ def card_fields(args: argparse.Namespace, resolved: Resolved, run: dict) -> dict
                 f"images in {len(run['classes'])} classes (stratified split, --val-fraction {args.val_fraction}, "
                 f"seed {args.seed})",
         base_model=source.repo_id if source.kind == "hub" else None,
-        training={"initial weights": initial_weights_text(args.weights, source.kind),
+        training={"initial weights": initial_weights_text(source),
                   "epochs": f"{final.get('epoch', run['start_epoch'])} of {args.epochs}",
                   "optimizer steps": run["optimizer_steps"], "optimizer": args.optimizer,
                   "lr (cosine decay to lr*lrf)": args.lr, "lrf": args.lrf, "warmup steps": run["warmup_steps"],
