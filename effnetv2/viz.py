@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .attention import check_cell
 from .transforms import transforms_for
 
 
@@ -240,7 +241,7 @@ def score_matrix_image(all_weights: torch.Tensor, query: tuple[int, int] | None 
     if query is not None:
         if grid is None:
             raise ValueError("score_matrix_image needs the feature grid (rows, cols) to find the query's row")
-        row = query[0] * grid[1] + query[1]
+        row = check_cell(query, grid)
     if grid is None:
         return matrix_image(mean, highlight_row=row)
     cells = [f"{r},{c}" for r in range(grid[0]) for c in range(grid[1])]
