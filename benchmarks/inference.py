@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{where}; torch {torch.__version__}; {str(dtype).removeprefix('torch.')} matmul 2048^3: {gemm:.1f} GFLOP/s; "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     cache_dir = tempfile.mkdtemp(prefix="effnetv2-bench-")
-    header = (f"{'model':<9} {'batch':>5}  {'path':<40} {'ms/img':>8} {'img/s':>7} {'x ref':>6} "
+    header = (f"{'model':<9} {'batch':>5}  {'path':<40} {'ms/img':>8} {'best':>7} {'img/s':>7} {'x ref':>6} "
               f"{'GFLOP/s':>8} {'% mm':>5} {'rel err':>8}")
     for case in args.cases.split(","):
         variant, size = case.split("@")
@@ -263,8 +263,10 @@ def main(argv: list[str] | None = None) -> None:
                 rate = flops * batch / seconds / 1e9
                 err = "n/a" if errors[name] is None or name == "reference" else f"{errors[name]:.1e}"
                 print(f"{variant + '@' + str(size):<9} {batch:>5}  {labels[name]:<40} {seconds / batch * 1e3:>8.1f} "
-                      f"{batch / seconds:>7.1f} {reference / seconds:>6.2f} {rate:>8.1f} {100 * rate / gemm:>5.0f} {err:>8}")
-    print(f"\nx ref: speed-up over the first row of each block (torchvision eager for s, timm eager for b0); "
+                      f"{min(times[name]) / batch * 1e3:>7.1f} {batch / seconds:>7.1f} {reference / seconds:>6.2f} "
+                      f"{rate:>8.1f} {100 * rate / gemm:>5.0f} {err:>8}")
+    print(f"\nms/img: median over the interleaved rounds, best: the fastest round; x ref: ratio of medians, "
+          f"the speed-up over the first row of each block (torchvision eager for s, timm eager for b0); "
           f"rel err: vs ours eager (int8, bf16: approximate by design). Load average at the end: "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 

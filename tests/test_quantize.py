@@ -104,7 +104,8 @@ def test_quantized_graph_runs_in_int8_from_input_to_logits(tmp_path):
 
     model = realistic_model("b0", num_classes=5, image_size=64)
     rng = np.random.default_rng(0)
-    int8_path = export_int8(model, tmp_path / "model_int8.onnx", [rng.standard_normal((4, 3, 64, 64)).astype(np.float32)])
+    batches = [rng.standard_normal((4, 3, 64, 64)).astype(np.float32)]
+    int8_path = export_int8(model, tmp_path / "model_int8.onnx", batches)
     options = ort.SessionOptions()
     # the QDQ fusions, without the CPU-specific layout changes of the highest level
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -135,9 +136,10 @@ def test_spatial_means_become_global_average_pools(tmp_path):
         ops = Counter(node.op_type for node in graph.graph.node)
         assert ops["GlobalAveragePool"] == means and ops["ReduceMean"] == (pool == "attention"), ops
         onnx.checker.check_model(graph)
-        run = lambda proto: ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-            None, {"pixel_values": x})[0]
-        np.testing.assert_allclose(run(graph), run(onnx.load(str(tmp_path / f"{pool}.onnx"))), rtol=1e-5, atol=1e-5)
+        exported = onnx.load(str(tmp_path / f"{pool}.onnx"))
+        pooled, expected = (ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+                            .run(None, {"pixel_values": x})[0] for proto in (graph, exported))
+        np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_calibration_split_is_seeded_and_disjoint(tmp_path):
