@@ -40,10 +40,10 @@ BACKENDS = ("torch", "onnxruntime", "openvino")
 # EfficientNetV2-S at 384 px, ONNX Runtime 63 ms, OpenVINO 80 ms, the fused PyTorch model 89 ms,
 # torchvision eager 113 ms; b0 at 224 px in the same order.
 AUTO_ORDER = ("onnxruntime", "openvino", "torch")
-# int8 runs on the CPU runtimes only; OpenVINO first: EfficientNetV2-S at 384 px, batch 1, two threads on a
-# shared 2-core AVX-512 VNNI CPU, OpenVINO ran the same int8 graph faster in four of five runs
-# (benchmarks/inference.py; README): ONNX Runtime's spinning threads suffer most when cores are shared.
-INT8_AUTO_ORDER = ("openvino", "onnxruntime")
+# int8 runs on the CPU runtimes only; ONNX Runtime first: it runs the int8 graph (uint8 from input to logits,
+# effnetv2.quantize) in 66 ms, OpenVINO in 93 ms (EfficientNetV2-S at 384 px, batch 1, one thread of an
+# AVX-512 VNNI CPU, benchmarks/inference.py --threads 1; README).
+INT8_AUTO_ORDER = ("onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Bump when the exported graph changes for the same weights, so stale cached graphs are not reused.
