@@ -97,10 +97,12 @@ def export_int8(model: EfficientNetV2, path: str | os.PathLike, batches: Sequenc
         return quantize_onnx(fp32, path, batches, input_name=INPUT_NAME)
 
 
-def graph_fingerprint(model: EfficientNetV2) -> str:
+def graph_fingerprint(model: EfficientNetV2, *context: str) -> str:
     """SHA-256 of the weights (as float32, the way ``from_pretrained`` loads them, whatever dtype they
-    were saved in) and the config: the key that ties a shipped graph to the model it came from."""
-    return weights_fingerprint(copy.deepcopy(model).float(), json.dumps(model.config, sort_keys=True, default=str))
+    were saved in), the config and the ``context`` strings: the key that ties a graph (shipped or
+    cached) to the model it came from."""
+    return weights_fingerprint(copy.deepcopy(model).float(), json.dumps(model.config, sort_keys=True, default=str),
+                               *context)
 
 
 def run_onnx(path: str | os.PathLike, batches: Sequence[np.ndarray]) -> np.ndarray:

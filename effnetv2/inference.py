@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import sha256_file, weights_fingerprint
+from .checkpoint import sha256_file
 from .export import (DEFAULT_OPSET, GRAPHS_MANIFEST, INPUT_NAME, SHIPPED_GRAPHS, export_int8, export_onnx,
                      graph_fingerprint)
 from .fuse import optimize_for_inference
@@ -307,8 +307,7 @@ class Predictor:
             # the graph depends on the weights, the config, the exporter (torch, GRAPH_VERSION) and, for
             # int8, the calibration images
             calibration = [sha256_file(p) for p in self._calibration] if int8 else []
-            self._fingerprint = weights_fingerprint(self.model, json.dumps(self.model.config, sort_keys=True, default=str),
-                                                    f"{torch.__version__}/{GRAPH_VERSION}", *calibration)[:24]
+            self._fingerprint = graph_fingerprint(self.model, f"{torch.__version__}/{GRAPH_VERSION}", *calibration)[:24]
         if self._graph_dir is None:
             self._graph_dir = _cache_subdir(self._cache_dir, "onnx")
         suffix = "-int8" if int8 else ""
