@@ -79,7 +79,10 @@ def mixed_load(url: str, images: list[str], clients: int, calls_each: int, downl
     alternate /classify and /attention over ``images`` (files are downloaded, as a user's would be).
     Every call is returned; a failed one carries its error instead of raising."""
     def one_user(user: int) -> list[Call]:
-        client = Client(url, verbose=False, download_files=str(download_dir / f"user{user}"))
+        # httpx's default 5 s timeout on the upload and queue-join posts would count a slow, loaded
+        # machine as a failure; this test is about broken responses, so the client waits.
+        client = Client(url, verbose=False, download_files=str(download_dir / f"user{user}"),
+                        httpx_kwargs={"timeout": 120.0})
         calls = []
         for i in range(calls_each):
             api_name = ("/classify", "/attention")[(user + i) % 2]
