@@ -47,9 +47,11 @@ def attention_mass(tmp: Path) -> list[tuple[str, float, str, float]]:
     result = t.measure(tmp)
     share, rows = result["share"], []
     for i, run in enumerate(result["runs"]):
-        (acc0, mass0), (acc1, mass1) = run["before"], run["after"]
+        (acc0, mass0, _), (acc1, mass1, transposed1) = run["before"], run["after"]
         rows += [(f"attention_mass init {i}: untrained |mass - share|", abs(mass0 - share), "<", t.MAX_UNTRAINED_OFFSET),
                  (f"attention_mass init {i}: trained mass / share", mass1 / share, ">", t.MIN_MASS_OVER_SHARE),
+                 (f"attention_mass init {i}: trained mass / transposed maps' mass", mass1 / transposed1, ">",
+                  t.MIN_MASS_OVER_TRANSPOSED),
                  (f"attention_mass init {i}: trained accuracy", acc1, ">=", t.MIN_ACCURACY)]
     mean = sum(run["after"][1] for run in result["runs"]) / len(result["runs"]) / share
     return rows + [("attention_mass: trained mass / share, mean of inits", mean, ">", t.MIN_MEAN_MASS_OVER_SHARE)]
