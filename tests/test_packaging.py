@@ -16,7 +16,10 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Imports the package makes inside functions for optional features, and the extras that install
 # them: the fast runtimes (the Predictor falls back to torch without them), timm for converting
 # timm weights by name, matplotlib for train.py's confusion matrix and the app's colour maps.
-OPTIONAL = {"accelerate": ("train",), "onnxruntime": ("fast", "scale"), "openvino": ("fast",), "ray": ("scale",), "pyarrow": ("scale",), "starlette": ("scale",), "timm": ("convert",), "matplotlib": ("train", "app")}
+# onnx edits the exported graph before int8 quantization.
+OPTIONAL = {"accelerate": ("train",), "onnx": ("fast",), "onnxruntime": ("fast", "scale"), "openvino": ("fast",),
+            "ray": ("scale",), "pyarrow": ("scale",), "starlette": ("scale",), "timm": ("convert",),
+            "matplotlib": ("train", "app")}
 SCRIPTS = {"train.py": "train", "app.py": "app"}
 
 
@@ -38,6 +41,10 @@ def third_party_imports(path: Path) -> tuple[set[str], set[str]]:
     module_level, in_functions = set(), set()
 
     def visit(node: ast.AST, nested: bool) -> None:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            for child in node.orelse:  # the body only runs under a type checker, never on import
+                visit(child, nested)
+            return
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
