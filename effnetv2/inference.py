@@ -11,6 +11,7 @@ hash and the weights they were exported from check out.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -173,6 +174,7 @@ class Predictor:
         self._runners: dict[tuple[int, int], Callable[[np.ndarray], np.ndarray]] = {}
         self._lock = threading.Lock()
         self._fused: EfficientNetV2 | None = None
+        self._weights_key = ""  # export.graph_fingerprint of the model, computed once (on first export or shipped graph)
         self._fingerprint = ""
         self._graph_dir: Path | None = None
         size = self.config["image_size"]
@@ -250,6 +252,12 @@ class Predictor:
                 return module(x).to(torch.float32, copy=True)
         return run
 
+    def _graph_fingerprint(self) -> str:
+        """``export.graph_fingerprint`` of the model (a hash of every weight): once per Predictor."""
+        if not self._weights_key:
+            self._weights_key = graph_fingerprint(self.model)
+        return self._weights_key
+
     def _graph(self, height: int, width: int) -> Path:
         """The graph the runtime loads: the one shipped with the model when it checks out, else the
         cached export (made on first use)."""
@@ -275,7 +283,7 @@ class Predictor:
             if graph is None or graph["image_size"] != [height, width]:
                 return None
             problem = None
-            if manifest["fingerprint"] != graph_fingerprint(self.model):
+            if manifest["fingerprint"] != self._graph_fingerprint():
                 problem = "it was exported from other weights (its fingerprint in onnx/graphs.json differs)"
             elif (path := resolve_file(model_id, name, source.revision)) is None:
                 problem = "the file is missing"
@@ -307,7 +315,8 @@ class Predictor:
             # the graph depends on the weights, the config, the exporter (torch, GRAPH_VERSION) and, for
             # int8, the calibration images
             calibration = [sha256_file(p) for p in self._calibration] if int8 else []
-            self._fingerprint = graph_fingerprint(self.model, f"{torch.__version__}/{GRAPH_VERSION}", *calibration)[:24]
+            key = "/".join([self._graph_fingerprint(), torch.__version__, str(GRAPH_VERSION), *calibration])
+            self._fingerprint = hashlib.sha256(key.encode()).hexdigest()[:24]
         if self._graph_dir is None:
             self._graph_dir = _cache_subdir(self._cache_dir, "onnx")
         suffix = "-int8" if int8 else ""
