@@ -175,9 +175,10 @@ def graphs_section(manifest: dict, files: dict[str, str]) -> str:
 
 def update_card(card: Path, section: str) -> None:
     """Insert ``section`` before the card's "## Architecture" heading, or replace the one there with
-    the same markers (the evaluation's or the shipped graphs')."""
+    the same markers (its first and last lines: the evaluation's or the shipped graphs')."""
     text = card.read_text(encoding="utf-8")
-    begin, end = (GRAPHS_BEGIN, GRAPHS_END) if section.startswith(GRAPHS_BEGIN) else (CARD_BEGIN, CARD_END)
+    lines = section.strip().splitlines()
+    begin, end = lines[0], lines[-1]
     if begin in text:
         before, rest = text.split(begin, 1)
         text = before + section + rest.split(end, 1)[1]
