@@ -67,16 +67,24 @@ def test_int8_predictor_keeps_the_bundled_models_accuracy(shapes, cache_dir):
         assert [t[0][0] for t in top] == [int8.id2label[str(i)] for i in predicted[:4].tolist()]
 
 
-def test_quantized_graph_runs_convolutions_in_int8(tmp_path):
-    """The graph holds int8 weights per output channel and quantize/dequantize pairs at the convs; it is
-    much smaller than the float graph and still computes the model (same classes on most images)."""
+@pytest.fixture(scope="module")
+def b0_graphs(tmp_path_factory):
+    """A b0 at 64 px, its float graph and its int8 graph (calibrated on 16 random images)."""
+    from effnetv2.export import export_int8
+
+    tmp = tmp_path_factory.mktemp("b0-graphs")
     model = realistic_model("b0", num_classes=5, image_size=64)
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((4, 3, 64, 64)).astype(np.float32) for _ in range(4)]
-    from effnetv2.export import export_int8, run_onnx
+    return model, export_onnx(model, tmp / "model.onnx"), export_int8(model, tmp / "model_int8.onnx", batches)
 
-    fp32_path = export_onnx(model, tmp_path / "model.onnx")
-    int8_path = export_int8(model, tmp_path / "model_int8.onnx", batches)
+
+def test_quantized_graph_runs_convolutions_in_int8(b0_graphs):
+    """The graph holds int8 weights per output channel and quantize/dequantize pairs at the convs; it is
+    much smaller than the float graph and still computes the model (same classes on most images)."""
+    from effnetv2.export import run_onnx
+
+    model, fp32_path, int8_path = b0_graphs
     graph = onnx.load(str(int8_path)).graph
     ops = Counter(node.op_type for node in graph.node)
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(fp32_path)).graph.node)
@@ -93,19 +101,14 @@ def test_quantized_graph_runs_convolutions_in_int8(tmp_path):
     assert (run_onnx(int8_path, [x.numpy()]).argmax(1) == expected).mean() >= 0.75
 
 
-def test_quantized_graph_runs_in_int8_from_input_to_logits(tmp_path):
+def test_quantized_graph_runs_in_int8_from_input_to_logits(b0_graphs, tmp_path):
     """Under ONNX Runtime's graph optimisations every quantize/dequantize pair of the int8 graph fuses into
     an integer kernel: one QuantizeLinear at the input, one DequantizeLinear at the logits and no float
     convolution, SiLU or pooling between (a float island between two convolutions costs a dequantize and
     a quantize, and halved the speed of EfficientNetV2-S)."""
     import onnxruntime as ort
 
-    from effnetv2.export import export_int8
-
-    model = realistic_model("b0", num_classes=5, image_size=64)
-    rng = np.random.default_rng(0)
-    batches = [rng.standard_normal((4, 3, 64, 64)).astype(np.float32)]
-    int8_path = export_int8(model, tmp_path / "model_int8.onnx", batches)
+    model, _, int8_path = b0_graphs
     options = ort.SessionOptions()
     # the QDQ fusions, without the CPU-specific layout changes of the highest level
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
