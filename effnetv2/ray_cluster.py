@@ -48,10 +48,16 @@ def require_token_auth() -> None:
 
     if not is_token_auth_enabled():
         raise RuntimeError(
-            "Ray Serve's replicas listen on every network interface, so the Ray started here needs Ray's token "
-            "authentication, which Ray reads from $RAY_AUTH_MODE when Python first imports it (now: "
-            f"{os.environ.get('RAY_AUTH_MODE', 'unset')}, and ray is imported): run with RAY_AUTH_MODE=token, "
-            "or start serving before anything imports ray, or give the address of a cluster you secured")
+            "Ray Serve's replicas listen on every network interface, so a Ray that effnetv2.serve starts needs "
+            "Ray's token authentication, which Ray reads from $RAY_AUTH_MODE once, when Python first imports it "
+            f"(RAY_AUTH_MODE is {os.environ.get('RAY_AUTH_MODE', 'unset')} and ray is imported): set "
+            "RAY_AUTH_MODE=token, or call effnetv2.ray_cluster.require_token_auth() before anything imports ray "
+            "(effnetv2.serve.build_app does), or serve on a cluster you secured (--address)")
+
+
+def starts_ray(address: str | None) -> bool:
+    """Whether :func:`init_ray` with ``address`` starts a Ray of its own (no address, no ``$RAY_ADDRESS``)."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
 
 
 def init_ray(address: str | None = None, *, token_auth: bool = False, **options) -> str | None:
@@ -59,10 +65,10 @@ def init_ray(address: str | None = None, *, token_auth: bool = False, **options)
     (with ``token_auth``, also with token authentication: :func:`require_token_auth`).
     ``options`` (those not None) go to ``ray.init``: ``num_cpus``, ``object_store_memory``, ``_temp_dir``, ...
     Returns the address joined, or None for a Ray started here (``ray.shutdown()`` stops it)."""
+    if starts_ray(address) and token_auth:
+        require_token_auth()  # sets it up if ray is not imported yet, else checks it is on
     address = address or os.environ.get("RAY_ADDRESS") or None
     check_reachable(address)
-    if address is None and token_auth:
-        require_token_auth()  # before this function imports ray
     import ray
 
     options = {name: value for name, value in options.items() if value is not None}

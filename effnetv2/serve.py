@@ -42,6 +42,7 @@ from PIL import Image
 
 from .images import MAX_UPLOAD_BYTES, UnusableImageError, open_request_image
 from .inference import BACKENDS, Predictor
+from .ray_cluster import init_ray, require_token_auth, starts_ray
 from .sources import Source, load_model, parse_source
 
 APP_NAME = "effnetv2"
@@ -245,17 +246,17 @@ def serving(app, *, host: str = "127.0.0.1", port: int = 8000, address: str | No
             **ray_options) -> Iterator[str]:
     """Run ``app`` (from :func:`build_app`) over HTTP on ``host:port`` until the block ends; yield its URL.
 
-    ``address`` None starts a Ray on this machine, on loopback and with token authentication (Serve's
-    replicas listen on every interface: ``effnetv2.ray_cluster.init_ray``; ``ray_options`` go to
-    ``ray.init``: ``num_cpus``, ``object_store_memory``, ``_temp_dir``, ...) and stops it at the end;
-    otherwise this joins that cluster (``"auto"``: the one ``ray start`` runs here) and removes only this
-    application.
+    ``address`` None starts a Ray on this machine, on loopback and with token authentication, as Serve's
+    replicas listen on every interface (``effnetv2.ray_cluster.init_ray``: call
+    ``effnetv2.ray_cluster.require_token_auth()`` before :func:`build_app`, which imports ray;
+    ``ray_options`` go to ``ray.init``: ``num_cpus``, ``object_store_memory``, ``_temp_dir``, ...) and
+    stops it at the end; otherwise this joins that cluster (``"auto"``: the one ``ray start`` runs here)
+    and removes only this application.
     """
-    from .ray_cluster import init_ray
-
-    joined = init_ray(address, token_auth=True, **ray_options)  # first: it decides how ray is imported
     import ray
     from ray import serve
+
+    joined = init_ray(address, token_auth=True, **ray_options)
 
     try:
         serve.start(http_options={"host": host, "port": port})
@@ -303,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --model {args.model}: {err}", file=sys.stderr)
         return 2
 
+    if starts_ray(args.address):
+        try:
+            require_token_auth()  # before build_app imports ray
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     app = build_app(source, replicas=args.replicas, max_replicas=args.max_replicas, max_batch_size=args.max_batch_size,
                     batch_wait_timeout_s=args.batch_wait_ms / 1000, top_k=args.top_k, backend=args.backend,
                     cpus_per_replica=args.cpus_per_replica, body_timeout_s=args.body_timeout)
