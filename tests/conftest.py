@@ -1,7 +1,12 @@
 import os
+import secrets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Ray reads RAY_AUTH_MODE once, when Python first imports it. The Ray that effnetv2.serve starts needs
+# token authentication, so it is on for the whole session (set here, before any test module imports ray).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 import pytest
 import torch

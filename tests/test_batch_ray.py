@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -17,23 +16,18 @@ import tempfile
 import warnings
 from pathlib import Path
 
-# Ray reads RAY_AUTH_MODE once, when Python first imports it (here: at collection). The Ray that
-# effnetv2.serve starts needs token authentication, so it is on for the whole session, these Rays included.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+import numpy as np
+import psutil
+import pytest
+import ray
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import pytest  # noqa: E402
-import ray  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from app_server import free_port  # noqa: E402
-from effnetv2.batch_ray import RayOptions, predict_with_ray, ray_session  # noqa: E402
-from effnetv2.predict import main  # noqa: E402
-from inference_models import realistic_model  # noqa: E402
-from ray_processes import is_loopback, listeners, ray_processes, stop_ray  # noqa: E402
-from test_predict import read_results  # noqa: E402
+from app_server import free_port
+from effnetv2.batch_ray import RayOptions, predict_with_ray, ray_session
+from effnetv2.predict import main
+from inference_models import realistic_model
+from ray_processes import is_loopback, listeners, ray_processes, stop_ray
+from test_predict import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECT_STORE = 80 * 1024 * 1024

@@ -258,7 +258,7 @@ def test_the_ray_it_starts_is_closed_to_the_network(url, temp_dir):
     assert all(s.process.startswith("ray::ServeReplica") for s in open_), open_
     [node] = ray.nodes()
     assert node["NodeManagerAddress"] == "127.0.0.1"
-    token = os.environ["RAY_AUTH_TOKEN"]  # from require_token_auth (or test_batch_ray.py, when collected first)
+    token = os.environ["RAY_AUTH_TOKEN"]  # from require_token_auth, or conftest.py for the test session
     for s in open_:
         assert grpc_status(s.port, "/ray.serve.ASGIService/HandleRequest") == grpc.StatusCode.UNAUTHENTICATED
         assert grpc_status(s.port, "/ray.serve.ASGIService/HandleRequest", token) != grpc.StatusCode.UNAUTHENTICATED
