@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
@@ -502,16 +503,89 @@ def test_model_picker_loads_imagenet_s_on_first_use(loaded, photo, torchvision_h
     assert "**Why tench?**" in faithfulness and [row[0] for row in totals["data"]] == ["all cells"]
 
 
-def test_model_picker_offline_says_why_and_stays_on_the_apps_model(loaded, tmp_path, monkeypatch):
+def test_model_picker_offline_says_why_in_the_log_and_stays_on_the_apps_model(loaded, tmp_path, monkeypatch,
+                                                                                caplog):
+    """Visitors learn that the model is not available; the server's log says why (paths, settings)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no weights there
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models = app.Models(*loaded)
-    with pytest.raises(gr.Error, match=r"Could not load torchvision:s: the official torchvision EfficientNetV2-S "
-                                       r"weights are not in "
-                                       r"torch's cache and this machine is offline"):
-        models.get("torchvision:s")
+    with pytest.raises(gr.Error, match=r"torchvision:s could not be loaded on this server") as caught:
+        models.get("torchvision:s", wait_s=app.LOAD_TIMEOUT_S)
+    assert not any(text in caught.value.message for text in ("/", str(tmp_path), "TORCH_HOME", "HF_HUB_OFFLINE"))
+    assert "this machine is offline (HF_HUB_OFFLINE=1" in caplog.text and str(tmp_path) in caplog.text
     with pytest.raises(gr.Error, match=r"Unknown model 'resnet': choose 'assets/model' or 'torchvision:s'"):
         models.get("resnet")
-    with pytest.warns(UserWarning, match="this machine is offline"):  # a toast in the page
+    with pytest.warns(UserWarning, match="could not be loaded on this server"):  # a toast in the page
         name, header, classes, *_ = switch_of(app.build_demo(*loaded))("torchvision:s")
     assert name == "assets/model" and header == loaded[1] and len(classes.choices) == len(LABELS) + 1
+
+
+def test_a_hung_model_load_holds_no_compute_slot(loaded, photo, monkeypatch):
+    """The picker's other model hangs while loading (a download that never answers): requests for it
+    are told at once to come back, and the app's own model answers meanwhile (it used to wait behind
+    them for as long as the download hung)."""
+    release, calls = threading.Event(), []
+
+    def hanging_load(source, backend="auto"):
+        calls.append(source)
+        release.wait(120)
+        raise OSError("no answer")
+    monkeypatch.setattr(app, "load", hanging_load)
+    demo = app.build_demo(*loaded)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    pool = ThreadPoolExecutor(6)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        imagenet = [pool.submit(client.predict, handle_file(str(photo)), "torchvision:s", api_name="/classify")
+                    for _ in range(4)]  # twice the compute slots
+        time.sleep(1)
+        start = time.monotonic()
+        own = pool.submit(client.predict, handle_file(str(photo)), api_name="/classify").result(timeout=30)
+        seconds = time.monotonic() - start
+        for request in imagenet:
+            with pytest.raises(AppError, match="torchvision:s is loading") as caught:
+                request.result(timeout=30)
+            assert "/" not in str(caught.value)
+    finally:
+        release.set()  # the old code's requests end too, and the server can close
+        pool.shutdown(wait=False, cancel_futures=True)
+        demo.close()
+    assert own["label"] in LABELS and seconds < 10, seconds
+    assert calls == ["torchvision:s"]  # one load for all four requests
+
+
+def test_a_failed_model_load_is_remembered_for_a_while(loaded, monkeypatch):
+    """A load that failed (or outlived LOAD_TIMEOUT_S) is not retried on every request, only after
+    RETRY_AFTER_S, and its message names no server path or setting."""
+    calls, release = [], threading.Event()
+
+    def failing_load(source, backend="auto"):
+        calls.append(source)
+        release.wait(30)
+        raise OSError("could not download the weights: put that file at /srv/torch/hub (or set TORCH_HOME, "
+                      "unset HF_HUB_OFFLINE)")
+    monkeypatch.setattr(app, "load", failing_load)
+    models = app.Models(*loaded)
+    monkeypatch.setattr(app, "LOAD_TIMEOUT_S", 0.5)  # a load that takes longer is given up ...
+    start = time.monotonic()
+    for _ in range(2):  # ... without starting another while it runs
+        with pytest.raises(gr.Error, match="could not be loaded"):
+            models.get("torchvision:s", wait_s=30)
+    assert time.monotonic() - start < 5 and calls == ["torchvision:s"]
+    release.set()
+    monkeypatch.setattr(app, "LOAD_TIMEOUT_S", 30)
+    deadline = time.monotonic() + 10
+    while "torchvision:s" in models._loading and time.monotonic() < deadline:  # the hung load ends, failed
+        time.sleep(0.05)
+    for _ in range(3):
+        with pytest.raises(gr.Error) as caught:
+            models.get("torchvision:s", wait_s=5)
+        message = caught.value.message
+        assert "could not be loaded" in message
+        assert not any(text in message for text in ("/", "TORCH_HOME", "HF_HUB_OFFLINE")), message
+    assert calls == ["torchvision:s"]  # remembered: not tried again
+    monkeypatch.setattr(app, "RETRY_AFTER_S", 0)  # the window has passed
+    with pytest.raises(gr.Error, match="could not be loaded"):
+        models.get("torchvision:s", wait_s=5)
+    assert calls == ["torchvision:s"] * 2
