@@ -139,7 +139,8 @@ def load(source: str, backend: str = "auto") -> tuple[Predictor, str]:
     return predictor, header
 
 
-LOAD_TIMEOUT_S = 180   # the picker waits this long for a model to load (outside the compute slots), then gives up
+LOAD_TIMEOUT_S = 180   # the longest wait for another model to load; a load that takes longer counts as failed
+LOAD_WAITERS = CONCURRENCY - 1  # computing requests that may wait for a load: the other slot serves loaded models
 RETRY_AFTER_S = 60     # a failed load is remembered this long: requests meanwhile are answered without a retry
 logger = logging.getLogger("effnetv2.app")
 
@@ -148,10 +149,11 @@ class Models:
     """The app's models by the picker's value: the one it started with (``main``), and ImageNet
     EfficientNetV2-S, loaded on the first request for it (torch backend: no export to wait for).
 
-    A load runs in a thread of its own, so a slow or hung download holds no compute slot: computing
-    requests never wait for it (they are told to come back), the picker waits up to ``LOAD_TIMEOUT_S``.
-    A failure is logged with its details (paths, settings) and remembered for ``RETRY_AFTER_S``;
-    visitors are told that it failed, not why.
+    A load runs in a thread of its own, so a slow or hung download never holds up the loaded models: the
+    picker (an event of its own) waits for it, and of the computing requests only ``LOAD_WAITERS`` at a
+    time, each in its compute slot; the others are told at once to come back. A load is given up after
+    ``LOAD_TIMEOUT_S``; a failure is logged with its details (paths, settings) and remembered for
+    ``RETRY_AFTER_S``; visitors are told that it failed, not why.
     """
 
     def __init__(self, predictor: Predictor, header: str, source: str | None = None):
@@ -165,10 +167,11 @@ class Models:
         self._loading: dict[str, tuple[Future, float]] = {}  # name → its load, and when it started
         self._failed: dict[str, float] = {}  # name → when its last load failed
         self._lock = threading.Lock()  # two first requests at once start one load
+        self._waiters = threading.BoundedSemaphore(max(0, LOAD_WAITERS))
 
-    def get(self, name: str | None, wait_s: float = 0) -> tuple[Predictor, str]:
+    def get(self, name: str | None, wait_s: float | None = None) -> tuple[Predictor, str]:
         """The predictor and header of model ``name`` (empty: ``main``), waiting up to ``wait_s`` for it
-        to load; a message if it cannot be had now."""
+        to load (``None``: a computing request's wait, see the class); a message if it cannot be had now."""
         name = name or self.main
         if name in self._loaded:
             return self._loaded[name]
@@ -176,7 +179,15 @@ class Models:
             raise user_error(f"Unknown model {name!r}: choose "
                              f"{' or '.join(repr(value) for _, value in self.choices)}.", title="Unknown model")
         future, started = self._start(name)
-        done, _ = wait([future], timeout=max(0.0, min(wait_s, started + LOAD_TIMEOUT_S - time.monotonic())))
+        left = max(0.0, started + LOAD_TIMEOUT_S - time.monotonic())
+        if wait_s is not None:
+            wait([future], timeout=min(wait_s, left))
+        elif self._waiters.acquire(blocking=False):
+            try:
+                wait([future], timeout=left)
+            finally:
+                self._waiters.release()
+        done = future.done()
         if done and future.exception() is None:
             return future.result()
         if not done and time.monotonic() - started < LOAD_TIMEOUT_S:
