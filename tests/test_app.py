@@ -560,6 +560,24 @@ def test_a_hung_model_load_never_holds_up_the_apps_own_model(loaded, photo, monk
     assert not any("/" in message for message in messages)
 
 
+def test_a_download_that_never_answers_fails_in_time_and_shows_visitors_no_path(loaded, silent_proxy, tmp_path,
+                                                                                 monkeypatch, caplog):
+    """The real loader, TORCH_HOME empty, online, behind a proxy that never answers: the picker gets
+    "not available" within the download timeout, the log gets the why with the paths."""
+    from effnetv2 import convert
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(convert, "is_offline", lambda: False)
+    monkeypatch.setattr(convert, "DOWNLOAD_TIMEOUT_S", 1)
+    models = app.Models(*loaded)
+    start = time.monotonic()
+    with pytest.raises(gr.Error, match="torchvision:s could not be loaded on this server") as caught:
+        models.get("torchvision:s", wait_s=app.LOAD_TIMEOUT_S)
+    assert time.monotonic() - start < 10
+    assert not any(text in caught.value.message for text in ("/", "TORCH_HOME", "HF_HUB_OFFLINE"))
+    assert "could not download" in caplog.text and str(tmp_path) in caplog.text
+
+
 def test_a_failed_model_load_is_remembered_for_a_while(loaded, monkeypatch):
     """A load that failed (or outlived LOAD_TIMEOUT_S) is not retried on every request, only after
     RETRY_AFTER_S, and its message names no server path or setting."""
