@@ -1,6 +1,8 @@
 """effnetv2.images: high-bit-depth conversion values, the pixel limit, and memory bounded by the pixel count."""
+import os
 import re
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -133,17 +135,42 @@ def test_confined_file_opens_only_files_inside_its_folders(tmp_path):
     (uploads / "abc" / "out.png").symlink_to(secret)
     (uploads / "abc" / "gone.png").symlink_to(outside / "missing.png")
     (uploads / "abc" / "in.png").symlink_to(upload)
-    (outside / "to_upload.png").symlink_to(upload)  # a link from outside to an upload: the upload
+    (outside / "to_upload.png").symlink_to(upload)  # a link from outside to an upload: outside as written
     (tmp_path / "uploads_evil").mkdir()  # a sibling whose name only starts like the folder's
     (tmp_path / "uploads_evil" / "x.png").write_bytes(b"bytes")
-    allowed = {upload: upload, uploads / "abc" / "in.png": upload, outside / "to_upload.png": upload,
-               example: example, f"{uploads}/abc/../abc/cat.png": upload}
+    allowed = {upload: upload, uploads / "abc" / "in.png": upload, example: example, f"{uploads}/abc/../abc/cat.png": upload}
     for path, resolved in allowed.items():
         assert confined_file(path, [uploads], [str(example)]) == resolved, path
-    refused = [secret, uploads / "abc" / "out.png", uploads / "abc" / "gone.png",
+    refused = [secret, outside / "to_upload.png", uploads / "abc" / "out.png", uploads / "abc" / "gone.png",
                f"{uploads}/abc/../../outside/secret.png", uploads / "abc" / "nothing.png", outside / "missing.png", uploads / "abc", uploads,
                tmp_path / "uploads_evil" / "x.png", "/dev/null", "/proc/self/environ", "/etc/passwd",
                f"{upload}\0", "x" * 5000, 7, None, ["a"], {"path": str(upload)}]
     for path in refused:
         assert confined_file(path, [uploads], [str(example)]) is None, path
     assert confined_file(upload, []) is None and confined_file(example, [], [example]) == example
+
+
+def test_confined_file_looks_at_nothing_outside_its_folders(tmp_path, monkeypatch):
+    """A path outside the folders as written, or longer than any the OS opens, is refused before the file
+    system is asked anything (no time oracle), and fast: resolving a huge path is quadratic in its length
+    (a 0.5 MB one took 18 s in the app)."""
+    uploads = tmp_path / "uploads"
+    (uploads / "abc").mkdir(parents=True)
+    (uploads / "abc" / "cat.png").write_bytes(b"bytes")
+    asked = []
+    for name in ("lstat", "stat", "readlink"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda path, *args, _real=real, _name=name, **kwargs:
+                            asked.append((_name, path)) or _real(path, *args, **kwargs))
+    outside = ["/etc/passwd", "/proc/self/cwd/x.png", f"{uploads}/../outside.png", f"{uploads}/abc/../../x.png",
+               f"{uploads}_evil/x.png", "relative/x.png", f"{uploads}/" + "a/" * 3000 + "cat.png"]
+    for path in outside:
+        assert confined_file(path, [uploads]) is None, path
+    folder = [str(uploads), *map(str, uploads.parents)]  # resolving the folder itself is no answer about a path
+    assert [path for _, path in asked if str(path) not in folder] == []
+    assert confined_file(uploads / "abc" / "cat.png", [uploads]) is not None
+    assert [path for _, path in asked if str(path) not in folder]  # the spy does see the lookups of a path
+    for huge in ("/tmp/" + "a/" * 250_000, f"{uploads}/" + "a/" * 250_000, f"{uploads}/" + "a/.." * 125_000):
+        start = time.perf_counter()
+        assert confined_file(huge, [uploads]) is None
+        assert time.perf_counter() - start < 1.0  # microseconds now; before, each took seconds to minutes
