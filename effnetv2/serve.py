@@ -52,6 +52,7 @@ DECODE_WORKERS = 2           # images decoded at once per replica: memory stays 
 MAX_ONGOING_REQUESTS = 64
 BODY_TIMEOUT_S = 10.0
 MIN_BODY_RATE = 16 * 1024    # bytes/s: each 16 KiB received adds a second to the body's deadline
+MAX_BODY_S = 60.0            # ... up to this: one slow sender holds a slot for a minute at most
 MAX_FORM_FIELDS = 4          # multipart parts besides the file: a few, so a body of many parts is refused early
 MAX_FILENAME_CHARS = 255     # NAME_MAX of common file systems
 SEND_IMAGE = ("send the image file as the request body (curl --data-binary @photo.jpg) or as a "
@@ -68,7 +69,8 @@ class RequestError(Exception):
 
 async def read_body(request: Any, limit: int = MAX_UPLOAD_BYTES, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
     """The body of a Starlette ``request``: 413 as soon as it is over ``limit`` bytes, 408 when it has not
-    all arrived after ``timeout_s`` plus a second per ``MIN_BODY_RATE`` bytes received (stops reading)."""
+    all arrived after ``timeout_s`` plus a second per ``MIN_BODY_RATE`` bytes received, or after
+    ``MAX_BODY_S`` whatever arrived (stops reading)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"the upload is {int(declared):,} bytes, more than the {limit:,} allowed: "
@@ -82,11 +84,11 @@ async def read_body(request: Any, limit: int = MAX_UPLOAD_BYTES, timeout_s: floa
                 if size > limit:
                     raise RequestError(413, f"the upload is more than the {limit:,} bytes allowed: send a smaller image")
                 chunks.append(chunk)
-                deadline.reschedule(start + timeout_s + size / MIN_BODY_RATE)
+                deadline.reschedule(start + min(timeout_s + size / MIN_BODY_RATE, max(timeout_s, MAX_BODY_S)))
     except TimeoutError:
         raise RequestError(408, f"the upload was too slow: {size:,} bytes arrived in "
                                 f"{asyncio.get_running_loop().time() - start:.0f} s (allowed: {timeout_s:g} s plus "
-                                f"1 s per {MIN_BODY_RATE // 1024} KiB): send it again") from None
+                                f"1 s per {MIN_BODY_RATE // 1024} KiB, {max(timeout_s, MAX_BODY_S):g} s at most): send it again") from None
     return b"".join(chunks)
 
 

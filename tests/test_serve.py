@@ -266,3 +266,25 @@ def test_the_ray_it_starts_is_closed_to_the_network(url, temp_dir):
     kv_keys = "/ray.rpc.InternalKVGcsService/InternalKVKeys"
     assert grpc_status(gcs_port, kv_keys) == grpc.StatusCode.UNAUTHENTICATED
     assert grpc_status(gcs_port, kv_keys, token) == grpc.StatusCode.OK
+
+
+def test_a_sender_just_above_the_minimum_rate_is_cut_off_at_the_cap(monkeypatch):
+    """Each chunk extends the body's deadline, so without a cap a sender that keeps just above
+    ``MIN_BODY_RATE`` holds a replica's slot until the size limit; with it, 408 at ``MAX_BODY_S``."""
+    from effnetv2 import serve
+
+    monkeypatch.setattr(serve, "MAX_BODY_S", 1.0)
+
+    class Trickle:
+        headers: dict = {}
+
+        async def stream(self):
+            while True:  # 64 KiB every 0.1 s: 40x the minimum rate, forever
+                await asyncio.sleep(0.1)
+                yield b"x" * 65536
+
+    start = time.monotonic()
+    with pytest.raises(serve.RequestError) as refused:
+        asyncio.run(serve.read_body(Trickle(), limit=4 * 2**20, timeout_s=0.5))
+    assert refused.value.status == 408 and "1 s at most" in refused.value.message
+    assert time.monotonic() - start < 3
