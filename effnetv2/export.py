@@ -97,6 +97,17 @@ def export_int8(model: EfficientNetV2, path: str | os.PathLike, batches: Iterabl
         return quantize_onnx(fp32, path, batches, input_name=INPUT_NAME)
 
 
+def external_data_files(path: str | os.PathLike) -> list[str]:
+    """The files outside the ONNX graph at ``path`` that hold some of its tensors (``.data`` files of the
+    external data format), as the graph names them; empty when it holds all its tensors itself."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+
+    graph = onnx.load(str(path), load_external_data=False)
+    return sorted({ExternalDataInfo(t).location for t in _get_all_tensors(graph)
+                   if t.data_location == onnx.TensorProto.EXTERNAL})
+
+
 def graph_fingerprint(model: EfficientNetV2, *context: str) -> str:
     """SHA-256 of the weights (as float32, the way ``from_pretrained`` loads them, whatever dtype they
     were saved in), the config and the ``context`` strings: the key that ties a graph (shipped or
