@@ -376,14 +376,15 @@ def test_a_shipped_graph_that_is_not_the_weights_graph_is_not_used(model, batch,
     assert (predictor(batch).argmax(1) != 2).any()  # not every image answers the raised class
 
 
-def test_a_shipped_graph_with_external_data_is_not_used(model, batch, tmp_path, caplog):
+@pytest.mark.parametrize("backend", RUNTIMES)
+def test_a_shipped_graph_with_external_data_is_not_used(model, batch, tmp_path, caplog, backend):
     folder = shipped_folder(model, tmp_path / "model")
     # the weights moved to onnx/model.onnx.data, which graphs.json's hash does not cover
     rewrite_shipped_graph(folder, lambda graph: None, save_as_external_data=True, all_tensors_to_one_file=True,
                           location="model.onnx.data", size_threshold=0)
     assert (folder / "onnx" / "model.onnx.data").is_file()
     with caplog.at_level("WARNING", logger="effnetv2.inference"):
-        predictor = Predictor(str(folder), backend="onnxruntime", cache_dir=tmp_path / "cache")
+        predictor = Predictor(str(folder), backend=backend, cache_dir=tmp_path / "cache")
     assert [r.getMessage() for r in caplog.records] == [
         f"shipped graph onnx/model.onnx of {folder} is not used: it keeps weights in other files (model.onnx.data), "
         f"which its SHA-256 does not cover; ship a graph that holds its weights (python -m effnetv2.export --ship); "
@@ -400,7 +401,11 @@ def test_openvino_never_serves_the_compiled_graph_of_an_earlier_file_at_the_same
     with torch.no_grad():
         assert relative_error(Predictor(str(folder), backend="openvino", cache_dir=cache)(batch), model(batch)) < 1e-5
         other = realistic_model("b0", num_classes=7, image_size=64, seed=1)
+        graph = folder / "onnx" / "model.onnx"
+        stamp = graph.stat()
         shipped_folder(other, folder)  # new weights and their graph, at the same paths
+        assert graph.stat().st_size == stamp.st_size
+        os.utime(graph, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # as a copy that keeps times leaves it
         predictor = Predictor(str(folder), backend="openvino", cache_dir=cache)
         assert predictor.graph_path == folder / "onnx" / "model.onnx"  # the shipped graph, compiled anew
         assert relative_error(predictor(batch), other(batch)) < 1e-5
