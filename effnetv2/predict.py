@@ -195,9 +195,9 @@ def predict_files(predictor: Predictor, files: list[str], top_k: int = 5, batch_
         yield from rows
 
 
-def missing_rows(missing: list[tuple[str, str]]) -> list[Prediction]:
+def missing_rows(problems: list[tuple[str, str]]) -> list[Prediction]:
     """The ``problems`` of :func:`find_images` as rows with their reason."""
-    return [Prediction(path, [], reason) for path, reason in missing]
+    return [Prediction(path, [], reason) for path, reason in problems]
 
 
 def _records(rows: Iterable[Prediction]) -> Iterator[dict]:
@@ -231,7 +231,7 @@ def _write_parquet(rows: Iterable[Prediction], output: Path) -> None:
 
 def check_output(output: str | os.PathLike) -> Path:
     """``output`` as a Path, after checking that a file can be written there (its missing folders are
-    created); ``ValueError`` naming it and saying what to do otherwise. Nothing else is left behind."""
+    created, no file is left); ``ValueError`` naming it and saying what to do otherwise."""
     path = Path(output)
     if path.is_dir():
         raise ValueError(f"--output {path} is a folder: give a file name, e.g. {path / ('preds' + path.suffix)}")
@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     if output:
         print(f"{total - len(bad)} predictions and {len(bad)} errors written to {output} ({engine})", file=sys.stderr)
     return 0 if len(bad) < total else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())
