@@ -136,7 +136,8 @@ def int8_agreement(config: dict, fp32_path: Path, int8_path: Path, files: Sequen
         for logits, session in zip((fp32, int8), sessions):
             logits.append(session.run(None, {INPUT_NAME: batch})[0])
     fp32, int8 = np.concatenate(fp32), np.concatenate(int8)
-    return {"images": len(fp32), "top1_agreement": top1_agreement(int8, fp32), "relative_error": relative_error(int8, fp32)}
+    return {"images": len(fp32), "top1_agreement": top1_agreement(int8, fp32),
+            "relative_error": relative_error(int8, fp32)}
 
 
 def ship_graphs(model: EfficientNetV2, folder: str | os.PathLike, calibration: str | os.PathLike | None = None,

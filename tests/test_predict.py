@@ -165,7 +165,8 @@ def test_what_a_folder_holds_that_cannot_be_read_is_a_row_each(images, tmp_path,
     assert [path for path, _ in problems] == sorted(reasons)
     assert reasons.keys() == {str(root / n) for n in ("stream.jpg", "b/gone.png", "b/loop.jpg", "b/up", "locked")}
     assert reasons[str(root / "stream.jpg")] == "a FIFO (named pipe), not an image file: not read"
-    assert reasons[str(root / "b" / "gone.png")] == f"broken symbolic link: its target {root / 'nowhere.png'} does not exist"
+    target = root / "nowhere.png"
+    assert reasons[str(root / "b" / "gone.png")] == f"broken symbolic link: its target {target} does not exist"
     assert reasons[str(root / "b" / "loop.jpg")].startswith("symbolic link loop")
     assert reasons[str(root / "b" / "up")].startswith("symbolic link loop: it leads back to a folder above it")
     assert reasons[str(root / "locked")].startswith("folder could not be listed (Permission denied)")
