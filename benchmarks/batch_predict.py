@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{len(files)} images, {predictor!r}, batch {args.batch_size}, {os.cpu_count()} CPU cores")
 
         start = time.perf_counter()
-        expected = predict_files(predictor, files, 5, args.batch_size, progress=False)
+        expected = list(predict_files(predictor, files, 5, args.batch_size, progress=False))
         local = time.perf_counter() - start
         print(f"  {'local engine (threads + one Predictor)':<44} {len(files) / local:8.1f} img/s  ({local:.1f} s)")
 

@@ -161,11 +161,12 @@ def predict_with_ray(source: EfficientNetV2 | str | os.PathLike, paths: Iterable
 
     ``source``: a model, or a folder / Hub id / ``torchvision:<variant>``. Returns the rows that
     ``python -m effnetv2.predict`` writes: one per file (folders searched recursively, sorted), in order,
-    then one per path that does not exist; a file that cannot be read is a row with its ``error``.
+    then one per path that cannot be searched or read (``find_images``'s problems, a path that does not
+    exist among them); a file that cannot be read is a row with its ``error``.
     Ray: see :func:`ray_session` (``address``, ``init_options`` such as ``object_store_memory``).
     """
     model = source if isinstance(source, EfficientNetV2) else load_model(source)
-    files, missing = find_images(paths)
+    files, problems = find_images(paths)
     with ray_session(address, **init_options):
         rows = list(predictions_on_ray(model, files, top_k, batch_size, options, progress)) if files else []
-    return rows + missing_rows(missing)
+    return rows + missing_rows(problems)

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -87,14 +87,25 @@ def export_onnx(model: EfficientNetV2, path: str | os.PathLike, image_size: int 
     return path
 
 
-def export_int8(model: EfficientNetV2, path: str | os.PathLike, batches: Sequence[np.ndarray],
+def export_int8(model: EfficientNetV2, path: str | os.PathLike, batches: Iterable[np.ndarray],
                 image_size: int | tuple[int, int] | None = None, opset: int = DEFAULT_OPSET) -> Path:
     """Write the int8 graph of ``model`` to ``path``: the float graph of :func:`export_onnx`,
     statically quantized with activation ranges measured on ``batches`` (preprocessed
-    ``[B, 3, H, W]`` arrays at the graph's size, see ``effnetv2.quantize``)."""
+    ``[B, 3, H, W]`` arrays at the graph's size, a list or a stream, see ``effnetv2.quantize``)."""
     with tempfile.TemporaryDirectory(prefix="effnetv2-export-") as tmp:
         fp32 = export_onnx(model, Path(tmp, "model.onnx"), image_size, opset=opset)
         return quantize_onnx(fp32, path, batches, input_name=INPUT_NAME)
+
+
+def external_data_files(path: str | os.PathLike) -> list[str]:
+    """The files outside the ONNX graph at ``path`` that hold some of its tensors (``.data`` files of the
+    external data format), as the graph names them; empty when it holds all its tensors itself."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+
+    graph = onnx.load(str(path), load_external_data=False)
+    return sorted({ExternalDataInfo(t).location for t in _get_all_tensors(graph)
+                   if t.data_location == onnx.TensorProto.EXTERNAL})
 
 
 def graph_fingerprint(model: EfficientNetV2, *context: str) -> str:
@@ -115,10 +126,18 @@ def run_onnx(path: str | os.PathLike, batches: Sequence[np.ndarray]) -> np.ndarr
 
 def int8_agreement(config: dict, fp32_path: Path, int8_path: Path, files: Sequence[Path]) -> dict:
     """``{"images", "top1_agreement", "relative_error"}`` of the int8 graph against the float graph on
-    ``files`` (images held out from calibration), preprocessed with the model's ``config``."""
-    batches = calibration_batches(config, files, image_size=_size_pair(config["image_size"])[0])
-    fp32, int8 = run_onnx(fp32_path, batches), run_onnx(int8_path, batches)
-    return {"images": len(files), "top1_agreement": top1_agreement(int8, fp32), "relative_error": relative_error(int8, fp32)}
+    ``files`` (images held out from calibration; unreadable ones skipped), preprocessed with the model's
+    ``config``, a batch at a time."""
+    import onnxruntime as ort
+
+    sessions = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for path in (fp32_path, int8_path)]
+    fp32, int8 = [], []
+    for batch in calibration_batches(config, files, image_size=_size_pair(config["image_size"])[0]):
+        for logits, session in zip((fp32, int8), sessions):
+            logits.append(session.run(None, {INPUT_NAME: batch})[0])
+    fp32, int8 = np.concatenate(fp32), np.concatenate(int8)
+    return {"images": len(fp32), "top1_agreement": top1_agreement(int8, fp32),
+            "relative_error": relative_error(int8, fp32)}
 
 
 def ship_graphs(model: EfficientNetV2, folder: str | os.PathLike, calibration: str | os.PathLike | None = None,

@@ -20,6 +20,10 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 # Larger than any photo a phone takes (~200 MP). This is the limit: PIL's own guard (Image.MAX_IMAGE_PIXELS,
 # which refuses above 179 MP by default and only warns above 89 MP) is off, process-wide, while we decode.
 MAX_IMAGE_PIXELS = 200_000_000
+# The formats the product documents (README; ``effnetv2.data.IMAGE_EXTENSIONS``), and the only ones PIL may
+# try on a file (JPEG also reads the multi-picture MPO of cameras): a file in any other of PIL's formats is
+# refused unread, e.g. EPS, whose decoding runs Ghostscript on the file wherever it is installed.
+DECODED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 BYTES_PER_PIXEL = 4  # the most PIL keeps a decoded pixel in, any mode (RGB is stored as RGBX)
 _STRIP_PIXELS = 1 << 20  # converted a strip of rows at a time: the float temporaries stay a few MB
@@ -140,7 +144,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def image_pixels(path: str | os.PathLike) -> int:
     """Width x height of the image file at ``path`` from its header (nothing decoded); 0 when unreadable."""
     try:
-        with _our_pixel_limit(), Image.open(path) as image:
+        with _our_pixel_limit(), Image.open(path, formats=DECODED_FORMATS) as image:
             return image.width * image.height
     except (OSError, SyntaxError, ValueError):
         return 0
@@ -154,17 +158,17 @@ def _errors_named(name: str) -> Iterator[None]:
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(name, "not an image file PIL can read") from None
+        raise ImageLoadError(name, "not an image file PIL can read as JPEG, PNG, BMP, GIF, WebP or TIFF") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError(name, f"unreadable or truncated image ({err})") from None
 
 
 def _load(source: str | os.PathLike | Image.Image, name: str, max_pixels: int) -> Image.Image:
     """``source`` opened, its size checked against ``max_pixels``, then every pixel decoded."""
-    if not isinstance(source, Image.Image) and not Path(source).is_file():
-        raise ImageLoadError(name, "no such file")
+    if not isinstance(source, Image.Image) and not Path(source).is_file():  # never open a FIFO: it would block
+        raise ImageLoadError(name, "not a regular file" if Path(source).exists() else "no such file")
     with _our_pixel_limit():
-        image = source if isinstance(source, Image.Image) else Image.open(source)
+        image = source if isinstance(source, Image.Image) else Image.open(source, formats=DECODED_FORMATS)
         width, height = image.size
         if width < 1 or height < 1:
             raise ImageLoadError(name, f"image has no pixels ({width}x{height})")
@@ -179,8 +183,8 @@ def open_image(source: str | os.PathLike | Image.Image, max_pixels: int = MAX_IM
     """Load ``source`` (a path or a PIL image) fully into memory as RGB (see :func:`to_rgb`).
 
     Raises :class:`ImageLoadError` naming the file for missing, unreadable, truncated, empty, or oversized
-    inputs: more than ``max_pixels`` pixels (a decompression bomb) is refused before decoding, whatever
-    PIL's ``Image.MAX_IMAGE_PIXELS`` says.
+    inputs, and for files in formats other than :data:`DECODED_FORMATS`: more than ``max_pixels`` pixels (a
+    decompression bomb) is refused before decoding, whatever PIL's ``Image.MAX_IMAGE_PIXELS`` says.
     """
     name = "image" if isinstance(source, Image.Image) else str(source)
     with _errors_named(name):

@@ -7,7 +7,9 @@ Exported graphs are cached on disk in a private (0700) folder, keyed by a hash o
 config and checked against their own SHA-256 on every load, so creating a Predictor for the same
 model again is fast and a damaged or replaced graph is exported again. A model folder or Hub repo
 that ships its graphs (``python -m effnetv2.export --ship``) has them used as they are, once their
-hash and the weights they were exported from check out.
+hash and the weights they were exported from check out, the graph holds all its weights (no external
+``.data`` file) and, for the float graph, its logits on a probe batch are the eager model's.
+OpenVINO's compiled graphs are cached per graph content.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ import torch
 from PIL import Image
 
 from .checkpoint import sha256_file
-from .export import (DEFAULT_OPSET, GRAPHS_MANIFEST, INPUT_NAME, SHIPPED_GRAPHS, export_int8, export_onnx,
-                     graph_fingerprint)
+from .export import (DEFAULT_OPSET, GRAPHS_MANIFEST, INPUT_NAME, MAX_RELATIVE_ERROR, SHIPPED_GRAPHS, export_int8,
+                     export_onnx, external_data_files, graph_fingerprint, relative_error)
 from .fuse import optimize_for_inference
 from .images import open_image
 from .model import EfficientNetV2
@@ -224,9 +226,16 @@ class Predictor:
                     self._runners[key] = self._torch_runner()
                 else:
                     module = _import_runtime(self.backend)
-                    path = self._graph(height, width)
                     build = self._onnxruntime_runner if self.backend == "onnxruntime" else self._openvino_runner
-                    self._runners[key] = build(module, path)
+                    path = self._shipped_graph(height, width)
+                    runner = build(module, path) if path else None
+                    if runner and (problem := self._probe_mismatch(runner, height, width)):
+                        self._not_shipped(problem)
+                        runner = None
+                    if runner is None:
+                        path = self._onnx_path(height, width)
+                        runner = build(module, path)
+                    self._runners[key] = runner
                     self.graph_path = path
             return self._runners[key]
 
@@ -258,15 +267,29 @@ class Predictor:
             self._weights_key = graph_fingerprint(self.model)
         return self._weights_key
 
-    def _graph(self, height: int, width: int) -> Path:
-        """The graph the runtime loads: the one shipped with the model when it checks out, else the
-        cached export (made on first use)."""
-        return self._shipped_graph(height, width) or self._onnx_path(height, width)
+    @torch.no_grad()
+    def _probe_mismatch(self, runner: Callable, height: int, width: int) -> str | None:
+        """Why the float graph behind ``runner`` does not compute the eager model's logits on a fixed random
+        batch (export's parity check: relative error above ``MAX_RELATIVE_ERROR``); None when it does.
+        An int8 graph differs from the eager model by design: its hash and fingerprint are what is checked."""
+        if self.precision != "fp32":
+            return None
+        x = torch.randn(2, self.config["in_chans"], height, width, generator=torch.Generator().manual_seed(0))
+        error = relative_error(runner(x.numpy()), self.model(x))  # a source loaded here: in eval mode
+        if error <= MAX_RELATIVE_ERROR:
+            return None
+        return (f"its logits differ from the weights' (relative error {error:.2g} > {MAX_RELATIVE_ERROR:g} on a "
+                f"probe batch): it is not the graph of these weights")
+
+    def _not_shipped(self, problem: str) -> None:
+        logger.warning("shipped graph %s of %s is not used: %s; exporting it here instead",
+                       SHIPPED_GRAPHS[self.precision], self._source.text, problem)
 
     def _shipped_graph(self, height: int, width: int) -> Path | None:
         """The ``precision`` graph shipped in the model's folder or Hub repo, when its manifest says it was
-        exported from these very weights at this size and the file has the SHA-256 recorded there; None
-        (with a one-line warning naming why, when a graph is shipped but unusable) otherwise."""
+        exported from these very weights at this size, the file has the SHA-256 recorded there and holds
+        all its weights (no external ``.data`` file, which that hash would not cover); None (with a
+        one-line warning naming why, when a graph is shipped but unusable) otherwise."""
         source = self._source
         if source is None or source.kind not in ("folder", "hub"):
             return None
@@ -289,11 +312,15 @@ class Predictor:
                 problem = "the file is missing"
             elif sha256_file(path) != graph["sha256"]:
                 problem = "its SHA-256 differs from the one in onnx/graphs.json (damaged or replaced)"
+            elif external := external_data_files(path):
+                problem = (f"it keeps weights in other files ({', '.join(external)}), which its SHA-256 does not "
+                           f"cover; ship a graph that holds its weights (python -m effnetv2.export --ship)")
+        except ImportError as err:
+            problem = f"it cannot be checked without the onnx package ({err}): pip install onnx"
         except (ModelDownloadError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             problem = f"it could not be read ({type(err).__name__}: {err})"
         if problem:
-            logger.warning("shipped graph %s of %s is not used: %s; exporting it here instead",
-                           name, source.text, problem)
+            self._not_shipped(problem)
             return None
         logger.info("using the graph shipped with %s: %s", source.text, name)
         return Path(path)
@@ -354,8 +381,11 @@ class Predictor:
 
     def _openvino_runner(self, ov, path: Path) -> Callable:
         core = ov.Core()
-        # OpenVINO keeps the compiled graph here too, which makes the next compile of it fast.
-        core.set_property({"CACHE_DIR": str(_cache_subdir(self._cache_dir, "openvino"))})
+        # OpenVINO keeps the compiled graph here too, which makes the next compile of it fast. Its cache key
+        # is the graph's path, not its content: one folder per graph content, so a graph replaced at the
+        # same path (a model folder shipped again, a cached graph exported again) is compiled anew.
+        cache = _cache_subdir(_cache_subdir(self._cache_dir, "openvino"), sha256_file(path)[:24])
+        core.set_property({"CACHE_DIR": str(cache)})
         # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise run in bf16 and the
         # logits would no longer equal the eager model's (an int8 graph keeps its float parts in f32).
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}

@@ -4,24 +4,35 @@
                                [--output preds.jsonl|preds.csv|preds.parquet] [--workers N]
     python -m effnetv2.predict --engine ray [--address auto|HOST:PORT|ray://HOST:PORT] [--num-actors N] ...
 
-Folders are searched recursively for images (``effnetv2.data.IMAGE_EXTENSIONS``, any case). Locally,
-images are decoded and preprocessed in a thread pool while the model runs; ``--engine ray`` does the
-same on Ray Data (``effnetv2.batch_ray``). Either way every input is one row, in input order (folders
-sorted by path): its top-k, or the error that kept it from the model (unreadable files are also listed
-in one warning). Without ``--output`` a table goes to stdout; ``.jsonl`` and ``.parquet`` hold one
-record per file (``path``, ``predictions`` [{``label``, ``probability``}], ``error``), ``.csv`` one row
-per (file, rank) with the columns ``path, rank, label, probability, error``.
+Folders are searched recursively for images (``effnetv2.data.IMAGE_EXTENSIONS``, any case), following
+links to folders. Locally, images are decoded and preprocessed in a thread pool while the model runs;
+``--engine ray`` does the same on Ray Data (``effnetv2.batch_ray``). Either way every input is one row, in
+input order (folders sorted by path): its top-k, or the error that kept it from the model (unreadable files
+are also listed in one warning). What a folder holds that cannot be searched or read (a sub-folder it may not
+list, a broken link, a link loop, a FIFO named like an image) is a row with its error after the files. An
+input named on the command line that does not exist, or an ``--output`` that cannot be written, stops the
+command before any work.
+
+Without ``--output`` a table goes to stdout; ``.jsonl`` and ``.parquet`` hold one record per file (``path``,
+``predictions`` [{``label``, ``probability``}], ``error``), ``.csv`` one row per (file, rank) with the
+columns ``path, rank, label, probability, error``. The rows go to a hidden file beside the output
+(``.NAME.PID.tmp``) that replaces it in one rename once every row is written: a run that fails or is killed
+leaves the previous output as it was (a killed one may leave that hidden file, to delete).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import json
 import logging
 import os
+import stat
 import sys
+import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from itertools import chain, islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -47,18 +58,82 @@ class Prediction(NamedTuple):
     error: str | None = None
 
 
+# What a path that is neither a file nor a folder is, in words (the S_IS* test on its mode).
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _link_problem(path: Path, err: OSError) -> str:
+    """Why the link (or entry) ``path`` could not be followed, ``err`` being what ``stat`` raised."""
+    if path.is_symlink():
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop: it never reaches a file or folder"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"broken symbolic link: its target {os.readlink(path)} does not exist"
+    return f"could not be read ({err.strerror or err})"
+
+
+def _search(folder: Path, ancestors: frozenset[tuple[int, int]], files: list[str],
+            problems: list[tuple[str, str]]) -> None:
+    """Add the image files under ``folder`` to ``files`` and what could not be searched or read to
+    ``problems``; ``ancestors`` are the (device, inode) of the folders above, where a link loop would lead."""
+    try:
+        with os.scandir(folder) as entries:
+            names = [entry.name for entry in entries]
+    except OSError as err:
+        problems.append((str(folder), f"folder could not be listed ({err.strerror or err}): its images were not "
+                                      f"searched"))
+        return
+    for name in names:
+        path = folder / name
+        try:
+            info = path.stat()
+        except OSError as err:  # a name without a suffix may have been a link to a folder
+            if is_image_file(path) or (not path.suffix and not name.startswith(".")):
+                problems.append((str(path), _link_problem(path, err)))
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            if (info.st_dev, info.st_ino) in ancestors:
+                problems.append((str(path), "symbolic link loop: it leads back to a folder above it, not searched "
+                                            "again"))
+            else:
+                _search(path, ancestors | {(info.st_dev, info.st_ino)}, files, problems)
+        elif is_image_file(path):
+            if stat.S_ISREG(info.st_mode):
+                files.append(str(path))
+            else:
+                problems.append((str(path), f"{_special_kind(info.st_mode)}, not an image file: not read"))
+
+
+def _special_kind(mode: int) -> str:
+    return next((kind for test, kind in _SPECIAL_FILES if test(mode)), "not a regular file")
+
+
 def find_images(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Expand ``paths`` into image files: files are kept as given (whatever their extension),
-    folders are searched recursively (sorted). Returns ``(files, [(missing path, reason), ...])``."""
-    files, missing = [], []
+    """Expand ``paths`` into image files: files are kept as given (whatever their extension), folders are
+    searched recursively (sorted by path), following links to folders. Returns ``(files, problems)``:
+    ``problems`` are ``(path, reason)`` for each input, or entry of a folder, that cannot be read as an
+    image: a path that does not exist, a folder that cannot be listed, a broken link or a link loop, a
+    FIFO, socket or device (inside folders: those named like an image, or like a folder for links).
+    Nothing is opened but folders, so a FIFO never blocks."""
+    files, problems = [], []
     for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_file(p))
-        elif path.is_file():
+        try:
+            info = path.stat()
+        except OSError as err:
+            reason = "no such file or folder" if not os.path.lexists(path) else _link_problem(path, err)
+            problems.append((str(path), reason))
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            found, inside = [], []
+            _search(path, frozenset({(info.st_dev, info.st_ino)}), found, inside)
+            files += sorted(found)
+            problems += sorted(inside)
+        elif stat.S_ISREG(info.st_mode):
             files.append(str(path))
         else:
-            missing.append((str(path), "no such file or folder"))
-    return files, missing
+            problems.append((str(path), f"{_special_kind(info.st_mode)}, not an image file: not read"))
+    return files, problems
 
 
 def load_input(transform: Callable[[Image.Image], torch.Tensor], path: str) -> torch.Tensor | str:
@@ -86,39 +161,43 @@ def _decoded(predictor: Predictor, files: list[str], pool: ThreadPoolExecutor,
 
 
 def predict_files(predictor: Predictor, files: list[str], top_k: int = 5, batch_size: int = 16,
-                  workers: int = 4, progress: bool = True) -> list[Prediction]:
-    """One :class:`Prediction` per file of ``files``, in their order (a bad file has its ``error``).
-    Decoding runs in ``workers`` threads ahead of the model."""
+                  workers: int = 4, progress: bool = True) -> Iterator[Prediction]:
+    """One :class:`Prediction` per file of ``files``, in their order (a bad file has its ``error``), each
+    yielded as soon as it and those before it are done. Decoding runs in ``workers`` threads ahead of the model."""
     from tqdm import tqdm
 
-    rows: list[Prediction | None] = []
+    rows: deque[Prediction | None] = deque()  # the rows not yielded yet, None until their batch has run
     batch: list[tuple[int, torch.Tensor]] = []  # (index in rows, [3, S, S])
+    done = 0  # rows yielded so far: rows[0] is row number done
 
     def flush() -> None:
         logits = predictor(torch.stack([tensor for _, tensor in batch]))
         for (index, _), top in zip(batch, predictor.topk(logits, top_k)):
-            rows[index] = Prediction(files[index], top)
+            rows[index - done] = Prediction(files[index], top)
         batch.clear()
 
     with ThreadPoolExecutor(max(1, workers)) as pool, \
             tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress) as bar:
-        for path, item in _decoded(predictor, files, pool, ahead=2 * batch_size + workers):
+        for index, (path, item) in enumerate(_decoded(predictor, files, pool, ahead=2 * batch_size + workers)):
             if isinstance(item, str):
                 rows.append(Prediction(path, [], item))
             else:
-                batch.append((len(rows), item))
+                batch.append((index, item))
                 rows.append(None)  # filled in by flush
                 if len(batch) == batch_size:
                     flush()
             bar.update(1)
+            while rows and rows[0] is not None:
+                done += 1
+                yield rows.popleft()
         if batch:
             flush()
-    return rows
+        yield from rows
 
 
-def missing_rows(missing: list[tuple[str, str]]) -> list[Prediction]:
-    """The inputs :func:`find_images` found nothing at, as rows with their reason."""
-    return [Prediction(path, [], reason) for path, reason in missing]
+def missing_rows(problems: list[tuple[str, str]]) -> list[Prediction]:
+    """The ``problems`` of :func:`find_images` as rows with their reason."""
+    return [Prediction(path, [], reason) for path, reason in problems]
 
 
 def _records(rows: Iterable[Prediction]) -> Iterator[dict]:
@@ -150,9 +229,40 @@ def _write_parquet(rows: Iterable[Prediction], output: Path) -> None:
             writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
 
 
+def check_output(output: str | os.PathLike) -> Path:
+    """``output`` as a Path, after checking that a file can be written there (its missing folders are
+    created, no file is left); ``ValueError`` naming it and saying what to do otherwise."""
+    path = Path(output)
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder: give a file name, e.g. {path / ('preds' + path.suffix)}")
+    above = next((p for p in path.parents if os.path.lexists(p)), Path("."))
+    if not above.is_dir():
+        raise ValueError(f"--output {path} cannot be written: {above} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()  # the check that also covers ACLs and read-only mounts
+    except OSError as err:
+        raise ValueError(f"--output {path} cannot be written ({err.strerror or err} in {path.parent}): choose a "
+                         f"folder you can write to") from None
+    return path
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A new file beside ``path`` (yielded) that replaces ``path`` in one rename when the block ends, and
+    is deleted when it fails: ``path`` is never half-written and keeps its content until then."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_results(rows: Iterable[Prediction], output: str | os.PathLike | None) -> None:
     """A table on stdout (``output`` None), or a ``.jsonl``, ``.csv`` or ``.parquet`` file (see the
-    module's docstring for the columns). ``rows`` may be a stream: files are written as it arrives."""
+    module's docstring for the columns). ``rows`` may be a stream: files are written as it arrives, into a
+    temporary file that replaces ``output`` once the stream ends (``output`` is untouched if it fails)."""
     if output is None:
         rows = list(rows)
         width = max([len(row.path) for row in rows] + [5])
@@ -162,17 +272,22 @@ def write_results(rows: Iterable[Prediction], output: str | os.PathLike | None) 
         return
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix.lower() == ".parquet":
-        _write_parquet(rows, output)
-        return
-    with output.open("w", newline="", encoding="utf-8") as f:
-        if output.suffix.lower() == ".csv":
+    with _replacing(output) as tmp:
+        if output.suffix.lower() == ".parquet":
+            _write_parquet(rows, tmp)
+        else:
+            _write_text(rows, tmp, csv_format=output.suffix.lower() == ".csv")
+
+
+def _write_text(rows: Iterable[Prediction], path: Path, csv_format: bool) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        if csv_format:
             writer = csv.writer(f)
             writer.writerow(["path", "rank", "label", "probability", "error"])
-            for path, top, error in rows:
+            for name, top, error in rows:
                 if error:
-                    writer.writerow([path, "", "", "", error])
-                writer.writerows([path, rank, label, f"{prob:.6f}", ""] for rank, (label, prob) in enumerate(top, 1))
+                    writer.writerow([name, "", "", "", error])
+                writer.writerows([name, rank, label, f"{prob:.6f}", ""] for rank, (label, prob) in enumerate(top, 1))
         else:
             for record in _records(rows):
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -219,9 +334,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.object_store_memory and args.address:
         parser.error("--object-store-memory sizes a Ray this command starts; with --address, size it in `ray start`")
 
-    files, missing = find_images(args.paths)
+    try:  # the inputs and the output first: a typo never costs a run
+        output = check_output(args.output) if args.output else None
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    absent = [path for path in args.paths if not os.path.lexists(path)]
+    if absent:
+        print(f"error: no such file or folder: {', '.join(absent)}", file=sys.stderr)
+        return 2
+    files, problems = find_images(args.paths)
     if not files:
-        report_bad_files(missing)
+        report_bad_files(problems)
         print(f"error: no image files in {' '.join(args.paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})",
               file=sys.stderr)
         return 2
@@ -239,25 +363,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     bad: list[tuple[str, str]] = []
-    if args.engine == "local":
-        rows = predict_files(predictor, files, args.top_k, args.batch_size, args.workers, progress=not args.quiet)
-        write_results(_noting_errors(rows + missing_rows(missing), bad), args.output)
-        engine = f"backend {predictor.backend}"
-    else:
-        options = RayOptions(args.num_actors, args.cpus_per_actor, args.gpus_per_actor, args.backend)
-        try:
+    try:
+        if args.engine == "local":
+            rows = predict_files(predictor, files, args.top_k, args.batch_size, args.workers, progress=not args.quiet)
+            write_results(_noting_errors(chain(rows, missing_rows(problems)), bad), output)
+            engine = f"backend {predictor.backend}"
+        else:
+            options = RayOptions(args.num_actors, args.cpus_per_actor, args.gpus_per_actor, args.backend)
             with ray_session(args.address, object_store_memory=args.object_store_memory):
                 rows = predictions_on_ray(model, files, args.top_k, args.batch_size, options, progress=not args.quiet)
-                write_results(_noting_errors(chain(rows, missing_rows(missing)), bad), args.output)
-        except ConnectionError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        engine = f"Ray Data, {args.num_actors} actor(s)"
+                write_results(_noting_errors(chain(rows, missing_rows(problems)), bad), output)
+            engine = f"Ray Data, {args.num_actors} actor(s)"
+    except ConnectionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. the disk filled up
+        print(f"error: {err}" + (f"; {output} is left as it was" if output else ""), file=sys.stderr)
+        return 1
     report_bad_files(bad)
-    if args.output:
-        print(f"{len(files) + len(missing) - len(bad)} predictions and {len(bad)} errors written to {args.output} "
-              f"({engine})", file=sys.stderr)
-    return 0 if len(bad) < len(files) + len(missing) else 1
+    total = len(files) + len(problems)
+    if output:
+        print(f"{total - len(bad)} predictions and {len(bad)} errors written to {output} ({engine})", file=sys.stderr)
+    return 0 if len(bad) < total else 1
 
 
 if __name__ == "__main__":

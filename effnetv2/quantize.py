@@ -20,12 +20,12 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .data import is_image_file
-from .images import open_image
+from .data import is_image_file, report_bad_files
+from .images import ImageLoadError, open_image
 from .transforms import transforms_for
 
 if TYPE_CHECKING:  # onnx is imported where it is used: the package runs without it
@@ -55,22 +55,45 @@ def calibration_split(data: str | os.PathLike, count: int = CALIBRATION_IMAGES, 
 
 
 def calibration_batches(config: dict, files: Sequence[str | os.PathLike], batch_size: int = 16,
-                        image_size: int | None = None) -> list[np.ndarray]:
+                        image_size: int | None = None) -> Iterator[np.ndarray]:
     """``files`` through the model's eval transform (``config``, see ``transforms_for``), as float
-    arrays ``[batch_size, 3, S, S]`` (the last one may be smaller)."""
+    arrays ``[batch_size, 3, S, S]`` (the last one may be smaller), each read when it is asked for: one
+    batch of images in memory at a time, however many files. A file that cannot be read is skipped; the
+    skipped ones are named in one warning when the last batch has been taken."""
     transform = transforms_for(config, image_size=image_size)
-    images = [transform(open_image(path)).numpy() for path in files]
-    return [np.stack(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    images, bad = [], []
+    for path in files:
+        try:
+            images.append(transform(open_image(path)).numpy())
+        except ImageLoadError as err:
+            bad.append((str(path), err.reason))
+        except (OSError, ValueError, RuntimeError) as err:  # e.g. a decoder failing inside the transform
+            bad.append((str(path), f"{type(err).__name__}: {err}"))
+        if len(images) == batch_size:
+            yield np.stack(images)
+            images = []
+    if images:
+        yield np.stack(images)
+    report_bad_files(bad)
 
 
 class _Batches:
-    """ONNX Runtime's ``CalibrationDataReader``: one ``{input name: batch}`` per call, then None."""
+    """ONNX Runtime's ``CalibrationDataReader``: one ``{input name: batch}`` per call, then None; each
+    batch is taken from ``batches`` (an iterator) only when asked for."""
 
     def __init__(self, input_name: str, batches: Iterable[np.ndarray]):
         self._feeds = ({input_name: np.ascontiguousarray(b, dtype=np.float32)} for b in batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)
+
+
+def _after(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """``first``, then ``rest``, keeping no reference to ``first`` once it is taken (``itertools.chain``
+    keeps its arguments)."""
+    yield first
+    del first
+    yield from rest
 
 
 def spatial_means_as_pools(graph: onnx.GraphProto) -> int:
@@ -103,16 +126,22 @@ def spatial_means_as_pools(graph: onnx.GraphProto) -> int:
     return rewritten
 
 
-def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches: Sequence[np.ndarray],
+def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches: Iterable[np.ndarray],
                   input_name: str = "pixel_values") -> Path:
     """Write the int8 (QDQ) form of the float graph at ``fp32_path`` to ``out_path`` (atomically) and
-    return it, with activation ranges measured on ``batches`` (preprocessed ``[B, 3, H, W]`` arrays)."""
+    return it, with activation ranges measured on ``batches`` (preprocessed ``[B, 3, H, W]`` arrays, a
+    list or a stream such as :func:`calibration_batches`: read once, one batch at a time)."""
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)
 
-    if not batches:
-        raise ValueError("int8 quantization needs at least one calibration batch")
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("int8 quantization needs at least one calibration batch (no calibration image could be "
+                         "read): give a folder of readable images like the ones the model will see")
+    batches = _after(first, batches)
+    del first  # held by the stream alone, until the calibrator has taken it
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="effnetv2-quantize-") as tmp:
@@ -122,12 +151,13 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
         graph = onnx.load(str(prepared))
         spatial_means_as_pools(graph.graph)
         onnx.save(graph, str(prepared))
+        # MinMax keeps two small tensors (each activation's min and max) per batch, not the activations.
+        # No CalibMaxIntermediateOutputs: ONNX Runtime 1.32 drops the batches it has kept when it reaches
+        # that count, without reducing them first, so only the last few would set the ranges.
         quantize_static(str(prepared), str(quantized), _Batches(input_name, batches),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS),
-                        calibrate_method=CalibrationMethod.MinMax,
-                        # ranges are reduced every 8 batches: memory stays flat however many images
-                        extra_options={"CalibMaxIntermediateOutputs": 8})
+                        calibrate_method=CalibrationMethod.MinMax)
         os.replace(quantized, out_path)
     return out_path
 

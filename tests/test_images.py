@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.memory import measure_open_image, png_bytes, ramp, write_png16
-from effnetv2.images import (MAX_IMAGE_PIXELS, ImageLoadError, confined_file, image_pixels, open_image,
-                            verify_image)
+from effnetv2.images import (DECODED_FORMATS, MAX_IMAGE_PIXELS, ImageLoadError, confined_file, image_pixels,
+                             open_image, verify_image)
 
 # 16-bit values and their 8-bit results, worked by hand: the high byte, v // 256.
 SIXTEEN_BIT = [0, 255, 256, 32767, 32768, 65535]
@@ -87,7 +87,8 @@ def test_load_errors_carry_the_path_and_the_reason(tmp_path):
     import pickle
 
     (tmp_path / "text.png").write_text("not an image")
-    cases = {tmp_path / "gone.png": "no such file", tmp_path / "text.png": "not an image file PIL can read"}
+    cases = {tmp_path / "gone.png": "no such file",
+             tmp_path / "text.png": "not an image file PIL can read as JPEG, PNG, BMP, GIF, WebP or TIFF"}
     for path, reason in cases.items():
         with pytest.raises(ImageLoadError) as caught:
             open_image(path)
@@ -174,3 +175,41 @@ def test_confined_file_looks_at_nothing_outside_its_folders(tmp_path, monkeypatc
         start = time.perf_counter()
         assert confined_file(huge, [uploads]) is None
         assert time.perf_counter() - start < 1.0  # microseconds now; before, each took seconds to minutes
+
+
+# The smallest EPS file PIL takes: decoding it means running Ghostscript on its PostScript.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def test_eps_is_refused_without_running_ghostscript(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: ran.append(args))
+    for name in ("drawing.eps", "photo.jpg"):  # whatever the file is called
+        (tmp_path / name).write_bytes(EPS)
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "EPS"  # PIL itself would take it, and run Ghostscript on load()
+        for read in (open_image, verify_image):
+            with pytest.raises(ImageLoadError, match="not an image file PIL can read as JPEG, PNG, BMP, GIF"):
+                read(tmp_path / name)
+        assert image_pixels(tmp_path / name) == 0
+    assert ran == []
+
+
+def test_the_documented_formats_are_read_and_others_refused(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    written = {"JPEG": "a.jpg", "PNG": "a.png", "BMP": "a.bmp", "GIF": "a.gif", "WEBP": "a.webp", "TIFF": "a.tif"}
+    assert set(written) == set(DECODED_FORMATS)
+    for fmt, name in written.items():
+        image.save(tmp_path / name, fmt)
+        assert open_image(tmp_path / name).size == (5, 6), fmt
+    image.save(tmp_path / "camera.jpg", "MPO", save_all=True, append_images=[image])  # a phone's JPEG
+    with Image.open(tmp_path / "camera.jpg") as raw:
+        assert raw.format == "MPO"
+    assert open_image(tmp_path / "camera.jpg").size == (5, 6)
+    for fmt in ("PPM", "TGA", "PCX", "ICO"):  # formats PIL reads that the product does not document
+        image.save(tmp_path / f"other.{fmt.lower()}", fmt)
+        with pytest.raises(ImageLoadError, match="not an image file PIL can read as"):
+            open_image(tmp_path / f"other.{fmt.lower()}")

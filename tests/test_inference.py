@@ -314,3 +314,98 @@ def test_cuda_predictor_is_bf16_compiled_and_matches_eager(model, batch):
     predictor(batch[1:2])
     assert torch.equal(first.argmax(1).cpu(), expected[:1].argmax(1))  # not overwritten by the next replay
     assert predictor._fused.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+RUNTIMES = [
+    pytest.param("onnxruntime", marks=pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="onnxruntime not installed")),
+    pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")),
+]
+
+
+def shipped_folder(model, folder):
+    """``model`` saved in ``folder`` with its float graph shipped (``onnx/model.onnx``, ``onnx/graphs.json``)."""
+    from effnetv2.export import ship_graphs
+
+    model.save_pretrained(folder)
+    ship_graphs(model, folder)
+    return folder
+
+
+def rewrite_shipped_graph(folder, edit, **save_options):
+    """``edit(graph)`` applied to the shipped float graph, saved in place, its new SHA-256 written into
+    graphs.json: a replaced graph whose hash checks out."""
+    import hashlib
+    import json
+
+    import onnx
+
+    path = folder / "onnx" / "model.onnx"
+    graph = onnx.load(str(path))
+    edit(graph)
+    onnx.save_model(graph, str(path), **save_options)
+    manifest = json.loads((folder / "onnx" / "graphs.json").read_text())
+    manifest["graphs"]["fp32"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (folder / "onnx" / "graphs.json").write_text(json.dumps(manifest))
+
+
+def raise_classifier_bias(graph, target: int = 2, by: float = 100.0):  # graph: an onnx.ModelProto
+    """The classifier's bias (the last Gemm's third input) raised by ``by`` for class ``target``."""
+    from onnx import numpy_helper
+
+    [gemm] = [n for n in graph.graph.node if n.op_type == "Gemm"][-1:]
+    [bias] = [t for t in graph.graph.initializer if t.name == gemm.input[2]]
+    values = numpy_helper.to_array(bias).copy()
+    values[target] += by
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+
+
+@pytest.mark.parametrize("backend", RUNTIMES)
+def test_a_shipped_graph_that_is_not_the_weights_graph_is_not_used(model, batch, tmp_path, caplog, backend):
+    folder = shipped_folder(model, tmp_path / "model")
+    rewrite_shipped_graph(folder, raise_classifier_bias)
+    with caplog.at_level("WARNING", logger="effnetv2.inference"):
+        predictor = Predictor(str(folder), backend=backend, cache_dir=tmp_path / "cache")
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"shipped graph onnx/model.onnx of {folder} is not used: its logits differ from the "
+                              f"weights' (relative error ")
+    assert warning.endswith("exporting it here instead")
+    assert predictor.graph_path.parent == tmp_path / "cache" / "onnx"  # exported here
+    with torch.no_grad():
+        expected = model(batch)
+    assert relative_error(predictor(batch), expected) < 1e-5
+    assert (predictor(batch).argmax(1) != 2).any()  # not every image answers the raised class
+
+
+@pytest.mark.parametrize("backend", RUNTIMES)
+def test_a_shipped_graph_with_external_data_is_not_used(model, batch, tmp_path, caplog, backend):
+    folder = shipped_folder(model, tmp_path / "model")
+    # the weights moved to onnx/model.onnx.data, which graphs.json's hash does not cover
+    rewrite_shipped_graph(folder, lambda graph: None, save_as_external_data=True, all_tensors_to_one_file=True,
+                          location="model.onnx.data", size_threshold=0)
+    assert (folder / "onnx" / "model.onnx.data").is_file()
+    with caplog.at_level("WARNING", logger="effnetv2.inference"):
+        predictor = Predictor(str(folder), backend=backend, cache_dir=tmp_path / "cache")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"shipped graph onnx/model.onnx of {folder} is not used: it keeps weights in other files (model.onnx.data), "
+        f"which its SHA-256 does not cover; ship a graph that holds its weights (python -m effnetv2.export --ship); "
+        f"exporting it here instead"]
+    assert predictor.graph_path.parent == tmp_path / "cache" / "onnx"
+    with torch.no_grad():
+        assert relative_error(predictor(batch), model(batch)) < 1e-5
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
+def test_openvino_never_serves_the_compiled_graph_of_an_earlier_file_at_the_same_path(model, batch, tmp_path):
+    cache = tmp_path / "cache"
+    folder = shipped_folder(model, tmp_path / "model")
+    with torch.no_grad():
+        assert relative_error(Predictor(str(folder), backend="openvino", cache_dir=cache)(batch), model(batch)) < 1e-5
+        other = realistic_model("b0", num_classes=7, image_size=64, seed=1)
+        graph = folder / "onnx" / "model.onnx"
+        stamp = graph.stat()
+        shipped_folder(other, folder)  # new weights and their graph, at the same paths
+        assert graph.stat().st_size == stamp.st_size
+        os.utime(graph, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # as a copy that keeps times leaves it
+        predictor = Predictor(str(folder), backend="openvino", cache_dir=cache)
+        assert predictor.graph_path == folder / "onnx" / "model.onnx"  # the shipped graph, compiled anew
+        assert relative_error(predictor(batch), other(batch)) < 1e-5

@@ -216,3 +216,73 @@ def test_export_cli_ships_graphs_into_the_model_folder(shapes, tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["--model", str(folder), "--ship", "--out", str(tmp_path / "x.onnx")])
     assert "either --out FILE or --ship" in capsys.readouterr().err
+
+
+def input_scale(int8_path) -> float:
+    """The scale of the QuantizeLinear that takes the graph's input: its calibrated range / 255."""
+    graph = onnx.load(str(int8_path)).graph
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    [node] = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "pixel_values"]
+    return float(constants[node.input[1]])
+
+
+def test_every_calibration_batch_sets_the_ranges(b0_graphs, tmp_path):
+    from effnetv2.quantize import quantize_onnx
+
+    model, fp32_path, _ = b0_graphs
+    rng = np.random.default_rng(0)
+    batches = [rng.uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32) for _ in range(9)]
+    batches[0][0, 0, 0, :2] = [-10, 10]  # the widest input range is in the first batch only
+    int8 = quantize_onnx(fp32_path, tmp_path / "int8.onnx", batches)
+    # uint8 with zero in range: scale = (max - min) / 255 over every batch
+    assert input_scale(int8) == pytest.approx(20 / 255, rel=1e-6)
+
+
+def test_calibration_streams_one_batch_at_a_time(b0_graphs, tmp_path, monkeypatch):
+    import weakref
+
+    from PIL import Image
+
+    from effnetv2 import quantize
+
+    model, fp32_path, _ = b0_graphs
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(12):
+        files.append(tmp_path / f"{i:02d}.png")
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(files[-1])
+    files.insert(5, tmp_path / "broken.jpg")
+    files[5].write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    opened, live, most_alive, seen = [], set(), [0], []
+    open_image = quantize.open_image
+    monkeypatch.setattr(quantize, "open_image", lambda path: opened.append(path) or open_image(path))
+
+    def tracked(batches):
+        for batch in batches:
+            # when a batch is asked for, no more images were read than the batches taken so far hold
+            assert len(opened) <= 2 * (len(seen) + 1) + 1
+            seen.append(batch.shape[0])
+            live.add(id(batch))
+            weakref.finalize(batch, live.discard, id(batch))
+            most_alive[0] = max(most_alive[0], len(live))
+            yield batch
+            del batch
+
+    batches = quantize.calibration_batches(model.config, files, batch_size=2)
+    assert not isinstance(batches, (list, tuple))  # nothing is read before the quantizer asks
+    assert opened == []
+    with pytest.warns(UserWarning, match=r"skipping 1 unreadable image file\(s\)[^$]*broken\.jpg: "):
+        quantize.quantize_onnx(fp32_path, tmp_path / "int8.onnx", tracked(batches))
+    assert seen == [2] * 6 and len(opened) == 13  # every readable image, in 6 batches, the bad one skipped
+    assert most_alive[0] <= 2  # the batch being calibrated on, at most one more: never the whole set
+
+
+def test_calibration_on_unreadable_images_only_says_so(b0_graphs, tmp_path):
+    from effnetv2.quantize import calibration_batches, quantize_onnx
+
+    model, fp32_path, _ = b0_graphs
+    (tmp_path / "a.png").write_text("not an image")
+    with pytest.warns(UserWarning, match="a.png: not an image file"), \
+            pytest.raises(ValueError, match="no calibration image could be read"):
+        quantize_onnx(fp32_path, tmp_path / "int8.onnx", calibration_batches(model.config, [tmp_path / "a.png"]))
+    assert not (tmp_path / "int8.onnx").exists()
