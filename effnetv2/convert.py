@@ -177,12 +177,8 @@ def map_state_dict(model: EfficientNetV2, kind: str, state: dict[str, torch.Tens
 # --------------------------------------------------------------------------- shared helpers
 
 def _imagenet_labels(num_classes: int) -> dict[int, str] | None:
-    """ImageNet-1k class names (torchvision's list) for 1000-way classifiers, else None."""
-    if num_classes != 1000:
-        return None
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-    return dict(enumerate(_IMAGENET_CATEGORIES))
+    """ImageNet-1k class names (torchvision's weights' ``meta["categories"]``) for 1000-way classifiers, else None."""
+    return dict(enumerate(_torchvision_weights("s").meta["categories"])) if num_classes == 1000 else None
 
 
 def _read_source(source: Weights) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .layers import ConvBNAct
 
@@ -50,7 +51,7 @@ def optimize_for_inference(model: EfficientNetV2, channels_last: bool = True,
     fused = copy.deepcopy(model).eval()
     for module in fused.modules():
         if isinstance(module, ConvBNAct) and isinstance(module.bn, nn.BatchNorm2d):
-            module.conv = fold_batchnorm(module.conv, module.bn)
+            module.conv = fuse_conv_bn_eval(module.conv, module.bn)
             module.bn = nn.Identity()
     leftover = [name for name, m in fused.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if leftover:

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.1
@@ -110,7 +111,7 @@ class MBConv(nn.Module):
         self.dwconv = ConvBNAct(mid_chs, mid_chs, kernel, stride, groups=mid_chs, padding=padding)
         self.se = SqueezeExcite(mid_chs, int(in_chs * se_ratio)) if se_ratio > 0 else nn.Identity()
         self.project_conv = ConvBNAct(mid_chs, out_chs, 1, act=False, padding=padding)
-        self.drop_path = DropPath(drop_path_rate)
+        self.drop_path = StochasticDepth(drop_path_rate, "row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project_conv(self.se(self.dwconv(self.expand_conv(x))))
@@ -137,7 +138,7 @@ class FusedMBConv(nn.Module):
             mid_chs = in_chs * exp_ratio
             self.expand_conv = ConvBNAct(in_chs, mid_chs, kernel, stride, padding=padding)
             self.project_conv = ConvBNAct(mid_chs, out_chs, 1, act=False, padding=padding)
-        self.drop_path = DropPath(drop_path_rate)
+        self.drop_path = StochasticDepth(drop_path_rate, "row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project_conv(self.expand_conv(x))

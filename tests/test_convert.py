@@ -84,6 +84,9 @@ def test_torchvision_s_parity(tv_s):
     model = convert.from_torchvision(tv_s)
     assert model.variant == "s" and model.padding == "symmetric" and not model.training
     assert model.id2label["0"] == "tench" and model.num_classes == 1000
+    from torchvision.models._meta import _IMAGENET_CATEGORIES  # the private list the weights' meta replaced
+
+    assert list(model.id2label.values()) == _IMAGENET_CATEGORIES and model.id2label["999"] == "toilet tissue"
     for size in SIZES:
         check_parity(model, tv_s, size, "torchvision")
     # The CLI's own check maps our weights back into a fresh torchvision model.

@@ -61,3 +61,22 @@ def test_state_round_trip_and_bad_decay():
     assert torch.equal(restored.module[0].weight, ema.module[0].weight)
     with pytest.raises(ValueError, match="decay"):
         ModelEma(model, decay=1.0)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_averaged_model_equals_model_ema_bit_for_bit(warmup):
+    from effnetv2.ema import ema_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    old, new = ModelEma(model, decay=0.97, warmup=warmup), ema_model(model, decay=0.97, warmup=warmup)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(30):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+        old.update(model)
+        new.update_parameters(model)
+    for (name, a), b in zip(old.module.state_dict().items(), new.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b) and a.isfinite().all(), name
+    assert int(new.n_averaged) == 31 and not new.module[0].weight.requires_grad

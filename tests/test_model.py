@@ -89,6 +89,21 @@ def test_drop_path_statistics():
     assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.75))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.9])
+def test_stochastic_depth_draws_as_drop_path(p):
+    """torchvision's StochasticDepth(p, "row") draws the same mask; x * (mask / keep) vs (x * mask) / keep
+    are two correctly rounded float32 operations either way: at most 2 ulp apart."""
+    from torchvision.ops import StochasticDepth
+
+    x = torch.randn(64, 3, 5, 5)
+    torch.manual_seed(3)
+    ours = drop_path(x, p, training=True)
+    torch.manual_seed(3)
+    theirs = StochasticDepth(p, "row").train()(x)
+    assert torch.allclose(theirs, ours, rtol=2.5e-7, atol=0) and torch.equal(theirs == 0, ours == 0)
+    assert torch.equal(StochasticDepth(p, "row").eval()(x), x)
+
+
 def test_init_scheme():
     model = EfficientNetV2("b0", num_classes=10)
     conv = model.blocks[3].project_conv.conv

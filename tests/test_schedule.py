@@ -95,3 +95,15 @@ def test_steps_per_epoch_match_accelerate(num_batches, grad_accum):
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+@pytest.mark.parametrize("total, lrf, warmup", [(20, 0.01, 0), (20, 0.01, 1), (20, 0.1, 4), (7, 0.0, 6), (1, 0.5, 0)])
+def test_linear_and_lambda_schedulers_equal_cosine_factor(total, lrf, warmup):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = cosine_schedule(opt, total, lrf, warmup)
+    lrs = []
+    for _ in range(total + 3):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [0.1 * cosine_factor(t, total, lrf, warmup) for t in range(total + 3)]
