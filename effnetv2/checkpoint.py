@@ -7,7 +7,6 @@ shapes are checked from its header alone, before any tensor is read.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re

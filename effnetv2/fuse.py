@@ -15,25 +15,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .layers import ConvBNAct
 
-if TYPE_CHECKING:  # annotations only: model.py may reach this module (save_pretrained(graphs=...))
+if TYPE_CHECKING:
     from .model import EfficientNetV2
-
-
-@torch.no_grad()
-def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A copy of ``conv`` (with a bias) equal to ``bn(conv(x))`` for an eval-mode ``bn``.
-
-    The arithmetic is done in float64 so the folded weights are as close to the pair as float32
-    allows; ``conv`` and ``bn`` are not modified.
-    """
-    fused = copy.deepcopy(conv)
-    weight = conv.weight.double()
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(bn.running_mean, dtype=torch.float64)
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    fused.weight = nn.Parameter((weight * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype), requires_grad=False)
-    fused.bias = nn.Parameter(((bias - bn.running_mean.double()) * scale + bn.bias.double()).to(conv.weight.dtype),
-                              requires_grad=False)
-    return fused
 
 
 @torch.no_grad()

@@ -17,30 +17,6 @@ BN_MOMENTUM = 0.1
 PADDINGS = ("symmetric", "same")
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero each sample's branch with probability ``p``, rescale kept ones.
-
-    ``x`` is ``[B, ...]``; identity in eval mode or when ``p`` is 0.
-    """
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask / keep
-
-
-class DropPath(nn.Module):
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p:.4f}"
-
-
 class Conv2dSame(nn.Conv2d):
     """Conv2d with TensorFlow's SAME padding, computed from the input size at run time.
 

@@ -72,7 +72,8 @@ def load_checkpoint(accelerator, folder: str | Path, train_state: dict, schedule
     accelerator.load_state(str(folder))
     scheduler.load_state_dict(train_state["scheduler"])
     if ema is not None:
-        ema.load_state_dict({**train_state["ema"], "module": read_state_dict(Path(folder) / "ema.safetensors")})
+        ema.module.load_state_dict(read_state_dict(Path(folder) / "ema.safetensors"))
+        ema.n_averaged.fill_(train_state["ema"]["n_averaged"])
 
 
 class OutputDirError(ValueError):
@@ -301,7 +302,7 @@ def save_checkpoint(accelerator, folder: str | Path, train_state: dict, model: n
                 (tmp / name).write_bytes(data)
             if ema is not None:
                 save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
-                train_state = {**train_state, "ema": {k: v for k, v in ema.state_dict().items() if k != "module"}}
+                train_state = {**train_state, "ema": {"n_averaged": int(ema.n_averaged)}}
             (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
     except WRITE_ERRORS as err:
         error = err
