@@ -26,20 +26,6 @@ if TYPE_CHECKING:
 CONFIG_NAME = "config.json"
 # config.json with 50,000 labels (model.MAX_CLASSES) of 60 characters, twice (id2label, label2id): ~7 MB.
 MAX_CONFIG_BYTES = 16 * 2**20
-# Names that lived here before the split into checkpoint, card and configs: old imports keep working.
-_MOVED = {**dict.fromkeys(("save_weights", "safetensors_shapes", "read_state_dict", "check_weight_shapes",
-                           "load_state_dict_checked", "CLASSIFIER_KEYS", "MAX_HEADER_BYTES", "WEIGHTS_NAME",
-                           "PICKLE_WEIGHTS_NAME"), "checkpoint"),
-          **dict.fromkeys(("generate_model_card", "card_upload_patterns", "MODEL_CARD_TEMPLATE", "CARD_NAME"), "card"),
-          "normalise_labels": "configs"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_offline() -> bool:

@@ -1,11 +1,10 @@
 """The package's imports point one way: no module of effnetv2 imports (directly or through others) a module
-that imports it back, each one imports on its own, and names that moved still import from their old module."""
+that imports it back, and each one imports on its own."""
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "effnetv2"
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
@@ -88,17 +87,3 @@ def test_each_module_imports_alone():
               "        del sys.modules[loaded]\n"
               "    importlib.import_module('effnetv2.' + name)\n")
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
-
-
-def test_moved_names_still_import_from_their_old_module():
-    from effnetv2 import card, checkpoint, configs, walkthrough
-    from effnetv2.attention import attention_walkthrough, textbook_example
-    from effnetv2.hub import card_upload_patterns, normalise_labels, read_state_dict
-
-    assert attention_walkthrough is walkthrough.attention_walkthrough
-    assert textbook_example is walkthrough.textbook_example
-    assert read_state_dict is checkpoint.read_state_dict
-    assert card_upload_patterns is card.card_upload_patterns
-    assert normalise_labels is configs.normalise_labels
-    with pytest.raises(ImportError):
-        from effnetv2.hub import no_such_name  # noqa: F401
