@@ -61,12 +61,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from effnetv2 import transforms_for
-from effnetv2.card import card_upload_patterns
+from effnetv2.card import upload_model_folder
 from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.configs import VARIANTS
 from effnetv2.data import (DatasetError, ImageFolderDataset, check_images, report_bad_files, save_class_indices,
                            scan_folder, split_samples, write_split)
-from effnetv2.ema import ModelEma
+from effnetv2.ema import ema_model
 from effnetv2.finetune import build_model
 from effnetv2.model import EfficientNetV2
 from effnetv2.progressive import Stage, progressive_plan, stage_for_epoch
@@ -76,11 +76,11 @@ from effnetv2.run_folder import (OutputDirError, WriteError, atomic_path, check_
                                  prune_checkpoints, public_argv, resume_mismatches, save_checkpoint, save_model)
 from effnetv2.sources import Source, parse_source
 from effnetv2.training import (HEAD_PREFIX, average_buffers, backbone_batchnorm_eval, confusion_matrix, epoch_coverage,
-                               freeze_backbone, mix_batch, recalibrate_batchnorm, soft_cross_entropy)
+                               freeze_backbone, mix_batch, recalibrate_batchnorm)
 from effnetv2.viz import confusion_matrix_png
 
 RESUME_MUST_MATCH = ("variant", "weights", "pool", "batch_size", "grad_accum", "optimizer", "lr", "lrf", "epochs",
-                     "seed", "val_fraction", "ema", "progressive", "stages")
+                     "seed", "val_fraction", "ema", "ema_decay", "progressive", "stages")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -431,16 +431,10 @@ def save_run(model: EfficientNetV2, out: Path, args: argparse.Namespace, card: d
 def push(out: Path, repo_id: str, private: bool, overwrite_card: bool, val_accuracy: float) -> str:
     """Upload the model folder (not its checkpoints and logs) to ``repo_id``; returns its URL. A
     failure is a RunError with the commands to retry: the run is saved locally either way."""
-    from huggingface_hub import HfApi
-
     ignore = ["checkpoints/*", "logs/*"]
     try:
-        api = HfApi()
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        # a card edited on the Hub is kept unless --overwrite-card
-        upload_ignore = list(ignore) if overwrite_card else card_upload_patterns(repo_id, ignore_patterns=list(ignore))[0]
-        api.upload_folder(repo_id=repo_id, folder_path=str(out), ignore_patterns=upload_ignore,
-                          commit_message=f"train.py: val accuracy {val_accuracy:.4f}")
+        commit = upload_model_folder(out, repo_id, private=private, ignore_patterns=list(ignore), overwrite_card=overwrite_card,
+                                     commit_message=f"train.py: val accuracy {val_accuracy:.4f}")
     except Exception as err:  # the run is saved locally; a failed push must not lose it
         retry = (f"python -c \"from huggingface_hub import HfApi; HfApi().upload_folder(repo_id='{repo_id}', "
                  f"folder_path='{out}', ignore_patterns={ignore})\"")
@@ -448,7 +442,7 @@ def push(out: Path, repo_id: str, private: bool, overwrite_card: bool, val_accur
                        f"\nEverything is saved in {out}. Log in (`hf auth login` or HF_TOKEN) if needed, then retry with:\n"
                        f"  hf upload {repo_id} {out} . --exclude 'checkpoints/*' --exclude 'logs/*'\nor\n  {retry}",
                        status=1) from None
-    return f"{api.endpoint}/{repo_id}"
+    return commit.repo_url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         scheduler = make_scheduler(optimizer, total_steps, args.lrf, warmup_steps)
         # the plain module (not its torch.compile wrapper) is what EMA copies and train.py saves
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        ema = ModelEma(unwrapped, args.ema_decay) if args.ema else None
+        ema = ema_model(unwrapped, args.ema_decay) if args.ema else None
 
         # 5. Resume: model, optimizer, RNG states and sampler, then scheduler, EMA, history.
         start_epoch, step, history = 0, 0, []
@@ -551,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                     if args.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     x, targets = mix_batch(x, y, num_classes, stage.mixup, args.cutmix, args.label_smoothing)
-                    loss = soft_cross_entropy(model(x), targets)
+                    loss = F.cross_entropy(model(x).float(), targets)
                     accelerator.backward(loss)
                     if clip_grad and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), clip_grad)
@@ -563,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
                     scheduler.step()
                     step += 1
                     if ema:
-                        ema.update(unwrapped)
+                        ema.update_parameters(unwrapped)
                     accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     if step >= total_steps:

@@ -1,5 +1,6 @@
 """The model card (the README.md of a model folder): written from ``model_card.md`` beside this module,
-updated in place by ``effnetv2.evaluate --update-card``, and kept on the Hub when it was edited there.
+updated in place by ``effnetv2.evaluate --update-card``, and kept on the Hub when it was edited there
+(``upload_model_folder``, the one way a model folder is uploaded).
 """
 from __future__ import annotations
 
@@ -39,6 +40,25 @@ def card_upload_patterns(repo_id: str, *, token: str | bool | None = None, revis
         doomed = filter_repo_objects([f for f in remote if f != CARD_NAME], allow_patterns=delete_patterns)
         delete_patterns = [glob.escape(f) for f in doomed] or None
     return [*as_list, CARD_NAME], delete_patterns
+
+
+def upload_model_folder(folder: str | Path, repo_id: str, *, commit_message: str = "Upload model with effnetv2",
+                        private: bool | None = None, token: str | None = None, branch: str | None = None,
+                        create_pr: bool | None = None, allow_patterns: list[str] | str | None = None,
+                        ignore_patterns: list[str] | str | None = None, delete_patterns: list[str] | str | None = None,
+                        overwrite_card: bool = False):
+    """Create ``repo_id`` if needed and upload the model ``folder`` to it in one commit; returns the
+    ``CommitInfo`` (its string is the commit URL). A README.md already in the repo (perhaps edited on
+    the Hub) is kept unless ``overwrite_card``. ``push_to_hub``, train.py, ``effnetv2.convert`` and
+    ``effnetv2.export --ship`` all upload through here."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if not overwrite_card:
+        ignore_patterns, delete_patterns = card_upload_patterns(
+            repo_id, token=token, revision=branch, ignore_patterns=ignore_patterns, delete_patterns=delete_patterns)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=branch,
+                             create_pr=create_pr, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
+                             delete_patterns=delete_patterns)
 
 
 def _labels_text(id2label: dict[str, str], limit: int = 20) -> str:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .configs import VARIANTS
+from .card import upload_model_folder
 from .checkpoint import WEIGHT_SUFFIXES, read_state_dict, sha256_file
 from .hub import ModelDownloadError, is_offline
 from .layers import ConvBNAct, MBConv
@@ -514,12 +515,13 @@ def main(argv: list[str] | None = None) -> int:
     card = {"notes": notes, "command": f"python -m effnetv2.convert {args.library} {args.source} --out {args.out}",
             "datasets": ["imagenet-1k"] if model.num_classes == 1000 else None,
             "base_model": source.get("hf_hub_id")}
-    model.save_pretrained(args.out, model_card_kwargs=card)
+    model.save_pretrained(args.out, model_card_kwargs={**card, "repo_id": args.push_to_hub})
     print(f"wrote {args.out}/ (config.json, model.safetensors, README.md): EfficientNetV2-{model.variant}, "
           f"{model.num_classes} classes")
     if args.push_to_hub:
         try:
-            url = model.push_to_hub(args.push_to_hub, private=args.private or None, model_card_kwargs=card)
+            url = upload_model_folder(args.out, args.push_to_hub, private=args.private or None,
+                                      commit_message="effnetv2.convert")
         except Exception as err:  # network, auth and permission errors come in many types
             print(f"error: pushing to {args.push_to_hub} failed ({err}). The converted model is kept in "
                   f"{args.out}/. Log in with `hf auth login` and retry with: hf upload {args.push_to_hub} "

@@ -3,7 +3,7 @@ its int8 form (``effnetv2.quantize``); and the graphs shipped inside a model fol
 
     python -m effnetv2.export --model SOURCE --out model.onnx [--image-size S] [--dynamic-size] [--opset N]
     python -m effnetv2.export --model SOURCE --out model_int8.onnx --int8 --calibration DATA
-    python -m effnetv2.export --model FOLDER --ship [--int8 --calibration DATA]   # FOLDER/onnx/, for the Hub
+    python -m effnetv2.export --model FOLDER --ship [--int8 --calibration DATA] [--push-to-hub ORG/NAME]
 
 The graph takes ``pixel_values`` ``[B, 3, H, W]`` (already preprocessed, see
 ``effnetv2.transforms_for``) and returns ``logits`` ``[B, num_classes]``. The batch is always
@@ -13,6 +13,7 @@ dynamic; H and W are fixed to the model's eval size (or ``--image-size``) unless
 ``save_pretrained``, with ``onnx/graphs.json``: the fingerprint of the weights they were exported
 from, each graph's SHA-256 and its measured parity with the eager model. ``Predictor`` loading that
 folder or its Hub repo runs a shipped graph only when both match, so a Space needs no export on start.
+``--push-to-hub`` then uploads the folder in one commit (``effnetv2.card.upload_model_folder``).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from .checkpoint import sha256_file, weights_fingerprint
 from .fuse import optimize_for_inference
 from .quantize import CALIBRATION_IMAGES, calibration_batches, calibration_split, quantize_onnx, top1_agreement
 
-if TYPE_CHECKING:  # annotations only: EfficientNetV2.save_pretrained(graphs=...) calls ship_graphs
+if TYPE_CHECKING:
     from .model import EfficientNetV2
 
 logger = logging.getLogger(__name__)
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ship", action="store_true",
                         help=f"write the graphs into the model folder ({', '.join(SHIPPED_GRAPHS.values())}, "
                              f"{GRAPHS_MANIFEST}) for its Hub repo")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="with --ship: upload the folder, graphs included "
+                        "(a card edited on the Hub is kept)")
     parser.add_argument("--image-size", type=int, default=None, help="H = W of the graph (default: the model's eval size)")
     parser.add_argument("--dynamic-size", action="store_true", help="leave H and W dynamic (symmetric padding, avg pool only)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
@@ -216,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.out) == args.ship:
         parser.error("give either --out FILE or --ship (into the --model folder)")
+    if args.push_to_hub and not args.ship:
+        parser.error("--push-to-hub uploads a model folder: use it with --ship")
     if args.int8 != bool(args.calibration):
         parser.error("--int8 and --calibration DATA go together: int8 ranges are measured on real images")
     if args.int8 and args.dynamic_size:
@@ -235,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
             for precision, graph in manifest["graphs"].items():
                 logger.info("wrote %s (%s): %s", source.path / SHIPPED_GRAPHS[precision], precision,
                             {k: v for k, v in graph.items() if k != "sha256"})
+            if args.push_to_hub:
+                from .card import upload_model_folder
+
+                logger.info("pushed to %s", upload_model_folder(source.path, args.push_to_hub,
+                                                                commit_message="effnetv2.export --ship"))
             return 0
         if args.int8:
             return _int8_main(args, model)

@@ -218,10 +218,10 @@ def test_cli_writes_hub_folder(timm_b0_7, tmp_path, monkeypatch, capsys):
     path = tmp_path / "b0.pth"
     torch.save(timm_b0_7.state_dict(), path)
     pushed = {}
-    monkeypatch.setattr(EfficientNetV2, "push_to_hub", lambda self, repo, **kw: pushed.update(repo=repo, **kw))
+    monkeypatch.setattr(convert, "upload_model_folder", lambda folder, repo, **kw: pushed.update(folder=folder, repo=repo, **kw))
     out = tmp_path / "converted"
     assert convert.main(["timm", str(path), "--out", str(out), "--push-to-hub", "org/b0", "--private"]) == 0
-    assert pushed["repo"] == "org/b0" and pushed["private"] is True
+    assert pushed["repo"] == "org/b0" and pushed["private"] is True and Path(pushed["folder"]) == out
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "README.md"}
     config = json.loads((out / "config.json").read_text())
     assert config["variant"] == "b0" and config["num_classes"] == 7 and config["padding"] == "same"
@@ -230,10 +230,10 @@ def test_cli_writes_hub_folder(timm_b0_7, tmp_path, monkeypatch, capsys):
     assert "Weights converted from timm (`b0.pth`" in (out / "README.md").read_text()
     check_parity(EfficientNetV2.from_pretrained(out), timm_b0_7, 67, "timm")
 
-    def failing_push(self, *args, **kwargs):
+    def failing_push(*args, **kwargs):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(EfficientNetV2, "push_to_hub", failing_push)
+    monkeypatch.setattr(convert, "upload_model_folder", failing_push)
     again = tmp_path / "again"
     assert convert.main(["timm", str(path), "--out", str(again), "--push-to-hub", "org/b0"]) == 1
     assert "hf upload org/b0" in capsys.readouterr().err
