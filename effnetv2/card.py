@@ -7,13 +7,10 @@ from __future__ import annotations
 import glob
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, PyTorchModelHubMixin
 from huggingface_hub.utils import filter_repo_objects
-
-if TYPE_CHECKING:
-    from .model import EfficientNetV2
 
 CARD_NAME = "README.md"
 # Package data (a real file, not a link: links become one-line text files on Windows checkouts).
@@ -67,7 +64,7 @@ def _labels_text(id2label: dict[str, str], limit: int = 20) -> str:
     return shown + (f", … ({len(names)} in all; see `config.json`)" if len(names) > limit else "")
 
 
-def generate_model_card(model: "EfficientNetV2", repo_id: str | None = None, metrics: dict | None = None,
+def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None, metrics: dict | None = None,
                         dataset: str | None = None, datasets: list | None = None,
                         base_model: str | None = None, training: dict | None = None,
                         command: str | None = None, notes: str | None = None,

@@ -11,13 +11,9 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from .model import EfficientNetV2
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +103,7 @@ def read_state_dict(path: str | os.PathLike, map_location: str = "cpu", name: st
     return state
 
 
-def check_weight_shapes(model: "EfficientNetV2", shapes: dict[str, tuple[int, ...]], path: str,
+def check_weight_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: str,
                         reinit_classifier: bool = False) -> bool:
     """Check stored tensor ``shapes`` against ``model`` (all keys, all shapes) before loading.
 
@@ -137,7 +133,7 @@ def check_weight_shapes(model: "EfficientNetV2", shapes: dict[str, tuple[int, ..
     return bool(mismatched)
 
 
-def load_state_dict_checked(model: "EfficientNetV2", state: dict[str, torch.Tensor], path: str,
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], path: str,
                             reinit_classifier: bool = False) -> None:
     """Load strictly; when only the classifier's size differs, re-initialise it if allowed, else say
     how to. Every error names ``path``."""
