@@ -34,7 +34,9 @@ def optimize_for_inference(model: EfficientNetV2, channels_last: bool = True,
     fused = copy.deepcopy(model).eval()
     for module in fused.modules():
         if isinstance(module, ConvBNAct) and isinstance(module.bn, nn.BatchNorm2d):
-            module.conv = fuse_conv_bn_eval(module.conv, module.bn)
+            # folded in float64 and rounded once: the weights stay as close to conv → BN as their dtype allows
+            kept = module.conv.weight.dtype
+            module.conv = fuse_conv_bn_eval(module.conv.double(), module.bn.double()).to(kept)
             module.bn = nn.Identity()
     leftover = [name for name, m in fused.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if leftover:

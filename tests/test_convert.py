@@ -10,6 +10,7 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
+import effnetv2.convert.__main__ as convert_cli
 from effnetv2 import EfficientNetV2, convert
 from effnetv2.configs import VARIANTS
 
@@ -218,9 +219,9 @@ def test_cli_writes_hub_folder(timm_b0_7, tmp_path, monkeypatch, capsys):
     path = tmp_path / "b0.pth"
     torch.save(timm_b0_7.state_dict(), path)
     pushed = {}
-    monkeypatch.setattr(convert, "upload_model_folder", lambda folder, repo, **kw: pushed.update(folder=folder, repo=repo, **kw))
+    monkeypatch.setattr(convert_cli, "upload_model_folder", lambda folder, repo, **kw: pushed.update(folder=folder, repo=repo, **kw))
     out = tmp_path / "converted"
-    assert convert.main(["timm", str(path), "--out", str(out), "--push-to-hub", "org/b0", "--private"]) == 0
+    assert convert_cli.main(["timm", str(path), "--out", str(out), "--push-to-hub", "org/b0", "--private"]) == 0
     assert pushed["repo"] == "org/b0" and pushed["private"] is True and Path(pushed["folder"]) == out
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "README.md"}
     config = json.loads((out / "config.json").read_text())
@@ -233,14 +234,14 @@ def test_cli_writes_hub_folder(timm_b0_7, tmp_path, monkeypatch, capsys):
     def failing_push(*args, **kwargs):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(convert, "upload_model_folder", failing_push)
+    monkeypatch.setattr(convert_cli, "upload_model_folder", failing_push)
     again = tmp_path / "again"
-    assert convert.main(["timm", str(path), "--out", str(again), "--push-to-hub", "org/b0"]) == 1
+    assert convert_cli.main(["timm", str(path), "--out", str(again), "--push-to-hub", "org/b0"]) == 1
     assert "hf upload org/b0" in capsys.readouterr().err
     assert (again / "model.safetensors").is_file()
-    assert convert.main(["torchvision", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")]) == 1
+    assert convert_cli.main(["torchvision", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")]) == 1
     assert "nope.pth does not exist" in capsys.readouterr().err
-    assert convert.main(["torchvision", "xs", "--out", str(tmp_path / "x")]) == 1
+    assert convert_cli.main(["torchvision", "xs", "--out", str(tmp_path / "x")]) == 1
     assert "neither a weights file nor a torchvision variant" in capsys.readouterr().err
 
 
@@ -316,9 +317,9 @@ def test_export_refuses_what_the_library_cannot_hold(kind, model, message, tmp_p
 @needs_timm
 def test_cli_exports_a_saved_model_to_timm(tmp_path, capsys):
     fine_tuned("b0").save_pretrained(tmp_path / "mine")
-    assert convert.main(["--to", "timm", str(tmp_path / "timm"), "--model", str(tmp_path / "mine")]) == 0
+    assert convert_cli.main(["--to", "timm", str(tmp_path / "timm"), "--model", str(tmp_path / "mine")]) == 0
     assert "local-dir:" in capsys.readouterr().out
     assert json.loads((tmp_path / "timm" / "config.json").read_text())["architecture"] == "tf_efficientnetv2_b0"
     with pytest.raises(SystemExit):
-        convert.main(["--to", "timm", str(tmp_path / "x")])
+        convert_cli.main(["--to", "timm", str(tmp_path / "x")])
     assert "--to needs --model" in capsys.readouterr().err

@@ -442,12 +442,12 @@ def push_shipped(model: EfficientNetV2, repo_id: str, calibration: Path | None =
 
     from huggingface_hub import hf_hub_download
 
-    from effnetv2 import export
+    from effnetv2.export.__main__ import main as export_main
 
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, model_card_kwargs={"repo_id": repo_id})
         calibrate = ["--int8", "--calibration", str(calibration)] if calibration else []
-        assert export.main(["--model", folder, "--ship", *calibrate, "--push-to-hub", repo_id]) == 0
+        assert export_main(["--model", folder, "--ship", *calibrate, "--push-to-hub", repo_id]) == 0
     return json.loads(Path(hf_hub_download(repo_id, "onnx/graphs.json")).read_text())
 
 

@@ -59,6 +59,19 @@ def test_fold_batchnorm_equals_conv_then_bn(conv):
     assert fused is not conv and conv.weight.data_ptr() != fused.weight.data_ptr()
 
 
+def test_folded_weights_are_the_float64_fold_rounded_once(model):
+    """optimize_for_inference folds in float64: each weight is ``w * gamma / sqrt(var + eps)`` (and the bias
+    ``(b - mean) * scale + beta``) worked out in float64 by hand, rounded to float32 once (at most 1 ulp apart:
+    torch's rsqrt vs our 1 / sqrt in float64). A float32 fold is off by several ulp."""
+    conv, bn = model.blocks[-1].dwconv.conv, model.blocks[-1].dwconv.bn
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    weight = (conv.weight.double() * scale.reshape(-1, 1, 1, 1)).float()
+    bias = ((-bn.running_mean.double()) * scale + bn.bias.double()).float()
+    folded = optimize_for_inference(model, channels_last=False).blocks[-1].dwconv.conv
+    assert torch.allclose(folded.weight, weight, rtol=2 ** -24, atol=0)
+    assert torch.allclose(folded.bias, bias, rtol=2 ** -24, atol=1e-12)
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"padding": "same", "pool": "attention", "num_heads": 4}],
                          ids=["symmetric-avg", "same-attention"])
 def test_fused_model_equals_eager(kwargs):

@@ -63,7 +63,7 @@ def third_party_imports(path: Path) -> tuple[set[str], set[str]]:
     return module_level, in_functions
 
 
-MODULES = sorted((ROOT / "effnetv2").glob("*.py"))
+MODULES = sorted((ROOT / "effnetv2").rglob("*.py"))
 
 
 @pytest.mark.parametrize("path", MODULES, ids=[p.name for p in MODULES])
