@@ -23,22 +23,26 @@ import functools
 import hashlib
 import importlib.util
 import io
+import logging
 import os
 import shutil
 import sys
 import tempfile
 import threading
+import time
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Callable
 
 import gradio as gr
 import torch
+from gradio.utils import get_upload_folder
 from PIL import Image
 
 from effnetv2 import explain as attribution
 from effnetv2 import viz
 from effnetv2.attention import check_cell
-from effnetv2.images import MAX_UPLOAD_BYTES, UnusableImageError, open_request_image
+from effnetv2.images import MAX_UPLOAD_BYTES, UnusableImageError, confined_file, open_request_image
 from effnetv2.inference import BACKENDS, Predictor
 from effnetv2.sources import load_model
 from effnetv2.walkthrough import attention_walkthrough, textbook_example
@@ -80,6 +84,19 @@ def user_error(message: str, title: str = "Error") -> gr.Error:
     return gr.Error(message, title=title, print_exception=False)
 
 
+NOT_UPLOADED = "This app reads only images uploaded to it: upload the image (or give its URL) and try again."
+
+
+def uploaded_file(path) -> Path:
+    """The file a request names, resolved, if it is an upload (in Gradio's upload folder) or one of
+    ``EXAMPLES``. With ``preprocess=False`` Gradio checks only values marked as files (``"meta"``), so
+    this is the check for every value: anything else, existing or not, gets the one ``NOT_UPLOADED``."""
+    file = confined_file(path, [get_upload_folder()], EXAMPLES)
+    if file is None:
+        raise user_error(NOT_UPLOADED, title="Image not uploaded")
+    return file
+
+
 def read_image(value) -> Image.Image:
     """Whatever the UI or an API client sent (upload payload, path, PIL image) → an RGB PIL image.
 
@@ -92,6 +109,8 @@ def read_image(value) -> Image.Image:
         raise user_error("No image yet: upload one, paste one, take a photo, or click an example.",
                          title="No image")
     name = Path(value).name if isinstance(value, (str, os.PathLike)) else "the image"
+    if not isinstance(value, Image.Image):  # an in-process caller's picture opens no file
+        value = uploaded_file(value)
     try:
         image, warning = open_request_image(value, name)  # the limits of effnetv2.images, as effnetv2.serve's
     except UnusableImageError as err:
@@ -120,9 +139,22 @@ def load(source: str, backend: str = "auto") -> tuple[Predictor, str]:
     return predictor, header
 
 
+LOAD_TIMEOUT_S = 180   # the longest wait for another model to load; a load that takes longer counts as failed
+LOAD_WAITERS = CONCURRENCY - 1  # computing requests that may wait for a load: the other slot serves loaded models
+RETRY_AFTER_S = 60     # a failed load is remembered this long: requests meanwhile are answered without a retry
+logger = logging.getLogger("effnetv2.app")
+
+
 class Models:
     """The app's models by the picker's value: the one it started with (``main``), and ImageNet
-    EfficientNetV2-S, loaded on the first request for it (torch backend: no export to wait for)."""
+    EfficientNetV2-S, loaded on the first request for it (torch backend: no export to wait for).
+
+    A load runs in a thread of its own, so a slow or hung download never holds up the loaded models: the
+    picker (an event of its own) waits for it, and of the computing requests only ``LOAD_WAITERS`` at a
+    time, each in its compute slot; the others are told at once to come back. A load is given up after
+    ``LOAD_TIMEOUT_S``; a failure is logged with its details (paths, settings) and remembered for
+    ``RETRY_AFTER_S``; visitors are told that it failed, not why.
+    """
 
     def __init__(self, predictor: Predictor, header: str, source: str | None = None):
         self.main = "assets/model" if source in (None, DEFAULT_MODEL) else source
@@ -132,22 +164,69 @@ class Models:
             self.choices.append(("ImageNet EfficientNetV2-S (torchvision weights, 1000 classes; "
                                  "downloaded on first use)", IMAGENET))
         self._loaded = {self.main: (predictor, header)}
-        self._lock = threading.Lock()  # two first requests at once load it once
+        self._loading: dict[str, tuple[Future, float]] = {}  # name → its load, and when it started
+        self._failed: dict[str, float] = {}  # name → when its last load failed
+        self._lock = threading.Lock()  # two first requests at once start one load
+        self._waiters = threading.BoundedSemaphore(max(0, LOAD_WAITERS))
 
-    def get(self, name: str | None) -> tuple[Predictor, str]:
-        """The predictor and header of model ``name`` (empty: ``main``); a message if it cannot be had."""
+    def get(self, name: str | None, wait_s: float | None = None) -> tuple[Predictor, str]:
+        """The predictor and header of model ``name`` (empty: ``main``), waiting up to ``wait_s`` for it
+        to load (``None``: a computing request's wait, see the class); a message if it cannot be had now."""
         name = name or self.main
-        if name not in self._loaded:
-            if name not in [value for _, value in self.choices]:
-                raise user_error(f"Unknown model {name!r}: choose "
-                                 f"{' or '.join(repr(value) for _, value in self.choices)}.", title="Unknown model")
+        if name in self._loaded:
+            return self._loaded[name]
+        if name not in [value for _, value in self.choices]:
+            raise user_error(f"Unknown model {name!r}: choose "
+                             f"{' or '.join(repr(value) for _, value in self.choices)}.", title="Unknown model")
+        future, started = self._start(name)
+        left = max(0.0, started + LOAD_TIMEOUT_S - time.monotonic())
+        if wait_s is not None:
+            wait([future], timeout=min(wait_s, left))
+        elif self._waiters.acquire(blocking=False):
+            try:
+                wait([future], timeout=left)
+            finally:
+                self._waiters.release()
+        done = future.done()
+        if done and future.exception() is None:
+            return future.result()
+        if not done and time.monotonic() - started < LOAD_TIMEOUT_S:
+            raise user_error(f"{name} is loading (its weights are downloaded on first use): try again in a minute.",
+                             title="Model loading")
+        raise self._unavailable(name)
+
+    def _start(self, name: str) -> tuple[Future, float]:
+        """The load of ``name`` under way, started now unless one runs; refused while a failure is remembered."""
+        with self._lock:
+            failed = self._failed.get(name)
+            if failed is not None and time.monotonic() - failed < RETRY_AFTER_S:
+                raise self._unavailable(name)
+            if name not in self._loading:
+                future = Future()
+                threading.Thread(target=self._load, args=(name, future), name=f"load {name}", daemon=True).start()
+                self._loading[name] = future, time.monotonic()
+            return self._loading[name]
+
+    def _load(self, name: str, future: Future) -> None:
+        try:
+            loaded = load(name, backend="torch")
+        except Exception as err:  # noqa: BLE001 -- whatever broke, the server keeps serving its own model
+            logger.error("could not load model %s: %s", name, err,  # the why, for whoever runs the server
+                         exc_info=not isinstance(err, (ValueError, OSError, ImportError)))  # unforeseen: where
             with self._lock:
-                if name not in self._loaded:
-                    try:
-                        self._loaded[name] = load(name, backend="torch")
-                    except (ValueError, OSError, ImportError) as err:  # offline, no weights: what to do
-                        raise user_error(f"Could not load {name}: {err}", title="Model not available") from None
-        return self._loaded[name]
+                self._failed[name] = time.monotonic()
+                del self._loading[name]
+            future.set_exception(err)
+            return
+        with self._lock:
+            self._loaded[name] = loaded
+            del self._loading[name]
+        future.set_result(loaded)
+
+    @staticmethod
+    def _unavailable(name: str) -> gr.Error:
+        return user_error(f"{name} could not be loaded on this server (its log says why); it is tried again "
+                          f"in a minute. Meanwhile use the app's own model.", title="Model not available")
 
 
 # ---- Classify -----------------------------------------------------------------------------------
@@ -604,7 +683,7 @@ def build_demo(predictor: Predictor, header: str, source: str | None = None) -> 
     def switch(name):
         """The picked model (loaded now if need be; back to the app's own if it cannot be had)."""
         try:
-            picked, text = models.get(name)
+            picked, text = models.get(name, wait_s=LOAD_TIMEOUT_S)  # its own event: no compute slot held
         except gr.Error as err:
             gr.Warning(err.message, title=err.title)
             name, (picked, text) = models.main, models.get(models.main)

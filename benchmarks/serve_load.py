@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # app.py and tests/app_server.py are scripts, not in the package
 from app_server import free_port, percentile, running_app  # noqa: E402
 from effnetv2.inference import Predictor  # noqa: E402
+from effnetv2.ray_cluster import require_token_auth  # noqa: E402
 from effnetv2.serve import build_app, serving  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.calls_each} calls each; latency per call, throughput over the whole run")
     temp_dir = tempfile.mkdtemp(dir="/tmp", prefix="ray-")  # Ray's socket paths must stay under 108 characters
     os.environ["RAY_GCS_SERVER_PORT"] = str(free_port())  # never 6379: another Ray may run on this machine
+    require_token_auth()  # before build_app imports ray: serving's own Ray needs it
     app = build_app(args.model, replicas=args.replicas, max_batch_size=args.max_batch_size,
                     batch_wait_timeout_s=args.batch_wait_ms / 1000)
     try:

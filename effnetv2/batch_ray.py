@@ -60,13 +60,13 @@ def ray_session(address: str | None = None, **init_options) -> Iterator[None]:
     When the caller already called ``ray.init``, that Ray, left running. Otherwise
     ``ray.init(address, **init_options)`` (options that are None left out) and ``ray.shutdown()`` at the
     end, which also stops a Ray it started. ``address`` None: ``$RAY_ADDRESS``, else a new Ray on this
-    machine, on loopback (``effnetv2.ray_cluster.init_ray``); ``auto``: the one ``ray start`` runs here.
+    machine, on loopback only (``effnetv2.ray_cluster.init_ray``); ``auto``: the one ``ray start`` runs here.
     """
     ray = import_ray()
     if ray.is_initialized():
         yield
         return
-    init_ray(address, logging_level=logging.WARNING, include_dashboard=False, **init_options)
+    init_ray(address, logging_level=logging.WARNING, **init_options)
     try:
         yield
     finally:

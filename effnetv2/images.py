@@ -12,7 +12,7 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -41,6 +41,7 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_REQUEST_PIXELS = 40_000_000
 MAX_ASPECT = 20
 SMALL_SIDE = 16
+MAX_PATH_BYTES = 4096  # Linux's PATH_MAX: no longer path can be opened, so a request's longer one is refused unread
 
 
 class ImageLoadError(ValueError):
@@ -203,6 +204,37 @@ def verify_image(source: str | os.PathLike | Image.Image, max_pixels: int = MAX_
         to_rgb(image.crop((0, 0, image.width, 1)))
         del image
     _release_freed_memory()
+
+
+def confined_file(path: str | os.PathLike, folders: Iterable[str | os.PathLike],
+                  files: Iterable[str | os.PathLike] = ()) -> Path | None:
+    """``path`` with every link and ``..`` resolved, when it is an existing regular file inside one of
+    ``folders`` or one of ``files``, as written (``..`` taken away) and once resolved; else ``None``.
+
+    A server opens only what this returns: ``None`` is the same for a file elsewhere, a missing one, a
+    link out, a folder or a device, so a refusal built on it says nothing about the server's files. A path
+    outside them as written, or longer than ``MAX_PATH_BYTES``, is refused before the file system is
+    looked at: no time difference either, and no resolving of a huge path (quadratic in its length).
+    """
+    try:
+        written = os.path.abspath(path)
+        if len(os.fsencode(written)) > MAX_PATH_BYTES:
+            return None
+        folders = [(os.path.abspath(folder), os.path.realpath(folder)) for folder in folders]
+        files = [(os.path.abspath(file), os.path.realpath(file)) for file in files]
+        if not _confined(written, folders, files):
+            return None
+        real = os.path.realpath(written)
+        return Path(real) if _confined(real, folders, files) and os.path.isfile(real) else None
+    except (TypeError, ValueError, OSError):  # not a path at all, a NUL byte, a name too long
+        return None
+
+
+def _confined(path: str, folders: list[tuple[str, ...]], files: list[tuple[str, ...]]) -> bool:
+    """Whether the absolute ``path`` is inside one of ``folders`` or is one of ``files`` (each given as
+    written and resolved)."""
+    return (any(Path(path).is_relative_to(folder) for names in folders for folder in names)
+            or any(path == file for names in files for file in names))
 
 
 class UnusableImageError(ValueError):

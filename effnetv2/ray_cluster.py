@@ -1,17 +1,25 @@
 """Starting or joining Ray, for batch prediction (``effnetv2.batch_ray``) and serving (``effnetv2.serve``).
 
-Without an address (and no ``$RAY_ADDRESS``, which ``ray job submit`` sets for its jobs), a new Ray for this machine alone, whose processes talk over loopback only: its node
-address is ``LOCAL_NODE_IP``, because Ray swaps ``127.0.0.1`` and ``localhost`` for the host's network
-address (``ray._private.services.resolve_ip_for_localhost``), but keeps any other loopback address. With
-an address (``auto``: the Ray that ``ray start`` runs here; ``HOST:PORT``; ``ray://HOST:PORT``), that
+Without an address (and no ``$RAY_ADDRESS``, which ``ray job submit`` sets for its jobs), a new Ray for this
+machine alone, without its dashboard. Its node address is ``127.0.0.1``, the one address at which Ray binds
+its servers (GCS, raylet, workers, agents) to loopback; any other address, loopback or not, makes them
+listen on every interface. Ray would also swap ``127.0.0.1`` for the host's network address on Linux, unless
+it believes clusters are off (``ray_constants.ENABLE_RAY_CLUSTER``, Ray's rule for macOS and Windows), so
+that flag is off while ``ray.init`` runs. With ``token_auth``, that Ray also runs with Ray's token
+authentication, for the servers Ray binds to every interface whatever the node address (Ray Serve's
+replicas, Ray 2.58).
+
+With an address (``auto``: the Ray that ``ray start`` runs here; ``HOST:PORT``; ``ray://HOST:PORT``), that
 cluster, checked first: Ray itself retries an address where nothing listens for minutes.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+import sys
 
-LOCAL_NODE_IP = "127.0.0.2"
+LOCAL_NODE_IP = "127.0.0.1"
 
 
 def check_reachable(address: str | None) -> None:
@@ -26,16 +34,59 @@ def check_reachable(address: str | None) -> None:
                               f"`ray start --head`, or give the head node's HOST:PORT") from None
 
 
-def init_ray(address: str | None = None, **options) -> str | None:
-    """``ray.init``: the cluster at ``address`` (else ``$RAY_ADDRESS``), or a new loopback-only Ray.
+def require_token_auth() -> None:
+    """Ray's token authentication on in this process and every Ray process it starts (they inherit its
+    environment): ``RAY_AUTH_MODE=token`` and, unless one is given, a random ``RAY_AUTH_TOKEN``.
+
+    Ray reads ``RAY_AUTH_MODE`` once, when Python first imports it: RuntimeError, saying so, when ``ray``
+    was imported before with authentication off."""
+    if "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    if not is_token_auth_enabled():
+        raise RuntimeError(
+            "Ray Serve's replicas listen on every network interface, so a Ray that effnetv2.serve starts needs "
+            "Ray's token authentication, which Ray reads from $RAY_AUTH_MODE once, when Python first imports it "
+            f"(RAY_AUTH_MODE is {os.environ.get('RAY_AUTH_MODE', 'unset')} and ray is imported): set "
+            "RAY_AUTH_MODE=token, or call effnetv2.ray_cluster.require_token_auth() before anything imports ray "
+            "(effnetv2.serve.build_app does), or serve on a cluster you secured (--address)")
+
+
+def starts_ray(address: str | None) -> bool:
+    """Whether :func:`init_ray` with ``address`` starts a Ray of its own (no address, no ``$RAY_ADDRESS``)."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def init_ray(address: str | None = None, *, token_auth: bool = False, **options) -> str | None:
+    """``ray.init``: the cluster at ``address`` (else ``$RAY_ADDRESS``), or a new Ray on loopback only
+    (with ``token_auth``, also with token authentication: :func:`require_token_auth`).
     ``options`` (those not None) go to ``ray.init``: ``num_cpus``, ``object_store_memory``, ``_temp_dir``, ...
     Returns the address joined, or None for a Ray started here (``ray.shutdown()`` stops it)."""
-    import ray
-
+    if starts_ray(address) and token_auth:
+        require_token_auth()  # sets it up if ray is not imported yet, else checks it is on
     address = address or os.environ.get("RAY_ADDRESS") or None
     check_reachable(address)
+    import ray
+
     options = {name: value for name, value in options.items() if value is not None}
-    if address is None:
-        options.setdefault("_node_ip_address", LOCAL_NODE_IP)
-    ray.init(address=address or "local", **options)
-    return address
+    if address is not None:
+        ray.init(address=address, **options)
+        return address
+    from ray._private import ray_constants
+
+    options.setdefault("include_dashboard", False)  # its job API runs any code for whoever reaches it
+    clusters, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        ray.init(address="local", _node_ip_address=LOCAL_NODE_IP, **options)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOCAL_NODE_IP:  # a Ray whose rules changed: never run one open to the network
+        ray.shutdown()
+        raise RuntimeError(f"Ray {ray.__version__} put the Ray started here at {node_ip}, not {LOCAL_NODE_IP}: "
+                           f"its servers would listen on every interface; start a Ray you secured (RAY_AUTH_MODE=token) "
+                           f"and pass its --address")
+    return None

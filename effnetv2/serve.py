@@ -2,18 +2,23 @@
 dynamic batching.
 
     python -m effnetv2.serve --model SOURCE [--replicas N] [--max-replicas M] [--port P] [--host H]
-                             [--max-batch-size 8] [--batch-wait-ms 10] [--top-k 5] [--address ADDR]
+                             [--max-batch-size 8] [--batch-wait-ms 10] [--top-k 5] [--body-timeout 10]
+                             [--address ADDR]
 
 Routes:
 
 - ``POST /classify[?top_k=K]``: the image as the request body (raw bytes, any ``Content-Type``) or as a
-  ``multipart/form-data`` upload (the first part with a file name) → ``{"predictions": [{"label",
-  "probability"}, ...best first], "batch_size": n}``, where ``n`` is how many requests the model ran
-  together with this one; plus ``"warning"`` for a tiny image, which is still answered.
+  ``multipart/form-data`` upload (one part with a file name, at most ``MAX_FORM_FIELDS`` others) →
+  ``{"predictions": [{"label", "probability"}, ...best first], "batch_size": n}``, where ``n`` is how
+  many requests the model ran together with this one; plus ``"warning"`` for a tiny image, which is
+  still answered.
 - ``GET /health`` → ``{"status": "ok", "model", "backend", "classes", "max_batch_size"}``.
 
 Bad input follows the app's rules (``app.py``): a 4xx JSON ``{"error": "..."}`` that names what was
-wrong and what to send, and the server keeps serving.
+wrong and what to send, and the server keeps serving. A body must arrive within ``--body-timeout``
+seconds plus one per ``MIN_BODY_RATE`` bytes received (else 408): Serve hands a request to a replica
+as soon as its headers arrive, so a slow sender holds one of the replica's ``MAX_ONGOING_REQUESTS``
+slots while its body trickles in.
 
 Each replica decodes uploads in a small thread pool while its model runs; ``@serve.batch`` gathers the
 decoded images into one ``[B, 3, S, S]`` forward of up to ``--max-batch-size`` images, waiting at most
@@ -24,8 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import email.parser
-import email.policy
 import sys
 import tempfile
 import time
@@ -39,10 +42,18 @@ from PIL import Image
 
 from .images import MAX_UPLOAD_BYTES, UnusableImageError, open_request_image
 from .inference import BACKENDS, Predictor
+from .ray_cluster import init_ray, require_token_auth, starts_ray
 from .sources import Source, load_model, parse_source
 
 APP_NAME = "effnetv2"
 DECODE_WORKERS = 2           # images decoded at once per replica: memory stays bounded, as in the app
+# requests a replica holds at once, most of them receiving their upload: far more than its model computes
+# (that is bounded by DECODE_WORKERS and the batch size), so that slow senders cannot take every slot
+MAX_ONGOING_REQUESTS = 64
+BODY_TIMEOUT_S = 10.0
+MIN_BODY_RATE = 16 * 1024    # bytes/s: each 16 KiB received adds a second to the body's deadline
+MAX_FORM_FIELDS = 4          # multipart parts besides the file: a few, so a body of many parts is refused early
+MAX_FILENAME_CHARS = 255     # NAME_MAX of common file systems
 SEND_IMAGE = ("send the image file as the request body (curl --data-binary @photo.jpg) or as a "
               "multipart upload (curl -F image=@photo.jpg)")
 
@@ -55,42 +66,69 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
-async def read_body(request: Any, limit: int = MAX_UPLOAD_BYTES) -> bytes:
-    """The body of a Starlette ``request``; 413 as soon as it is over ``limit`` bytes (stops reading)."""
+async def read_body(request: Any, limit: int = MAX_UPLOAD_BYTES, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
+    """The body of a Starlette ``request``: 413 as soon as it is over ``limit`` bytes, 408 when it has not
+    all arrived after ``timeout_s`` plus a second per ``MIN_BODY_RATE`` bytes received (stops reading)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"the upload is {int(declared):,} bytes, more than the {limit:,} allowed: "
                                 f"send a smaller image")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"the upload is more than the {limit:,} bytes allowed: send a smaller image")
-        chunks.append(chunk)
+    start = asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout(timeout_s) as deadline:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(413, f"the upload is more than the {limit:,} bytes allowed: send a smaller image")
+                chunks.append(chunk)
+                deadline.reschedule(start + timeout_s + size / MIN_BODY_RATE)
+    except TimeoutError:
+        raise RequestError(408, f"the upload was too slow: {size:,} bytes arrived in "
+                                f"{asyncio.get_running_loop().time() - start:.0f} s (allowed: {timeout_s:g} s plus "
+                                f"1 s per {MIN_BODY_RATE // 1024} KiB): send it again") from None
     return b"".join(chunks)
 
 
-def image_payload(body: bytes, content_type: str) -> tuple[bytes, str]:
+async def image_payload(body: bytes, content_type: str) -> tuple[bytes, str]:
     """The image bytes of a request and a name for messages: the body itself, or for
-    ``multipart/form-data`` the first part with a file name (its name). 400 when there is no image."""
+    ``multipart/form-data`` its one part with a file name (its name). 400 when there is no image, or
+    when the upload holds more than one file or ``MAX_FORM_FIELDS`` other parts (Starlette's parser
+    stops there, so a body of many parts costs little)."""
+    from starlette.formparsers import MultiPartException
+    from starlette.requests import Request
+
     if not body:
         raise RequestError(400, f"the request has no body: {SEND_IMAGE}")
     if not content_type.lower().startswith("multipart/"):
         return body, "the request body"
-    header = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
-    for part in message.iter_parts() if message.is_multipart() else ():
-        if part.get_filename() is not None:
-            return part.get_payload(decode=True) or b"", Path(part.get_filename()).name or "the upload"
-    raise RequestError(400, f"the multipart upload has no file part: {SEND_IMAGE}")
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    request = Request({"type": "http", "headers": [(b"content-type", content_type.encode("latin-1", "replace"))]},
+                      receive)
+    try:
+        async with request.form(max_files=1, max_fields=MAX_FORM_FIELDS) as form:
+            upload = next((value for _, value in form.multi_items() if not isinstance(value, str)), None)
+            if upload is None:
+                raise RequestError(400, f"the multipart upload has no file part: {SEND_IMAGE}")
+            if len(upload.filename or "") > MAX_FILENAME_CHARS:
+                raise RequestError(400, f"the file name is {len(upload.filename):,} characters long, more than "
+                                        f"the {MAX_FILENAME_CHARS} allowed: rename the file and send it again")
+            return await upload.read(), Path(upload.filename or "").name or "the upload"
+    except MultiPartException as err:
+        raise RequestError(400, f"the multipart upload was refused: {err.message} Send one image file "
+                                f"(curl -F image=@photo.jpg) and at most {MAX_FORM_FIELDS} other fields") from None
 
 
 def decode(data: bytes, name: str,
            transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, str | None]:
     """Image bytes → the model input ``[3, S, S]`` (``transform`` of the RGB image) and a warning or
-    None. Decoded by ``effnetv2.images.open_image`` from a private temporary file, so that every format
-    and every bad-file rule is the library's; 400 naming ``name`` when the image is not usable."""
-    with tempfile.NamedTemporaryFile(suffix=Path(name).suffix) as file:
+    None. Decoded by ``effnetv2.images.open_image`` from a private temporary file (PIL tells the format from
+    the bytes), so that every format and every bad-file rule is the library's; 400 naming ``name`` when the
+    image is not usable."""
+    with tempfile.NamedTemporaryFile() as file:
         file.write(data)
         file.flush()
         try:
@@ -104,9 +142,12 @@ def parse_top_k(text: str | None, default: int, classes: int) -> int:
     """The ``top_k`` query parameter as a number from 1 to ``classes`` (``default`` when absent); else 400."""
     if text is None:
         return min(default, classes)
-    if not text.strip().isdigit() or not 1 <= int(text) <= classes:
-        raise RequestError(400, f"top_k must be a whole number from 1 to {classes}, got {text!r}")
-    return int(text)
+    digits = text.strip()
+    # ASCII digits only, and few: int() refuses "²" and numbers of over 4,300 digits with a ValueError
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 9) or not 1 <= int(digits) <= classes:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise RequestError(400, f"top_k must be a whole number from 1 to {classes}, got {shown!r}")
+    return int(digits)
 
 
 class ImageClassifier:
@@ -117,16 +158,18 @@ class ImageClassifier:
         top_k: labels returned when the request does not say.
         backend, num_threads: as :class:`Predictor` (``num_threads``: the CPUs Ray gives the replica).
         max_batch_size, batch_wait_timeout_s: ``@serve.batch``'s batch limits.
+        body_timeout_s: the time a request body has to arrive (see :func:`read_body`).
     """
 
     def __init__(self, source: str | Source, top_k: int = 5, backend: str = "auto", num_threads: int | None = None,
-                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, body_timeout_s: float = BODY_TIMEOUT_S):
         from ray import serve
 
         self.predictor = Predictor(load_model(source), backend=backend, num_threads=num_threads)
         self.source = parse_source(source).text
         self.top_k = top_k
         self.max_batch_size = max_batch_size
+        self.body_timeout_s = body_timeout_s
         self._decoder = ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode")
         # applied here, not as a decorator, so that importing this module needs no Ray
         self._classify = serve.batch(max_batch_size=max_batch_size,
@@ -139,14 +182,16 @@ class ImageClassifier:
         return [(self.predictor.topk(logits[i:i + 1], top_k)[0], len(items)) for i, (_, top_k) in enumerate(items)]
 
     async def health(self, request: Any) -> dict:
-        """The answer to ``GET /health``: the replica is up, and what it serves."""
+        """The answer to ``GET /health``: the replica is up, and what it serves (it awaits nothing, so it
+        answers while the model is busy)."""
         return {"status": "ok", "model": self.source, "backend": self.predictor.backend,
                 "classes": len(self.predictor.id2label), "max_batch_size": self.max_batch_size}
 
     async def classify(self, request: Any) -> dict:
         """The answer to ``POST /classify`` (see the module docstring); :class:`RequestError` for bad input."""
         top_k = parse_top_k(request.query_params.get("top_k"), self.top_k, len(self.predictor.id2label))
-        data, name = image_payload(await read_body(request), request.headers.get("content-type", ""))
+        body = await read_body(request, timeout_s=self.body_timeout_s)
+        data, name = await image_payload(body, request.headers.get("content-type", ""))
         x, warning = await asyncio.get_running_loop().run_in_executor(
             self._decoder, decode, data, name, self.predictor.transform)
         top, batch_size = await self._classify((x, top_k))
@@ -173,14 +218,14 @@ class ImageClassifier:
 
 def build_app(source: str | Source, *, replicas: int = 1, max_replicas: int | None = None,
               max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, top_k: int = 5,
-              backend: str = "auto", cpus_per_replica: float = 1.0):
+              backend: str = "auto", cpus_per_replica: float = 1.0, body_timeout_s: float = BODY_TIMEOUT_S):
     """The Serve application for ``serve.run``: :class:`ImageClassifier` on ``replicas`` replicas, or
     autoscaled between ``replicas`` and ``max_replicas`` when that is larger.
 
     Each replica reserves ``cpus_per_replica`` of Ray's CPUs and runs its model on as many threads.
-    It takes up to ``2 * max_batch_size`` requests at once (one batch computing while the next fills);
-    the rest wait in Serve's proxy. The autoscaler aims at ``max_batch_size`` requests in flight per
-    replica: a full batch each.
+    It takes up to ``MAX_ONGOING_REQUESTS`` requests at once, most of them receiving their upload
+    (``body_timeout_s``: see :func:`read_body`); the rest wait in Serve's proxy. The autoscaler aims at
+    ``max_batch_size`` requests in flight per replica: a full batch each.
     """
     from ray import serve
 
@@ -189,10 +234,11 @@ def build_app(source: str | Source, *, replicas: int = 1, max_replicas: int | No
                                           "max_replicas": max_replicas, "target_ongoing_requests": max_batch_size}}
     else:
         scaling = {"num_replicas": replicas}
-    deployment = serve.deployment(ImageClassifier, name="EfficientNetV2", max_ongoing_requests=2 * max_batch_size,
+    deployment = serve.deployment(ImageClassifier, name="EfficientNetV2", max_ongoing_requests=MAX_ONGOING_REQUESTS,
                                   ray_actor_options={"num_cpus": cpus_per_replica}, **scaling)
     return deployment.bind(source, top_k=top_k, backend=backend, num_threads=max(1, round(cpus_per_replica)),
-                           max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+                           max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+                           body_timeout_s=body_timeout_s)
 
 
 @contextmanager
@@ -200,7 +246,9 @@ def serving(app, *, host: str = "127.0.0.1", port: int = 8000, address: str | No
             **ray_options) -> Iterator[str]:
     """Run ``app`` (from :func:`build_app`) over HTTP on ``host:port`` until the block ends; yield its URL.
 
-    ``address`` None starts a Ray on this machine, on loopback (``effnetv2.ray_cluster.init_ray``;
+    ``address`` None starts a Ray on this machine, on loopback and with token authentication, as Serve's
+    replicas listen on every interface (``effnetv2.ray_cluster.init_ray``: call
+    ``effnetv2.ray_cluster.require_token_auth()`` before :func:`build_app`, which imports ray;
     ``ray_options`` go to ``ray.init``: ``num_cpus``, ``object_store_memory``, ``_temp_dir``, ...) and
     stops it at the end; otherwise this joins that cluster (``"auto"``: the one ``ray start`` runs here)
     and removes only this application.
@@ -208,9 +256,8 @@ def serving(app, *, host: str = "127.0.0.1", port: int = 8000, address: str | No
     import ray
     from ray import serve
 
-    from .ray_cluster import init_ray
+    joined = init_ray(address, token_auth=True, **ray_options)
 
-    joined = init_ray(address, **ray_options)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
@@ -233,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8, help="images in one forward at most")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="longest wait for a batch to fill")
     parser.add_argument("--top-k", type=int, default=5, help="labels returned when a request does not say")
+    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S,
+                        help=f"seconds a request body has to arrive, plus 1 per {MIN_BODY_RATE // 1024} KiB received")
     parser.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: your network)")
     parser.add_argument("--port", type=int, default=8000)
@@ -244,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.max_replicas is not None and args.max_replicas < args.replicas:
         parser.error(f"--max-replicas {args.max_replicas} is below --replicas {args.replicas}")
-    if args.batch_wait_ms < 0 or args.cpus_per_replica <= 0:
-        parser.error("--batch-wait-ms must be 0 or more and --cpus-per-replica more than 0")
+    if args.batch_wait_ms < 0 or args.cpus_per_replica <= 0 or args.body_timeout <= 0:
+        parser.error("--batch-wait-ms must be 0 or more, --cpus-per-replica and --body-timeout more than 0")
     try:
         source = parse_source(args.model)
         if source.path is not None:  # replicas run in other processes, maybe in another folder
@@ -255,9 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --model {args.model}: {err}", file=sys.stderr)
         return 2
 
+    if starts_ray(args.address):
+        try:
+            require_token_auth()  # before build_app imports ray
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     app = build_app(source, replicas=args.replicas, max_replicas=args.max_replicas, max_batch_size=args.max_batch_size,
                     batch_wait_timeout_s=args.batch_wait_ms / 1000, top_k=args.top_k, backend=args.backend,
-                    cpus_per_replica=args.cpus_per_replica)
+                    cpus_per_replica=args.cpus_per_replica, body_timeout_s=args.body_timeout)
     with serving(app, host=args.host, port=args.port, address=args.address) as url:
         print(f"serving {args.model} at {url}classify (GET {url}health); Ctrl-C stops", file=sys.stderr)
         try:

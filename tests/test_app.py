@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
@@ -49,6 +50,12 @@ def loaded(model_dir):
 @pytest.fixture(scope="module")
 def predictor(loaded):
     return loaded[0]
+
+
+@pytest.fixture(autouse=True)
+def uploads_here(tmp_path_factory, monkeypatch):
+    """The tests' files stand in for uploads: Gradio's upload folder is pytest's temporary folder."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture()
@@ -98,7 +105,7 @@ def _png_header_only(path, width, height):
 @pytest.mark.parametrize("fn", ["classify", "attention"])
 @pytest.mark.parametrize("case, message", [
     ("text", "not an image"), ("bomb", "decompression bomb"), ("truncated", "truncated"),
-    ("strip", "elongated"), ("none", "No image"), ("missing", "no such file")])
+    ("strip", "elongated"), ("none", "No image"), ("missing", "only images uploaded")])
 def test_bad_inputs_give_clear_errors(predictor, tmp_path, photo, fn, case, message):
     if case == "text":
         value = tmp_path / "notes.png"
@@ -329,6 +336,24 @@ def test_photo_examples_are_marked_apart_from_the_shapes(loaded):
         assert [Path(sample[0]["path"]).name for sample in block.samples] == [Path(p).name for p in app.PHOTOS]
 
 
+def test_only_uploads_and_examples_are_opened(predictor, photo, tmp_path):
+    """A file outside the upload folder, reached directly, by '..' or by a link, is refused with the
+    message a missing file gets; an example is read where it lies."""
+    with tempfile.TemporaryDirectory() as outside:  # the system's temporary folder, not pytest's
+        secret = Path(outside) / "secret.png"
+        secret.write_bytes(photo.read_bytes())
+        (tmp_path / "link.png").symlink_to(secret)
+        dotted = f"{tmp_path}/{'../' * len(tmp_path.parts)}{str(secret).lstrip('/')}"
+        messages = set()
+        for value in (str(secret), {"path": str(secret)}, str(tmp_path / "link.png"), dotted,
+                      str(Path(outside) / "gone.png"), "/etc/passwd", "/proc/self/environ"):
+            with pytest.raises(gr.Error) as caught:
+                app.classify(predictor, value)
+            messages.add((caught.value.title, caught.value.message))
+        assert messages == {("Image not uploaded", app.NOT_UPLOADED)}
+    assert len(app.classify(predictor, app.EXAMPLES[0])) == TOP
+
+
 def test_module_level_demo_is_built_on_first_use_from_the_environment(model_dir, monkeypatch):
     """`gradio app.py` reads ``app.demo``: the model of $EFFNETV2_MODEL; importing app builds nothing."""
     app.default_demo.cache_clear()
@@ -478,16 +503,112 @@ def test_model_picker_loads_imagenet_s_on_first_use(loaded, photo, torchvision_h
     assert "**Why tench?**" in faithfulness and [row[0] for row in totals["data"]] == ["all cells"]
 
 
-def test_model_picker_offline_says_why_and_stays_on_the_apps_model(loaded, tmp_path, monkeypatch):
+def test_model_picker_offline_says_why_in_the_log_and_stays_on_the_apps_model(loaded, tmp_path, monkeypatch,
+                                                                                caplog):
+    """Visitors learn that the model is not available; the server's log says why (paths, settings)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no weights there
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models = app.Models(*loaded)
-    with pytest.raises(gr.Error, match=r"Could not load torchvision:s: the official torchvision EfficientNetV2-S "
-                                       r"weights are not in "
-                                       r"torch's cache and this machine is offline"):
-        models.get("torchvision:s")
+    with pytest.raises(gr.Error, match=r"torchvision:s could not be loaded on this server") as caught:
+        models.get("torchvision:s", wait_s=app.LOAD_TIMEOUT_S)
+    assert not any(text in caught.value.message for text in ("/", str(tmp_path), "TORCH_HOME", "HF_HUB_OFFLINE"))
+    assert "this machine is offline (HF_HUB_OFFLINE=1" in caplog.text and str(tmp_path) in caplog.text
     with pytest.raises(gr.Error, match=r"Unknown model 'resnet': choose 'assets/model' or 'torchvision:s'"):
         models.get("resnet")
-    with pytest.warns(UserWarning, match="this machine is offline"):  # a toast in the page
+    with pytest.warns(UserWarning, match="could not be loaded on this server"):  # a toast in the page
         name, header, classes, *_ = switch_of(app.build_demo(*loaded))("torchvision:s")
     assert name == "assets/model" and header == loaded[1] and len(classes.choices) == len(LABELS) + 1
+
+
+def test_a_hung_model_load_never_holds_up_the_apps_own_model(loaded, photo, monkeypatch):
+    """The picker's other model hangs while loading (a download that never answers): one request for
+    it waits in its compute slot, the others are told at once to come back, and the app's own model
+    answers meanwhile (it used to wait behind them for as long as the download hung)."""
+    release, calls = threading.Event(), []
+
+    def hanging_load(source, backend="auto"):
+        calls.append(source)
+        release.wait(120)
+        raise OSError("no answer")
+    monkeypatch.setattr(app, "load", hanging_load)
+    demo = app.build_demo(*loaded)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    pool = ThreadPoolExecutor(6)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        imagenet = [pool.submit(client.predict, handle_file(str(photo)), "torchvision:s", api_name="/classify")
+                    for _ in range(4)]  # twice the compute slots
+        time.sleep(1)
+        start = time.monotonic()
+        own = pool.submit(client.predict, handle_file(str(photo)), api_name="/classify").result(timeout=30)
+        seconds = time.monotonic() - start
+        release.set()  # the load fails: the request that waited for it says so
+        messages = []
+        for request in imagenet:
+            with pytest.raises(AppError) as caught:
+                request.result(timeout=30)
+            messages.append(str(caught.value))
+    finally:
+        release.set()  # the old code's requests end too, and the server can close
+        pool.shutdown(wait=False, cancel_futures=True)
+        demo.close()
+    assert own["label"] in LABELS and seconds < 10, seconds
+    assert calls == ["torchvision:s"]  # one load for all four requests
+    assert app.LOAD_WAITERS == 1 and sorted(message.split(" (")[0] for message in messages) == [
+        "torchvision:s could not be loaded on this server", *["torchvision:s is loading"] * 3], messages
+    assert not any("/" in message for message in messages)
+
+
+def test_a_download_that_never_answers_fails_in_time_and_shows_visitors_no_path(loaded, silent_proxy, tmp_path,
+                                                                                 monkeypatch, caplog):
+    """The real loader, TORCH_HOME empty, online, behind a proxy that never answers: the picker gets
+    "not available" within the download timeout, the log gets the why with the paths."""
+    from effnetv2 import convert
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(convert, "is_offline", lambda: False)
+    monkeypatch.setattr(convert, "DOWNLOAD_TIMEOUT_S", 1)
+    models = app.Models(*loaded)
+    start = time.monotonic()
+    with pytest.raises(gr.Error, match="torchvision:s could not be loaded on this server") as caught:
+        models.get("torchvision:s", wait_s=app.LOAD_TIMEOUT_S)
+    assert time.monotonic() - start < 10
+    assert not any(text in caught.value.message for text in ("/", "TORCH_HOME", "HF_HUB_OFFLINE"))
+    assert "could not download" in caplog.text and str(tmp_path) in caplog.text
+
+
+def test_a_failed_model_load_is_remembered_for_a_while(loaded, monkeypatch):
+    """A load that failed (or outlived LOAD_TIMEOUT_S) is not retried on every request, only after
+    RETRY_AFTER_S, and its message names no server path or setting."""
+    calls, release = [], threading.Event()
+
+    def failing_load(source, backend="auto"):
+        calls.append(source)
+        release.wait(30)
+        raise OSError("could not download the weights: put that file at /srv/torch/hub (or set TORCH_HOME, "
+                      "unset HF_HUB_OFFLINE)")
+    monkeypatch.setattr(app, "load", failing_load)
+    models = app.Models(*loaded)
+    monkeypatch.setattr(app, "LOAD_TIMEOUT_S", 0.5)  # a load that takes longer is given up ...
+    start = time.monotonic()
+    for _ in range(2):  # ... without starting another while it runs
+        with pytest.raises(gr.Error, match="could not be loaded"):
+            models.get("torchvision:s", wait_s=30)
+    assert time.monotonic() - start < 5 and calls == ["torchvision:s"]
+    release.set()
+    monkeypatch.setattr(app, "LOAD_TIMEOUT_S", 30)
+    deadline = time.monotonic() + 10
+    while "torchvision:s" in models._loading and time.monotonic() < deadline:  # the hung load ends, failed
+        time.sleep(0.05)
+    for _ in range(3):
+        with pytest.raises(gr.Error) as caught:
+            models.get("torchvision:s", wait_s=5)
+        message = caught.value.message
+        assert "could not be loaded" in message
+        assert not any(text in message for text in ("/", "TORCH_HOME", "HF_HUB_OFFLINE")), message
+    assert calls == ["torchvision:s"]  # remembered: not tried again
+    monkeypatch.setattr(app, "RETRY_AFTER_S", 0)  # the window has passed
+    with pytest.raises(gr.Error, match="could not be loaded"):
+        models.get("torchvision:s", wait_s=5)
+    assert calls == ["torchvision:s"] * 2

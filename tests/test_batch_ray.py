@@ -7,10 +7,8 @@ store, and is stopped by the test that started it, never another one (no `ray st
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +26,7 @@ from app_server import free_port
 from effnetv2.batch_ray import RayOptions, predict_with_ray, ray_session
 from effnetv2.predict import main
 from inference_models import realistic_model
+from ray_processes import is_loopback, listeners, ray_processes, stop_ray
 from test_predict import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,32 +96,6 @@ def assert_same_rows(rows, expected):
         assert [p for _, p in top] == pytest.approx([p for _, p in want], abs=1e-5), path
 
 
-def ray_processes(temp_dir: str, address: str = "") -> list[psutil.Process]:
-    """The processes of the Ray whose temp folder is ``temp_dir`` or whose GCS is at ``address`` (the Ray
-    Client server names only that), and their children; never this one."""
-    found = {}
-    # the folder itself, not a longer name it begins; the address whole, not a longer port
-    ours = re.compile("(" + "|".join(re.escape(key) for key in (temp_dir, address) if key) + r")(/|\s|$)")
-    for proc in psutil.process_iter(["cmdline"]):
-        if proc.pid != os.getpid() and ours.search(" ".join(proc.info["cmdline"] or [])):
-            for member in [proc, *proc.children(recursive=True)]:
-                found[member.pid] = member
-    return list(found.values())
-
-
-def stop_ray(temp_dir: str, address: str = "") -> None:
-    """Stop the Ray started with ``temp_dir`` (and ``address``): SIGTERM, SIGKILL what is left after 2 s."""
-    procs = ray_processes(temp_dir, address)
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=2)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=10)
-
-
 def test_ray_engine_on_a_ray_it_starts_writes_the_local_rows(env, photos, local_rows, tmp_path):
     model_dir, folder, _ = photos
     temp_root = tempfile.mkdtemp(dir="/tmp", prefix="ray")
@@ -143,6 +116,35 @@ def test_ray_engine_on_a_ray_it_starts_writes_the_local_rows(env, photos, local_
         ray.shutdown()
         stop_ray(temp_root)
         shutil.rmtree(temp_root, ignore_errors=True)
+
+
+def test_the_ray_it_starts_listens_on_loopback_only(env, photos):
+    """The Ray that `predict --engine ray` starts (ray_session without an address), while it runs a prediction
+    and an actor: every listening socket of every one of its processes, this driver's included, is on
+    loopback, as the kernel lists them."""
+    model_dir, _, files = photos
+    temp_dir = tempfile.mkdtemp(dir="/tmp", prefix="ray")
+
+    @ray.remote(num_cpus=0.5)
+    class Probe:
+        def pid(self) -> int:
+            return os.getpid()
+
+    try:
+        with ray_session(num_cpus=2, object_store_memory=OBJECT_STORE, _temp_dir=temp_dir):
+            rows = predict_with_ray(str(model_dir), files[:4], top_k=1, options=RayOptions(cpus_per_actor=0.5))
+            probe = Probe.remote()
+            actor_pid = ray.get(probe.pid.remote(), timeout=120)
+            sockets = listeners([psutil.Process(), *ray_processes(temp_dir)])
+    finally:
+        ray.shutdown()
+        stop_ray(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert [path for path, _, _ in rows] == files[:4]
+    # found them all: Ray's servers, the driver's and an actor's gRPC ports
+    assert {"gcs_server", "raylet"} <= {s.process for s in sockets}
+    assert {os.getpid(), actor_pid} <= {s.pid for s in sockets}
+    assert [s for s in sockets if not is_loopback(s.ip)] == []
 
 
 def ray_start(*args: str, temp_dir: str) -> None:

@@ -1,6 +1,8 @@
 """effnetv2.images: high-bit-depth conversion values, the pixel limit, and memory bounded by the pixel count."""
+import os
 import re
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -8,7 +10,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.memory import measure_open_image, png_bytes, ramp, write_png16
-from effnetv2.images import MAX_IMAGE_PIXELS, ImageLoadError, image_pixels, open_image, verify_image
+from effnetv2.images import (MAX_IMAGE_PIXELS, ImageLoadError, confined_file, image_pixels, open_image,
+                            verify_image)
 
 # 16-bit values and their 8-bit results, worked by hand: the high byte, v // 256.
 SIXTEEN_BIT = [0, 255, 256, 32767, 32768, 65535]
@@ -118,3 +121,56 @@ def test_decoding_a_16_bit_png_costs_bytes_per_pixel_not_float64(tmp_path):
     result = measure_open_image(path)
     assert result["code"] == 0, result["output"]
     assert result["increase"] < 400e6, f"{result['increase'] / 1e6:.0f} MB"
+
+
+def test_confined_file_opens_only_files_inside_its_folders(tmp_path):
+    """Uploads and named files pass, resolved; anything reached by '..', a link out, a folder, a device,
+    a missing name or a non-path is None, the one answer whether or not it exists."""
+    uploads, outside = tmp_path / "uploads", tmp_path / "outside"
+    (uploads / "abc").mkdir(parents=True)
+    outside.mkdir()
+    upload, secret, example = uploads / "abc" / "cat.png", outside / "secret.png", outside / "example.png"
+    for file in (upload, secret, example):
+        file.write_bytes(b"bytes")
+    (uploads / "abc" / "out.png").symlink_to(secret)
+    (uploads / "abc" / "gone.png").symlink_to(outside / "missing.png")
+    (uploads / "abc" / "in.png").symlink_to(upload)
+    (outside / "to_upload.png").symlink_to(upload)  # a link from outside to an upload: outside as written
+    (tmp_path / "uploads_evil").mkdir()  # a sibling whose name only starts like the folder's
+    (tmp_path / "uploads_evil" / "x.png").write_bytes(b"bytes")
+    allowed = {upload: upload, uploads / "abc" / "in.png": upload, example: example, f"{uploads}/abc/../abc/cat.png": upload}
+    for path, resolved in allowed.items():
+        assert confined_file(path, [uploads], [str(example)]) == resolved, path
+    refused = [secret, outside / "to_upload.png", uploads / "abc" / "out.png", uploads / "abc" / "gone.png",
+               f"{uploads}/abc/../../outside/secret.png", uploads / "abc" / "nothing.png", outside / "missing.png", uploads / "abc", uploads,
+               tmp_path / "uploads_evil" / "x.png", "/dev/null", "/proc/self/environ", "/etc/passwd",
+               f"{upload}\0", "x" * 5000, 7, None, ["a"], {"path": str(upload)}]
+    for path in refused:
+        assert confined_file(path, [uploads], [str(example)]) is None, path
+    assert confined_file(upload, []) is None and confined_file(example, [], [example]) == example
+
+
+def test_confined_file_looks_at_nothing_outside_its_folders(tmp_path, monkeypatch):
+    """A path outside the folders as written, or longer than any the OS opens, is refused before the file
+    system is asked anything (no time oracle), and fast: resolving a huge path is quadratic in its length
+    (a 0.5 MB one took 18 s in the app)."""
+    uploads = tmp_path / "uploads"
+    (uploads / "abc").mkdir(parents=True)
+    (uploads / "abc" / "cat.png").write_bytes(b"bytes")
+    asked = []
+    for name in ("lstat", "stat", "readlink"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda path, *args, _real=real, _name=name, **kwargs:
+                            asked.append((_name, path)) or _real(path, *args, **kwargs))
+    outside = ["/etc/passwd", "/proc/self/cwd/x.png", f"{uploads}/../outside.png", f"{uploads}/abc/../../x.png",
+               f"{uploads}_evil/x.png", "relative/x.png", f"{uploads}/" + "a/" * 3000 + "cat.png"]
+    for path in outside:
+        assert confined_file(path, [uploads]) is None, path
+    folder = [str(uploads), *map(str, uploads.parents)]  # resolving the folder itself is no answer about a path
+    assert [path for _, path in asked if str(path) not in folder] == []
+    assert confined_file(uploads / "abc" / "cat.png", [uploads]) is not None
+    assert [path for _, path in asked if str(path) not in folder]  # the spy does see the lookups of a path
+    for huge in ("/tmp/" + "a/" * 250_000, f"{uploads}/" + "a/" * 250_000, f"{uploads}/" + "a/.." * 125_000):
+        start = time.perf_counter()
+        assert confined_file(huge, [uploads]) is None
+        assert time.perf_counter() - start < 1.0  # microseconds now; before, each took seconds to minutes

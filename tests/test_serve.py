@@ -5,39 +5,56 @@ bundled model; every answer is checked against the Predictor run in this process
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import http.client
 import io
+import os
 import shutil
+import socket
 import tempfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import psutil
 import pytest
 import requests
 from PIL import Image
 
 from app_server import free_port
 from effnetv2.inference import Predictor
-from effnetv2.serve import build_app, image_payload, main, serving
+from effnetv2.ray_cluster import require_token_auth
+from effnetv2.serve import BODY_TIMEOUT_S, build_app, image_payload, main, serving
+from ray_processes import is_loopback, listeners, ray_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = str(ROOT / "assets" / "model")
 EXAMPLES = sorted(str(p) for p in (ROOT / "assets" / "examples").glob("*.png"))
 STAR = str(ROOT / "assets" / "examples" / "star.png")
 MAX_BATCH = 6  # below the 8 concurrent requests: the limit shows, and a made-up size fails the count
+SLOW_CLIENTS = 16  # more than the 2 x MAX_BATCH requests a replica used to hold at once
 
 
 @pytest.fixture(scope="module")
-def url():
-    temp_dir = tempfile.mkdtemp(dir="/tmp", prefix="ray-")  # Ray's socket paths must stay under 108 characters
+def temp_dir():
+    path = tempfile.mkdtemp(dir="/tmp", prefix="ray-")  # Ray's socket paths must stay under 108 characters
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def url(temp_dir):
+    """Serving the bundled model on a Ray started as `python -m effnetv2.serve` starts it."""
+    require_token_auth()
     app = build_app(MODEL, max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.1)
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("RAY_GCS_SERVER_PORT", str(free_port()))  # never 6379: another Ray may run beside us
-            with serving(app, port=free_port(), num_cpus=2, object_store_memory=80 * 1024 * 1024,
-                         include_dashboard=False, _temp_dir=temp_dir) as url:  # Ray on loopback only
-                yield url
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_GCS_SERVER_PORT", str(free_port()))  # never 6379: another Ray may run beside us
+        with serving(app, port=free_port(), num_cpus=2, object_store_memory=80 * 1024 * 1024,
+                     _temp_dir=temp_dir) as url:
+            yield url
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +62,8 @@ def predictor():
     return Predictor(MODEL)
 
 
-def classify(url: str, data: bytes, **kwargs) -> requests.Response:
-    return requests.post(url + "classify", data=data, timeout=120, **kwargs)
+def classify(url: str, data: bytes, timeout: float = 120, **kwargs) -> requests.Response:
+    return requests.post(url + "classify", data=data, timeout=timeout, **kwargs)
 
 
 def assert_same_top(answer: dict, expected: list[tuple[str, float]]) -> None:
@@ -94,6 +111,12 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(url, predicto
         (dict(data=picture(400, 10)), 400, ["400x10 pixels", "more elongated than 20:1", "crop it"]),
         (dict(data=star, params={"top_k": "0"}), 400, ["top_k must be a whole number from 1 to 5, got '0'"]),
         (dict(data=star, params={"top_k": "many"}), 400, ["top_k", "got 'many'"]),
+        (dict(data=star, params={"top_k": "\u00b2"}), 400, ["top_k must be a whole number", "got '\u00b2'"]),
+        (dict(data=star, params={"top_k": "9" * 5000}), 400, ["top_k must be a whole number", "got '9999"]),
+        (dict(files={"image": ("photo." + "x" * 300, star, "image/png")}), 400,
+         ["file name is 306 characters long, more than the 255 allowed", "rename"]),
+        (dict(files=[("image", ("a.png", star)), ("other", ("b.png", star))]), 400,
+         ["Too many files", "Send one image file"]),
     ]
     for request, status, words in bad:
         answer = requests.post(url + "classify", timeout=120, **request)
@@ -125,12 +148,79 @@ def test_concurrent_requests_are_served_in_batches(url, predictor):
 
 
 def test_multipart_uploads_give_back_the_exact_file_bytes():
-    """The stdlib parser against a body built by ``requests`` (PNG bytes hold CR LF and LF on purpose)."""
+    """Starlette's parser against a body built by ``requests`` (PNG bytes hold CR LF and LF on purpose)."""
     star = Path(STAR).read_bytes()
     prepared = requests.Request("POST", "http://127.0.0.1/", data={"note": "x"},
                                 files={"image": ("my star.png", star, "image/png")}).prepare()
-    assert image_payload(prepared.body, prepared.headers["Content-Type"]) == (star, "my star.png")
-    assert image_payload(star, "image/png") == (star, "the request body")
+    assert asyncio.run(image_payload(prepared.body, prepared.headers["Content-Type"])) == (star, "my star.png")
+    assert asyncio.run(image_payload(star, "image/png")) == (star, "the request body")
+
+
+def slow_upload(url: str) -> socket.socket:
+    """A connection that has sent the headers of a 100,000-byte upload to /classify, and no body yet."""
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    sock = socket.create_connection((host, port), timeout=BODY_TIMEOUT_S + 30)
+    sock.sendall(f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+                 f"Content-Length: 100000\r\n\r\n".encode())
+    return sock
+
+
+def test_slow_uploads_hold_neither_classify_nor_health(url, predictor):
+    """16 uploads that send a byte a second: meanwhile /health and /classify answer at once, and each slow
+    upload gets a 408 once its body deadline has passed."""
+    slow = [slow_upload(url) for _ in range(SLOW_CLIENTS)]
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(1.0):
+            for sock in slow:
+                with contextlib.suppress(OSError):  # closed by the server after its 408
+                    sock.send(b"\0")
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    started = time.monotonic()
+    try:
+        time.sleep(2)  # every slow upload has reached the replica before the requests below
+        asked = time.monotonic()
+        health = requests.get(url + "health", timeout=10)
+        answer = classify(url, Path(STAR).read_bytes(), timeout=10)
+        answered = time.monotonic() - asked
+        statuses = []
+        for sock in slow:
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            statuses.append((response.status, response.read().decode()))
+        cut_after = time.monotonic() - started
+    finally:
+        stop.set()
+        sender.join()
+        for sock in slow:
+            sock.close()
+    assert health.status_code == 200 and answer.status_code == 200, (health.text, answer.text)
+    assert answered < 10
+    assert_same_top(answer.json(), predictor.predict([STAR], top_k=5)[0])
+    assert all(status == 408 and "the upload was too slow" in text for status, text in statuses), statuses
+    assert BODY_TIMEOUT_S - 1 <= cut_after < BODY_TIMEOUT_S + 20
+
+
+def test_an_upload_of_many_parts_is_refused_at_once_while_others_are_served(url, predictor):
+    """60,000 multipart fields (3.3 MB; the stdlib's parser took 30 s on the event loop): a 400 at the
+    fifth field, and a request sent meanwhile is answered within seconds."""
+    boundary = "many-parts"
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nx\r\n'.encode()
+                    for i in range(60_000)) + f"--{boundary}--\r\n".encode()
+    with ThreadPoolExecutor(1) as pool:
+        many = pool.submit(requests.post, url + "classify", data=body, timeout=60,
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        time.sleep(0.5)
+        asked = time.monotonic()
+        answer = classify(url, Path(STAR).read_bytes(), timeout=10)
+        answered = time.monotonic() - asked
+        refused = many.result()
+    assert answer.status_code == 200 and answered < 10, answered
+    assert refused.status_code == 400 and "Too many fields. Maximum number of fields is 4." in refused.json()["error"]
+    assert_same_top(answer.json(), predictor.predict([STAR], top_k=5)[0])
 
 
 def test_the_command_line_says_what_is_wrong(tmp_path, capsys):
@@ -142,12 +232,37 @@ def test_the_command_line_says_what_is_wrong(tmp_path, capsys):
     assert "--max-replicas 1 is below --replicas 2" in capsys.readouterr().err
 
 
-def test_the_ray_it_starts_talks_over_loopback_only(url):
-    """Ray would swap 127.0.0.1 for the host's network address; the node is at a loopback address."""
-    import ipaddress
+def grpc_status(port: int, method: str, token: str | None = None):
+    """The status of an empty gRPC call to ``method`` at 127.0.0.1:``port``, with Ray's token or without."""
+    import grpc
 
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            channel.unary_unary(method)(b"", timeout=30, metadata=[("authorization", f"Bearer {token}")] if token else None)
+        except grpc.RpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+def test_the_ray_it_starts_is_closed_to_the_network(url, temp_dir):
+    """Every listening socket of the Serve Ray's processes (this driver's too), as the kernel lists them, is on
+    loopback, except each replica's inter-deployment gRPC server, which Ray 2.58 binds to every interface
+    (``[::]:0`` in ray/serve/_private/replica.py): that one, and the GCS, refuse a call without Ray's token."""
+    import grpc
     import ray
 
+    sockets = listeners([psutil.Process(), *ray_processes(temp_dir)])
+    names = {s.process.split(".")[0] for s in sockets}  # an actor's title names the method it runs too
+    assert {"gcs_server", "raylet", "ray::ProxyActor", "ray::ServeController"} <= names, names
+    open_ = [s for s in sockets if not is_loopback(s.ip)]
+    assert all(s.process.startswith("ray::ServeReplica") for s in open_), open_
     [node] = ray.nodes()
-    assert ipaddress.ip_address(node["NodeManagerAddress"]).is_loopback
-    assert ipaddress.ip_address(ray.get_runtime_context().gcs_address.rpartition(":")[0]).is_loopback
+    assert node["NodeManagerAddress"] == "127.0.0.1"
+    token = os.environ["RAY_AUTH_TOKEN"]  # from require_token_auth, or conftest.py for the test session
+    for s in open_:
+        assert grpc_status(s.port, "/ray.serve.ASGIService/HandleRequest") == grpc.StatusCode.UNAUTHENTICATED
+        assert grpc_status(s.port, "/ray.serve.ASGIService/HandleRequest", token) != grpc.StatusCode.UNAUTHENTICATED
+    gcs_port = int(ray.get_runtime_context().gcs_address.rpartition(":")[2])
+    kv_keys = "/ray.rpc.InternalKVGcsService/InternalKVKeys"
+    assert grpc_status(gcs_port, kv_keys) == grpc.StatusCode.UNAUTHENTICATED
+    assert grpc_status(gcs_port, kv_keys, token) == grpc.StatusCode.OK
