@@ -52,13 +52,14 @@ def generate_model_card(model: "EfficientNetV2", repo_id: str | None = None, met
                         base_model: str | None = None, training: dict | None = None,
                         command: str | None = None, notes: str | None = None,
                         dataset_name: str | None = None, dataset_split: str = "validation",
+                        dataset_revision: str | None = None, dataset_config: str | None = None,
                         **extra: Any) -> ModelCard:
     """The model card (README.md) rendered from ``model_card.md`` with the model's real metadata.
 
     ``metrics`` ({name: value}), ``dataset``/``datasets``, ``base_model``, ``training`` (settings)
     and ``command`` (to reproduce) fill the optional sections and the YAML front matter. With
     ``dataset_name``, the accuracy in ``metrics`` also goes into the YAML's ``model-index`` (task,
-    dataset name and split, metric), so the Hub shows it; ``base_model`` marks the model a fine-tune.
+    dataset name, config, revision and split, metric), so the Hub shows it; ``base_model`` marks the model a fine-tune.
     """
     cfg = model.config
     info = model._hub_mixin_info
@@ -66,6 +67,7 @@ def generate_model_card(model: "EfficientNetV2", repo_id: str | None = None, met
     if dataset_name and metrics and "accuracy" in metrics:
         eval_results = [EvalResult(task_type="image-classification", dataset_type=dataset_name,
                                    dataset_name=dataset_name, dataset_split=dataset_split,
+                                   dataset_revision=dataset_revision, dataset_config=dataset_config,
                                    metric_type="accuracy", metric_value=float(metrics["accuracy"]))]
     card_data = ModelCardData(
         library_name=info.model_card_data.library_name,
