@@ -98,9 +98,18 @@ def generate_model_card(model: "EfficientNetV2", repo_id: str | None = None, met
     )
 
 
-def card_section(result: dict, data: Path, command: str) -> str:
-    """The card's evaluation section (between ``CARD_BEGIN`` and ``CARD_END``) for ``effnetv2.evaluate.evaluate``'s
-    ``result`` on the shapes set at ``data``, measured with ``command``."""
+def card_section(result: dict, data: Path | str, command: str) -> str:
+    """The card's evaluation section (between ``CARD_BEGIN`` and ``CARD_END``) for ``effnetv2.evaluate``'s
+    ``result`` on the shapes set at ``data`` (a Path), or on a dataset split (``data`` says which: the
+    accuracy rows only), measured with ``command``."""
+    accuracy = [
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | {result['accuracy']:.4f} |",
+        *(f"| accuracy, {label} | {acc:.4f} |" for label, acc in result["per_class_accuracy"].items())]
+    if not isinstance(data, Path):
+        return "\n".join([CARD_BEGIN, "## Evaluation", "", f"{result['images']} images of {data}.", "", *accuracy, "",
+                          "Measured with:", "", "```bash", command, "```", CARD_END])
     heads = ", ".join(f"{m:.2f}" for m in result["attention_mass_in_box_per_head"])
     return "\n".join([
         CARD_BEGIN,
@@ -109,10 +118,7 @@ def card_section(result: dict, data: Path, command: str) -> str:
         f"{result['images']} images of `{data.name}`, generated with a seed the model never saw in "
         "training or validation.",
         "",
-        "| metric | value |",
-        "|---|---|",
-        f"| accuracy | {result['accuracy']:.4f} |",
-        *(f"| accuracy, {label} | {acc:.4f} |" for label, acc in result["per_class_accuracy"].items()),
+        *accuracy,
         f"| attention mass inside the object box (pooled query, mean over heads) | {result['attention_mass_in_box']:.3f} |",
         f"| the box's share of the image (what uniform attention would give) | {result['box_area_share']:.3f} |",
         f"| mass / share | {result['mass_over_share']:.2f}× |",

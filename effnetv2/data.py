@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         return _check_command(args)
     try:
         root = make_shapes_dataset(args.out, args.num_per_class, args.image_size, args.seed, tuple(args.classes),
-                                   clutter=args.clutter)
+                                   clutter=args.clutter, progress=True)
     except ValueError as err:
         parser.error(str(err))
     classes = list(dict.fromkeys(args.classes))

@@ -189,3 +189,32 @@ def test_two_processes_stream_a_hub_dataset_and_report_to_trackio(hub, tmp_path)
     assert len(series["train/loss"]) == len(series["train/lr"]) == 6 and len(series["val/accuracy"]) == 2
     assert series["val/accuracy"][-1] == pytest.approx(m["final"]["val_accuracy"])
     assert series["train/lr"][-1] == pytest.approx(m["final"]["lr"]) and series["train/lr"][0] > series["train/lr"][-1]
+
+
+def test_evaluate_on_a_hub_split_gives_the_accuracy_table(hub, tmp_path, capsys):
+    from effnetv2 import evaluate
+
+    model = EfficientNetV2("b0", num_classes=3, id2label=dict(enumerate(CLASSES)), image_size=32).eval()
+    model.head.classifier.bias.data = torch.tensor([0.0, 0.3, 0.0])  # mostly "square": some right, some wrong
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    assert evaluate.main(["--model", str(folder), "--dataset", "org/shapes", "--json", str(tmp_path / "r.json"),
+                          "--update-card"]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    # the same figures computed here, row by row, from the split's bytes
+    import datasets
+
+    split = datasets.load_dataset("org/shapes", split="validation").cast_column("image", datasets.Image(decode=False))
+    transform = transforms_for(model)
+    with torch.no_grad():
+        predicted = [CLASSES[int(model(transform(open_image(row["image"]["bytes"]))[None]).argmax())] for row in split]
+    truth = [CLASSES[label] for label in split["label"]]
+    hits = [p == t for p, t in zip(predicted, truth)]
+    assert result["images"] == 6 and result["accuracy"] == pytest.approx(sum(hits) / 6)
+    assert result["per_class_accuracy"] == pytest.approx(
+        {c: sum(h for h, t in zip(hits, truth) if t == c) / truth.count(c) for c in CLASSES})
+    card = (folder / "README.md").read_text()
+    assert f"| accuracy | {sum(hits) / 6:.4f} |" in card and "6 images of split `validation` of `org/shapes`" in card
+    assert "name: org/shapes" in card and "split: validation" in card
+    assert evaluate.main(["--model", str(folder), "--dataset", "org/shapes", "--split", "test"]) == 2
+    assert "--split test: org/shapes has the splits train, validation" in capsys.readouterr().err
