@@ -226,7 +226,6 @@ class TrainingData:
     fingerprint: dict
     card: dict
     split_record: Callable[[Path], None]  # writes split.json
-    seed: int = 0
     streams: dict = field(default_factory=dict)  # streaming: the train split and the image/label columns
 
     def save(self, out: Path) -> None:
@@ -297,7 +296,7 @@ def load_training_data(*, data_path: str | None = None, dataset: str | None = No
     else:
         hub = open_hub_dataset(dataset, config, image_column, label_column, streaming)
         if streaming:
-            return _streamed(hub, seed)
+            return _streamed(hub)
         classes, train_split = hub.classes, "train" if "train" in hub.splits else next(iter(hub.splits))
         val_split = next((s for s in VALIDATION_SPLITS if s in hub.splits), None)
         read = RowImages(hub.splits[train_split], hub.image_column, f"{hub.name} {train_split}")
@@ -334,8 +333,9 @@ def load_training_data(*, data_path: str | None = None, dataset: str | None = No
             train_set, val_set, classes, data_fingerprint(data_path, train, val),
             {"dataset_name": name, "dataset": f"`{name}`: {len(train)} training and {len(val)} validation images in "
                                               f"{len(classes)} classes ({how})"},
-            partial(write_split, train=train, val=val, classes=classes, root=data_path), seed)
-    digest = hashlib.sha256("".join(f"{split}\0{hub.splits[split]._fingerprint}\n" for split in hub.splits).encode())
+            partial(write_split, train=train, val=val, classes=classes, root=data_path))
+    # a Hub commit pins the content; a save_to_disk folder's own fingerprint (in its state.json) does
+    digest = hashlib.sha256((hub.revision or "".join(f"{s}\0{hub.splits[s]._fingerprint}\n" for s in hub.splits)).encode())
     for part, rows in (("train", train), ("val", val)):
         digest.update("".join(f"{part}\0{index}\0{label}\n" for index, label in rows).encode())
     fingerprint = {"dataset": hub.name, "revision": hub.revision, "config": hub.config, "train_images": len(train),
@@ -346,7 +346,7 @@ def load_training_data(*, data_path: str | None = None, dataset: str | None = No
     return TrainingData(train_set, val_set, classes, fingerprint,
                         _card(hub, f"{len(train)} training images (split `{train_split}`) and {len(val)} validation "
                                    f"images ({how})"),
-                        lambda path: path.write_text(json.dumps(record)), seed)
+                        lambda path: path.write_text(json.dumps(record)))
 
 
 def _card(hub: HubDataset, counts: str) -> dict:
@@ -360,7 +360,7 @@ def _card(hub: HubDataset, counts: str) -> dict:
     return fields
 
 
-def _streamed(hub: HubDataset, seed: int) -> TrainingData:
+def _streamed(hub: HubDataset) -> TrainingData:
     """Streaming: the training split read shard by shard, the dataset's own validation split."""
     val_split = next((s for s in VALIDATION_SPLITS if s in hub.splits), None)
     train_split = "train" if "train" in hub.splits else None
@@ -384,5 +384,5 @@ def _streamed(hub: HubDataset, seed: int) -> TrainingData:
     return TrainingData(train, val, hub.classes, fingerprint,
                         _card(hub, f"{sizes[train_split]} training images (split `{train_split}`, streamed) and "
                                    f"{sizes[val_split]} validation images (split `{val_split}`)"),
-                        lambda path: path.write_text(json.dumps(record)), seed,
+                        lambda path: path.write_text(json.dumps(record)),
                         {"train": hub.splits[train_split], "image": hub.image_column, "label": hub.label_column})

@@ -59,14 +59,26 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
-def test_a_hub_dataset_is_downloaded_and_trained_with_its_own_validation_split(hub, tmp_path, capsys):
+def launch_two_processes(*args: str, env: dict | None = None) -> str:
+    """``accelerate launch`` of train.py on 2 CPU processes (gloo; see test_train's two-process test);
+    returns the log."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    return log
+
+
+def test_two_processes_download_a_hub_dataset_and_train_with_its_validation_split(hub, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.main(["--dataset", "org/shapes", "--output-dir", str(out), *SMOKE, "--epochs", "1"]) == 0
+    launch_two_processes("--dataset", "org/shapes", "--output-dir", str(out), *SMOKE, "--epochs", "1")
     sha = hub.head("datasets/org/shapes")
     assert any(path == f"/api/datasets/org/shapes/revision/{sha}" for _, path in hub.requests)
     m = metrics_of(out)
     assert m["train_images"] == 18 and m["final"]["val_images"] == 6  # the validation split, not 20% of train
-    assert m["classes"] == CLASSES
+    assert m["classes"] == CLASSES and m["processes"] == 2 and m["replicas_in_sync"]
     split = json.loads((out / "split.json").read_text())
     assert split["dataset"] == "org/shapes" and split["revision"] == sha and split["val"]["split"] == "validation"
     assert sorted(split["train"]["rows"]) == list(range(18))
@@ -163,15 +175,9 @@ def test_streaming_shards_are_disjoint_across_processes(hub, rows):
 
 
 def test_two_processes_stream_a_hub_dataset_and_report_to_trackio(hub, tmp_path):
-    out, trackio_dir = tmp_path / "run", tmp_path / "trackio"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TRACKIO_DIR": str(trackio_dir)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
-           "--dataset", "org/shapes", "--streaming", "--output-dir", str(out), *SMOKE, "--batch-size", "3",
-           "--epochs", "2", "--report-to", "trackio"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
+    out, env = tmp_path / "run", {"TRACKIO_DIR": str(tmp_path / "trackio")}
+    log = launch_two_processes("--dataset", "org/shapes", "--streaming", "--output-dir", str(out), *SMOKE,
+                               "--batch-size", "3", "--epochs", "2", "--report-to", "trackio", env=env)
     assert "process 0 of 2: streaming shards [0] of 2" in log and "process 1 of 2: streaming shards [1] of 2" in log
     m = metrics_of(out)
     assert m["processes"] == 2 and m["replicas_in_sync"]
@@ -184,8 +190,8 @@ def test_two_processes_stream_a_hub_dataset_and_report_to_trackio(hub, tmp_path)
     reader = ("import json, trackio; run = trackio.Api().runs('effnetv2')[0]; print(json.dumps({k: "
               "[v['value'] for v in trackio.SQLiteStorage.get_metric_values('effnetv2', run.name, k)] "
               "for k in ('train/loss', 'train/lr', 'val/accuracy')}))")
-    series = json.loads(subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True, env=env,
-                                       check=True).stdout.splitlines()[-1])
+    series = json.loads(subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True,
+                                       env={**os.environ, **env}, check=True).stdout.splitlines()[-1])
     assert len(series["train/loss"]) == len(series["train/lr"]) == 6 and len(series["val/accuracy"]) == 2
     assert series["val/accuracy"][-1] == pytest.approx(m["final"]["val_accuracy"])
     assert series["train/lr"][-1] == pytest.approx(m["final"]["lr"]) and series["train/lr"][0] > series["train/lr"][-1]
