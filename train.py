@@ -1,12 +1,13 @@
-"""Fine-tune EfficientNetV2 on a folder of photos (one sub-folder per class) with Hugging Face Accelerate.
+"""Fine-tune EfficientNetV2 on a folder of photos (one sub-folder per class) or a Hub dataset with Hugging Face Accelerate.
 
     python train.py --data-path flower_photos --weights torchvision:s --epochs 30
+    accelerate launch train.py --dataset beans --weights torchvision:s --report-to trackio
     accelerate launch train.py --data-path flower_photos --weights org/name --mixed-precision bf16
     python train.py --data-path shapes --variant b0 --image-size 64 --max-steps 20     # smoke run
 
 Output (--output-dir): a Hub-ready model folder (config.json with labels and preprocessing,
 model.safetensors, README.md model card with the run's metrics and command), metrics.json (per epoch
-and final), class_indices.json, split.json, confusion_matrix.png, TensorBoard logs in logs/, and
+and final), class_indices.json, split.json, confusion_matrix.png, tracker logs (--report-to) in logs/, and
 checkpoints/epoch_N after every epoch (the last --keep-checkpoints), so a killed run continues with
 --resume latest: same optimizer, lr schedule, EMA, epoch, random state and data order. A folder holds
 one run: one that holds another is refused unless --resume (the same run, same settings and data) or
@@ -45,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shlex
 import sys
 import time
@@ -57,26 +57,26 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DynamoBackend, ProjectConfiguration, gather_object, set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from effnetv2 import transforms_for
 from effnetv2.card import upload_model_folder
 from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.configs import VARIANTS
-from effnetv2.data import (DatasetError, ImageFolderDataset, check_images, report_bad_files, save_class_indices,
-                           scan_folder, split_samples, write_split)
+from effnetv2.data import DatasetError
 from effnetv2.ema import ema_model
+from effnetv2.hub_data import TrainingData, load_training_data
 from effnetv2.finetune import build_model
 from effnetv2.model import EfficientNetV2
 from effnetv2.progressive import Stage, progressive_plan, stage_for_epoch
 from effnetv2.schedule import cosine_schedule, optimizer_steps_per_epoch
 from effnetv2.run_folder import (OutputDirError, WriteError, atomic_path, check_output_dir, clear_output_dir,
-                                 data_fingerprint, find_resume_checkpoint, list_checkpoints, load_checkpoint,
+                                 find_resume_checkpoint, list_checkpoints, load_checkpoint,
                                  prune_checkpoints, public_argv, resume_mismatches, save_checkpoint, save_model)
 from effnetv2.sources import Source, parse_source
 from effnetv2.training import (HEAD_PREFIX, average_buffers, backbone_batchnorm_eval, confusion_matrix, epoch_coverage,
                                freeze_backbone, mix_batch, recalibrate_batchnorm)
+from effnetv2.tracking import REPORT_TO, trackers
 from effnetv2.viz import confusion_matrix_png
 
 RESUME_MUST_MATCH = ("variant", "weights", "pool", "batch_size", "grad_accum", "optimizer", "lr", "lrf", "epochs",
@@ -85,7 +85,16 @@ RESUME_MUST_MATCH = ("variant", "weights", "pool", "batch_size", "grad_accum", "
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-path", required=True, help="folder with one sub-folder of images per class")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data-path", help="folder with one sub-folder of images per class")
+    data.add_argument("--dataset", metavar="ID", help="Hub dataset (org/name[@revision]) or a datasets.save_to_disk "
+                                                      "folder, read with the datasets library")
+    p.add_argument("--dataset-config", default=None, help="the --dataset's configuration (subset) name")
+    p.add_argument("--image-column", default=None, help="--dataset's image column (default: its Image feature)")
+    p.add_argument("--label-column", default=None, help="--dataset's label column (default: its ClassLabel feature)")
+    p.add_argument("--streaming", action="store_true", help="stream --dataset from the Hub instead of downloading "
+                                                            "it, each process reading its own shards")
+    p.add_argument("--report-to", default="tensorboard", choices=REPORT_TO, help="experiment tracker(s)")
     p.add_argument("--variant", default=None, choices=list(VARIANTS),
                    help="model variant (default: the --weights' variant, or s)")
     p.add_argument("--weights", default="none",
@@ -159,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--crop-scale {low} {high}: give MIN MAX with 0 < MIN <= MAX <= 1, e.g. --crop-scale 0.5 1")
     if args.clip_grad is not None and not (math.isfinite(args.clip_grad) and args.clip_grad >= 0):
         p.error(f"--clip-grad {args.clip_grad}: give a positive max gradient norm (e.g. 1.0), or 0 to turn clipping off")
+    if not args.dataset and (args.dataset_config or args.image_column or args.label_column or args.streaming):
+        p.error("--dataset-config, --image-column, --label-column and --streaming go with --dataset")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --output-dir and --overwrite deletes it: give one of them")
     return args
@@ -168,7 +179,8 @@ def make_accelerator(args: argparse.Namespace, out: Path) -> Accelerator:
     return Accelerator(
         cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
         dynamo_backend=args.compile,  # None: `accelerate launch --dynamo_backend` (or its config) decides
-        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        log_with=trackers(args.report_to),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         # a seeded sampler gives every epoch the same order after a resume (set_epoch below)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 
@@ -194,25 +206,16 @@ def check_setup(args: argparse.Namespace, accelerator: Accelerator, out: Path) -
     accelerator.wait_for_everyone()  # every process has looked before the main one writes there
 
 
-def load_data(args: argparse.Namespace, accelerator: Accelerator):
-    """(train samples, validation samples, class names): the folder scanned, unreadable files dropped
-    (and reported), split; every data error is a RunError before any training starts."""
+def load_data(args: argparse.Namespace, accelerator: Accelerator) -> TrainingData:
+    """The run's data (--data-path or --dataset): unreadable images reported and skipped, split; every
+    data error is a RunError before any training starts."""
     try:
-        samples, classes = scan_folder(args.data_path)
-        if args.check_images:
-            samples, bad = check_images(samples, max(1, args.workers))
-            if accelerator.is_main_process:
-                report_bad_files(bad)
-            empty = sorted(set(range(len(classes))) - {label for _, label in samples})
-            if empty:
-                raise DatasetError(f"class(es) {', '.join(classes[i] for i in empty)} have no readable image left "
-                                   f"(see the warning above): fix or remove those folders")
-        train_samples, val_samples = split_samples(samples, args.val_fraction, args.seed)
-        if not val_samples:
-            raise DatasetError("--val-fraction 0 leaves no validation images: use e.g. 0.2")
+        return load_training_data(
+            data_path=args.data_path, dataset=args.dataset, config=args.dataset_config, image_column=args.image_column,
+            label_column=args.label_column, streaming=args.streaming, val_fraction=args.val_fraction, seed=args.seed,
+            check_images=args.check_images, workers=max(1, args.workers), report=accelerator.is_main_process)
     except DatasetError as err:
         raise RunError(str(err)) from None
-    return train_samples, val_samples, classes
 
 
 def find_resume(args: argparse.Namespace, settings: dict, checkpoints: Path, data: dict) -> tuple[Path | None, dict]:
@@ -266,28 +269,6 @@ def make_model(args: argparse.Namespace, classes: list[str]) -> tuple[EfficientN
     return model, Resolved(source, model.variant, clip_grad, freeze)
 
 
-def make_loaders(args: argparse.Namespace, model: EfficientNetV2, train_samples, val_samples, classes, accelerator):
-    """(train set, train loader, val loader, precise-BatchNorm loader or None). The train set's
-    transform is set per stage; the others use the model's eval transform."""
-    train_set = ImageFolderDataset(train_samples, classes)
-    val_set = ImageFolderDataset(val_samples, classes, transforms_for(model, train=False))
-    # persistent_workers=False: workers are re-created each epoch and see the stage's new transform
-    # whole steps only (see epoch_coverage), when there is at least one
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=args.workers,
-                              drop_last=len(train_set) >= args.batch_size * accelerator.num_processes)
-    # no drop_last: Accelerate pads the last batches with repeats (even_batches) and validate()'s
-    # gather_for_metrics removes them, so every validation image counts exactly once
-    val_loader = DataLoader(val_set, args.batch_size, num_workers=args.workers)
-    if args.precise_bn <= 0:
-        return train_set, train_loader, val_loader, None
-    # Precise BatchNorm: a fixed sample of training images, seen as at evaluation, split over processes.
-    calib = random.Random(args.seed).sample(train_samples, min(args.precise_bn, len(train_samples)))
-    calib = calib[accelerator.process_index::accelerator.num_processes] or calib
-    calib_loader = DataLoader(ImageFolderDataset(calib, classes, transforms_for(model, train=False)),
-                              args.batch_size, num_workers=args.workers)
-    return train_set, train_loader, val_loader, calib_loader
-
-
 def stage_plan(args: argparse.Namespace, model: EfficientNetV2) -> list[Stage]:
     """Progressive learning's stages (image size and regularisation grow), or one stage."""
     train_size = model.config["train_image_size"]
@@ -299,13 +280,12 @@ def stage_plan(args: argparse.Namespace, model: EfficientNetV2) -> list[Stage]:
         raise RunError(str(err)) from None
 
 
-def start_output_dir(out: Path, args: argparse.Namespace, train_samples, val_samples, classes: list[str]) -> None:
+def start_output_dir(out: Path, args: argparse.Namespace, data: TrainingData) -> None:
     """The output folder (emptied first with --overwrite) with the run's class indices and split."""
     if args.overwrite:
         clear_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_class_indices(out / "class_indices.json", classes)
-    write_split(out / "split.json", train_samples, val_samples, classes, args.data_path)
+    data.save(out)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, lrf: float, warmup_steps: int):
@@ -386,15 +366,12 @@ def initial_weights_text(source: Source) -> str:
     return source.text
 
 
-def card_fields(args: argparse.Namespace, resolved: Resolved, run: dict) -> dict:
+def card_fields(args: argparse.Namespace, resolved: Resolved, data: TrainingData, run: dict) -> dict:
     """The model card's fields (``model_card_kwargs``) for the run summarised by ``run``."""
     final, source = run["final"], resolved.source
     return dict(
         metrics={"accuracy": round(final["val_accuracy"], 4), "val_loss": round(final["val_loss"], 4)},
-        dataset_name=Path(args.data_path).name,  # model-index: the Hub shows the validation accuracy
-        dataset=f"`{Path(args.data_path).name}`: {run['train_images']} training and {run['val_images']} validation "
-                f"images in {len(run['classes'])} classes (stratified split, --val-fraction {args.val_fraction}, "
-                f"seed {args.seed})",
+        **data.card,  # the dataset's name, revision and description; the model-index shows the validation accuracy
         base_model=source.repo_id if source.kind == "hub" else None,
         training={"initial weights": initial_weights_text(source),
                   "epochs": f"{final.get('epoch', run['start_epoch'])} of {args.epochs}",
@@ -451,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         accelerator = make_accelerator(args, out)
     except (ValueError, RuntimeError) as err:
-        print(f"error: cannot set up training with --mixed-precision {args.mixed_precision}: {err}", file=sys.stderr)
+        print(f"error: cannot set up training (--mixed-precision {args.mixed_precision}, --report-to {args.report_to}): "
+              f"{err}", file=sys.stderr)
         return 2
     say = accelerator.print
     try:
@@ -459,10 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         set_seed(args.seed)
 
         # 1. Data: scan, drop unreadable files, split.
-        train_samples, val_samples, classes = load_data(args, accelerator)
-        num_classes = len(classes)
-        data = data_fingerprint(args.data_path, train_samples, val_samples)
-        say(f"data: {len(train_samples)} training and {len(val_samples)} validation images in {num_classes} "
+        data = load_data(args, accelerator)
+        classes, num_classes = data.classes, len(data.classes)
+        say(f"data: {len(data.train)} training and {len(data.val)} validation images in {num_classes} "
             f"classes ({', '.join(classes)})")
 
         # 2. Model: initial weights in, classifier replaced for our classes; what the weights decide
@@ -475,15 +452,15 @@ def main(argv: list[str] | None = None) -> int:
 
         # The checkpoint to resume must be this run's: same settings, same data (it is loaded after prepare()).
         checkpoints = out / "checkpoints"
-        resume_from, state = find_resume(args, settings, checkpoints, data)
+        resume_from, state = find_resume(args, settings, checkpoints, data.fingerprint)
         run_id = state.get("run_id") or uuid.uuid4().hex
         if accelerator.is_main_process:
-            start_output_dir(out, args, train_samples, val_samples, classes)
+            start_output_dir(out, args, data)
 
         # 3. Data loaders and progressive learning: image size and regularisation grow stage by stage.
         plan = stage_plan(args, model)
-        train_set, train_loader, val_loader, calib_loader = make_loaders(args, model, train_samples, val_samples,
-                                                                         classes, accelerator)
+        train_loader, val_loader, calib_loader = data.loaders(accelerator, args.batch_size, args.workers,
+                                                              transforms_for(model, train=False), args.precise_bn, args.seed)
         optimizer = make_optimizer(model, args)
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
@@ -511,13 +488,13 @@ def main(argv: list[str] | None = None) -> int:
             f"epochs: {steps_per_epoch} optimizer steps per epoch, {total_steps} in all, on "
             f"{accelerator.num_processes} process(es) ({accelerator.device})"
             + ("" if dynamo is DynamoBackend.NO else f", torch.compile backend {dynamo.value.lower()}"))
-        coverage = epoch_coverage(len(train_samples), args.batch_size, accelerator.num_processes)
+        coverage = epoch_coverage(len(data.train), args.batch_size, accelerator.num_processes)
         if coverage.left_out:
-            say(f"each epoch trains on {coverage.trained} of the {len(train_samples)} training images (whole batches of "
+            say(f"each epoch trains on {coverage.trained} of the {len(data.train)} training images (whole batches of "
                 f"{args.batch_size} on each of {accelerator.num_processes} process(es)); the other {coverage.left_out}, "
                 f"a different random {coverage.left_out} each epoch, are left out")
         elif coverage.repeated:
-            say(f"{len(train_samples)} training images are less than a batch of {args.batch_size} for each of "
+            say(f"{len(data.train)} training images are less than a batch of {args.batch_size} for each of "
                 f"{accelerator.num_processes} processes: {coverage.repeated} are repeated each epoch")
 
         # 6. Train: one epoch at a time, validating and checkpointing after each.
@@ -527,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if stage_for_epoch(plan, epoch) != stage:
                 stage = stage_for_epoch(plan, epoch)
-                train_set.set_transform(transforms_for(unwrapped, train=True, image_size=stage.image_size,
+                data.train.set_transform(transforms_for(unwrapped, train=True, image_size=stage.image_size,
                                                        randaugment_magnitude=stage.randaugment, scale=args.crop_scale))
                 unwrapped.head.dropout.p = stage.dropout
                 if args.progressive:
@@ -561,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                     accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     if step >= total_steps:
+                        if step < steps_per_epoch * (epoch + 1):
+                            say(f"--max-steps {args.max_steps}: stopping {step - steps_per_epoch * epoch} of "
+                                f"{steps_per_epoch} optimizer steps into epoch {epoch + 1} (it counts as done)")
                         break
             train_seconds = time.time() - started
             totals = accelerator.reduce(torch.tensor([seen, loss_sum], device=accelerator.device, dtype=torch.float64),
@@ -583,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"epoch {epoch + 1}/{args.epochs}: train loss {metrics['train_loss']:.4f}, val loss "
                 f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f} ({metrics['train_seconds']:.1f}s "
                 f"training, {metrics['images_per_second']} images/s, lr {metrics['lr']:.2e})")
-            save_epoch(accelerator, out, {"run_id": run_id, "data": data, "epoch": epoch + 1, "step": step,
+            save_epoch(accelerator, out, {"run_id": run_id, "data": data.fingerprint, "epoch": epoch + 1, "step": step,
                                           "history": history, "scheduler": scheduler.state_dict(), "args": settings},
                        model, optimizer, ema, args.keep_checkpoints, classes)
 
@@ -607,12 +587,12 @@ def main(argv: list[str] | None = None) -> int:
         # 7. The Hub-ready model folder (card filled with the run), metrics and confusion matrix; the push.
         command = published_command(argv, accelerator.num_processes)
         summary = {"final": history[-1] if history else metrics, "history": history, "classes": classes,
-                   "train_images": len(train_samples), "val_images": len(val_samples), "optimizer_steps": step,
+                   "train_images": len(data.train), "val_images": len(data.val), "optimizer_steps": step,
                    "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "train_coverage": coverage._asdict(),
                    "processes": accelerator.num_processes, "replicas_in_sync": in_sync, "fingerprint": fingerprints[0],
                    "saved_weights": f"EMA of the weights (decay {args.ema_decay})" if ema else "the final weights",
                    "command": command}
-        card = card_fields(args, resolved, {**summary, "start_epoch": start_epoch, "warmup_steps": warmup_steps,
+        card = card_fields(args, resolved, data, {**summary, "start_epoch": start_epoch, "warmup_steps": warmup_steps,
                                             "train_image_size": (stage or plan[-1]).image_size})
         save_run(final_model, out, args, card, summary, cm)
         say(f"saved the model to {out} (val accuracy {summary['final']['val_accuracy']:.4f})")

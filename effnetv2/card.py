@@ -69,13 +69,14 @@ def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None,
                         base_model: str | None = None, training: dict | None = None,
                         command: str | None = None, notes: str | None = None,
                         dataset_name: str | None = None, dataset_split: str = "validation",
+                        dataset_revision: str | None = None, dataset_config: str | None = None,
                         **extra: Any) -> ModelCard:
     """The model card (README.md) rendered from ``model_card.md`` with the model's real metadata.
 
     ``metrics`` ({name: value}), ``dataset``/``datasets``, ``base_model``, ``training`` (settings)
     and ``command`` (to reproduce) fill the optional sections and the YAML front matter. With
     ``dataset_name``, the accuracy in ``metrics`` also goes into the YAML's ``model-index`` (task,
-    dataset name and split, metric), so the Hub shows it; ``base_model`` marks the model a fine-tune.
+    dataset name, config, revision and split, metric), so the Hub shows it; ``base_model`` marks the model a fine-tune.
     """
     cfg = model.config
     info = model._hub_mixin_info
@@ -83,6 +84,7 @@ def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None,
     if dataset_name and metrics and "accuracy" in metrics:
         eval_results = [EvalResult(task_type="image-classification", dataset_type=dataset_name,
                                    dataset_name=dataset_name, dataset_split=dataset_split,
+                                   dataset_revision=dataset_revision, dataset_config=dataset_config,
                                    metric_type="accuracy", metric_value=float(metrics["accuracy"]))]
     card_data = ModelCardData(
         library_name=info.model_card_data.library_name,
@@ -113,9 +115,18 @@ def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None,
     )
 
 
-def card_section(result: dict, data: Path, command: str) -> str:
-    """The card's evaluation section (between ``CARD_BEGIN`` and ``CARD_END``) for ``effnetv2.evaluate.evaluate``'s
-    ``result`` on the shapes set at ``data``, measured with ``command``."""
+def card_section(result: dict, data: Path | str, command: str) -> str:
+    """The card's evaluation section (between ``CARD_BEGIN`` and ``CARD_END``) for ``effnetv2.evaluate``'s
+    ``result`` on the shapes set at ``data`` (a Path), or on a dataset split (``data`` says which: the
+    accuracy rows only), measured with ``command``."""
+    accuracy = [
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | {result['accuracy']:.4f} |",
+        *(f"| accuracy, {label} | {acc:.4f} |" for label, acc in result["per_class_accuracy"].items())]
+    if not isinstance(data, Path):
+        return "\n".join([CARD_BEGIN, "## Evaluation", "", f"{result['images']} images of {data}.", "", *accuracy, "",
+                          "Measured with:", "", "```bash", command, "```", CARD_END])
     heads = ", ".join(f"{m:.2f}" for m in result["attention_mass_in_box_per_head"])
     return "\n".join([
         CARD_BEGIN,
@@ -124,10 +135,7 @@ def card_section(result: dict, data: Path, command: str) -> str:
         f"{result['images']} images of `{data.name}`, generated with a seed the model never saw in "
         "training or validation.",
         "",
-        "| metric | value |",
-        "|---|---|",
-        f"| accuracy | {result['accuracy']:.4f} |",
-        *(f"| accuracy, {label} | {acc:.4f} |" for label, acc in result["per_class_accuracy"].items()),
+        *accuracy,
         f"| attention mass inside the object box (pooled query, mean over heads) | {result['attention_mass_in_box']:.3f} |",
         f"| the box's share of the image (what uniform attention would give) | {result['box_area_share']:.3f} |",
         f"| mass / share | {result['mass_over_share']:.2f}× |",

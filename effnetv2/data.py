@@ -200,8 +200,8 @@ class _MemoryBudget:
                 self._changed.notify_all()
 
 
-def _load_problem(path: str, budget: _MemoryBudget) -> str | None:
-    """Why ``path`` cannot be used, or ``None`` when it decodes fully."""
+def _load_problem(path: str | bytes, budget: _MemoryBudget) -> str | None:
+    """Why ``path`` (or an encoded image's bytes) cannot be used, or ``None`` when it decodes fully."""
     try:
         with budget.reserve(image_pixels(path) * BYTES_PER_PIXEL):
             verify_image(path)
@@ -238,7 +238,8 @@ def report_bad_files(bad: list[tuple[str, str]]) -> None:
 
 
 class ImageFolderDataset(Dataset):
-    """``(image, label)`` pairs for ``samples`` (``[(path, class_index), ...]``).
+    """``(image, label)`` pairs for ``samples`` (``[(path, class_index), ...]``; with ``read``, any key
+    ``read`` opens as an RGB image or fails with ``ImageLoadError``, e.g. a Hub dataset's row index).
 
     ``image`` is ``transform(pil_rgb_image)``, or a float tensor ``[3, H, W]`` in 0..1 without a
     transform. A file that fails at read time (deleted or damaged after :func:`check_images`) is
@@ -247,12 +248,13 @@ class ImageFolderDataset(Dataset):
     multi-process ``DataLoader`` each worker keeps its own ``bad_files``.
     """
 
-    def __init__(self, samples: list[Sample], classes: list[str], transform: Callable | None = None):
+    def __init__(self, samples: list[Sample], classes: list[str], transform: Callable | None = None,
+                 read: Callable = open_image):
         if not samples:
             raise DatasetError("no images to load: the sample list is empty")
         self.samples = list(samples)
         self.classes = list(classes)
-        self.transform = transform
+        self.transform, self.read = transform, read
         self.bad_files: dict[str, str] = {}
         self._by_class: dict[int, list[int]] = defaultdict(list)
         self._rank: list[int] = []  # position of each sample within its class list
@@ -275,7 +277,7 @@ class ImageFolderDataset(Dataset):
             if path in self.bad_files:
                 continue
             try:
-                image = open_image(path)
+                image = self.read(path)
             except ImageLoadError as err:
                 self.bad_files[path] = err.reason
                 warnings.warn(f"skipping unreadable image {err}; using another image of its class instead",
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         return _check_command(args)
     try:
         root = make_shapes_dataset(args.out, args.num_per_class, args.image_size, args.seed, tuple(args.classes),
-                                   clutter=args.clutter)
+                                   clutter=args.clutter, progress=True)
     except ValueError as err:
         parser.error(str(err))
     classes = list(dict.fromkeys(args.classes))

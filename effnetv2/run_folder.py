@@ -25,7 +25,7 @@ from .model import EfficientNetV2
 
 CHECKPOINT_PREFIX = "epoch_"
 RUN_MARKERS = ("checkpoints", "metrics.json", "split.json")  # what every train.py run folder holds
-PATH_FLAGS = ("--data-path", "--output-dir", "--weights", "--resume")  # flags that may name local paths
+PATH_FLAGS = ("--data-path", "--dataset", "--output-dir", "--weights", "--resume")  # flags that may name local paths
 # torch.save reports a full disk as a RuntimeError ("file write failed"), safetensors as a SafetensorError
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
@@ -140,7 +140,9 @@ def data_changes(saved: dict | None, current: dict) -> list[str]:
     (``"what (checkpoint vs now)"``); empty when it is the same data."""
     if not saved:
         return ["data (the checkpoint records none: it was written by an older train.py)"]
-    changes = [f"--data-path ({saved['path']} vs {current['path']})"] if saved["path"] != current["path"] else []
+    changes = [f"{what} ({saved.get(key)} vs {current.get(key)})" for key, what in
+               (("path", "--data-path"), ("dataset", "--dataset"), ("config", "--dataset-config"),
+                ("revision", "the dataset's revision")) if saved.get(key) != current.get(key)]
     counts = [f"{what} ({saved[key]} vs {current[key]})" for key, what in
               (("train_images", "training images"), ("val_images", "validation images")) if saved[key] != current[key]]
     if saved["sha256"] != current["sha256"] and not counts:
