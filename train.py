@@ -2,43 +2,11 @@
 
     python train.py --data-path flower_photos --weights torchvision:s --epochs 30
     accelerate launch train.py --dataset beans --weights torchvision:s --report-to trackio
-    accelerate launch train.py --data-path flower_photos --weights org/name --mixed-precision bf16
     python train.py --data-path shapes --variant b0 --image-size 64 --max-steps 20     # smoke run
 
-Output (--output-dir): a Hub-ready model folder (config.json with labels and preprocessing,
-model.safetensors, README.md model card with the run's metrics and command), metrics.json (per epoch
-and final), class_indices.json, split.json, confusion_matrix.png, tracker logs (--report-to) in logs/, and
-checkpoints/epoch_N after every epoch (the last --keep-checkpoints), so a killed run continues with
---resume latest: same optimizer, lr schedule, EMA, epoch, random state and data order. A folder holds
-one run: one that holds another is refused unless --resume (the same run, same settings and data) or
---overwrite (cleared first). Local paths stay local: split.json and the card name the data folder only.
-
-Choices worth knowing:
-- --freeze-layers (train only the head: the 1x1 head conv, the attention pool and the classifier;
-  the backbone's BatchNorm statistics frozen too) is on by default when --weights are given, as in
-  the classic flower recipe, and off when training from scratch (--weights none).
-  --no-freeze-layers fine-tunes everything.
-- The lr follows lr * (((1 + cos(pi t / T)) / 2) * (1 - lrf) + lrf) over optimizer steps t (after
-  an optional linear warmup); T is the number of optimizer steps the run takes in all processes'
-  lockstep: epochs * ceil(batches per process / --grad-accum), or --max-steps if smaller.
-- --ema keeps an exponential moving average of the weights; it is what gets evaluated, checkpointed
-  and saved (the model card says so).
-- --progressive follows EfficientNetV2's progressive learning (effnetv2/progressive.py): image size,
-  RandAugment magnitude, mixup and dropout grow over --stages stages; --image-size sets the last
-  stage's size and scales the first by the same factor. It overrides --randaugment and --mixup.
-- --precise-bn N (default 256 images) recomputes the BatchNorm statistics of the evaluated weights
-  before each evaluation: short runs from scratch otherwise evaluate with statistics that lag far
-  behind the weights (and EMA weights with statistics of other weights). A frozen backbone keeps its own.
-- --clip-grad NORM clips the global gradient norm (on by default, at 1.0, for an attention pool:
-  its query/key weights fine-tuned by SGD at the classic lr 0.01 otherwise blow up). A run whose
-  loss becomes NaN or infinite stops with an error before that epoch is saved.
-- Checkpoints are per epoch; --max-steps ends an epoch early and that epoch counts as done.
-- On several processes or machines (`accelerate launch`), a step takes --batch-size images on every
-  process: the training images that fill no whole step sit out that epoch (a different random few each
-  time; the log says how many), validation counts every image exactly once, and only the main process
-  writes into --output-dir (the others send it their part of each checkpoint).
-- --compile [BACKEND] runs the model through torch.compile via Accelerate (as `accelerate launch
-  --dynamo_backend`); checkpoints and the saved model hold the plain module.
+--output-dir receives a Hub-ready model folder (the card filled with the run), metrics.json, the split,
+tracker logs and checkpoints/epoch_N, so a killed run continues with --resume latest. The flags' help is
+the reference; the README's "Fine-tuning on your own photos" section says why the defaults are what they are.
 """
 from __future__ import annotations
 
