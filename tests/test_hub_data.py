@@ -198,7 +198,7 @@ def test_two_processes_stream_a_hub_dataset_and_report_to_trackio(hub, tmp_path)
 
 
 def test_evaluate_on_a_hub_split_gives_the_accuracy_table(hub, tmp_path, capsys):
-    from effnetv2 import evaluate
+    from effnetv2.evaluate import __main__ as evaluate
 
     model = EfficientNetV2("b0", num_classes=3, id2label=dict(enumerate(CLASSES)), image_size=32).eval()
     model.head.classifier.bias.data = torch.tensor([0.0, 0.3, 0.0])  # mostly "square": some right, some wrong
