@@ -198,13 +198,13 @@ def test_two_processes_stream_a_hub_dataset_and_report_to_trackio(hub, tmp_path)
 
 
 def test_evaluate_on_a_hub_split_gives_the_accuracy_table(hub, tmp_path, capsys):
-    from effnetv2.evaluate import __main__ as evaluate
+    from effnetv2.evaluate.__main__ import main as evaluate_main
 
     model = EfficientNetV2("b0", num_classes=3, id2label=dict(enumerate(CLASSES)), image_size=32).eval()
     model.head.classifier.bias.data = torch.tensor([0.0, 0.3, 0.0])  # mostly "square": some right, some wrong
     folder = tmp_path / "model"
     model.save_pretrained(folder)
-    assert evaluate.main(["--model", str(folder), "--dataset", "org/shapes", "--json", str(tmp_path / "r.json"),
+    assert evaluate_main(["--model", str(folder), "--dataset", "org/shapes", "--json", str(tmp_path / "r.json"),
                           "--update-card"]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     # the same figures computed here, row by row, from the split's bytes
@@ -222,5 +222,5 @@ def test_evaluate_on_a_hub_split_gives_the_accuracy_table(hub, tmp_path, capsys)
     card = (folder / "README.md").read_text()
     assert f"| accuracy | {sum(hits) / 6:.4f} |" in card and "6 images of split `validation` of `org/shapes`" in card
     assert "name: org/shapes" in card and "split: validation" in card
-    assert evaluate.main(["--model", str(folder), "--dataset", "org/shapes", "--split", "test"]) == 2
+    assert evaluate_main(["--model", str(folder), "--dataset", "org/shapes", "--split", "test"]) == 2
     assert "--split test: org/shapes has the splits train, validation" in capsys.readouterr().err
