@@ -1,43 +1,12 @@
-"""Fine-tune EfficientNetV2 on a folder of photos (one sub-folder per class) with Hugging Face Accelerate.
+"""Fine-tune EfficientNetV2 on a folder of photos (one sub-folder per class) or a Hub dataset with Hugging Face Accelerate.
 
     python train.py --data-path flower_photos --weights torchvision:s --epochs 30
-    accelerate launch train.py --data-path flower_photos --weights org/name --mixed-precision bf16
+    accelerate launch train.py --dataset beans --weights torchvision:s --report-to trackio
     python train.py --data-path shapes --variant b0 --image-size 64 --max-steps 20     # smoke run
 
-Output (--output-dir): a Hub-ready model folder (config.json with labels and preprocessing,
-model.safetensors, README.md model card with the run's metrics and command), metrics.json (per epoch
-and final), class_indices.json, split.json, confusion_matrix.png, TensorBoard logs in logs/, and
-checkpoints/epoch_N after every epoch (the last --keep-checkpoints), so a killed run continues with
---resume latest: same optimizer, lr schedule, EMA, epoch, random state and data order. A folder holds
-one run: one that holds another is refused unless --resume (the same run, same settings and data) or
---overwrite (cleared first). Local paths stay local: split.json and the card name the data folder only.
-
-Choices worth knowing:
-- --freeze-layers (train only the head: the 1x1 head conv, the attention pool and the classifier;
-  the backbone's BatchNorm statistics frozen too) is on by default when --weights are given, as in
-  the classic flower recipe, and off when training from scratch (--weights none).
-  --no-freeze-layers fine-tunes everything.
-- The lr follows lr * (((1 + cos(pi t / T)) / 2) * (1 - lrf) + lrf) over optimizer steps t (after
-  an optional linear warmup); T is the number of optimizer steps the run takes in all processes'
-  lockstep: epochs * ceil(batches per process / --grad-accum), or --max-steps if smaller.
-- --ema keeps an exponential moving average of the weights; it is what gets evaluated, checkpointed
-  and saved (the model card says so).
-- --progressive follows EfficientNetV2's progressive learning (effnetv2/progressive.py): image size,
-  RandAugment magnitude, mixup and dropout grow over --stages stages; --image-size sets the last
-  stage's size and scales the first by the same factor. It overrides --randaugment and --mixup.
-- --precise-bn N (default 256 images) recomputes the BatchNorm statistics of the evaluated weights
-  before each evaluation: short runs from scratch otherwise evaluate with statistics that lag far
-  behind the weights (and EMA weights with statistics of other weights). A frozen backbone keeps its own.
-- --clip-grad NORM clips the global gradient norm (on by default, at 1.0, for an attention pool:
-  its query/key weights fine-tuned by SGD at the classic lr 0.01 otherwise blow up). A run whose
-  loss becomes NaN or infinite stops with an error before that epoch is saved.
-- Checkpoints are per epoch; --max-steps ends an epoch early and that epoch counts as done.
-- On several processes or machines (`accelerate launch`), a step takes --batch-size images on every
-  process: the training images that fill no whole step sit out that epoch (a different random few each
-  time; the log says how many), validation counts every image exactly once, and only the main process
-  writes into --output-dir (the others send it their part of each checkpoint).
-- --compile [BACKEND] runs the model through torch.compile via Accelerate (as `accelerate launch
-  --dynamo_backend`); checkpoints and the saved model hold the plain module.
+--output-dir receives a Hub-ready model folder (the card filled with the run), metrics.json, the split,
+tracker logs and checkpoints/epoch_N, so a killed run continues with --resume latest. The flags' help is
+the reference; the README's "Fine-tuning on your own photos" section says why the defaults are what they are.
 """
 from __future__ import annotations
 
@@ -45,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shlex
 import sys
 import time
@@ -57,35 +25,44 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DynamoBackend, ProjectConfiguration, gather_object, set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from effnetv2 import transforms_for
-from effnetv2.card import card_upload_patterns
+from effnetv2.card import upload_model_folder
 from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.configs import VARIANTS
-from effnetv2.data import (DatasetError, ImageFolderDataset, check_images, report_bad_files, save_class_indices,
-                           scan_folder, split_samples, write_split)
-from effnetv2.ema import ModelEma
+from effnetv2.data import DatasetError
+from effnetv2.ema import ema_model
+from effnetv2.hub_data import TrainingData, load_training_data
 from effnetv2.finetune import build_model
 from effnetv2.model import EfficientNetV2
 from effnetv2.progressive import Stage, progressive_plan, stage_for_epoch
 from effnetv2.schedule import cosine_schedule, optimizer_steps_per_epoch
 from effnetv2.run_folder import (OutputDirError, WriteError, atomic_path, check_output_dir, clear_output_dir,
-                                 data_fingerprint, find_resume_checkpoint, list_checkpoints, load_checkpoint,
+                                 find_resume_checkpoint, list_checkpoints, load_checkpoint,
                                  prune_checkpoints, public_argv, resume_mismatches, save_checkpoint, save_model)
 from effnetv2.sources import Source, parse_source
 from effnetv2.training import (HEAD_PREFIX, average_buffers, backbone_batchnorm_eval, confusion_matrix, epoch_coverage,
-                               freeze_backbone, mix_batch, recalibrate_batchnorm, soft_cross_entropy)
+                               freeze_backbone, mix_batch, recalibrate_batchnorm)
+from effnetv2.tracking import REPORT_TO, trackers
 from effnetv2.viz import confusion_matrix_png
 
 RESUME_MUST_MATCH = ("variant", "weights", "pool", "batch_size", "grad_accum", "optimizer", "lr", "lrf", "epochs",
-                     "seed", "val_fraction", "ema", "progressive", "stages")
+                     "seed", "val_fraction", "ema", "ema_decay", "progressive", "stages")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-path", required=True, help="folder with one sub-folder of images per class")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data-path", help="folder with one sub-folder of images per class")
+    data.add_argument("--dataset", metavar="ID", help="Hub dataset (org/name[@revision]) or a datasets.save_to_disk "
+                                                      "folder, read with the datasets library")
+    p.add_argument("--dataset-config", default=None, help="the --dataset's configuration (subset) name")
+    p.add_argument("--image-column", default=None, help="--dataset's image column (default: its Image feature)")
+    p.add_argument("--label-column", default=None, help="--dataset's label column (default: its ClassLabel feature)")
+    p.add_argument("--streaming", action="store_true", help="stream --dataset from the Hub instead of downloading "
+                                                            "it, each process reading its own shards")
+    p.add_argument("--report-to", default="tensorboard", choices=REPORT_TO, help="experiment tracker(s)")
     p.add_argument("--variant", default=None, choices=list(VARIANTS),
                    help="model variant (default: the --weights' variant, or s)")
     p.add_argument("--weights", default="none",
@@ -159,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--crop-scale {low} {high}: give MIN MAX with 0 < MIN <= MAX <= 1, e.g. --crop-scale 0.5 1")
     if args.clip_grad is not None and not (math.isfinite(args.clip_grad) and args.clip_grad >= 0):
         p.error(f"--clip-grad {args.clip_grad}: give a positive max gradient norm (e.g. 1.0), or 0 to turn clipping off")
+    if not args.dataset and (args.dataset_config or args.image_column or args.label_column or args.streaming):
+        p.error("--dataset-config, --image-column, --label-column and --streaming go with --dataset")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --output-dir and --overwrite deletes it: give one of them")
     return args
@@ -168,7 +147,8 @@ def make_accelerator(args: argparse.Namespace, out: Path) -> Accelerator:
     return Accelerator(
         cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
         dynamo_backend=args.compile,  # None: `accelerate launch --dynamo_backend` (or its config) decides
-        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        log_with=trackers(args.report_to),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         # a seeded sampler gives every epoch the same order after a resume (set_epoch below)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 
@@ -194,25 +174,16 @@ def check_setup(args: argparse.Namespace, accelerator: Accelerator, out: Path) -
     accelerator.wait_for_everyone()  # every process has looked before the main one writes there
 
 
-def load_data(args: argparse.Namespace, accelerator: Accelerator):
-    """(train samples, validation samples, class names): the folder scanned, unreadable files dropped
-    (and reported), split; every data error is a RunError before any training starts."""
+def load_data(args: argparse.Namespace, accelerator: Accelerator) -> TrainingData:
+    """The run's data (--data-path or --dataset): unreadable images reported and skipped, split; every
+    data error is a RunError before any training starts."""
     try:
-        samples, classes = scan_folder(args.data_path)
-        if args.check_images:
-            samples, bad = check_images(samples, max(1, args.workers))
-            if accelerator.is_main_process:
-                report_bad_files(bad)
-            empty = sorted(set(range(len(classes))) - {label for _, label in samples})
-            if empty:
-                raise DatasetError(f"class(es) {', '.join(classes[i] for i in empty)} have no readable image left "
-                                   f"(see the warning above): fix or remove those folders")
-        train_samples, val_samples = split_samples(samples, args.val_fraction, args.seed)
-        if not val_samples:
-            raise DatasetError("--val-fraction 0 leaves no validation images: use e.g. 0.2")
+        return load_training_data(
+            data_path=args.data_path, dataset=args.dataset, config=args.dataset_config, image_column=args.image_column,
+            label_column=args.label_column, streaming=args.streaming, val_fraction=args.val_fraction, seed=args.seed,
+            check_images=args.check_images, workers=max(1, args.workers), report=accelerator.is_main_process)
     except DatasetError as err:
         raise RunError(str(err)) from None
-    return train_samples, val_samples, classes
 
 
 def find_resume(args: argparse.Namespace, settings: dict, checkpoints: Path, data: dict) -> tuple[Path | None, dict]:
@@ -266,28 +237,6 @@ def make_model(args: argparse.Namespace, classes: list[str]) -> tuple[EfficientN
     return model, Resolved(source, model.variant, clip_grad, freeze)
 
 
-def make_loaders(args: argparse.Namespace, model: EfficientNetV2, train_samples, val_samples, classes, accelerator):
-    """(train set, train loader, val loader, precise-BatchNorm loader or None). The train set's
-    transform is set per stage; the others use the model's eval transform."""
-    train_set = ImageFolderDataset(train_samples, classes)
-    val_set = ImageFolderDataset(val_samples, classes, transforms_for(model, train=False))
-    # persistent_workers=False: workers are re-created each epoch and see the stage's new transform
-    # whole steps only (see epoch_coverage), when there is at least one
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=args.workers,
-                              drop_last=len(train_set) >= args.batch_size * accelerator.num_processes)
-    # no drop_last: Accelerate pads the last batches with repeats (even_batches) and validate()'s
-    # gather_for_metrics removes them, so every validation image counts exactly once
-    val_loader = DataLoader(val_set, args.batch_size, num_workers=args.workers)
-    if args.precise_bn <= 0:
-        return train_set, train_loader, val_loader, None
-    # Precise BatchNorm: a fixed sample of training images, seen as at evaluation, split over processes.
-    calib = random.Random(args.seed).sample(train_samples, min(args.precise_bn, len(train_samples)))
-    calib = calib[accelerator.process_index::accelerator.num_processes] or calib
-    calib_loader = DataLoader(ImageFolderDataset(calib, classes, transforms_for(model, train=False)),
-                              args.batch_size, num_workers=args.workers)
-    return train_set, train_loader, val_loader, calib_loader
-
-
 def stage_plan(args: argparse.Namespace, model: EfficientNetV2) -> list[Stage]:
     """Progressive learning's stages (image size and regularisation grow), or one stage."""
     train_size = model.config["train_image_size"]
@@ -299,13 +248,12 @@ def stage_plan(args: argparse.Namespace, model: EfficientNetV2) -> list[Stage]:
         raise RunError(str(err)) from None
 
 
-def start_output_dir(out: Path, args: argparse.Namespace, train_samples, val_samples, classes: list[str]) -> None:
+def start_output_dir(out: Path, args: argparse.Namespace, data: TrainingData) -> None:
     """The output folder (emptied first with --overwrite) with the run's class indices and split."""
     if args.overwrite:
         clear_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_class_indices(out / "class_indices.json", classes)
-    write_split(out / "split.json", train_samples, val_samples, classes, args.data_path)
+    data.save(out)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, lrf: float, warmup_steps: int):
@@ -386,15 +334,12 @@ def initial_weights_text(source: Source) -> str:
     return source.text
 
 
-def card_fields(args: argparse.Namespace, resolved: Resolved, run: dict) -> dict:
+def card_fields(args: argparse.Namespace, resolved: Resolved, data: TrainingData, run: dict) -> dict:
     """The model card's fields (``model_card_kwargs``) for the run summarised by ``run``."""
     final, source = run["final"], resolved.source
     return dict(
         metrics={"accuracy": round(final["val_accuracy"], 4), "val_loss": round(final["val_loss"], 4)},
-        dataset_name=Path(args.data_path).name,  # model-index: the Hub shows the validation accuracy
-        dataset=f"`{Path(args.data_path).name}`: {run['train_images']} training and {run['val_images']} validation "
-                f"images in {len(run['classes'])} classes (stratified split, --val-fraction {args.val_fraction}, "
-                f"seed {args.seed})",
+        **data.card,  # the dataset's name, revision and description; the model-index shows the validation accuracy
         base_model=source.repo_id if source.kind == "hub" else None,
         training={"initial weights": initial_weights_text(source),
                   "epochs": f"{final.get('epoch', run['start_epoch'])} of {args.epochs}",
@@ -431,16 +376,10 @@ def save_run(model: EfficientNetV2, out: Path, args: argparse.Namespace, card: d
 def push(out: Path, repo_id: str, private: bool, overwrite_card: bool, val_accuracy: float) -> str:
     """Upload the model folder (not its checkpoints and logs) to ``repo_id``; returns its URL. A
     failure is a RunError with the commands to retry: the run is saved locally either way."""
-    from huggingface_hub import HfApi
-
     ignore = ["checkpoints/*", "logs/*"]
     try:
-        api = HfApi()
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        # a card edited on the Hub is kept unless --overwrite-card
-        upload_ignore = list(ignore) if overwrite_card else card_upload_patterns(repo_id, ignore_patterns=list(ignore))[0]
-        api.upload_folder(repo_id=repo_id, folder_path=str(out), ignore_patterns=upload_ignore,
-                          commit_message=f"train.py: val accuracy {val_accuracy:.4f}")
+        commit = upload_model_folder(out, repo_id, private=private, ignore_patterns=list(ignore), overwrite_card=overwrite_card,
+                                     commit_message=f"train.py: val accuracy {val_accuracy:.4f}")
     except Exception as err:  # the run is saved locally; a failed push must not lose it
         retry = (f"python -c \"from huggingface_hub import HfApi; HfApi().upload_folder(repo_id='{repo_id}', "
                  f"folder_path='{out}', ignore_patterns={ignore})\"")
@@ -448,7 +387,7 @@ def push(out: Path, repo_id: str, private: bool, overwrite_card: bool, val_accur
                        f"\nEverything is saved in {out}. Log in (`hf auth login` or HF_TOKEN) if needed, then retry with:\n"
                        f"  hf upload {repo_id} {out} . --exclude 'checkpoints/*' --exclude 'logs/*'\nor\n  {retry}",
                        status=1) from None
-    return f"{api.endpoint}/{repo_id}"
+    return commit.repo_url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         accelerator = make_accelerator(args, out)
     except (ValueError, RuntimeError) as err:
-        print(f"error: cannot set up training with --mixed-precision {args.mixed_precision}: {err}", file=sys.stderr)
+        print(f"error: cannot set up training (--mixed-precision {args.mixed_precision}, --report-to {args.report_to}): "
+              f"{err}", file=sys.stderr)
         return 2
     say = accelerator.print
     try:
@@ -465,10 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         set_seed(args.seed)
 
         # 1. Data: scan, drop unreadable files, split.
-        train_samples, val_samples, classes = load_data(args, accelerator)
-        num_classes = len(classes)
-        data = data_fingerprint(args.data_path, train_samples, val_samples)
-        say(f"data: {len(train_samples)} training and {len(val_samples)} validation images in {num_classes} "
+        data = load_data(args, accelerator)
+        classes, num_classes = data.classes, len(data.classes)
+        say(f"data: {len(data.train)} training and {len(data.val)} validation images in {num_classes} "
             f"classes ({', '.join(classes)})")
 
         # 2. Model: initial weights in, classifier replaced for our classes; what the weights decide
@@ -481,15 +420,15 @@ def main(argv: list[str] | None = None) -> int:
 
         # The checkpoint to resume must be this run's: same settings, same data (it is loaded after prepare()).
         checkpoints = out / "checkpoints"
-        resume_from, state = find_resume(args, settings, checkpoints, data)
+        resume_from, state = find_resume(args, settings, checkpoints, data.fingerprint)
         run_id = state.get("run_id") or uuid.uuid4().hex
         if accelerator.is_main_process:
-            start_output_dir(out, args, train_samples, val_samples, classes)
+            start_output_dir(out, args, data)
 
         # 3. Data loaders and progressive learning: image size and regularisation grow stage by stage.
         plan = stage_plan(args, model)
-        train_set, train_loader, val_loader, calib_loader = make_loaders(args, model, train_samples, val_samples,
-                                                                         classes, accelerator)
+        train_loader, val_loader, calib_loader = data.loaders(accelerator, args.batch_size, args.workers,
+                                                              transforms_for(model, train=False), args.precise_bn, args.seed)
         optimizer = make_optimizer(model, args)
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
@@ -501,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         scheduler = make_scheduler(optimizer, total_steps, args.lrf, warmup_steps)
         # the plain module (not its torch.compile wrapper) is what EMA copies and train.py saves
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        ema = ModelEma(unwrapped, args.ema_decay) if args.ema else None
+        ema = ema_model(unwrapped, args.ema_decay) if args.ema else None
 
         # 5. Resume: model, optimizer, RNG states and sampler, then scheduler, EMA, history.
         start_epoch, step, history = 0, 0, []
@@ -517,13 +456,13 @@ def main(argv: list[str] | None = None) -> int:
             f"epochs: {steps_per_epoch} optimizer steps per epoch, {total_steps} in all, on "
             f"{accelerator.num_processes} process(es) ({accelerator.device})"
             + ("" if dynamo is DynamoBackend.NO else f", torch.compile backend {dynamo.value.lower()}"))
-        coverage = epoch_coverage(len(train_samples), args.batch_size, accelerator.num_processes)
+        coverage = epoch_coverage(len(data.train), args.batch_size, accelerator.num_processes)
         if coverage.left_out:
-            say(f"each epoch trains on {coverage.trained} of the {len(train_samples)} training images (whole batches of "
+            say(f"each epoch trains on {coverage.trained} of the {len(data.train)} training images (whole batches of "
                 f"{args.batch_size} on each of {accelerator.num_processes} process(es)); the other {coverage.left_out}, "
                 f"a different random {coverage.left_out} each epoch, are left out")
         elif coverage.repeated:
-            say(f"{len(train_samples)} training images are less than a batch of {args.batch_size} for each of "
+            say(f"{len(data.train)} training images are less than a batch of {args.batch_size} for each of "
                 f"{accelerator.num_processes} processes: {coverage.repeated} are repeated each epoch")
 
         # 6. Train: one epoch at a time, validating and checkpointing after each.
@@ -533,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if stage_for_epoch(plan, epoch) != stage:
                 stage = stage_for_epoch(plan, epoch)
-                train_set.set_transform(transforms_for(unwrapped, train=True, image_size=stage.image_size,
+                data.train.set_transform(transforms_for(unwrapped, train=True, image_size=stage.image_size,
                                                        randaugment_magnitude=stage.randaugment, scale=args.crop_scale))
                 unwrapped.head.dropout.p = stage.dropout
                 if args.progressive:
@@ -551,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                     if args.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     x, targets = mix_batch(x, y, num_classes, stage.mixup, args.cutmix, args.label_smoothing)
-                    loss = soft_cross_entropy(model(x), targets)
+                    loss = F.cross_entropy(model(x).float(), targets)
                     accelerator.backward(loss)
                     if clip_grad and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), clip_grad)
@@ -563,10 +502,13 @@ def main(argv: list[str] | None = None) -> int:
                     scheduler.step()
                     step += 1
                     if ema:
-                        ema.update(unwrapped)
+                        ema.update_parameters(unwrapped)
                     accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     if step >= total_steps:
+                        if step < steps_per_epoch * (epoch + 1):
+                            say(f"--max-steps {args.max_steps}: stopping {step - steps_per_epoch * epoch} of "
+                                f"{steps_per_epoch} optimizer steps into epoch {epoch + 1} (it counts as done)")
                         break
             train_seconds = time.time() - started
             totals = accelerator.reduce(torch.tensor([seen, loss_sum], device=accelerator.device, dtype=torch.float64),
@@ -589,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"epoch {epoch + 1}/{args.epochs}: train loss {metrics['train_loss']:.4f}, val loss "
                 f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f} ({metrics['train_seconds']:.1f}s "
                 f"training, {metrics['images_per_second']} images/s, lr {metrics['lr']:.2e})")
-            save_epoch(accelerator, out, {"run_id": run_id, "data": data, "epoch": epoch + 1, "step": step,
+            save_epoch(accelerator, out, {"run_id": run_id, "data": data.fingerprint, "epoch": epoch + 1, "step": step,
                                           "history": history, "scheduler": scheduler.state_dict(), "args": settings},
                        model, optimizer, ema, args.keep_checkpoints, classes)
 
@@ -613,12 +555,12 @@ def main(argv: list[str] | None = None) -> int:
         # 7. The Hub-ready model folder (card filled with the run), metrics and confusion matrix; the push.
         command = published_command(argv, accelerator.num_processes)
         summary = {"final": history[-1] if history else metrics, "history": history, "classes": classes,
-                   "train_images": len(train_samples), "val_images": len(val_samples), "optimizer_steps": step,
+                   "train_images": len(data.train), "val_images": len(data.val), "optimizer_steps": step,
                    "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "train_coverage": coverage._asdict(),
                    "processes": accelerator.num_processes, "replicas_in_sync": in_sync, "fingerprint": fingerprints[0],
                    "saved_weights": f"EMA of the weights (decay {args.ema_decay})" if ema else "the final weights",
                    "command": command}
-        card = card_fields(args, resolved, {**summary, "start_epoch": start_epoch, "warmup_steps": warmup_steps,
+        card = card_fields(args, resolved, data, {**summary, "start_epoch": start_epoch, "warmup_steps": warmup_steps,
                                             "train_image_size": (stage or plan[-1]).image_size})
         save_run(final_model, out, args, card, summary, cm)
         say(f"saved the model to {out} (val accuracy {summary['final']['val_accuracy']:.4f})")

@@ -203,12 +203,3 @@ def self_attention_maps(feats: torch.Tensor, num_heads: int,
         cell = torch.full((batch,), check_cell(query, (height, width)), dtype=torch.long, device=feats.device)
     q = heads[torch.arange(batch), :, cell].unsqueeze(2)  # [B, h, 1, d]
     return scaled_dot_product_weights(q, heads)[:, :, 0].unflatten(-1, (height, width))
-
-
-def __getattr__(name: str):
-    # The walk-through lived here before effnetv2.walkthrough: old imports keep working.
-    if name in ("attention_walkthrough", "self_attention_walkthrough", "textbook_example", "attention_steps"):
-        from . import walkthrough
-
-        return getattr(walkthrough, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

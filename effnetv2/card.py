@@ -1,18 +1,16 @@
 """The model card (the README.md of a model folder): written from ``model_card.md`` beside this module,
-updated in place by ``effnetv2.evaluate --update-card``, and kept on the Hub when it was edited there.
+updated in place by ``effnetv2.evaluate --update-card``, and kept on the Hub when it was edited there
+(``upload_model_folder``, the one way a model folder is uploaded).
 """
 from __future__ import annotations
 
 import glob
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, PyTorchModelHubMixin
 from huggingface_hub.utils import filter_repo_objects
-
-if TYPE_CHECKING:
-    from .model import EfficientNetV2
 
 CARD_NAME = "README.md"
 # Package data (a real file, not a link: links become one-line text files on Windows checkouts).
@@ -41,24 +39,44 @@ def card_upload_patterns(repo_id: str, *, token: str | bool | None = None, revis
     return [*as_list, CARD_NAME], delete_patterns
 
 
+def upload_model_folder(folder: str | Path, repo_id: str, *, commit_message: str = "Upload model with effnetv2",
+                        private: bool | None = None, token: str | None = None, branch: str | None = None,
+                        create_pr: bool | None = None, allow_patterns: list[str] | str | None = None,
+                        ignore_patterns: list[str] | str | None = None, delete_patterns: list[str] | str | None = None,
+                        overwrite_card: bool = False):
+    """Create ``repo_id`` if needed and upload the model ``folder`` to it in one commit; returns the
+    ``CommitInfo`` (its string is the commit URL). A README.md already in the repo (perhaps edited on
+    the Hub) is kept unless ``overwrite_card``. ``push_to_hub``, train.py, ``effnetv2.convert`` and
+    ``effnetv2.export --ship`` all upload through here."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if not overwrite_card:
+        ignore_patterns, delete_patterns = card_upload_patterns(
+            repo_id, token=token, revision=branch, ignore_patterns=ignore_patterns, delete_patterns=delete_patterns)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=branch,
+                             create_pr=create_pr, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
+                             delete_patterns=delete_patterns)
+
+
 def _labels_text(id2label: dict[str, str], limit: int = 20) -> str:
     names = list(id2label.values())
     shown = ", ".join(f"`{n}`" for n in names[:limit])
     return shown + (f", … ({len(names)} in all; see `config.json`)" if len(names) > limit else "")
 
 
-def generate_model_card(model: "EfficientNetV2", repo_id: str | None = None, metrics: dict | None = None,
+def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None, metrics: dict | None = None,
                         dataset: str | None = None, datasets: list | None = None,
                         base_model: str | None = None, training: dict | None = None,
                         command: str | None = None, notes: str | None = None,
                         dataset_name: str | None = None, dataset_split: str = "validation",
+                        dataset_revision: str | None = None, dataset_config: str | None = None,
                         **extra: Any) -> ModelCard:
     """The model card (README.md) rendered from ``model_card.md`` with the model's real metadata.
 
     ``metrics`` ({name: value}), ``dataset``/``datasets``, ``base_model``, ``training`` (settings)
     and ``command`` (to reproduce) fill the optional sections and the YAML front matter. With
     ``dataset_name``, the accuracy in ``metrics`` also goes into the YAML's ``model-index`` (task,
-    dataset name and split, metric), so the Hub shows it; ``base_model`` marks the model a fine-tune.
+    dataset name, config, revision and split, metric), so the Hub shows it; ``base_model`` marks the model a fine-tune.
     """
     cfg = model.config
     info = model._hub_mixin_info
@@ -66,6 +84,7 @@ def generate_model_card(model: "EfficientNetV2", repo_id: str | None = None, met
     if dataset_name and metrics and "accuracy" in metrics:
         eval_results = [EvalResult(task_type="image-classification", dataset_type=dataset_name,
                                    dataset_name=dataset_name, dataset_split=dataset_split,
+                                   dataset_revision=dataset_revision, dataset_config=dataset_config,
                                    metric_type="accuracy", metric_value=float(metrics["accuracy"]))]
     card_data = ModelCardData(
         library_name=info.model_card_data.library_name,
@@ -96,9 +115,18 @@ def generate_model_card(model: "EfficientNetV2", repo_id: str | None = None, met
     )
 
 
-def card_section(result: dict, data: Path, command: str) -> str:
-    """The card's evaluation section (between ``CARD_BEGIN`` and ``CARD_END``) for ``effnetv2.evaluate.evaluate``'s
-    ``result`` on the shapes set at ``data``, measured with ``command``."""
+def card_section(result: dict, data: Path | str, command: str) -> str:
+    """The card's evaluation section (between ``CARD_BEGIN`` and ``CARD_END``) for ``effnetv2.evaluate``'s
+    ``result`` on the shapes set at ``data`` (a Path), or on a dataset split (``data`` says which: the
+    accuracy rows only), measured with ``command``."""
+    accuracy = [
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | {result['accuracy']:.4f} |",
+        *(f"| accuracy, {label} | {acc:.4f} |" for label, acc in result["per_class_accuracy"].items())]
+    if not isinstance(data, Path):
+        return "\n".join([CARD_BEGIN, "## Evaluation", "", f"{result['images']} images of {data}.", "", *accuracy, "",
+                          "Measured with:", "", "```bash", command, "```", CARD_END])
     heads = ", ".join(f"{m:.2f}" for m in result["attention_mass_in_box_per_head"])
     return "\n".join([
         CARD_BEGIN,
@@ -107,10 +135,7 @@ def card_section(result: dict, data: Path, command: str) -> str:
         f"{result['images']} images of `{data.name}`, generated with a seed the model never saw in "
         "training or validation.",
         "",
-        "| metric | value |",
-        "|---|---|",
-        f"| accuracy | {result['accuracy']:.4f} |",
-        *(f"| accuracy, {label} | {acc:.4f} |" for label, acc in result["per_class_accuracy"].items()),
+        *accuracy,
         f"| attention mass inside the object box (pooled query, mean over heads) | {result['attention_mass_in_box']:.3f} |",
         f"| the box's share of the image (what uniform attention would give) | {result['box_area_share']:.3f} |",
         f"| mass / share | {result['mass_over_share']:.2f}× |",

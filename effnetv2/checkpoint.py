@@ -7,18 +7,13 @@ shapes are checked from its header alone, before any tensor is read.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from .model import EfficientNetV2
 
 logger = logging.getLogger(__name__)
 
@@ -55,24 +50,25 @@ def _unreadable_safetensors(name: str, reason: object) -> ValueError:
 
 
 def safetensors_shapes(path: str | os.PathLike, name: str | None = None) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape, from a ``.safetensors`` file's header alone (no tensor is read).
+    """Tensor name → shape, from a ``.safetensors`` file's header alone (``safe_open``; no tensor is read).
 
-    The header (an 8-byte little-endian length, then JSON) is refused above ``MAX_HEADER_BYTES``,
-    so a file declaring millions of tensors costs nothing to reject. ``name`` is for messages.
+    A header above ``MAX_HEADER_BYTES`` (safetensors itself takes up to 100 MB) is refused from its
+    8-byte length first, so a file declaring millions of tensors costs nothing to reject. ``name`` is for messages.
     """
+    from safetensors import safe_open
+
     name = name or str(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 2 <= length <= MAX_HEADER_BYTES:
-            raise _unreadable_safetensors(name, f"its header claims {length:,} bytes; at most "
-                                                f"{MAX_HEADER_BYTES:,} are accepted" if length > 0 else "no header")
-        raw = f.read(length)
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if not 2 <= length <= MAX_HEADER_BYTES:
+        raise _unreadable_safetensors(name, f"its header claims {length:,} bytes; at most "
+                                            f"{MAX_HEADER_BYTES:,} are accepted" if length > 0 else "no header")
     try:
-        header = json.loads(raw)
-        return {key: tuple(int(n) for n in entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise _unreadable_safetensors(name, f"bad header: {type(err).__name__}") from None
+        with safe_open(path, "pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as err:  # safetensors raises its own error type
+        raise _unreadable_safetensors(name, err) from None
 
 
 def read_state_dict(path: str | os.PathLike, map_location: str = "cpu", name: str | None = None
@@ -107,7 +103,7 @@ def read_state_dict(path: str | os.PathLike, map_location: str = "cpu", name: st
     return state
 
 
-def check_weight_shapes(model: "EfficientNetV2", shapes: dict[str, tuple[int, ...]], path: str,
+def check_weight_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: str,
                         reinit_classifier: bool = False) -> bool:
     """Check stored tensor ``shapes`` against ``model`` (all keys, all shapes) before loading.
 
@@ -137,7 +133,7 @@ def check_weight_shapes(model: "EfficientNetV2", shapes: dict[str, tuple[int, ..
     return bool(mismatched)
 
 
-def load_state_dict_checked(model: "EfficientNetV2", state: dict[str, torch.Tensor], path: str,
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], path: str,
                             reinit_classifier: bool = False) -> None:
     """Load strictly; when only the classifier's size differs, re-initialise it if allowed, else say
     how to. Every error names ``path``."""

@@ -11,28 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .layers import ConvBNAct
 
-if TYPE_CHECKING:  # annotations only: model.py may reach this module (save_pretrained(graphs=...))
+if TYPE_CHECKING:
     from .model import EfficientNetV2
-
-
-@torch.no_grad()
-def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A copy of ``conv`` (with a bias) equal to ``bn(conv(x))`` for an eval-mode ``bn``.
-
-    The arithmetic is done in float64 so the folded weights are as close to the pair as float32
-    allows; ``conv`` and ``bn`` are not modified.
-    """
-    fused = copy.deepcopy(conv)
-    weight = conv.weight.double()
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(bn.running_mean, dtype=torch.float64)
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    fused.weight = nn.Parameter((weight * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype), requires_grad=False)
-    fused.bias = nn.Parameter(((bias - bn.running_mean.double()) * scale + bn.bias.double()).to(conv.weight.dtype),
-                              requires_grad=False)
-    return fused
 
 
 @torch.no_grad()
@@ -50,7 +34,9 @@ def optimize_for_inference(model: EfficientNetV2, channels_last: bool = True,
     fused = copy.deepcopy(model).eval()
     for module in fused.modules():
         if isinstance(module, ConvBNAct) and isinstance(module.bn, nn.BatchNorm2d):
-            module.conv = fold_batchnorm(module.conv, module.bn)
+            # folded in float64 and rounded once: the weights stay as close to conv → BN as their dtype allows
+            kept = module.conv.weight.dtype
+            module.conv = fuse_conv_bn_eval(module.conv.double(), module.bn.double()).to(kept)
             module.bn = nn.Identity()
     leftover = [name for name, m in fused.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if leftover:

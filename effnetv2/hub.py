@@ -11,35 +11,18 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
-from huggingface_hub import constants, get_token, hf_hub_download
+from huggingface_hub import PyTorchModelHubMixin, constants, get_token, hf_hub_download
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                     RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
 from .checkpoint import (PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, check_weight_shapes, load_state_dict_checked,
                          read_state_dict, safetensors_shapes)
 
-if TYPE_CHECKING:
-    from .model import EfficientNetV2
-
 CONFIG_NAME = "config.json"
 # config.json with 50,000 labels (model.MAX_CLASSES) of 60 characters, twice (id2label, label2id): ~7 MB.
 MAX_CONFIG_BYTES = 16 * 2**20
-# Names that lived here before the split into checkpoint, card and configs: old imports keep working.
-_MOVED = {**dict.fromkeys(("save_weights", "safetensors_shapes", "read_state_dict", "check_weight_shapes",
-                           "load_state_dict_checked", "CLASSIFIER_KEYS", "MAX_HEADER_BYTES", "WEIGHTS_NAME",
-                           "PICKLE_WEIGHTS_NAME"), "checkpoint"),
-          **dict.fromkeys(("generate_model_card", "card_upload_patterns", "MODEL_CARD_TEMPLATE", "CARD_NAME"), "card"),
-          "normalise_labels": "configs"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_offline() -> bool:
@@ -178,8 +161,8 @@ def resolve_file(model_id: str, filename: str, revision: str | None = None, toke
             return None
 
 
-def load_pretrained(cls: type["EfficientNetV2"], *, model_id: str, config: dict | None, map_location: str,
-                    model_kwargs: dict, **download_kwargs: Any) -> "EfficientNetV2":
+def load_pretrained(cls: type[PyTorchModelHubMixin], *, model_id: str, config: dict | None, map_location: str,
+                    model_kwargs: dict, **download_kwargs: Any) -> PyTorchModelHubMixin:
     """Build the model from its config (plus the caller's overrides) and load its weights strictly."""
     is_dir = os.path.isdir(model_id)
     revision = download_kwargs.get("revision")

@@ -8,6 +8,7 @@ then that copy plus the RGB result (PIL keeps RGB at 4 bytes a pixel): about 5 b
 from __future__ import annotations
 
 import ctypes
+import io
 import os
 import threading
 from contextlib import contextmanager
@@ -141,10 +142,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def image_pixels(path: str | os.PathLike) -> int:
-    """Width x height of the image file at ``path`` from its header (nothing decoded); 0 when unreadable."""
+def _file(source: str | os.PathLike | bytes):
+    """What ``Image.open`` takes for a path or an encoded image's bytes (a Hub dataset's cell)."""
+    return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
+def image_pixels(path: str | os.PathLike | bytes) -> int:
+    """Width x height of the image file at ``path`` (or in ``bytes``) from its header (nothing decoded); 0 when unreadable."""
     try:
-        with _our_pixel_limit(), Image.open(path, formats=DECODED_FORMATS) as image:
+        with _our_pixel_limit(), Image.open(_file(path), formats=DECODED_FORMATS) as image:
             return image.width * image.height
     except (OSError, SyntaxError, ValueError):
         return 0
@@ -163,12 +169,12 @@ def _errors_named(name: str) -> Iterator[None]:
         raise ImageLoadError(name, f"unreadable or truncated image ({err})") from None
 
 
-def _load(source: str | os.PathLike | Image.Image, name: str, max_pixels: int) -> Image.Image:
+def _load(source: str | os.PathLike | bytes | Image.Image, name: str, max_pixels: int) -> Image.Image:
     """``source`` opened, its size checked against ``max_pixels``, then every pixel decoded."""
-    if not isinstance(source, Image.Image) and not Path(source).is_file():  # never open a FIFO: it would block
+    if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():  # never open a FIFO: it would block
         raise ImageLoadError(name, "not a regular file" if Path(source).exists() else "no such file")
     with _our_pixel_limit():
-        image = source if isinstance(source, Image.Image) else Image.open(source, formats=DECODED_FORMATS)
+        image = source if isinstance(source, Image.Image) else Image.open(_file(source), formats=DECODED_FORMATS)
         width, height = image.size
         if width < 1 or height < 1:
             raise ImageLoadError(name, f"image has no pixels ({width}x{height})")
@@ -179,14 +185,14 @@ def _load(source: str | os.PathLike | Image.Image, name: str, max_pixels: int) -
     return image
 
 
-def open_image(source: str | os.PathLike | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Load ``source`` (a path or a PIL image) fully into memory as RGB (see :func:`to_rgb`).
+def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Load ``source`` (a path, an encoded image's bytes or a PIL image) fully into memory as RGB (see :func:`to_rgb`).
 
     Raises :class:`ImageLoadError` naming the file for missing, unreadable, truncated, empty, or oversized
     inputs, and for files in formats other than :data:`DECODED_FORMATS`: more than ``max_pixels`` pixels (a
     decompression bomb) is refused before decoding, whatever PIL's ``Image.MAX_IMAGE_PIXELS`` says.
     """
-    name = "image" if isinstance(source, Image.Image) else str(source)
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "image"
     with _errors_named(name):
         image = _load(source, name, max_pixels)
         image = _upright(image)  # each step drops the image before it: one full-size copy alive at a time
@@ -196,13 +202,13 @@ def open_image(source: str | os.PathLike | Image.Image, max_pixels: int = MAX_IM
     return image
 
 
-def verify_image(source: str | os.PathLike | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+def verify_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Raise :class:`ImageLoadError` exactly where :func:`open_image` would, holding only the decoded pixels.
 
     Every pixel is decoded (truncation and corruption show there); the colour conversion, which depends on
     the mode alone, runs on the first row instead of the whole image.
     """
-    name = "image" if isinstance(source, Image.Image) else str(source)
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "image"
     with _errors_named(name):
         image = _load(source, name, max_pixels)
         to_rgb(image.crop((0, 0, image.width, 1)))

@@ -39,13 +39,9 @@ from .transforms import transforms_for
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
-# "auto" takes the first that works. Measured on a 2-core x86 CPU (benchmarks/inference.py, batch 1):
-# EfficientNetV2-S at 384 px, ONNX Runtime 63 ms, OpenVINO 80 ms, the fused PyTorch model 89 ms,
-# torchvision eager 113 ms; b0 at 224 px in the same order.
+# "auto" takes the first that works: fastest first on CPUs (benchmarks/README.md).
 AUTO_ORDER = ("onnxruntime", "openvino", "torch")
-# int8 runs on the CPU runtimes only; ONNX Runtime first: it runs the int8 graph (uint8 from input to logits,
-# effnetv2.quantize) in 66 ms, OpenVINO in 93 ms (EfficientNetV2-S at 384 px, batch 1, one thread of an
-# AVX-512 VNNI CPU, benchmarks/inference.py --threads 1; README).
+# int8 runs on the CPU runtimes only, fastest first (benchmarks/README.md).
 INT8_AUTO_ORDER = ("onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -10,34 +10,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.1
 PADDINGS = ("symmetric", "same")
-
-
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero each sample's branch with probability ``p``, rescale kept ones.
-
-    ``x`` is ``[B, ...]``; identity in eval mode or when ``p`` is 0.
-    """
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask / keep
-
-
-class DropPath(nn.Module):
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p:.4f}"
 
 
 class Conv2dSame(nn.Conv2d):
@@ -110,7 +87,7 @@ class MBConv(nn.Module):
         self.dwconv = ConvBNAct(mid_chs, mid_chs, kernel, stride, groups=mid_chs, padding=padding)
         self.se = SqueezeExcite(mid_chs, int(in_chs * se_ratio)) if se_ratio > 0 else nn.Identity()
         self.project_conv = ConvBNAct(mid_chs, out_chs, 1, act=False, padding=padding)
-        self.drop_path = DropPath(drop_path_rate)
+        self.drop_path = StochasticDepth(drop_path_rate, "row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project_conv(self.se(self.dwconv(self.expand_conv(x))))
@@ -137,7 +114,7 @@ class FusedMBConv(nn.Module):
             mid_chs = in_chs * exp_ratio
             self.expand_conv = ConvBNAct(in_chs, mid_chs, kernel, stride, padding=padding)
             self.project_conv = ConvBNAct(mid_chs, out_chs, 1, act=False, padding=padding)
-        self.drop_path = DropPath(drop_path_rate)
+        self.drop_path = StochasticDepth(drop_path_rate, "row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project_conv(self.expand_conv(x))

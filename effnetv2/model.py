@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-
+import tempfile
 from pathlib import Path
 
 import torch
@@ -261,8 +261,6 @@ class EfficientNetV2(
         return weights[:, :, 0].unflatten(-1, feats.shape[-2:])
 
     # Hub integration: strict safetensors loading with errors that name the file.
-    _graphs_on_save: bool | str | Path = False  # push_to_hub(graphs=...) → the save_pretrained it calls
-
     def _save_pretrained(self, save_directory: Path) -> None:
         checkpoint.save_weights(self, Path(save_directory))
         # huggingface_hub's save_pretrained writes the card only when there is no README.md yet: drop
@@ -272,46 +270,25 @@ class EfficientNetV2(
     def generate_model_card(self, *args, **kwargs):
         return card.generate_model_card(self, **kwargs)
 
-    def save_pretrained(self, save_directory: str | Path, *, graphs: bool | str | Path = False,
-                        push_to_hub: bool = False, repo_id: str | None = None, **kwargs):
-        """``PyTorchModelHubMixin.save_pretrained`` (same arguments), and with ``graphs`` the exported
-        runtimes too: ``onnx/model.onnx`` (``graphs=True``), and ``onnx/model_int8.onnx`` calibrated on
-        the images of the folder ``graphs``, with their hashes and parity in ``onnx/graphs.json`` and the
-        card, so that ``Predictor`` runs them without exporting (``effnetv2.export.ship_graphs``)."""
-        graphs = graphs or self._graphs_on_save
-        saved = super().save_pretrained(save_directory, repo_id=repo_id, **kwargs)
-        if graphs:
-            from .export import ship_graphs
-
-            ship_graphs(self, save_directory, calibration=None if graphs is True else graphs)
-        if push_to_hub:  # from this folder's settings, as the mixin does, with the graphs
-            return self.push_to_hub(repo_id or Path(save_directory).name, graphs=graphs, **kwargs)
-        return saved
-
     def push_to_hub(self, repo_id: str, *, config: dict | None = None,
                     commit_message: str = "Push model using huggingface_hub.", private: bool | None = None,
                     token: str | None = None, branch: str | None = None, create_pr: bool | None = None,
                     allow_patterns: list[str] | str | None = None, ignore_patterns: list[str] | str | None = None,
                     delete_patterns: list[str] | str | None = None, model_card_kwargs: dict | None = None,
-                    overwrite_card: bool = False, graphs: bool | str | Path = False) -> str:
+                    overwrite_card: bool = False):
         """Upload config.json, model.safetensors and the model card to ``repo_id`` in one commit and
-        return the commit URL (``PyTorchModelHubMixin.push_to_hub``, same arguments); ``graphs``: the
-        exported runtimes too, as in :meth:`save_pretrained`.
+        return the commit URL (``PyTorchModelHubMixin.push_to_hub``, same arguments).
 
-        A README.md already in the repo (perhaps edited on the Hub) is kept unless ``overwrite_card``;
-        the card written for a new repo shows ``repo_id`` in its usage examples.
+        A README.md already in the repo (perhaps edited on the Hub) is kept unless ``overwrite_card``
+        (:func:`effnetv2.card.upload_model_folder`); the card written for a new repo shows ``repo_id``
+        in its usage examples.
         """
-        if not overwrite_card:
-            ignore_patterns, delete_patterns = card.card_upload_patterns(
-                repo_id, token=token, revision=branch, ignore_patterns=ignore_patterns, delete_patterns=delete_patterns)
-        self._graphs_on_save = graphs  # the mixin saves into a temporary folder through save_pretrained
-        try:
-            return super().push_to_hub(
-                repo_id, config=config, commit_message=commit_message, private=private, token=token, branch=branch,
+        with tempfile.TemporaryDirectory(prefix="effnetv2-push-") as tmp:
+            self.save_pretrained(tmp, config=config, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})})
+            return card.upload_model_folder(
+                tmp, repo_id, commit_message=commit_message, private=private, token=token, branch=branch,
                 create_pr=create_pr, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
-                delete_patterns=delete_patterns, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})})
-        finally:
-            self._graphs_on_save = False
+                delete_patterns=delete_patterns, overwrite_card=overwrite_card)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "EfficientNetV2":

@@ -6,10 +6,8 @@ multiply), with every operation of the network quantized: convolutions, SiLU (si
 the squeeze-excitation's pooling and product, the residual additions and the matrix products. The
 means over H and W are first rewritten as ``GlobalAveragePool``, which has an int8 kernel where
 ``ReduceMean`` has none, so ONNX Runtime runs the whole network in uint8 from the first convolution
-to the classifier; with float SiLU and pooling between the convolutions (a dequantize and a quantize
-at each) EfficientNetV2-S at 384 px took 93 ms instead of 66 (one thread of an AVX-512 VNNI CPU).
-The same ``.onnx`` file runs under ONNX Runtime and OpenVINO (slower there: OpenVINO is fastest on
-symmetric int8 activations, which lost 1.2 points of top-1 with min/max ranges).
+to the classifier. The same ``.onnx`` file runs under ONNX Runtime and OpenVINO (timings and why the
+activations stay asymmetric: benchmarks/README.md).
 
 The calibration images should come from the data the model will see, never from the images its
 accuracy is then measured on.

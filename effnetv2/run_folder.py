@@ -25,7 +25,7 @@ from .model import EfficientNetV2
 
 CHECKPOINT_PREFIX = "epoch_"
 RUN_MARKERS = ("checkpoints", "metrics.json", "split.json")  # what every train.py run folder holds
-PATH_FLAGS = ("--data-path", "--output-dir", "--weights", "--resume")  # flags that may name local paths
+PATH_FLAGS = ("--data-path", "--dataset", "--output-dir", "--weights", "--resume")  # flags that may name local paths
 # torch.save reports a full disk as a RuntimeError ("file write failed"), safetensors as a SafetensorError
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
@@ -72,7 +72,8 @@ def load_checkpoint(accelerator, folder: str | Path, train_state: dict, schedule
     accelerator.load_state(str(folder))
     scheduler.load_state_dict(train_state["scheduler"])
     if ema is not None:
-        ema.load_state_dict({**train_state["ema"], "module": read_state_dict(Path(folder) / "ema.safetensors")})
+        ema.module.load_state_dict(read_state_dict(Path(folder) / "ema.safetensors"))
+        ema.n_averaged.fill_(train_state["ema"]["n_averaged"])
 
 
 class OutputDirError(ValueError):
@@ -139,7 +140,9 @@ def data_changes(saved: dict | None, current: dict) -> list[str]:
     (``"what (checkpoint vs now)"``); empty when it is the same data."""
     if not saved:
         return ["data (the checkpoint records none: it was written by an older train.py)"]
-    changes = [f"--data-path ({saved['path']} vs {current['path']})"] if saved["path"] != current["path"] else []
+    changes = [f"{what} ({saved.get(key)} vs {current.get(key)})" for key, what in
+               (("path", "--data-path"), ("dataset", "--dataset"), ("config", "--dataset-config"),
+                ("revision", "the dataset's revision")) if saved.get(key) != current.get(key)]
     counts = [f"{what} ({saved[key]} vs {current[key]})" for key, what in
               (("train_images", "training images"), ("val_images", "validation images")) if saved[key] != current[key]]
     if saved["sha256"] != current["sha256"] and not counts:
@@ -301,7 +304,7 @@ def save_checkpoint(accelerator, folder: str | Path, train_state: dict, model: n
                 (tmp / name).write_bytes(data)
             if ema is not None:
                 save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
-                train_state = {**train_state, "ema": {k: v for k, v in ema.state_dict().items() if k != "module"}}
+                train_state = {**train_state, "ema": {"n_averaged": int(ema.n_averaged)}}
             (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
     except WRITE_ERRORS as err:
         error = err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 
 def optimizer_steps_per_epoch(num_batches: int, grad_accum: int = 1) -> int:
@@ -23,26 +24,15 @@ def optimizer_steps_per_epoch(num_batches: int, grad_accum: int = 1) -> int:
     return math.ceil(num_batches / grad_accum)
 
 
-def cosine_factor(step: int, total_steps: int, lrf: float = 0.01, warmup_steps: int = 0) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (0-based) of ``total_steps``.
-
-    Warmup: ``(step + 1) / warmup_steps`` for the first ``warmup_steps``; then, with ``t`` counted
-    from the end of warmup over ``T = total_steps - warmup_steps``:
-    ``((1 + cos(pi * t / T)) / 2) * (1 - lrf) + lrf`` — 1 at the start, ``lrf`` at the end.
-    """
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    t = min(step - warmup_steps, decay_steps)
-    return ((1 + math.cos(math.pi * t / decay_steps)) / 2) * (1 - lrf) + lrf
-
-
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, lrf: float = 0.01,
-                    warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` following :func:`cosine_factor`; call ``.step()`` once per optimizer step.
+                    warmup_steps: int = 0) -> LambdaLR:
+    """A ``LambdaLR`` whose multiplier at optimizer step ``t`` (call ``.step()`` once per optimizer step) is
+    ``(t + 1) / W`` for the first ``W = warmup_steps``, then ``((1 + cos(pi * t' / T)) / 2) * (1 - lrf) + lrf``
+    with ``t'`` counted from the end of warmup over ``T = total_steps - W``: 1 at the start, ``lrf`` from ``T`` on.
 
-    Its ``state_dict()`` holds only numbers (the lambda is rebuilt from the arguments), so a
-    checkpoint can keep it as JSON.
+    One closed form, not ``SequentialLR(LinearLR, ...)``, whose recursive warmup drifts by an ulp. Its
+    ``state_dict()`` holds only numbers (the lambda is rebuilt from the arguments), so a checkpoint can keep
+    it as JSON.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -50,5 +40,11 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, lrf: flo
         raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps}")
     if not 0 <= lrf <= 1:
         raise ValueError(f"lrf (final lr / lr) must be in [0, 1], got {lrf}")
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_factor(step, total_steps, lrf, warmup_steps))
+    decay_steps = total_steps - warmup_steps
+
+    def factor(t: int) -> float:
+        if t < warmup_steps:
+            return (t + 1) / warmup_steps
+        return ((1 + math.cos(math.pi * min(t - warmup_steps, decay_steps) / decay_steps)) / 2) * (1 - lrf) + lrf
+
+    return LambdaLR(optimizer, factor)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from tqdm.auto import tqdm
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon")
 Colour = tuple[int, int, int]
@@ -119,7 +120,7 @@ def render_shape(kind: str, rng: random.Random, size: int, clutter: bool = True)
 
 
 def make_shapes_dataset(root: str | Path, num_per_class: int = 60, image_size: int = 96, seed: int = 0,
-                        classes: tuple[str, ...] = SHAPES, clutter: bool = True) -> Path:
+                        classes: tuple[str, ...] = SHAPES, clutter: bool = True, progress: bool = False) -> Path:
     """Write ``root/<class>/<class>_NNNN.png`` and ``root/annotations.json``; return ``root``.
 
     ``annotations.json`` maps each image's path relative to ``root`` (``"star/star_0003.png"``) to
@@ -128,6 +129,7 @@ def make_shapes_dataset(root: str | Path, num_per_class: int = 60, image_size: i
     for the first stage of a curriculum (training from scratch learns it much sooner). The same
     arguments always give the same bytes. Writing again into a folder made by an earlier call removes
     the images that the earlier call listed and this one does not write; no other file is touched.
+    ``progress`` shows a bar (tqdm) of the images written.
     """
     unknown = [c for c in classes if c not in SHAPES]
     if unknown:
@@ -138,7 +140,9 @@ def make_shapes_dataset(root: str | Path, num_per_class: int = 60, image_size: i
         raise ValueError(f"num_per_class must be >= 1 and image_size >= 16, got {num_per_class} and {image_size}")
     root = Path(root)
     annotations = {}
-    for kind in dict.fromkeys(classes):
+    kinds = list(dict.fromkeys(classes))
+    bar = tqdm(total=len(kinds) * num_per_class, desc=f"writing {root.name}", unit="image", disable=not progress)
+    for kind in kinds:
         (root / kind).mkdir(parents=True, exist_ok=True)
         for i in range(num_per_class):
             rng = random.Random(f"{seed}-{kind}-{i}")
@@ -146,6 +150,8 @@ def make_shapes_dataset(root: str | Path, num_per_class: int = 60, image_size: i
             name = f"{kind}/{kind}_{i:04d}.png"
             image.save(root / name)
             annotations[name] = {"label": kind, "box": box}
+            bar.update()
+    bar.close()
     index = root / "annotations.json"
     if index.is_file():
         ours = re.compile(rf"({'|'.join(SHAPES)})/\1_\d{{4}}\.png")  # only names this function writes

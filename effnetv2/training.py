@@ -1,4 +1,4 @@
-"""The training loop's pieces (train.py): freezing the backbone, mixup/CutMix targets and their loss,
+"""The training loop's pieces (train.py): freezing the backbone, mixup/CutMix targets,
 precise BatchNorm, replicas kept equal, how an epoch's images spread over processes, and the
 validation confusion matrix."""
 from __future__ import annotations
@@ -41,7 +41,9 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float =
     ``cutmix``); chosen half the time when both are on) and label smoothing.
 
     ``x`` ``[B, 3, H, W]``, ``y`` ``[B]`` class indices → (images ``[B, 3, H, W]``, targets
-    ``[B, num_classes]``, rows summing to 1). Alphas of 0 turn a method off.
+    ``[B, num_classes]``, rows summing to 1). Alphas of 0 turn a method off. Not torchvision's
+    ``v2.MixUp``/``CutMix``: same blend and box, but they pair each image with its neighbour (``roll``), not
+    a random partner, and draw on the global RNG only, so the same seed gives other batches.
     """
     off = label_smoothing / num_classes
     targets = F.one_hot(y, num_classes).float() * (1 - label_smoothing) + off
@@ -66,11 +68,6 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float =
     return x, targets * lam + targets[perm] * (1 - lam)
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits ``[B, C]`` against soft targets ``[B, C]`` (mixup, smoothing)."""
-    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches, prefix: str = "") -> int:
     """Precise BatchNorm: replace the running statistics of the BatchNorm layers whose names start
@@ -80,7 +77,9 @@ def recalibrate_batchnorm(model: nn.Module, batches, prefix: str = "") -> int:
     Running statistics are an exponential average (momentum 0.1) over past weights; early in training
     from scratch they lag far behind (the first steps even start from mean 0 / var 1), and an EMA of
     the weights never matches the statistics it copies. Only BatchNorm runs in training mode here:
-    dropout and drop-path stay off, so no random numbers are drawn.
+    dropout and drop-path stay off, so no random numbers are drawn. Not ``swa_utils.update_bn``: it runs
+    the whole model in training mode (drop-path would shift the statistics) and resets every BatchNorm,
+    where a frozen backbone must keep its own (``prefix="head."``).
     """
     layers = [m for name, m in model.named_modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and name.startswith(prefix)]

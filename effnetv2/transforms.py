@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import torch
 from torchvision import transforms as T
 
-if TYPE_CHECKING:  # annotations only: model.py may reach this module (save_pretrained(graphs=...))
+if TYPE_CHECKING:
     from .model import EfficientNetV2
 
 _MODES = {"nearest": T.InterpolationMode.NEAREST, "bilinear": T.InterpolationMode.BILINEAR,

@@ -59,6 +59,7 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", 
                 ".tar", ".gz", ".png", ".jpg", ".jpeg", ".pkl", ".pickle")
 GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES).encode()
 _REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
+_DATASET = r"(?P<dataset>[\w.-]+/[\w.-]+)"
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -170,6 +171,21 @@ class HubServer:
             return {path: f.content if f.content is not None else self.lfs_objects[f.lfs_sha256]
                     for path, f in commit.files.items()}
 
+    def add_dataset(self, repo_id: str, files: dict[str, bytes], lfs_suffixes: tuple[str, ...] = (".parquet",)) -> str:
+        """A public dataset repo ``repo_id`` with one commit adding ``files`` (path → content; those with
+        ``lfs_suffixes`` stored as LFS objects, as the Hub stores parquet); returns the commit id."""
+        with self.lock:
+            repo = self.repos.get(f"datasets/{repo_id}") or self.create_repo(f"datasets/{repo_id}")
+            stored = dict(repo.commits[repo.branches["main"]].files)
+            for path, data in files.items():
+                if path.endswith(lfs_suffixes):
+                    oid = hashlib.sha256(data).hexdigest()
+                    self.lfs_objects[oid] = data
+                    stored[path] = StoredFile(len(data), git_blob_oid(lfs_pointer(oid, len(data))), lfs_sha256=oid)
+                else:
+                    stored[path] = StoredFile(len(data), git_blob_oid(data), data)
+            return self._commit(repo, "main", stored, f"add {len(files)} file(s)").oid
+
     def lfs_paths(self, repo_id: str, revision: str = "main") -> set[str]:
         repo = self.repos[repo_id]
         commit = repo.commits[repo.branches.get(revision, revision)]
@@ -262,6 +278,8 @@ class _Handler(BaseHTTPRequestHandler):
                 match = re.fullmatch(pattern, path)
                 if match and method == self.command:
                     groups = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                    if "dataset" in groups:  # dataset repos live beside model repos under "datasets/<id>"
+                        groups["repo"] = f"datasets/{groups.pop('dataset')}"
                     getattr(self, name)(body=body, query=query, **groups)
                     return
             hub.unhandled.append((self.command, self.path))
@@ -290,7 +308,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo(self, repo_id: str, write: bool = False) -> Repo:
         """The repo, if the caller may see it (and write to it); otherwise the Hub's answers."""
         user = self._user()
-        namespace = repo_id.split("/")[0]
+        namespace = repo_id.removeprefix("datasets/").split("/")[0]
         allowed = user is not None and (user[1] is None or namespace in user[1])
         repo = self.hub.repos.get(repo_id)
         if repo is None or (repo.private and not allowed):
@@ -354,6 +372,7 @@ class _Handler(BaseHTTPRequestHandler):
     def model_info(self, body, query, repo, rev="main") -> None:
         repository = self._repo(repo)
         commit = self._commit_of(repository, rev)
+        repo = repo.removeprefix("datasets/")
         self._json(200, {"_id": repo, "id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": commit.oid,
                          "private": repository.private, "gated": False, "disabled": False,
                          "lastModified": commit.date, "createdAt": repository.created, "tags": [],
@@ -388,6 +407,24 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(404, f"{path} does not exist at {rev}", "EntryNotFound")
         self._json(200, [{"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "path": f}
                          for f in sorted(folders)] + entries)
+
+    def paths_info(self, body, query, repo, rev) -> None:
+        """``get_paths_info``: the entries (files as in ``tree``, folders) of the paths asked for."""
+        commit = self._commit_of(self._repo(repo), rev)
+        form = parse_qs(body.decode())
+        wanted = form.get("paths", []) or json.loads(body or b"{}").get("paths", [])
+        entries = []
+        for path in (p.strip("/") for p in wanted):
+            stored = commit.files.get(path)
+            if stored is not None:
+                entry = {"type": "file", "oid": stored.blob_oid, "size": stored.size, "path": path}
+                if stored.lfs_sha256:
+                    entry["lfs"] = {"oid": stored.lfs_sha256, "size": stored.size,
+                                    "pointerSize": len(lfs_pointer(stored.lfs_sha256, stored.size))}
+                entries.append(entry)
+            elif any(name.startswith(f"{path}/") for name in commit.files):
+                entries.append({"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "path": path})
+        self._json(200, entries)
 
     def preupload(self, body, query, repo, rev) -> None:
         repository = self._repo(repo, write=True)
@@ -482,7 +519,18 @@ class _Handler(BaseHTTPRequestHandler):
                             "Location": f"{self.hub.storage_url}/objects/{oid}?sig={self.hub.sign(oid)}"})
             return self._send(302, b"", headers, content_type="text/plain")
         headers["ETag"] = f'"{stored.blob_oid}"'
-        self._send(200, stored.content, headers, content_type="application/octet-stream")
+        self._send_range(stored.content, headers)
+
+    def _send_range(self, data: bytes, headers: dict) -> None:
+        """``data``, or the part a ``Range: bytes=a-b`` header asks for (206), as fsspec reads parquet."""
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
+        if not match:
+            return self._send(200, data, headers, content_type="application/octet-stream")
+        first, last = match.groups()
+        start = int(first) if first else max(0, len(data) - int(last))
+        end = min(int(last), len(data) - 1) if first and last else len(data) - 1
+        headers = {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"}
+        self._send(206, data[start:end + 1], headers, content_type="application/octet-stream")
 
     # -- the storage origin ---------------------------------------------------------------------
     def _check_signature(self, oid: str, query) -> None:
@@ -502,7 +550,7 @@ class _Handler(BaseHTTPRequestHandler):
         data = self.hub.lfs_objects.get(oid)
         if data is None:
             raise HubError(404, "NoSuchKey")
-        self._send(200, data, {"ETag": f'"{oid}"'}, content_type="application/octet-stream")
+        self._send_range(data, {"ETag": f'"{oid}"'})
 
 
 _ROUTES = [
@@ -519,6 +567,12 @@ _ROUTES = [
     ("POST", rf"/{_REPO}\.git/info/lfs/objects/batch", "lfs_batch"),
     ("POST", rf"/{_REPO}\.git/info/lfs/objects/verify", "lfs_verify"),
     ("HEAD", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
+    ("GET", rf"/api/datasets/{_DATASET}", "model_info"),
+    ("GET", rf"/api/datasets/{_DATASET}/revision/(?P<rev>[^/]+)", "model_info"),
+    ("GET", rf"/api/datasets/{_DATASET}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "tree"),
+    ("POST", rf"/api/datasets/{_DATASET}/paths-info/(?P<rev>[^/]+)", "paths_info"),
+    ("HEAD", rf"/datasets/{_DATASET}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
+    ("GET", rf"/datasets/{_DATASET}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
     ("GET", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
 ]
 _STORAGE_ROUTES = [

@@ -1,5 +1,6 @@
 """effnetv2.checkpoint: the weights fingerprint, and which files it reads (the safe reading and checked
 loading of weights files are exercised through ``from_pretrained`` in test_hub.py)."""
+import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -31,3 +32,15 @@ def test_every_weight_suffix_reads_back_whatever_its_case(tmp_path):
             torch.save(state, path)
         assert torch.equal(read_state_dict(path)["w"], state["w"]), suffix
         assert parse_source(str(path)).kind == "weights"
+
+
+def test_safetensors_shapes_come_from_the_header(tmp_path):
+    from effnetv2.checkpoint import safetensors_shapes
+
+    tensors = {"a": torch.zeros(2, 3), "b.c": torch.zeros(0), "d": torch.zeros((), dtype=torch.int64),
+               "e": torch.zeros(1, 4, 1, 5, dtype=torch.float16)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    assert safetensors_shapes(tmp_path / "w.safetensors") == {"a": (2, 3), "b.c": (0,), "d": (), "e": (1, 4, 1, 5)}
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:20])
+    with pytest.raises(ValueError, match="cut.safetensors is not a readable safetensors file"):
+        safetensors_shapes(tmp_path / "cut.safetensors")

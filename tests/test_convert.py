@@ -13,6 +13,7 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
+import effnetv2.convert.__main__ as convert_cli
 from effnetv2 import EfficientNetV2, convert
 from effnetv2.configs import VARIANTS
 
@@ -87,6 +88,9 @@ def test_torchvision_s_parity(tv_s):
     model = convert.from_torchvision(tv_s)
     assert model.variant == "s" and model.padding == "symmetric" and not model.training
     assert model.id2label["0"] == "tench" and model.num_classes == 1000
+    from torchvision.models._meta import _IMAGENET_CATEGORIES  # the private list the weights' meta replaced
+
+    assert list(model.id2label.values()) == _IMAGENET_CATEGORIES and model.id2label["999"] == "toilet tissue"
     for size in SIZES:
         check_parity(model, tv_s, size, "torchvision")
     # The CLI's own check maps our weights back into a fresh torchvision model.
@@ -218,10 +222,10 @@ def test_cli_writes_hub_folder(timm_b0_7, tmp_path, monkeypatch, capsys):
     path = tmp_path / "b0.pth"
     torch.save(timm_b0_7.state_dict(), path)
     pushed = {}
-    monkeypatch.setattr(EfficientNetV2, "push_to_hub", lambda self, repo, **kw: pushed.update(repo=repo, **kw))
+    monkeypatch.setattr(convert_cli, "upload_model_folder", lambda folder, repo, **kw: pushed.update(folder=folder, repo=repo, **kw))
     out = tmp_path / "converted"
-    assert convert.main(["timm", str(path), "--out", str(out), "--push-to-hub", "org/b0", "--private"]) == 0
-    assert pushed["repo"] == "org/b0" and pushed["private"] is True
+    assert convert_cli.main(["timm", str(path), "--out", str(out), "--push-to-hub", "org/b0", "--private"]) == 0
+    assert pushed["repo"] == "org/b0" and pushed["private"] is True and Path(pushed["folder"]) == out
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "README.md"}
     config = json.loads((out / "config.json").read_text())
     assert config["variant"] == "b0" and config["num_classes"] == 7 and config["padding"] == "same"
@@ -230,17 +234,17 @@ def test_cli_writes_hub_folder(timm_b0_7, tmp_path, monkeypatch, capsys):
     assert "Weights converted from timm (`b0.pth`" in (out / "README.md").read_text()
     check_parity(EfficientNetV2.from_pretrained(out), timm_b0_7, 67, "timm")
 
-    def failing_push(self, *args, **kwargs):
+    def failing_push(*args, **kwargs):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(EfficientNetV2, "push_to_hub", failing_push)
+    monkeypatch.setattr(convert_cli, "upload_model_folder", failing_push)
     again = tmp_path / "again"
-    assert convert.main(["timm", str(path), "--out", str(again), "--push-to-hub", "org/b0"]) == 1
+    assert convert_cli.main(["timm", str(path), "--out", str(again), "--push-to-hub", "org/b0"]) == 1
     assert "hf upload org/b0" in capsys.readouterr().err
     assert (again / "model.safetensors").is_file()
-    assert convert.main(["torchvision", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")]) == 1
+    assert convert_cli.main(["torchvision", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")]) == 1
     assert "nope.pth does not exist" in capsys.readouterr().err
-    assert convert.main(["torchvision", "xs", "--out", str(tmp_path / "x")]) == 1
+    assert convert_cli.main(["torchvision", "xs", "--out", str(tmp_path / "x")]) == 1
     assert "neither a weights file nor a torchvision variant" in capsys.readouterr().err
 
 
@@ -316,11 +320,11 @@ def test_export_refuses_what_the_library_cannot_hold(kind, model, message, tmp_p
 @needs_timm
 def test_cli_exports_a_saved_model_to_timm(tmp_path, capsys):
     fine_tuned("b0").save_pretrained(tmp_path / "mine")
-    assert convert.main(["--to", "timm", str(tmp_path / "timm"), "--model", str(tmp_path / "mine")]) == 0
+    assert convert_cli.main(["--to", "timm", str(tmp_path / "timm"), "--model", str(tmp_path / "mine")]) == 0
     assert "local-dir:" in capsys.readouterr().out
     assert json.loads((tmp_path / "timm" / "config.json").read_text())["architecture"] == "tf_efficientnetv2_b0"
     with pytest.raises(SystemExit):
-        convert.main(["--to", "timm", str(tmp_path / "x")])
+        convert_cli.main(["--to", "timm", str(tmp_path / "x")])
     assert "--to needs --model" in capsys.readouterr().err
 
 

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 import effnetv2.data
-from effnetv2.data import (DatasetError, ImageFolderDataset, check_images, main, read_split, report_bad_files,
+from effnetv2.data import (DatasetError, ImageFolderDataset, check_images, read_split, report_bad_files,
                            save_class_indices, scan_folder, split_samples, write_split)
+from effnetv2.data.__main__ import main
 from effnetv2.images import ImageLoadError, open_image
 
 

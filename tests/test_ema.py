@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from effnetv2.ema import ModelEma
+from effnetv2.ema import ema_model
 
 
 def linear(value: float) -> torch.nn.Module:
@@ -12,52 +12,59 @@ def linear(value: float) -> torch.nn.Module:
 
 def test_ema_math_without_warmup():
     model = linear(0.0)
-    ema = ModelEma(model, decay=0.9, warmup=False)
+    ema = ema_model(model, decay=0.9, warmup=False)
     with torch.no_grad():
         model[0].weight.fill_(1.0)
-    ema.update(model)
+    ema.update_parameters(model)
     assert torch.allclose(ema.module[0].weight, torch.full((1, 2), 0.1))  # 0.9 * 0 + 0.1 * 1
-    ema.update(model)
+    ema.update_parameters(model)
     assert torch.allclose(ema.module[0].weight, torch.full((1, 2), 0.19))  # 0.9 * 0.1 + 0.1 * 1
     assert model[0].weight.requires_grad and not ema.module[0].weight.requires_grad
 
 
-def test_warmup_decay_follows_num_updates():
+def test_warmup_decay_follows_the_number_of_updates():
     model = linear(0.0)
-    ema = ModelEma(model, decay=0.99)
+    ema = ema_model(model, decay=0.99)
     expected = 0.0
     with torch.no_grad():
         model[0].weight.fill_(1.0)
     for n in range(1, 6):
         decay = min(0.99, (1 + n) / (10 + n))
-        assert ema.current_decay() == pytest.approx(decay)
-        ema.update(model)
+        ema.update_parameters(model)
         expected = decay * expected + (1 - decay)
         assert ema.module[0].weight[0, 0].item() == pytest.approx(expected)
-    ema.num_updates = 10_000
-    assert ema.current_decay() == 0.99  # capped at decay once warmed up
+    ema.n_averaged.fill_(10_000)  # warmed up: the decay is capped at 0.99
+    before = ema.module[0].weight[0, 0].item()
+    ema.update_parameters(model)
+    assert ema.module[0].weight[0, 0].item() == pytest.approx(0.99 * before + 0.01)
+
+
+def test_a_long_run_equals_the_lerp_by_hand_bit_for_bit():
+    """The formula applied tensor by tensor with ``lerp_`` (what effnetv2 did before AveragedModel)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    ema, by_hand = ema_model(model, decay=0.97), [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for n in range(1, 31):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+        ema.update_parameters(model)
+        for mine, p in zip(by_hand, model.parameters()):
+            mine.lerp_(p.detach(), 1 - min(0.97, (1 + n) / (10 + n)))
+    assert all(torch.equal(a, b) for a, b in zip(ema.module.parameters(), by_hand, strict=True))
 
 
 def test_buffers_are_copied_not_averaged():
     model = linear(0.5)
-    ema = ModelEma(model, decay=0.9)
+    ema = ema_model(model, decay=0.9)
     model.train()
     model(torch.randn(8, 2) + 3)  # moves BatchNorm's running mean
-    ema.update(model)
+    ema.update_parameters(model)
     assert torch.equal(ema.module[1].running_mean, model[1].running_mean)
     assert torch.equal(ema.module[1].num_batches_tracked, model[1].num_batches_tracked)
 
 
-def test_state_round_trip_and_bad_decay():
-    model = linear(0.0)
-    ema = ModelEma(model, decay=0.9)
-    with torch.no_grad():
-        model[0].weight.fill_(2.0)
-    ema.update(model)
-    ema.update(model)
-    restored = ModelEma(linear(5.0), decay=0.5, warmup=False)
-    restored.load_state_dict(ema.state_dict())
-    assert (restored.decay, restored.warmup, restored.num_updates) == (0.9, True, 2)
-    assert torch.equal(restored.module[0].weight, ema.module[0].weight)
+def test_bad_decay():
     with pytest.raises(ValueError, match="decay"):
-        ModelEma(model, decay=1.0)
+        ema_model(linear(0.0), decay=1.0)

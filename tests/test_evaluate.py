@@ -14,7 +14,8 @@ import torch
 from effnetv2 import EfficientNetV2
 from effnetv2.data import make_shapes_dataset
 from effnetv2.card import CARD_BEGIN, CARD_END
-from effnetv2.evaluate import attention_mass_in_box, box_in_view, evaluate, main
+from effnetv2.evaluate import attention_mass_in_box, box_in_view, evaluate
+from effnetv2.evaluate.__main__ import main
 from effnetv2.shapes import SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effnetv2.export import check_onnx, export_onnx, main, relative_error
+from effnetv2.export import check_onnx, export_onnx, relative_error
+from effnetv2.export.__main__ import main
 from inference_models import realistic_model
 
 ort = pytest.importorskip("onnxruntime")

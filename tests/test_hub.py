@@ -436,11 +436,18 @@ def write_images(folder: Path, count: int, size: int = 40) -> Path:
 
 
 def push_shipped(model: EfficientNetV2, repo_id: str, calibration: Path | None = None) -> dict:
-    """``push_to_hub(graphs=...)``: the weights and the exported graphs (int8 too, calibrated on the
-    images of ``calibration``) in one commit; the manifest it pushed."""
+    """``python -m effnetv2.export --ship --push-to-hub``: the weights and the exported graphs (int8 too,
+    calibrated on the images of ``calibration``) in one commit; the manifest it pushed."""
+    import tempfile
+
     from huggingface_hub import hf_hub_download
 
-    model.push_to_hub(repo_id, graphs=calibration or True)
+    from effnetv2.export.__main__ import main as export_main
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, model_card_kwargs={"repo_id": repo_id})
+        calibrate = ["--int8", "--calibration", str(calibration)] if calibration else []
+        assert export_main(["--model", folder, "--ship", *calibrate, "--push-to-hub", repo_id]) == 0
     return json.loads(Path(hf_hub_download(repo_id, "onnx/graphs.json")).read_text())
 
 

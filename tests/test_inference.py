@@ -11,11 +11,13 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import effnetv2.inference as inference
 from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.export import relative_error
-from effnetv2.fuse import fold_batchnorm, optimize_for_inference
+from effnetv2.fuse import optimize_for_inference
+from effnetv2.layers import Conv2dSame
 from effnetv2.inference import Predictor
 from inference_models import realistic_model
 
@@ -38,8 +40,10 @@ def batch():
     return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
-def test_fold_batchnorm_equals_conv_then_bn():
-    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=True)
+@pytest.mark.parametrize("conv", [nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=True), Conv2dSame(6, 10, 3, 2, bias=False)],
+                         ids=["conv-bias", "same-padding"])
+def test_fold_batchnorm_equals_conv_then_bn(conv):
+    """torch.nn.utils.fusion, which optimize_for_inference uses, on our convs: one conv equal to conv → BN."""
     bn = nn.BatchNorm2d(10, eps=1e-3)
     with torch.no_grad():
         bn.running_mean.normal_(0, 0.5)
@@ -48,11 +52,24 @@ def test_fold_batchnorm_equals_conv_then_bn():
         bn.bias.normal_(0, 0.5)
     bn.eval()
     x = torch.randn(2, 6, 9, 9)
-    fused = fold_batchnorm(conv, bn)
+    fused = fuse_conv_bn_eval(conv.eval(), bn)
     with torch.no_grad():
         expected = bn(conv(x))
         assert (fused(x) - expected).abs().max() < 1e-5
     assert fused is not conv and conv.weight.data_ptr() != fused.weight.data_ptr()
+
+
+def test_folded_weights_are_the_float64_fold_rounded_once(model):
+    """optimize_for_inference folds in float64: each weight is ``w * gamma / sqrt(var + eps)`` (and the bias
+    ``(b - mean) * scale + beta``) worked out in float64 by hand, rounded to float32 once (at most 1 ulp apart:
+    torch's rsqrt vs our 1 / sqrt in float64). A float32 fold is off by several ulp."""
+    conv, bn = model.blocks[-1].dwconv.conv, model.blocks[-1].dwconv.bn
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    weight = (conv.weight.double() * scale.reshape(-1, 1, 1, 1)).float()
+    bias = ((-bn.running_mean.double()) * scale + bn.bias.double()).float()
+    folded = optimize_for_inference(model, channels_last=False).blocks[-1].dwconv.conv
+    assert torch.allclose(folded.weight, weight, rtol=2 ** -24, atol=0)
+    assert torch.allclose(folded.bias, bias, rtol=2 ** -24, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"padding": "same", "pool": "attention", "num_heads": 4}],

@@ -5,7 +5,7 @@ from torch import nn
 import effnetv2.model
 from effnetv2 import VARIANTS, EfficientNetV2
 from effnetv2.configs import round_channels
-from effnetv2.layers import Conv2dSame, FusedMBConv, MBConv, drop_path
+from effnetv2.layers import Conv2dSame, FusedMBConv, MBConv
 
 # With 1000 classes: the parameter counts of timm's tf_efficientnetv2_{b0..b3,s,m,l,xl} and of torchvision's
 # EfficientNet_V2_{S,M,L}_Weights.IMAGENET1K_V1.meta["num_params"] (the same architecture, counted by them).
@@ -80,13 +80,17 @@ def test_stochastic_depth_rule():
 
 
 def test_drop_path_statistics():
-    x = torch.ones(20000, 1)
-    assert torch.equal(drop_path(x, 0.3, training=False), x)
-    assert torch.equal(drop_path(x, 0.0, training=True), x)
-    out = drop_path(x, 0.25, training=True)
+    """Each sample's branch is kept with probability 1 - p and kept ones are divided by 1 - p."""
+    drop = EfficientNetV2("b0", drop_path_rate=0.2).blocks[-1].drop_path
+    x = torch.ones(20000, 1, 1, 1)
+    drop.p = 0.25
+    assert torch.equal(drop.eval()(x), x)
+    out = drop.train()(x)
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.75) < 0.02
     assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.75))
+    drop.p = 0.0
+    assert torch.equal(drop(x), x)
 
 
 def test_init_scheme():

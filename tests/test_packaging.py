@@ -16,10 +16,10 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Imports the package makes inside functions for optional features, and the extras that install
 # them: the fast runtimes (the Predictor falls back to torch without them), timm for converting
 # timm weights by name, matplotlib for train.py's confusion matrix and the app's colour maps.
-# onnx edits the exported graph before int8 quantization.
+# onnx edits the exported graph before int8 quantization; datasets reads Hub datasets (train.py, evaluate).
 OPTIONAL = {"accelerate": ("train",), "onnx": ("fast",), "onnxruntime": ("fast", "scale"), "openvino": ("fast",),
             "ray": ("scale",), "pyarrow": ("scale",), "starlette": ("scale",), "timm": ("convert",),
-            "matplotlib": ("train", "app")}
+            "matplotlib": ("train", "app"), "datasets": ("train",)}
 SCRIPTS = {"train.py": "train", "app.py": "app"}
 
 
@@ -63,7 +63,7 @@ def third_party_imports(path: Path) -> tuple[set[str], set[str]]:
     return module_level, in_functions
 
 
-MODULES = sorted((ROOT / "effnetv2").glob("*.py"))
+MODULES = sorted((ROOT / "effnetv2").rglob("*.py"))
 
 
 @pytest.mark.parametrize("path", MODULES, ids=[p.name for p in MODULES])

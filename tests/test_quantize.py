@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from effnetv2.data import make_shapes_dataset
-from effnetv2.export import export_onnx, main
+from effnetv2.export import export_onnx
+from effnetv2.export.__main__ import main
 from effnetv2.inference import Predictor
 from effnetv2.quantize import calibration_split
 from inference_models import realistic_model

@@ -6,26 +6,37 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader, TensorDataset
 
-from effnetv2.schedule import cosine_factor, cosine_schedule, optimizer_steps_per_epoch
+from effnetv2.schedule import cosine_schedule, optimizer_steps_per_epoch
 
 
 def lr_formula(t, total, lr, lrf):
     return lr * (((1 + math.cos(math.pi * t / total)) / 2) * (1 - lrf) + lrf)
 
 
+def factors(total: int, lrf: float, warmup: int = 0, steps: int | None = None) -> list[float]:
+    """The multiplier of the base lr at each optimizer step 0, 1, ... of ``cosine_schedule``."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched, seen = cosine_schedule(opt, total, lrf, warmup), []
+    for _ in range(total + 1 if steps is None else steps):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return seen
+
+
 def test_cosine_values_start_middle_end():
-    assert cosine_factor(0, 100, 0.01) == pytest.approx(1.0)
-    assert cosine_factor(50, 100, 0.01) == pytest.approx(0.5 * 0.99 + 0.01)
-    assert cosine_factor(100, 100, 0.01) == pytest.approx(0.01)
-    assert cosine_factor(25, 100, 0.1) == pytest.approx(((1 + math.cos(math.pi / 4)) / 2) * 0.9 + 0.1)
-    assert cosine_factor(250, 100, 0.01) == pytest.approx(0.01)  # past the end it stays at lrf
+    f = factors(100, 0.01, steps=251)
+    assert (f[0], f[50], f[100]) == pytest.approx((1.0, 0.5 * 0.99 + 0.01, 0.01))
+    assert factors(100, 0.1)[25] == pytest.approx(((1 + math.cos(math.pi / 4)) / 2) * 0.9 + 0.1)
+    assert f[250] == pytest.approx(0.01)  # past the end it stays at lrf
 
 
 def test_warmup_is_linear_then_cosine_over_the_rest():
-    assert [cosine_factor(s, 20, 0.01, warmup_steps=4) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert cosine_factor(4, 20, 0.01, warmup_steps=4) == pytest.approx(1.0)
-    assert cosine_factor(12, 20, 0.01, warmup_steps=4) == pytest.approx(0.505)  # half-way through the 16 decay steps
-    assert cosine_factor(20, 20, 0.01, warmup_steps=4) == pytest.approx(0.01)
+    f = factors(20, 0.01, warmup=4)
+    assert f[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert f[12] == pytest.approx(0.505)  # half-way through the 16 decay steps
+    assert f[20] == pytest.approx(0.01)
+    assert factors(20, 0.01, warmup=1)[:2] == pytest.approx([1.0, 1.0])
 
 
 def test_scheduler_follows_the_formula_once_per_optimizer_step():
@@ -95,3 +106,4 @@ def test_steps_per_epoch_match_accelerate(num_batches, grad_accum):
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+

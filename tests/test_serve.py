@@ -27,7 +27,8 @@ from PIL import Image
 from app_server import free_port
 from effnetv2.inference import Predictor
 from effnetv2.ray_cluster import require_token_auth
-from effnetv2.serve import BODY_TIMEOUT_S, build_app, image_payload, main, serving
+from effnetv2.serve import BODY_TIMEOUT_S, build_app, image_payload, serving
+from effnetv2.serve.__main__ import main
 from ray_processes import is_loopback, listeners, ray_processes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from effnetv2.data import main, scan_folder
+from effnetv2.data import scan_folder
+from effnetv2.data.__main__ import main
 from effnetv2.shapes import MIN_CONTRAST, SHAPES, background, draw_shape, make_shapes_dataset
 
 

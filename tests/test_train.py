@@ -2,6 +2,7 @@
 two processes, resume after a kill, and a short real fine-tune."""
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -18,10 +19,17 @@ from effnetv2 import EfficientNetV2, convert, transforms_for
 from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.data import make_shapes_dataset
 from effnetv2.images import open_image
-from effnetv2.schedule import cosine_factor
 from effnetv2.run_folder import public_argv
 
-from train_script import fresh_accelerate, reset_accelerate, train  # noqa: F401  (fresh_accelerate: autouse)
+from train_script import (fresh_accelerate, patch_training_loss, real_cross_entropy,  # noqa: F401  (autouse)
+                          reset_accelerate, train)
+
+
+def cosine_factor(step: int, total: int, lrf: float = 0.01, warmup: int = 0) -> float:
+    """The lr multiplier at optimizer step ``step`` (SPEC's formula after ``warmup`` linear steps)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return ((1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup))) / 2) * (1 - lrf) + lrf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,7 +180,7 @@ def test_clip_grad_bounds_every_optimizer_step(shapes, tmp_path, clip):
 def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_bad(tiny, tmp_path, capsys, monkeypatch):
     """The loss turns infinite from the first batch of epoch 2 on (2 batches per epoch): epoch 1's
     checkpoint stays as it was, nothing of epoch 2 is written, and the message names the epoch and lr."""
-    batches, real_loss = 0, train.soft_cross_entropy
+    batches, real_loss = 0, real_cross_entropy
 
     def loss_infinite_from_epoch_2(logits, targets):
         nonlocal batches
@@ -180,7 +188,7 @@ def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_bad(tiny, tm
         loss = real_loss(logits, targets)
         return loss * float("inf") if batches > 2 else loss
 
-    monkeypatch.setattr(train, "soft_cross_entropy", loss_infinite_from_epoch_2)
+    patch_training_loss(monkeypatch, loss_infinite_from_epoch_2)
     out = tmp_path / "run"
     rc = run(tiny, out, "--epochs", "3", "--lr", "0.05")
     printed = capsys.readouterr().out
@@ -361,7 +369,7 @@ def test_a_reused_output_dir_never_yields_another_runs_model(tiny, tmp_path, cap
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == first_checkpoints
 
     # --overwrite: the new run starts in an emptied folder; it is killed in epoch 2 (2 steps per epoch)
-    batches, real_loss = 0, train.soft_cross_entropy
+    batches, real_loss = 0, real_cross_entropy
 
     def killed_in_epoch_2(logits, targets):
         nonlocal batches
@@ -370,7 +378,7 @@ def test_a_reused_output_dir_never_yields_another_runs_model(tiny, tmp_path, cap
             raise Killed
         return real_loss(logits, targets)
 
-    monkeypatch.setattr(train, "soft_cross_entropy", killed_in_epoch_2)
+    patch_training_loss(monkeypatch, killed_in_epoch_2)
     with pytest.raises(Killed):
         run(other, out, "--epochs", "2", "--overwrite")
     monkeypatch.undo()

@@ -17,7 +17,7 @@ from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.configs import VARIANTS, StageConfig, VariantConfig
 from effnetv2.data import ImageFolderDataset
 from test_train import SMOKE, metrics_of, run, shapes  # noqa: F401  (shapes is a fixture)
-from train_script import reset_accelerate, train
+from train_script import patch_training_loss, real_cross_entropy, reset_accelerate, train
 from test_training import find_cutmix, recover_mixup, smoothed_onehot
 
 BATCH = 4  # test_train's SMOKE: b0, 32 px, batch 4, one CPU process, no loader workers
@@ -64,7 +64,7 @@ def is_train_transform(transform) -> bool:
 def observed_run():
     """A fresh Accelerate state and a :class:`Recorder` watching the run; everything undone after."""
     rec = Recorder()
-    get_item, loss = ImageFolderDataset.__getitem__, train.soft_cross_entropy
+    get_item, loss = ImageFolderDataset.__getitem__, real_cross_entropy
 
     def spy_get_item(self, index):
         image, label = get_item(self, index)
@@ -85,7 +85,7 @@ def observed_run():
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(ImageFolderDataset, "__getitem__", spy_get_item)
-            patch.setattr(train, "soft_cross_entropy", spy_loss)
+            patch_training_loss(patch, spy_loss)
             yield rec
     finally:
         for hook in hooks:
@@ -252,7 +252,7 @@ def tiny_run(data, out, *flags):
     """train.py on TINY_B0 for 4 steps at lr 0.1 without dropout or drop-path (a compiled graph draws its
     random numbers its own way); returns the loss of every step and the backends torch.compile was given."""
     losses, backends = [], []
-    loss, compile_ = train.soft_cross_entropy, torch.compile
+    loss, compile_ = real_cross_entropy, torch.compile
 
     def spy_loss(logits, targets):
         value = loss(logits, targets)
@@ -267,7 +267,7 @@ def tiny_run(data, out, *flags):
     torch._dynamo.reset()
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(VARIANTS, "b0", TINY_B0)
-        patch.setattr(train, "soft_cross_entropy", spy_loss)
+        patch_training_loss(patch, spy_loss)
         patch.setattr(torch, "compile", spy_compile)
         assert run(data, out, "--epochs", "1", "--max-steps", "4", "--lr", "0.1", "--dropout", "0",
                    "--drop-path-rate", "0", "--precise-bn", "0", *flags) == 0

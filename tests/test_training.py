@@ -1,8 +1,7 @@
 """effnetv2/training.py helpers on their own: mixup and CutMix (checked from the images they return, not
-from the code's own draws), label smoothing, the soft-target loss against torch's cross-entropy, the
+from the code's own draws), label smoothing, the
 confusion matrix's orientation, checkpoint listing. The build/freeze/BatchNorm
 helpers are tested in test_train.py."""
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 
 from effnetv2 import EfficientNetV2
 from effnetv2.training import (backbone_batchnorm_eval, confusion_matrix, freeze_backbone, mix_batch,
-                               recalibrate_batchnorm, soft_cross_entropy)
+                               recalibrate_batchnorm)
 
 
 def smoothed_onehot(y: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:
@@ -145,25 +144,6 @@ def test_a_generator_makes_mixing_reproducible_and_leaves_the_global_rng_alone()
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], other[0])
-
-
-def test_soft_cross_entropy_matches_torch_with_label_smoothing_and_with_probabilities():
-    g = torch.Generator().manual_seed(0)
-    logits, y = torch.randn(6, 5, generator=g) * 3, torch.randint(0, 5, (6,), generator=g)
-    smoothed = soft_cross_entropy(logits, smoothed_onehot(y, 5, 0.1))
-    assert torch.allclose(smoothed, F.cross_entropy(logits, y, label_smoothing=0.1))
-    assert torch.allclose(soft_cross_entropy(logits, F.one_hot(y, 5).float()), F.cross_entropy(logits, y))
-    probs = torch.softmax(torch.randn(6, 5, generator=g), -1)
-    assert torch.allclose(soft_cross_entropy(logits, probs), F.cross_entropy(logits, probs))
-    # by hand: logits (0, ln 3) give probabilities (1/4, 3/4); targets (1/2, 1/2) cost (ln 4 + ln 4/3) / 2,
-    # and a batch of it with the one-hot second row (ln 4/3) averages the rows
-    two = torch.tensor([[0.0, math.log(3)], [0.0, math.log(3)]])
-    assert soft_cross_entropy(two, torch.tensor([[0.5, 0.5], [0.0, 1.0]])).item() == pytest.approx(
-        (0.5 * math.log(16 / 3) + math.log(4 / 3)) / 2, rel=1e-6)
-    # bf16 logits (autocast) are scored in float32
-    half = logits.bfloat16()
-    loss = soft_cross_entropy(half, probs)
-    assert loss.dtype == torch.float32 and torch.allclose(loss, F.cross_entropy(half.float(), probs))
 
 
 def test_confusion_matrix_rows_are_true_classes_and_columns_predictions():

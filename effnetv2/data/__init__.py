@@ -12,13 +12,11 @@ CLI::
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
 import os
 import random
-import sys
 import threading
 import warnings
 from collections import Counter, defaultdict
@@ -32,8 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import BYTES_PER_PIXEL, ImageLoadError, image_pixels, open_image, verify_image
-from .shapes import SHAPES, make_shapes_dataset
+from ..images import BYTES_PER_PIXEL, ImageLoadError, image_pixels, open_image, verify_image
+from ..shapes import make_shapes_dataset
 
 __all__ = ["IMAGE_EXTENSIONS", "DatasetError", "is_image_file", "scan_folder", "split_samples",
            "save_class_indices", "write_split", "read_split", "check_images", "report_bad_files",
@@ -200,8 +198,8 @@ class _MemoryBudget:
                 self._changed.notify_all()
 
 
-def _load_problem(path: str, budget: _MemoryBudget) -> str | None:
-    """Why ``path`` cannot be used, or ``None`` when it decodes fully."""
+def _load_problem(path: str | bytes, budget: _MemoryBudget) -> str | None:
+    """Why ``path`` (or an encoded image's bytes) cannot be used, or ``None`` when it decodes fully."""
     try:
         with budget.reserve(image_pixels(path) * BYTES_PER_PIXEL):
             verify_image(path)
@@ -238,7 +236,8 @@ def report_bad_files(bad: list[tuple[str, str]]) -> None:
 
 
 class ImageFolderDataset(Dataset):
-    """``(image, label)`` pairs for ``samples`` (``[(path, class_index), ...]``).
+    """``(image, label)`` pairs for ``samples`` (``[(path, class_index), ...]``; with ``read``, any key
+    ``read`` opens as an RGB image or fails with ``ImageLoadError``, e.g. a Hub dataset's row index).
 
     ``image`` is ``transform(pil_rgb_image)``, or a float tensor ``[3, H, W]`` in 0..1 without a
     transform. A file that fails at read time (deleted or damaged after :func:`check_images`) is
@@ -247,12 +246,13 @@ class ImageFolderDataset(Dataset):
     multi-process ``DataLoader`` each worker keeps its own ``bad_files``.
     """
 
-    def __init__(self, samples: list[Sample], classes: list[str], transform: Callable | None = None):
+    def __init__(self, samples: list[Sample], classes: list[str], transform: Callable | None = None,
+                 read: Callable = open_image):
         if not samples:
             raise DatasetError("no images to load: the sample list is empty")
         self.samples = list(samples)
         self.classes = list(classes)
-        self.transform = transform
+        self.transform, self.read = transform, read
         self.bad_files: dict[str, str] = {}
         self._by_class: dict[int, list[int]] = defaultdict(list)
         self._rank: list[int] = []  # position of each sample within its class list
@@ -275,7 +275,7 @@ class ImageFolderDataset(Dataset):
             if path in self.bad_files:
                 continue
             try:
-                image = open_image(path)
+                image = self.read(path)
             except ImageLoadError as err:
                 self.bad_files[path] = err.reason
                 warnings.warn(f"skipping unreadable image {err}; using another image of its class instead",
@@ -291,53 +291,3 @@ class ImageFolderDataset(Dataset):
     def targets(self) -> list[int]:
         """The class index of every sample, in order."""
         return [label for _, label in self.samples]
-
-
-def _check_command(args: argparse.Namespace) -> int:
-    try:
-        samples, classes = scan_folder(args.root)
-        train, val = split_samples(samples, args.val_fraction, args.seed, classes)
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    _, bad = check_images(samples)
-    report_bad_files(bad)
-    counts = Counter(label for _, label in samples)
-    split = Counter((label, part) for part, items in (("train", train), ("val", val)) for _, label in items)
-    print(f"{args.root}: {len(samples)} images in {len(classes)} classes, {len(bad)} unreadable")
-    for i, name in enumerate(classes):
-        print(f"  {name}: {counts[i]} ({split[i, 'train']} train / {split[i, 'val']} val)")
-    return 1 if bad else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m effnetv2.data", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    shapes = sub.add_parser("shapes", help="write the synthetic shapes data set with box annotations")
-    shapes.add_argument("out", type=Path, help="output folder (one sub-folder per class)")
-    shapes.add_argument("--num-per-class", type=int, default=60)
-    shapes.add_argument("--image-size", type=int, default=96)
-    shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--classes", nargs="+", default=list(SHAPES), choices=SHAPES)
-    shapes.add_argument("--no-clutter", dest="clutter", action="store_false",
-                        help="plain noisy backgrounds, no distractors (an easy first curriculum stage)")
-    check = sub.add_parser("check", help="scan a folder-per-class data set, split it and list unreadable files")
-    check.add_argument("root", type=Path)
-    check.add_argument("--val-fraction", type=float, default=0.2)
-    check.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "check":
-        return _check_command(args)
-    try:
-        root = make_shapes_dataset(args.out, args.num_per_class, args.image_size, args.seed, tuple(args.classes),
-                                   clutter=args.clutter)
-    except ValueError as err:
-        parser.error(str(err))
-    classes = list(dict.fromkeys(args.classes))
-    print(f"wrote {args.num_per_class * len(classes)} images of {args.image_size}x{args.image_size} px in "
-          f"{len(classes)} classes ({', '.join(classes)}) to {root}; object boxes in {root / 'annotations.json'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,9 @@
-"""Evaluate a model on a `shapes` set: accuracy, and whether its attention finds the object.
+"""Evaluate a model on a `shapes` set: accuracy, and whether its attention finds the object; or on a
+split of a Hub dataset (or ``save_to_disk`` folder): accuracy, overall and per class.
 
     python -m effnetv2.data shapes /tmp/shapes_eval --num-per-class 200 --image-size 128 --seed 2
     python -m effnetv2.evaluate --model assets/model --data /tmp/shapes_eval [--json out.json] [--update-card]
+    python -m effnetv2.evaluate --model org/name --dataset beans [--split test]
 
 For each image, the attention maps of ``model.attention_maps`` (the pooled query, mean over heads)
 give the attention mass inside the object's box (``annotations.json``, mapped through the eval
@@ -16,20 +18,20 @@ folder's README.md (``effnetv2.card.update_card``: replaced on a re-run).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
+
+import warnings
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .card import card_section, record_eval_result, update_card
-from .explain import class_attribution, curve_auc, gradcam, removal_curves
-from .images import open_image
-from .sources import load_model
-from .transforms import transforms_for
+from ..explain import class_attribution, curve_auc, gradcam, removal_curves
+from ..data import DatasetError
+from ..hub_data import RowImages
+from ..images import ImageLoadError, open_image
+from ..transforms import transforms_for
 
 MAP_KINDS = ("attention", "class attribution", "Grad-CAM", "random", "uniform")
 
@@ -88,7 +90,7 @@ def evaluate(model, root: Path, batch_size: int = 64) -> dict:
     correct, per_class, masses, shares, head_masses = 0, {}, [], [], []
     faithfulness = {kind: {"deletion_auc": [], "insertion_auc": [], "mass_in_box": []} for kind in MAP_KINDS}
     generator = torch.Generator().manual_seed(0)  # the random baseline is the same on every run
-    for start in range(0, len(names), batch_size):
+    for start in tqdm(range(0, len(names), batch_size), desc=f"evaluating on {root.name}", unit="batch"):
         chunk = names[start:start + batch_size]
         images = [open_image(root / name) for name in chunk]
         x = torch.stack([transform(image) for image in images])
@@ -130,30 +132,33 @@ def evaluate(model, root: Path, batch_size: int = 64) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder, Hub id or torchvision:<variant>")
-    parser.add_argument("--data", required=True, type=Path, help="a shapes set (with annotations.json)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--update-card", action="store_true", help="write the figures into --model's README.md")
-    args = parser.parse_args(argv)
-    if not (args.data / "annotations.json").is_file():
-        parser.error(f"{args.data} has no annotations.json: make one with `python -m effnetv2.data shapes OUT`")
-    model = load_model(args.model).float().eval()
-    result = evaluate(model, args.data, args.batch_size)
-    print(json.dumps(result, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    if args.update_card:
-        card = Path(args.model) / "README.md"
-        if not card.is_file():
-            parser.error(f"--update-card: {card} does not exist (is --model a local folder?)")
-        command = "python -m effnetv2.evaluate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        update_card(card, card_section(result, args.data, command))
-        record_eval_result(card, args.data.name, "test", result["accuracy"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+@torch.no_grad()
+def evaluate_split(model, rows: RowImages, labels: list[int], classes: list[str], batch_size: int = 64) -> dict:
+    """Accuracy, overall and per class, of ``model`` on a dataset split (``rows`` reads row ``i``'s image,
+    ``labels[i]`` indexes ``classes``); a class counts as predicted when the model's label has its name.
+    Unreadable rows are warned about and left out."""
+    transform, bad = transforms_for(model), []
+    correct, per_class = 0, {}
+    for start in tqdm(range(0, len(labels), batch_size), desc=f"evaluating on {rows.name}", unit="batch"):
+        images, truth = [], []
+        for index in range(start, min(start + batch_size, len(labels))):
+            try:
+                images.append(transform(rows(index)))
+            except ImageLoadError as err:
+                bad.append(f"  {err}")
+                continue
+            truth.append(classes[labels[index]])
+        if not images:
+            continue
+        for prediction, label in zip(model(torch.stack(images)).argmax(-1).tolist(), truth):
+            hit = model.id2label[str(prediction)] == label
+            correct += hit
+            seen, right = per_class.get(label, (0, 0))
+            per_class[label] = (seen + 1, right + hit)
+    if bad:
+        warnings.warn(f"skipping {len(bad)} unreadable image(s):\n" + "\n".join(bad), stacklevel=2)
+    count = sum(seen for seen, _ in per_class.values())
+    if not count:
+        raise DatasetError(f"{rows.name}: no readable image to evaluate on")
+    return {"images": count, "accuracy": correct / count,
+            "per_class_accuracy": {label: right / seen for label, (seen, right) in sorted(per_class.items())}}

@@ -19,13 +19,11 @@ Export (the inverse; MODEL is a folder, Hub id or any source ``effnetv2.sources`
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
 import re
-import sys
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -34,11 +32,11 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .configs import VARIANTS
-from .checkpoint import WEIGHT_SUFFIXES, read_state_dict, sha256_file
-from .hub import ModelDownloadError, is_offline
-from .layers import ConvBNAct, MBConv
-from .model import EfficientNetV2
+from ..configs import VARIANTS
+from ..checkpoint import WEIGHT_SUFFIXES, read_state_dict, sha256_file
+from ..hub import ModelDownloadError, is_offline
+from ..layers import ConvBNAct, MBConv
+from ..model import EfficientNetV2
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +179,8 @@ def map_state_dict(model: EfficientNetV2, kind: str, state: dict[str, torch.Tens
 # --------------------------------------------------------------------------- shared helpers
 
 def _imagenet_labels(num_classes: int) -> dict[int, str] | None:
-    """ImageNet-1k class names (torchvision's list) for 1000-way classifiers, else None."""
-    if num_classes != 1000:
-        return None
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-    return dict(enumerate(_IMAGENET_CATEGORIES))
+    """ImageNet-1k class names (torchvision's weights' ``meta["categories"]``) for 1000-way classifiers, else None."""
+    return dict(enumerate(_torchvision_weights("s").meta["categories"])) if num_classes == 1000 else None
 
 
 def _read_source(source: Weights) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -404,7 +398,7 @@ def export_state_dict(model: EfficientNetV2, kind: str) -> dict[str, torch.Tenso
     """
     _exportable(model, kind)
     with torch.device("meta"):
-        reference = _reference_model(kind, model)
+        reference = reference_model(kind, model)
     if reference is None:
         raise ValueError(f"exporting to {kind} needs {kind} installed (pip install {kind})")
     theirs = reference.state_dict()
@@ -475,7 +469,7 @@ def to_torchvision(model: EfficientNetV2, path: str | os.PathLike) -> Path:
 
 # --------------------------------------------------------------------------- command line
 
-def _reference_model(kind: str, model: EfficientNetV2) -> nn.Module | None:
+def reference_model(kind: str, model: EfficientNetV2) -> nn.Module | None:
     """The source library's own model for ``model``'s variant and classes (random weights), or None
     when that library or variant is not available."""
     try:
@@ -501,83 +495,3 @@ def max_logit_difference(model: EfficientNetV2, reference: nn.Module, size: int 
     reference.load_state_dict({src: ours[key] for key, src in mapping.items()}, strict=True)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     return (reference.eval()(x) - model(x)).abs().max().item()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m effnetv2.convert",
-        description="Convert torchvision or timm EfficientNetV2 weights into a Hub-ready effnetv2 model folder, "
-                    "or (--to) export an effnetv2 model to timm or torchvision.")
-    parser.add_argument("library", nargs="?", choices=("torchvision", "timm"), help="where the weights come from")
-    parser.add_argument("source", nargs="?", help="variant or model name for the official weights (torchvision: "
-                                                  "s, m, l; timm: tf_efficientnetv2_b0 ... xl; needs the internet "
-                                                  "unless cached), or a local .pth/.safetensors file")
-    parser.add_argument("--out", type=Path, help="folder to write config.json, model.safetensors, README.md")
-    parser.add_argument("--variant", help="architecture variant, when it cannot be inferred from the weights")
-    parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="also upload the folder to this Hub repo")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    parser.add_argument("--to", nargs=2, metavar=("{timm,torchvision}", "OUT"),
-                        help="export --model instead: to a timm folder, or a torchvision .safetensors state dict")
-    parser.add_argument("--model", help="with --to: the effnetv2 model to export (folder, Hub id, ...)")
-    args = parser.parse_args(argv)
-    if args.to:
-        return _export_main(parser, args)
-    if not (args.library and args.source and args.out):
-        parser.error("give LIBRARY SOURCE --out DIR to convert, or --to {timm,torchvision} OUT --model MODEL to export")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    convert = from_torchvision if args.library == "torchvision" else from_timm
-    try:
-        model = convert(args.source, variant=args.variant)
-    except (ValueError, RuntimeError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    reference = _reference_model(args.library, model)
-    notes = None
-    if reference is not None:
-        diff = max_logit_difference(model, reference)
-        notes = (f"Conversion check: on random 96x96 inputs the logits equal {args.library}'s own "
-                 f"model with these weights to max |Δlogit| = {diff:.2e}.")
-        print(f"parity with {args.library}: max |Δlogit| = {diff:.3g}")
-    source = model.config["source"]
-    card = {"notes": notes, "command": f"python -m effnetv2.convert {args.library} {args.source} --out {args.out}",
-            "datasets": ["imagenet-1k"] if model.num_classes == 1000 else None,
-            "base_model": source.get("hf_hub_id")}
-    model.save_pretrained(args.out, model_card_kwargs=card)
-    print(f"wrote {args.out}/ (config.json, model.safetensors, README.md): EfficientNetV2-{model.variant}, "
-          f"{model.num_classes} classes")
-    if args.push_to_hub:
-        try:
-            url = model.push_to_hub(args.push_to_hub, private=args.private or None, model_card_kwargs=card)
-        except Exception as err:  # network, auth and permission errors come in many types
-            print(f"error: pushing to {args.push_to_hub} failed ({err}). The converted model is kept in "
-                  f"{args.out}/. Log in with `hf auth login` and retry with: hf upload {args.push_to_hub} "
-                  f"{args.out} .{' --private' if args.private else ''}", file=sys.stderr)
-            return 1
-        print(f"pushed to {url}")
-    return 0
-
-
-def _export_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    kind, out = args.to
-    if kind not in ("timm", "torchvision"):
-        parser.error(f"--to {kind}: choose timm or torchvision")
-    if not args.model:
-        parser.error("--to needs --model: the effnetv2 model folder or Hub id to export")
-    from .sources import load_model
-
-    try:
-        model = load_model(args.model).float().eval()
-        written = to_timm(model, out) if kind == "timm" else to_torchvision(model, out)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    how = (f'timm.create_model("local-dir:{written}", pretrained=True)' if kind == "timm" else
-           f"torchvision.models.efficientnet_v2_{model.variant}(num_classes={model.num_classes})"
-           f".load_state_dict(safetensors.torch.load_file('{written}'))")
-    print(f"wrote {written}: load it with {how}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

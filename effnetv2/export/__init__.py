@@ -3,7 +3,7 @@ its int8 form (``effnetv2.quantize``); and the graphs shipped inside a model fol
 
     python -m effnetv2.export --model SOURCE --out model.onnx [--image-size S] [--dynamic-size] [--opset N]
     python -m effnetv2.export --model SOURCE --out model_int8.onnx --int8 --calibration DATA
-    python -m effnetv2.export --model FOLDER --ship [--int8 --calibration DATA]   # FOLDER/onnx/, for the Hub
+    python -m effnetv2.export --model FOLDER --ship [--int8 --calibration DATA] [--push-to-hub ORG/NAME]
 
 The graph takes ``pixel_values`` ``[B, 3, H, W]`` (already preprocessed, see
 ``effnetv2.transforms_for``) and returns ``logits`` ``[B, num_classes]``. The batch is always
@@ -13,15 +13,14 @@ dynamic; H and W are fixed to the model's eval size (or ``--image-size``) unless
 ``save_pretrained``, with ``onnx/graphs.json``: the fingerprint of the weights they were exported
 from, each graph's SHA-256 and its measured parity with the eager model. ``Predictor`` loading that
 folder or its Hub repo runs a shipped graph only when both match, so a Space needs no export on start.
+``--push-to-hub`` then uploads the folder in one commit (``effnetv2.card.upload_model_folder``).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,12 +29,12 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import sha256_file, weights_fingerprint
-from .fuse import optimize_for_inference
-from .quantize import CALIBRATION_IMAGES, calibration_batches, calibration_split, quantize_onnx, top1_agreement
+from ..checkpoint import sha256_file, weights_fingerprint
+from ..fuse import optimize_for_inference
+from ..quantize import CALIBRATION_IMAGES, calibration_batches, calibration_split, quantize_onnx, top1_agreement
 
-if TYPE_CHECKING:  # annotations only: EfficientNetV2.save_pretrained(graphs=...) calls ship_graphs
-    from .model import EfficientNetV2
+if TYPE_CHECKING:
+    from ..model import EfficientNetV2
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +149,7 @@ def ship_graphs(model: EfficientNetV2, folder: str | os.PathLike, calibration: s
     the float graph's relative error against the eager model (random batch) and the int8 graph's
     top-1 agreement with the float one on images of ``calibration`` it was not calibrated on.
     """
-    from .card import graphs_section, update_card
+    from ..card import graphs_section, update_card
 
     folder = Path(folder)
     size = _size_pair(model.config["image_size"])
@@ -197,96 +196,3 @@ def check_onnx(model: EfficientNetV2, path: str | os.PathLike, image_size: int |
     return {"max_abs_diff": float(np.abs(actual - expected).max()),
             "relative_error": relative_error(actual, expected),
             "max_abs_logit": float(np.abs(expected).max())}
-
-
-def _int8_main(args: argparse.Namespace, model: EfficientNetV2) -> int:
-    """``--int8 --out``: the int8 graph, and its top-1 agreement with the float graph on held-out images."""
-    files, held_out = calibration_split(args.calibration, args.num_calibration, AGREEMENT_IMAGES)
-    size = args.image_size or model.config["image_size"]
-    logger.info("calibrating on %d images of %s", len(files), args.calibration)
-    path = export_int8(model, args.out, calibration_batches(model.config, files, image_size=size), size,
-                       opset=args.opset)
-    logger.info("wrote %s (%.1f MB): EfficientNetV2-%s int8, input [B, 3, %d, %d]", path, path.stat().st_size / 1e6,
-                model.variant, size, size)
-    if held_out and not args.no_check:
-        with tempfile.TemporaryDirectory(prefix="effnetv2-export-") as tmp:
-            fp32 = export_onnx(model, Path(tmp, "model.onnx"), size, opset=args.opset)
-            stats = int8_agreement({**model.config, "image_size": size}, fp32, path, held_out)
-        logger.info("int8 vs float graph on %d held-out images of %s: top-1 agreement %.1f%%, relative error %.2e",
-                    stats["images"], args.calibration, 100 * stats["top1_agreement"], stats["relative_error"])
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m effnetv2.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="folder, Hub id org/name[@revision], or torchvision:<variant>")
-    parser.add_argument("--out", type=Path, help="the .onnx file to write")
-    parser.add_argument("--ship", action="store_true",
-                        help=f"write the graphs into the model folder ({', '.join(SHIPPED_GRAPHS.values())}, "
-                             f"{GRAPHS_MANIFEST}) for its Hub repo")
-    parser.add_argument("--image-size", type=int, default=None, help="H = W of the graph (default: the model's eval size)")
-    parser.add_argument("--dynamic-size", action="store_true", help="leave H and W dynamic (symmetric padding, avg pool only)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    parser.add_argument("--int8", action="store_true", help="post-training static int8 quantization (needs --calibration)")
-    parser.add_argument("--calibration", type=Path, help="folder of images to calibrate int8 on (searched recursively)")
-    parser.add_argument("--num-calibration", type=int, default=CALIBRATION_IMAGES,
-                        help=f"calibration images drawn from --calibration (default {CALIBRATION_IMAGES})")
-    parser.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime equality check")
-    args = parser.parse_args(argv)
-    if bool(args.out) == args.ship:
-        parser.error("give either --out FILE or --ship (into the --model folder)")
-    if args.int8 != bool(args.calibration):
-        parser.error("--int8 and --calibration DATA go together: int8 ranges are measured on real images")
-    if args.int8 and args.dynamic_size:
-        parser.error("--int8 graphs have a fixed size: drop --dynamic-size")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    from .sources import load_model, parse_source
-
-    try:
-        model = load_model(args.model)
-        if args.ship:
-            source = parse_source(args.model)
-            if source.kind != "folder":
-                raise ValueError(f"--ship writes into a model folder, and {args.model!r} is not one: save the model "
-                                 f"with save_pretrained first (or download the repo), then ship into that folder")
-            manifest = ship_graphs(model, source.path, args.calibration, args.num_calibration)
-            for precision, graph in manifest["graphs"].items():
-                logger.info("wrote %s (%s): %s", source.path / SHIPPED_GRAPHS[precision], precision,
-                            {k: v for k, v in graph.items() if k != "sha256"})
-            return 0
-        if args.int8:
-            return _int8_main(args, model)
-        path = export_onnx(model, args.out, args.image_size, opset=args.opset, dynamic_size=args.dynamic_size)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    size = args.image_size or model.config["image_size"]
-    logger.info("wrote %s (%.1f MB): EfficientNetV2-%s, input [B, 3, %s, %s], opset %d", path,
-                path.stat().st_size / 1e6, model.variant, "H" if args.dynamic_size else size,
-                "W" if args.dynamic_size else size, args.opset)
-    if args.no_check:
-        return 0
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        logger.warning("onnxruntime is not installed: the graph was not checked (pip install onnxruntime)")
-        return 0
-    # A dynamic graph is also checked at a second size, where a frozen shape would show.
-    sizes = [size, size + 32] if args.dynamic_size else [size]
-    worst = 0.0
-    for check_size in sizes:
-        stats = check_onnx(model, path, check_size)
-        worst = max(worst, stats["relative_error"])
-        logger.info("ONNX Runtime vs eager at %dx%d: max |Δlogit| %.2e (max |logit| %.2f), relative error %.2e",
-                    check_size, check_size, stats["max_abs_diff"], stats["max_abs_logit"], stats["relative_error"])
-    if worst > MAX_RELATIVE_ERROR:
-        print(f"error: the exported graph's logits differ from the eager model's (relative error {worst:.2e} > "
-              f"{MAX_RELATIVE_ERROR:.0e}); {path} should not be used. Please report this with the model source.",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
