@@ -236,7 +236,9 @@ def explain_parts(predictor: Predictor, seen: dict, class_name: str | None = PRE
     region = why.region_cells(result.shares[0].numel())
     pair = (viz.explanation_picture(seen["view"], result.maps[why.GRADCAM], region, signed=False),
             viz.explanation_picture(seen["view"], result.shares.sum(0), region, signed=True))
-    table = "\n\n".join([f"**Why {label}?** P({label}) = {float(result.probs[result.target]):.2f}.",
+    predicted = labels[int(result.probs.argmax())]
+    choice = "predicted" if predicted == label else f"chosen; predicted: {predicted}"
+    table = "\n\n".join([f"**Why {label}?** P({label}) = {float(result.probs[result.target]):.2f} ({choice}).",
                          why.verdict(result.deletion), why.faithfulness_table(result, label)])
     return (viz.attribution_gallery(small, result.shares, label), totals, table, pair,
             viz.bar_chart(heads, values, f"adds to {label}'s score"))
