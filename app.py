@@ -135,7 +135,8 @@ class Models:
             classes = 1000 if name == IMAGENET else None
         if name in NAMES:
             return NAMES[name].format(classes)
-        return f"{name} — {classes} classes" if classes else name
+        shown = Path(name).name if Path(name).is_dir() else name  # a folder's name, never a server path
+        return f"{shown} — {classes} classes" if classes else shown
 
     def get(self, name: str | None) -> Predictor:
         """The predictor of model ``name`` (empty: ``main``); a message if it cannot be had."""
@@ -190,9 +191,10 @@ def reason(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED)
     """Why ``class_name`` for an image :func:`look` saw, computed once per class and kept in ``seen``."""
     labels = list(predictor.id2label.values())
     known = seen.setdefault("why", {})
-    if None not in known:
-        known[None] = why.why(predictor.model, seen["feats"])
-    target = target_class(labels, class_name, known[None].probs)
+    if not known:  # the predicted class first: it tells which one that is
+        first = why.why(predictor.model, seen["feats"])
+        known[first.target] = first
+    target = target_class(labels, class_name, next(iter(known.values())).probs)
     if target not in known:
         known[target] = why.why(predictor.model, seen["feats"], target)
     return known[target]
@@ -497,6 +499,8 @@ CSS = """
 #title h1 {margin: 0; font-size: clamp(1.4rem, 4vw, 2rem);}
 #answer-picture img, #gradcam-slider img {object-fit: contain;}
 .gallery-item .caption-label {white-space: normal; position: static !important; max-width: 100%;}
+.grid-wrap {height: auto !important; max-height: none !important;}
+#faithfulness td, #faithfulness th {word-break: normal !important; overflow-wrap: normal !important; hyphens: none;}
 @media (max-width: 640px) {
   .gallery .grid-container, .grid-wrap .grid-container {grid-template-columns: repeat(2, minmax(0, 1fr)) !important;}
   #answer {scroll-margin-top: 8px;}
@@ -510,7 +514,8 @@ PICTURE = dict(type="filepath", format="png", interactive=False, buttons=["downl
 with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False) as demo:
     gr.Markdown("# EfficientNetV2: what is in your image, and why", elem_id="title")
     with gr.Row(equal_height=False):
-        header = gr.Markdown(elem_id="model-header")
+        with gr.Column(scale=3, min_width=300):
+            header = gr.Markdown(elem_id="model-header")
         picker = gr.Dropdown(MODELS.choices(), value=MODELS.main, label="Model", elem_id="model-choice",
                              scale=0, min_width=300)
     with gr.Row(equal_height=False, elem_id="answer-row"):
