@@ -33,12 +33,13 @@ from pathlib import Path
 import gradio as gr
 import torch
 from gradio import FileData
+from gradio.utils import get_upload_folder
 from PIL import Image
 
 from effnetv2 import explain as why
 from effnetv2 import viz
 from effnetv2.attention import check_cell
-from effnetv2.images import MAX_UPLOAD_BYTES, UnusableImageError, open_request_image
+from effnetv2.images import MAX_UPLOAD_BYTES, UnusableImageError, confined_file, open_request_image
 from effnetv2.inference import BACKENDS, Predictor
 from effnetv2.sources import load_model
 from effnetv2.walkthrough import attention_walkthrough, textbook_example
@@ -76,6 +77,19 @@ def user_error(message: str, title: str = "Error") -> gr.Error:
     return gr.Error(message, title=title, print_exception=False)
 
 
+NOT_UPLOADED = "This app reads only images uploaded to it: upload the image (or give its URL) and try again."
+
+
+def uploaded_file(path) -> Path:
+    """The file a request names, resolved, if it is an upload (in Gradio's upload folder) or one of
+    ``EXAMPLES``. With ``preprocess=False`` Gradio checks only values marked as files (``"meta"``), so
+    this is the check for every value: anything else, existing or not, gets the one ``NOT_UPLOADED``."""
+    file = confined_file(path, [get_upload_folder()], EXAMPLES)
+    if file is None:
+        raise user_error(NOT_UPLOADED, title="Image not uploaded")
+    return file
+
+
 def read_image(value) -> Image.Image:
     """Whatever the UI or an API client sent (upload payload, path, PIL image) → an RGB PIL image.
 
@@ -90,6 +104,8 @@ def read_image(value) -> Image.Image:
         raise user_error("No image yet: upload one, paste one, take a photo, or click an example.",
                          title="No image")
     name = Path(value).name if isinstance(value, (str, os.PathLike)) else "the image"
+    if not isinstance(value, Image.Image):  # an in-process caller's picture opens no file
+        value = uploaded_file(value)
     try:
         image, warning = open_request_image(value, name)  # the limits of effnetv2.images, as effnetv2.serve's
     except UnusableImageError as err:

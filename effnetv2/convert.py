@@ -20,11 +20,14 @@ Export (the inverse; MODEL is a folder, Hub id or any source ``effnetv2.sources`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import re
 import sys
+import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any, Union
 
@@ -42,6 +45,7 @@ logger = logging.getLogger(__name__)
 Weights = Union[nn.Module, dict, str, os.PathLike]  # what the converters read: a model, its state dict, a file, a name
 TIMM_PREFIX = "tf_efficientnetv2_"
 TORCHVISION_VARIANTS = ("s", "m", "l")
+DOWNLOAD_TIMEOUT_S = 30  # the longest wait for a connection or for each read: a server that stops answering fails
 
 
 def _names_published_weights(source: Weights) -> bool:
@@ -217,6 +221,27 @@ def _torchvision_weights(variant: str):
     return getattr(tvm, f"EfficientNet_V2_{variant.upper()}_Weights").IMAGENET1K_V1
 
 
+def download_file(url: str, path: Path, sha256_prefix: str | None = None, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """``url`` saved at ``path`` (written beside it, then renamed into place), its SHA-256 checked to start
+    with ``sha256_prefix``. ``torch.hub.download_url_to_file`` waits forever on a server that accepts and
+    never answers; here each network wait lasts at most ``timeout`` seconds (then ``TimeoutError``)."""
+    logger.info("downloading %s to %s", url, path)
+    digest = hashlib.sha256()
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "effnetv2"})
+        with os.fdopen(fd, "wb") as file, urllib.request.urlopen(request, timeout=timeout) as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                file.write(chunk)
+        if sha256_prefix and not digest.hexdigest().startswith(sha256_prefix):
+            raise OSError(f"{url} gave a file whose SHA-256 {digest.hexdigest()} does not start with {sha256_prefix}")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
 def _official_torchvision_file(variant: str) -> Path:
     """The official checkpoint in torch's hub cache (``$TORCH_HOME/hub/checkpoints``), downloaded
     there first when missing, its SHA-256 prefix checked as torchvision names it."""
@@ -233,7 +258,7 @@ def _official_torchvision_file(variant: str) -> Path:
                                      f"torchvision:{variant}")
         match = re.search(r"-([a-f0-9]+)\.", filename)
         try:
-            torch.hub.download_url_to_file(weights.url, str(path), match[1] if match else None, progress=True)
+            download_file(weights.url, path, match[1] if match else None, timeout=DOWNLOAD_TIMEOUT_S)
         except Exception as err:  # network errors come in many types (URLError, OSError, RuntimeError)
             raise ModelDownloadError(f"could not download {what} from {weights.url} ({err}). Without internet, "
                                      f"{remedy}", f"torchvision:{variant}") from None

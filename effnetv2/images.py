@@ -12,7 +12,7 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -203,6 +203,23 @@ def verify_image(source: str | os.PathLike | Image.Image, max_pixels: int = MAX_
         to_rgb(image.crop((0, 0, image.width, 1)))
         del image
     _release_freed_memory()
+
+
+def confined_file(path: str | os.PathLike, folders: Iterable[str | os.PathLike],
+                  files: Iterable[str | os.PathLike] = ()) -> Path | None:
+    """``path`` with every link and ``..`` resolved, when that is an existing regular file inside one of
+    ``folders`` or one of ``files`` (also resolved); else ``None``.
+
+    A server opens only what this returns: ``None`` is the same for a file elsewhere, a missing one, a
+    link out, a folder or a device, so a refusal built on it says nothing about the server's files.
+    """
+    try:
+        real = Path(os.path.realpath(path))
+        allowed = (any(real.is_relative_to(os.path.realpath(folder)) for folder in folders)
+                   or any(real == Path(os.path.realpath(file)) for file in files))
+        return real if allowed and real.is_file() else None  # nothing outside is even looked at
+    except (TypeError, ValueError, OSError):  # not a path at all, a NUL byte, a name too long
+        return None
 
 
 class UnusableImageError(ValueError):

@@ -52,6 +52,12 @@ def predictor(model_dir):
     app.MODELS = models
 
 
+@pytest.fixture(autouse=True)
+def uploads_here(tmp_path_factory, monkeypatch):
+    """The tests' files stand in for uploads: Gradio's upload folder is pytest's temporary folder."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.getbasetemp()))
+
+
 @pytest.fixture()
 def photo(tmp_path):
     torch.manual_seed(1)
@@ -104,7 +110,7 @@ def _png_header_only(path, width, height):
 @pytest.mark.parametrize("fn", ["classify", "attention"])
 @pytest.mark.parametrize("case, message", [
     ("text", "not an image"), ("bomb", "decompression bomb"), ("truncated", "truncated"),
-    ("strip", "elongated"), ("none", "No image"), ("missing", "no such file")])
+    ("strip", "elongated"), ("none", "No image"), ("missing", "only images uploaded")])
 def test_bad_inputs_give_clear_errors(predictor, tmp_path, photo, fn, case, message):
     if case == "text":
         value = tmp_path / "notes.png"
@@ -396,6 +402,24 @@ def test_photo_examples_are_marked_apart_from_the_shapes():
     [photos] = [block for block in sets if "outside" in block.label]
     assert len(sets) == 2
     assert [Path(sample[0]["path"]).name for sample in photos.samples] == [Path(p).name for p in app.PHOTOS]
+
+
+def test_only_uploads_and_examples_are_opened(predictor, photo, tmp_path):
+    """A file outside the upload folder, reached directly, by '..' or by a link, is refused with the
+    message a missing file gets; an example is read where it lies."""
+    with tempfile.TemporaryDirectory() as outside:  # the system's temporary folder, not pytest's
+        secret = Path(outside) / "secret.png"
+        secret.write_bytes(photo.read_bytes())
+        (tmp_path / "link.png").symlink_to(secret)
+        dotted = f"{tmp_path}/{'../' * len(tmp_path.parts)}{str(secret).lstrip('/')}"
+        messages = set()
+        for value in (str(secret), {"path": str(secret)}, str(tmp_path / "link.png"), dotted,
+                      str(Path(outside) / "gone.png"), "/etc/passwd", "/proc/self/environ"):
+            with pytest.raises(gr.Error) as caught:
+                app.classify(value)
+            messages.add((caught.value.title, caught.value.message))
+        assert messages == {("Image not uploaded", app.NOT_UPLOADED)}
+    assert len(_top(app.classify(app.EXAMPLES[0]))) == TOP
 
 
 def test_importing_app_loads_no_model(model_dir):

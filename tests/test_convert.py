@@ -1,7 +1,12 @@
 """Converters from torchvision and timm: exact parity on random weights, key/shape mapping for every
 variant, safe file reading, the official-weights cache path and the command line."""
 import hashlib
+import http.server
 import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -141,7 +146,7 @@ def test_official_weights_offline_from_cache(tv_s, tv_s_pth, tmp_path, monkeypat
     def no_network(*args, **kwargs):
         raise OSError("network disabled in tests")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(convert, "download_file", no_network)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     url = torchvision.models.EfficientNet_V2_S_Weights.IMAGENET1K_V1.url
     cached = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
@@ -319,3 +324,85 @@ def test_cli_exports_a_saved_model_to_timm(tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert.main(["--to", "timm", str(tmp_path / "x")])
     assert "--to needs --model" in capsys.readouterr().err
+
+
+@contextmanager
+def silent_server():
+    """A loopback TCP server that accepts connections and never answers; yields its port."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        accepted = []  # held open until the end: a closed socket would answer (with a reset)
+        stop = threading.Event()
+
+        def accept():
+            server.settimeout(0.1)
+            while not stop.is_set():
+                try:
+                    accepted.append(server.accept()[0])
+                except TimeoutError:
+                    pass
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            yield server.getsockname()[1]
+        finally:
+            stop.set()
+            thread.join()
+            for connection in accepted:
+                connection.close()
+
+
+def test_download_gives_up_on_a_server_that_never_answers(tmp_path, monkeypatch):
+    monkeypatch.setenv("no_proxy", "*")
+    with silent_server() as port:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            convert.download_file(f"http://127.0.0.1:{port}/w.pth", tmp_path / "w.pth", timeout=0.5)
+        assert time.monotonic() - start < 5
+    assert list(tmp_path.iterdir()) == []  # no partial file left behind
+
+
+def test_download_checks_the_hash_and_writes_only_a_whole_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("no_proxy", "*")
+    data = b"weights" * 1000
+    digest = hashlib.sha256(data).hexdigest()
+
+    class Serve(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Serve) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/w.pth"
+        try:
+            with pytest.raises(OSError, match="does not start with 0000"):
+                convert.download_file(url, tmp_path / "w.pth", "0000")
+            assert list(tmp_path.iterdir()) == []
+            convert.download_file(url, tmp_path / "w.pth", digest[:8])
+        finally:
+            server.shutdown()
+    assert [p.name for p in tmp_path.iterdir()] == ["w.pth"] and (tmp_path / "w.pth").read_bytes() == data
+
+
+def test_official_weights_through_a_proxy_that_never_answers_fail_in_time(tmp_path, monkeypatch):
+    """The torchvision download through a proxy that accepts and never answers: a ModelDownloadError
+    after the download timeout, not a wait forever."""
+    from effnetv2.hub import ModelDownloadError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(convert, "is_offline", lambda: False)
+    monkeypatch.setattr(convert, "DOWNLOAD_TIMEOUT_S", 0.5)
+    with silent_server() as port:
+        for name in ("https_proxy", "HTTPS_PROXY"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+        for name in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        start = time.monotonic()
+        with pytest.raises(ModelDownloadError, match="could not download"):
+            convert.from_torchvision("s")
+        assert time.monotonic() - start < 5
+    assert [p.name for p in (tmp_path / "hub" / "checkpoints").iterdir()] == []

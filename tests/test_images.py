@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.memory import measure_open_image, png_bytes, ramp, write_png16
-from effnetv2.images import MAX_IMAGE_PIXELS, ImageLoadError, image_pixels, open_image, verify_image
+from effnetv2.images import (MAX_IMAGE_PIXELS, ImageLoadError, confined_file, image_pixels, open_image,
+                            verify_image)
 
 # 16-bit values and their 8-bit results, worked by hand: the high byte, v // 256.
 SIXTEEN_BIT = [0, 255, 256, 32767, 32768, 65535]
@@ -118,3 +119,31 @@ def test_decoding_a_16_bit_png_costs_bytes_per_pixel_not_float64(tmp_path):
     result = measure_open_image(path)
     assert result["code"] == 0, result["output"]
     assert result["increase"] < 400e6, f"{result['increase'] / 1e6:.0f} MB"
+
+
+def test_confined_file_opens_only_files_inside_its_folders(tmp_path):
+    """Uploads and named files pass, resolved; anything reached by '..', a link out, a folder, a device,
+    a missing name or a non-path is None, the one answer whether or not it exists."""
+    uploads, outside = tmp_path / "uploads", tmp_path / "outside"
+    (uploads / "abc").mkdir(parents=True)
+    outside.mkdir()
+    upload, secret, example = uploads / "abc" / "cat.png", outside / "secret.png", outside / "example.png"
+    for file in (upload, secret, example):
+        file.write_bytes(b"bytes")
+    (uploads / "abc" / "out.png").symlink_to(secret)
+    (uploads / "abc" / "gone.png").symlink_to(outside / "missing.png")
+    (uploads / "abc" / "in.png").symlink_to(upload)
+    (outside / "to_upload.png").symlink_to(upload)  # a link from outside to an upload: the upload
+    (tmp_path / "uploads_evil").mkdir()  # a sibling whose name only starts like the folder's
+    (tmp_path / "uploads_evil" / "x.png").write_bytes(b"bytes")
+    allowed = {upload: upload, uploads / "abc" / "in.png": upload, outside / "to_upload.png": upload,
+               example: example, f"{uploads}/abc/../abc/cat.png": upload}
+    for path, resolved in allowed.items():
+        assert confined_file(path, [uploads], [str(example)]) == resolved, path
+    refused = [secret, uploads / "abc" / "out.png", uploads / "abc" / "gone.png",
+               f"{uploads}/abc/../../outside/secret.png", uploads / "abc" / "nothing.png", outside / "missing.png", uploads / "abc", uploads,
+               tmp_path / "uploads_evil" / "x.png", "/dev/null", "/proc/self/environ", "/etc/passwd",
+               f"{upload}\0", "x" * 5000, 7, None, ["a"], {"path": str(upload)}]
+    for path in refused:
+        assert confined_file(path, [uploads], [str(example)]) is None, path
+    assert confined_file(upload, []) is None and confined_file(example, [], [example]) == example

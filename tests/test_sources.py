@@ -7,7 +7,7 @@ from urllib.error import URLError
 import pytest
 import torch
 
-from effnetv2 import EfficientNetV2
+from effnetv2 import EfficientNetV2, convert
 from effnetv2.hub import ModelDownloadError
 from effnetv2.sources import Source, load_model, parse_source
 
@@ -73,7 +73,7 @@ def test_torchvision_weights_offline_fail_at_once_with_one_clear_error(offline, 
     from huggingface_hub import constants
 
     downloads = []
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *args, **kwargs: downloads.append(args))
+    monkeypatch.setattr(convert, "download_file", lambda *args, **kwargs: downloads.append(args))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline == "env and constants")
@@ -93,7 +93,7 @@ def test_torchvision_download_failure_is_an_oserror(tmp_path, monkeypatch):
     def unreachable(url, *args, **kwargs):
         raise URLError("Name or service not known")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    monkeypatch.setattr(convert, "download_file", unreachable)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

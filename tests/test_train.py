@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from effnetv2 import EfficientNetV2, transforms_for
+from effnetv2 import EfficientNetV2, convert, transforms_for
 from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.data import make_shapes_dataset
 from effnetv2.images import open_image
@@ -253,7 +253,7 @@ def test_offline_torchvision_weights_are_one_error_line_at_once(tiny, tmp_path, 
     """Offline (HF_HUB_OFFLINE, set by conftest) with no cached torchvision weights: no download is
     tried (so no network wait), and the run ends with the loader's helpful sentence as its one error line."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("a download was tried"))
+    monkeypatch.setattr(convert, "download_file", lambda *a, **k: pytest.fail("a download was tried"))
     rc = run(tiny, tmp_path / "run", "--weights", "torchvision:s", "--epochs", "1")
     printed = capsys.readouterr().out.strip().splitlines()
     assert rc == 2 and printed[:-1] == [
