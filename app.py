@@ -479,6 +479,11 @@ def show_answer(image, view, model):
     return (*as_files(answer_parts(predictor, seen, PREDICTED, view)), seen)
 
 
+def clear():
+    """A new image: the old answer goes at once (no queue), before the new one is computed."""
+    return None, None, "", "", "", PREDICTED
+
+
 def redraw(seen, class_name, view):
     """Another class or map: the first screen again from the kept image (the head only)."""
     if not seen:
@@ -509,8 +514,10 @@ def pick_cell(seen, evt: gr.SelectData):
 # Computing events run with ``preprocess=False`` (a bad input is a message, never a Gradio processing
 # error) in the concurrency group ``COMPUTE``: at most ``CONCURRENCY`` requests compute at once.
 
-CLEAR = "() => [null, null, '', '', '', '']"  # a new image: the old answer goes at once, in the browser
-INTO_VIEW = "() => document.querySelector('#answer')?.scrollIntoView({block: 'nearest'})"  # a phone scrolls
+INTO_VIEW = """() => { let tries = 0; const go = () => {  // once the picture is drawn (a phone scrolls to it)
+  const picture = document.querySelector('#answer-picture img');
+  if ((!picture || !picture.complete) && tries++ < 40) return setTimeout(go, 50);
+  document.querySelector('#answer')?.scrollIntoView({block: 'nearest', behavior: 'instant'}); }; go(); }"""
 CSS = """
 #title h1 {margin: 0; font-size: clamp(1.4rem, 4vw, 2rem);}
 #answer-picture img, #gradcam-slider img {object-fit: contain;}
@@ -572,7 +579,7 @@ with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False) as demo:
                                      elem_id="grid-view", **PICTURE)
             matrix = gr.Image(label="Query-by-key weights (mean over heads)", elem_id="score-matrix", **PICTURE)
         maths = gr.Markdown(latex_delimiters=LATEX, elem_id="maths")
-    with gr.Accordion("Playground: the textbook example", open=False):
+    with gr.Accordion("Playground: the textbook example", open=False) as play_section:
         gr.Markdown("A sequence of tokens of some width, split into heads: each head scores every token "
                     "against every other. Change the sizes.")
         with gr.Row():
@@ -587,7 +594,7 @@ with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False) as demo:
     attention_outputs = [heads, matrix, maths, grid_view]
     compute = dict(concurrency_id=COMPUTE, api_visibility="private")
     demo.load(open_page, None, [header, picker, target, view, query], queue=False, api_visibility="private")
-    image.change(None, None, [*first, target], js=CLEAR, queue=False, api_visibility="private")
+    image.change(clear, None, [*first, target], queue=False, show_progress="hidden", api_visibility="private")
     image.change(show_answer, [image, view, picker], [*first, seen], preprocess=False, **compute).then(
         None, js=INTO_VIEW).then(show_depth, [seen, target, query, row, col], depth, **compute)
     picker.input(switch, picker, [picker, header, target, view, query], api_visibility="private").then(
@@ -599,8 +606,8 @@ with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False) as demo:
           **compute)
     grid_view.select(pick_cell, seen, [query, row, col], api_visibility="private").then(
         show_attention, [seen, query, row, col], attention_outputs, **compute)
-    play.click(lambda *sizes: as_files(playground(*sizes)), numbers, [play_gallery, play_maths],
-               preprocess=False, **compute)
+    gr.on([play.click, play_section.expand], lambda *sizes: as_files(playground(*sizes)), numbers,
+          [play_gallery, play_maths], preprocess=False, **compute)  # opened: the example is there
     for endpoint in (answer, classify, attention, explain, textbook):
         gr.api(endpoint, api_name=endpoint.__name__, concurrency_id=COMPUTE)
 demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)

@@ -379,17 +379,18 @@ def test_every_computing_event_is_in_one_concurrency_group():
     assert {fn.concurrency_id for fn in events} == {"compute"}
     others = [fn for fn in app.demo.fns.values() if fn not in events]
     assert all(fn.concurrency_id != "compute" for fn in others)
-    assert {fn.name for fn in others} >= {"open_page", "switch", "pick_cell"}
+    assert {fn.name for fn in others} >= {"open_page", "switch", "pick_cell", "clear"}
 
 
 def test_a_new_image_clears_the_old_answer_in_the_browser_first():
-    """Two listeners of the image's change: a browser-only one clearing the answer (no queue, no server
-    round trip), and the computing one."""
+    """Two listeners of the image's change: one clearing the answer outside the queue (it never waits
+    behind another visitor's computing), and the computing one."""
     image = next(b for b in app.demo.blocks.values() if getattr(b, "elem_id", None) == "image")
     listeners = [fn for fn in app.demo.fns.values()
                  if any(t[0] == image._id and t[1] == "change" for t in fn.targets)]
     clear, compute = listeners
-    assert clear.fn is None and clear.js == app.CLEAR and not clear.queue
+    assert clear.name == "clear" and not clear.queue and clear.concurrency_id != app.COMPUTE
+    assert app.clear() == (None, None, "", "", "", app.PREDICTED)
     assert compute.name == "show_answer"
     first = {b._id for b in app.demo.blocks.values()
              if getattr(b, "elem_id", None) in ("answer-label", "answer-picture", "answer-sentence", "verdict")}
