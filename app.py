@@ -521,8 +521,10 @@ INTO_VIEW = """() => { let tries = 0; const go = () => {  // once the picture is
 CSS = """
 #title h1 {margin: 0; font-size: clamp(1.4rem, 4vw, 2rem);}
 #answer-picture img, #gradcam-slider img {object-fit: contain;}
-.gallery-item .caption-label {white-space: normal; position: static !important; max-width: 100%;}
 .grid-wrap {height: auto !important; max-height: none !important;}
+.grid-wrap .thumbnail-item {aspect-ratio: auto !important; height: auto !important; display: flex; flex-direction: column;}
+.grid-wrap .caption-label {position: static !important; white-space: normal; max-width: 100%; border: none;}
+.grid-wrap img {object-fit: contain !important; height: auto !important;}
 #faithfulness td, #faithfulness th {word-break: normal !important; overflow-wrap: normal !important; hyphens: none;}
 @media (max-width: 640px) {
   .gallery .grid-container, .grid-wrap .grid-container {grid-template-columns: repeat(2, minmax(0, 1fr)) !important;}
@@ -531,7 +533,7 @@ CSS = """
 }
 """
 SOURCES = ["upload", "webcam", "clipboard"]
-GALLERY = dict(columns=3, format="png", object_fit="contain", height="auto", buttons=["download", "fullscreen"])
+GALLERY = dict(columns=5, format="png", object_fit="contain", height="auto", buttons=["download", "fullscreen"])
 PICTURE = dict(type="filepath", format="png", interactive=False, buttons=["download", "fullscreen"])
 
 with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False) as demo:
