@@ -452,6 +452,7 @@ def test_classify_and_attention_together_compute_two_at_a_time(predictor, photo,
             with lock:
                 active -= 1
     monkeypatch.setattr(app, "read_image", slow_read_image)
+    monkeypatch.delenv("GRADIO_TEMP_DIR")  # the upload folder app.demo was built with, at import
     demo, port = app.demo, free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 allowed_paths=[str(app.picture_dir())])
