@@ -107,10 +107,7 @@ def class_attribution(model: EfficientNetV2, images: torch.Tensor, target=None,
     attention pool, the output projection's bias through the classifier), the same for every image.
     """
     feats, scores, contributions, rest, target = _image_terms(model, images, target)
-    share = contributions[torch.arange(len(feats)), :, :, target]  # [B, h, L]
-    if scores is not None:
-        share = share * scores.softmax(-1)
-    maps = share.unflatten(-1, feats.shape[-2:])
+    maps = _shares(scores, contributions, target, feats.shape[-2:])
     return (maps, rest[target]) if return_rest else maps
 
 
@@ -269,7 +266,7 @@ def why(model: EfficientNetV2, feats: torch.Tensor, target: int | None = None, s
     feats, scores, contributions, rest, targets = _feature_terms(model, feats[:1], target)
     with torch.no_grad():
         probs = model.forward_head(feats)[0].softmax(-1)
-    shares = class_attribution_of_terms(scores, contributions, targets, feats.shape[-2:])[0]
+    shares = _shares(scores, contributions, targets, feats.shape[-2:])[0]
     if scores is not None:
         heads = scores.softmax(-1).unflatten(-1, feats.shape[-2:])[0].float()
     else:
@@ -286,8 +283,8 @@ def why(model: EfficientNetV2, feats: torch.Tensor, target: int | None = None, s
     return Why(int(targets[0]), probs, shares, heads, maps, {k: c["deletion"][0] for k, c in curves.items()})
 
 
-def class_attribution_of_terms(scores, contributions, target, grid) -> torch.Tensor:
-    """:func:`class_attribution` from :func:`_cell_terms`' pieces: ``[B, heads, h, w]``."""
+def _shares(scores, contributions, target, grid) -> torch.Tensor:
+    """:func:`class_attribution` from :func:`_cell_terms`' pieces and the targets ``[B]``: ``[B, heads, h, w]``."""
     share = contributions[torch.arange(len(contributions)), :, :, target]  # [B, h, L]
     if scores is not None:
         share = share * scores.softmax(-1)
