@@ -516,7 +516,7 @@ def pick_cell(seen, evt: gr.SelectData):
 
 INTO_VIEW = """() => { let tries = 0; const go = () => {  // once the picture is drawn (a phone scrolls to it)
   const picture = document.querySelector('#answer-picture img');
-  if ((!picture || !picture.complete) && tries++ < 40) return setTimeout(go, 50);
+  if ((!picture || !picture.complete) && tries++ < 100) return setTimeout(go, 50);
   document.querySelector('#answer')?.scrollIntoView({block: 'nearest', behavior: 'instant'}); }; go(); }"""
 CSS = """
 #title h1 {margin: 0; font-size: clamp(1.4rem, 4vw, 2rem);}

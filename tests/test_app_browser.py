@@ -97,6 +97,11 @@ def check_first_screen(page, label: str) -> None:
     """The label, the sentence and the explanation picture are inside the viewport as it is (no scroll
     or click of the visitor's), the picture at least 320 px wide (desktop) or 90% of the width (phone)."""
     width, height = page.viewport_size["width"], page.viewport_size["height"]
+    try:  # the page scrolls a phone to the answer once its picture is drawn
+        page.wait_for_function("() => { const r = document.querySelector('#answer').getBoundingClientRect();"
+                               " return r.top >= 0 && r.bottom <= innerHeight; }", timeout=5000)
+    except sync_api.TimeoutError:
+        pass  # the assertions below say where it is
     picture = page.locator("#answer-picture img").bounding_box()
     sentence = page.locator("#answer-sentence").bounding_box()
     assert picture["width"] >= (320 if page.size == "desktop" else 0.9 * width), picture
