@@ -28,6 +28,8 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 import gradio as gr
@@ -69,7 +71,7 @@ PREDICTED = ""               # the class picker's "the predicted class"
 POOLED, CELL = "pooled", "cell"
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 MCP_AVAILABLE = importlib.util.find_spec("mcp") is not None  # Gradio's `mcp` extra: serve the API as MCP tools
-log = logging.getLogger("effnetv2.app")
+logger = logging.getLogger("effnetv2.app")
 
 
 def user_error(message: str, title: str = "Error") -> gr.Error:
@@ -123,12 +125,28 @@ def load(source: str, backend: str = "auto") -> Predictor:
     return predictor
 
 
+LOAD_TIMEOUT_S = 180   # the longest wait for another model to load; a load that takes longer counts as failed
+LOAD_WAITERS = CONCURRENCY - 1  # computing requests that may wait for a load: the other slot serves loaded models
+RETRY_AFTER_S = 60     # a failed load is remembered this long: requests meanwhile are answered without a retry
+
+
 class Models:
-    """The app's models by the picker's value: its own (``main``), loaded on first use unless
-    :meth:`start` loaded it, and ImageNet EfficientNetV2-S for photos (torch backend: no export to wait for)."""
+    """The app's models by the picker's value: its own (``main``), loaded on first use unless :meth:`start`
+    loaded it, and ImageNet EfficientNetV2-S for photos (torch backend: no export to wait for).
+
+    A load runs in a thread of its own, so a slow or hung download never holds up the loaded models: the
+    picker (an event of its own) waits for it, and of the computing requests only ``LOAD_WAITERS`` at a
+    time, each in its compute slot; the others are told at once to come back. A load is given up after
+    ``LOAD_TIMEOUT_S``; a failure is logged with its details (paths, settings) and remembered for
+    ``RETRY_AFTER_S``; visitors are told that it failed, not why.
+    """
 
     def __init__(self, main: str):
-        self.main, self._loaded, self._lock = main, {}, threading.Lock()  # two first requests load it once
+        self.main, self._loaded = main, {}
+        self._loading: dict[str, tuple[Future, float]] = {}  # name → its load, and when it started
+        self._failed: dict[str, float] = {}  # name → when its last load failed
+        self._lock = threading.Lock()  # two first requests at once start one load
+        self._waiters = threading.BoundedSemaphore(max(0, LOAD_WAITERS))
 
     def start(self, source: str, backend: str = "auto") -> None:
         """Load ``source`` now as the app's own model (errors propagate: the command line reports them)."""
@@ -154,23 +172,63 @@ class Models:
         shown = Path(name).name if Path(name).is_dir() else name  # a folder's name, never a server path
         return f"{shown} — {classes} classes" if classes else shown
 
-    def get(self, name: str | None) -> Predictor:
-        """The predictor of model ``name`` (empty: ``main``); a message if it cannot be had."""
+    def get(self, name: str | None, wait_s: float | None = None) -> Predictor:
+        """The predictor of model ``name`` (empty: ``main``), waiting up to ``wait_s`` for it to load
+        (``None``: a computing request's wait, see the class); a message if it cannot be had now."""
         name = name or self.main
-        if name not in self._loaded:
-            if name not in self.names():
-                raise user_error(f"Unknown model {name!r}: choose "
-                                 f"{' or '.join(repr(value) for value in self.names())}.", title="Unknown model")
+        if name in self._loaded:
+            return self._loaded[name]
+        if name not in self.names():
+            raise user_error(f"Unknown model {name!r}: choose {' or '.join(repr(value) for value in self.names())}.",
+                             title="Unknown model")
+        future, started = self._start(name)
+        left = max(0.0, started + LOAD_TIMEOUT_S - time.monotonic())
+        if wait_s is not None:
+            wait([future], timeout=min(wait_s, left))
+        elif self._waiters.acquire(blocking=False):
+            try:
+                wait([future], timeout=left)
+            finally:
+                self._waiters.release()
+        done = future.done()
+        if done and future.exception() is None:
+            return future.result()
+        if not done and time.monotonic() - started < LOAD_TIMEOUT_S:
+            raise user_error(f"{self.title(name)} is loading (its weights are downloaded on first use): try again "
+                             f"in a minute.", title="Model loading")
+        raise self._unavailable(name)
+
+    def _start(self, name: str) -> tuple[Future, float]:
+        """The load of ``name`` under way, started now unless one runs; refused while a failure is remembered."""
+        with self._lock:
+            failed = self._failed.get(name)
+            if failed is not None and time.monotonic() - failed < RETRY_AFTER_S:
+                raise self._unavailable(name)
+            if name not in self._loading:
+                future = Future()
+                threading.Thread(target=self._load, args=(name, future), name=f"load {name}", daemon=True).start()
+                self._loading[name] = future, time.monotonic()
+            return self._loading[name]
+
+    def _load(self, name: str, future: Future) -> None:
+        try:
+            loaded = load(name, backend="auto" if name == self.main else "torch")
+        except Exception as err:  # noqa: BLE001 -- whatever broke, the server keeps serving its own model
+            logger.error("could not load model %s: %s", name, err,  # the why, for whoever runs the server
+                         exc_info=not isinstance(err, (ValueError, OSError, ImportError)))  # unforeseen: where
             with self._lock:
-                if name not in self._loaded:
-                    try:
-                        self._loaded[name] = load(name, backend="auto" if name == self.main else "torch")
-                    except (ValueError, OSError, ImportError) as err:  # offline, no weights: the log says what to do
-                        log.warning("could not load %s: %s", name, err)
-                        raise user_error(f"The {self.title(name)} model cannot be loaded on this server right "
-                                         f"now, so the page stays on {self.title(self.main)}.",
-                                         title="Model not available") from None
-        return self._loaded[name]
+                self._failed[name] = time.monotonic()
+                del self._loading[name]
+            future.set_exception(err)
+            return
+        with self._lock:
+            self._loaded[name] = loaded
+            del self._loading[name]
+        future.set_result(loaded)
+
+    def _unavailable(self, name: str) -> gr.Error:
+        return user_error(f"{self.title(name)} could not be loaded on this server (its log says why); it is tried "
+                          f"again in a minute. Meanwhile use {self.title(self.main)}.", title="Model not available")
 
 
 MODELS = Models(os.environ.get("EFFNETV2_MODEL") or DEFAULT_MODEL)
@@ -460,7 +518,7 @@ def follow(predictor: Predictor) -> list:
 def switch(name: str):
     """Another model picked: its header and controls; back to the app's own if it cannot be had."""
     try:
-        predictor = MODELS.get(name)
+        predictor = MODELS.get(name, wait_s=LOAD_TIMEOUT_S)  # its own event: no compute slot held
     except gr.Error as err:
         gr.Warning(err.message, title=err.title)
         name, predictor = MODELS.main, MODELS.get(MODELS.main)

@@ -224,7 +224,7 @@ def _torchvision_weights(variant: str):
 def download_file(url: str, path: Path, sha256_prefix: str | None = None, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
     """``url`` saved at ``path`` (written beside it, then renamed into place), its SHA-256 checked to start
     with ``sha256_prefix``. ``torch.hub.download_url_to_file`` waits forever on a server that accepts and
-    never answers; here each network wait lasts at most ``timeout`` seconds (then ``TimeoutError``)."""
+    never answers; here each network wait lasts at most ``timeout`` seconds (then an ``OSError``)."""
     logger.info("downloading %s to %s", url, path)
     digest = hashlib.sha256()
     fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")

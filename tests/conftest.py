@@ -1,4 +1,6 @@
 import os
+import socket
+import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -29,3 +31,33 @@ def torchvision_home(tmp_path_factory):
     torch.save(torchvision.models.efficientnet_v2_s().state_dict(),
                home / "hub" / "checkpoints" / "efficientnet_v2_s-dd5fe13b.pth")
     return home
+
+
+@pytest.fixture()
+def silent_proxy(monkeypatch):
+    """Every HTTP(S) request of this process goes through a loopback proxy that accepts connections
+    and never answers (a hung download); yields its port."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.1)
+        accepted, stop = [], threading.Event()  # connections stay open: a closed one would answer (a reset)
+
+        def accept():
+            while not stop.is_set():
+                try:
+                    accepted.append(server.accept()[0])
+                except TimeoutError:
+                    pass
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        port = server.getsockname()[1]
+        for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+        for name in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        try:
+            yield port
+        finally:
+            stop.set()
+            thread.join()
+            for connection in accepted:
+                connection.close()

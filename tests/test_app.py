@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
@@ -573,7 +574,7 @@ def test_model_picker_offline_says_so_once_in_a_visitors_words(predictor, tmp_pa
     with pytest.raises(gr.Error) as caught:
         models.get("torchvision:s")
     message = caught.value.message
-    assert message.startswith("The ImageNet — EfficientNetV2-S, 1000 classes model cannot be loaded")
+    assert message.startswith("ImageNet — EfficientNetV2-S, 1000 classes could not be loaded on this server")
     assert "/" not in message.replace(" — ", "") and not re.search(r"[A-Z]{2,}_[A-Z_]+", message)
     assert "HF_HUB_OFFLINE" in caplog.text or "offline" in caplog.text  # the log keeps the detail
     with pytest.raises(gr.Error, match=r"Unknown model 'resnet'"):
@@ -643,3 +644,108 @@ def test_the_space_installs_the_apps_packages_with_cpu_torch_at_the_projects_pin
         assert version is None or pins[name] == version, name  # what the tests ran with
     assert {"torch", "torchvision", "gradio", "onnxruntime", "huggingface_hub", "safetensors", "matplotlib"} <= set(space)
     assert not {"tensorboard", "openvino", "accelerate", "timm"} & set(space)  # the trainer's, not the app's
+
+
+@pytest.fixture()
+def own_models(predictor, monkeypatch):
+    """A fresh ``app.MODELS`` on the tiny model (nothing else loaded, no failure remembered)."""
+    models = app.Models(app.MODELS.main)
+    models.start(models.main, backend="torch")
+    monkeypatch.setattr(app, "MODELS", models)
+    return models
+
+
+IMAGENET_TITLE = "ImageNet — EfficientNetV2-S, 1000 classes"
+
+
+def test_a_hung_model_load_never_holds_up_the_apps_own_model(own_models, photo, monkeypatch):
+    """The picker's other model hangs while loading (a download that never answers): one request for
+    it waits in its compute slot, the others are told at once to come back, and the app's own model
+    answers meanwhile (it used to wait behind them for as long as the download hung)."""
+    release, calls = threading.Event(), []
+
+    def hanging_load(source, backend="auto"):
+        calls.append(source)
+        release.wait(120)
+        raise OSError("no answer")
+    monkeypatch.setattr(app, "load", hanging_load)
+    monkeypatch.delenv("GRADIO_TEMP_DIR")  # the upload folder app.demo was built with, at import
+    demo, port = app.demo, free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    pool = ThreadPoolExecutor(6)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        imagenet = [pool.submit(client.predict, handle_file(str(photo)), "torchvision:s", api_name="/classify")
+                    for _ in range(4)]  # twice the compute slots
+        time.sleep(1)
+        start = time.monotonic()
+        own = pool.submit(client.predict, handle_file(str(photo)), api_name="/classify").result(timeout=30)
+        seconds = time.monotonic() - start
+        release.set()  # the load fails: the request that waited for it says so
+        messages = []
+        for request in imagenet:
+            with pytest.raises(AppError) as caught:
+                request.result(timeout=30)
+            messages.append(str(caught.value))
+    finally:
+        release.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        demo.close()
+    assert own["label"] in LABELS and seconds < 10, seconds
+    assert calls == ["torchvision:s"]  # one load for all four requests
+    assert app.LOAD_WAITERS == 1 and sorted(message.split(" (")[0] for message in messages) == [
+        f"{IMAGENET_TITLE} could not be loaded on this server", *[f"{IMAGENET_TITLE} is loading"] * 3], messages
+    assert not any("/" in message for message in messages)
+
+
+def test_a_download_that_never_answers_fails_in_time_and_shows_visitors_no_path(own_models, silent_proxy, tmp_path,
+                                                                                 monkeypatch, caplog):
+    """The real loader, TORCH_HOME empty, online, behind a proxy that never answers: the picker gets
+    "not available" within the download timeout, the log gets the why with the paths."""
+    from effnetv2 import convert
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(convert, "is_offline", lambda: False)
+    monkeypatch.setattr(convert, "DOWNLOAD_TIMEOUT_S", 1)
+    start = time.monotonic()
+    with pytest.raises(gr.Error, match="could not be loaded on this server") as caught:
+        own_models.get("torchvision:s", wait_s=app.LOAD_TIMEOUT_S)
+    assert time.monotonic() - start < 10
+    assert not any(text in caught.value.message for text in ("/", "TORCH_HOME", "HF_HUB_OFFLINE"))
+    assert "could not download" in caplog.text and str(tmp_path) in caplog.text
+
+
+def test_a_failed_model_load_is_remembered_for_a_while(own_models, monkeypatch):
+    """A load that failed (or outlived LOAD_TIMEOUT_S) is not retried on every request, only after
+    RETRY_AFTER_S, and its message names no server path or setting."""
+    calls, release = [], threading.Event()
+
+    def failing_load(source, backend="auto"):
+        calls.append(source)
+        release.wait(30)
+        raise OSError("could not download the weights: put that file at /srv/torch/hub (or set TORCH_HOME, "
+                      "unset HF_HUB_OFFLINE)")
+    monkeypatch.setattr(app, "load", failing_load)
+    models = own_models
+    monkeypatch.setattr(app, "LOAD_TIMEOUT_S", 0.5)  # a load that takes longer is given up ...
+    start = time.monotonic()
+    for _ in range(2):  # ... without starting another while it runs
+        with pytest.raises(gr.Error, match="could not be loaded"):
+            models.get("torchvision:s", wait_s=30)
+    assert time.monotonic() - start < 5 and calls == ["torchvision:s"]
+    release.set()
+    monkeypatch.setattr(app, "LOAD_TIMEOUT_S", 30)
+    deadline = time.monotonic() + 10
+    while "torchvision:s" in models._loading and time.monotonic() < deadline:  # the hung load ends, failed
+        time.sleep(0.05)
+    for _ in range(3):
+        with pytest.raises(gr.Error) as caught:
+            models.get("torchvision:s", wait_s=5)
+        message = caught.value.message
+        assert "could not be loaded" in message
+        assert not any(text in message for text in ("/", "TORCH_HOME", "HF_HUB_OFFLINE")), message
+    assert calls == ["torchvision:s"]  # remembered: not tried again
+    monkeypatch.setattr(app, "RETRY_AFTER_S", 0)  # the window has passed
+    with pytest.raises(gr.Error, match="could not be loaded"):
+        models.get("torchvision:s", wait_s=5)
+    assert calls == ["torchvision:s"] * 2

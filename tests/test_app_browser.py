@@ -200,6 +200,6 @@ def test_imagenet_offline_says_so_once_in_a_visitors_words(page):
     page.wait_for_timeout(1500)  # a second message would be here by now
     texts = [text for text in toast.all_inner_texts() if text.strip()]
     assert len(texts) == 1, texts
-    assert "cannot be loaded" in texts[0] and "Shapes" in texts[0]
+    assert "could not be loaded" in texts[0] and "Shapes" in texts[0]
     assert "/" not in texts[0] and not re.search(r"\b[A-Z]{2,}_[A-Z_]+\b", texts[0]), texts[0]  # no path, no env var
     assert page.locator("#model-choice input").input_value().startswith("Shapes")  # the page stays on its model
