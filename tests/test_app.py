@@ -702,8 +702,11 @@ def test_a_download_that_never_answers_fails_in_time_and_shows_visitors_no_path(
                                                                                  monkeypatch, caplog):
     """The real loader, TORCH_HOME empty, online, behind a proxy that never answers: the picker gets
     "not available" within the download timeout, the log gets the why with the paths."""
+    import urllib.request
+
     from effnetv2 import convert
 
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's opener, built on the proxy here, goes after
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(convert, "is_offline", lambda: False)
     monkeypatch.setattr(convert, "DOWNLOAD_TIMEOUT_S", 1)
