@@ -1,4 +1,4 @@
-"""The effnetv2 demo: classify an image, see where each attention head looks and why it chose a class.
+"""The effnetv2 demo: give an image, get the answer and why at once, then dig into the attention.
 
     python app.py                                  # the bundled shapes model (assets/model), no network
     python app.py --model org/name@v1.0            # a Hub repo, optionally at a revision
@@ -6,14 +6,12 @@
     EFFNETV2_MODEL=./my-model python app.py --port 7861
     gradio app.py                                  # reload mode: edits re-run this file ($EFFNETV2_MODEL)
 
-Tab "Classify" gives the top-5 labels; tab "Attention" answers "why this class?": where each head
-looks, what each head adds to the chosen class (signed, exact), Grad-CAM beside it, how faithful each
-map is (deletion AUC), the query-by-key score matrix, the maths with this image's real tensor shapes,
-and a playground with the textbook example. The named API endpoints (`/classify`, `/attention`,
-`/explain`, `/textbook`) can be called with `gradio_client`, and with Gradio's `mcp` extra installed
-`python app.py` is also an MCP server (tools `classify`, `attention`, `explain`, `textbook`).
-Everything reusable lives in the `effnetv2` package; this file only wires it to the UI, so copy it
-and change what you like.
+An upload, paste, webcam shot or example click gives the top labels, one picture (the image with the
+map that best explains it) and one sentence; "How the attention works" below holds each head's map,
+Grad-CAM against the attribution, the deletion test, the score matrix, the maths and a playground.
+The API endpoints (`/answer`, `/classify`, `/attention`, `/explain`, `/textbook`) work with
+`gradio_client`, and with Gradio's `mcp` extra `python app.py` is also an MCP server with those tools.
+The computing lives in the `effnetv2` package (`explain`, `viz`); this file wires it to the page.
 """
 from __future__ import annotations
 
@@ -23,6 +21,7 @@ import functools
 import hashlib
 import importlib.util
 import io
+import json
 import logging
 import os
 import shutil
@@ -32,14 +31,14 @@ import threading
 import time
 from concurrent.futures import Future, wait
 from pathlib import Path
-from typing import Callable
 
 import gradio as gr
 import torch
+from gradio import FileData
 from gradio.utils import get_upload_folder
 from PIL import Image
 
-from effnetv2 import explain as attribution
+from effnetv2 import explain as why
 from effnetv2 import viz
 from effnetv2.attention import check_cell
 from effnetv2.images import MAX_UPLOAD_BYTES, UnusableImageError, confined_file, open_request_image
@@ -50,6 +49,7 @@ from effnetv2.walkthrough import attention_walkthrough, textbook_example
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = str(HERE / "assets" / "model")
 IMAGENET = "torchvision:s"   # the model picker's second model, for real photos: loaded on first use
+NAMES = {DEFAULT_MODEL: "Shapes — bundled, {} classes", IMAGENET: "ImageNet — EfficientNetV2-S, {} classes"}
 EXAMPLES = [str(p) for p in sorted((HERE / "assets" / "examples").glob("*"),
                                    key=lambda p: (p.name.startswith("photo_"), p.name))  # shapes first
             if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}]
@@ -62,21 +62,16 @@ CONCURRENCY = 2              # requests of that group computed at once: one requ
 QUEUE_SIZE = 64              # requests waiting beyond that are turned away with a message
 PLAYGROUND = {"tokens": (1, 64), "width": (1, 4096), "heads": (1, 64), "seed": (0, 2**32 - 1)}  # inclusive
 VIEW_PX = 320                # the clickable grid picture: what the model sees, drawn at this size
-MAP_PX = 176                 # each map of a gallery: five in a row at 1280 px keep labels >= 10 px
+MAP_PX = 224                 # each map of a gallery: two in a row on a phone, colour-bar labels >= 10 px
 UNSURE_BELOW = 0.95          # a top probability under this gets "this model knows only ...":
                              # benchmarks/ood_threshold.py, bundled model: 3.1% of 1000 shapes of an unseen
                              # seed fall under it, and 100% of noise, 63% of smooth colour fields, both photos
-LISTED_CLASSES = 20          # ... for a model of at most this many classes (ImageNet's 1000 cover most photos,
-                             # and a list of them would say nothing)
-ATTENTION, ATTRIBUTION, GRADCAM = "attention", "attribution", "gradcam"  # the tab's views
-PREDICTED = ""               # the class selector's "the predicted class"
-LEGENDS = {ATTENTION: "Each head's attention weights over the image (each map sums to 1; its own scale).",
-           ATTRIBUTION: "What each head adds to the class score, cell by cell: red pushes towards the class, "
-                        "blue against (one colour scale for all).",
-           GRADCAM: "Grad-CAM (left) against the class attribution of all heads (right): drag the slider."}
-MCP_AVAILABLE = importlib.util.find_spec("mcp") is not None  # Gradio's `mcp` extra: serve the API as MCP tools
+BEST = "best"                # the map picker's "the map that explains this image best"
+PREDICTED = ""               # the class picker's "the predicted class"
 POOLED, CELL = "pooled", "cell"
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
+MCP_AVAILABLE = importlib.util.find_spec("mcp") is not None  # Gradio's `mcp` extra: serve the API as MCP tools
+logger = logging.getLogger("effnetv2.app")
 
 
 def user_error(message: str, title: str = "Error") -> gr.Error:
@@ -100,9 +95,11 @@ def uploaded_file(path) -> Path:
 def read_image(value) -> Image.Image:
     """Whatever the UI or an API client sent (upload payload, path, PIL image) → an RGB PIL image.
 
-    The image events run with ``preprocess=False`` so that Gradio never decodes an upload itself:
-    every problem goes through ``effnetv2.images.open_image`` and becomes a message for the user.
+    Events run with ``preprocess=False`` so that Gradio never decodes an upload itself: every problem
+    goes through ``effnetv2.images.open_image`` and becomes a message for the user.
     """
+    if isinstance(value, FileData):
+        value = value.path
     if isinstance(value, dict):
         value = value.get("path")
     if value is None:
@@ -120,34 +117,22 @@ def read_image(value) -> Image.Image:
     return image
 
 
-def load(source: str, backend: str = "auto") -> tuple[Predictor, str]:
-    """Load the model from ``source`` (see ``effnetv2.sources``) and warm up its inference backend;
-    also return a one-line Markdown description of it for the page header."""
+def load(source: str, backend: str = "auto") -> Predictor:
+    """Load the model from ``source`` (see ``effnetv2.sources``) and warm up its inference backend."""
     predictor = Predictor(load_model(source), backend=backend)
-    model, size = predictor.model, predictor.config["image_size"]
+    size = predictor.config["image_size"]
     predictor(torch.zeros(1, 3, size, size))  # builds the runtime's session now, not on the first request
-    if source == DEFAULT_MODEL:
-        source = "assets/model (bundled)"
-    elif source == IMAGENET:
-        source = f"{IMAGENET} (ImageNet weights of torchvision)"
-    labels = list(predictor.id2label.values())
-    shown = ", ".join(labels[:6]) + (f", … ({len(labels)} in all)" if len(labels) > 6 else "")
-    pool = (f"attention pooling, {model.num_heads} heads" if model.pool_type == "attention"
-            else f"average pooling (maps: {model.num_heads}-head self-attention of the features)")
-    header = (f"**EfficientNetV2-{model.variant.upper()}** · {len(labels)} classes: {shown} · "
-              f"input {size}×{size} · {pool} · source `{source}` · backend `{predictor.backend}`")
-    return predictor, header
+    return predictor
 
 
 LOAD_TIMEOUT_S = 180   # the longest wait for another model to load; a load that takes longer counts as failed
 LOAD_WAITERS = CONCURRENCY - 1  # computing requests that may wait for a load: the other slot serves loaded models
 RETRY_AFTER_S = 60     # a failed load is remembered this long: requests meanwhile are answered without a retry
-logger = logging.getLogger("effnetv2.app")
 
 
 class Models:
-    """The app's models by the picker's value: the one it started with (``main``), and ImageNet
-    EfficientNetV2-S, loaded on the first request for it (torch backend: no export to wait for).
+    """The app's models by the picker's value: its own (``main``), loaded on first use unless :meth:`start`
+    loaded it, and ImageNet EfficientNetV2-S for photos (torch backend: no export to wait for).
 
     A load runs in a thread of its own, so a slow or hung download never holds up the loaded models: the
     picker (an event of its own) waits for it, and of the computing requests only ``LOAD_WAITERS`` at a
@@ -156,28 +141,46 @@ class Models:
     ``RETRY_AFTER_S``; visitors are told that it failed, not why.
     """
 
-    def __init__(self, predictor: Predictor, header: str, source: str | None = None):
-        self.main = "assets/model" if source in (None, DEFAULT_MODEL) else source
-        classes = len(predictor.id2label)
-        self.choices = [(f"{self.main} ({classes} classes)", self.main)]
-        if self.main != IMAGENET:
-            self.choices.append(("ImageNet EfficientNetV2-S (torchvision weights, 1000 classes; "
-                                 "downloaded on first use)", IMAGENET))
-        self._loaded = {self.main: (predictor, header)}
+    def __init__(self, main: str):
+        self.main, self._loaded = main, {}
         self._loading: dict[str, tuple[Future, float]] = {}  # name → its load, and when it started
         self._failed: dict[str, float] = {}  # name → when its last load failed
         self._lock = threading.Lock()  # two first requests at once start one load
         self._waiters = threading.BoundedSemaphore(max(0, LOAD_WAITERS))
 
-    def get(self, name: str | None, wait_s: float | None = None) -> tuple[Predictor, str]:
-        """The predictor and header of model ``name`` (empty: ``main``), waiting up to ``wait_s`` for it
-        to load (``None``: a computing request's wait, see the class); a message if it cannot be had now."""
+    def start(self, source: str, backend: str = "auto") -> None:
+        """Load ``source`` now as the app's own model (errors propagate: the command line reports them)."""
+        self.main, self._loaded = source, {source: load(source, backend)}
+
+    def names(self) -> list[str]:
+        return [self.main] + ([IMAGENET] if self.main != IMAGENET else [])
+
+    def choices(self) -> list[tuple[str, str]]:
+        """The picker's (human name, value) pairs."""
+        return [(self.title(name), name) for name in self.names()]
+
+    def title(self, name: str) -> str:
+        """A model's name for a visitor: "Shapes — bundled, 5 classes"; a source of its own: its id."""
+        if name in self._loaded:
+            classes = len(self._loaded[name].id2label)
+        elif name == DEFAULT_MODEL:  # its config says, without loading the weights
+            classes = len(json.loads((Path(name) / "config.json").read_text())["id2label"])
+        else:
+            classes = 1000 if name == IMAGENET else None
+        if name in NAMES:
+            return NAMES[name].format(classes)
+        shown = Path(name).name if Path(name).is_dir() else name  # a folder's name, never a server path
+        return f"{shown} — {classes} classes" if classes else shown
+
+    def get(self, name: str | None, wait_s: float | None = None) -> Predictor:
+        """The predictor of model ``name`` (empty: ``main``), waiting up to ``wait_s`` for it to load
+        (``None``: a computing request's wait, see the class); a message if it cannot be had now."""
         name = name or self.main
         if name in self._loaded:
             return self._loaded[name]
-        if name not in [value for _, value in self.choices]:
-            raise user_error(f"Unknown model {name!r}: choose "
-                             f"{' or '.join(repr(value) for _, value in self.choices)}.", title="Unknown model")
+        if name not in self.names():
+            raise user_error(f"Unknown model {name!r}: choose {' or '.join(repr(value) for value in self.names())}.",
+                             title="Unknown model")
         future, started = self._start(name)
         left = max(0.0, started + LOAD_TIMEOUT_S - time.monotonic())
         if wait_s is not None:
@@ -191,8 +194,8 @@ class Models:
         if done and future.exception() is None:
             return future.result()
         if not done and time.monotonic() - started < LOAD_TIMEOUT_S:
-            raise user_error(f"{name} is loading (its weights are downloaded on first use): try again in a minute.",
-                             title="Model loading")
+            raise user_error(f"{self.title(name)} is loading (its weights are downloaded on first use): try again "
+                             f"in a minute.", title="Model loading")
         raise self._unavailable(name)
 
     def _start(self, name: str) -> tuple[Future, float]:
@@ -209,7 +212,7 @@ class Models:
 
     def _load(self, name: str, future: Future) -> None:
         try:
-            loaded = load(name, backend="torch")
+            loaded = load(name, backend="auto" if name == self.main else "torch")
         except Exception as err:  # noqa: BLE001 -- whatever broke, the server keeps serving its own model
             logger.error("could not load model %s: %s", name, err,  # the why, for whoever runs the server
                          exc_info=not isinstance(err, (ValueError, OSError, ImportError)))  # unforeseen: where
@@ -223,33 +226,102 @@ class Models:
             del self._loading[name]
         future.set_result(loaded)
 
-    @staticmethod
-    def _unavailable(name: str) -> gr.Error:
-        return user_error(f"{name} could not be loaded on this server (its log says why); it is tried again "
-                          f"in a minute. Meanwhile use the app's own model.", title="Model not available")
+    def _unavailable(self, name: str) -> gr.Error:
+        return user_error(f"{self.title(name)} could not be loaded on this server (its log says why); it is tried "
+                          f"again in a minute. Meanwhile use {self.title(self.main)}.", title="Model not available")
 
 
-# ---- Classify -----------------------------------------------------------------------------------
+MODELS = Models(os.environ.get("EFFNETV2_MODEL") or DEFAULT_MODEL)
 
-def classify(predictor: Predictor, image) -> dict[str, float]:
-    """Top-``TOP_K`` labels → probabilities for one image (what ``gr.Label`` shows)."""
-    [top] = predictor.predict([read_image(image)], top_k=TOP_K)
-    return {label: float(prob) for label, prob in top}
 
+# ---- Computation for the page and the API ----------------------------------------------------------
 
 def unsure_note(top_prob: float, labels: list[str]) -> str:
     """A warning in Markdown when the top probability is under ``UNSURE_BELOW`` (the image is likely
     none of the model's classes, listed when there are at most ``LISTED_CLASSES``), else ``""``."""
-    if top_prob >= UNSURE_BELOW or len(labels) > LISTED_CLASSES:
+    if top_prob >= UNSURE_BELOW or len(labels) > why.LISTED_CLASSES:
         return ""
     return (f"**Unsure ({top_prob:.0%}).** This model knows only {len(labels)} classes: "
             f"{', '.join(labels)}. An image of anything else still gets one of them.")
 
 
-# ---- Attention ----------------------------------------------------------------------------------
+def look(predictor: Predictor, image) -> dict:
+    """One image, seen once: the model's input, its view (as the model sees it) and its feature map."""
+    x, view = viz.model_input(predictor.model, read_image(image))
+    return {"x": x, "view": view, "feats": why.features(predictor.model, x)}
+
+
+def target_class(labels: list[str], class_name: str | None, probs: torch.Tensor) -> int:
+    """The class picker's value (a label, or empty for the predicted class) → its index."""
+    if not class_name:
+        return int(probs.argmax())
+    if class_name not in labels:
+        raise user_error(f"Unknown class {class_name!r}: choose one of {', '.join(labels)}, "
+                         f"or leave it empty for the predicted class.", title="Unknown class")
+    return labels.index(class_name)
+
+
+def reason(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED) -> why.Why:
+    """Why ``class_name`` for an image :func:`look` saw, computed once per class and kept in ``seen``."""
+    labels = list(predictor.id2label.values())
+    known = seen.setdefault("why", {})
+    if not known:  # the predicted class first: it tells which one that is
+        first = why.why(predictor.model, seen["feats"])
+        known[first.target] = first
+    target = target_class(labels, class_name, next(iter(known.values())).probs)
+    if target not in known:
+        known[target] = why.why(predictor.model, seen["feats"], target)
+    return known[target]
+
+
+def best_map(result: why.Why, kinds: list[str]) -> str:
+    """The map kind among ``kinds`` with the lowest deletion area: the one that explains the image best."""
+    return min(kinds, key=lambda kind: result.aucs[kind])
+
+
+def answer_parts(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED, view: str = BEST):
+    """The first screen for one image: the top labels, the explanation picture, the sentence, the verdict
+    and the unsure note."""
+    labels = list(predictor.id2label.values())
+    result = reason(predictor, seen, class_name)
+    kinds = why.map_kinds(predictor.model)
+    kind = best_map(result, kinds) if view == BEST or view not in kinds else view
+    label, prob = labels[result.target], float(result.probs[result.target])
+    cells = result.maps[kind].numel()
+    picture = viz.explanation_picture(seen["view"], result.maps[kind], why.region_cells(cells),
+                                      signed=kind in (why.ATTRIBUTION, why.CAM))
+    top = result.probs.topk(min(TOP_K, len(labels)))
+    scores = {labels[i]: float(p) for p, i in zip(top.values, top.indices)}
+    sentence = f"**{why.answer_sentence(label, prob, result.deletion[kind])}** The map: {kind}" + (
+        " (chosen: the best by the deletion test)." if view == BEST else ".")
+    return (scores, picture, sentence, why.verdict(result.deletion),
+            unsure_note(float(result.probs.max()), labels))
+
+
+def explain_parts(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED):
+    """The depth of "why this class?": the attribution gallery, each head's total (a table), the
+    faithfulness table, the (Grad-CAM, attribution) pair and the bar chart of the totals."""
+    labels = list(predictor.id2label.values())
+    result = reason(predictor, seen, class_name)
+    label = labels[result.target]
+    small = seen["view"].resize((MAP_PX, MAP_PX), Image.BICUBIC)
+    heads = [f"head {i + 1}" for i in range(len(result.shares))] if len(result.shares) > 1 else ["all cells"]
+    values = result.shares.sum((1, 2)).tolist()
+    totals = {"columns": ["head", "contribution"], "data": [[h, float(v)] for h, v in zip(heads, values)],
+              "datatypes": {"head": "nominal", "contribution": "quantitative"}, "mark": "bar"}
+    region = why.region_cells(result.shares[0].numel())
+    pair = (viz.explanation_picture(seen["view"], result.maps[why.GRADCAM], region, signed=False),
+            viz.explanation_picture(seen["view"], result.shares.sum(0), region, signed=True))
+    predicted = labels[int(result.probs.argmax())]
+    choice = "predicted" if predicted == label else f"chosen; predicted: {predicted}"
+    table = "\n\n".join([f"**Why {label}?** P({label}) = {float(result.probs[result.target]):.2f} ({choice}).",
+                         why.verdict(result.deletion), why.faithfulness_table(result, label)])
+    return (viz.attribution_gallery(small, result.shares, label), totals, table, pair,
+            viz.bar_chart(heads, values, f"adds to {label}'s score"))
+
 
 def parse_query(query: str, row, col, grid: tuple[int, int]) -> tuple[int, int] | None:
-    """The UI's query choice → ``None`` (pooled query) or a checked ``(row, col)`` grid cell."""
+    """The query choice → ``None`` (pooled query) or a checked ``(row, col)`` grid cell."""
     if query == POOLED:
         return None
     if query != CELL:
@@ -265,101 +337,20 @@ def parse_query(query: str, row, col, grid: tuple[int, int]) -> tuple[int, int] 
     return cell
 
 
-def attention(predictor: Predictor, image, query: str = POOLED, row: float = 0, col: float = 0):
-    """Per-head attention for one image: the gallery (each head and the mean, over what the model
-    sees), the query-by-key score matrix as a heat map, the walk-through as Markdown, and the
-    model's view with the feature grid (click it to choose a query cell)."""
+def attention_parts(predictor: Predictor, seen: dict, query: str = POOLED, row=0, col=0):
+    """Per-head attention: the gallery (their mean, then each head), the score matrix, the maths, and
+    the grid picture with the query's attention drawn on it (click a cell to choose the query)."""
     model = predictor.model
-    x, view = viz.model_input(model, read_image(image))
-    grid = viz.feature_grid(model, x)
-    walk = attention_walkthrough(model, x, query=parse_query(query, row, col, grid))
+    grid = viz.feature_grid(model, seen["x"])
+    walk = attention_walkthrough(model, seen["x"], query=parse_query(query, row, col, grid))
+    view = seen["view"].resize((VIEW_PX, VIEW_PX), Image.BICUBIC)
     return (viz.head_gallery(view.resize((MAP_PX, MAP_PX), Image.BICUBIC), walk["maps"]),
-            viz.score_matrix_image(walk["all_weights"], walk["query"], grid),
-            viz.walkthrough_markdown(walk),
-            viz.grid_image(view.resize((VIEW_PX, VIEW_PX), Image.BICUBIC), grid, walk["query"]))
+            viz.score_matrix_image(walk["all_weights"], walk["query"], grid), viz.walkthrough_markdown(walk),
+            viz.grid_image(view, grid, walk["query"], walk["maps"].mean(0)))
 
-
-def pick_cell(predictor: Predictor, evt: gr.SelectData) -> tuple[str, int, int]:
-    """A click at pixel ``evt.index = (x, y)`` of the grid picture → query "cell" and its (row, col)."""
-    row, col = viz.cell_from_click(evt.index, (VIEW_PX, VIEW_PX), viz.feature_grid(predictor.model))
-    return CELL, row, col
-
-
-# ---- Why this class? ----------------------------------------------------------------------------
-
-def target_class(labels: list[str], class_name: str | None, probs: torch.Tensor) -> int:
-    """The class selector's value (a label, or empty for the predicted class) → its index."""
-    if not class_name:
-        return int(probs.argmax())
-    if class_name not in labels:
-        raise user_error(f"Unknown class {class_name!r}: choose one of {', '.join(labels)}, "
-                         f"or leave it empty for the predicted class.", title="Unknown class")
-    return labels.index(class_name)
-
-
-def explain(predictor: Predictor, image, class_name: str | None = PREDICTED):
-    """Why ``class_name`` (default: the predicted class) for one image.
-
-    Returns the attribution gallery (each head's signed share of the class logit, and their sum),
-    the per-head totals (a bar chart's table: head, contribution), the faithfulness of each map kind in Markdown
-    (deletion AUC against a random map's, and what removing the top cells does, in words), the
-    (Grad-CAM, attribution) pair for the slider, and the class explained.
-    """
-    model = predictor.model
-    labels = list(predictor.id2label.values())
-    x, view = viz.model_input(model, read_image(image))
-    with torch.no_grad():
-        probs = model.eval()(x).softmax(-1)[0]
-    target = target_class(labels, class_name, probs)
-    label = labels[target]
-    shares = attribution.class_attribution(model, x, target)[0]  # [heads, h, w]
-    with torch.no_grad():
-        looks = model.attention_maps(x)[0]
-    cam = attribution.gradcam(model, x, target)[0]  # [1, h, w]
-    random = torch.rand(shares.shape[-2:], generator=torch.Generator().manual_seed(0))
-    kinds = {"class attribution": shares.sum(0), "attention (mean of heads)": looks.mean(0),
-             "Grad-CAM": cam[0], "random map": random}
-    found = attribution.removal_curves(model, x, {kind: m[None, None] for kind, m in kinds.items()}, target)
-    curves = [found[kind]["deletion"][0] for kind in kinds]  # one forward pass for every map
-    aucs = [attribution.curve_auc(curve) for curve in curves]
-    small = view.resize((MAP_PX, MAP_PX), Image.BICUBIC)
-    gallery = viz.attribution_gallery(small, shares, label)
-    heads = [f"head {i + 1}" for i in range(len(shares))] if len(shares) > 1 else ["all cells"]
-    totals = bar_chart(heads, shares.sum((1, 2)).tolist(), "head", "contribution")
-    random_auc = float(aucs[-1])
-    quarter = max(1, curves[0].shape[-1] // 4)  # a quarter of the cells: a tenth of a small grid changes little
-    rows = [f"| {kind} | {float(auc):.3f} | {attribution.deletion_summary(curve, label, quarter)} |"
-            for kind, auc, curve in zip(kinds, aucs, curves)]
-    choice = "predicted" if target == int(probs.argmax()) else f"chosen; predicted: {labels[int(probs.argmax())]}"
-    note = unsure_note(float(probs.max()), labels)
-    faithfulness = "\n".join([
-        f"**Why {label}?** P({label}) = {float(probs[target]):.2f} ({choice}).", *([note] if note else []),
-        "", f"Deletion AUC: the mean P({label}) as the cells each map ranks first are removed; lower "
-        f"is more faithful. The random map's {random_auc:.3f} is the bar to beat.", "",
-        "| map | deletion AUC | removing its top cells |", "|---|---|---|", *rows])
-    pair = (viz.with_colorbar(viz.overlay(small, cam[0].numpy()), 0.0, float(cam.max())), gallery[-1][0])
-    return gallery, totals, faithfulness, pair, label
-
-
-def bar_chart(names: list[str], values: list[float], x: str, y: str) -> dict:
-    """A ``gr.BarPlot`` value of one bar per name, in Gradio's wire format (what it makes of a pandas
-    DataFrame, so this file needs no pandas): API clients get the numbers as a table."""
-    return {"columns": [x, y], "data": [[name, float(value)] for name, value in zip(names, values)],
-            "datatypes": {x: "nominal", y: "quantitative"}, "mark": "bar"}
-
-
-def view_choices(label: str | None = None) -> list[tuple[str, str]]:
-    """The view switch's choices, naming the class once one is explained."""
-    name = label or "the class"
-    return [("where each head looks", ATTENTION), (f"what each head adds to {name}", ATTRIBUTION),
-            ("Grad-CAM against the attribution (slider)", GRADCAM)]
-
-
-# ---- Textbook playground ------------------------------------------------------------------------
 
 def whole_number(value, name: str) -> int:
-    """A playground field's raw value (the event skips Gradio's preprocessing, which fails on
-    infinity) → a whole number within ``PLAYGROUND[name]``, else a message naming the field."""
+    """A playground field's raw value → a whole number within ``PLAYGROUND[name]``, else a message."""
     low, high = PLAYGROUND[name]
     try:
         number = round(float(value))
@@ -372,18 +363,14 @@ def whole_number(value, name: str) -> int:
 
 
 def playground(tokens: float, width: float, heads: float, seed: float):
-    """The textbook example: ``tokens`` random tokens of ``width`` channels in ``heads`` heads →
-    each head's score matrix (gallery) and the shapes at each step (Markdown)."""
-    tokens, width, heads, seed = (whole_number(value, name)
-                                  for value, name in zip((tokens, width, heads, seed), PLAYGROUND))
+    """The textbook example → each head's score matrix (gallery) and the shapes at each step (Markdown)."""
+    sizes = [whole_number(value, name) for value, name in zip((tokens, width, heads, seed), PLAYGROUND)]
     try:
-        example = textbook_example(tokens, width, heads, seed=seed)
+        example = textbook_example(*sizes[:3], seed=sizes[3])
     except ValueError as err:
         raise user_error(str(err), title="Check the sizes") from None
     return viz.textbook_gallery(example), viz.textbook_markdown(example)
 
-
-# ---- Pictures to serve --------------------------------------------------------------------------
 
 @functools.cache
 def picture_dir() -> Path:
@@ -396,11 +383,8 @@ def picture_dir() -> Path:
 def picture_file(image: Image.Image) -> str:
     """``image`` as a PNG file in :func:`picture_dir`, named by its content and never rewritten.
 
-    Returned PIL images would go through Gradio's ``save_pil_to_cache``, which rewrites the cached
-    file in place (truncate, then write) while another request for the same picture may be streaming
-    it: that response ends short. A new file is written under a temporary name and renamed into
-    place, so whoever opens the name gets a complete file; Gradio copies a returned path into its
-    cache the same way.
+    Gradio's ``save_pil_to_cache`` rewrites a cached file in place while another request may be streaming
+    it (that response ends short): a new file is written under a temporary name and renamed into place.
     """
     buffer = io.BytesIO()
     image.save(buffer, format="png", compress_level=1)  # 4x faster than the default 6, files 20% larger
@@ -414,313 +398,279 @@ def picture_file(image: Image.Image) -> str:
     return str(path)
 
 
-def as_files(outputs):
-    """An event's outputs with every PIL image (also inside gallery lists of (image, caption)) → a
-    :func:`picture_file` path."""
+def as_files(outputs, wrap=str):
+    """Outputs with every PIL image (also inside lists of (image, caption)) → a :func:`picture_file` path,
+    passed through ``wrap`` (``FileData`` for the API endpoints, which Gradio does not postprocess)."""
     if isinstance(outputs, Image.Image):
-        return picture_file(outputs)
+        return wrap(picture_file(outputs)) if wrap is str else wrap(path=picture_file(outputs))
     if isinstance(outputs, (list, tuple)):
-        return type(outputs)(as_files(value) for value in outputs)
+        return type(outputs)(as_files(value, wrap) for value in outputs)
     return outputs
 
 
-# ---- The page -----------------------------------------------------------------------------------
-# Computing events run with ``preprocess=False``: the handlers get the raw upload and decode it with
-# ``read_image`` (raw numbers: ``whole_number``), so a bad input is a message for the user, never a
-# Gradio processing error. They share the concurrency group ``COMPUTE``, so button and example clicks
-# of all tabs together compute at most ``CONCURRENCY`` requests at once. Events with an ``api_name``
-# are the public API (and MCP tools, named after their handler); the rest are private.
+# ---- The API (also MCP tools, named after these functions) -------------------------------------------
 
-SOURCES = ["upload", "webcam", "clipboard"]
+def answer(image: FileData, class_name: str = "", model: str = "") -> tuple[dict, FileData, str, str]:
+    """Classify an image and say why in one step: the top labels, one explanation picture and one sentence.
+
+    Args:
+        image: the image (PNG, JPEG or WebP; URL or file).
+        class_name: one of the model's class names, or "" for the predicted class.
+        model: the app's own model (the default), or "torchvision:s" for ImageNet EfficientNetV2-S.
+    Returns:
+        the top-5 labels with their probabilities, the image with the map that explains it best over it
+        (its top quarter of cells outlined), the answer in one sentence, and which map wins the deletion test.
+    """
+    predictor = MODELS.get(model)
+    scores, picture, sentence, verdict, _ = answer_parts(predictor, look(predictor, image), class_name)
+    return scores, as_files(picture, FileData), sentence, verdict
+
+
+def classify(image: FileData, model: str = "") -> dict:
+    """Classify an image with EfficientNetV2: the top-5 labels with their probabilities.
+
+    Args:
+        image: the image to classify (PNG, JPEG or WebP; URL or file).
+        model: the app's own model (the default), or "torchvision:s" for ImageNet EfficientNetV2-S.
+    Returns:
+        the most likely label and the top-5 labels with their probabilities (they sum to at most 1).
+    """
+    [top] = MODELS.get(model).predict([read_image(image)], top_k=TOP_K)
+    return {"label": top[0][0], "confidences": [{"label": label, "confidence": float(p)} for label, p in top]}
+
+
+def attention(image: FileData, query: str = POOLED, row: float = 0, col: float = 0,
+              model: str = "") -> tuple[list[dict], FileData, str, FileData]:
+    """Where each attention head of the model looks in an image.
+
+    Args:
+        image: the image (PNG, JPEG or WebP; URL or file).
+        query: "pooled" for the classifier's query, or "cell" for the token at grid cell (row, col).
+        row: the query cell's row in the feature grid (used when query is "cell").
+        col: the query cell's column in the feature grid (used when query is "cell").
+        model: the app's own model (the default), or "torchvision:s" for ImageNet EfficientNetV2-S.
+    Returns:
+        the mean of the heads' attention maps, then one per head (with peak weights), the query-by-key
+        weight matrix, the maths with this image's tensor shapes, and the feature grid drawn on the image.
+    """
+    predictor = MODELS.get(model)
+    gallery, matrix, maths, grid = as_files(attention_parts(predictor, look(predictor, image), query, row, col),
+                                            FileData)
+    return [{"image": picture, "caption": caption} for picture, caption in gallery], matrix, maths, grid
+
+
+def explain(image: FileData, class_name: str = "", model: str = "") -> tuple[list[dict], dict, str, tuple[FileData, FileData]]:
+    """Why the model gives an image a class: each attention head's exact signed share of the class
+    score over the image, and how faithful each map is.
+
+    Args:
+        image: the image (PNG, JPEG or WebP; URL or file).
+        class_name: one of the model's class names, or "" for the predicted class.
+        model: the app's own model (the default), or "torchvision:s" for ImageNet EfficientNetV2-S.
+    Returns:
+        the attribution pictures (their sum, then one per head; red pushes towards the class, blue
+        against), each head's total contribution to the class score, the verdict and faithfulness table
+        (deletion area of each map kind against a random map's, lower is better), and the Grad-CAM /
+        attribution pair.
+    """
+    predictor = MODELS.get(model)
+    gallery, totals, table, pair, _ = as_files(explain_parts(predictor, look(predictor, image), class_name),
+                                               FileData)
+    return [{"image": picture, "caption": caption} for picture, caption in gallery], totals, table, pair
+
+
+def textbook(tokens: float = 3, width: float = 768, heads: float = 12, seed: float = 0) -> tuple[list[dict], str]:
+    """The textbook multi-head attention example: random tokens split into heads.
+
+    Args:
+        tokens: number of tokens (1 to 64).
+        width: channels per token (1 to 4096, divisible by heads).
+        heads: number of heads (1 to 64).
+        seed: random seed (0 to 4294967295).
+    Returns:
+        each head's score matrix, and the tensor shapes at each step.
+    """
+    gallery, maths = as_files(playground(tokens, width, heads, seed), FileData)
+    return [{"image": picture, "caption": caption} for picture, caption in gallery], maths
+
+
+# ---- The page's handlers ----------------------------------------------------------------------------
+
+def open_page():
+    """A visit starts: what the app's model knows, the picker's names, its classes."""
+    predictor = MODELS.get(MODELS.main)
+    other = MODELS.title(IMAGENET) if MODELS.main != IMAGENET else None
+    return (why.describe_model(list(predictor.id2label.values()), other and other.split(" — ")[0]),
+            gr.Dropdown(choices=MODELS.choices(), value=MODELS.main, visible=len(MODELS.names()) > 1),
+            *follow(predictor))
+
+
+def follow(predictor: Predictor) -> list:
+    """The controls that depend on the model: its classes, its maps, its query choices."""
+    kinds = why.map_kinds(predictor.model)
+    return [gr.Dropdown(choices=[("the predicted class", PREDICTED), *((c, c) for c in predictor.id2label.values())],
+                        value=PREDICTED),
+            gr.Radio(choices=[("the best one", BEST), *((k, k) for k in kinds)], value=BEST),
+            gr.Radio(choices=[("pooled query" if predictor.model.pool_type == "attention" else "most attended cell",
+                               POOLED), ("the clicked cell", CELL)], value=POOLED)]
+
+
+def switch(name: str):
+    """Another model picked: its header and controls; back to the app's own if it cannot be had."""
+    try:
+        predictor = MODELS.get(name, wait_s=LOAD_TIMEOUT_S)  # its own event: no compute slot held
+    except gr.Error as err:
+        gr.Warning(err.message, title=err.title)
+        name, predictor = MODELS.main, MODELS.get(MODELS.main)
+    other = MODELS.title(IMAGENET) if name != IMAGENET else None
+    return (name, why.describe_model(list(predictor.id2label.values()), other and other.split(" — ")[0]),
+            *follow(predictor))
+
+
+def show_answer(image, view, model):
+    """A new image (or model): see it once, then the first screen for the predicted class; the seen image
+    is kept for class and map changes."""
+    if image is None:
+        return None, None, "", "", "", None
+    predictor = MODELS.get(model)
+    seen = {**look(predictor, image), "model": model}
+    return (*as_files(answer_parts(predictor, seen, PREDICTED, view)), seen)
+
+
+def clear():
+    """A new image: the old answer goes at once (no queue), before the new one is computed."""
+    return None, None, "", "", "", PREDICTED
+
+
+def redraw(seen, class_name, view):
+    """Another class or map: the first screen again from the kept image (the head only)."""
+    if not seen:
+        return None, None, "", "", ""
+    return as_files(answer_parts(MODELS.get(seen["model"]), seen, class_name, view))
+
+
+def show_depth(seen, class_name, query, row, col):
+    """The sections below the answer, for the kept image."""
+    if not seen:
+        return [None] * 8
+    predictor = MODELS.get(seen["model"])
+    gallery, _, table, pair, bars = explain_parts(predictor, seen, class_name)
+    return as_files((gallery, table, pair, bars, *attention_parts(predictor, seen, query, row, col)))
+
+
+def show_attention(seen, query, row, col):
+    return as_files(attention_parts(MODELS.get(seen["model"]), seen, query, row, col)) if seen else [None] * 4
+
+
+def pick_cell(seen, evt: gr.SelectData):
+    """A click at pixel ``evt.index = (x, y)`` of the grid picture → query "cell" and its (row, col)."""
+    grid = viz.feature_grid(MODELS.get(seen["model"]).model, seen["x"]) if seen else (1, 1)
+    return CELL, *viz.cell_from_click(evt.index, (VIEW_PX, VIEW_PX), grid)
+
+
+# ---- The page ---------------------------------------------------------------------------------------
+# Computing events run with ``preprocess=False`` (a bad input is a message, never a Gradio processing
+# error) in the concurrency group ``COMPUTE``: at most ``CONCURRENCY`` requests compute at once.
+
+INTO_VIEW = """() => { let tries = 0; const go = () => {  // once the picture is drawn (a phone scrolls to it)
+  const picture = document.querySelector('#answer-picture img');
+  if ((!picture || !picture.complete) && tries++ < 100) return setTimeout(go, 50);
+  document.querySelector('#answer')?.scrollIntoView({block: 'nearest', behavior: 'instant'}); }; go(); }"""
 CSS = """
-#head-gallery .gallery-item, #attribution-gallery .gallery-item {height: auto !important;}
-#head-gallery .thumbnail-item, #attribution-gallery .thumbnail-item {aspect-ratio: auto !important;
-  height: auto !important; display: flex; flex-direction: column;}
-#head-gallery .caption-label, #attribution-gallery .caption-label {position: static !important;
-  white-space: normal; max-width: 100%; border: none;}
-#head-gallery img, #attribution-gallery img {object-fit: contain !important; height: auto !important;}
+#title h1 {margin: 0; font-size: clamp(1.4rem, 4vw, 2rem);}
+#answer-picture img, #gradcam-slider img {object-fit: contain;}
+.grid-wrap {height: auto !important; max-height: none !important;}
+.grid-wrap .thumbnail-item {aspect-ratio: auto !important; height: auto !important; display: flex; flex-direction: column;}
+.grid-wrap .caption-label {position: static !important; white-space: normal; max-width: 100%; border: none;}
+.grid-wrap img {object-fit: contain !important; height: auto !important;}
+#faithfulness td, #faithfulness th {word-break: normal !important; overflow-wrap: normal !important; hyphens: none;}
+@media (max-width: 640px) {
+  .gallery .grid-container, .grid-wrap .grid-container {grid-template-columns: repeat(2, minmax(0, 1fr)) !important;}
+  #answer {scroll-margin-top: 8px;}
+  #answer-row {margin-inline: -24px; width: calc(100% + 48px);}  /* the page's 32 px side padding, less 8 */
+}
 """
+SOURCES = ["upload", "webcam", "clipboard"]
+GALLERY = dict(columns=5, format="png", object_fit="contain", height="auto", buttons=["download", "fullscreen"])
+PICTURE = dict(type="filepath", format="png", interactive=False, buttons=["download", "fullscreen"])
 
-
-def named(name: str):
-    """Name a handler: Gradio's MCP server lists an endpoint as a tool named after its function."""
-    def rename(fn):
-        fn.__name__ = fn.__qualname__ = name
-        return fn
-    return rename
-
-
-def examples(image: gr.Image) -> list:
-    """The example images under ``image``, shapes and photos apart; returns their load events, to chain
-    the computing step on (gr.Examples(fn=...) cannot join a concurrency group)."""
-    sets = (("Shapes: what the bundled model knows", [p for p in EXAMPLES if p not in PHOTOS]),
-            ("Photos: outside the bundled model's five shapes", PHOTOS))
-    return [gr.Examples(paths, inputs=image, label=label).load_input_event for label, paths in sets if paths]
-
-
-def classify_tab(models: Models, picker: gr.Dropdown) -> gr.Image:
-    """Tab "Classify": an image → the top-``TOP_K`` labels, and a note when the model is unsure.
-    Returns its image input."""
-    @named("classify")
-    def run_classify(image, model):
-        """Classify an image with EfficientNetV2: the top-5 labels with their probabilities.
-
-        Args:
-            image: the image to classify (PNG, JPEG or WebP; URL or file).
-            model: the app's own model (the default), or "torchvision:s" for ImageNet EfficientNetV2-S.
-        Returns:
-            the most likely label and the top-5 labels with their probabilities (they sum to at most 1).
-        """
-        return classify(models.get(model)[0], image)
-
-    def note(result, model):
-        return unsure_note(max(result.values(), default=1.0), list(models.get(model)[0].id2label.values()))
-
-    with gr.Row():
-        with gr.Column():
-            image = gr.Image(label="Image", type="filepath", image_mode=None, sources=SOURCES,
-                             elem_id="classify-image", height=300)
-            button = gr.Button("Classify", variant="primary", elem_id="classify-button")
-        with gr.Column():
-            labels = gr.Label(num_top_classes=TOP_K, label=f"Top {TOP_K}", elem_id="classify-label")
-            warning = gr.Markdown(elem_id="classify-note")
-    button.click(run_classify, [image, picker], labels, api_name="classify", preprocess=False,
-                 concurrency_id=COMPUTE)
-    for loaded in examples(image):
-        loaded.then(run_classify, [image, picker], labels, preprocess=False, concurrency_id=COMPUTE,
-                    api_visibility="private")
-    # No progress timer on the note: it would flash "0.0s" under every answer.
-    labels.change(note, [labels, picker], warning, queue=False, show_progress="hidden", api_visibility="private")
-    return image
-
-
-def class_choices(predictor: Predictor) -> list[tuple[str, str]]:
-    """The class selector's choices: the predicted class, then every label of the model."""
-    return [("the predicted class", PREDICTED), *((label, label) for label in predictor.id2label.values())]
-
-
-def query_choices(model) -> list[tuple[str, str]]:
-    """The query switch's choices: the pooled query (attention pool) or the most attended cell, and a clicked cell."""
-    return [("pooled query" if model.pool_type == "attention" else "most attended cell", POOLED),
-            ("the clicked cell", CELL)]
-
-
-def attention_tab(models: Models, picker: gr.Dropdown) -> tuple[gr.Image, list, Callable]:
-    """Tab "Attention": why this class? The views (where each head looks, what each head adds to the
-    class, Grad-CAM on a slider), faithfulness, per-head totals, then the score matrix and the maths
-    from a query cell picked on the grid. Returns its image input, and the components that follow
-    the picked model with the function giving their new values (from a predictor)."""
-    predictor = models.get(models.main)[0]
-
-    @named("attention")
-    def run_attention(image, query, row, col, model):
-        """Where each attention head of the model looks in an image.
-
-        Args:
-            image: the image (PNG, JPEG or WebP; URL or file).
-            query: "pooled" for the classifier's query, or "cell" for the token at grid cell (row, col).
-            row: the query cell's row in the feature grid (used when query is "cell").
-            col: the query cell's column in the feature grid (used when query is "cell").
-            model: the app's own model (the default), or "torchvision:s" for ImageNet EfficientNetV2-S.
-        Returns:
-            one attention map per head and their mean (with peak weights), the query-by-key weight
-            matrix, the maths with this image's tensor shapes, and the feature grid drawn on the image.
-        """
-        return as_files(attention(models.get(model)[0], image, query, row, col))
-
-    def run_attention_example(image, model):
-        return *as_files(attention(models.get(model)[0], image)), POOLED
-
-    @named("explain")
-    def run_explain(image, class_name, model):
-        """Why the model gives an image a class: each attention head's exact signed share of the
-        class score over the image, and how faithful that map is.
-
-        Args:
-            image: the image (PNG, JPEG or WebP; URL or file).
-            class_name: one of the model's class names, or "" for the predicted class.
-            model: the app's own model (the default), or "torchvision:s" for ImageNet EfficientNetV2-S.
-        Returns:
-            the attribution pictures (one per head and their sum; red pushes towards the class, blue
-            against), each head's total contribution to the class score, the faithfulness table
-            (deletion AUC of each map kind against a random map's, lower is better), and the
-            Grad-CAM / attribution pair.
-        """
-        return explain_and_name(image, class_name, model)[:4]
-
-    def explain_and_name(image, class_name, model):  # the UI's: also the class, to name the view after it
-        gallery, totals, faithfulness, pair, label = explain(models.get(model)[0], image, class_name)
-        return as_files(gallery), totals, faithfulness, as_files(pair), label
-
-    def show_view(view):
-        return LEGENDS[view], *(gr.update(visible=view == name) for name in (ATTENTION, ATTRIBUTION, GRADCAM))
-
-    def name_views(label, view):
-        return gr.Radio(choices=view_choices(label), value=view)
-
-    def pick(model, evt: gr.SelectData):
-        return pick_cell(models.get(model)[0], evt)
-
-    with gr.Row():
-        with gr.Column(scale=1, min_width=280):
-            image = gr.Image(label="Image", type="filepath", image_mode=None, sources=SOURCES,
-                             elem_id="attention-image", height=200)
-            target = gr.Dropdown(class_choices(predictor), value=PREDICTED, label="Why this class?",
-                                 elem_id="class-choice")
-            view = gr.Radio(view_choices(), value=ATTRIBUTION, label="View", elem_id="view-choice")
-            button = gr.Button("Explain", variant="primary", elem_id="attention-button")
-            example_loads = examples(image)
-        with gr.Column(scale=3):
-            legend = gr.Markdown(LEGENDS[ATTRIBUTION], elem_id="view-legend")
-            gallery = dict(columns=5, format="png", object_fit="contain", height=360, show_label=False,
-                           buttons=["fullscreen"])
-            heads = gr.Gallery(label="Attention of each head, and their mean", elem_id="head-gallery",
-                               visible=False, **gallery)
-            shares = gr.Gallery(label="What each head adds to the class", elem_id="attribution-gallery", **gallery)
-            slider = gr.ImageSlider(label="Grad-CAM (left) against the class attribution of all heads (right)",
-                                    type="filepath", format="png", elem_id="gradcam-slider", visible=False,
-                                    max_height=360, show_label=False)
-            with gr.Row():
-                with gr.Column(scale=3):
-                    faithfulness = gr.Markdown(elem_id="faithfulness")
-                with gr.Column(scale=2):
-                    totals = gr.BarPlot(x="head", y="contribution", label="Each head's total contribution",
-                                        height=220, elem_id="head-totals", sort=None)
-    explained = gr.State()
-    with gr.Accordion("How the attention is computed: query cell, score matrix, maths", open=True):
-        intro = gr.Markdown(intro_text(predictor.model), latex_delimiters=LATEX)
+with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False) as demo:
+    gr.Markdown("# EfficientNetV2: what is in your image, and why", elem_id="title")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=300):
+            header = gr.Markdown(elem_id="model-header")
+        picker = gr.Dropdown(MODELS.choices(), value=MODELS.main, label="Model", elem_id="model-choice",
+                             scale=0, min_width=300)
+    with gr.Row(equal_height=False, elem_id="answer-row"):
+        with gr.Column(min_width=300):
+            image = gr.Image(label="Your image", type="filepath", image_mode=None, sources=SOURCES,
+                             elem_id="image", height=240)
+        with gr.Column(min_width=300, elem_id="answer"):
+            sentence = gr.Markdown(elem_id="answer-sentence")
+            picture = gr.Image(label="Why: where the answer comes from", elem_id="answer-picture", show_label=False,
+                               **PICTURE)
+        with gr.Column(min_width=300):
+            labels = gr.Label(num_top_classes=TOP_K, label="Top 5", elem_id="answer-label")
+            note = gr.Markdown(elem_id="unsure-note")
+            target = gr.Dropdown(label="Why this class?", elem_id="class-choice")
+            view = gr.Radio(label="Map", elem_id="view-choice")
+            verdict = gr.Markdown(elem_id="verdict")
+    gr.Examples([p for p in EXAMPLES if p not in PHOTOS], image, label="Shapes: what the bundled model knows")
+    gr.Examples(PHOTOS, image, label="Photos: outside the bundled model's five shapes")
+    seen = gr.State()
+    with gr.Accordion("How the attention works: each head, Grad-CAM, the deletion test", open=False):
+        gr.Markdown("What each head adds to the class score, cell by cell: red pushes towards the class, "
+                    "blue against (one colour scale for all); the first picture sums the heads.")
+        shares = gr.Gallery(label="What each head adds to the class", elem_id="attribution-gallery", **GALLERY)
         with gr.Row():
-            with gr.Column(scale=1):
-                query = gr.Radio(query_choices(predictor.model), value=POOLED, label="Query", elem_id="query-mode")
-                with gr.Row(visible=False) as cell_inputs:
+            bars = gr.Image(label="Each head's total", elem_id="head-totals", **PICTURE)
+            slider = gr.ImageSlider(label="Grad-CAM (left) against the class attribution (right)", type="filepath",
+                                    format="png", elem_id="gradcam-slider")
+        faithfulness = gr.Markdown(elem_id="faithfulness")
+        heads = gr.Gallery(label="Where each head looks (their mean first)", elem_id="head-gallery", **GALLERY)
+    with gr.Accordion("How a head scores the cells: query, score matrix, the maths", open=False):
+        with gr.Row():
+            with gr.Column():
+                query = gr.Radio(label="Query", elem_id="query-mode")
+                with gr.Row():
                     row = gr.Number(0, label="row", precision=0, minimum=0, elem_id="query-row")
                     col = gr.Number(0, label="column", precision=0, minimum=0, elem_id="query-col")
-                gr.Markdown("**What the model sees, and its feature grid**: click a cell")
-                grid_view = gr.Image(show_label=False, type="filepath", format="png", interactive=False,
-                                     elem_id="grid-view", buttons=[])
-            with gr.Column(scale=1):
-                gr.Markdown("**Query-by-key weights** (mean over heads)")
-                matrix = gr.Image(show_label=False, format="png", interactive=False, elem_id="score-matrix",
-                                  buttons=[])
-            maths = gr.Markdown(latex_delimiters=LATEX, elem_id="maths")
-
-    att_outputs = [heads, matrix, maths, grid_view]
-    explain_outputs = [shares, totals, faithfulness, slider]  # no State: Gradio's MCP server mishandles one
-
-    def then_explain(event):
-        return event.then(explain_and_name, [image, target, picker], [*explain_outputs, explained], preprocess=False,
-                          concurrency_id=COMPUTE, api_visibility="private").then(
-            name_views, [explained, view], view, queue=False, api_visibility="private")
-
-    explain_button = gr.Button(visible=False)  # /explain on its own: image and class → why (registered first: it gets the name)
-    explain_button.click(run_explain, [image, target, picker], explain_outputs, api_name="explain",
-                         preprocess=False, concurrency_id=COMPUTE)
-    then_explain(button.click(run_attention, [image, query, row, col, picker], att_outputs, api_name="attention",
-                              preprocess=False, concurrency_id=COMPUTE))
-    view.change(show_view, view, [legend, heads, shares, slider], queue=False, api_visibility="private")
-    query.change(lambda q: gr.Row(visible=q == CELL), query, cell_inputs, queue=False,
-                 api_visibility="private")
-    grid_view.select(pick, picker, [query, row, col], api_visibility="private").then(
-        run_attention, [image, query, row, col, picker], att_outputs, preprocess=False,
-        concurrency_id=COMPUTE, api_visibility="private")
-    for loaded in example_loads:
-        then_explain(loaded.then(run_attention_example, [image, picker], att_outputs + [query], preprocess=False,
-                                 concurrency_id=COMPUTE, api_visibility="private"))
-
-    def follow(picked: Predictor) -> list:  # another model: its classes, its query, its maths
-        return [gr.Dropdown(choices=class_choices(picked), value=PREDICTED),
-                gr.Radio(choices=query_choices(picked.model), value=POOLED), intro_text(picked.model)]
-    return image, [target, query, intro], follow
-
-
-def intro_text(model) -> str:
-    """What the attention maps show, for this model's pool type (Markdown with LaTeX)."""
-    if model.pool_type == "attention":
-        return ("The attention pool's heads each score every cell of the feature grid against a query, "
-                "$\\mathrm{softmax}(QK^T/\\sqrt{d})$, and take that weighted mean of the values. The maps "
-                "show those weights (they sum to 1 per head) over what the model sees. Use the pooled query "
-                "(what the classifier uses), or click a cell of the grid picture to see from there.")
-    return ("This model pools by averaging, so the maps show parameter-free multi-head self-attention "
-            "of its feature cells, $\\mathrm{softmax}(QK^T/\\sqrt{d})$ with Q = K = V = the "
-            "standardised features: the weights (they sum to 1 per head) from one query cell. Start "
-            "from the most attended cell, or click a cell of the grid picture.")
-
-
-def playground_section() -> None:
-    """The textbook example, in an accordion: token count, width, heads and seed → each head's scores."""
-    @named("textbook")
-    def run_playground(tokens, width, heads, seed):
-        """The textbook multi-head attention example: random tokens split into heads.
-
-        Args:
-            tokens: number of tokens (1 to 64).
-            width: channels per token (1 to 4096, divisible by heads).
-            heads: number of heads (1 to 64).
-            seed: random seed (0 to 4294967295).
-        Returns:
-            each head's score matrix, and the tensor shapes at each step.
-        """
-        return as_files(playground(tokens, width, heads, seed))
-
-    with gr.Accordion("Playground: the textbook example", open=False):
-        gr.Markdown("A sequence of tokens of some width, split into heads: each head scores "
-                    "every token against every other. Change the sizes.")
+                grid_view = gr.Image(label="The query's attention on the feature grid: click a cell",
+                                     elem_id="grid-view", **PICTURE)
+            matrix = gr.Image(label="Query-by-key weights (mean over heads)", elem_id="score-matrix", **PICTURE)
+        maths = gr.Markdown(latex_delimiters=LATEX, elem_id="maths")
+    with gr.Accordion("Playground: the textbook example", open=False) as play_section:
+        gr.Markdown("A sequence of tokens of some width, split into heads: each head scores every token "
+                    "against every other. Change the sizes.")
         with gr.Row():
             numbers = [gr.Number(value, label=name, precision=0, minimum=low, maximum=high)
                        for value, (name, (low, high)) in zip((3, 768, 12, 0), PLAYGROUND.items())]
             play = gr.Button("Run")
-        play_gallery = gr.Gallery(label="Score matrix of each head", columns=6, format="png")
+        play_gallery = gr.Gallery(label="Score matrix of each head", elem_id="play-gallery", **GALLERY)
         play_maths = gr.Markdown(latex_delimiters=LATEX)
-    play.click(run_playground, numbers, [play_gallery, play_maths], api_name="textbook",
-               preprocess=False, concurrency_id=COMPUTE)
 
-
-def build_demo(predictor: Predictor, header: str, source: str | None = None) -> gr.Blocks:
-    """The app around ``predictor`` (loaded from ``source``) and the model picker: the tabs, an image
-    given in one tab shown in the other, and the queue set up."""
-    models = Models(predictor, header, source)
-
-    def switch(name):
-        """The picked model (loaded now if need be; back to the app's own if it cannot be had)."""
-        try:
-            picked, text = models.get(name, wait_s=LOAD_TIMEOUT_S)  # its own event: no compute slot held
-        except gr.Error as err:
-            gr.Warning(err.message, title=err.title)
-            name, (picked, text) = models.main, models.get(models.main)
-        return name, text, *follow(picked)
-
-    with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False) as demo:
-        gr.Markdown("# EfficientNetV2: classify an image and see why")
-        with gr.Row():
-            model_header = gr.Markdown(header, elem_id="model-header")
-            picker = gr.Dropdown(models.choices, value=models.main, label="Model", elem_id="model-choice",
-                                 visible=len(models.choices) > 1, scale=0, min_width=360)
-        with gr.Tabs():
-            with gr.Tab("Classify", id="classify"):
-                classify_image = classify_tab(models, picker)
-            with gr.Tab("Attention", id="attention"):
-                attention_image, following, follow = attention_tab(models, picker)
-                playground_section()
-        for image, other in ((classify_image, attention_image), (attention_image, classify_image)):
-            image.input(None, image, other, js="(image) => image", api_visibility="private")
-        picker.input(switch, picker, [picker, model_header, *following], api_visibility="private")
-    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
-    return demo
-
-
-@functools.cache
-def default_demo() -> gr.Blocks:
-    """The app around $EFFNETV2_MODEL, else the bundled model (built once, on first use)."""
-    source = os.environ.get("EFFNETV2_MODEL") or DEFAULT_MODEL
-    return build_demo(*load(source), source)
-
-
-def __getattr__(name: str):
-    """``app.demo`` is :func:`default_demo`, built on first access: `gradio app.py` (reload mode) finds
-    it as in Gradio's examples, and importing this module (tests) loads no model."""
-    if name == "demo":
-        return default_demo()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    first = [labels, picture, sentence, verdict, note]
+    depth = [shares, faithfulness, slider, bars, heads, matrix, maths, grid_view]
+    attention_outputs = [heads, matrix, maths, grid_view]
+    compute = dict(concurrency_id=COMPUTE, api_visibility="private")
+    demo.load(open_page, None, [header, picker, target, view, query], queue=False, api_visibility="private")
+    image.change(clear, None, [*first, target], queue=False, show_progress="hidden", api_visibility="private")
+    image.change(show_answer, [image, view, picker], [*first, seen], preprocess=False, **compute).then(
+        None, js=INTO_VIEW).then(show_depth, [seen, target, query, row, col], depth, **compute)
+    picker.input(switch, picker, [picker, header, target, view, query], api_visibility="private").then(
+        show_answer, [image, view, picker], [*first, seen], preprocess=False, **compute).then(
+        show_depth, [seen, target, query, row, col], depth, **compute)
+    gr.on([target.input, view.input], redraw, [seen, target, view], first, **compute).then(
+        show_depth, [seen, target, query, row, col], depth, **compute)
+    gr.on([query.input, row.submit, col.submit], show_attention, [seen, query, row, col], attention_outputs,
+          **compute)
+    grid_view.select(pick_cell, seen, [query, row, col], api_visibility="private").then(
+        show_attention, [seen, query, row, col], attention_outputs, **compute)
+    gr.on([play.click, play_section.expand], lambda *sizes: as_files(playground(*sizes)), numbers,
+          [play_gallery, play_maths], preprocess=False, **compute)  # opened: the example is there
+    for endpoint in (answer, classify, attention, explain, textbook):
+        gr.api(endpoint, api_name=endpoint.__name__, concurrency_id=COMPUTE)
+demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -739,16 +689,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        predictor, header = load(args.model, args.backend)
+        MODELS.start(args.model, args.backend)
     except (ValueError, OSError, ImportError) as err:  # the library's messages say what to do
         print(f"error: --model {args.model}: {err}", file=sys.stderr)
         return 2
-    global demo  # what `gradio app.py` (reload mode) swaps in when this file runs again
-    demo = build_demo(predictor, header, args.model)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
-                max_file_size=MAX_UPLOAD_BYTES, footer_links=["api"], css=CSS,
-                mcp_server=MCP_AVAILABLE)
+                max_file_size=MAX_UPLOAD_BYTES, footer_links=["api"], css=CSS, mcp_server=MCP_AVAILABLE,
+                allowed_paths=[str(picture_dir())])
     return 0
 
 

@@ -19,12 +19,14 @@ insertion starts from no cell and adds them best-first (higher is better).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .attention import split_heads
+from .attention import self_attention_maps, split_heads
 from .model import EfficientNetV2
+from .shapes import SHAPES
 
 
 @contextlib.contextmanager
@@ -84,7 +86,12 @@ def _image_terms(model: EfficientNetV2, images: torch.Tensor, target):
     """One eval-mode forward of ``images`` ``[B, 3, H, W]``: ``(feats, scores, contributions, rest, target)``,
     the feature map ``[B, D, h, w]``, its :func:`_cell_terms` and the target classes ``[B]``."""
     with _eval_mode(model):
-        feats = model.forward_features(images)
+        return _feature_terms(model, model.forward_features(images), target)
+
+
+def _feature_terms(model: EfficientNetV2, feats: torch.Tensor, target):
+    """:func:`_image_terms` from the feature map ``[B, D, h, w]`` (the head only)."""
+    with _eval_mode(model):
         return (feats, *_cell_terms(model, feats), _targets(model.forward_head(feats), target))
 
 
@@ -100,10 +107,7 @@ def class_attribution(model: EfficientNetV2, images: torch.Tensor, target=None,
     attention pool, the output projection's bias through the classifier), the same for every image.
     """
     feats, scores, contributions, rest, target = _image_terms(model, images, target)
-    share = contributions[torch.arange(len(feats)), :, :, target]  # [B, h, L]
-    if scores is not None:
-        share = share * scores.softmax(-1)
-    maps = share.unflatten(-1, feats.shape[-2:])
+    maps = _shares(scores, contributions, target, feats.shape[-2:])
     return (maps, rest[target]) if return_rest else maps
 
 
@@ -113,8 +117,15 @@ def gradcam(model: EfficientNetV2, images: torch.Tensor, target=None) -> torch.T
     ``images`` ``[B, 3, H, W]`` → ``[B, 1, h, w]``: ReLU of the channels weighted by the mean gradient
     of the target logit over the grid. ``target`` as in :func:`class_attribution`.
     """
+    with _eval_mode(model), torch.no_grad():
+        feats = model.forward_features(images)
+    return _gradcam_of_features(model, feats, target)
+
+
+def _gradcam_of_features(model: EfficientNetV2, feats: torch.Tensor, target=None) -> torch.Tensor:
+    """:func:`gradcam` from the feature map ``[B, D, h, w]`` (a backward through the head only)."""
     with _eval_mode(model), torch.enable_grad():
-        feats = model.forward_features(images).detach().requires_grad_(True)
+        feats = feats.detach().requires_grad_(True)
         logits = model.forward_head(feats)
         target = _targets(logits.detach(), target)
         (grads,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), feats)
@@ -141,7 +152,11 @@ def removal_curves(model: EfficientNetV2, images: torch.Tensor, maps: dict[str, 
                    target=None) -> dict[str, dict[str, torch.Tensor]]:
     """:func:`removal_curve` for several maps of the same images, from one forward pass:
     ``{name: {"deletion": [B, L+1], "insertion": [B, L+1]}}`` for ``maps = {name: [B, heads, h, w]}``."""
-    feats, scores, contributions, rest, target = _image_terms(model, images, target)
+    return _curves(*_image_terms(model, images, target), maps)
+
+
+def _curves(feats, scores, contributions, rest, target, maps: dict[str, torch.Tensor]) -> dict:
+    """:func:`removal_curves` from :func:`_image_terms`' pieces."""
     cells = feats.shape[-2] * feats.shape[-1]
 
     def curve(keep: torch.Tensor) -> torch.Tensor:
@@ -202,3 +217,135 @@ def deletion_summary(curve: torch.Tensor, label: str, cells: int | None = None) 
         return f"removing the {noun} this map ranks first leaves P({label}) at {before:.2f}"
     verb = "drops" if after < before else "raises"
     return f"removing the {noun} this map ranks first {verb} P({label}) from {before:.{digits}f} to {after:.{digits}f}"
+
+
+ATTRIBUTION, ATTENTION, GRADCAM, RANDOM = "class attribution", "attention", "Grad-CAM", "random map"
+CAM = "CAM"  # the class attribution of an average pool: the class activation map
+FEATURE_ATTENTION = "feature self-attention"  # an average pool's parameter-free attention (no learned weights)
+BEATS_RANDOM_BY = 0.01  # a map "beats" a random one when its deletion AUC is at least this much lower
+LISTED_CLASSES = 20     # a model of at most this many classes has them listed (ImageNet's 1000 would say nothing)
+
+
+@dataclass
+class Why:
+    """Everything the demo says about one image and one class, from one backbone forward.
+
+    ``shares`` ``[heads, h, w]``: :func:`class_attribution`; ``heads`` ``[heads, h, w]``: the attention
+    maps (the pooled query's, or an average pool's parameter-free self-attention); ``maps``: each map kind
+    ``[h, w]`` by name, the random one last; ``deletion``: each kind's deletion curve ``[L+1]``.
+    """
+    target: int
+    probs: torch.Tensor
+    shares: torch.Tensor
+    heads: torch.Tensor
+    maps: dict[str, torch.Tensor]
+    deletion: dict[str, torch.Tensor]
+
+    @property
+    def aucs(self) -> dict[str, float]:
+        return {kind: float(curve_auc(curve)) for kind, curve in self.deletion.items()}
+
+
+def map_kinds(model: EfficientNetV2) -> list[str]:
+    """The maps worth showing first for this model, best known first: an attention pool's exact attribution,
+    its attention and Grad-CAM; an average pool's CAM and Grad-CAM (its self-attention has no learned weights)."""
+    return [ATTRIBUTION, ATTENTION, GRADCAM] if model.head.attn_pool is not None else [CAM, GRADCAM]
+
+
+@torch.no_grad()
+def features(model: EfficientNetV2, images: torch.Tensor) -> torch.Tensor:
+    """The eval-mode feature map ``[B, D, h, w]`` of ``images`` ``[B, 3, H, W]``: what :func:`why` takes."""
+    with _eval_mode(model):
+        return model.forward_features(images)
+
+
+def why(model: EfficientNetV2, feats: torch.Tensor, target: int | None = None, seed: int = 0) -> Why:
+    """Why class ``target`` (default: the predicted one) for one image's feature map ``feats`` ``[1, D, h, w]``:
+    its attribution, attention, Grad-CAM and a seeded random map, each map's deletion curve from the same
+    head pass. The head alone runs, so other classes of the same image cost no backbone forward."""
+    feats, scores, contributions, rest, targets = _feature_terms(model, feats[:1], target)
+    with torch.no_grad():
+        probs = model.forward_head(feats)[0].softmax(-1)
+    shares = _shares(scores, contributions, targets, feats.shape[-2:])[0]
+    if scores is not None:
+        heads = scores.softmax(-1).unflatten(-1, feats.shape[-2:])[0].float()
+    else:
+        heads = self_attention_maps(feats, model.num_heads)[0]
+    cam = _gradcam_of_features(model, feats, targets)[0, 0]
+    noise = torch.rand(feats.shape[-2:], generator=torch.Generator().manual_seed(seed))
+    if scores is not None:
+        maps = {ATTRIBUTION: shares.sum(0), ATTENTION: heads.mean(0), GRADCAM: cam}
+    else:
+        maps = {CAM: shares.sum(0), GRADCAM: cam, FEATURE_ATTENTION: heads.mean(0)}
+    maps[RANDOM] = noise
+    with torch.no_grad():
+        curves = _curves(feats, scores, contributions, rest, targets, {k: m[None, None] for k, m in maps.items()})
+    return Why(int(targets[0]), probs, shares, heads, maps, {k: c["deletion"][0] for k, c in curves.items()})
+
+
+def _shares(scores, contributions, target, grid) -> torch.Tensor:
+    """:func:`class_attribution` from :func:`_cell_terms`' pieces and the targets ``[B]``: ``[B, heads, h, w]``."""
+    share = contributions[torch.arange(len(contributions)), :, :, target]  # [B, h, L]
+    if scores is not None:
+        share = share * scores.softmax(-1)
+    return share.unflatten(-1, tuple(grid))
+
+
+def region_cells(cells: int) -> int:
+    """How many cells "the highlighted region" holds: a quarter of the grid (a tenth of a small grid
+    changes little), at least one."""
+    return max(1, cells // 4)
+
+
+def answer_sentence(label: str, prob: float, curve: torch.Tensor) -> str:
+    """The one-line answer for a map's deletion curve ``[L+1]`` of the shown class, e.g. "star, 100% sure:
+    mostly from the highlighted region; hiding it drops the score to 0.73"."""
+    after = float(curve[region_cells(curve.shape[-1] - 1)])
+    before = float(curve[0])
+    if after < before - BEATS_RANDOM_BY:
+        return f"{label}, {prob:.0%} sure: mostly from the highlighted region; hiding it drops the score to {after:.2f}."
+    return (f"{label}, {prob:.0%} sure; hiding the highlighted region leaves the score at {after:.2f}, "
+            f"so the answer rests on more than that region.")
+
+
+def verdict(curves: dict[str, torch.Tensor], random: str = RANDOM) -> str:
+    """Which map explains this image best by the deletion test, in words, and how much it beats the
+    ``random`` map's area; the maps that do not beat it are named. ``curves``: each map's deletion curve
+    ``[L+1]`` (lower area: the map found what the class depends on)."""
+    aucs = {kind: float(curve_auc(curve)) for kind, curve in curves.items()}
+    if random not in aucs or len(aucs) < 2:
+        raise ValueError(f"verdict needs the {random!r} curve and at least one other, got {sorted(aucs)}")
+    bar = aucs.pop(random)
+    best = min(aucs, key=aucs.get)
+    losers = [kind for kind, auc in aucs.items() if auc > bar - BEATS_RANDOM_BY]
+    if best in losers:
+        return (f"No map beats a random one for this image by the deletion test (best: {best}, "
+                f"{aucs[best]:.3f} against {bar:.3f}): no map here shows what the answer depends on.")
+    text = (f"By the deletion test, {best} explains this image best: hiding cells in its order lowers the "
+            f"score fastest (area {aucs[best]:.3f} against a random map's {bar:.3f}, {bar - aucs[best]:.3f} lower).")
+    if losers:
+        named = " and ".join(f"{kind} ({aucs[kind]:.3f})" for kind in losers)
+        text += f" {named[0].upper() + named[1:]} {'does' if len(losers) == 1 else 'do'} not beat a random map here."
+    return text
+
+
+def faithfulness_table(result: Why, label: str) -> str:
+    """Each map's deletion area and what removing its top cells does, as a Markdown table."""
+    quarter = region_cells(next(iter(result.deletion.values())).shape[-1] - 1)
+    rows = [f"| {kind} | {auc:.3f} | {deletion_summary(result.deletion[kind], label, quarter)} |"
+            for kind, auc in result.aucs.items()]
+    return "\n".join(["| map | deletion area | removing its top cells |", "|---|---|---|", *rows])
+
+
+def describe_model(labels: list[str], other_model: str | None = None) -> str:
+    """What a model of ``labels`` knows and what to do, in two sentences for a visitor; ``other_model``:
+    the name of a model the page also offers for photos outside these classes."""
+    kind = "shapes" if set(labels) <= set(SHAPES) else "classes"
+    if len(labels) > LISTED_CLASSES:
+        known = f"This model knows {len(labels)} classes of everyday photos ({', '.join(labels[:3])}, …)."
+    else:
+        known = f"This model knows {len(labels)} {kind}: {', '.join(labels)}."
+    todo = "Upload a photo, paste one or take one with the webcam, or click an example"
+    if other_model:
+        todo = f"Click an example or upload an image, or pick {other_model} above for your own photos"
+    return f"{known} {todo}: the answer and why come at once."

@@ -126,14 +126,14 @@ def with_colorbar(image: Image.Image, vmin: float, vmax: float, width: int = 14,
 
 def head_gallery(view: Image.Image, maps: torch.Tensor, alpha: float = 0.55,
                  shared_scale: bool = False) -> list[tuple[Image.Image, str]]:
-    """One overlay per head of ``maps`` ``[h, rows, cols]`` and one of their mean, each with a colour
+    """One overlay of the mean of ``maps`` ``[h, rows, cols]`` (first: the summary) and one per head, each with a colour
     bar and a caption giving the head's peak weight and where it is.
 
     Each picture is scaled from 0 to its own peak, or to the peak over all heads with
     ``shared_scale=True`` (then the heads' brightness can be compared).
     """
     maps = maps.detach().float().cpu()
-    entries = [(f"head {i + 1}", maps[i]) for i in range(maps.shape[0])] + [("mean of heads", maps.mean(0))]
+    entries = [("mean of heads", maps.mean(0))] + [(f"head {i + 1}", maps[i]) for i in range(maps.shape[0])]
     top = float(maps.max()) if shared_scale else None
     out = []
     for name, attn in entries:
@@ -150,13 +150,13 @@ SIGNED_CMAP = "RdBu_r"  # diverging: red pushes towards the class, blue against 
 
 def attribution_gallery(view: Image.Image, shares: torch.Tensor, label: str,
                         alpha: float = 0.6) -> list[tuple[Image.Image, str]]:
-    """One overlay per head of the signed class shares ``[heads, rows, cols]`` (``explain.class_attribution``)
-    and one of their sum over heads, on a diverging colour map centred on 0 with one scale for all, so
+    """One overlay of the signed class shares ``[heads, rows, cols]`` (``explain.class_attribution``) summed
+    over heads (first: the summary) and one per head, on a diverging colour map centred on 0 with one scale for all, so
     colours compare across pictures. Captions give each head's total share of ``label``'s logit."""
     shares = shares.detach().double().cpu()
     entries = [(f"head {i + 1}", shares[i]) for i in range(shares.shape[0])]
     if shares.shape[0] > 1:
-        entries.append(("all heads", shares.sum(0)))
+        entries.insert(0, ("all heads", shares.sum(0)))
     top = max(float(max(entry.abs().max() for _, entry in entries)), 1e-12)
     out = []
     for name, values in entries:
@@ -169,10 +169,100 @@ def attribution_gallery(view: Image.Image, shares: torch.Tensor, label: str,
     return out
 
 
-def grid_image(view: Image.Image, grid: tuple[int, int], cell: tuple[int, int] | None = None) -> Image.Image:
+def region_outline(picture: Image.Image, cells: np.ndarray, colour=(0, 255, 0), width: int = 3) -> Image.Image:
+    """``picture`` with the border of the grid cells where ``cells`` ``[rows, cols]`` is True drawn
+    ``width`` px inside them, as one region (no line between two chosen cells)."""
+    inside = np.pad(upsample_nearest(np.asarray(cells), picture.size).astype(bool), width)
+    core = inside.copy()
+    for step in range(1, width + 1):
+        for axis in (0, 1):
+            core &= np.roll(inside, step, axis) & np.roll(inside, -step, axis)
+    pixels = np.array(picture.convert("RGB"))
+    pixels[(inside & ~core)[width:-width, width:-width]] = colour
+    return Image.fromarray(pixels)
+
+
+def top_cells(values: torch.Tensor | np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` highest cells of a ``[rows, cols]`` map as a boolean mask (ties: first in row-major
+    order, as ``explain``'s deletion ranks them)."""
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    order = np.argsort(-flat, kind="stable")[:count]
+    mask = np.zeros(flat.shape, dtype=bool)
+    mask[order] = True
+    return mask.reshape(np.shape(values))
+
+
+EXPLANATION_PX = 448  # the main picture: a 6x6 grid's cells are 75 px blocks; a phone shows it at 90% width
+
+
+def explanation_picture(view: Image.Image, values: torch.Tensor, region: int, signed: bool,
+                        size: int = EXPLANATION_PX) -> Image.Image:
+    """The answer's picture: ``view`` at ``size`` px with the map ``values`` ``[rows, cols]`` over it, the
+    ``region`` cells it ranks first outlined, and its colour bar (signed maps: red for the class, blue
+    against, centred on 0; others from 0 to their peak)."""
+    values = values.detach().double().cpu()
+    big = view.resize((size, size), Image.BICUBIC)
+    if signed:
+        top = max(float(values.abs().max()), 1e-12)
+        picture = overlay(big, values.numpy(), 0.6, vmax=top, vmin=-top, cmap=SIGNED_CMAP)
+        low, cmap = -top, SIGNED_CMAP
+    else:
+        top = max(float(values.max()), 1e-12)
+        picture, low, cmap = overlay(big, values.numpy(), 0.55, vmax=top), 0.0, "inferno"
+    picture = region_outline(picture, top_cells(values, region))
+    return with_colorbar_below(picture, low, top, cmap=cmap)
+
+
+def with_colorbar_below(image: Image.Image, vmin: float, vmax: float, height: int = 14, cmap: str = "inferno",
+                        ticks: int = 5) -> Image.Image:
+    """``image`` with a horizontal colour bar of ``[vmin, vmax]`` under it, ``ticks`` labelled values
+    (a bar beside the picture would sit under the page's picture buttons and shrink it on a phone)."""
+    font = ImageFont.load_default(size=TICK_FONT_PX)
+    width = image.width
+    canvas = Image.new("RGB", (width, image.height + 6 + height + 4 + TICK_FONT_PX + 4), "white")
+    canvas.paste(image.convert("RGB"), (0, 0))
+    top = image.height + 6
+    canvas.paste(Image.fromarray(colormap(np.linspace(0, 1, width)[None, :].repeat(height, 0), cmap)), (0, top))
+    draw = ImageDraw.Draw(canvas)
+    for i in range(ticks):
+        frac = i / (ticks - 1)
+        value = vmin + frac * (vmax - vmin)
+        label = f"{0.0 if abs(value) < 1e-9 * max(abs(vmin), abs(vmax)) else value:.3g}"  # no "-0"
+        x = round(frac * (width - 1))
+        draw.line([(x, top + height), (x, top + height + 3)], fill="black")
+        text_x = min(max(0, x - round(font.getlength(label)) // 2), width - round(font.getlength(label)))
+        draw.text((text_x, top + height + 4), label, fill="black", font=font)
+    return canvas
+
+
+def bar_chart(names: list[str], values: list[float], ylabel: str) -> Image.Image:
+    """One bar per name, red above 0 (for the class) and blue below (against it), the maps' colours."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    signed = colormaps[SIGNED_CMAP]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 1.5), 3.2), dpi=100)
+    ax.bar(names, values, color=[signed(0.85) if v >= 0 else signed(0.15) for v in values])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", labelrotation=45 if len(names) > 4 else 0)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return Image.open(buffer).convert("RGB")
+
+
+def grid_image(view: Image.Image, grid: tuple[int, int], cell: tuple[int, int] | None = None,
+               attn: torch.Tensor | None = None) -> Image.Image:
     """``view`` with the feature grid drawn on it and the query ``cell`` outlined (the cells are those
-    of :func:`cell_from_click`)."""
-    picture = view.convert("RGB").copy()
+    of :func:`cell_from_click`); with ``attn`` ``[rows, cols]``, that query's attention over it first."""
+    picture = (overlay(view, np.asarray(attn, dtype=np.float64)) if attn is not None else view).convert("RGB").copy()
     draw = ImageDraw.Draw(picture)
     rows, cols = grid
     width, height = picture.size
@@ -191,7 +281,7 @@ def grid_image(view: Image.Image, grid: tuple[int, int], cell: tuple[int, int] |
 def with_axis_ticks(picture: Image.Image, cell_px: int, row_labels: list[str], col_labels: list[str],
                     row_title: str = "", col_title: str = "") -> Image.Image:
     """``picture`` (a matrix drawn ``cell_px`` pixels per entry) with tick labels left of its rows and
-    above its columns (every n-th column when they would overlap) and optional axis titles."""
+    above its columns (every n-th row or column when they would overlap) and optional axis titles."""
     font = ImageFont.load_default(size=TICK_FONT_PX)
     left = max(round(font.getlength(text)) for text in [*row_labels, row_title]) + 8
     col_w = max(round(font.getlength(text)) for text in col_labels) + 4
@@ -203,7 +293,8 @@ def with_axis_ticks(picture: Image.Image, cell_px: int, row_labels: list[str], c
         draw.text((left, 0), col_title, fill="black", font=font)
     if row_title:
         draw.text((0, top - TICK_FONT_PX - 4), row_title, fill="black", font=font)
-    for i, text in enumerate(row_labels):
+    for i in range(0, len(row_labels), math.ceil((TICK_FONT_PX + 2) / cell_px)):
+        text = row_labels[i]
         y = top + i * cell_px + (cell_px - TICK_FONT_PX) // 2
         draw.text((left - 4 - round(font.getlength(text)), y), text, fill="black", font=font)
     for i in range(0, len(col_labels), math.ceil(col_w / cell_px)):

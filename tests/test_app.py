@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -43,13 +45,12 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def loaded(model_dir):
-    return app.load(str(model_dir), backend="torch")  # the e2e test covers the default runtime
-
-
-@pytest.fixture(scope="module")
-def predictor(loaded):
-    return loaded[0]
+def predictor(model_dir):
+    """The app serving the tiny model: ``app.MODELS`` for the module, its predictor returned."""
+    models, app.MODELS = app.MODELS, app.Models(str(model_dir))
+    app.MODELS.start(str(model_dir), backend="torch")  # the e2e test covers the default runtime
+    yield app.MODELS.get("")
+    app.MODELS = models
 
 
 @pytest.fixture(autouse=True)
@@ -67,15 +68,21 @@ def photo(tmp_path):
     return path
 
 
-def test_header_says_what_is_loaded(loaded, model_dir):
-    _, header = loaded
-    for text in ("EfficientNetV2-B0", f"{len(LABELS)} classes", "circle", f"{SIZE}×{SIZE}",
-                 f"{HEADS} heads", str(model_dir)):
-        assert text in header
+def _top(result: dict) -> dict[str, float]:
+    return {c["label"]: c["confidence"] for c in result["confidences"]}
+
+
+def test_page_says_what_the_model_knows_and_what_to_do(predictor):
+    header, picker, classes, views, query = app.open_page()
+    assert header.startswith(f"This model knows {len(LABELS)} classes: {', '.join(LABELS)}.")
+    assert "pick ImageNet above" in header and header.count(". ") == 1  # two sentences
+    assert [value for _, value in picker.choices] == [app.MODELS.main, "torchvision:s"]
+    assert picker.choices[1][0] == "ImageNet — EfficientNetV2-S, 1000 classes"
+    assert len(classes.choices) == len(LABELS) + 1 and views.value == app.BEST
 
 
 def test_classify_gives_top5_matching_the_model(predictor, model_dir, photo):
-    result = app.classify(predictor, str(photo))
+    result = _top(app.classify(str(photo)))
     assert len(result) == TOP and set(result) <= set(LABELS)
     probs = list(result.values())
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
@@ -87,10 +94,9 @@ def test_classify_gives_top5_matching_the_model(predictor, model_dir, photo):
 
 
 def test_classify_takes_upload_payload_path_and_pil(predictor, photo):
-    by_path = app.classify(predictor, str(photo))
-    assert app.classify(predictor, {"path": str(photo), "orig_name": "photo.png"}) == by_path
-    by_pil = app.classify(predictor, Image.open(photo))
-    assert list(by_pil) == list(by_path)
+    by_path = app.classify(str(photo))
+    assert app.classify({"path": str(photo), "orig_name": "photo.png"}) == by_path
+    assert list(_top(app.classify(Image.open(photo)))) == list(_top(by_path))
 
 
 def _png_header_only(path, width, height):
@@ -123,9 +129,9 @@ def test_bad_inputs_give_clear_errors(predictor, tmp_path, photo, fn, case, mess
     else:
         value = None
     with pytest.raises(gr.Error, match=message) as caught:
-        getattr(app, fn)(predictor, None if value is None else str(value))
+        getattr(app, fn)(None if value is None else str(value))
     assert "Traceback" not in str(caught.value) and "File \"" not in str(caught.value)
-    assert app.classify(predictor, str(photo))  # and the next request is served as usual
+    assert app.classify(str(photo))  # and the next request is served as usual
 
 
 @pytest.mark.parametrize("size, refused", [((8000, 5000), False), ((8001, 5000), True)])
@@ -135,10 +141,10 @@ def test_pixel_limit_at_its_edge(predictor, tmp_path, size, refused):
     if refused:
         _png_header_only(path, *size)
         with pytest.raises(gr.Error, match="8001x5000 pixels is more than the 40,000,000 allowed"):
-            app.classify(predictor, str(path))
+            app.classify(str(path))
     else:
         Image.new("L", size).save(path, compress_level=1)
-        assert len(app.classify(predictor, str(path))) == TOP
+        assert len(_top(app.classify(str(path)))) == TOP
 
 
 @pytest.mark.parametrize("fn", ["classify", "attention"])
@@ -150,16 +156,16 @@ def test_aspect_limit_at_its_edge(predictor, tmp_path, fn, size, refused):
     Image.new("RGB", size, (200, 30, 30)).save(path)
     if refused:
         with pytest.raises(gr.Error, match=f"{size[0]}x{size[1]} pixels, more elongated than 20:1"):
-            getattr(app, fn)(predictor, str(path))
+            getattr(app, fn)(str(path))
     else:
-        assert getattr(app, fn)(predictor, str(path))
+        assert getattr(app, fn)(str(path))
 
 
 def test_one_pixel_image_is_answered_with_a_warning(predictor, tmp_path):
     path = tmp_path / "dot.png"
     Image.new("RGB", (1, 1), (255, 0, 0)).save(path)
     with pytest.warns(UserWarning, match="only 1x1 pixels"):
-        result = app.classify(predictor, str(path))
+        result = _top(app.classify(str(path)))
     assert len(result) == TOP
 
 
@@ -173,49 +179,64 @@ def test_any_colour_mode_is_classified(predictor, tmp_path, mode, suffix):
      gradient.convert("I").point(lambda v: v * 200).convert(mode) if mode != "F" else
      gradient.convert("F")).save(path)
     assert Image.open(path).mode.startswith(mode[0])
-    result = app.classify(predictor, str(path))
+    result = _top(app.classify(str(path)))
     assert len(result) == TOP and sum(result.values()) <= 1 + 1e-6
 
 
-def test_attention_gives_each_head_the_mean_the_matrix_and_the_maths(predictor, photo):
-    gallery, matrix, maths, grid = app.attention(predictor, str(photo), app.POOLED)
+def _parts(fn, predictor, photo, *args):
+    """What the page shows (PIL pictures) for ``photo``: ``app.<fn>_parts`` on a fresh look at it."""
+    return getattr(app, f"{fn}_parts")(predictor, app.look(predictor, str(photo)), *args)
+
+
+def test_attention_gives_the_mean_each_head_the_matrix_and_the_maths(predictor, photo):
+    gallery, matrix, maths, grid = _parts("attention", predictor, photo, app.POOLED)
     captions = [caption for _, caption in gallery]
-    assert len(gallery) == HEADS + 1
-    assert all(f"head {i + 1}" in captions[i] for i in range(HEADS)) and "mean" in captions[-1]
+    assert len(gallery) == HEADS + 1 and "mean" in captions[0]  # the summary first
+    assert all(f"head {i + 1}" in captions[i + 1] for i in range(HEADS))
     assert all(isinstance(image, Image.Image) and image.size[0] >= SIZE for image, _ in gallery)
     assert isinstance(matrix, Image.Image) and isinstance(grid, Image.Image)
     cells = (SIZE // 32) ** 2  # the feature grid of a SIZE x SIZE input
     for shape in (f"{cells}, {WIDTH}", f"{HEADS}, {cells}, {WIDTH // HEADS}"):  # tokens; K split in heads
         assert shape in maths
     assert "softmax" in maths
+    api_gallery, api_matrix, api_maths, _ = app.attention(str(photo))  # the API: the same, as files
+    assert [item["caption"] for item in api_gallery] == captions and api_maths == maths
+    assert Image.open(api_matrix.path).size == matrix.size
 
 
 def test_attention_from_a_clicked_cell(predictor, model_dir, photo):
-    gallery, _, maths, _ = app.attention(predictor, str(photo), app.CELL, 1, 0)
+    gallery, _, maths, grid = _parts("attention", predictor, photo, app.CELL, 1, 0)
     model = EfficientNetV2.from_pretrained(model_dir)
     image = Image.open(photo).convert("RGB")
     with torch.no_grad():
         maps = model.attention_maps(transforms_for(model)(image)[None], query=(1, 0))[0]  # [heads, 2, 2]
-    for (_, caption), attn in zip(gallery, [*maps, maps.mean(0)]):
+    for (_, caption), attn in zip(gallery, [maps.mean(0), *maps]):
         peak, row, col = re.search(r"peak ([\d.]+) at cell \((\d+), (\d+)\)", caption).groups()
         assert float(peak) == pytest.approx(float(attn.max()), abs=1e-3)
         assert (int(row), int(col)) == divmod(int(attn.argmax()), 2)
-    view = viz.model_input(model, image)[1].resize((app.MAP_PX, app.MAP_PX), Image.BICUBIC)
-    for (picture, _), (expected, _) in zip(gallery, viz.head_gallery(view, maps)):  # the same maps drawn
-        assert np.abs(np.asarray(picture, int) - np.asarray(expected, int)).max() <= 1
+    view = viz.model_input(model, image)[1]
+    for (picture, _), (expected, _) in zip(gallery, viz.head_gallery(
+            view.resize((app.VIEW_PX,) * 2, Image.BICUBIC).resize((app.MAP_PX,) * 2, Image.BICUBIC), maps)):
+        assert np.abs(np.asarray(picture, int) - np.asarray(expected, int)).max() <= 1  # the same maps drawn
+    # the grid picture carries the query's attention (the mean of its heads), drawn on the grid itself
+    big = view.resize((app.VIEW_PX,) * 2, Image.BICUBIC)
+    drawn = np.asarray(viz.grid_image(big, (2, 2), (1, 0), maps.mean(0)), int)
+    assert np.abs(np.asarray(grid, int) - drawn).max() <= 1
+    assert np.abs(np.asarray(grid, int) - np.asarray(viz.grid_image(big, (2, 2), (1, 0)), int)).max() > 50
     assert "the token at cell (1, 0)" in maths
     for row, col in ((5, 0), (0, -1), ("x", 0), (None, 1), (float("inf"), 0), (0, float("nan"))):
         with pytest.raises(gr.Error, match="outside the 2x2 feature grid"):
-            app.attention(predictor, str(photo), app.CELL, row, col)
+            app.attention(str(photo), app.CELL, row, col)
 
 
 def test_click_on_the_grid_picture_picks_that_cell(predictor, photo):
-    *_, grid = app.attention(predictor, str(photo), app.POOLED)
+    seen = {**app.look(predictor, str(photo)), "model": ""}
+    *_, grid = app.attention_parts(predictor, seen)
     assert grid.size == (app.VIEW_PX, app.VIEW_PX)  # the picture the clicks are measured on
     top_right = gr.SelectData(None, {"index": [app.VIEW_PX - 1, app.VIEW_PX // 4], "value": None})
-    assert app.pick_cell(predictor, top_right) == (app.CELL, 0, 1)
+    assert app.pick_cell(seen, top_right) == (app.CELL, 0, 1)
     bottom_left = gr.SelectData(None, {"index": [0, app.VIEW_PX - 1], "value": None})
-    assert app.pick_cell(predictor, bottom_left) == (app.CELL, 1, 0)
+    assert app.pick_cell(seen, bottom_left) == (app.CELL, 1, 0)
 
 
 def _logits(model_dir, photo):
@@ -228,10 +249,10 @@ def _logits(model_dir, photo):
 def test_explain_splits_the_class_logit_among_the_heads(predictor, model_dir, photo, class_name):
     """The per-head totals and the pooled output's bias through the classifier add up to the class
     logit (the attention pool's output is linear in the values, then one linear classifier)."""
-    gallery, totals, faithfulness, pair, label = app.explain(predictor, str(photo), class_name)
+    gallery, totals, faithfulness, pair, bars = _parts("explain", predictor, photo, class_name)
     model, logits = _logits(model_dir, photo)
     target = LABELS.index(class_name) if class_name else int(logits.argmax())
-    assert label == LABELS[target]
+    label = LABELS[target]
     assert totals["columns"] == ["head", "contribution"]
     names, contributions = zip(*totals["data"])
     assert list(names) == [f"head {i + 1}" for i in range(HEADS)]
@@ -239,32 +260,68 @@ def test_explain_splits_the_class_logit_among_the_heads(predictor, model_dir, ph
     with torch.no_grad():
         rest = classifier.bias[target] + classifier.weight[target] @ out_proj.bias
     assert sum(contributions) + float(rest) == pytest.approx(float(logits[target]), rel=1e-4, abs=1e-5)
-    # one picture per head and their sum, captions with each head's total, signed
-    assert len(gallery) == HEADS + 1 and "all heads" in gallery[-1][1]
-    for (_, caption), total in zip(gallery, contributions):
-        assert caption.startswith(f"head") and f"{total:+.2f}" in caption and label in caption
-    assert all(isinstance(picture, Image.Image) for picture in pair)
+    # their sum first, then one picture per head, captions with each head's total, signed
+    assert len(gallery) == HEADS + 1 and "all heads" in gallery[0][1]
+    for (_, caption), total in zip(gallery[1:], contributions):
+        assert caption.startswith("head") and f"{total:+.2f}" in caption and label in caption
+    assert all(isinstance(picture, Image.Image) for picture in (*pair, bars))
+    assert pair[0].size == pair[1].size  # the slider's two sides line up
     prob = float(logits.softmax(-1)[target])
-    assert f"P({label}) = {prob:.2f}" in faithfulness
+    assert f"P({label}) = {prob:.2f}" in faithfulness and "deletion test" in faithfulness
     rows = re.findall(r"^\| ([^|]+) \| ([\d.]+) \| removing the (?:cell|\d+ cells) this map ranks first "
-                      r"(?:drops|raises) P\(\w+\) from ([\d.]+) to ([\d.]+) \|$", faithfulness, re.M)
-    assert [row[0] for row in rows] == ["class attribution", "attention (mean of heads)", "Grad-CAM", "random map"]
-    for _, auc, before, after in rows:
+                      r"(?:drops|raises|leaves) P\(\w+\) (?:from|at) ([\d.]+)(?: to ([\d.]+))? \|$", faithfulness, re.M)
+    assert [row[0] for row in rows] == ["class attribution", "attention", "Grad-CAM", "random map"]
+    for _, auc, before, _ in rows:
         assert 0 <= float(auc) <= 1 and float(before) == pytest.approx(prob, abs=0.006)
     x = transforms_for(model)(Image.open(photo).convert("RGB"))[None]  # each row measures its own map
     own = {"class attribution": explain.class_attribution(model, x, target),
-           "attention (mean of heads)": model.attention_maps(x).detach(), "Grad-CAM": explain.gradcam(model, x, target)}
+           "attention": model.attention_maps(x).detach(), "Grad-CAM": explain.gradcam(model, x, target)}
     for kind, auc, _, _ in rows[:3]:
         assert float(auc) == pytest.approx(float(explain.deletion_auc(model, x, own[kind], target)), abs=6e-4), kind
-    assert rows[3][1] != rows[0][1]  # the random map is not the attribution
+
+
+def test_bar_chart_colours_follow_the_sign():
+    chart = np.asarray(viz.bar_chart(["head 1", "head 2"], [2.0, -1.0], "adds"), int)
+    red = (chart[..., 0] > chart[..., 2] + 60).sum()
+    blue = (chart[..., 2] > chart[..., 0] + 60).sum()
+    assert red > 0 and blue > 0 and red > blue  # the taller bar is the red one
 
 
 def test_explain_refuses_an_unknown_class_naming_the_classes(predictor, photo):
     with pytest.raises(gr.Error, match="Unknown class 'dog': choose one of circle, hexagon, square, star, "
                                        "triangle, ring, cross, or leave it empty"):
-        app.explain(predictor, str(photo), "dog")
+        app.explain(str(photo), "dog")
     with pytest.raises(gr.Error, match="No image"):
-        app.explain(predictor, None, "star")
+        app.explain(None, "star")
+
+
+def test_one_step_answer_labels_picture_sentence_and_verdict(predictor, model_dir, photo):
+    scores, picture, sentence, verdict, note = _parts("answer", predictor, photo)
+    model, logits = _logits(model_dir, photo)
+    probs = logits.softmax(-1)
+    best = LABELS[int(probs.argmax())]
+    assert list(scores) == [LABELS[i] for i in probs.topk(TOP).indices]
+    assert sentence.startswith(f"**{best}, {float(probs.max()):.0%} sure")
+    assert isinstance(picture, Image.Image) and picture.size[0] >= 320
+    assert "deletion test" in verdict and "random" in verdict
+    assert note.startswith("**Unsure")  # a random classifier is never 95% sure here
+    _, _, chosen, _, _ = _parts("answer", predictor, photo, "cross", explain.GRADCAM)
+    assert chosen.startswith("**cross, ") and "The map: Grad-CAM." in chosen
+
+
+def test_another_class_or_map_reuses_the_image_seen_once(predictor, photo, monkeypatch):
+    """The backbone runs once per image: class and map changes use the kept feature map."""
+    seen = app.show_answer(str(photo), app.BEST, "")[-1]
+    monkeypatch.setattr(predictor.model, "forward_features", lambda x: pytest.fail("the backbone ran again"))
+    for class_name, view in (("cross", app.BEST), ("star", explain.ATTENTION), ("", explain.GRADCAM)):
+        labels, picture, sentence, _, _ = app.redraw(seen, class_name, view)
+        assert Path(picture).exists() and sentence.startswith(f"**{class_name or next(iter(labels))}, ")
+    assert len(seen["why"]) == 3 - ("cross" == next(iter(labels)))  # predicted, cross, star: each computed once
+
+
+def test_no_image_clears_the_answer(predictor):
+    assert app.show_answer(None, app.BEST, "") == (None, None, "", "", "", None)
+    assert app.redraw(None, "", app.BEST) == (None, None, "", "", "")
 
 
 @pytest.mark.parametrize("prob, warned", [(0.25, True), (0.9499, True), (0.95, False), (1.0, False)])
@@ -305,35 +362,48 @@ def test_playground_takes_the_edges_of_its_ranges():
     assert len(app.playground(64, 4096, 64, 0)[0]) == 64
 
 
-def test_demo_builds_with_the_named_endpoints(loaded):
-    demo = app.build_demo(*loaded)
-    named = set(demo.get_api_info()["named_endpoints"])
-    assert named == {"/classify", "/attention", "/explain", "/textbook"}  # the UI-only events stay private
+def test_demo_has_the_named_endpoints():
+    named = set(app.demo.get_api_info()["named_endpoints"])
+    assert named == {"/answer", "/classify", "/attention", "/explain", "/textbook"}  # the page's events stay private
 
 
-def test_every_computing_event_is_in_one_concurrency_group(loaded):
-    """Buttons, example clicks (both tabs, shapes and photos), the grid click, /explain and the
-    playground share one budget; the UI-only events (view switch, notes, cell inputs) compute nothing."""
-    demo = app.build_demo(*loaded)
-    computing = {"classify", "attention", "run_attention_example", "explain", "explain_and_name", "textbook"}
-    events = [fn for fn in demo.fns.values() if fn.name in computing]
-    # classify: button + 2 example sets; attention: button + grid click; examples: 2 sets;
-    # explain: after the button, after 2 example sets, and /explain; textbook: 1
-    assert sorted(fn.name for fn in events) == sorted(["classify"] * 3 + ["attention"] * 2 +
-                                                      ["run_attention_example"] * 2 + ["explain"] + ["explain_and_name"] * 3 + ["textbook"])
+def test_every_computing_event_is_in_one_concurrency_group():
+    """The new-image answer, class and map changes, the sections below, the grid click, the playground and
+    the API share one budget; the clearing, the page load and the cell pick compute nothing."""
+    computing = {"show_answer", "redraw", "show_depth", "show_attention", "<lambda>",
+                 "answer", "classify", "attention", "explain", "textbook"}
+    events = [fn for fn in app.demo.fns.values() if fn.name in computing]
+    # a new image and a new model: answer + depth each; class/map change: redraw + depth; query: 2 attention
+    assert sorted(fn.name for fn in events) == sorted(
+        ["show_answer"] * 2 + ["show_depth"] * 3 + ["redraw"] + ["show_attention"] * 2 + ["<lambda>"] +
+        ["answer", "classify", "attention", "explain", "textbook"])
     assert {fn.concurrency_id for fn in events} == {"compute"}
-    others = [fn for fn in demo.fns.values() if fn not in events]
+    others = [fn for fn in app.demo.fns.values() if fn not in events]
     assert all(fn.concurrency_id != "compute" for fn in others)
+    assert {fn.name for fn in others} >= {"open_page", "switch", "pick_cell", "clear"}
 
 
-def test_photo_examples_are_marked_apart_from_the_shapes(loaded):
+def test_a_new_image_clears_the_old_answer_in_the_browser_first():
+    """Two listeners of the image's change: one clearing the answer outside the queue (it never waits
+    behind another visitor's computing), and the computing one."""
+    image = next(b for b in app.demo.blocks.values() if getattr(b, "elem_id", None) == "image")
+    listeners = [fn for fn in app.demo.fns.values()
+                 if any(t[0] == image._id and t[1] == "change" for t in fn.targets)]
+    clear, compute = listeners
+    assert clear.name == "clear" and not clear.queue and clear.concurrency_id != app.COMPUTE
+    assert app.clear() == (None, None, "", "", "", app.PREDICTED)
+    assert compute.name == "show_answer"
+    first = {b._id for b in app.demo.blocks.values()
+             if getattr(b, "elem_id", None) in ("answer-label", "answer-picture", "answer-sentence", "verdict")}
+    assert first <= {b._id for b in clear.outputs} and first <= {b._id for b in compute.outputs}
+
+
+def test_photo_examples_are_marked_apart_from_the_shapes():
     assert app.PHOTOS and all(Path(path).name.startswith("photo_") for path in app.PHOTOS)
-    demo = app.build_demo(*loaded)
-    sets = [block for block in demo.blocks.values() if isinstance(block, gr.Dataset)]
-    photo_sets = [block for block in sets if "outside" in block.label]
-    assert len(sets) == 4 and len(photo_sets) == 2  # one of each per tab
-    for block in photo_sets:
-        assert [Path(sample[0]["path"]).name for sample in block.samples] == [Path(p).name for p in app.PHOTOS]
+    sets = [block for block in app.demo.blocks.values() if isinstance(block, gr.Dataset)]
+    [photos] = [block for block in sets if "outside" in block.label]
+    assert len(sets) == 2
+    assert [Path(sample[0]["path"]).name for sample in photos.samples] == [Path(p).name for p in app.PHOTOS]
 
 
 def test_only_uploads_and_examples_are_opened(predictor, photo, tmp_path):
@@ -348,30 +418,24 @@ def test_only_uploads_and_examples_are_opened(predictor, photo, tmp_path):
         for value in (str(secret), {"path": str(secret)}, str(tmp_path / "link.png"), dotted,
                       str(Path(outside) / "gone.png"), "/etc/passwd", "/proc/self/environ"):
             with pytest.raises(gr.Error) as caught:
-                app.classify(predictor, value)
+                app.classify(value)
             messages.add((caught.value.title, caught.value.message))
         assert messages == {("Image not uploaded", app.NOT_UPLOADED)}
-    assert len(app.classify(predictor, app.EXAMPLES[0])) == TOP
+    assert len(_top(app.classify(app.EXAMPLES[0]))) == TOP
 
 
-def test_module_level_demo_is_built_on_first_use_from_the_environment(model_dir, monkeypatch):
-    """`gradio app.py` reads ``app.demo``: the model of $EFFNETV2_MODEL; importing app builds nothing."""
-    app.default_demo.cache_clear()
-    monkeypatch.delitem(vars(app), "demo", raising=False)  # the one `app.main` sets
-    monkeypatch.setenv("EFFNETV2_MODEL", str(model_dir))
-    try:
-        assert app.default_demo.cache_info().currsize == 0
-        demo = app.demo
-        assert isinstance(demo, gr.Blocks) and app.demo is demo
-        header = next(block.value for block in demo.blocks.values() if getattr(block, "elem_id", None) == "model-header")
-        assert str(model_dir) in header
-    finally:
-        app.default_demo.cache_clear()
-    with pytest.raises(AttributeError, match="no attribute 'dmeo'"):
-        app.dmeo
+def test_importing_app_loads_no_model(model_dir):
+    """`gradio app.py` and tests import app: the page is built, the model of $EFFNETV2_MODEL is loaded on the
+    first visit (or by ``main``)."""
+    code = ("import app, gradio as gr; assert isinstance(app.demo, gr.Blocks); assert not app.MODELS._loaded; "
+            "print(app.MODELS.main)")
+    env = {**os.environ, "EFFNETV2_MODEL": str(model_dir), "PYTHONPATH": str(Path(app.__file__).parent)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(model_dir)
 
 
-def test_classify_and_attention_together_compute_two_at_a_time(loaded, photo, monkeypatch):
+def test_classify_and_attention_together_compute_two_at_a_time(predictor, photo, monkeypatch):
     """Four /classify and four /attention requests at once through a real server: at most two are
     inside the model's work at any moment (separate queues would let four in)."""
     active, peak, lock = 0, 0, threading.Lock()
@@ -389,9 +453,10 @@ def test_classify_and_attention_together_compute_two_at_a_time(loaded, photo, mo
             with lock:
                 active -= 1
     monkeypatch.setattr(app, "read_image", slow_read_image)
-    demo = app.build_demo(*loaded)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    monkeypatch.delenv("GRADIO_TEMP_DIR")  # the upload folder app.demo was built with, at import
+    demo, port = app.demo, free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(app.picture_dir())])
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         requests = [((handle_file(str(photo)),), "/classify"),
@@ -418,16 +483,19 @@ def test_pictures_are_files_never_rewritten(tmp_path):
     assert not list(path.parent.glob("*.part"))  # no half-written file is left behind
     gallery, matrix, text = app.as_files(([(red, "head 1")], blue, "maths"))
     assert gallery == [(str(path), "head 1")] and matrix == app.picture_file(blue) and text == "maths"
+    assert app.as_files(red, gr.FileData) == gr.FileData(path=str(path))  # the API's files
 
 
 @pytest.fixture()
 def launched(monkeypatch):
-    """What ``app.main`` passes to ``launch`` (which does not run), with the Blocks' queue."""
+    """What ``app.main`` passes to ``launch`` (which does not run), with the Blocks' queue; ``app.MODELS``
+    is the test's."""
     seen = {}
 
     def fake_launch(self, **kwargs):
         seen.update(kwargs, queue=self._queue)
     monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
+    monkeypatch.setattr(app, "MODELS", app.Models(app.DEFAULT_MODEL))
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     return seen
@@ -435,11 +503,13 @@ def launched(monkeypatch):
 
 def test_main_limits_uploads_queue_and_sharing(launched, model_dir):
     assert app.main(["--model", str(model_dir), "--port", "7999", "--backend", "torch"]) == 0
+    assert app.MODELS.main == str(model_dir) and app.MODELS._loaded  # loaded before the server starts
     assert launched["share"] is False and launched["show_error"] is False
     assert launched["max_file_size"] == 10 * 1024 * 1024  # README: uploads are limited to 10 MB (as Gradio reads "10mb")
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999
     assert launched["queue"].max_size == 64  # README: holds at most 64 waiting
     assert launched["queue"].default_concurrency_limit == 2  # README: computes 2 requests at a time
+    assert launched["allowed_paths"] == [str(app.picture_dir())]  # the API's pictures, nothing else
 
 
 def test_main_honours_the_server_name_a_space_sets(launched, model_dir, monkeypatch):
@@ -469,58 +539,126 @@ def test_model_comes_from_flag_env_or_the_bundled_default(monkeypatch):
     assert app.parse_args(["--model", "torchvision:s"]).model == "torchvision:s"
 
 
-def switch_of(demo: gr.Blocks):
-    [fn] = [fn.fn for fn in demo.fns.values() if fn.name == "switch"]
-    return fn
-
-
-def test_model_picker_loads_imagenet_s_on_first_use(loaded, photo, torchvision_home, monkeypatch):
-    """The picker's second model: loaded when first asked for, once; classify, explain (CAM: one
+def test_model_picker_loads_imagenet_s_on_first_use(predictor, photo, torchvision_home, monkeypatch):
+    """The picker's second model: loaded when first asked for, once; the answer, explain (CAM: one
     "head") and the class list follow it; the app's own model stays the API's default."""
     monkeypatch.setenv("TORCH_HOME", str(torchvision_home))
-    demo = app.build_demo(*loaded)
-    [picker] = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model-choice"]
-    assert [value for _, value in picker.choices] == ["assets/model", "torchvision:s"]
-    name, header, classes, query, intro = switch_of(demo)("torchvision:s")
-    assert name == "torchvision:s" and "EfficientNetV2-S" in header and "1000 classes" in header
+    name, header, classes, views, query = app.switch("torchvision:s")
+    assert name == "torchvision:s" and header.startswith("This model knows 1000 classes")
     assert len(classes.choices) == 1001 and ("tench", "tench") in [tuple(c) for c in classes.choices]
-    assert query.choices[0][0] == "most attended cell" and "averaging" in intro
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        top5 = client.predict(handle_file(str(photo)), "torchvision:s", api_name="/classify")
-        own = client.predict(handle_file(str(photo)), api_name="/classify")  # the default: the app's model
-        _, totals, faithfulness, _ = client.predict(handle_file(str(photo)), "tench", "torchvision:s",
-                                                    api_name="/explain")
-    finally:
-        demo.close()
+    assert [value for _, value in views.choices] == [app.BEST, explain.CAM, explain.GRADCAM]  # CAM, Grad-CAM first
+    assert query.choices[0][0] == "most attended cell"
+    imagenet = app.MODELS.get("torchvision:s")
+    assert app.MODELS.get("torchvision:s") is imagenet  # loaded once
     from torchvision.models import EfficientNet_V2_S_Weights
 
-    imagenet = EfficientNet_V2_S_Weights.IMAGENET1K_V1.meta["categories"]
-    assert len(top5["confidences"]) == 5 and {c["label"] for c in top5["confidences"]} <= set(imagenet)
-    assert {c["label"] for c in own["confidences"]} <= set(LABELS)
+    categories = EfficientNet_V2_S_Weights.IMAGENET1K_V1.meta["categories"]
+    assert set(_top(app.classify(str(photo), "torchvision:s"))) <= set(categories)
+    assert set(_top(app.classify(str(photo)))) <= set(LABELS)  # the default: the app's model
+    _, totals, faithfulness, _ = app.explain(str(photo), "tench", "torchvision:s")
     assert "**Why tench?**" in faithfulness and [row[0] for row in totals["data"]] == ["all cells"]
+    assert "feature self-attention" in faithfulness  # the parameter-free maps, named as such
+    scores, _, sentence, _ = app.answer(str(photo), "", "torchvision:s")
+    assert sentence.startswith(f"**{next(iter(scores))}, ")
+    assert "The map: CAM" in sentence or "The map: Grad-CAM" in sentence
 
 
-def test_model_picker_offline_says_why_in_the_log_and_stays_on_the_apps_model(loaded, tmp_path, monkeypatch,
-                                                                                caplog):
-    """Visitors learn that the model is not available; the server's log says why (paths, settings)."""
+def test_model_picker_offline_says_so_once_in_a_visitors_words(predictor, tmp_path, monkeypatch, caplog):
+    """No path, no environment variable: the visitor reads that the model cannot be had and the page stays;
+    the developer's detail (what to set, where the file goes) is in the server log."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no weights there
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    models = app.Models(*loaded)
-    with pytest.raises(gr.Error, match=r"torchvision:s could not be loaded on this server") as caught:
-        models.get("torchvision:s", wait_s=app.LOAD_TIMEOUT_S)
-    assert not any(text in caught.value.message for text in ("/", str(tmp_path), "TORCH_HOME", "HF_HUB_OFFLINE"))
-    assert "this machine is offline (HF_HUB_OFFLINE=1" in caplog.text and str(tmp_path) in caplog.text
-    with pytest.raises(gr.Error, match=r"Unknown model 'resnet': choose 'assets/model' or 'torchvision:s'"):
+    models = app.Models(str(app.MODELS.main))
+    models.start(models.main, backend="torch")
+    monkeypatch.setattr(app, "MODELS", models)  # ImageNet not loaded yet
+    with pytest.raises(gr.Error) as caught:
+        models.get("torchvision:s")
+    message = caught.value.message
+    assert message.startswith("ImageNet — EfficientNetV2-S, 1000 classes could not be loaded on this server")
+    assert "/" not in message.replace(" — ", "") and not re.search(r"[A-Z]{2,}_[A-Z_]+", message)
+    assert "HF_HUB_OFFLINE" in caplog.text or "offline" in caplog.text  # the log keeps the detail
+    with pytest.raises(gr.Error, match=r"Unknown model 'resnet'"):
         models.get("resnet")
-    with pytest.warns(UserWarning, match="could not be loaded on this server"):  # a toast in the page
-        name, header, classes, *_ = switch_of(app.build_demo(*loaded))("torchvision:s")
-    assert name == "assets/model" and header == loaded[1] and len(classes.choices) == len(LABELS) + 1
+    with pytest.warns(UserWarning) as warned:  # a toast in the page, once
+        name, header, classes, *_ = app.switch("torchvision:s")
+    assert len(warned) == 1 and str(tmp_path) not in str(warned[0].message)
+    assert name == app.MODELS.main and len(classes.choices) == len(LABELS) + 1
 
 
-def test_a_hung_model_load_never_holds_up_the_apps_own_model(loaded, photo, monkeypatch):
+def _readme_commands(prefix: str) -> list[list[str]]:
+    """The README's shell commands starting with ``prefix``, continuation lines joined, split as a shell would."""
+    import shlex
+
+    text = (Path(app.__file__).parent / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith(prefix)]
+
+
+def test_the_readme_space_commands_run_with_the_pinned_hf_cli(monkeypatch):
+    """`hf repos create` and `hf upload` as the README writes them, through huggingface_hub's own CLI with
+    the Hub calls recorded instead of sent: they parse, make a Gradio Space, and upload what the app needs
+    (requirements-space.txt as the Space's requirements.txt) and nothing of the trainer or the tests."""
+    import huggingface_hub
+    from huggingface_hub import RepoUrl
+    from huggingface_hub.cli.hf import app as hf
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = []
+
+    def record(name):
+        def call(self, *args, **kwargs):
+            calls.append((name, kwargs))
+            if name == "create_repo":
+                return RepoUrl(f"https://huggingface.co/spaces/{kwargs['repo_id']}")
+            return "https://huggingface.co/spaces/org/effnetv2-demo/commit/0"
+        return call
+    for name in ("create_repo", "upload_file", "upload_folder"):
+        monkeypatch.setattr(huggingface_hub.HfApi, name, record(name))
+    root = Path(app.__file__).parent
+    monkeypatch.chdir(root)
+    commands = _readme_commands("hf repos create org/effnetv2-demo") + _readme_commands("hf upload org/effnetv2-demo")
+    assert len(commands) == 3
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    for command in commands:
+        with pytest.raises(SystemExit) as done:
+            hf(command[1:], prog_name="hf", windows_expand_args=False)  # what `hf` runs (cli.hf.main)
+        assert done.value.code == 0, command
+    (_, created), (_, _), (_, folder), (_, _), (_, file) = calls
+    assert created["repo_type"] == "space" and created["space_sdk"] == "gradio"
+    assert (file["path_or_fileobj"], file["path_in_repo"]) == ("requirements-space.txt", "requirements.txt")
+    files = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".git" not in p.parts]
+    chosen = set(filter_repo_objects(files, allow_patterns=folder["allow_patterns"]))
+    assert {"app.py", "README.md", "effnetv2/model.py", "effnetv2/model_card.md", "assets/model/config.json",
+            "assets/examples/star.png", "docs/screenshot_desktop.png"} <= chosen
+    assert not {f for f in chosen if f.startswith(("tests/", "benchmarks/")) or f in ("train.py", "requirements.txt")}
+
+
+def test_the_space_installs_the_apps_packages_with_cpu_torch_at_the_projects_pins():
+    root = Path(app.__file__).parent
+    pins = dict(line.split("#")[0].strip().split("==") for line in (root / "requirements.txt").read_text().splitlines()
+                if "==" in line.split("#")[0])
+    lines = [line.split("#")[0].strip() for line in (root / "requirements-space.txt").read_text().splitlines()]
+    lines = [line for line in lines if line]
+    assert lines[0] == "--extra-index-url https://download.pytorch.org/whl/cpu"  # CPU torch, no CUDA libraries
+    space = dict(line.split("==") if "==" in line else (line, None) for line in lines[1:])
+    for name, version in space.items():
+        assert version is None or pins[name] == version, name  # what the tests ran with
+    assert {"torch", "torchvision", "gradio", "onnxruntime", "huggingface_hub", "safetensors", "matplotlib"} <= set(space)
+    assert not {"tensorboard", "openvino", "accelerate", "timm"} & set(space)  # the trainer's, not the app's
+
+
+@pytest.fixture()
+def own_models(predictor, monkeypatch):
+    """A fresh ``app.MODELS`` on the tiny model (nothing else loaded, no failure remembered)."""
+    models = app.Models(app.MODELS.main)
+    models.start(models.main, backend="torch")
+    monkeypatch.setattr(app, "MODELS", models)
+    return models
+
+
+IMAGENET_TITLE = "ImageNet — EfficientNetV2-S, 1000 classes"
+
+
+def test_a_hung_model_load_never_holds_up_the_apps_own_model(own_models, photo, monkeypatch):
     """The picker's other model hangs while loading (a download that never answers): one request for
     it waits in its compute slot, the others are told at once to come back, and the app's own model
     answers meanwhile (it used to wait behind them for as long as the download hung)."""
@@ -531,8 +669,8 @@ def test_a_hung_model_load_never_holds_up_the_apps_own_model(loaded, photo, monk
         release.wait(120)
         raise OSError("no answer")
     monkeypatch.setattr(app, "load", hanging_load)
-    demo = app.build_demo(*loaded)
-    port = free_port()
+    monkeypatch.delenv("GRADIO_TEMP_DIR")  # the upload folder app.demo was built with, at import
+    demo, port = app.demo, free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     pool = ThreadPoolExecutor(6)
     try:
@@ -550,35 +688,37 @@ def test_a_hung_model_load_never_holds_up_the_apps_own_model(loaded, photo, monk
                 request.result(timeout=30)
             messages.append(str(caught.value))
     finally:
-        release.set()  # the old code's requests end too, and the server can close
+        release.set()
         pool.shutdown(wait=False, cancel_futures=True)
         demo.close()
     assert own["label"] in LABELS and seconds < 10, seconds
     assert calls == ["torchvision:s"]  # one load for all four requests
     assert app.LOAD_WAITERS == 1 and sorted(message.split(" (")[0] for message in messages) == [
-        "torchvision:s could not be loaded on this server", *["torchvision:s is loading"] * 3], messages
+        f"{IMAGENET_TITLE} could not be loaded on this server", *[f"{IMAGENET_TITLE} is loading"] * 3], messages
     assert not any("/" in message for message in messages)
 
 
-def test_a_download_that_never_answers_fails_in_time_and_shows_visitors_no_path(loaded, silent_proxy, tmp_path,
+def test_a_download_that_never_answers_fails_in_time_and_shows_visitors_no_path(own_models, silent_proxy, tmp_path,
                                                                                  monkeypatch, caplog):
     """The real loader, TORCH_HOME empty, online, behind a proxy that never answers: the picker gets
     "not available" within the download timeout, the log gets the why with the paths."""
+    import urllib.request
+
     from effnetv2 import convert
 
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's opener, built on the proxy here, goes after
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(convert, "is_offline", lambda: False)
     monkeypatch.setattr(convert, "DOWNLOAD_TIMEOUT_S", 1)
-    models = app.Models(*loaded)
     start = time.monotonic()
-    with pytest.raises(gr.Error, match="torchvision:s could not be loaded on this server") as caught:
-        models.get("torchvision:s", wait_s=app.LOAD_TIMEOUT_S)
+    with pytest.raises(gr.Error, match="could not be loaded on this server") as caught:
+        own_models.get("torchvision:s", wait_s=app.LOAD_TIMEOUT_S)
     assert time.monotonic() - start < 10
     assert not any(text in caught.value.message for text in ("/", "TORCH_HOME", "HF_HUB_OFFLINE"))
     assert "could not download" in caplog.text and str(tmp_path) in caplog.text
 
 
-def test_a_failed_model_load_is_remembered_for_a_while(loaded, monkeypatch):
+def test_a_failed_model_load_is_remembered_for_a_while(own_models, monkeypatch):
     """A load that failed (or outlived LOAD_TIMEOUT_S) is not retried on every request, only after
     RETRY_AFTER_S, and its message names no server path or setting."""
     calls, release = [], threading.Event()
@@ -589,7 +729,7 @@ def test_a_failed_model_load_is_remembered_for_a_while(loaded, monkeypatch):
         raise OSError("could not download the weights: put that file at /srv/torch/hub (or set TORCH_HOME, "
                       "unset HF_HUB_OFFLINE)")
     monkeypatch.setattr(app, "load", failing_load)
-    models = app.Models(*loaded)
+    models = own_models
     monkeypatch.setattr(app, "LOAD_TIMEOUT_S", 0.5)  # a load that takes longer is given up ...
     start = time.monotonic()
     for _ in range(2):  # ... without starting another while it runs

@@ -56,7 +56,7 @@ def _top(result: dict) -> list[tuple[str, float]]:
 
 def test_api_lists_the_named_endpoints(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/classify", "/attention", "/explain", "/textbook"}
+    assert set(endpoints) == {"/answer", "/classify", "/attention", "/explain", "/textbook"}
 
 
 def test_classify_through_the_client(client, example):
@@ -74,8 +74,8 @@ def test_attention_through_the_client(client, example, model):
     gallery, matrix, maths, grid = client.predict(handle_file(example), app.POOLED, 0, 0,
                                                   api_name="/attention")
     captions = [item["caption"] for item in gallery]
-    assert len(gallery) == model.num_heads + 1 and "mean" in captions[-1]
-    assert all(f"head {i + 1}:" in captions[i] for i in range(model.num_heads))
+    assert len(gallery) == model.num_heads + 1 and "mean" in captions[0]  # the summary first
+    assert all(f"head {i + 1}:" in captions[i + 1] for i in range(model.num_heads))
     for item in gallery + [{"image": matrix}, {"image": grid}]:
         assert Image.open(item["image"]).size[0] > 0
     assert "the pooled query" in maths and "softmax" in maths
@@ -83,14 +83,28 @@ def test_attention_through_the_client(client, example, model):
     assert "the token at cell (1, 2)" in cell_maths
 
 
+def test_answer_through_the_client_in_one_call(client, example, model):
+    """/answer: the top labels, one explanation picture at least 320 px wide, the sentence and the verdict."""
+    scores, picture, sentence, verdict = client.predict(handle_file(example), api_name="/answer")
+    expected = Predictor(app.DEFAULT_MODEL, backend="torch").predict([example], top_k=5)[0]
+    assert list(scores) == [label for label, _ in expected]
+    for label, prob in expected:
+        assert abs(scores[label] - prob) < 1e-3  # float32 runtimes agree to far less than this
+    assert Image.open(picture).size[0] >= 320
+    assert sentence.startswith(f"**{expected[0][0]}, ") and "sure" in sentence
+    assert "deletion test" in verdict and "random map" in verdict
+    *_, square_sentence, _ = client.predict(handle_file(example), "square", api_name="/answer")
+    assert square_sentence.startswith("**square, ")
+
+
 def test_explain_through_the_client(client, example, model):
     """/explain with the predicted class (empty) and a chosen one: pictures per head and their sum,
     the per-head totals as a table, and the faithfulness table in words."""
     gallery, totals, faithfulness, pair = client.predict(handle_file(example), "", api_name="/explain")
-    assert len(gallery) == model.num_heads + 1 and "all heads: +" in gallery[-1]["caption"]
+    assert len(gallery) == model.num_heads + 1 and "all heads: +" in gallery[0]["caption"]  # the summary first
     assert all("towards star" in item["caption"] or "against star" in item["caption"] for item in gallery)
     assert [head for head, _ in totals["data"]] == [f"head {i + 1}" for i in range(model.num_heads)]
-    for (head, total), item in zip(totals["data"], gallery):  # the chart's numbers are the captions'
+    for (head, total), item in zip(totals["data"], gallery[1:]):  # the chart's numbers are the captions'
         assert item["caption"].startswith(f"{head}: {total:+.2f} ")
     assert "**Why star?**" in faithfulness and "| random map |" in faithfulness
     assert all(Image.open(path).size[0] > 0 for path in [item["image"] for item in gallery] + list(pair))
@@ -116,7 +130,7 @@ def test_mcp_server_lists_the_tools_and_classifies_like_the_client(server, clien
                 return (await session.list_tools()).tools, await session.call_tool("classify", {"image": image})
     tools, answer = asyncio.run(ask())
     described = {tool.name: tool for tool in tools}
-    assert set(described) == {"classify", "attention", "explain", "textbook"}  # no UI-only event
+    assert set(described) == {"answer", "classify", "attention", "explain", "textbook"}  # no UI-only event
     assert described["classify"].description.startswith("Classify an image")
     assert set(described["explain"].inputSchema["properties"]) == {"image", "class_name", "model"}
     model = described["classify"].inputSchema["properties"]["model"]  # the picker: optional, its choices told

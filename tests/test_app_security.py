@@ -18,6 +18,7 @@ import app
 from app_server import running_app
 
 FILE_META = {"_type": "gradio.FileData"}  # what marks a value as a file for Gradio's own check
+IMAGE_ENDPOINTS = {"answer", "classify", "attention", "explain"}
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,10 @@ def image_events(http) -> list[tuple[int, str, list, int]]:
     events = []
     for dependency in config["dependencies"]:
         kinds = [components[i]["type"] for i in dependency["inputs"]]
-        if dependency["backend_fn"] and "image" in kinds:
+        endpoint = dependency["api_name"] in IMAGE_ENDPOINTS  # gr.api: its image is its first argument
+        if dependency["backend_fn"] and ("image" in kinds or endpoint):
             defaults = [components[i]["props"].get("value") for i in dependency["inputs"]]
-            events.append((dependency["id"], dependency["api_name"], defaults, kinds.index("image")))
+            events.append((dependency["id"], dependency["api_name"], defaults, 0 if endpoint else kinds.index("image")))
     return events
 
 
@@ -94,7 +96,7 @@ def test_every_image_event_refuses_server_files_alike(http, image_events, files)
     skipped), as a bare string or with the marker: one answer per form whether the file exists or not,
     our message for the unmarked form, and nothing of any file in the stream."""
     names = {name for _, name, _, _ in image_events}
-    assert {"classify", "attention", "explain"} <= names and len(image_events) >= 6  # hidden ones too
+    assert IMAGE_ENDPOINTS <= names and len(image_events) >= 6  # the page's own ones too
     for fn_index, name, defaults, position in image_events:
         for form in (lambda path: {"path": path}, lambda path: path, lambda path: {"path": path, "meta": FILE_META}):
             answers = set()
@@ -139,7 +141,7 @@ def test_mcp_tools_refuse_server_files_alike(server, files):
                             answers[tool, path, str(value)] = await session.call_tool(tool, {"image": value})
                 return tools, answers
     tools, answers = asyncio.run(ask())
-    assert set(tools) == {"classify", "attention", "explain"}
+    assert set(tools) == IMAGE_ENDPOINTS
     by_form = {}
     for (tool, path, value), answer in answers.items():
         assert answer.isError and all(content.type == "text" for content in answer.content), (tool, value)

@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from effnetv2 import EfficientNetV2
-from effnetv2.explain import class_attribution, deletion_auc, gradcam, insertion_auc, removal_curve
+from effnetv2.explain import (BEATS_RANDOM_BY, CAM, FEATURE_ATTENTION, GRADCAM, RANDOM, answer_sentence,
+                              class_attribution, curve_auc, deletion_auc, describe_model, features, gradcam,
+                              insertion_auc, map_kinds, region_cells, removal_curve, verdict, why)
 
 
 def _model(pool: str) -> EfficientNetV2:
@@ -177,3 +179,76 @@ def test_deletion_summary_in_plain_words():
     # A confident model: two decimals would read "from 1.00 to 1.00"
     assert deletion_summary(torch.tensor([0.99996, 0.9971, 0.5]), "star", cells=1).endswith("drops P(star) from 1.000 to 0.997")
     assert deletion_summary(torch.tensor([0.25, 0.25]), "star").endswith("leaves P(star) at 0.25")
+
+
+def _curve(*values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_verdict_names_the_map_that_deletes_fastest_and_its_margin_over_random():
+    """Areas by the trapezoid rule over 4 steps (dx 1/4), worked by hand."""
+    curves = {"Grad-CAM": _curve(1, 0.5, 0.25, 0.25, 0.25), "attention": _curve(1, 1, 0.95, 0.9, 0.85),
+              "class attribution": _curve(1, 1, 1, 0.5, 0.5), "random map": _curve(1, 1, 0.9, 0.9, 0.9)}
+    aucs = {kind: float(curve_auc(curve)) for kind, curve in curves.items()}
+    assert aucs == pytest.approx({"Grad-CAM": 0.40625, "attention": 0.94375, "class attribution": 0.8125,
+                                  "random map": 0.9375})
+    text = verdict(curves)
+    assert text.startswith("By the deletion test, Grad-CAM explains this image best")
+    assert "area 0.406 against a random map's 0.938, 0.531 lower" in text
+    assert text.endswith("Attention (0.944) does not beat a random map here.")  # worse than random, named
+    assert "class attribution" not in text  # it beats random: not listed as a loser
+
+
+def test_verdict_says_when_no_map_beats_random():
+    curves = {"attention": _curve(1, 0.99, 0.98), "Grad-CAM": _curve(1, 1, 0.99), "random map": _curve(1, 0.99, 0.98)}
+    assert verdict(curves).startswith("No map beats a random one for this image by the deletion test "
+                                      "(best: attention, 0.990 against 0.990)")
+
+
+def test_verdict_margin_and_the_losers_plural():
+    """A map within BEATS_RANDOM_BY of random does not beat it; two such maps are named together."""
+    step = BEATS_RANDOM_BY
+    curves = {"a": _curve(0.5, 0.5), "b": _curve(0.9 - step / 2, 0.9 - step / 2), "c": _curve(0.95, 0.95),
+              "random map": _curve(0.9, 0.9)}
+    assert verdict(curves).endswith("B (0.895) and c (0.950) do not beat a random map here.")
+    with pytest.raises(ValueError, match="needs the 'random map' curve"):
+        verdict({"a": _curve(1, 0)})
+
+
+@pytest.mark.parametrize("after, words", [(0.73, "mostly from the highlighted region; hiding it drops the score to 0.73."),
+                                          (0.995, "hiding the highlighted region leaves the score at 0.99")])
+def test_answer_sentence_reads_the_curve_at_a_quarter_of_the_cells(after, words):
+    curve = _curve(1.0, 0.99, after, 0.5, 0.2, 0.1, 0.0, 0.0, 0.0)  # 8 cells: the region is 2 of them
+    assert region_cells(8) == 2
+    assert answer_sentence("star", 0.999, curve) == f"star, 100% sure{':' if after < 0.9 else ';'} {words}" + (
+        "" if after < 0.9 else ", so the answer rests on more than that region.")
+
+
+def test_why_from_features_matches_the_image_functions():
+    """One backbone forward, then the head only: the same attribution, Grad-CAM and deletion areas as the
+    functions that take images; another class from the same features."""
+    model = _model("attention")
+    x = torch.randn(1, 3, 64, 64)
+    feats = features(model, x)
+    for target in (None, 2):
+        result = why(model, feats, target)
+        chosen = int(model(x).argmax()) if target is None else target
+        assert result.target == chosen
+        torch.testing.assert_close(result.shares, class_attribution(model, x, chosen)[0])
+        torch.testing.assert_close(result.maps[GRADCAM], gradcam(model, x, chosen)[0, 0])
+        torch.testing.assert_close(result.heads, model.attention_maps(x)[0].detach())
+        assert list(result.maps) == [*map_kinds(model), RANDOM]
+        for kind in map_kinds(model):
+            expected = float(deletion_auc(model, x, result.maps[kind][None, None], chosen))
+            assert result.aucs[kind] == pytest.approx(expected, abs=1e-9)
+    avg = _model("avg")
+    assert list(why(avg, features(avg, x)).maps) == [CAM, GRADCAM, FEATURE_ATTENTION, RANDOM]
+
+
+def test_model_description_in_two_sentences():
+    shapes = describe_model(["circle", "hexagon", "square", "star", "triangle"], "ImageNet")
+    assert shapes.startswith("This model knows 5 shapes: circle, hexagon, square, star, triangle. ")
+    assert "pick ImageNet above for your own photos" in shapes and shapes.count(". ") == 1
+    many = describe_model([f"class {i}" for i in range(1000)])
+    assert many.startswith("This model knows 1000 classes") and "class 999" not in many
+    assert describe_model(["cat", "dog"]).startswith("This model knows 2 classes: cat, dog.")

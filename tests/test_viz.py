@@ -71,14 +71,14 @@ def test_head_gallery_has_each_head_and_the_mean():
     maps[0, 1, 2] = 1.0  # head 1 looks at the bottom-right cell
     maps[1] = 1 / 6
     view = Image.new("RGB", (90, 60), (0, 0, 0))
-    gallery = viz.head_gallery(view, maps)
-    assert [c.split(":")[0] for _, c in gallery] == ["head 1", "head 2", "mean of heads"]
+    mean, *gallery = viz.head_gallery(view, maps)
+    assert [c.split(":")[0] for _, c in [mean, *gallery]] == ["mean of heads", "head 1", "head 2"]  # summary first
     assert "peak 1.000 at cell (1, 2)" in gallery[0][1] and "peak 0.167" in gallery[1][1]
-    assert "peak 0.583 at cell (1, 2)" in gallery[2][1]
+    assert "peak 0.583 at cell (1, 2)" in mean[1]
     first = gallery[0][0]
     assert first.height == 60 and first.width > 90  # the overlay plus its colour bar
     assert sum(first.getpixel((80, 50))) > sum(first.getpixel((10, 10)))
-    shared = viz.head_gallery(view, maps, shared_scale=True)
+    shared = viz.head_gallery(view, maps, shared_scale=True)[1:]
     assert sum(shared[1][0].getpixel((10, 10))) < sum(gallery[1][0].getpixel((10, 10)))  # 1/6 of the top
 
 
@@ -175,11 +175,11 @@ def test_attribution_gallery_is_signed_with_one_scale():
     shares[0, 0, 0] = 2.0  # head 1 pushes towards the class at the top-left cell
     shares[1, 1, 1] = -1.0  # head 2 argues against it at the bottom-right cell
     view = Image.new("RGB", (64, 64), (128, 128, 128))
-    gallery = viz.attribution_gallery(view, shares, "star", alpha=1.0)
-    assert [caption for _, caption in gallery] == [
+    summed, *gallery = viz.attribution_gallery(view, shares, "star", alpha=1.0)
+    assert [caption for _, caption in [summed, *gallery]] == [
+        "all heads: +1.00 towards star (strongest cell (0, 0))",  # the summary first
         "head 1: +2.00 towards star (strongest cell (0, 0))",
-        "head 2: -1.00 against star (strongest cell (1, 1))",
-        "all heads: +1.00 towards star (strongest cell (0, 0))"]
+        "head 2: -1.00 against star (strongest cell (1, 1))"]
     first, second = (np.asarray(picture)[:64, :64] for picture, _ in gallery[:2])
     # one scale for all, from -2 to +2 (the largest |share|): +2 is the top of matplotlib's RdBu_r (dark
     # red), 0 its middle (white), -1 a quarter of the way up (light blue)
@@ -190,3 +190,36 @@ def test_attribution_gallery_is_signed_with_one_scale():
     assert np.array_equal(first[50, 50], expected[0.5]) and np.array_equal(second[10, 10], expected[0.5])
     assert np.array_equal(second[50, 50], expected[0.25]) and second[50, 50][2] > second[50, 50][0]
     assert gallery[0][0].width > 64  # the colour bar is beside the map
+
+
+def test_score_matrix_labels_do_not_overlap_on_a_6x6_grid():
+    """36 rows of 10 px: every second row is labelled, each label in its own band of 16 px text."""
+    cells = [f"{r},{c}" for r in range(6) for c in range(6)]
+    cell_px = 384 // 36
+    labelled = np.asarray(viz.with_axis_ticks(Image.new("RGB", (36 * cell_px,) * 2, "black"), cell_px, cells, cells))
+    top, left = labelled.shape[0] - 36 * cell_px, labelled.shape[1] - 36 * cell_px
+    ink = (labelled[top:, :left] < 128).any(axis=(1, 2))  # rows of the left margin with text
+    bands = np.flatnonzero(np.diff(np.r_[0, ink.astype(int)]) == 1)  # where each label starts
+    assert len(bands) == 18  # rows 0, 2, ..., 34
+    assert (np.diff(bands) >= viz.TICK_FONT_PX - 4).all()
+
+
+def test_explanation_picture_outlines_the_top_cells_with_its_colour_bar_below():
+    values = torch.tensor([[0.0, 3.0], [1.0, 2.0]])
+    view = Image.new("RGB", (50, 50), (128, 128, 128))
+    picture = viz.explanation_picture(view, values, region=2, signed=False, size=200)
+    assert picture.width == 200 and picture.height > 200 + viz.TICK_FONT_PX  # the bar and its labels under it
+    pixels = np.asarray(picture)
+    green = np.all(pixels[:200] == (0, 255, 0), axis=-1)
+    assert green[:, 100:].any(axis=0).sum() > 50 and not green[100:190, 5:95].any()  # the right column: 3 and 2
+    assert np.array_equal(viz.top_cells(values, 2), np.array([[False, True], [False, True]]))
+    signed = np.asarray(viz.explanation_picture(view, torch.tensor([[1.0, -2.0], [0.0, 0.0]]), 1, True, 200))
+    assert signed[50, 150, 2] > signed[50, 150, 0] and signed[50, 50, 0] > signed[50, 50, 2]  # blue against, red for
+
+
+def test_grid_image_draws_the_query_attention_on_the_grid():
+    view = Image.new("RGB", (60, 60), (0, 0, 0))
+    attn = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    pixels = np.asarray(viz.grid_image(view, (2, 2), (1, 1), attn), int)
+    assert pixels[10, 10].sum() > pixels[40, 10].sum() + 100  # the attended cell is bright
+    assert tuple(pixels[31, 45]) == (0, 255, 255)  # the query cell's outline
