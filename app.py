@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -60,6 +61,7 @@ CONCURRENCY = 2              # requests of that group computed at once: one requ
                              # another's image decodes or its pictures encode (single-threaded work), and
                              # memory stays bounded: at most two images of MAX_REQUEST_PIXELS (effnetv2.images) at once
 QUEUE_SIZE = 64              # requests waiting beyond that are turned away with a message
+CACHE_AGE_S = 3600           # visitors' uploads and pictures are deleted after an hour (hourly)
 PLAYGROUND = {"tokens": (1, 64), "width": (1, 4096), "heads": (1, 64), "seed": (0, 2**32 - 1)}  # inclusive
 VIEW_PX = 320                # the clickable grid picture: what the model sees, drawn at this size
 MAP_PX = 224                 # each map of a gallery: two in a row on a phone, colour-bar labels >= 10 px
@@ -390,6 +392,10 @@ def picture_file(image: Image.Image) -> str:
     image.save(buffer, format="png", compress_level=1)  # 4x faster than the default 6, files 20% larger
     data = buffer.getvalue()
     path = picture_dir() / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    for old in picture_dir().glob("*.png"):  # visitors' pictures live CACHE_AGE_S, as Gradio's copies of them
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > CACHE_AGE_S:
+                old.unlink()
     if not path.exists():
         fd, staging = tempfile.mkstemp(dir=path.parent, suffix=".part")
         with os.fdopen(fd, "wb") as file:
@@ -594,7 +600,7 @@ SOURCES = ["upload", "webcam", "clipboard"]
 GALLERY = dict(columns=5, format="png", object_fit="contain", height="auto", buttons=["download", "fullscreen"])
 PICTURE = dict(type="filepath", format="png", interactive=False, buttons=["download", "fullscreen"])
 
-with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False) as demo:
+with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False, delete_cache=(CACHE_AGE_S, CACHE_AGE_S)) as demo:
     gr.Markdown("# EfficientNetV2: what is in your image, and why", elem_id="title")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=300):
@@ -670,7 +676,7 @@ with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False) as demo:
           [play_gallery, play_maths], preprocess=False, **compute)  # opened: the example is there
     for endpoint in (answer, classify, attention, explain, textbook):
         gr.api(endpoint, api_name=endpoint.__name__, concurrency_id=COMPUTE)
-demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
+demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE, api_open=False)  # no route around the queue
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

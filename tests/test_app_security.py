@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 import uuid
@@ -180,25 +181,21 @@ def test_a_huge_path_holds_no_compute_slot(http, image_events, files):
     assert done["success"] is True and seconds < 10, (done, seconds)
 
 
-@pytest.mark.xfail(strict=True, reason="app.py sets no delete_cache: every upload (60 MB/s measured through "
-                   "/gradio_api/upload), MCP data: URI (twice its size) and answer picture (3.4 MB per distinct "
-                   "/textbook call, in picture_dir and again in Gradio's cache) stays on disk until the app exits")
 def test_what_requests_write_is_reclaimed(monkeypatch, tmp_path):
-    """Files written for visitors (uploads, downloads, answer pictures) are deleted once a day at the
-    latest while the app runs: Gradio's ``delete_cache`` is set, and the app's own pictures lie where it
-    reaches (Gradio's cache folder)."""
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
-    demo = app.build_demo(*app.load(app.DEFAULT_MODEL, backend="torch"))
-    assert demo.delete_cache is not None, "no delete_cache: visitors' files are never deleted"
-    frequency, age = demo.delete_cache
-    assert 0 < frequency <= 86400 and 0 < age <= 86400, demo.delete_cache
-    assert app.picture_dir().is_relative_to(tmp_path), app.picture_dir()
+    """Files written for visitors are deleted while the app runs: Gradio's ``delete_cache`` covers uploads and
+    its copies of answers (at most a day old), and the app's own pictures older than ``CACHE_AGE_S`` go when
+    the next one is written."""
+    frequency, age = app.demo.delete_cache
+    assert 0 < frequency <= 86400 and 0 < age <= 86400, app.demo.delete_cache
+    monkeypatch.setattr(app, "picture_dir", lambda: tmp_path)
+    old = Path(app.picture_file(Image.new("RGB", (4, 4), "red")))
+    recent = Path(app.picture_file(Image.new("RGB", (4, 4), "green")))
+    stale = time.time() - app.CACHE_AGE_S - 10
+    os.utime(old, (stale, stale))
+    new = Path(app.picture_file(Image.new("RGB", (4, 4), "blue")))
+    assert not old.exists() and recent.exists() and new.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="demo.queue() leaves api_open on: POST /gradio_api/run/<name> (and "
-                   "/gradio_api/api/<name>, /gradio_api/run/predict by fn_index) runs a computing event outside "
-                   "the queue, past CONCURRENCY and QUEUE_SIZE: 8 direct /classify of a 40 MP upload at once "
-                   "raised the app's RSS by 940 MiB against 456 MiB through the queue (Gradio runs up to 40 so)")
 def test_computing_events_run_only_through_the_queue(http, image_events, files):
     """Every queued event (the computing ones, named or hidden, and the picker's) refuses a direct POST
     that skips the queue, by name and by fn_index: the queue's concurrency limit is the app's memory bound."""
