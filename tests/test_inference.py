@@ -1,6 +1,7 @@
 """The inference path: BatchNorm folding and the Predictor on every installed backend."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import sys
@@ -274,13 +275,16 @@ def test_compile_mode_records_cuda_graphs_for_single_images_on_cuda_only():
     assert inference.compile_mode(cuda, 128) is None and inference.compile_mode(cpu, 1) is None
 
 
-def test_bf16_torch_path_is_channels_last_and_close_to_fp32(model, batch, monkeypatch):
+def test_bf16_torch_path_is_channels_last_and_close_to_fp32(model, monkeypatch):
     """The path CUDA takes (bf16, channels_last, compiled), run on the CPU: every convolution sees an
-    NHWC bf16 input, the logits come back float32 and pick the eager model's classes; torch.compile is
-    called once per mode on the fused model (stood in by the identity: compiling is CUDA's cost)."""
+    NHWC bf16 input and the logits come back float32. bf16 kernels differ by instruction set, so the
+    logits are judged against the eager model run in bf16 on this machine (how far bf16 rounding moves
+    this network here), and their classes against float32; torch.compile is called once per mode on the
+    fused model (stood in by the identity: compiling is CUDA's cost)."""
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, mode=None: compiled.append((module, mode)) or module)
     predictor = Predictor(model, backend="torch", precision="bf16", compile=True)
+    batch = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     seen = []
     hooks = [m.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, i[0].is_contiguous(
         memory_format=torch.channels_last) or i[0].shape[-1] == 1))) for m in predictor._fused.modules()
@@ -293,8 +297,17 @@ def test_bf16_torch_path_is_channels_last_and_close_to_fp32(model, batch, monkey
     assert logits.dtype == torch.float32
     with torch.no_grad():
         expected = model(batch)
-    assert torch.equal(logits.argmax(1), expected.argmax(1))
-    assert 1e-4 < relative_error(logits, expected) < 0.05  # bf16: close, and really not float32
+        eager_bf16 = copy.deepcopy(model).to(torch.bfloat16)(batch.to(torch.bfloat16)).float()
+    bf16_error = relative_error(eager_bf16, expected)  # bf16 rounding through this network, on this CPU
+    # Folding BatchNorm rounds less than eager bf16 (one weight rounding instead of a conv and a BN
+    # output rounding), so the fused path's error is at most about bf16_error; two such independent errors
+    # are at most 2 x apart by the triangle inequality, 3 x leaves room for the spread over 16 images.
+    assert 1e-4 < relative_error(logits, expected)  # really bf16, not float32
+    assert relative_error(logits, eager_bf16) < 3 * bf16_error, (relative_error(logits, eager_bf16), bf16_error)
+    # the class: one float32 ranks within bf16's rounding of its best (two logits, each off by at most
+    # ~1.5 x eager bf16's largest error)
+    noise = (eager_bf16 - expected).abs().max()
+    assert (expected.max(1).values - expected.gather(1, logits.argmax(1, keepdim=True))[:, 0] <= 3 * noise).all()
     assert [mode for _, mode in compiled] == [None] and compiled[0][0] is predictor._fused  # CPU: default mode
     assert predictor._fused.stem.conv.weight.dtype == torch.bfloat16
 
