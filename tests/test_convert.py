@@ -13,6 +13,8 @@ from torch import nn
 from effnetv2 import EfficientNetV2, convert
 from effnetv2.configs import VARIANTS
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 try:
     import timm
 except ImportError:  # timm is a test-only reference implementation (requirements-dev.txt)

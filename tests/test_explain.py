@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from effnetv2 import EfficientNetV2
 from effnetv2.explain import class_attribution, deletion_auc, gradcam, insertion_auc, removal_curve
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 
 def _model(pool: str) -> EfficientNetV2:
     """b0 with non-zero biases everywhere in the head, so that the rest term matters."""

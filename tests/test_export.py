@@ -20,6 +20,7 @@ def run_onnx(path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])
 
 
+@pytest.mark.numerics
 def test_export_fixed_size_dynamic_batch(model, tmp_path):
     path = export_onnx(model, tmp_path / "model.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -70,6 +71,7 @@ def test_dynamic_size_refused_where_the_graph_would_freeze_shapes(tmp_path):
     assert_graph_equals_eager(model, path, 66)
 
 
+@pytest.mark.numerics
 def test_check_onnx_reports_what_onnx_runtime_and_the_eager_model_give(model, tmp_path):
     path = export_onnx(model, tmp_path / "model.onnx")
     stats = check_onnx(model, path, 64, batch_size=2, seed=3)

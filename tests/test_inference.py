@@ -39,6 +39,7 @@ def batch():
     return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.numerics
 def test_fold_batchnorm_equals_conv_then_bn():
     conv = nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=True)
     bn = nn.BatchNorm2d(10, eps=1e-3)
@@ -58,6 +59,7 @@ def test_fold_batchnorm_equals_conv_then_bn():
 
 @pytest.mark.parametrize("kwargs", [{}, {"padding": "same", "pool": "attention", "num_heads": 4}],
                          ids=["symmetric-avg", "same-attention"])
+@pytest.mark.numerics
 def test_fused_model_equals_eager(kwargs):
     model = realistic_model("b0", image_size=64, **kwargs)
     x = torch.randn(2, 3, 70, 66)  # odd grid sizes: SAME padding and the position embedding resample
@@ -97,6 +99,7 @@ def test_fusing_never_changes_the_model(model):
     pytest.param("onnxruntime", marks=pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="onnxruntime not installed")),
     pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")),
 ])
+@pytest.mark.numerics
 def test_predictor_equals_eager(model, batch, cache_dir, backend):
     predictor = Predictor(model, backend=backend, cache_dir=cache_dir)
     assert predictor.backend == backend
@@ -119,6 +122,7 @@ def test_auto_prefers_the_fastest_installed_runtime(model, cache_dir, monkeypatc
         assert Predictor(model, cache_dir=cache_dir).backend == "openvino"
 
 
+@pytest.mark.numerics
 def test_auto_falls_back_to_torch_without_runtimes(model, batch, monkeypatch, tmp_path):
     for name in ("openvino", "onnxruntime"):
         monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
@@ -148,6 +152,7 @@ def test_auto_falls_back_when_a_runtime_fails(model, monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="onnxruntime not installed")
+@pytest.mark.numerics
 def test_exported_graphs_are_cached_by_weights(model, batch, cache_dir, monkeypatch):
     Predictor(model, backend="onnxruntime", cache_dir=cache_dir)
     exports = []
@@ -163,6 +168,7 @@ def test_exported_graphs_are_cached_by_weights(model, batch, cache_dir, monkeypa
     assert len(exports) == 1
 
 
+@pytest.mark.numerics
 def test_predict_top_k(model, cache_dir, tmp_path):
     predictor = Predictor(model, backend="torch", cache_dir=cache_dir)
     rng = np.random.default_rng(0)
@@ -200,6 +206,7 @@ def test_predictor_from_source_exposes_model_config_labels(model, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="onnxruntime not installed")
+@pytest.mark.numerics
 def test_a_replaced_or_damaged_cached_graph_is_exported_again(model, batch, tmp_path, caplog):
     other = realistic_model("b0", num_classes=7, image_size=64, seed=1)
     with torch.no_grad():
@@ -275,6 +282,7 @@ def test_compile_mode_records_cuda_graphs_for_single_images_on_cuda_only():
     assert inference.compile_mode(cuda, 128) is None and inference.compile_mode(cpu, 1) is None
 
 
+@pytest.mark.numerics
 def test_bf16_torch_path_is_channels_last_and_close_to_fp32(model, monkeypatch):
     """The path CUDA takes (bf16, channels_last, compiled), run on the CPU: every convolution sees an
     NHWC bf16 input and the logits come back float32. bf16 kernels differ by instruction set, so the
@@ -313,6 +321,7 @@ def test_bf16_torch_path_is_channels_last_and_close_to_fp32(model, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.numerics
 def test_cuda_predictor_is_bf16_compiled_and_matches_eager(model, batch):
     predictor = Predictor(model, device="cuda")
     assert (predictor.backend, predictor.precision, predictor.compile) == ("torch", "bf16", True)

@@ -23,6 +23,8 @@ from effnetv2.run_folder import public_argv
 
 from train_script import fresh_accelerate, reset_accelerate, train  # noqa: F401  (fresh_accelerate: autouse)
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SMOKE = ["--variant", "b0", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--cpu", "--seed", "0"]
