@@ -165,12 +165,15 @@ def test_spatial_means_become_global_average_pools(tmp_path):
             assert output.shape == exact.shape
             assert (np.abs(output - exact) <= (n + 1) * 2.0 ** -24 * np.abs(inputs).mean(axis=(2, 3), keepdims=True)).all()
         # The logits: the rewrite only reorders float32 sums, so the rewritten graph is as close to the
-        # float64 model as the original graph (float32 rounding through this network, on this CPU) is.
+        # float64 model as float32 gets through this network on this CPU, which the original graph and the
+        # eager float32 model show (each error varies by ~2x between kernel sets: 3x the larger of the two).
         expected = ort.InferenceSession(str(tmp_path / f"{pool}.onnx"), providers=["CPUExecutionProvider"]).run(
             None, {"pixel_values": x})[0]
         with torch.no_grad():
             exact = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
-        assert relative_error(pooled, exact) <= 2 * relative_error(expected, exact), pool
+            eager = model(torch.from_numpy(x)).numpy()
+        float32_error = max(relative_error(expected, exact), relative_error(eager, exact))
+        assert relative_error(pooled, exact) <= 3 * float32_error, (pool, relative_error(pooled, exact), float32_error)
 
 
 def test_calibration_split_is_seeded_and_disjoint(tmp_path):
