@@ -81,6 +81,7 @@ def test_page_says_what_the_model_knows_and_what_to_do(predictor):
     assert len(classes.choices) == len(LABELS) + 1 and views.value == app.BEST
 
 
+@pytest.mark.numerics
 def test_classify_gives_top5_matching_the_model(predictor, model_dir, photo):
     result = _top(app.classify(str(photo)))
     assert len(result) == TOP and set(result) <= set(LABELS)
@@ -172,6 +173,7 @@ def test_one_pixel_image_is_answered_with_a_warning(predictor, tmp_path):
 @pytest.mark.parametrize("mode, suffix", [("1", ".png"), ("L", ".png"), ("LA", ".png"), ("P", ".gif"),
                                           ("RGBA", ".webp"), ("CMYK", ".jpg"), ("I;16", ".png"),
                                           ("F", ".tif"), ("I", ".tif")])
+@pytest.mark.numerics
 def test_any_colour_mode_is_classified(predictor, tmp_path, mode, suffix):
     path = tmp_path / f"image{suffix}"
     gradient = Image.linear_gradient("L").resize((48, 40))
@@ -204,6 +206,7 @@ def test_attention_gives_the_mean_each_head_the_matrix_and_the_maths(predictor, 
     assert Image.open(api_matrix.path).size == matrix.size
 
 
+@pytest.mark.numerics
 def test_attention_from_a_clicked_cell(predictor, model_dir, photo):
     gallery, _, maths, grid = _parts("attention", predictor, photo, app.CELL, 1, 0)
     model = EfficientNetV2.from_pretrained(model_dir)
@@ -246,6 +249,7 @@ def _logits(model_dir, photo):
 
 
 @pytest.mark.parametrize("class_name", ["", "star", "cross"])
+@pytest.mark.numerics
 def test_explain_splits_the_class_logit_among_the_heads(predictor, model_dir, photo, class_name):
     """The per-head totals and the pooled output's bias through the classifier add up to the class
     logit (the attention pool's output is linear in the values, then one linear classifier)."""

@@ -59,6 +59,7 @@ def test_api_lists_the_named_endpoints(client):
     assert set(endpoints) == {"/answer", "/classify", "/attention", "/explain", "/textbook"}
 
 
+@pytest.mark.numerics
 def test_classify_through_the_client(client, example):
     result = client.predict(handle_file(example), api_name="/classify")
     top = _top(result)

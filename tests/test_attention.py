@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from effnetv2 import EfficientNetV2
 from effnetv2.attention import MultiHeadSelfAttention, check_cell, merge_heads, self_attention_maps, split_heads
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 
 def _pair(dim=32, heads=4):
     """Our module (with non-zero biases) and ``nn.MultiheadAttention`` holding the same weights."""

@@ -111,6 +111,7 @@ def trained(tmp_path_factory):
     return measure(tmp_path_factory.mktemp("shapes"))
 
 
+@pytest.mark.numerics
 def test_the_trained_pool_classifies_held_out_images(trained):
     # Only the trained accuracy is a verdict: on the bundled backbone's features, an untrained pool and
     # classifier are sometimes far above chance by luck (0.52 for one init of seed 2, under AVX2 emulation).
@@ -118,6 +119,7 @@ def test_the_trained_pool_classifies_held_out_images(trained):
         assert run["after"][0] >= MIN_ACCURACY, trained
 
 
+@pytest.mark.numerics
 def test_attention_mass_inside_the_box_beats_its_area_share(trained):
     share = trained["share"]
     print(f"\nattention mass inside the object box (100 held-out images), box area share {share:.3f}: "

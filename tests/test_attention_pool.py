@@ -12,6 +12,8 @@ from effnetv2 import EfficientNetV2, viz
 from effnetv2.attention import AttentionPool2d, split_heads, standardised_tokens
 from effnetv2.training import recalibrate_batchnorm
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 HEADS, WIDTH = 4, 64
 
 

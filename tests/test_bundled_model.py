@@ -22,6 +22,7 @@ def card_figures() -> dict[str, str]:
     return dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", section, flags=re.M))
 
 
+@pytest.mark.numerics
 def test_card_reports_the_required_figures_and_how_to_reproduce_them():
     figures = card_figures()
     assert float(figures["accuracy"]) >= 0.97
@@ -41,6 +42,7 @@ def measure(root: Path, seed: int = SEED) -> dict:
     return evaluate(EfficientNetV2.from_pretrained(BUNDLED).float().eval(), data)
 
 
+@pytest.mark.numerics
 def test_accuracy_and_attention_on_a_fresh_seed(tmp_path):
     """200 images of a seed used nowhere else: near the card's accuracy (>= 0.93 leaves room for
     the sampling error of 200 images), and attention mass in the box well above its area share."""

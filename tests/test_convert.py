@@ -17,6 +17,8 @@ import effnetv2.convert.__main__ as convert_cli
 from effnetv2 import EfficientNetV2, convert
 from effnetv2.configs import VARIANTS
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 try:
     import timm
 except ImportError:  # timm is a test-only reference implementation (requirements-dev.txt)

@@ -243,6 +243,7 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.numerics
 def test_every_colour_mode_becomes_an_rgb_tensor(tmp_path, mode):
     fmt, colour, expected = MODES[mode]
     path = _image(tmp_path / "c" / f"x.{fmt.lower()}", mode, (20, 16), fmt, colour)

@@ -3,6 +3,8 @@ import torch
 
 from effnetv2.ema import ema_model
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 
 def linear(value: float) -> torch.nn.Module:
     model = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False), torch.nn.BatchNorm1d(1))

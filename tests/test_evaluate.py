@@ -31,6 +31,7 @@ def test_box_follows_the_resize_and_centre_crop():
     assert box_in_view([0, 0, 80, 80], (80, 80), {"image_size": 64, "crop_pct": 0.8}) == [0, 0, 64, 64]
 
 
+@pytest.mark.numerics
 def test_attention_mass_in_box():
     maps = torch.zeros(2, 2, 3)
     maps[0, 1, 2] = 1.0
@@ -73,6 +74,7 @@ def _always(model, monkeypatch, label: str) -> None:
     monkeypatch.setattr(model, "attention_maps", top_right)
 
 
+@pytest.mark.numerics
 def test_figures_match_what_the_annotations_say(shapes, monkeypatch):
     """Every figure worked out from annotations.json by hand: the images are 64 px and the model
     sees them whole (image_size 64, crop_pct 1), so boxes need no mapping."""
@@ -101,6 +103,7 @@ def test_figures_match_what_the_annotations_say(shapes, monkeypatch):
     assert all(0 < m["deletion_auc"] < 1 and 0 < m["insertion_auc"] < 1 for m in result["maps"].values())
 
 
+@pytest.mark.numerics
 def test_command_line_prints_writes_json_and_updates_the_card(shapes, tmp_path, capsys):
     folder = tmp_path / "model"
     _model().save_pretrained(folder)

@@ -8,6 +8,8 @@ from effnetv2.explain import (BEATS_RANDOM_BY, CAM, FEATURE_ATTENTION, GRADCAM, 
                               class_attribution, curve_auc, deletion_auc, describe_model, features, gradcam,
                               insertion_auc, map_kinds, region_cells, removal_curve, verdict, why)
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 
 def _model(pool: str) -> EfficientNetV2:
     """b0 with non-zero biases everywhere in the head, so that the rest term matters."""

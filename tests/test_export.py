@@ -21,6 +21,7 @@ def run_onnx(path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])
 
 
+@pytest.mark.numerics
 def test_export_fixed_size_dynamic_batch(model, tmp_path):
     path = export_onnx(model, tmp_path / "model.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -52,6 +53,7 @@ def assert_graph_equals_eager(model, path, size: int) -> None:
     assert torch.equal(actual.argmax(1), expected.argmax(1))
 
 
+@pytest.mark.numerics
 def test_export_dynamic_size(model, tmp_path):
     path = export_onnx(model, tmp_path / "dynamic.onnx", dynamic_size=True)
     assert [type(d) for d in ort.InferenceSession(str(path)).get_inputs()[0].shape] == [str, int, str, str]
@@ -59,6 +61,7 @@ def test_export_dynamic_size(model, tmp_path):
         assert_graph_equals_eager(model, path, size)
 
 
+@pytest.mark.numerics
 def test_dynamic_size_refused_where_the_graph_would_freeze_shapes(tmp_path):
     for kwargs in ({"padding": "same"}, {"pool": "attention", "num_heads": 4}):
         model = realistic_model("b0", num_classes=5, image_size=64, **kwargs)
@@ -71,6 +74,7 @@ def test_dynamic_size_refused_where_the_graph_would_freeze_shapes(tmp_path):
     assert_graph_equals_eager(model, path, 66)
 
 
+@pytest.mark.numerics
 def test_check_onnx_reports_what_onnx_runtime_and_the_eager_model_give(model, tmp_path):
     path = export_onnx(model, tmp_path / "model.onnx")
     stats = check_onnx(model, path, 64, batch_size=2, seed=3)

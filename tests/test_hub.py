@@ -49,6 +49,7 @@ def assert_same_model(loaded: EfficientNetV2, expected: EfficientNetV2) -> None:
     assert torch.equal(loaded(X), expected(X))
 
 
+@pytest.mark.numerics
 def test_push_then_load_in_a_fresh_cache(hub_server, tmp_path):
     model = tiny()
     assert model(X).abs().max() > 0.1  # outputs that can tell weights apart
@@ -259,6 +260,7 @@ def train_module():
     reset_accelerate()
 
 
+@pytest.mark.numerics
 def test_train_pushes_the_run_and_survives_a_failed_push(hub_server, train_module, tmp_path, monkeypatch, capsys):
     from effnetv2.data import make_shapes_dataset
 
@@ -451,6 +453,7 @@ def push_shipped(model: EfficientNetV2, repo_id: str, calibration: Path | None =
     return json.loads(Path(hf_hub_download(repo_id, "onnx/graphs.json")).read_text())
 
 
+@pytest.mark.numerics
 def test_shipped_graphs_run_from_the_hub_without_exporting(hub_server, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     import effnetv2.inference as inference
@@ -481,6 +484,7 @@ def test_shipped_graphs_run_from_the_hub_without_exporting(hub_server, tmp_path,
     assert not cache.exists() or not list(cache.rglob("*.onnx"))
 
 
+@pytest.mark.numerics
 def test_a_tampered_shipped_graph_or_new_weights_fall_back_to_exporting(hub_server, tmp_path, monkeypatch, caplog):
     pytest.importorskip("onnxruntime")
     import effnetv2.inference as inference

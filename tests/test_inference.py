@@ -1,6 +1,7 @@
 """The inference path: BatchNorm folding and the Predictor on every installed backend."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import sys
@@ -40,6 +41,7 @@ def batch():
     return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("conv", [nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=True), Conv2dSame(6, 10, 3, 2, bias=False)],
                          ids=["conv-bias", "same-padding"])
 def test_fold_batchnorm_equals_conv_then_bn(conv):
@@ -59,6 +61,7 @@ def test_fold_batchnorm_equals_conv_then_bn(conv):
     assert fused is not conv and conv.weight.data_ptr() != fused.weight.data_ptr()
 
 
+@pytest.mark.numerics
 def test_folded_weights_are_the_float64_fold_rounded_once(model):
     """optimize_for_inference folds in float64: each weight is ``w * gamma / sqrt(var + eps)`` (and the bias
     ``(b - mean) * scale + beta``) worked out in float64 by hand, rounded to float32 once (at most 1 ulp apart:
@@ -74,6 +77,7 @@ def test_folded_weights_are_the_float64_fold_rounded_once(model):
 
 @pytest.mark.parametrize("kwargs", [{}, {"padding": "same", "pool": "attention", "num_heads": 4}],
                          ids=["symmetric-avg", "same-attention"])
+@pytest.mark.numerics
 def test_fused_model_equals_eager(kwargs):
     model = realistic_model("b0", image_size=64, **kwargs)
     x = torch.randn(2, 3, 70, 66)  # odd grid sizes: SAME padding and the position embedding resample
@@ -113,6 +117,7 @@ def test_fusing_never_changes_the_model(model):
     pytest.param("onnxruntime", marks=pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="onnxruntime not installed")),
     pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")),
 ])
+@pytest.mark.numerics
 def test_predictor_equals_eager(model, batch, cache_dir, backend):
     predictor = Predictor(model, backend=backend, cache_dir=cache_dir)
     assert predictor.backend == backend
@@ -135,6 +140,7 @@ def test_auto_prefers_the_fastest_installed_runtime(model, cache_dir, monkeypatc
         assert Predictor(model, cache_dir=cache_dir).backend == "openvino"
 
 
+@pytest.mark.numerics
 def test_auto_falls_back_to_torch_without_runtimes(model, batch, monkeypatch, tmp_path):
     for name in ("openvino", "onnxruntime"):
         monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
@@ -164,6 +170,7 @@ def test_auto_falls_back_when_a_runtime_fails(model, monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="onnxruntime not installed")
+@pytest.mark.numerics
 def test_exported_graphs_are_cached_by_weights(model, batch, cache_dir, monkeypatch):
     Predictor(model, backend="onnxruntime", cache_dir=cache_dir)
     exports = []
@@ -179,6 +186,7 @@ def test_exported_graphs_are_cached_by_weights(model, batch, cache_dir, monkeypa
     assert len(exports) == 1
 
 
+@pytest.mark.numerics
 def test_predict_top_k(model, cache_dir, tmp_path):
     predictor = Predictor(model, backend="torch", cache_dir=cache_dir)
     rng = np.random.default_rng(0)
@@ -216,6 +224,7 @@ def test_predictor_from_source_exposes_model_config_labels(model, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="onnxruntime not installed")
+@pytest.mark.numerics
 def test_a_replaced_or_damaged_cached_graph_is_exported_again(model, batch, tmp_path, caplog):
     other = realistic_model("b0", num_classes=7, image_size=64, seed=1)
     with torch.no_grad():
@@ -291,13 +300,17 @@ def test_compile_mode_records_cuda_graphs_for_single_images_on_cuda_only():
     assert inference.compile_mode(cuda, 128) is None and inference.compile_mode(cpu, 1) is None
 
 
-def test_bf16_torch_path_is_channels_last_and_close_to_fp32(model, batch, monkeypatch):
+@pytest.mark.numerics
+def test_bf16_torch_path_is_channels_last_and_close_to_fp32(model, monkeypatch):
     """The path CUDA takes (bf16, channels_last, compiled), run on the CPU: every convolution sees an
-    NHWC bf16 input, the logits come back float32 and pick the eager model's classes; torch.compile is
-    called once per mode on the fused model (stood in by the identity: compiling is CUDA's cost)."""
+    NHWC bf16 input and the logits come back float32. bf16 kernels differ by instruction set, so the
+    logits are judged against the eager model run in bf16 on this machine (how far bf16 rounding moves
+    this network here), and their classes against float32; torch.compile is called once per mode on the
+    fused model (stood in by the identity: compiling is CUDA's cost)."""
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, mode=None: compiled.append((module, mode)) or module)
     predictor = Predictor(model, backend="torch", precision="bf16", compile=True)
+    batch = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     seen = []
     hooks = [m.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, i[0].is_contiguous(
         memory_format=torch.channels_last) or i[0].shape[-1] == 1))) for m in predictor._fused.modules()
@@ -310,13 +323,23 @@ def test_bf16_torch_path_is_channels_last_and_close_to_fp32(model, batch, monkey
     assert logits.dtype == torch.float32
     with torch.no_grad():
         expected = model(batch)
-    assert torch.equal(logits.argmax(1), expected.argmax(1))
-    assert 1e-4 < relative_error(logits, expected) < 0.05  # bf16: close, and really not float32
+        eager_bf16 = copy.deepcopy(model).to(torch.bfloat16)(batch.to(torch.bfloat16)).float()
+    bf16_error = relative_error(eager_bf16, expected)  # bf16 rounding through this network, on this CPU
+    # Folding BatchNorm rounds less than eager bf16 (one weight rounding instead of a conv and a BN
+    # output rounding), so the fused path's error is at most about bf16_error; two such independent errors
+    # are at most 2 x apart by the triangle inequality, 3 x leaves room for the spread over 16 images.
+    assert 1e-4 < relative_error(logits, expected)  # really bf16, not float32
+    assert relative_error(logits, eager_bf16) < 3 * bf16_error, (relative_error(logits, eager_bf16), bf16_error)
+    # the class: one float32 ranks within bf16's rounding of its best (two logits, each off by at most
+    # ~1.5 x eager bf16's largest error)
+    noise = (eager_bf16 - expected).abs().max()
+    assert (expected.max(1).values - expected.gather(1, logits.argmax(1, keepdim=True))[:, 0] <= 3 * noise).all()
     assert [mode for _, mode in compiled] == [None] and compiled[0][0] is predictor._fused  # CPU: default mode
     assert predictor._fused.stem.conv.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.numerics
 def test_cuda_predictor_is_bf16_compiled_and_matches_eager(model, batch):
     predictor = Predictor(model, device="cuda")
     assert (predictor.backend, predictor.precision, predictor.compile) == ("torch", "bf16", True)

@@ -72,6 +72,7 @@ def test_residual_only_when_shapes_match():
         assert block.has_residual == (stride == 1 and in_chs == conv.out_channels)
 
 
+@pytest.mark.numerics
 def test_stochastic_depth_rule():
     model = EfficientNetV2("b0", drop_path_rate=0.2)
     rates = [b.drop_path.p for b in model.blocks]
@@ -79,6 +80,7 @@ def test_stochastic_depth_rule():
     assert rates == pytest.approx([0.2 * i / n for i in range(n)])
 
 
+@pytest.mark.numerics
 def test_drop_path_statistics():
     """Each sample's branch is kept with probability 1 - p and kept ones are divided by 1 - p."""
     drop = EfficientNetV2("b0", drop_path_rate=0.2).blocks[-1].drop_path
@@ -105,6 +107,7 @@ def test_init_scheme():
 
 
 @pytest.mark.parametrize("size", [(64, 64), (67, 45)])
+@pytest.mark.numerics
 def test_forward_shapes(size):
     model = EfficientNetV2("b0", num_classes=7).eval()
     x = torch.randn(2, 3, *size)
@@ -136,6 +139,7 @@ def test_same_padding_puts_extra_pixel_right_and_bottom():
     assert sym(x)[0, 0, 1, 1] == 1.0 and not torch.equal(sym(torch.ones(1, 1, 4, 4)), conv(torch.ones(1, 1, 4, 4)))
 
 
+@pytest.mark.numerics
 def test_same_padding_model_differs_from_symmetric_on_even_input():
     a = EfficientNetV2("b0", padding="same").eval()
     b = EfficientNetV2("b0", padding="symmetric").eval()

@@ -77,6 +77,7 @@ def read_results(path):
     return [(r["path"], [(p["label"], p["probability"]) for p in r["predictions"]], r["error"]) for r in records]
 
 
+@pytest.mark.numerics
 def test_predict_cli_writes_results_in_order_and_keeps_bad_files_as_rows(model_dir, images, tmp_path, capsys,
                                                                          monkeypatch):
     monkeypatch.setenv("EFFNETV2_CACHE", str(tmp_path / "cache"))

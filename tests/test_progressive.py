@@ -12,6 +12,7 @@ from effnetv2.progressive import RANGES, progressive_plan, stage_for_epoch
     # b-variants: S's regularisation, sizes from train_size * 128/300 to train_size (b0: 192)
     ("b0", [82, 119, 155, 192], [5, 8, 12, 15], [0, 0, 0, 0], [0.1, 0.1667, 0.2333, 0.3]),
 ])
+@pytest.mark.numerics
 def test_paper_plan_per_variant(variant, sizes, magnitudes, mixups, dropouts):
     plan = progressive_plan(variant, epochs=8, num_stages=4)
     assert [s.index for s in plan] == [0, 1, 2, 3]

@@ -6,6 +6,7 @@ within 1 point of float32 and agrees with it on >= 99% of the images.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections import Counter
@@ -42,6 +43,7 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(), reason="no bundled model in this checkout")
+@pytest.mark.numerics
 def test_int8_predictor_keeps_the_bundled_models_accuracy(shapes, cache_dir):
     """200 unseen images: int8 top-1 within 2.5 points of float32 and >= 97% top-1 agreement (the
     1000-image figures are 0.1 point and 99.2%; 200 images leave room for sampling error)."""
@@ -51,7 +53,9 @@ def test_int8_predictor_keeps_the_bundled_models_accuracy(shapes, cache_dir):
     fp32 = Predictor(str(BUNDLED), backend="onnxruntime", cache_dir=cache_dir)
     labels = torch.tensor([int(fp32.config["label2id"][annotations[f]["label"]]) for f in files])
     x = fp32.preprocess([evaluation / f for f in files])
-    reference = fp32(x).argmax(1)
+    float_logits = fp32(x)
+    reference = float_logits.argmax(1)
+    margins = float_logits.topk(2, 1).values @ torch.tensor([1.0, -1.0])
     fp32_accuracy = (reference == labels).float().mean().item()
     assert fp32_accuracy >= 0.9  # the measurement means something
     for backend in ("onnxruntime", "openvino"):
@@ -59,7 +63,14 @@ def test_int8_predictor_keeps_the_bundled_models_accuracy(shapes, cache_dir):
             pytest.importorskip("openvino")
         int8 = Predictor(str(BUNDLED), backend=backend, precision="int8", calibration=calibration, cache_dir=cache_dir)
         assert int8.backend == backend and int8.precision == "int8" and int8.graph_path.name.endswith("-int8.onnx")
-        predicted = int8(x).argmax(1)
+        logits = int8(x)
+        # int8 logits lie on a grid of the output's quantisation step; every activation's rounding before
+        # them adds a few steps (~4 here; AVX2 without VNNI saturates its int16 pair sums and adds more).
+        # The bounds below hold on every CPU only where the model's float32 margins are many steps wide.
+        step = float(onnx.numpy_helper.to_array(next(t for t in onnx.load(str(int8.graph_path)).graph.initializer
+                                                      if t.name == "logits_scale")))
+        assert (margins > 10 * step).float().mean() >= 0.95, (backend, step)
+        predicted = logits.argmax(1)
         accuracy = (predicted == labels).float().mean().item()
         assert accuracy >= fp32_accuracy - 0.025, (backend, accuracy, fp32_accuracy)
         assert (predicted == reference).float().mean().item() >= 0.97, backend
@@ -81,11 +92,11 @@ def b0_graphs(tmp_path_factory):
 
 
 def test_quantized_graph_runs_convolutions_in_int8(b0_graphs):
-    """The graph holds int8 weights per output channel and quantize/dequantize pairs at the convs; it is
-    much smaller than the float graph and still computes the model (same classes on most images)."""
-    from effnetv2.export import run_onnx
-
-    model, fp32_path, int8_path = b0_graphs
+    """The graph holds int8 weights per output channel and quantize/dequantize pairs at the convs, and is
+    much smaller than the float graph. Whether it still computes the model is judged on the bundled model
+    (test_int8_predictor_keeps_the_bundled_models_accuracy): this untrained b0's int8 logits are ~70%
+    off its float logits, and its classes agree on 75% of images here, 69% under AVX2 (qemu -cpu Haswell)."""
+    _, fp32_path, int8_path = b0_graphs
     graph = onnx.load(str(int8_path)).graph
     ops = Counter(node.op_type for node in graph.node)
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(fp32_path)).graph.node)
@@ -96,10 +107,6 @@ def test_quantized_graph_runs_convolutions_in_int8(b0_graphs):
     scales = {t.name: len(t.dims) and t.dims[0] for t in graph.initializer}
     assert all(scales[n.input[1]] > 1 for n in per_channel)  # one scale per output channel, not per tensor
     assert int8_path.stat().st_size < 0.35 * fp32_path.stat().st_size
-    x = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        expected = model(x).argmax(1).numpy()
-    assert (run_onnx(int8_path, [x.numpy()]).argmax(1) == expected).mean() >= 0.75
 
 
 def test_quantized_graph_runs_in_int8_from_input_to_logits(b0_graphs, tmp_path):
@@ -123,12 +130,14 @@ def test_quantized_graph_runs_in_int8_from_input_to_logits(b0_graphs, tmp_path):
     assert not {"Conv", "Sigmoid", "Mul", "ReduceMean", "GlobalAveragePool", "Add"} & set(ops), ops
 
 
+@pytest.mark.numerics
 def test_spatial_means_become_global_average_pools(tmp_path):
     """The squeeze-excitation means (keepdims) and the head's mean (no keepdims) become GlobalAveragePool
     with the same logits; the attention pool's mean over tokens (axis 1) stays a ReduceMean."""
     import onnxruntime as ort
-    from onnx import shape_inference
+    from onnx import helper, shape_inference
 
+    from effnetv2.export import relative_error
     from effnetv2.quantize import spatial_means_as_pools
 
     x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
@@ -140,10 +149,32 @@ def test_spatial_means_become_global_average_pools(tmp_path):
         ops = Counter(node.op_type for node in graph.graph.node)
         assert ops["GlobalAveragePool"] == means and ops["ReduceMean"] == (pool == "attention"), ops
         onnx.checker.check_model(graph)
-        exported = onnx.load(str(tmp_path / f"{pool}.onnx"))
-        pooled, expected = (ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-                            .run(None, {"pixel_values": x})[0] for proto in (graph, exported))
-        np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-5)
+        # Each pool against the float64 mean over H, W of its own input: float32 sums of n terms in any
+        # order (every CPU's kernel) are within (n - 1) u sum|x| of the exact sum, the division adds u
+        # (u = 2^-24), so |pool - mean| <= (n + 1) u mean|x| on every instruction set.
+        pools = [node for node in graph.graph.node if node.op_type == "GlobalAveragePool"]
+        probe = onnx.ModelProto()
+        probe.CopyFrom(graph)
+        probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                                  for node in pools for name in (node.input[0], node.output[0]))
+        pooled, *tensors = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"pixel_values": x})
+        for inputs, output in zip(tensors[::2], tensors[1::2]):
+            inputs = inputs.astype(np.float64)
+            n = inputs.shape[2] * inputs.shape[3]
+            exact = inputs.mean(axis=(2, 3), keepdims=True)
+            assert output.shape == exact.shape
+            assert (np.abs(output - exact) <= (n + 1) * 2.0 ** -24 * np.abs(inputs).mean(axis=(2, 3), keepdims=True)).all()
+        # The logits: the rewrite only reorders float32 sums, so the rewritten graph is as close to the
+        # float64 model as float32 gets through this network on this CPU, which the original graph and the
+        # eager float32 model show (each error varies by ~2x between kernel sets: 3x the larger of the two).
+        expected = ort.InferenceSession(str(tmp_path / f"{pool}.onnx"), providers=["CPUExecutionProvider"]).run(
+            None, {"pixel_values": x})[0]
+        with torch.no_grad():
+            exact = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+            eager = model(torch.from_numpy(x)).numpy()
+        float32_error = max(relative_error(expected, exact), relative_error(eager, exact))
+        assert relative_error(pooled, exact) <= 3 * float32_error, (pool, relative_error(pooled, exact), float32_error)
 
 
 def test_calibration_split_is_seeded_and_disjoint(tmp_path):
@@ -195,6 +226,7 @@ def test_export_cli_int8(shapes, tmp_path, caplog, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
+@pytest.mark.numerics
 def test_export_cli_ships_graphs_into_the_model_folder(shapes, tmp_path, capsys):
     model = realistic_model("b0", num_classes=5, image_size=64)
     folder = tmp_path / "model"

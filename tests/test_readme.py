@@ -93,6 +93,7 @@ def test_every_python_block_belongs_to_a_section_this_test_runs():
                              "The demo app"}, f"a README section has new python blocks: run them here ({sorted(SECTIONS)})"
 
 
+@pytest.mark.numerics
 def test_python_api_then_prediction_and_conversion(reader_folder, hub_server):
     """The Python API pushes org/name; the Predictor loads it from the Hub; the README's commands export
     my-model to timm and torchvision, which the conversion section loads."""

@@ -8,6 +8,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from effnetv2.schedule import cosine_schedule, optimizer_steps_per_epoch
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 
 def lr_formula(t, total, lr, lrf):
     return lr * (((1 + math.cos(math.pi * t / total)) / 2) * (1 - lrf) + lrf)

@@ -31,6 +31,8 @@ def cosine_factor(step: int, total: int, lrf: float = 0.01, warmup: int = 0) -> 
         return (step + 1) / warmup
     return ((1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup))) / 2) * (1 - lrf) + lrf
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SMOKE = ["--variant", "b0", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--cpu", "--seed", "0"]

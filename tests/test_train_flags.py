@@ -20,6 +20,8 @@ from test_train import SMOKE, metrics_of, run, shapes  # noqa: F401  (shapes is 
 from train_script import patch_training_loss, real_cross_entropy, reset_accelerate, train
 from test_training import find_cutmix, recover_mixup, smoothed_onehot
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 BATCH = 4  # test_train's SMOKE: b0, 32 px, batch 4, one CPU process, no loader workers
 LR, LRF = 0.1, 0.01
 

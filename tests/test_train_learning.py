@@ -21,6 +21,8 @@ from effnetv2.data import make_shapes_dataset
 
 from train_script import fresh_accelerate, train  # noqa: F401  (fresh_accelerate: autouse)
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "assets" / "model"
 SEED = int(os.environ.get("EFFNETV2_TEST_SEED", "0"))

@@ -11,6 +11,8 @@ from effnetv2 import EfficientNetV2
 from effnetv2.training import (backbone_batchnorm_eval, confusion_matrix, freeze_backbone, mix_batch,
                                recalibrate_batchnorm)
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 
 def smoothed_onehot(y: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:
     """Label smoothing by hand: ``eps / C`` everywhere, ``1 - eps + eps / C`` at the label."""

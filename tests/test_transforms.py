@@ -35,6 +35,7 @@ def test_eval_transform_equals_torchvision(variant, photo):
     assert not torch.equal(transforms_for({**model.config, "interpolation": other})(photo), theirs)
 
 
+@pytest.mark.numerics
 def test_eval_transform_equals_timm(photo):
     timm = pytest.importorskip("timm")
     with torch.device("meta"):

@@ -8,6 +8,8 @@ from effnetv2 import EfficientNetV2
 from effnetv2.attention import MultiHeadSelfAttention, merge_heads, self_attention_maps, split_heads, standardised_tokens
 from effnetv2.walkthrough import attention_walkthrough, self_attention_walkthrough, textbook_example
 
+pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
 STEP_NAMES = ["queries, keys, values", "split into heads", "scaled scores", "softmax", "weighted sum",
               "merge heads", "output"]
 
