@@ -696,11 +696,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    print(f"loading {args.model} and warming up its runtime ({args.backend}) ...", flush=True)
     try:
         MODELS.start(args.model, args.backend)
     except (ValueError, OSError, ImportError) as err:  # the library's messages say what to do
         print(f"error: --model {args.model}: {err}", file=sys.stderr)
         return 2
+    print(f"model ready in {time.perf_counter() - started:.1f} s; starting the web server ...", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False,
                 max_file_size=MAX_UPLOAD_BYTES, footer_links=["api"], css=CSS, mcp_server=MCP_AVAILABLE,
                 allowed_paths=[str(picture_dir())])
