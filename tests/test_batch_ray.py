@@ -25,7 +25,7 @@ from PIL import Image
 
 from app_server import free_port
 from effnetv2.batch_ray import RayOptions, predict_with_ray, ray_session
-from effnetv2.predict import main
+from effnetv2.predict.__main__ import main
 from inference_models import realistic_model
 from ray_processes import is_loopback, listeners, ray_processes, stop_ray
 from test_predict import read_results

@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 
 PACKAGE = Path(__file__).resolve().parents[1] / "effnetv2"
 
@@ -20,10 +18,6 @@ def module_name(path: Path) -> str:
 FILES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if p != PACKAGE / "__init__.py"}
 MODULES = sorted(FILES)
 COMMANDS = [m for m in MODULES if m.endswith(".__main__")]  # `python -m effnetv2.<name>`: the top layer
-# predict.py's command line moves to predict/__main__.py once the robust-io branch's predict.py is merged (issue 23):
-# until then its main() imports batch_ray, which imports predict. test_pending_modules_still_break_the_rules keeps
-# this list honest: it fails as soon as a module here follows the rules.
-PENDING = ("predict",)
 
 
 def package_imports(module: str) -> set[str]:
@@ -87,18 +81,12 @@ def test_the_import_parser_sees_every_kind_of_import():
     assert "sources" in package_imports("export.__main__")  # absolute, into a package
     assert "model" in package_imports("export")  # `from ..model import` under TYPE_CHECKING
     assert {"convert", "sources"} <= package_imports("convert.__main__")
+    assert "batch_ray" in package_imports("predict.__main__")  # inside a function (--engine ray)
 
 
 def test_package_imports_have_no_cycle():
-    graph = {module: package_imports(module) - set(PENDING) for module in MODULES if module not in PENDING}
+    graph = {module: package_imports(module) for module in MODULES}
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
-
-
-@pytest.mark.parametrize("module", PENDING)
-def test_pending_modules_still_break_the_rules(module):
-    graph = {m: package_imports(m) for m in MODULES}
-    names = {n.name for n in ast.walk(ast.parse(FILES[module].read_text(encoding="utf-8"))) if isinstance(n, ast.FunctionDef)}
-    assert "main" in names and module in (find_cycle(graph) or []), f"{module} follows the rules now: drop it from PENDING"
 
 
 def test_command_lines_are_the_top_layer():
@@ -106,7 +94,7 @@ def test_command_lines_are_the_top_layer():
     assert COMMANDS, "no command modules found"
     for module in MODULES:
         assert not package_imports(module) & set(COMMANDS), f"{module} imports a command line"
-        if module not in COMMANDS and module not in PENDING:
+        if module not in COMMANDS:
             tree = ast.parse(FILES[module].read_text(encoding="utf-8"))
             names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
             assert not names & {"main", "parse_args"}, f"{module} holds a command line: move it to a __main__.py"

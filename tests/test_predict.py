@@ -20,7 +20,8 @@ from PIL import Image
 
 from effnetv2 import predict
 from effnetv2.inference import Predictor
-from effnetv2.predict import OUTPUT_FORMATS, Prediction, find_images, main, write_results
+from effnetv2.predict import OUTPUT_FORMATS, Prediction, find_images, write_results
+from effnetv2.predict.__main__ import main
 from inference_models import realistic_model
 
 ROOT = Path(__file__).resolve().parents[1]
