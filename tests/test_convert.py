@@ -5,6 +5,7 @@ import http.server
 import json
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -330,7 +331,9 @@ def test_cli_exports_a_saved_model_to_timm(tmp_path, capsys):
     assert "--to needs --model" in capsys.readouterr().err
 
 
-def test_download_gives_up_on_a_server_that_never_answers(silent_proxy, tmp_path):
+def test_download_gives_up_on_a_server_that_never_answers(silent_proxy, tmp_path, monkeypatch):
+    # urlopen's opener built earlier in the process, before the proxy was set, must not decide the route
+    monkeypatch.setattr(urllib.request, "_opener", urllib.request.build_opener(urllib.request.ProxyHandler({})))
     start = time.monotonic()
     with pytest.raises(OSError, match="timed out"):
         convert.download_file("http://weights.invalid/w.pth", tmp_path / "w.pth", timeout=0.5)

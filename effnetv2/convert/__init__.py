@@ -224,7 +224,8 @@ def download_file(url: str, path: Path, sha256_prefix: str | None = None, timeou
     fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "effnetv2"})
-        with os.fdopen(fd, "wb") as file, urllib.request.urlopen(request, timeout=timeout) as response:
+        # a new opener reads the proxy settings now (urlopen's is built once, at a process's first call)
+        with os.fdopen(fd, "wb") as file, urllib.request.build_opener().open(request, timeout=timeout) as response:
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 file.write(chunk)
