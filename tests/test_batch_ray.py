@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from effnetv2.batch_ray import RayOptions, predict_with_ray, ray_session
 from effnetv2.predict.__main__ import main
 from inference_models import realistic_model
 from ray_processes import is_loopback, listeners, ray_processes, stop_ray
-from test_predict import read_results
+from test_predict import read_results, wait_for_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECT_STORE = 80 * 1024 * 1024
@@ -218,12 +217,8 @@ def test_a_killed_ray_run_leaves_the_previous_results_whole(env, photos, tmp_pat
                              str(folder), str(folder), "--batch-size", "4", "--quiet", "--object-store-memory",
                              str(OBJECT_STORE), "--output", str(out)], env={**os.environ, "RAY_TMPDIR": temp_root},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        # mid-run: rows are arriving (somewhere in the output's folder), 400 of them in all
-        while sum(p.stat().st_size for p in out.parent.iterdir()) < len(before) + 2000:
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-            time.sleep(0.05)
+    try:  # mid-run: rows are arriving (somewhere in the output's folder), 400 of them in all
+        wait_for_bytes(proc, out.parent, len(before) + 2000, seconds=240)
     finally:
         proc.kill()
         proc.wait()

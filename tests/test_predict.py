@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from effnetv2 import predict
@@ -76,6 +75,14 @@ def read_results(path):
     else:
         records = [json.loads(line) for line in path.read_text().splitlines()]
     return [(r["path"], [(p["label"], p["probability"]) for p in r["predictions"]], r["error"]) for r in records]
+
+def wait_for_bytes(proc: subprocess.Popen, folder: Path, size: int, seconds: float) -> None:
+    """Return once the files in ``folder`` hold ``size`` bytes, failing if ``proc`` ends or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while sum(p.stat().st_size for p in folder.iterdir()) < size:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+
 
 
 @pytest.mark.numerics
@@ -273,12 +280,8 @@ def test_a_killed_run_leaves_the_previous_results_whole(model_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "effnetv2.predict", "--model", str(model_dir), str(folder),
                              "--backend", "torch", "--batch-size", "4", "--workers", "1", "--quiet", "--output",
                              str(out)], env=cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        # mid-run: some rows are written (somewhere in the output's folder), not all of them
-        while sum(p.stat().st_size for p in out.parent.iterdir()) < len(before) + 4000:
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-            time.sleep(0.05)
+    try:  # mid-run: some rows are written (somewhere in the output's folder), not all of them
+        wait_for_bytes(proc, out.parent, len(before) + 4000, seconds=120)
     finally:
         proc.kill()
         proc.wait()
