@@ -1,9 +1,5 @@
-"""The inference-optimised form of an ``EfficientNetV2``: BatchNorm folded into the convolutions.
-
-In eval mode a BatchNorm is an affine map per channel, so ``bn(conv(x))`` equals one conv with
-scaled weights and a bias. Folding removes a kernel launch and a full pass over every activation
-per conv, which is most of what separates a fused graph from eager PyTorch on a CPU.
-"""
+"""The inference form of an ``EfficientNetV2``: each eval-mode BatchNorm folded into its conv
+(``torch.nn.utils.fusion``), one kernel and one pass over the activations fewer per conv."""
 from __future__ import annotations
 
 import copy
@@ -23,14 +19,9 @@ if TYPE_CHECKING:
 def optimize_for_inference(model: EfficientNetV2, channels_last: bool = True,
                            device: str | torch.device | None = None,
                            dtype: torch.dtype | None = None) -> EfficientNetV2:
-    """An eval-mode, gradient-free copy of ``model`` with every BatchNorm folded into its conv.
-
-    ``model`` itself is never changed. The copy keeps the whole ``EfficientNetV2`` API
-    (``forward_features``, ``attention_maps``, ...) and gives the same logits ``[B, num_classes]``
-    to float rounding. ``channels_last`` stores the weights NHWC, the layout oneDNN and cuDNN
-    convolve fastest (feed it ``x.contiguous(memory_format=torch.channels_last)``); ``device`` and
-    ``dtype`` (e.g. ``"cuda"``, ``torch.bfloat16``) move the copy after folding.
-    """
+    """An eval-mode, gradient-free copy of ``model`` (unchanged) with every BatchNorm folded into its conv:
+    the same API and logits ``[B, num_classes]`` to float rounding. ``channels_last`` stores the weights
+    NHWC (feed it channels-last input); ``device`` and ``dtype`` move the copy after folding."""
     fused = copy.deepcopy(model).eval()
     for module in fused.modules():
         if isinstance(module, ConvBNAct) and isinstance(module.bn, nn.BatchNorm2d):

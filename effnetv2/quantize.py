@@ -1,16 +1,6 @@
-"""Post-training static int8 quantization of the exported ONNX graph, calibrated on real images.
-
-ONNX Runtime's quantizer measures each activation's range on the calibration batches (min/max) and
-writes a QDQ graph: int8 weights per output channel, uint8 activations (the pair x86's VNNI units
-multiply), with every operation of the network quantized: convolutions, SiLU (sigmoid and product),
-the squeeze-excitation's pooling and product, the residual additions and the matrix products. The
-means over H and W are first rewritten as ``GlobalAveragePool``, which has an int8 kernel where
-``ReduceMean`` has none, so ONNX Runtime runs the whole network in uint8 from the first convolution
-to the classifier. The same ``.onnx`` file runs under ONNX Runtime and OpenVINO (timings and why the
-activations stay asymmetric: benchmarks/README.md).
-
-The calibration images should come from the data the model will see, never from the images its
-accuracy is then measured on.
+"""Post-training static int8 (QDQ) quantization of the exported ONNX graph with ONNX Runtime, every
+operation quantized and calibrated on real images (never the ones accuracy is then measured on).
+Why every operation, and why asymmetric activations: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -35,9 +25,8 @@ QUANTIZED_OPS = ("Conv", "Sigmoid", "Mul", "Add", "GlobalAveragePool", "Gemm", "
 
 def calibration_split(data: str | os.PathLike, count: int = CALIBRATION_IMAGES, held_out: int = 0,
                       seed: int = 0) -> tuple[list[Path], list[Path]]:
-    """``(calibration, held_out)``: ``count`` image files drawn at random (seeded) from the folder
-    ``data`` (searched recursively), and up to ``held_out`` others to check the quantized graph on.
-    ``ValueError`` naming ``data`` when it is not a folder of images."""
+    """``(calibration, held_out)``: ``count`` image files drawn (seeded) from the folder ``data`` (recursively)
+    and up to ``held_out`` others; ``ValueError`` naming ``data`` when it is not a folder of images."""
     root = Path(data)
     if not root.is_dir():
         raise ValueError(f"calibration data {root}: no such folder; give a folder of images like the ones the model "
@@ -54,10 +43,8 @@ def calibration_split(data: str | os.PathLike, count: int = CALIBRATION_IMAGES, 
 
 def calibration_batches(config: dict, files: Sequence[str | os.PathLike], batch_size: int = 16,
                         image_size: int | None = None) -> Iterator[np.ndarray]:
-    """``files`` through the model's eval transform (``config``, see ``transforms_for``), as float
-    arrays ``[batch_size, 3, S, S]`` (the last one may be smaller), each read when it is asked for: one
-    batch of images in memory at a time, however many files. A file that cannot be read is skipped; the
-    skipped ones are named in one warning when the last batch has been taken."""
+    """``files`` through the model's eval transform (``config``) as arrays ``[batch_size, 3, S, S]``, read
+    lazily (one batch in memory); unreadable files are skipped and named in one warning at the end."""
     transform = transforms_for(config, image_size=image_size)
     images, bad = [], []
     for path in files:
@@ -76,8 +63,7 @@ def calibration_batches(config: dict, files: Sequence[str | os.PathLike], batch_
 
 
 class _Batches:
-    """ONNX Runtime's ``CalibrationDataReader``: one ``{input name: batch}`` per call, then None; each
-    batch is taken from ``batches`` (an iterator) only when asked for."""
+    """ONNX Runtime's ``CalibrationDataReader``: one ``{input name: batch}`` per call, then None."""
 
     def __init__(self, input_name: str, batches: Iterable[np.ndarray]):
         self._feeds = ({input_name: np.ascontiguousarray(b, dtype=np.float32)} for b in batches)
@@ -95,9 +81,8 @@ def _after(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray
 
 
 def spatial_means_as_pools(graph: onnx.GraphProto) -> int:
-    """Rewrite in place each ``ReduceMean`` over axes (2, 3) of a 4-d tensor (squeeze-excitation, average
-    pool) as ``GlobalAveragePool`` (then ``Flatten`` when it drops those axes): the same values, with an
-    int8 kernel. Returns how many were rewritten."""
+    """Rewrite in place each ``ReduceMean`` over axes (2, 3) of a 4-d tensor as ``GlobalAveragePool`` (then
+    ``Flatten`` when it drops those axes): the same values, with an int8 kernel. Returns how many."""
     from onnx import helper, numpy_helper
 
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name}
@@ -126,9 +111,8 @@ def spatial_means_as_pools(graph: onnx.GraphProto) -> int:
 
 def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches: Iterable[np.ndarray],
                   input_name: str = "pixel_values") -> Path:
-    """Write the int8 (QDQ) form of the float graph at ``fp32_path`` to ``out_path`` (atomically) and
-    return it, with activation ranges measured on ``batches`` (preprocessed ``[B, 3, H, W]`` arrays, a
-    list or a stream such as :func:`calibration_batches`: read once, one batch at a time)."""
+    """Write the int8 (QDQ) form of the float graph at ``fp32_path`` to ``out_path`` (atomically) and return
+    it, with activation ranges measured on ``batches`` (preprocessed ``[B, 3, H, W]`` arrays, read once)."""
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)
@@ -149,9 +133,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
         graph = onnx.load(str(prepared))
         spatial_means_as_pools(graph.graph)
         onnx.save(graph, str(prepared))
-        # MinMax keeps two small tensors (each activation's min and max) per batch, not the activations.
-        # No CalibMaxIntermediateOutputs: ONNX Runtime 1.32 drops the batches it has kept when it reaches
-        # that count, without reducing them first, so only the last few would set the ranges.
+        # No CalibMaxIntermediateOutputs: ONNX Runtime 1.32 drops the kept batches unreduced at that count.
         quantize_static(str(prepared), str(quantized), _Batches(input_name, batches),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS),

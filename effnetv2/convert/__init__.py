@@ -1,21 +1,7 @@
 """Weight converters: torchvision ``efficientnet_v2_{s,m,l}`` and timm ``tf_efficientnetv2_*`` → ``EfficientNetV2``,
-and back (``to_timm``, ``to_torchvision``), so a model fine-tuned here runs in either library.
-
-The key mapping is built from structure, block by block: our model's flat ``blocks.{i}`` walk the
-source's stages in order, and each of our conv/BN/SE modules names the source module it takes its
-tensors from. Every key and shape is checked both ways before anything is loaded.
-
-Command line (writes a Hub-ready folder; SOURCE is a variant/model name for the official weights,
-which needs the internet unless cached, or a local ``.pth``/``.safetensors`` file)::
-
-    python -m effnetv2.convert torchvision s --out efficientnetv2-s
-    python -m effnetv2.convert timm tf_efficientnetv2_b0 --out efficientnetv2-b0 --push-to-hub org/name
-    python -m effnetv2.convert torchvision ./efficientnet_v2_s-dd5fe13b.pth --out efficientnetv2-s
-
-Export (the inverse; MODEL is a folder, Hub id or any source ``effnetv2.sources`` takes)::
-
-    python -m effnetv2.convert --to timm OUT_DIR --model MODEL           # timm.create_model("local-dir:OUT_DIR", pretrained=True)
-    python -m effnetv2.convert --to torchvision OUT.safetensors --model MODEL   # efficientnet_v2_{s,m,l}(num_classes=N)
+and back (``to_timm``, ``to_torchvision``). The key map pairs each of our modules with the source module
+it takes its tensors from, block by block; every key and shape is checked both ways before loading.
+Command line: ``python -m effnetv2.convert`` (``__main__.py``).
 """
 from __future__ import annotations
 
@@ -61,14 +47,6 @@ def torchvision_variant(name: str) -> str | None:
 
 # --------------------------------------------------------------------------- key mapping
 
-def _block_prefixes(state: dict[str, torch.Tensor], base: str, inner: str = "") -> list[str]:
-    """Distinct ``{base}.{stage}.{index}`` block prefixes (keys ``{base}.{s}.{j}.{inner}...``), in
-    network order."""
-    pattern = re.compile(rf"^{re.escape(base)}\.(\d+)\.(\d+)\.{re.escape(inner)}")
-    found = {(int(m[1]), int(m[2])) for m in map(pattern.match, state) if m}
-    return [f"{base}.{s}.{j}" for s, j in sorted(found)]
-
-
 def _infer_variant(num_blocks: int, stem_chs: int, where: str, choices: tuple[str, ...]) -> str:
     for name in choices:
         cfg = VARIANTS[name]
@@ -78,58 +56,44 @@ def _infer_variant(num_blocks: int, stem_chs: int, where: str, choices: tuple[st
                      f"{stem_chs}); none of {', '.join(choices)} fits. Pass variant=... if you know it.")
 
 
-def _conv_bn(ours: str, conv: str, bn: str) -> list[tuple[str, str]]:
-    return [(f"{ours}.conv", conv), (f"{ours}.bn", bn)]
-
-
-def _torchvision_pairs(model: EfficientNetV2, blocks: list[str]) -> list[tuple[str, str]]:
-    """(our module, torchvision module) pairs. torchvision blocks are ``features.{s}.{j}.block`` with
-    numbered Conv2dNormActivation children (``.0`` conv, ``.1`` BN) and SE ``fc1``/``fc2``; the head
-    conv is the stage after the last block's."""
-    last_stage = int(blocks[-1].split(".")[1]) + 1
-    pairs = _conv_bn("stem", "features.0.0", "features.0.1")
-    for i, (block, prefix) in enumerate(zip(model.blocks, blocks)):
-        p, o = f"{prefix}.block", f"blocks.{i}"
-        if isinstance(block, MBConv):
-            pairs += _conv_bn(f"{o}.expand_conv", f"{p}.0.0", f"{p}.0.1")
-            pairs += _conv_bn(f"{o}.dwconv", f"{p}.1.0", f"{p}.1.1")
-            pairs += [(f"{o}.se.conv_reduce", f"{p}.2.fc1"), (f"{o}.se.conv_expand", f"{p}.2.fc2")]
-            pairs += _conv_bn(f"{o}.project_conv", f"{p}.3.0", f"{p}.3.1")
-        elif isinstance(block.expand_conv, ConvBNAct):
-            pairs += _conv_bn(f"{o}.expand_conv", f"{p}.0.0", f"{p}.0.1")
-            pairs += _conv_bn(f"{o}.project_conv", f"{p}.1.0", f"{p}.1.1")
-        else:
-            pairs += _conv_bn(f"{o}.project_conv", f"{p}.0.0", f"{p}.0.1")
-    pairs += _conv_bn("head.project_conv", f"features.{last_stage}.0", f"features.{last_stage}.1")
-    return pairs + [("head.classifier", "classifier.1")]
-
-
-def _timm_pairs(model: EfficientNetV2, blocks: list[str]) -> list[tuple[str, str]]:
-    """(our module, timm module) pairs: ``conv_stem``/``bn1``, ``blocks.{s}.{j}`` (ConvBnAct ``conv``/
-    ``bn1``; EdgeResidual ``conv_exp``/``conv_pwl``; InvertedResidual ``conv_pw``/``conv_dw``/``se``/
-    ``conv_pwl``), ``conv_head``/``bn2``, ``classifier``."""
-    pairs = _conv_bn("stem", "conv_stem", "bn1")
-    for i, (block, p) in enumerate(zip(model.blocks, blocks)):
-        o = f"blocks.{i}"
-        if isinstance(block, MBConv):
-            pairs += _conv_bn(f"{o}.expand_conv", f"{p}.conv_pw", f"{p}.bn1")
-            pairs += _conv_bn(f"{o}.dwconv", f"{p}.conv_dw", f"{p}.bn2")
-            pairs += [(f"{o}.se.conv_reduce", f"{p}.se.conv_reduce"), (f"{o}.se.conv_expand", f"{p}.se.conv_expand")]
-            pairs += _conv_bn(f"{o}.project_conv", f"{p}.conv_pwl", f"{p}.bn3")
-        elif isinstance(block.expand_conv, ConvBNAct):
-            pairs += _conv_bn(f"{o}.expand_conv", f"{p}.conv_exp", f"{p}.bn1")
-            pairs += _conv_bn(f"{o}.project_conv", f"{p}.conv_pwl", f"{p}.bn2")
-        else:
-            pairs += _conv_bn(f"{o}.project_conv", f"{p}.conv", f"{p}.bn1")
-    return pairs + _conv_bn("head.project_conv", "conv_head", "bn2") + [("head.classifier", "classifier")]
-
-
-_LAYOUTS = {"torchvision": (("features", "block."), _torchvision_pairs), "timm": (("blocks", ""), _timm_pairs)}
+# Where each of our modules takes its tensors from in the source, by block kind: MBConv "M",
+# Fused-MBConv "F", Fused-MBConv with expansion 1 "F1" (its single conv is our project_conv).
+_BLOCK_MODULES = {
+    "torchvision": {  # Conv2dNormActivation children (.0 conv, .1 BN), SE fc1/fc2
+        "M": {"expand_conv.conv": "block.0.0", "expand_conv.bn": "block.0.1", "dwconv.conv": "block.1.0",
+              "dwconv.bn": "block.1.1", "se.conv_reduce": "block.2.fc1", "se.conv_expand": "block.2.fc2",
+              "project_conv.conv": "block.3.0", "project_conv.bn": "block.3.1"},
+        "F": {"expand_conv.conv": "block.0.0", "expand_conv.bn": "block.0.1",
+              "project_conv.conv": "block.1.0", "project_conv.bn": "block.1.1"},
+        "F1": {"project_conv.conv": "block.0.0", "project_conv.bn": "block.0.1"},
+    },
+    "timm": {  # InvertedResidual, EdgeResidual, ConvBnAct
+        "M": {"expand_conv.conv": "conv_pw", "expand_conv.bn": "bn1", "dwconv.conv": "conv_dw", "dwconv.bn": "bn2",
+              "se.conv_reduce": "se.conv_reduce", "se.conv_expand": "se.conv_expand",
+              "project_conv.conv": "conv_pwl", "project_conv.bn": "bn3"},
+        "F": {"expand_conv.conv": "conv_exp", "expand_conv.bn": "bn1",
+              "project_conv.conv": "conv_pwl", "project_conv.bn": "bn2"},
+        "F1": {"project_conv.conv": "conv", "project_conv.bn": "bn1"},
+    },
+}
+# Outside the blocks; torchvision's head conv is the stage after the last block's ({head}).
+_OUTER_MODULES = {
+    "torchvision": {"stem.conv": "features.0.0", "stem.bn": "features.0.1",
+                    "head.project_conv.conv": "features.{head}.0", "head.project_conv.bn": "features.{head}.1",
+                    "head.classifier": "classifier.1"},
+    "timm": {"stem.conv": "conv_stem", "stem.bn": "bn1", "head.project_conv.conv": "conv_head",
+             "head.project_conv.bn": "bn2", "head.classifier": "classifier"},
+}
+# Block prefixes: torchvision keys are features.{stage}.{j}.block..., timm's blocks.{stage}.{j}...
+_BLOCK_KEYS = {"torchvision": ("features", "block."), "timm": ("blocks", "")}
 
 
 def source_blocks(kind: str, state: dict[str, torch.Tensor]) -> list[str]:
-    """The block prefixes of a ``kind`` ("torchvision" or "timm") state dict, in network order."""
-    return _block_prefixes(state, *_LAYOUTS[kind][0])
+    """The block prefixes (``{base}.{stage}.{j}``) of a ``kind`` ("torchvision"/"timm") state dict, in network order."""
+    base, inner = _BLOCK_KEYS[kind]
+    pattern = re.compile(rf"^{base}\.(\d+)\.(\d+)\.{re.escape(inner)}")
+    found = {(int(m[1]), int(m[2])) for m in map(pattern.match, state) if m}
+    return [f"{base}.{s}.{j}" for s, j in sorted(found)]
 
 
 def key_map(model: EfficientNetV2, kind: str, state: dict[str, torch.Tensor], where: str) -> dict[str, str]:
@@ -138,12 +102,17 @@ def key_map(model: EfficientNetV2, kind: str, state: dict[str, torch.Tensor], wh
     if len(blocks) != len(model.blocks):
         raise ValueError(f"{where} has {len(blocks)} blocks but EfficientNetV2-{model.variant} has "
                          f"{len(model.blocks)}: check the variant")
-    modules = sorted(_LAYOUTS[kind][1](model, blocks), key=lambda pair: -len(pair[0]))
+    head = int(blocks[-1].split(".")[1]) + 1
+    modules = {ours: theirs.format(head=head) for ours, theirs in _OUTER_MODULES[kind].items()}
+    for i, (block, prefix) in enumerate(zip(model.blocks, blocks)):
+        shape = "M" if isinstance(block, MBConv) else "F" if isinstance(block.expand_conv, ConvBNAct) else "F1"
+        modules.update({f"blocks.{i}.{ours}": f"{prefix}.{theirs}"
+                        for ours, theirs in _BLOCK_MODULES[kind][shape].items()})
     mapping = {}
     for key in model.state_dict():
-        ours, source = next(((o, s) for o, s in modules if key.startswith(o + ".")), (None, None))
-        if ours is not None:
-            mapping[key] = source + key[len(ours):]
+        module, tensor = key.rsplit(".", 1)
+        if module in modules:
+            mapping[key] = f"{modules[module]}.{tensor}"
     return mapping
 
 
@@ -183,25 +152,38 @@ def _imagenet_labels(num_classes: int) -> dict[int, str] | None:
     return dict(enumerate(_torchvision_weights("s").meta["categories"])) if num_classes == 1000 else None
 
 
-def _read_source(source: Weights) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, provenance) from a module, a state dict or a weights file."""
+def _read_source(kind: str, source: Weights, variant: str | None, provenance: dict,
+                 choices: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], str, str]:
+    """(state dict, where it came from, variant) of a ``kind`` model, state dict or weights file; a file's
+    name and SHA-256 go into ``provenance``. The variant is inferred from the blocks when None."""
     if isinstance(source, nn.Module):
-        return source.state_dict(), {}
-    if isinstance(source, dict):
-        return source, {}
-    path = Path(source).expanduser()
-    return read_state_dict(path), {"file": path.name, "sha256": sha256_file(path)}
+        state = source.state_dict()
+    elif isinstance(source, dict):
+        state = source
+    else:
+        path = Path(source).expanduser()
+        state = read_state_dict(path)
+        provenance.update(file=path.name, sha256=sha256_file(path))
+    where = provenance.get("file") or f"the {kind} weights"
+    blocks, stem = source_blocks(kind, state), _OUTER_MODULES[kind]["stem.conv"] + ".weight"
+    if not blocks or stem not in state:
+        raise ValueError(f"{where} is not a {kind} EfficientNetV2 state dict (no {stem} / "
+                         f"{_BLOCK_KEYS[kind][0]}.N.M keys)")
+    return state, where, (variant or _infer_variant(len(blocks), state[stem].shape[0], where, choices)).lower()
 
 
-def _build(kind: str, variant: str, state: dict[str, torch.Tensor], where: str, classifier_key: str,
-           **config: Any) -> EfficientNetV2:
-    num_classes = int(state[classifier_key].shape[0]) if classifier_key in state else 0
+def _num_classes(kind: str, state: dict[str, torch.Tensor]) -> int:
+    key = _OUTER_MODULES[kind]["head.classifier"] + ".weight"
+    return int(state[key].shape[0]) if key in state else 0
+
+
+def _build(kind: str, variant: str, state: dict[str, torch.Tensor], where: str, **config: Any) -> EfficientNetV2:
+    num_classes = _num_classes(kind, state)
     # Built on the meta device (no memory, no init): every tensor is then assigned from the source.
     with torch.device("meta"):
         model = EfficientNetV2(variant, num_classes=num_classes, id2label=_imagenet_labels(num_classes), **config)
-    mapped = map_state_dict(model, kind, state, where)
     mapped = {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
-              for k, v in mapped.items()}
+              for k, v in map_state_dict(model, kind, state, where).items()}
     model.load_state_dict(mapped, strict=True, assign=True)
     return model.eval()
 
@@ -216,9 +198,9 @@ def _torchvision_weights(variant: str):
 
 
 def download_file(url: str, path: Path, sha256_prefix: str | None = None, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """``url`` saved at ``path`` (written beside it, then renamed into place), its SHA-256 checked to start
-    with ``sha256_prefix``. ``torch.hub.download_url_to_file`` waits forever on a server that accepts and
-    never answers; here each network wait lasts at most ``timeout`` seconds (then an ``OSError``)."""
+    """``url`` saved at ``path`` (written beside it, then renamed), its SHA-256 checked to start with
+    ``sha256_prefix``. Each network wait lasts at most ``timeout`` seconds, then ``OSError``
+    (``torch.hub.download_url_to_file`` waits forever on a server that accepts and never answers)."""
     logger.info("downloading %s to %s", url, path)
     digest = hashlib.sha256()
     fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
@@ -279,22 +261,14 @@ def from_torchvision(source: Weights, variant: str | None = None) -> EfficientNe
         variant = variant or name
         source = _official_torchvision_file(name)
         provenance["weights"] = f"EfficientNet_V2_{name.upper()}_Weights.IMAGENET1K_V1"
-    state, info = _read_source(source)
-    provenance.update(info)
-    where = info.get("file") or "the torchvision weights"
-    blocks = source_blocks("torchvision", state)
-    if not blocks or "features.0.0.weight" not in state:
-        raise ValueError(f"{where} is not a torchvision EfficientNetV2 state dict (no features.N.M.block keys)")
-    variant = (variant or _infer_variant(len(blocks), state["features.0.0.weight"].shape[0], where,
-                                         TORCHVISION_VARIANTS)).lower()
+    state, where, variant = _read_source("torchvision", source, variant, provenance, TORCHVISION_VARIANTS)
     preprocessing = {}
     if variant in TORCHVISION_VARIANTS:
         preset = _torchvision_weights(variant).transforms()
         crop, resize = preset.crop_size[0], preset.resize_size[0]
         preprocessing = {"image_size": crop, "crop_pct": crop / resize, "mean": list(preset.mean),
                          "std": list(preset.std), "interpolation": preset.interpolation.value}
-    return _build("torchvision", variant, state, where, "classifier.1.weight",
-                  padding="symmetric", source=provenance, **preprocessing)
+    return _build("torchvision", variant, state, where, padding="symmetric", source=provenance, **preprocessing)
 
 
 # --------------------------------------------------------------------------- timm
@@ -348,30 +322,21 @@ def from_timm(source: Weights, variant: str | None = None) -> EfficientNetV2:
         source = _timm_model(provenance["weights"])
     pretrained_cfg = dict(getattr(source, "pretrained_cfg", None) or {}) if isinstance(source, nn.Module) else None
     if pretrained_cfg and pretrained_cfg.get("architecture", "").startswith(TIMM_PREFIX):
-        variant = variant or _timm_variant(pretrained_cfg["architecture"])
+        variant = variant or pretrained_cfg["architecture"]
         if "weights" in provenance and pretrained_cfg.get("hf_hub_id"):
             provenance["hf_hub_id"] = pretrained_cfg["hf_hub_id"]
-    state, info = _read_source(source)
-    provenance.update(info)
-    where = info.get("file") or "the timm weights"
-    blocks = source_blocks("timm", state)
-    if not blocks or "conv_stem.weight" not in state:
-        raise ValueError(f"{where} is not a timm EfficientNetV2 state dict (no conv_stem / blocks.N.M keys)")
-    variant = _timm_variant(variant) if variant else _infer_variant(
-        len(blocks), state["conv_stem.weight"].shape[0], where, tuple(VARIANTS))
-    num_classes = int(state["classifier.weight"].shape[0]) if "classifier.weight" in state else 0
-    pretrained_cfg = pretrained_cfg or _timm_pretrained_cfg(variant, num_classes) or {}
+    state, where, variant = _read_source("timm", source, variant and _timm_variant(variant), provenance,
+                                         tuple(VARIANTS))
+    cfg = pretrained_cfg or _timm_pretrained_cfg(variant, _num_classes("timm", state)) or {}
     preprocessing = {}
-    if pretrained_cfg:
+    if cfg:
         preprocessing = {
-            "image_size": int((pretrained_cfg.get("test_input_size") or pretrained_cfg["input_size"])[-1]),
-            "train_image_size": int(pretrained_cfg["input_size"][-1]),
-            "mean": list(pretrained_cfg["mean"]), "std": list(pretrained_cfg["std"]),
-            "interpolation": pretrained_cfg.get("interpolation", "bicubic"),
-            "crop_pct": float(pretrained_cfg.get("test_crop_pct") or pretrained_cfg.get("crop_pct", 1.0)),
+            "image_size": int((cfg.get("test_input_size") or cfg["input_size"])[-1]),
+            "train_image_size": int(cfg["input_size"][-1]), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
+            "interpolation": cfg.get("interpolation", "bicubic"),
+            "crop_pct": float(cfg.get("test_crop_pct") or cfg.get("crop_pct", 1.0)),
         }
-    return _build("timm", variant, state, where, "classifier.weight",
-                  padding="same", source=provenance, **preprocessing)
+    return _build("timm", variant, state, where, padding="same", source=provenance, **preprocessing)
 
 
 # --------------------------------------------------------------------------- export (the inverse)
@@ -392,11 +357,8 @@ def _exportable(model: EfficientNetV2, kind: str) -> None:
 
 
 def export_state_dict(model: EfficientNetV2, kind: str) -> dict[str, torch.Tensor]:
-    """``model``'s weights under ``kind``'s ("timm"/"torchvision") own key names, float32.
-
-    The keys come from that library's model of the same variant and classes, built on the meta device,
-    through the same structural key map as the converters; every key of it is filled.
-    """
+    """``model``'s weights (float32) under the key names of ``kind``'s ("timm"/"torchvision") model of the
+    same variant and classes, every one of its keys filled."""
     _exportable(model, kind)
     with torch.device("meta"):
         reference = reference_model(kind, model)
@@ -419,12 +381,8 @@ def _labels(model: EfficientNetV2) -> list[str]:
 
 def to_timm(model: EfficientNetV2, out: str | os.PathLike) -> Path:
     """Write ``out/config.json`` and ``out/model.safetensors`` so that
-    ``timm.create_model("local-dir:OUT", pretrained=True)`` is this model (equal logits).
-
-    The architecture is ``tf_efficientnetv2_{variant}``; a model with symmetric padding (torchvision's
-    layout, or trained here) keeps it through ``model_args.pad_type = ""``. The labels go into
-    ``pretrained_cfg.label_names``, the preprocessing into the rest of ``pretrained_cfg``.
-    """
+    ``timm.create_model("local-dir:OUT", pretrained=True)`` is this model (equal logits), with its labels
+    (``pretrained_cfg.label_names``) and preprocessing; symmetric padding stays through ``pad_type = ""``."""
     from safetensors.torch import save_file
 
     state = export_state_dict(model, "timm")
@@ -468,7 +426,7 @@ def to_torchvision(model: EfficientNetV2, path: str | os.PathLike) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- parity check
 
 def reference_model(kind: str, model: EfficientNetV2) -> nn.Module | None:
     """The source library's own model for ``model``'s variant and classes (random weights), or None
