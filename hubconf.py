@@ -1,15 +1,6 @@
-"""torch.hub entry points: ``torch.hub.load("<owner>/<repo>", "efficientnetv2", variant="s", weights=...)``.
-
-    model = torch.hub.load("org/effnetv2", "efficientnetv2_s")                             # random init, 1000 classes
-    model = torch.hub.load("org/effnetv2", "efficientnetv2", variant="b0", num_classes=5)  # random init
-    model = torch.hub.load("org/effnetv2", "efficientnetv2", weights="org/name")           # from the Hub
-    model = torch.hub.load("org/effnetv2", "efficientnetv2_s", weights="torchvision:s")    # ImageNet weights
-    model = torch.hub.load("./effnetv2", "efficientnetv2", source="local", weights="./my-model")
-
-``weights`` is any source ``effnetv2.sources.load_model`` takes (a folder written by save_pretrained
-or train.py, a Hub id ``org/name[@revision]``, ``torchvision:<s|m|l>``); the model comes back in eval
-mode. Without weights, the keyword arguments go to ``EfficientNetV2(...)``; with weights, only
-``num_classes`` (a new head for fine-tuning) is taken.
+"""torch.hub entry points: ``torch.hub.load("<owner>/<repo>", "efficientnetv2", variant="s", weights=...)``
+and ``efficientnetv2_<variant>``. ``weights`` is any source ``effnetv2.sources.load_model`` takes (a folder,
+a Hub id ``org/name[@revision]``, ``torchvision:<s|m|l>``); without it the model is randomly initialised.
 """
 dependencies = ["torch", "torchvision", "huggingface_hub", "safetensors"]
 
@@ -20,7 +11,8 @@ from effnetv2.configs import VARIANTS as _VARIANTS
 
 
 def efficientnetv2(variant: str | None = None, weights: str | None = None, **kwargs) -> _EfficientNetV2:
-    """EfficientNetV2 of ``variant`` (b0, b1, b2, b3, s, m, l, xl; default s), from ``weights`` if given."""
+    """EfficientNetV2 of ``variant`` (b0..b3, s, m, l, xl; default s), in eval mode from ``weights`` if given
+    (then only ``num_classes``, a new head, may change); otherwise ``kwargs`` go to ``EfficientNetV2``."""
     if weights is None:
         return _EfficientNetV2(variant or "s", **kwargs)
     from effnetv2.sources import load_model

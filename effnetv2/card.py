@@ -1,7 +1,5 @@
-"""The model card (the README.md of a model folder): written from ``model_card.md`` beside this module,
-updated in place by ``effnetv2.evaluate --update-card``, and kept on the Hub when it was edited there
-(``upload_model_folder``, the one way a model folder is uploaded).
-"""
+"""The model card (a model folder's README.md): rendered from ``model_card.md``, its sections updated in
+place, and kept on the Hub when edited there (``upload_model_folder``, the one way a folder is uploaded)."""
 from __future__ import annotations
 
 import glob
@@ -13,30 +11,11 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, PyTorch
 from huggingface_hub.utils import filter_repo_objects
 
 CARD_NAME = "README.md"
-# Package data (a real file, not a link: links become one-line text files on Windows checkouts).
+# a real file, not a link: links become one-line text files on Windows checkouts
 MODEL_CARD_TEMPLATE = resources.files(__package__).joinpath("model_card.md").read_text(encoding="utf-8")
-# The evaluation section's markers: a re-run of effnetv2.evaluate replaces what lies between them.
+# Section markers: each effnetv2.evaluate / export --ship run replaces what lies between its pair.
 CARD_BEGIN, CARD_END = "<!-- effnetv2.evaluate: begin -->", "<!-- effnetv2.evaluate: end -->"
-# The shipped graphs' section, rewritten by each `python -m effnetv2.export --ship`.
 GRAPHS_BEGIN, GRAPHS_END = "<!-- effnetv2.export: begin -->", "<!-- effnetv2.export: end -->"
-
-
-def card_upload_patterns(repo_id: str, *, token: str | bool | None = None, revision: str | None = None,
-                         ignore_patterns: list[str] | str | None = None,
-                         delete_patterns: list[str] | str | None = None,
-                         ) -> tuple[list[str] | str | None, list[str] | str | None]:
-    """``ignore_patterns`` and ``delete_patterns`` for an ``upload_folder`` that keeps the model card
-    already in ``repo_id`` (it may have been edited on the Hub): README.md is neither uploaded nor
-    deleted. Unchanged when the repo has no card yet."""
-    api = HfApi(token=token)
-    if not api.file_exists(repo_id, CARD_NAME, revision=revision, token=token):
-        return ignore_patterns, delete_patterns
-    as_list = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
-    if delete_patterns is not None:  # spell out the files to delete, README.md excepted
-        remote = api.list_repo_files(repo_id, revision=revision, token=token)
-        doomed = filter_repo_objects([f for f in remote if f != CARD_NAME], allow_patterns=delete_patterns)
-        delete_patterns = [glob.escape(f) for f in doomed] or None
-    return [*as_list, CARD_NAME], delete_patterns
 
 
 def upload_model_folder(folder: str | Path, repo_id: str, *, commit_message: str = "Upload model with effnetv2",
@@ -46,13 +25,16 @@ def upload_model_folder(folder: str | Path, repo_id: str, *, commit_message: str
                         overwrite_card: bool = False):
     """Create ``repo_id`` if needed and upload the model ``folder`` to it in one commit; returns the
     ``CommitInfo`` (its string is the commit URL). A README.md already in the repo (perhaps edited on
-    the Hub) is kept unless ``overwrite_card``. ``push_to_hub``, train.py, ``effnetv2.convert`` and
-    ``effnetv2.export --ship`` all upload through here."""
+    the Hub) is neither uploaded over nor deleted unless ``overwrite_card``."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if not overwrite_card:
-        ignore_patterns, delete_patterns = card_upload_patterns(
-            repo_id, token=token, revision=branch, ignore_patterns=ignore_patterns, delete_patterns=delete_patterns)
+    if not overwrite_card and api.file_exists(repo_id, CARD_NAME, revision=branch, token=token):
+        ignore_patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+        ignore_patterns.append(CARD_NAME)
+        if delete_patterns is not None:  # spell out the files to delete, README.md excepted
+            remote = api.list_repo_files(repo_id, revision=branch, token=token)
+            doomed = filter_repo_objects([f for f in remote if f != CARD_NAME], allow_patterns=delete_patterns)
+            delete_patterns = [glob.escape(f) for f in doomed] or None
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=branch,
                              create_pr=create_pr, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
                              delete_patterns=delete_patterns)
@@ -71,13 +53,11 @@ def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None,
                         dataset_name: str | None = None, dataset_split: str = "validation",
                         dataset_revision: str | None = None, dataset_config: str | None = None,
                         **extra: Any) -> ModelCard:
-    """The model card (README.md) rendered from ``model_card.md`` with the model's real metadata.
+    """The model card (README.md) rendered from ``model_card.md`` with the model's metadata.
 
-    ``metrics`` ({name: value}), ``dataset``/``datasets``, ``base_model``, ``training`` (settings)
-    and ``command`` (to reproduce) fill the optional sections and the YAML front matter. With
-    ``dataset_name``, the accuracy in ``metrics`` also goes into the YAML's ``model-index`` (task,
-    dataset name, config, revision and split, metric), so the Hub shows it; ``base_model`` marks the model a fine-tune.
-    """
+    ``metrics`` ({name: value}), ``dataset``/``datasets``, ``base_model`` (a fine-tune's), ``training``
+    (settings) and ``command`` fill the optional sections and the YAML front matter; with ``dataset_name``
+    the accuracy also goes into the YAML's ``model-index``, so the Hub shows it."""
     cfg = model.config
     info = model._hub_mixin_info
     eval_results = None
@@ -116,9 +96,8 @@ def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None,
 
 
 def card_section(result: dict, data: Path | str, command: str) -> str:
-    """The card's evaluation section (between ``CARD_BEGIN`` and ``CARD_END``) for ``effnetv2.evaluate``'s
-    ``result`` on the shapes set at ``data`` (a Path), or on a dataset split (``data`` says which: the
-    accuracy rows only), measured with ``command``."""
+    """The card's evaluation section for ``effnetv2.evaluate``'s ``result`` on the shapes set at ``data`` (a
+    Path), or on a dataset split (``data`` names it: accuracy rows only), measured with ``command``."""
     accuracy = [
         "| metric | value |",
         "|---|---|",
@@ -170,8 +149,8 @@ def _faithfulness_table(maps: dict | None) -> list[str]:
 
 
 def graphs_section(manifest: dict, files: dict[str, str]) -> str:
-    """The card's section on the graphs shipped in ``onnx/`` (``effnetv2.export.ship_graphs``'s
-    ``manifest``; ``files``: precision → path in the repo): what each is, its hash and its parity."""
+    """The card's section on the graphs shipped in ``onnx/`` (``ship_graphs``'s ``manifest``; ``files``:
+    precision → path in the repo)."""
     rows = []
     for precision, graph in manifest["graphs"].items():
         if precision == "int8":
@@ -199,8 +178,8 @@ def graphs_section(manifest: dict, files: dict[str, str]) -> str:
 
 
 def update_card(card: Path, section: str) -> None:
-    """Insert ``section`` before the card's "## Architecture" heading, or replace the one there with
-    the same markers (its first and last lines: the evaluation's or the shipped graphs')."""
+    """Replace the section with ``section``'s markers (its first and last lines) in the card, or insert it
+    before "## Architecture"."""
     text = card.read_text(encoding="utf-8")
     lines = section.strip().splitlines()
     begin, end = lines[0], lines[-1]
@@ -216,8 +195,7 @@ def update_card(card: Path, section: str) -> None:
 
 
 def record_eval_result(card: Path, dataset_name: str, split: str, accuracy: float) -> None:
-    """Put ``accuracy`` on ``dataset_name``/``split`` into the ``model-index`` of the card at ``card``
-    (replacing an earlier figure for the same dataset and split), so the Hub shows it."""
+    """Put ``accuracy`` on ``dataset_name``/``split`` into the card's ``model-index`` (replacing an earlier one)."""
     model_card = ModelCard.load(card)
     kept = [r for r in (model_card.data.eval_results or [])
             if not (r.dataset_name == dataset_name and r.dataset_split == split and r.metric_type == "accuracy")]

@@ -1,9 +1,5 @@
-"""State-dict I/O: write a model's weights, read a weights file safely, load it with checked shapes.
-
-Weights are only ever read from safetensors (or a ``.bin``/``.pth`` through
-``torch.load(weights_only=True)``): loading never unpickles arbitrary objects. A safetensors file's
-shapes are checked from its header alone, before any tensor is read.
-"""
+"""State-dict I/O: write a model's weights, read a weights file safely (safetensors, or ``torch.load`` with
+``weights_only=True``: never arbitrary pickles), load it with shapes checked first."""
 from __future__ import annotations
 
 import hashlib
@@ -19,11 +15,9 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
-# what read_state_dict reads: safetensors, or a torch.save file read with weights_only=True
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 CLASSIFIER_KEYS = ("head.classifier.weight", "head.classifier.bias")
-# A safetensors header is ~100 bytes per tensor: EfficientNetV2-XL with an attention pool needs 0.2 MB.
-MAX_HEADER_BYTES = 8 * 2**20
+MAX_HEADER_BYTES = 8 * 2**20  # ~100 bytes per tensor: EfficientNetV2-XL's header is 0.2 MB
 
 
 def save_weights(model: nn.Module, directory: Path) -> None:
@@ -35,8 +29,7 @@ def save_weights(model: nn.Module, directory: Path) -> None:
 
 
 def _unpickling_reason(err: Exception) -> str:
-    """What torch's weights-only unpickler refused (e.g. "Unsupported global: GLOBAL posix.system"),
-    without its advice to allow-list the object or to turn the check off."""
+    """What torch's weights-only unpickler refused, without its advice to allow-list it or turn the check off."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).replace("WeightsUnpickler error:", "").strip()
              for line in str(err).splitlines()]
     lines = [line for line in lines if line and not line.startswith("Weights only load failed")]
@@ -50,11 +43,8 @@ def _unreadable_safetensors(name: str, reason: object) -> ValueError:
 
 
 def safetensors_shapes(path: str | os.PathLike, name: str | None = None) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape, from a ``.safetensors`` file's header alone (``safe_open``; no tensor is read).
-
-    A header above ``MAX_HEADER_BYTES`` (safetensors itself takes up to 100 MB) is refused from its
-    8-byte length first, so a file declaring millions of tensors costs nothing to reject. ``name`` is for messages.
-    """
+    """Tensor name → shape from a ``.safetensors`` header alone; a header above ``MAX_HEADER_BYTES`` (safetensors
+    takes 100 MB) is refused from its 8-byte length first. ``name`` is for messages."""
     from safetensors import safe_open
 
     name = name or str(path)
@@ -73,10 +63,8 @@ def safetensors_shapes(path: str | os.PathLike, name: str | None = None) -> dict
 
 def read_state_dict(path: str | os.PathLike, map_location: str = "cpu", name: str | None = None
                     ) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` file, or a ``.bin``/``.pth`` read with ``weights_only=True``.
-
-    ``name`` says where the file comes from in error messages (default: its path).
-    """
+    """Tensors from a ``.safetensors`` file, or a ``.bin``/``.pth`` read with ``weights_only=True``; ``name``
+    says where the file comes from in error messages (default: its path)."""
     path = Path(path)
     name = name or str(path)
     if not path.is_file():
@@ -105,12 +93,8 @@ def read_state_dict(path: str | os.PathLike, map_location: str = "cpu", name: st
 
 def check_weight_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: str,
                         reinit_classifier: bool = False) -> bool:
-    """Check stored tensor ``shapes`` against ``model`` (all keys, all shapes) before loading.
-
-    Returns True when only the classifier's size differs and ``reinit_classifier`` allows a new
-    one; otherwise a mismatch raises a ``ValueError`` naming ``path`` (and, for the classifier
-    alone, how to load with a new ``num_classes``).
-    """
+    """True when only the classifier's size differs from ``model``'s and ``reinit_classifier`` allows a new
+    one; any other mismatch raises a ``ValueError`` naming ``path`` (and for the classifier, the way out)."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in own if k not in shapes]
     unexpected = [k for k in shapes if k not in own]
@@ -156,8 +140,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def weights_fingerprint(model: nn.Module, *context: str) -> str:
-    """SHA-256 (hex) of every parameter and buffer of ``model`` (names, dtypes, shapes, values),
-    preceded by the ``context`` strings: equal fingerprints, equal weights (and equal context)."""
+    """SHA-256 (hex) of the ``context`` strings and every tensor of ``model`` (names, dtypes, shapes, values)."""
     digest = hashlib.sha256()
     for text in context:
         digest.update(text.encode())

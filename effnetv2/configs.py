@@ -1,9 +1,5 @@
-"""The EfficientNetV2 family as data: one stage table per variant plus the scaling rules.
-
-Each row of a stage table is a :class:`StageConfig`; :func:`variant_stages` applies a variant's
-width and depth multipliers to its base table. Everything the model builder needs about a variant
-lives in :data:`VARIANTS`, beside the preprocessing it was trained and evaluated with.
-"""
+"""The EfficientNetV2 family as data: one stage table per variant, the scaling rules, and in :data:`VARIANTS`
+each variant's multipliers and preprocessing."""
 from __future__ import annotations
 
 import math

@@ -1,9 +1,5 @@
 """Hugging Face Hub access for ``EfficientNetV2``: resolve a file in a folder or a Hub repo, explain
-download failures in plain words, and build a model from ``config.json`` plus its weights.
-
-The weights file itself is read by ``effnetv2.checkpoint``, the card written by ``effnetv2.card``, and
-the labels checked by ``effnetv2.configs.normalise_labels``.
-"""
+download failures in plain words, and build a model from ``config.json`` plus its weights."""
 from __future__ import annotations
 
 import json
@@ -21,13 +17,11 @@ from .checkpoint import (PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, check_weight_shapes,
                          read_state_dict, safetensors_shapes)
 
 CONFIG_NAME = "config.json"
-# config.json with 50,000 labels (model.MAX_CLASSES) of 60 characters, twice (id2label, label2id): ~7 MB.
 MAX_CONFIG_BYTES = 16 * 2**20
 
 
 def is_offline() -> bool:
-    """True when the network is known to be off limits: ``HF_HUB_OFFLINE`` is set (even after
-    huggingface_hub was imported) or huggingface_hub's constants say offline."""
+    """True when ``HF_HUB_OFFLINE`` is set (even after huggingface_hub was imported) or huggingface_hub says offline."""
     return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
@@ -43,8 +37,8 @@ def check_revision(revision: str | None) -> None:
 
 
 class ModelDownloadError(OSError):
-    """A model file could not be fetched from the Hub or the local cache. The message names the repo,
-    says why (not found or private, gated, unknown revision, offline, unreachable) and what to do."""
+    """A model file could not be fetched from the Hub or the local cache; the message names the repo, says why
+    and what to do."""
 
     def __init__(self, message: str, repo_id: str):
         super().__init__(message)
@@ -58,8 +52,8 @@ def _describe(repo_id: str, revision: str | None) -> str:
 def explain_download_error(err: Exception, repo_id: str, filename: str, revision: str | None = None,
                            token: str | bool | None = None, local_files_only: bool = False
                            ) -> ModelDownloadError | None:
-    """A ``ModelDownloadError`` that says in plain words why ``filename`` of ``repo_id`` could not be
-    fetched, or None when ``err`` is not a download problem this knows."""
+    """A ``ModelDownloadError`` saying why ``filename`` of ``repo_id`` could not be fetched, or None when
+    ``err`` is not a download problem this knows."""
     repo = _describe(repo_id, revision)
     login = "`hf auth login` (or set HF_TOKEN, or pass token=...)"
     if isinstance(err, GatedRepoError):
@@ -103,8 +97,7 @@ def explain_download_error(err: Exception, repo_id: str, filename: str, revision
 @contextmanager
 def explained_download_errors(repo_id: str, filename: str, revision: str | None = None,
                               token: str | bool | None = None, local_files_only: bool = False) -> Iterator[None]:
-    """Re-raise huggingface_hub's download errors inside the block as ``ModelDownloadError``,
-    naming the repo and saying what to do; JSON errors in ``config.json`` as a ``ValueError`` naming it."""
+    """Re-raise download errors inside the block as ``ModelDownloadError``, JSON errors as a ``ValueError``."""
     try:
         yield
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
@@ -133,8 +126,7 @@ def check_config_size(model_id: str) -> None:
 
 
 def check_config_is_an_object(model_id: str, revision: str | None = None, cache_dir: str | None = None) -> None:
-    """Raise a ``ValueError`` naming ``config.json`` when it holds JSON that is not an object (a list,
-    a number...); return quietly otherwise, or when the file is not at hand."""
+    """``ValueError`` naming ``config.json`` when it holds JSON that is not an object (quiet when not at hand)."""
     try:
         path = resolve_file(model_id, CONFIG_NAME, revision, local_files_only=True, cache_dir=cache_dir)
         value = json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
@@ -148,8 +140,8 @@ def check_config_is_an_object(model_id: str, revision: str | None = None, cache_
 
 def resolve_file(model_id: str, filename: str, revision: str | None = None, token: str | bool | None = None,
                  local_files_only: bool = False, **download_kwargs: Any) -> str | None:
-    """Path of ``filename`` in a local folder or a Hub repo (downloaded into the cache), or None when
-    the folder or repo has no such file. Download problems raise ``ModelDownloadError``."""
+    """Path of ``filename`` in a local folder or a Hub repo (downloaded into the cache), or None when there
+    is no such file; download problems raise ``ModelDownloadError``."""
     if os.path.isdir(model_id):
         path = os.path.join(model_id, filename)
         return path if os.path.isfile(path) else None

@@ -18,11 +18,8 @@ PADDINGS = ("symmetric", "same")
 
 
 class Conv2dSame(nn.Conv2d):
-    """Conv2d with TensorFlow's SAME padding, computed from the input size at run time.
-
-    For a stride-2 conv on an even input the extra padded pixel goes right and bottom, which is
-    what makes weights trained in TensorFlow give identical outputs.
-    """
+    """Conv2d with TensorFlow's SAME padding, computed from the input size at run time: for a stride-2 conv
+    on an even input the extra pixel goes right and bottom, as TF-trained weights expect."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = []
@@ -95,11 +92,8 @@ class MBConv(nn.Module):
 
 
 class FusedMBConv(nn.Module):
-    """Fused inverted residual: kxk conv (stride) expand → 1x1 project; one kxk conv when e = 1.
-
-    With expansion 1 the single conv is named ``project_conv`` and keeps its activation, as in the
-    reference ports.
-    """
+    """Fused inverted residual: kxk conv (stride) expand → 1x1 project; with expansion 1 one kxk conv, named
+    ``project_conv`` and keeping its activation, as in the reference ports."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, exp_ratio: int,
                  se_ratio: float = 0.0, drop_path_rate: float = 0.0, padding: str = "symmetric"):

@@ -16,8 +16,7 @@ from .layers import BLOCKS, PADDINGS, ConvBNAct
 
 POOLS = ("avg", "attention")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-# Upper bounds on the sizes a config may ask for, so that a hostile config.json cannot make the
-# constructor allocate gigabytes: ImageNet-21k has 21,843 classes; every variant's width is <= 1536.
+# Bounds that keep a hostile config.json from allocating gigabytes (ImageNet-21k: 21,843 classes).
 MAX_CLASSES = 50_000
 MAX_ATTN_DIM = 2048
 MAX_HEADS = 128
@@ -47,10 +46,6 @@ class Head(nn.Module):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_int(name: str, value, low: int, high: int) -> None:
@@ -134,7 +129,8 @@ class EfficientNetV2(
                 _check_int(name, size, 32, 4096)
         for name, stats in (("mean", mean), ("std", std)):
             _check(stats is None or (isinstance(stats, (list, tuple)) and len(stats) == in_chans
-                                     and all(_is_number(v) and math.isfinite(v) for v in stats)),
+                                     and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 and math.isfinite(v) for v in stats)),
                    f"{name} must be a list of {in_chans} finite numbers, got {stats!r}")
         _check(std is None or all(v > 0 for v in std), f"std values must be positive, got {std!r}")
         _check(interpolation is None or interpolation in INTERPOLATIONS,
@@ -188,10 +184,8 @@ class EfficientNetV2(
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                # He init over fan-out per group, as the TF reference: N(0, 2 / (k*k*out/groups)).
-                # PyTorch's kaiming_normal_(mode="fan_out") ignores groups, which leaves depthwise
-                # kernels ~30x too small; under BatchNorm every optimizer step then rescales them
-                # wildly and training from scratch stalls at chance for thousands of steps.
+                # He init over fan-out per group, as the TF reference: kaiming_normal_(mode="fan_out")
+                # ignores groups, leaving depthwise kernels far too small (training from scratch stalls).
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
                 if m.bias is not None:
@@ -223,10 +217,8 @@ class EfficientNetV2(
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int, id2label: dict | None = None) -> None:
-        """Replace the classifier with a freshly initialised one for ``num_classes`` outputs.
-
-        The backbone and attention pool are kept; labels default to "0", "1", ...
-        """
+        """Replace the classifier with a freshly initialised one for ``num_classes`` outputs (labels
+        default to "0", "1", ...); the backbone and attention pool are kept."""
         id2label, label2id = normalise_labels(id2label, None, num_classes)
         ref = self.head.classifier.weight if isinstance(self.head.classifier, nn.Linear) else None
         classifier = nn.Linear(self.head.pooled_features, num_classes) if num_classes else nn.Identity()
@@ -260,35 +252,24 @@ class EfficientNetV2(
         _, weights = pool.attn.attend(tokens[:, cell].unsqueeze(1), tokens)
         return weights[:, :, 0].unflatten(-1, feats.shape[-2:])
 
-    # Hub integration: strict safetensors loading with errors that name the file.
     def _save_pretrained(self, save_directory: Path) -> None:
         checkpoint.save_weights(self, Path(save_directory))
-        # huggingface_hub's save_pretrained writes the card only when there is no README.md yet: drop
-        # the old one so that the card always describes the weights just saved
+        # the mixin writes a card only where there is no README.md yet: it must describe these weights
         (Path(save_directory) / card.CARD_NAME).unlink(missing_ok=True)
 
     def generate_model_card(self, *args, **kwargs):
         return card.generate_model_card(self, **kwargs)
 
-    def push_to_hub(self, repo_id: str, *, config: dict | None = None,
-                    commit_message: str = "Push model using huggingface_hub.", private: bool | None = None,
-                    token: str | None = None, branch: str | None = None, create_pr: bool | None = None,
-                    allow_patterns: list[str] | str | None = None, ignore_patterns: list[str] | str | None = None,
-                    delete_patterns: list[str] | str | None = None, model_card_kwargs: dict | None = None,
-                    overwrite_card: bool = False):
+    def push_to_hub(self, repo_id: str, *, config: dict | None = None, model_card_kwargs: dict | None = None,
+                    commit_message: str = "Push model using huggingface_hub.", **upload_kwargs):
         """Upload config.json, model.safetensors and the model card to ``repo_id`` in one commit and
-        return the commit URL (``PyTorchModelHubMixin.push_to_hub``, same arguments).
-
-        A README.md already in the repo (perhaps edited on the Hub) is kept unless ``overwrite_card``
-        (:func:`effnetv2.card.upload_model_folder`); the card written for a new repo shows ``repo_id``
-        in its usage examples.
-        """
+        return the commit URL. Arguments as ``PyTorchModelHubMixin.push_to_hub`` (``private``, ``token``,
+        ``branch``, ``create_pr``, ``*_patterns``); a README.md already in the repo (perhaps edited on
+        the Hub) is kept unless ``overwrite_card=True`` (:func:`effnetv2.card.upload_model_folder`)."""
+        card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
         with tempfile.TemporaryDirectory(prefix="effnetv2-push-") as tmp:
-            self.save_pretrained(tmp, config=config, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})})
-            return card.upload_model_folder(
-                tmp, repo_id, commit_message=commit_message, private=private, token=token, branch=branch,
-                create_pr=create_pr, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
-                delete_patterns=delete_patterns, overwrite_card=overwrite_card)
+            self.save_pretrained(tmp, config=config, model_card_kwargs=card_kwargs)
+            return card.upload_model_folder(tmp, repo_id, commit_message=commit_message, **upload_kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "EfficientNetV2":

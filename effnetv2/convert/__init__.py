@@ -33,14 +33,12 @@ DOWNLOAD_TIMEOUT_S = 30  # the longest wait for a connection or for each read: a
 
 
 def _names_published_weights(source: Weights) -> bool:
-    """True when ``source`` is a name of published weights ("s", "tf_efficientnetv2_b0"), not a model,
-    a state dict or a weights file (one that exists, or whose name ends in a weights suffix)."""
+    """True when ``source`` names published weights ("s", "tf_efficientnetv2_b0"), not a model, state dict or file."""
     return isinstance(source, str) and not Path(source).exists() and not source.lower().endswith(WEIGHT_SUFFIXES)
 
 
 def torchvision_variant(name: str) -> str | None:
-    """``"s"``, ``"m"`` or ``"l"`` for a torchvision variant name (``"S"``, ``"efficientnet_v2_s"``);
-    None for anything else."""
+    """``"s"``, ``"m"`` or ``"l"`` for a torchvision variant name (``"S"``, ``"efficientnet_v2_s"``), else None."""
     variant = name.strip().lower().removeprefix("efficientnet_v2_")
     return variant if variant in TORCHVISION_VARIANTS else None
 
@@ -118,11 +116,8 @@ def key_map(model: EfficientNetV2, kind: str, state: dict[str, torch.Tensor], wh
 
 def map_state_dict(model: EfficientNetV2, kind: str, state: dict[str, torch.Tensor],
                    where: str) -> dict[str, torch.Tensor]:
-    """Our state dict from a ``kind`` ("torchvision"/"timm") source ``state``.
-
-    Every key of ``model`` must be found with the same shape and every source key used; the error
-    names the first offending keys and ``where`` the weights came from.
-    """
+    """Our state dict from a ``kind`` source ``state``: every key found with its shape and every source key
+    used, else a ``ValueError`` naming the first offending keys and ``where`` the weights came from."""
     mapping = key_map(model, kind, state, where)
     mapped, problems = {}, []
     for key, target in model.state_dict().items():
@@ -341,8 +336,9 @@ def from_timm(source: Weights, variant: str | None = None) -> EfficientNetV2:
 
 # --------------------------------------------------------------------------- export (the inverse)
 
-def _exportable(model: EfficientNetV2, kind: str) -> None:
-    """Raise a ValueError naming what ``kind`` ("timm"/"torchvision") cannot represent in ``model``."""
+def export_state_dict(model: EfficientNetV2, kind: str) -> dict[str, torch.Tensor]:
+    """``model``'s weights (float32) under the key names of ``kind``'s ("timm"/"torchvision") model of the
+    same variant and classes, every one of its keys filled; a ``ValueError`` says what ``kind`` cannot hold."""
     if model.pool_type != "avg":
         raise ValueError(f"EfficientNetV2-{model.variant} has an attention-pooling head, which {kind}'s "
                          f"EfficientNetV2 does not have: only average-pooled models can be exported to {kind}")
@@ -354,12 +350,6 @@ def _exportable(model: EfficientNetV2, kind: str) -> None:
     if kind == "torchvision" and model.padding != "symmetric":
         raise ValueError("torchvision's EfficientNetV2 pads symmetrically, this model pads like TensorFlow "
                          "(padding 'same', e.g. converted from timm's tf_ weights): export it to timm instead")
-
-
-def export_state_dict(model: EfficientNetV2, kind: str) -> dict[str, torch.Tensor]:
-    """``model``'s weights (float32) under the key names of ``kind``'s ("timm"/"torchvision") model of the
-    same variant and classes, every one of its keys filled."""
-    _exportable(model, kind)
     with torch.device("meta"):
         reference = reference_model(kind, model)
     if reference is None:
@@ -390,10 +380,8 @@ def to_timm(model: EfficientNetV2, out: str | os.PathLike) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {
-        "architecture": TIMM_PREFIX + model.variant,
-        "num_classes": model.num_classes,
-        "num_features": model.num_features,
-        "pretrained_cfg": {
+        "architecture": TIMM_PREFIX + model.variant, "num_classes": model.num_classes,
+        "num_features": model.num_features, "pretrained_cfg": {
             "input_size": [3, cfg["train_image_size"], cfg["train_image_size"]],
             "test_input_size": [3, cfg["image_size"], cfg["image_size"]],
             "interpolation": cfg["interpolation"], "mean": list(cfg["mean"]), "std": list(cfg["std"]),
@@ -410,8 +398,7 @@ def to_timm(model: EfficientNetV2, out: str | os.PathLike) -> Path:
 
 def to_torchvision(model: EfficientNetV2, path: str | os.PathLike) -> Path:
     """Write a safetensors state dict that ``torchvision.models.efficientnet_v2_{s,m,l}(num_classes=N)``
-    loads strictly, with equal logits. The labels and preprocessing travel in the file's metadata
-    (``id2label``, ``preprocessing``: JSON strings), since a state dict has no other place for them."""
+    loads strictly, with equal logits; labels and preprocessing go in its metadata (JSON strings)."""
     from safetensors.torch import save_file
 
     state = export_state_dict(model, "torchvision")
@@ -429,8 +416,7 @@ def to_torchvision(model: EfficientNetV2, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- parity check
 
 def reference_model(kind: str, model: EfficientNetV2) -> nn.Module | None:
-    """The source library's own model for ``model``'s variant and classes (random weights), or None
-    when that library or variant is not available."""
+    """The source library's own model of ``model``'s variant and classes (random weights), or None without it."""
     try:
         if kind == "torchvision":
             import torchvision.models as tvm

@@ -1,4 +1,4 @@
-"""``python -m effnetv2.convert``: the command line of :mod:`effnetv2.convert` (usage in its docstring)."""
+"""``python -m effnetv2.convert``: torchvision/timm weights into a Hub-ready folder, or ``--to`` back out."""
 from __future__ import annotations
 
 import argparse

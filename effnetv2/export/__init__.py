@@ -1,19 +1,8 @@
 """ONNX export of the BatchNorm-folded model, checked against the eager model with ONNX Runtime;
 its int8 form (``effnetv2.quantize``); and the graphs shipped inside a model folder for the Hub.
 
-    python -m effnetv2.export --model SOURCE --out model.onnx [--image-size S] [--dynamic-size] [--opset N]
-    python -m effnetv2.export --model SOURCE --out model_int8.onnx --int8 --calibration DATA
-    python -m effnetv2.export --model FOLDER --ship [--int8 --calibration DATA] [--push-to-hub ORG/NAME]
-
-The graph takes ``pixel_values`` ``[B, 3, H, W]`` (already preprocessed, see
-``effnetv2.transforms_for``) and returns ``logits`` ``[B, num_classes]``. The batch is always
-dynamic; H and W are fixed to the model's eval size (or ``--image-size``) unless ``--dynamic-size``.
-
-``--ship`` writes ``onnx/model.onnx`` (and ``onnx/model_int8.onnx``) into a folder written by
-``save_pretrained``, with ``onnx/graphs.json``: the fingerprint of the weights they were exported
-from, each graph's SHA-256 and its measured parity with the eager model. ``Predictor`` loading that
-folder or its Hub repo runs a shipped graph only when both match, so a Space needs no export on start.
-``--push-to-hub`` then uploads the folder in one commit (``effnetv2.card.upload_model_folder``).
+Graphs take ``pixel_values`` ``[B, 3, H, W]`` (preprocessed) and return ``logits`` ``[B, num_classes]``.
+Command line: ``python -m effnetv2.export`` (``__main__.py``).
 """
 from __future__ import annotations
 
@@ -40,13 +29,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
-# Relative L2 error of the logits above which an exported graph is refused.
-MAX_RELATIVE_ERROR = 1e-4
+MAX_RELATIVE_ERROR = 1e-4  # of the logits (L2), above which an exported graph is refused
 # Shipped graphs, at fixed places in a model folder (a manifest never names files to read).
 GRAPHS_MANIFEST = "onnx/graphs.json"
 SHIPPED_GRAPHS = {"fp32": "onnx/model.onnx", "int8": "onnx/model_int8.onnx"}
-# Held-out images of the calibration folder on which --int8 measures top-1 agreement with the float graph.
-AGREEMENT_IMAGES = 200
+AGREEMENT_IMAGES = 200  # held out of the calibration folder, to measure int8's top-1 agreement with float
 
 
 def _size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -55,12 +42,8 @@ def _size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
 
 def export_onnx(model: EfficientNetV2, path: str | os.PathLike, image_size: int | tuple[int, int] | None = None,
                 opset: int = DEFAULT_OPSET, dynamic_size: bool = False) -> Path:
-    """Write ``model`` with its BatchNorms folded as ONNX to ``path`` (atomically) and return it.
-
-    Input ``pixel_values`` ``[B, 3, H, W]`` with a dynamic batch; ``H, W`` are ``image_size``
-    (default: the config's eval size), or dynamic with ``dynamic_size``. Output ``logits``
-    ``[B, num_classes]``. ``model`` is not changed.
-    """
+    """Write ``model`` (unchanged) with its BatchNorms folded as ONNX to ``path`` (atomically) and return it.
+    The batch is dynamic; ``H, W`` are ``image_size`` (default: the eval size), or dynamic with ``dynamic_size``."""
     if dynamic_size and (model.padding == "same" or model.pool_type == "attention"):
         what = "TensorFlow SAME padding" if model.padding == "same" else "the attention pool's position embedding"
         raise ValueError(f"--dynamic-size is not supported for this model: {what} depends on the input "
@@ -74,8 +57,7 @@ def export_onnx(model: EfficientNetV2, path: str | os.PathLike, image_size: int 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with warnings.catch_warnings():
-            # The TorchScript exporter warns about its own deprecation and about traced shapes.
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and traced-shape warnings
             # dynamo=False: the TorchScript exporter needs no onnxscript and handles this graph fully.
             torch.onnx.export(fused, (torch.zeros(1, fused.stem.conv.in_channels, height, width),), str(tmp),
                               dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -88,17 +70,15 @@ def export_onnx(model: EfficientNetV2, path: str | os.PathLike, image_size: int 
 
 def export_int8(model: EfficientNetV2, path: str | os.PathLike, batches: Iterable[np.ndarray],
                 image_size: int | tuple[int, int] | None = None, opset: int = DEFAULT_OPSET) -> Path:
-    """Write the int8 graph of ``model`` to ``path``: the float graph of :func:`export_onnx`,
-    statically quantized with activation ranges measured on ``batches`` (preprocessed
-    ``[B, 3, H, W]`` arrays at the graph's size, a list or a stream, see ``effnetv2.quantize``)."""
+    """Write the int8 graph of ``model`` to ``path``: :func:`export_onnx`'s graph, quantized with activation
+    ranges measured on ``batches`` (preprocessed ``[B, 3, H, W]`` arrays at the graph's size)."""
     with tempfile.TemporaryDirectory(prefix="effnetv2-export-") as tmp:
         fp32 = export_onnx(model, Path(tmp, "model.onnx"), image_size, opset=opset)
         return quantize_onnx(fp32, path, batches, input_name=INPUT_NAME)
 
 
 def external_data_files(path: str | os.PathLike) -> list[str]:
-    """The files outside the ONNX graph at ``path`` that hold some of its tensors (``.data`` files of the
-    external data format), as the graph names them; empty when it holds all its tensors itself."""
+    """The external data files holding some of the ONNX graph's tensors, as the graph names them (often none)."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
 
@@ -108,9 +88,8 @@ def external_data_files(path: str | os.PathLike) -> list[str]:
 
 
 def graph_fingerprint(model: EfficientNetV2, *context: str) -> str:
-    """SHA-256 of the weights (as float32, the way ``from_pretrained`` loads them, whatever dtype they
-    were saved in), the config and the ``context`` strings: the key that ties a graph (shipped or
-    cached) to the model it came from."""
+    """SHA-256 of the weights (as float32, as ``from_pretrained`` loads them), the config and ``context``:
+    the key that ties a graph (shipped or cached) to the model it came from."""
     return weights_fingerprint(copy.deepcopy(model).float(), json.dumps(model.config, sort_keys=True, default=str),
                                *context)
 
@@ -124,9 +103,8 @@ def run_onnx(path: str | os.PathLike, batches: Sequence[np.ndarray]) -> np.ndarr
 
 
 def int8_agreement(config: dict, fp32_path: Path, int8_path: Path, files: Sequence[Path]) -> dict:
-    """``{"images", "top1_agreement", "relative_error"}`` of the int8 graph against the float graph on
-    ``files`` (images held out from calibration; unreadable ones skipped), preprocessed with the model's
-    ``config``, a batch at a time."""
+    """``{"images", "top1_agreement", "relative_error"}`` of the int8 graph against the float graph on the
+    images ``files`` (held out from calibration), preprocessed with the model's ``config``."""
     import onnxruntime as ort
 
     sessions = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for path in (fp32_path, int8_path)]
@@ -140,15 +118,10 @@ def int8_agreement(config: dict, fp32_path: Path, int8_path: Path, files: Sequen
 
 
 def ship_graphs(model: EfficientNetV2, folder: str | os.PathLike, calibration: str | os.PathLike | None = None,
-                num_calibration: int = CALIBRATION_IMAGES, seed: int = 0) -> dict:
+                num_calibration: int = CALIBRATION_IMAGES) -> dict:
     """Write ``onnx/model.onnx`` (and, with ``calibration``, a folder of images, ``onnx/model_int8.onnx``)
-    into the model folder ``folder`` with the manifest ``onnx/graphs.json``, and describe them in
-    its card (README.md) when it has one. Returns the manifest.
-
-    The manifest holds :func:`graph_fingerprint` of ``model``, each graph's SHA-256 and input size,
-    the float graph's relative error against the eager model (random batch) and the int8 graph's
-    top-1 agreement with the float one on images of ``calibration`` it was not calibrated on.
-    """
+    into the model folder ``folder`` with the manifest ``onnx/graphs.json`` (:func:`graph_fingerprint`,
+    each graph's SHA-256, size and parity), described in its README.md when it has one. Returns the manifest."""
     from ..card import graphs_section, update_card
 
     folder = Path(folder)
@@ -158,11 +131,12 @@ def ship_graphs(model: EfficientNetV2, folder: str | os.PathLike, calibration: s
                        "relative_error": check_onnx(model, fp32_path, size)["relative_error"]}}
     (folder / SHIPPED_GRAPHS["int8"]).unlink(missing_ok=True)  # never leave an int8 graph of older weights
     if calibration is not None:
-        files, held_out = calibration_split(calibration, num_calibration, AGREEMENT_IMAGES, seed)
+        files, held_out = calibration_split(calibration, num_calibration, AGREEMENT_IMAGES)
         int8_path = export_int8(model, folder / SHIPPED_GRAPHS["int8"],
                                 calibration_batches(model.config, files, image_size=size[0]), size)
-        graphs["int8"] = {"sha256": sha256_file(int8_path), "image_size": list(size), "calibration_images": len(files),
-                          **({"agreement": int8_agreement(model.config, fp32_path, int8_path, held_out)} if held_out else {})}
+        graphs["int8"] = {"sha256": sha256_file(int8_path), "image_size": list(size), "calibration_images": len(files)}
+        if held_out:
+            graphs["int8"]["agreement"] = int8_agreement(model.config, fp32_path, int8_path, held_out)
     manifest = {"fingerprint": graph_fingerprint(model), "exporter": f"torch {torch.__version__}", "graphs": graphs}
     (folder / GRAPHS_MANIFEST).write_text(json.dumps(manifest, indent=1))
     card = folder / "README.md"
@@ -182,8 +156,6 @@ def check_onnx(model: EfficientNetV2, path: str | os.PathLike, image_size: int |
                batch_size: int = 2, seed: int = 0) -> dict[str, float]:
     """Run the graph at ``path`` with ONNX Runtime and the eager ``model`` on the same random batch
     ``[batch_size, 3, H, W]``; return ``{"max_abs_diff", "relative_error", "max_abs_logit"}``."""
-    import onnxruntime as ort
-
     height, width = _size_pair(image_size or model.config["image_size"])
     x = torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed))
     was_training = model.training
@@ -191,8 +163,7 @@ def check_onnx(model: EfficientNetV2, path: str | os.PathLike, image_size: int |
         expected = model.eval()(x).numpy()
     finally:
         model.train(was_training)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    actual = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    actual = run_onnx(path, [x.numpy()])
     return {"max_abs_diff": float(np.abs(actual - expected).max()),
             "relative_error": relative_error(actual, expected),
             "max_abs_logit": float(np.abs(expected).max())}

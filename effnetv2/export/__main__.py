@@ -1,4 +1,5 @@
-"""``python -m effnetv2.export``: the command line of :mod:`effnetv2.export` (usage in its docstring)."""
+"""``python -m effnetv2.export``: an ONNX graph (``--out``, ``--int8``), or the graphs shipped in a model folder
+(``--ship``), each checked against the eager model."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,6 @@ logger = logging.getLogger("effnetv2.export")
 
 
 def _int8_main(args: argparse.Namespace, model: EfficientNetV2) -> int:
-    """``--int8 --out``: the int8 graph, and its top-1 agreement with the float graph on held-out images."""
     files, held_out = calibration_split(args.calibration, args.num_calibration, AGREEMENT_IMAGES)
     size = args.image_size or model.config["image_size"]
     logger.info("calibrating on %d images of %s", len(files), args.calibration)
