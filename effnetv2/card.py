@@ -47,17 +47,14 @@ def _labels_text(id2label: dict[str, str], limit: int = 20) -> str:
 
 
 def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None, metrics: dict | None = None,
-                        dataset: str | None = None, datasets: list | None = None,
-                        base_model: str | None = None, training: dict | None = None,
-                        command: str | None = None, notes: str | None = None,
-                        dataset_name: str | None = None, dataset_split: str = "validation",
-                        dataset_revision: str | None = None, dataset_config: str | None = None,
-                        **extra: Any) -> ModelCard:
+                        datasets: list | None = None, base_model: str | None = None, dataset_name: str | None = None,
+                        dataset_split: str = "validation", dataset_revision: str | None = None,
+                        dataset_config: str | None = None, **sections: Any) -> ModelCard:
     """The model card (README.md) rendered from ``model_card.md`` with the model's metadata.
 
-    ``metrics`` ({name: value}), ``dataset``/``datasets``, ``base_model`` (a fine-tune's), ``training``
-    (settings) and ``command`` fill the optional sections and the YAML front matter; with ``dataset_name``
-    the accuracy also goes into the YAML's ``model-index``, so the Hub shows it."""
+    ``metrics`` ({name: value}), ``datasets`` and ``base_model`` (a fine-tune's) go into the YAML front matter,
+    with ``dataset_name`` the accuracy into its ``model-index`` too, so the Hub shows it; ``sections``
+    (``dataset``, ``training`` settings, ``command``, ``notes``) fill the template's optional sections."""
     cfg = model.config
     info = model._hub_mixin_info
     eval_results = None
@@ -81,17 +78,15 @@ def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None,
     size = cfg["image_size"]
     return ModelCard.from_template(
         card_data, template_str=info.model_card_template,
-        title=extra.pop("title", None) or f"EfficientNetV2-{model.variant.upper()}"
-        + (f" — {repo_id}" if repo_id else ""),
+        title=f"EfficientNetV2-{model.variant.upper()}" + (f" — {repo_id}" if repo_id else ""),
         repo_id=repo_id or "ORG/NAME", variant=model.variant,
         num_params=sum(p.numel() for p in model.parameters()), num_classes=model.num_classes,
         pool_text="attention pooling" if model.pool_type == "attention" else "average pooling",
         base_model=base_model, source=cfg.get("source"), image_size=size,
         resize_size=int(size / cfg["crop_pct"]), train_image_size=cfg["train_image_size"],
         interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
-        labels_text=_labels_text(model.id2label), metrics=metrics, dataset=dataset, training=training,
-        command=command, notes=notes, drop_path_rate=cfg["drop_path_rate"], dropout=cfg["dropout"],
-        padding=cfg["padding"], repo_url=info.repo_url, **extra,
+        labels_text=_labels_text(model.id2label), metrics=metrics, drop_path_rate=cfg["drop_path_rate"],
+        dropout=cfg["dropout"], padding=cfg["padding"], repo_url=info.repo_url, **sections,
     )
 
 

@@ -37,53 +37,24 @@ class StageConfig:
         )
 
 
-def _stages(*rows: tuple) -> tuple[StageConfig, ...]:
-    return tuple(StageConfig(*row) for row in rows)
+# Stage by stage, every variant has the same stride, expansion and block kind (Fused-MBConv "F" without SE,
+# MBConv "M" with SE ratio 0.25) and kernel 3; the variants differ in repeats and widths.
+_STRIDES, _EXPANSIONS, _KINDS = (1, 2, 2, 2, 1, 2, 1), (1, 4, 4, 4, 6, 6, 6), "FFFMMMM"
 
 
-_B0 = _stages(
-    (1, 3, 1, 1, 32, 16, "F", 0.0),
-    (2, 3, 2, 4, 16, 32, "F", 0.0),
-    (2, 3, 2, 4, 32, 48, "F", 0.0),
-    (3, 3, 2, 4, 48, 96, "M", 0.25),
-    (5, 3, 1, 6, 96, 112, "M", 0.25),
-    (8, 3, 2, 6, 112, 192, "M", 0.25),
-)
-_S = _stages(
-    (2, 3, 1, 1, 24, 24, "F", 0.0),
-    (4, 3, 2, 4, 24, 48, "F", 0.0),
-    (4, 3, 2, 4, 48, 64, "F", 0.0),
-    (6, 3, 2, 4, 64, 128, "M", 0.25),
-    (9, 3, 1, 6, 128, 160, "M", 0.25),
-    (15, 3, 2, 6, 160, 256, "M", 0.25),
-)
-_M = _stages(
-    (3, 3, 1, 1, 24, 24, "F", 0.0),
-    (5, 3, 2, 4, 24, 48, "F", 0.0),
-    (5, 3, 2, 4, 48, 80, "F", 0.0),
-    (7, 3, 2, 4, 80, 160, "M", 0.25),
-    (14, 3, 1, 6, 160, 176, "M", 0.25),
-    (18, 3, 2, 6, 176, 304, "M", 0.25),
-    (5, 3, 1, 6, 304, 512, "M", 0.25),
-)
-_L = _stages(
-    (4, 3, 1, 1, 32, 32, "F", 0.0),
-    (7, 3, 2, 4, 32, 64, "F", 0.0),
-    (7, 3, 2, 4, 64, 96, "F", 0.0),
-    (10, 3, 2, 4, 96, 192, "M", 0.25),
-    (19, 3, 1, 6, 192, 224, "M", 0.25),
-    (25, 3, 2, 6, 224, 384, "M", 0.25),
-    (7, 3, 1, 6, 384, 640, "M", 0.25),
-)
-_XL = _stages(
-    (4, 3, 1, 1, 32, 32, "F", 0.0),
-    (8, 3, 2, 4, 32, 64, "F", 0.0),
-    (8, 3, 2, 4, 64, 96, "F", 0.0),
-    (16, 3, 2, 4, 96, 192, "M", 0.25),
-    (24, 3, 1, 6, 192, 256, "M", 0.25),
-    (32, 3, 2, 6, 256, 512, "M", 0.25),
-    (8, 3, 1, 6, 512, 640, "M", 0.25),
-)
+def _stages(stem_chs: int, *stages: tuple[int, int]) -> tuple[StageConfig, ...]:
+    """The stage table from the stem width and each stage's ``(repeats, out_chs)``; a stage's in_chs is the
+    previous one's out_chs."""
+    in_chs = (stem_chs,) + tuple(out_chs for _, out_chs in stages)
+    return tuple(StageConfig(repeats, 3, _STRIDES[i], _EXPANSIONS[i], in_chs[i], out_chs, _KINDS[i],
+                             0.25 if _KINDS[i] == "M" else 0.0) for i, (repeats, out_chs) in enumerate(stages))
+
+
+_B0 = _stages(32, (1, 16), (2, 32), (2, 48), (3, 96), (5, 112), (8, 192))
+_S = _stages(24, (2, 24), (4, 48), (4, 64), (6, 128), (9, 160), (15, 256))
+_M = _stages(24, (3, 24), (5, 48), (5, 80), (7, 160), (14, 176), (18, 304), (5, 512))
+_L = _stages(32, (4, 32), (7, 64), (7, 96), (10, 192), (19, 224), (25, 384), (7, 640))
+_XL = _stages(32, (4, 32), (8, 64), (8, 96), (16, 192), (24, 256), (32, 512), (8, 640))
 
 
 @dataclass(frozen=True)

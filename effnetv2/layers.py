@@ -1,8 +1,5 @@
-"""Building blocks of EfficientNetV2: conv-BN-act, squeeze-excitation, MBConv, Fused-MBConv.
-
-Module names (``conv``, ``bn``, ``expand_conv``, ``dwconv``, ``se.conv_reduce``, ``se.conv_expand``,
-``project_conv``) follow the reference PyTorch ports so that their state dicts load unchanged.
-"""
+"""Building blocks of EfficientNetV2: conv-BN-act, squeeze-excitation, MBConv, Fused-MBConv. Module names
+follow the reference PyTorch ports so that their state dicts load unchanged."""
 from __future__ import annotations
 
 import math
@@ -34,9 +31,7 @@ class Conv2dSame(nn.Conv2d):
 
 def make_conv(in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: int = 1,
               padding: str = "symmetric", bias: bool = False) -> nn.Conv2d:
-    """A conv with ``symmetric`` (k//2 each side) or TF ``same`` padding; odd kernels only."""
-    if padding not in PADDINGS:
-        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    """A conv with ``symmetric`` (k//2 each side) or TF ``same`` padding (see ``PADDINGS``); odd kernels only."""
     if padding == "same" and stride > 1:
         return Conv2dSame(in_chs, out_chs, kernel, stride, 0, groups=groups, bias=bias)
     # stride 1 with an odd kernel: TF SAME padding is exactly k//2 on every side.

@@ -63,21 +63,16 @@ def calibration_batches(config: dict, files: Sequence[str | os.PathLike], batch_
 
 
 class _Batches:
-    """ONNX Runtime's ``CalibrationDataReader``: one ``{input name: batch}`` per call, then None."""
+    """ONNX Runtime's ``CalibrationDataReader``: one ``{input name: batch}`` per call, then None. The first
+    batch is read at once (``first``, None for an empty stream); none is kept once handed out."""
 
     def __init__(self, input_name: str, batches: Iterable[np.ndarray]):
-        self._feeds = ({input_name: np.ascontiguousarray(b, dtype=np.float32)} for b in batches)
+        self.input_name, self.batches = input_name, iter(batches)
+        self.first = next(self.batches, None)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._feeds, None)
-
-
-def _after(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-    """``first``, then ``rest``, keeping no reference to ``first`` once it is taken (``itertools.chain``
-    keeps its arguments)."""
-    yield first
-    del first
-    yield from rest
+        batch, self.first = (self.first if self.first is not None else next(self.batches, None)), None
+        return None if batch is None else {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
 
 
 def spatial_means_as_pools(graph: onnx.GraphProto) -> int:
@@ -117,13 +112,10 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)
 
-    batches = iter(batches)
-    first = next(batches, None)
-    if first is None:
+    reader = _Batches(input_name, batches)
+    if reader.first is None:
         raise ValueError("int8 quantization needs at least one calibration batch (no calibration image could be "
                          "read): give a folder of readable images like the ones the model will see")
-    batches = _after(first, batches)
-    del first  # held by the stream alone, until the calibrator has taken it
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="effnetv2-quantize-") as tmp:
@@ -134,7 +126,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
         spatial_means_as_pools(graph.graph)
         onnx.save(graph, str(prepared))
         # No CalibMaxIntermediateOutputs: ONNX Runtime 1.32 drops the kept batches unreduced at that count.
-        quantize_static(str(prepared), str(quantized), _Batches(input_name, batches),
+        quantize_static(str(prepared), str(quantized), reader,
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS),
                         calibrate_method=CalibrationMethod.MinMax)

@@ -1,3 +1,5 @@
+from dataclasses import astuple
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +20,28 @@ def test_parameter_count(variant):
     with torch.device("meta"):
         model = EfficientNetV2(variant)
     assert sum(p.numel() for p in model.parameters()) == PARAM_COUNTS[variant]
+
+
+# SPEC.md's stage rows (repeats, kernel, stride, expansion, in_ch, out_ch, block, se_ratio), copied verbatim.
+SPEC_STAGES = {
+    "s": "(2,3,1,1,24,24,F,0) (4,3,2,4,24,48,F,0) (4,3,2,4,48,64,F,0) (6,3,2,4,64,128,M,.25) (9,3,1,6,128,160,M,.25) "
+         "(15,3,2,6,160,256,M,.25)",
+    "m": "(3,3,1,1,24,24,F,0) (5,3,2,4,24,48,F,0) (5,3,2,4,48,80,F,0) (7,3,2,4,80,160,M,.25) (14,3,1,6,160,176,M,.25) "
+         "(18,3,2,6,176,304,M,.25) (5,3,1,6,304,512,M,.25)",
+    "l": "(4,3,1,1,32,32,F,0) (7,3,2,4,32,64,F,0) (7,3,2,4,64,96,F,0) (10,3,2,4,96,192,M,.25) (19,3,1,6,192,224,M,.25) "
+         "(25,3,2,6,224,384,M,.25) (7,3,1,6,384,640,M,.25)",
+    "xl": "(4,3,1,1,32,32,F,0) (8,3,2,4,32,64,F,0) (8,3,2,4,64,96,F,0) (16,3,2,4,96,192,M,.25) (24,3,1,6,192,256,M,.25) "
+          "(32,3,2,6,256,512,M,.25) (8,3,1,6,512,640,M,.25)",
+    "b0": "(1,3,1,1,32,16,F,0) (2,3,2,4,16,32,F,0) (2,3,2,4,32,48,F,0) (3,3,2,4,48,96,M,.25) (5,3,1,6,96,112,M,.25) "
+          "(8,3,2,6,112,192,M,.25)",
+}
+
+
+@pytest.mark.parametrize("variant", list(SPEC_STAGES))
+def test_stage_tables_are_the_spec(variant):
+    rows = [row.strip("()").split(",") for row in SPEC_STAGES[variant].split()]
+    expected = [(int(r), int(k), int(s), int(e), int(i), int(o), b, float(se)) for r, k, s, e, i, o, b, se in rows]
+    assert [astuple(stage) for stage in VARIANTS[variant].stages] == expected
 
 
 def test_width_rounding_has_no_upward_bump():

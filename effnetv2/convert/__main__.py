@@ -28,18 +28,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="export --model instead: to a timm folder, or a torchvision .safetensors state dict")
     parser.add_argument("--model", help="with --to: the effnetv2 model to export (folder, Hub id, ...)")
     args = parser.parse_args(argv)
-    if args.to:
-        return _export_main(parser, args)
-    if not (args.library and args.source and args.out):
+    if args.to and args.to[0] not in ("timm", "torchvision"):
+        parser.error(f"--to {args.to[0]}: choose timm or torchvision")
+    if args.to and not args.model:
+        parser.error("--to needs --model: the effnetv2 model folder or Hub id to export")
+    if not args.to and not (args.library and args.source and args.out):
         parser.error("give LIBRARY SOURCE --out DIR to convert, or --to {timm,torchvision} OUT --model MODEL to export")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    convert = from_torchvision if args.library == "torchvision" else from_timm
     try:
-        model = convert(args.source, variant=args.variant)
+        return _export(*args.to, args.model) if args.to else _convert(args)
     except (ValueError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def _convert(args: argparse.Namespace) -> int:
+    model = (from_torchvision if args.library == "torchvision" else from_timm)(args.source, variant=args.variant)
     reference = reference_model(args.library, model)
     notes = None
     if reference is not None:
@@ -47,11 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         notes = (f"Conversion check: on random 96x96 inputs the logits equal {args.library}'s own "
                  f"model with these weights to max |Δlogit| = {diff:.2e}.")
         print(f"parity with {args.library}: max |Δlogit| = {diff:.3g}")
-    source = model.config["source"]
     card = {"notes": notes, "command": f"python -m effnetv2.convert {args.library} {args.source} --out {args.out}",
             "datasets": ["imagenet-1k"] if model.num_classes == 1000 else None,
-            "base_model": source.get("hf_hub_id")}
-    model.save_pretrained(args.out, model_card_kwargs={**card, "repo_id": args.push_to_hub})
+            "base_model": model.config["source"].get("hf_hub_id"), "repo_id": args.push_to_hub}
+    model.save_pretrained(args.out, model_card_kwargs=card)
     print(f"wrote {args.out}/ (config.json, model.safetensors, README.md): EfficientNetV2-{model.variant}, "
           f"{model.num_classes} classes")
     if args.push_to_hub:
@@ -67,18 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _export_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    kind, out = args.to
-    if kind not in ("timm", "torchvision"):
-        parser.error(f"--to {kind}: choose timm or torchvision")
-    if not args.model:
-        parser.error("--to needs --model: the effnetv2 model folder or Hub id to export")
-    try:
-        model = load_model(args.model).float().eval()
-        written = to_timm(model, out) if kind == "timm" else to_torchvision(model, out)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def _export(kind: str, out: str, source: str) -> int:
+    model = load_model(source).float().eval()
+    written = to_timm(model, out) if kind == "timm" else to_torchvision(model, out)
     how = (f'timm.create_model("local-dir:{written}", pretrained=True)' if kind == "timm" else
            f"torchvision.models.efficientnet_v2_{model.variant}(num_classes={model.num_classes})"
            f".load_state_dict(safetensors.torch.load_file('{written}'))")
