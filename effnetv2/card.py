@@ -93,54 +93,41 @@ def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None,
 def card_section(result: dict, data: Path | str, command: str) -> str:
     """The card's evaluation section for ``effnetv2.evaluate``'s ``result`` on the shapes set at ``data`` (a
     Path), or on a dataset split (``data`` names it: accuracy rows only), measured with ``command``."""
-    accuracy = [
-        "| metric | value |",
-        "|---|---|",
-        f"| accuracy | {result['accuracy']:.4f} |",
-        *(f"| accuracy, {label} | {acc:.4f} |" for label, acc in result["per_class_accuracy"].items())]
+    body = ["| metric | value |", "|---|---|", f"| accuracy | {result['accuracy']:.4f} |",
+            *(f"| accuracy, {label} | {acc:.4f} |" for label, acc in result["per_class_accuracy"].items())]
     if not isinstance(data, Path):
-        return "\n".join([CARD_BEGIN, "## Evaluation", "", f"{result['images']} images of {data}.", "", *accuracy, "",
-                          "Measured with:", "", "```bash", command, "```", CARD_END])
-    heads = ", ".join(f"{m:.2f}" for m in result["attention_mass_in_box_per_head"])
-    return "\n".join([
-        CARD_BEGIN,
-        "## Evaluation on an unseen shapes set",
-        "",
-        f"{result['images']} images of `{data.name}`, generated with a seed the model never saw in "
-        "training or validation.",
-        "",
-        *accuracy,
-        f"| attention mass inside the object box (pooled query, mean over heads) | {result['attention_mass_in_box']:.3f} |",
-        f"| the box's share of the image (what uniform attention would give) | {result['box_area_share']:.3f} |",
-        f"| mass / share | {result['mass_over_share']:.2f}× |",
-        f"| images whose attention mass in the box exceeds its area share | {result['images_with_mass_above_share']:.1%} |",
-        f"| mass in the box, per head | {heads} |",
-        "",
-        *_faithfulness_table(result.get("maps")),
-        "Measured with:",
-        "",
-        "```bash",
-        command,
-        "```",
-        CARD_END,
-    ])
-
-
-def _faithfulness_table(maps: dict | None) -> list[str]:
-    """Card lines: each map kind's deletion AUC, insertion AUC and mass in the box (none if not measured)."""
-    if not maps:
-        return []
-    return [
-        "How faithful each kind of map is to the predicted class (`effnetv2.explain`): cells are removed from "
-        "(deletion, lower is better) or added to (insertion, higher is better) the pooling in the order the map "
-        "ranks them, and the class probability is integrated over the fraction of cells.",
-        "",
-        "| map | deletion AUC ↓ | insertion AUC ↑ | mass in the box |",
-        "|---|---|---|---|",
-        *(f"| {kind} | {m['deletion_auc']:.3f} | {m['insertion_auc']:.3f} | {m['mass_in_box']:.3f} |"
-          for kind, m in maps.items()),
-        "",
-    ]
+        body = ["## Evaluation", "", f"{result['images']} images of {data}.", "", *body, ""]
+    else:
+        heads = ", ".join(f"{m:.2f}" for m in result["attention_mass_in_box_per_head"])
+        maps = result.get("maps")
+        body = [
+            "## Evaluation on an unseen shapes set",
+            "",
+            f"{result['images']} images of `{data.name}`, generated with a seed the model never saw in "
+            "training or validation.",
+            "",
+            *body,
+            f"| attention mass inside the object box (pooled query, mean over heads) | "
+            f"{result['attention_mass_in_box']:.3f} |",
+            f"| the box's share of the image (what uniform attention would give) | {result['box_area_share']:.3f} |",
+            f"| mass / share | {result['mass_over_share']:.2f}× |",
+            f"| images whose attention mass in the box exceeds its area share | "
+            f"{result['images_with_mass_above_share']:.1%} |",
+            f"| mass in the box, per head | {heads} |",
+            "",
+            *([
+                "How faithful each kind of map is to the predicted class (`effnetv2.explain`): cells are removed from "
+                "(deletion, lower is better) or added to (insertion, higher is better) the pooling in the order the "
+                "map ranks them, and the class probability is integrated over the fraction of cells.",
+                "",
+                "| map | deletion AUC ↓ | insertion AUC ↑ | mass in the box |",
+                "|---|---|---|---|",
+                *(f"| {kind} | {m['deletion_auc']:.3f} | {m['insertion_auc']:.3f} | {m['mass_in_box']:.3f} |"
+                  for kind, m in maps.items()),
+                "",
+            ] if maps else []),
+        ]
+    return "\n".join([CARD_BEGIN, *body, "Measured with:", "", "```bash", command, "```", CARD_END])
 
 
 def graphs_section(manifest: dict, files: dict[str, str]) -> str:

@@ -154,10 +154,12 @@ def resolve_file(model_id: str, filename: str, revision: str | None = None, toke
 
 
 def load_pretrained(cls: type[PyTorchModelHubMixin], *, model_id: str, config: dict | None, map_location: str,
-                    model_kwargs: dict, **download_kwargs: Any) -> PyTorchModelHubMixin:
-    """Build the model from its config (plus the caller's overrides) and load its weights strictly."""
+                    revision: str | None, cache_dir: str | None, force_download: bool, local_files_only: bool,
+                    token: str | bool | None, **kwargs: Any) -> PyTorchModelHubMixin:
+    """Build the model from its config (``kwargs``: with the caller's overrides) and load its weights strictly."""
     is_dir = os.path.isdir(model_id)
-    revision = download_kwargs.get("revision")
+    download_kwargs = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
+                           local_files_only=local_files_only, token=token)
     if config is None:
         if is_dir:
             raise FileNotFoundError(f"{model_id} has no {CONFIG_NAME}: point at a folder written by save_pretrained "
@@ -174,7 +176,6 @@ def load_pretrained(cls: type[PyTorchModelHubMixin], *, model_id: str, config: d
     unknown = sorted(set(config) - set(cls._hub_mixin_init_parameters) - {"self"})
     if unknown:
         raise ValueError(f"{config_path}: unknown keys {unknown}; it was not written by this version of effnetv2")
-    kwargs = dict(model_kwargs)
     new_head = "num_classes" in kwargs and kwargs["num_classes"] != config.get("num_classes")
     if new_head and kwargs.get("id2label") is config.get("id2label"):
         kwargs.pop("id2label", None)

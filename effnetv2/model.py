@@ -63,17 +63,15 @@ class EfficientNetV2(
     paper_url="https://arxiv.org/abs/2104.00298",
     model_card_template=card.MODEL_CARD_TEMPLATE,
 ):
-    """EfficientNetV2 (Tan & Le, 2021) image classifier: variants b0-b3, s, m, l, xl.
+    """EfficientNetV2 (Tan & Le, 2021) image classifier: ``[B, 3, H, W]`` → logits ``[B, num_classes]``.
 
-    Every argument is JSON-serialisable and is written to ``config.json`` by ``save_pretrained``,
-    together with the labels and the preprocessing the weights expect. Input ``[B, 3, H, W]``,
-    output logits ``[B, num_classes]``.
+    Every argument is JSON-serialisable; ``save_pretrained`` writes them to ``config.json``, labels and
+    preprocessing included.
 
     Args:
         variant: "b0", "b1", "b2", "b3", "s", "m", "l" or "xl".
         num_classes: classifier outputs; 0 gives pooled features from ``forward``.
-        id2label: class index → name (keys may be ints or their strings).
-        label2id: name → index; derived from ``id2label`` when omitted.
+        id2label, label2id: class index (int or string) → name, and back (derived when omitted).
         drop_path_rate: stochastic-depth rate of the last block (block b uses rate * b / N).
         dropout: dropout before the classifier; None uses the variant's.
         pool: "avg" (global average pooling) or "attention" (multi-head attention pooling).
@@ -233,14 +231,10 @@ class EfficientNetV2(
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, query: tuple[int, int] | None = None) -> torch.Tensor:
-        """Per-head attention over the feature grid for images ``x`` ``[B, 3, H, W]``.
-
-        Attention-pool models: the pooled query's weights (``query=None``), or those of the token at
-        grid cell ``query = (row, col)`` through the pool's learned projections. Average-pooled
-        models: parameter-free self-attention of the feature tokens (see
-        ``attention.self_attention_maps``), from ``query`` or the most attended cell.
-        Returns ``[B, num_heads, h, w]`` with ``h, w`` = the feature grid; each map sums to 1.
-        """
+        """Per-head attention ``[B, num_heads, h, w]`` over the feature grid for images ``x`` ``[B, 3, H, W]``,
+        each map summing to 1. Attention-pool models: the pooled query's weights, or with ``query = (row, col)``
+        that grid cell's through the pool's projections. Average-pooled models: parameter-free self-attention
+        of the feature tokens (``attention.self_attention_maps``) from ``query`` or the most attended cell."""
         feats = self.forward_features(x)
         pool = self.head.attn_pool
         if pool is None:
@@ -290,9 +284,5 @@ class EfficientNetV2(
                 raise
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only,
-                         token, map_location: str = "cpu", config: dict | None = None, **model_kwargs):
-        return hub.load_pretrained(cls, model_id=model_id, revision=revision, cache_dir=cache_dir,
-                                   force_download=force_download, local_files_only=local_files_only,
-                                   token=token, map_location=map_location, config=config,
-                                   model_kwargs=model_kwargs)
+    def _from_pretrained(cls, *, model_id: str, config: dict | None = None, map_location: str = "cpu", **kwargs):
+        return hub.load_pretrained(cls, model_id=model_id, config=config, map_location=map_location, **kwargs)

@@ -238,15 +238,12 @@ def _official_torchvision_file(variant: str) -> Path:
 
 
 def from_torchvision(source: Weights, variant: str | None = None) -> EfficientNetV2:
-    """``EfficientNetV2`` (eval mode, padding "symmetric") from torchvision EfficientNetV2 weights.
+    """``EfficientNetV2`` (eval mode, padding "symmetric") whose logits equal the torchvision model's.
 
-    ``source``: a ``torchvision.models.efficientnet_v2_{s,m,l}`` model, its state dict, the path of
-    its ``.pth``/``.safetensors``, or a variant name "s", "m", "l" for the official ImageNet weights
-    (downloaded into ``$TORCH_HOME``, or read from there offline). ``variant`` is inferred from the
-    weights when None. The result carries torchvision's eval preprocessing, the ImageNet labels when
-    the classifier has 1000 outputs, and where the weights came from (``config["source"]``).
-    Its logits for ``[B, 3, H, W]`` equal the torchvision model's.
-    """
+    ``source``: a ``torchvision.models.efficientnet_v2_{s,m,l}`` model, its state dict, the path of its
+    ``.pth``/``.safetensors``, or "s", "m", "l" for the official ImageNet weights (cached in ``$TORCH_HOME``).
+    ``variant`` is inferred when None. The model carries torchvision's eval preprocessing, the ImageNet
+    labels for 1000 classes, and where the weights came from (``config["source"]``)."""
     provenance: dict[str, Any] = {"source": "torchvision"}
     if _names_published_weights(source):
         name = torchvision_variant(source)
@@ -303,14 +300,11 @@ def _timm_model(name: str) -> nn.Module:
 
 
 def from_timm(source: Weights, variant: str | None = None) -> EfficientNetV2:
-    """``EfficientNetV2`` (eval mode, padding "same") from timm ``tf_efficientnetv2_*`` weights.
+    """``EfficientNetV2`` (eval mode, padding "same") whose logits equal the timm ``tf_efficientnetv2_*`` model's.
 
-    ``source``: a timm model, its state dict, the path of a ``.pth``/``.safetensors``, or a timm
-    model name such as "tf_efficientnetv2_b0" or "tf_efficientnetv2_s.in21k_ft_in1k" (needs timm;
-    offline only when the weights are cached). Preprocessing comes from the model's
-    ``pretrained_cfg`` (timm's default for the variant when only weights are given); num_classes
-    from the checkpoint's classifier. Logits for ``[B, 3, H, W]`` equal the timm model's.
-    """
+    ``source``: a timm model, its state dict, the path of a ``.pth``/``.safetensors``, or a timm model name
+    such as "tf_efficientnetv2_s.in21k_ft_in1k" (needs timm; offline only when cached). Preprocessing comes
+    from its ``pretrained_cfg`` (timm's default for the variant when only weights are given)."""
     provenance: dict[str, Any] = {"source": "timm"}
     if _names_published_weights(source):
         provenance["weights"] = source if source.startswith(TIMM_PREFIX) else TIMM_PREFIX + source

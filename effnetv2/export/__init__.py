@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import tempfile
 import warnings
@@ -24,8 +23,6 @@ from ..quantize import CALIBRATION_IMAGES, calibration_batches, calibration_spli
 
 if TYPE_CHECKING:
     from ..model import EfficientNetV2
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
