@@ -29,10 +29,6 @@ def optimize_for_inference(model: EfficientNetV2, channels_last: bool = True,
             kept = module.conv.weight.dtype
             module.conv = fuse_conv_bn_eval(module.conv.double(), module.bn.double()).to(kept)
             module.bn = nn.Identity()
-    leftover = [name for name, m in fused.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if leftover:
-        raise ValueError(f"BatchNorm layers outside a conv-BN pair cannot be folded: {leftover[:3]}")
-    for param in fused.parameters():
-        param.requires_grad_(False)
+    fused.requires_grad_(False)
     fused.to(device=device, dtype=dtype)
     return fused.to(memory_format=torch.channels_last) if channels_last else fused

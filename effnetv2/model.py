@@ -218,14 +218,12 @@ class EfficientNetV2(
         """Replace the classifier with a freshly initialised one for ``num_classes`` outputs (labels
         default to "0", "1", ...); the backbone and attention pool are kept."""
         id2label, label2id = normalise_labels(id2label, None, num_classes)
-        ref = self.head.classifier.weight if isinstance(self.head.classifier, nn.Linear) else None
         classifier = nn.Linear(self.head.pooled_features, num_classes) if num_classes else nn.Identity()
         if num_classes:
             nn.init.normal_(classifier.weight, 0, 0.01)
             nn.init.zeros_(classifier.bias)
-            if ref is not None:
-                classifier.to(device=ref.device, dtype=ref.dtype)
-        self.head.classifier = classifier
+        like = self.head.project_conv.conv.weight  # the new head lives where the model does
+        self.head.classifier = classifier.to(device=like.device, dtype=like.dtype)
         self.num_classes, self.id2label, self.label2id = num_classes, id2label, label2id
         self._hub_mixin_config.update(num_classes=num_classes, id2label=id2label, label2id=label2id)
 
