@@ -1,7 +1,5 @@
 """torch.hub entry points: ``torch.hub.load("<owner>/<repo>", "efficientnetv2", variant="s", weights=...)``
-and ``efficientnetv2_<variant>``. ``weights`` is any source ``effnetv2.sources.load_model`` takes (a folder,
-a Hub id ``org/name[@revision]``, ``torchvision:<s|m|l>``); without it the model is randomly initialised.
-"""
+and ``efficientnetv2_<variant>``."""
 dependencies = ["torch", "torchvision", "huggingface_hub", "safetensors"]
 
 from functools import partial as _partial
@@ -11,8 +9,9 @@ from effnetv2.configs import VARIANTS as _VARIANTS
 
 
 def efficientnetv2(variant: str | None = None, weights: str | None = None, **kwargs) -> _EfficientNetV2:
-    """EfficientNetV2 of ``variant`` (b0..b3, s, m, l, xl; default s), in eval mode from ``weights`` if given
-    (then only ``num_classes``, a new head, may change); otherwise ``kwargs`` go to ``EfficientNetV2``."""
+    """EfficientNetV2 of ``variant`` (b0..b3, s, m, l, xl; default s), randomly initialised with ``kwargs``, or
+    in eval mode from ``weights``: any source ``effnetv2.sources.load_model`` takes (folder, Hub id
+    ``org/name[@revision]``, ``torchvision:<s|m|l>``), with only ``num_classes`` (a new head) to change."""
     if weights is None:
         return _EfficientNetV2(variant or "s", **kwargs)
     from effnetv2.sources import load_model

@@ -17,7 +17,7 @@ from .checkpoint import (PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, check_weight_shapes,
                          read_state_dict, safetensors_shapes)
 
 CONFIG_NAME = "config.json"
-MAX_CONFIG_BYTES = 16 * 2**20
+MAX_CONFIG_BYTES = 16 * 2**20  # model.MAX_CLASSES labels of 60 characters, twice (id2label, label2id): ~7 MB
 
 
 def is_offline() -> bool:

@@ -29,12 +29,9 @@ class Head(nn.Module):
                  pool: str, num_heads: int, attn_dim: int | None, padding: str):
         super().__init__()
         self.project_conv = ConvBNAct(in_chs, num_features, 1, padding=padding)
-        if pool == "attention":
-            self.attn_pool = AttentionPool2d(num_features, attn_dim or num_features, num_heads)
-            self.pooled_features = self.attn_pool.dim
-        else:
-            self.attn_pool = None
-            self.pooled_features = num_features
+        self.attn_pool = (AttentionPool2d(num_features, attn_dim or num_features, num_heads)
+                          if pool == "attention" else None)
+        self.pooled_features = self.attn_pool.dim if self.attn_pool is not None else num_features
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.pooled_features, num_classes) if num_classes else nn.Identity()
 
@@ -159,14 +156,13 @@ class EfficientNetV2(
         stages = cfg.scaled_stages()
         self.stem = ConvBNAct(in_chans, cfg.stem_chs, 3, stride=2, padding=padding)
         total = sum(stage.repeats for stage in stages)
-        blocks, index = [], 0
+        blocks = []
         for stage in stages:
             for i in range(stage.repeats):
                 blocks.append(BLOCKS[stage.block](
                     stage.in_chs if i == 0 else stage.out_chs, stage.out_chs, stage.kernel,
                     stage.stride if i == 0 else 1, stage.exp_ratio, stage.se_ratio,
-                    drop_path_rate=drop_path_rate * index / total, padding=padding))
-                index += 1
+                    drop_path_rate=drop_path_rate * len(blocks) / total, padding=padding))
         self.blocks = nn.Sequential(*blocks)
         self.head = Head(stages[-1].out_chs, self.num_features, num_classes, self.dropout_rate,
                          pool, num_heads, attn_dim, padding)

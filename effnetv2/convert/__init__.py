@@ -142,11 +142,6 @@ def map_state_dict(model: EfficientNetV2, kind: str, state: dict[str, torch.Tens
 
 # --------------------------------------------------------------------------- shared helpers
 
-def _imagenet_labels(num_classes: int) -> dict[int, str] | None:
-    """ImageNet-1k class names (torchvision's weights' ``meta["categories"]``) for 1000-way classifiers, else None."""
-    return dict(enumerate(_torchvision_weights("s").meta["categories"])) if num_classes == 1000 else None
-
-
 def _read_source(kind: str, source: Weights, variant: str | None, provenance: dict,
                  choices: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], str, str]:
     """(state dict, where it came from, variant) of a ``kind`` model, state dict or weights file; a file's
@@ -174,9 +169,11 @@ def _num_classes(kind: str, state: dict[str, torch.Tensor]) -> int:
 
 def _build(kind: str, variant: str, state: dict[str, torch.Tensor], where: str, **config: Any) -> EfficientNetV2:
     num_classes = _num_classes(kind, state)
+    # ImageNet-1k's class names (torchvision's weights' meta) for a 1000-way classifier
+    labels = dict(enumerate(_torchvision_weights("s").meta["categories"])) if num_classes == 1000 else None
     # Built on the meta device (no memory, no init): every tensor is then assigned from the source.
     with torch.device("meta"):
-        model = EfficientNetV2(variant, num_classes=num_classes, id2label=_imagenet_labels(num_classes), **config)
+        model = EfficientNetV2(variant, num_classes=num_classes, id2label=labels, **config)
     mapped = {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
               for k, v in map_state_dict(model, kind, state, where).items()}
     model.load_state_dict(mapped, strict=True, assign=True)
@@ -265,11 +262,6 @@ def from_torchvision(source: Weights, variant: str | None = None) -> EfficientNe
 
 # --------------------------------------------------------------------------- timm
 
-def _timm_variant(name: str) -> str:
-    """"tf_efficientnetv2_b0[.tag]" or "b0" → "b0"."""
-    return name.split(".")[0].lower().removeprefix(TIMM_PREFIX)
-
-
 def _timm_pretrained_cfg(variant: str, num_classes: int) -> dict | None:
     """timm's pretrained config for ``tf_efficientnetv2_{variant}`` with ``num_classes`` outputs
     (the default tag first), or None without timm."""
@@ -314,8 +306,8 @@ def from_timm(source: Weights, variant: str | None = None) -> EfficientNetV2:
         variant = variant or pretrained_cfg["architecture"]
         if "weights" in provenance and pretrained_cfg.get("hf_hub_id"):
             provenance["hf_hub_id"] = pretrained_cfg["hf_hub_id"]
-    state, where, variant = _read_source("timm", source, variant and _timm_variant(variant), provenance,
-                                         tuple(VARIANTS))
+    variant = variant and variant.split(".")[0].lower().removeprefix(TIMM_PREFIX)  # tf_efficientnetv2_b0.tag → b0
+    state, where, variant = _read_source("timm", source, variant, provenance, tuple(VARIANTS))
     cfg = pretrained_cfg or _timm_pretrained_cfg(variant, _num_classes("timm", state)) or {}
     preprocessing = {}
     if cfg:
