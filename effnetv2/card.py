@@ -23,9 +23,8 @@ def upload_model_folder(folder: str | Path, repo_id: str, *, commit_message: str
                         create_pr: bool | None = None, allow_patterns: list[str] | str | None = None,
                         ignore_patterns: list[str] | str | None = None, delete_patterns: list[str] | str | None = None,
                         overwrite_card: bool = False):
-    """Create ``repo_id`` if needed and upload the model ``folder`` to it in one commit; returns the
-    ``CommitInfo`` (its string is the commit URL). A README.md already in the repo (perhaps edited on
-    the Hub) is neither uploaded over nor deleted unless ``overwrite_card``."""
+    """Create ``repo_id`` if needed and upload ``folder`` in one commit; returns the ``CommitInfo``. A README.md
+    already in the repo (perhaps edited on the Hub) is neither uploaded over nor deleted unless ``overwrite_card``."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if not overwrite_card and api.file_exists(repo_id, CARD_NAME, revision=branch, token=token):

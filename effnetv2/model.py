@@ -250,10 +250,9 @@ class EfficientNetV2(
 
     def push_to_hub(self, repo_id: str, *, config: dict | None = None, model_card_kwargs: dict | None = None,
                     commit_message: str = "Push model using huggingface_hub.", **upload_kwargs):
-        """Upload config.json, model.safetensors and the model card to ``repo_id`` in one commit and
-        return the commit URL. Arguments as ``PyTorchModelHubMixin.push_to_hub`` (``private``, ``token``,
-        ``branch``, ``create_pr``, ``*_patterns``); a README.md already in the repo (perhaps edited on
-        the Hub) is kept unless ``overwrite_card=True`` (:func:`effnetv2.card.upload_model_folder`)."""
+        """Upload config.json, model.safetensors and the card to ``repo_id`` in one commit; returns the commit URL.
+        Arguments as ``PyTorchModelHubMixin.push_to_hub`` (``private``, ``token``, ``branch``, ``*_patterns``...);
+        a README.md already in the repo (perhaps edited on the Hub) is kept unless ``overwrite_card=True``."""
         card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
         with tempfile.TemporaryDirectory(prefix="effnetv2-push-") as tmp:
             self.save_pretrained(tmp, config=config, model_card_kwargs=card_kwargs)

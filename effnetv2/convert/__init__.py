@@ -1,7 +1,6 @@
 """Weight converters: torchvision ``efficientnet_v2_{s,m,l}`` and timm ``tf_efficientnetv2_*`` → ``EfficientNetV2``,
 and back (``to_timm``, ``to_torchvision``). The key map pairs each of our modules with the source module
 it takes its tensors from, block by block; every key and shape is checked both ways before loading.
-Command line: ``python -m effnetv2.convert`` (``__main__.py``).
 """
 from __future__ import annotations
 
@@ -190,9 +189,8 @@ def _torchvision_weights(variant: str):
 
 
 def download_file(url: str, path: Path, sha256_prefix: str | None = None, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """``url`` saved at ``path`` (written beside it, then renamed), its SHA-256 checked to start with
-    ``sha256_prefix``. Each network wait lasts at most ``timeout`` seconds, then ``OSError``
-    (``torch.hub.download_url_to_file`` waits forever on a server that accepts and never answers)."""
+    """``url`` saved at ``path`` (atomically), its SHA-256 checked to start with ``sha256_prefix``; each network wait
+    lasts at most ``timeout`` s (``torch.hub.download_url_to_file`` waits forever on a server that never answers)."""
     logger.info("downloading %s to %s", url, path)
     digest = hashlib.sha256()
     fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")

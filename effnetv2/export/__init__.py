@@ -1,8 +1,7 @@
 """ONNX export of the BatchNorm-folded model, checked against the eager model with ONNX Runtime;
 its int8 form (``effnetv2.quantize``); and the graphs shipped inside a model folder for the Hub.
 
-Graphs take ``pixel_values`` ``[B, 3, H, W]`` (preprocessed) and return ``logits`` ``[B, num_classes]``.
-Command line: ``python -m effnetv2.export`` (``__main__.py``).
+Graphs map ``pixel_values`` ``[B, 3, H, W]`` (preprocessed) to ``logits`` ``[B, num_classes]``.
 """
 from __future__ import annotations
 
@@ -116,9 +115,8 @@ def int8_agreement(config: dict, fp32_path: Path, int8_path: Path, files: Sequen
 
 def ship_graphs(model: EfficientNetV2, folder: str | os.PathLike, calibration: str | os.PathLike | None = None,
                 num_calibration: int = CALIBRATION_IMAGES) -> dict:
-    """Write ``onnx/model.onnx`` (and, with ``calibration``, a folder of images, ``onnx/model_int8.onnx``)
-    into the model folder ``folder`` with the manifest ``onnx/graphs.json`` (:func:`graph_fingerprint`,
-    each graph's SHA-256, size and parity), described in its README.md when it has one. Returns the manifest."""
+    """Write ``onnx/model.onnx`` (with ``calibration``, a folder of images, ``onnx/model_int8.onnx`` too) and the
+    manifest ``onnx/graphs.json`` into the model ``folder``, described in its README.md if any; returns the manifest."""
     from ..card import graphs_section, update_card
 
     folder = Path(folder)
