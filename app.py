@@ -22,15 +22,12 @@ import functools
 import hashlib
 import importlib.util
 import io
-import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import Future, wait
 from pathlib import Path
 
 import gradio as gr
@@ -44,12 +41,11 @@ from effnetv2 import viz
 from effnetv2.attention import check_cell
 from effnetv2.images import MAX_UPLOAD_BYTES, UnusableImageError, confined_file, open_request_image
 from effnetv2.inference import BACKENDS, Predictor
-from effnetv2.sources import load_model
+from effnetv2.loading import IMAGENET, LOAD_TIMEOUT_S, Models, ModelUnavailable
 from effnetv2.walkthrough import attention_walkthrough, textbook_example
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = str(HERE / "assets" / "model")
-IMAGENET = "torchvision:s"   # the model picker's second model, for real photos: loaded on first use
 NAMES = {DEFAULT_MODEL: "Shapes — bundled, {} classes", IMAGENET: "ImageNet — EfficientNetV2-S, {} classes"}
 EXAMPLES = [str(p) for p in sorted((HERE / "assets" / "examples").glob("*"),
                                    key=lambda p: (p.name.startswith("photo_"), p.name))  # shapes first
@@ -60,6 +56,7 @@ COMPUTE = "compute"          # the one concurrency group of every event that com
 CONCURRENCY = 2              # requests of that group computed at once: one request's forward runs while
                              # another's image decodes or its pictures encode (single-threaded work), and
                              # memory stays bounded: at most two images of MAX_REQUEST_PIXELS (effnetv2.images) at once
+LOAD_WAITERS = CONCURRENCY - 1  # computing requests that may wait for a load: the other slot serves loaded models
 QUEUE_SIZE = 64              # requests waiting beyond that are turned away with a message
 CACHE_AGE_S = 3600           # visitors' uploads and pictures are deleted after an hour (hourly)
 PLAYGROUND = {"tokens": (1, 64), "width": (1, 4096), "heads": (1, 64), "seed": (0, 2**32 - 1)}  # inclusive
@@ -73,7 +70,6 @@ PREDICTED = ""               # the class picker's "the predicted class"
 POOLED, CELL = "pooled", "cell"
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 MCP_AVAILABLE = importlib.util.find_spec("mcp") is not None  # Gradio's `mcp` extra: serve the API as MCP tools
-logger = logging.getLogger("effnetv2.app")
 
 
 def user_error(message: str, title: str = "Error") -> gr.Error:
@@ -119,121 +115,15 @@ def read_image(value) -> Image.Image:
     return image
 
 
-def load(source: str, backend: str = "auto") -> Predictor:
-    """Load the model from ``source`` (see ``effnetv2.sources``) and warm up its inference backend."""
-    predictor = Predictor(load_model(source), backend=backend)
-    size = predictor.config["image_size"]
-    predictor(torch.zeros(1, 3, size, size))  # builds the runtime's session now, not on the first request
-    return predictor
+MODELS = Models(os.environ.get("EFFNETV2_MODEL") or DEFAULT_MODEL, NAMES, LOAD_WAITERS)
 
 
-LOAD_TIMEOUT_S = 180   # the longest wait for another model to load; a load that takes longer counts as failed
-LOAD_WAITERS = CONCURRENCY - 1  # computing requests that may wait for a load: the other slot serves loaded models
-RETRY_AFTER_S = 60     # a failed load is remembered this long: requests meanwhile are answered without a retry
-
-
-class Models:
-    """The app's models by the picker's value: its own (``main``), loaded on first use unless :meth:`start`
-    loaded it, and ImageNet EfficientNetV2-S for photos (torch backend: no export to wait for).
-
-    A load runs in a thread of its own, so a slow or hung download never holds up the loaded models: the
-    picker (an event of its own) waits for it, and of the computing requests only ``LOAD_WAITERS`` at a
-    time, each in its compute slot; the others are told at once to come back. A load is given up after
-    ``LOAD_TIMEOUT_S``; a failure is logged with its details (paths, settings) and remembered for
-    ``RETRY_AFTER_S``; visitors are told that it failed, not why.
-    """
-
-    def __init__(self, main: str):
-        self.main, self._loaded = main, {}
-        self._loading: dict[str, tuple[Future, float]] = {}  # name → its load, and when it started
-        self._failed: dict[str, float] = {}  # name → when its last load failed
-        self._lock = threading.Lock()  # two first requests at once start one load
-        self._waiters = threading.BoundedSemaphore(max(0, LOAD_WAITERS))
-
-    def start(self, source: str, backend: str = "auto") -> None:
-        """Load ``source`` now as the app's own model (errors propagate: the command line reports them)."""
-        self.main, self._loaded = source, {source: load(source, backend)}
-
-    def names(self) -> list[str]:
-        return [self.main] + ([IMAGENET] if self.main != IMAGENET else [])
-
-    def choices(self) -> list[tuple[str, str]]:
-        """The picker's (human name, value) pairs."""
-        return [(self.title(name), name) for name in self.names()]
-
-    def title(self, name: str) -> str:
-        """A model's name for a visitor: "Shapes — bundled, 5 classes"; a source of its own: its id."""
-        if name in self._loaded:
-            classes = len(self._loaded[name].id2label)
-        elif name == DEFAULT_MODEL:  # its config says, without loading the weights
-            classes = len(json.loads((Path(name) / "config.json").read_text())["id2label"])
-        else:
-            classes = 1000 if name == IMAGENET else None
-        if name in NAMES:
-            return NAMES[name].format(classes)
-        shown = Path(name).name if Path(name).is_dir() else name  # a folder's name, never a server path
-        return f"{shown} — {classes} classes" if classes else shown
-
-    def get(self, name: str | None, wait_s: float | None = None) -> Predictor:
-        """The predictor of model ``name`` (empty: ``main``), waiting up to ``wait_s`` for it to load
-        (``None``: a computing request's wait, see the class); a message if it cannot be had now."""
-        name = name or self.main
-        if name in self._loaded:
-            return self._loaded[name]
-        if name not in self.names():
-            raise user_error(f"Unknown model {name!r}: choose {' or '.join(repr(value) for value in self.names())}.",
-                             title="Unknown model")
-        future, started = self._start(name)
-        left = max(0.0, started + LOAD_TIMEOUT_S - time.monotonic())
-        if wait_s is not None:
-            wait([future], timeout=min(wait_s, left))
-        elif self._waiters.acquire(blocking=False):
-            try:
-                wait([future], timeout=left)
-            finally:
-                self._waiters.release()
-        done = future.done()
-        if done and future.exception() is None:
-            return future.result()
-        if not done and time.monotonic() - started < LOAD_TIMEOUT_S:
-            raise user_error(f"{self.title(name)} is loading (its weights are downloaded on first use): try again "
-                             f"in a minute.", title="Model loading")
-        raise self._unavailable(name)
-
-    def _start(self, name: str) -> tuple[Future, float]:
-        """The load of ``name`` under way, started now unless one runs; refused while a failure is remembered."""
-        with self._lock:
-            failed = self._failed.get(name)
-            if failed is not None and time.monotonic() - failed < RETRY_AFTER_S:
-                raise self._unavailable(name)
-            if name not in self._loading:
-                future = Future()
-                threading.Thread(target=self._load, args=(name, future), name=f"load {name}", daemon=True).start()
-                self._loading[name] = future, time.monotonic()
-            return self._loading[name]
-
-    def _load(self, name: str, future: Future) -> None:
-        try:
-            loaded = load(name, backend="auto" if name == self.main else "torch")
-        except Exception as err:  # noqa: BLE001 -- whatever broke, the server keeps serving its own model
-            logger.error("could not load model %s: %s", name, err,  # the why, for whoever runs the server
-                         exc_info=not isinstance(err, (ValueError, OSError, ImportError)))  # unforeseen: where
-            with self._lock:
-                self._failed[name] = time.monotonic()
-                del self._loading[name]
-            future.set_exception(err)
-            return
-        with self._lock:
-            self._loaded[name] = loaded
-            del self._loading[name]
-        future.set_result(loaded)
-
-    def _unavailable(self, name: str) -> gr.Error:
-        return user_error(f"{self.title(name)} could not be loaded on this server (its log says why); it is tried "
-                          f"again in a minute. Meanwhile use {self.title(self.main)}.", title="Model not available")
-
-
-MODELS = Models(os.environ.get("EFFNETV2_MODEL") or DEFAULT_MODEL)
+def predictor_for(name: str | None, wait_s: float | None = None) -> Predictor:
+    """``MODELS.get``, its refusals shown to the visitor."""
+    try:
+        return MODELS.get(name, wait_s)
+    except ModelUnavailable as err:
+        raise user_error(str(err), err.title) from None
 
 
 # ---- Computation for the page and the API ----------------------------------------------------------
@@ -427,7 +317,7 @@ def answer(image: FileData, class_name: str = "", model: str = "") -> tuple[dict
         the top-5 labels with their probabilities, the image with the map that explains it best over it
         (its top quarter of cells outlined), the answer in one sentence, and which map wins the deletion test.
     """
-    predictor = MODELS.get(model)
+    predictor = predictor_for(model)
     scores, picture, sentence, verdict, _ = answer_parts(predictor, look(predictor, image), class_name)
     return scores, as_files(picture, FileData), sentence, verdict
 
@@ -441,7 +331,7 @@ def classify(image: FileData, model: str = "") -> dict:
     Returns:
         the most likely label and the top-5 labels with their probabilities (they sum to at most 1).
     """
-    [top] = MODELS.get(model).predict([read_image(image)], top_k=TOP_K)
+    [top] = predictor_for(model).predict([read_image(image)], top_k=TOP_K)
     return {"label": top[0][0], "confidences": [{"label": label, "confidence": float(p)} for label, p in top]}
 
 
@@ -459,7 +349,7 @@ def attention(image: FileData, query: str = POOLED, row: float = 0, col: float =
         the mean of the heads' attention maps, then one per head (with peak weights), the query-by-key
         weight matrix, the maths with this image's tensor shapes, and the feature grid drawn on the image.
     """
-    predictor = MODELS.get(model)
+    predictor = predictor_for(model)
     gallery, matrix, maths, grid = as_files(attention_parts(predictor, look(predictor, image), query, row, col),
                                             FileData)
     return [{"image": picture, "caption": caption} for picture, caption in gallery], matrix, maths, grid
@@ -479,7 +369,7 @@ def explain(image: FileData, class_name: str = "", model: str = "") -> tuple[lis
         (deletion area of each map kind against a random map's, lower is better), and the Grad-CAM /
         attribution pair.
     """
-    predictor = MODELS.get(model)
+    predictor = predictor_for(model)
     gallery, totals, table, pair, _ = as_files(explain_parts(predictor, look(predictor, image), class_name),
                                                FileData)
     return [{"image": picture, "caption": caption} for picture, caption in gallery], totals, table, pair
@@ -504,7 +394,7 @@ def textbook(tokens: float = 3, width: float = 768, heads: float = 12, seed: flo
 
 def open_page():
     """A visit starts: what the app's model knows, the picker's names, its classes."""
-    predictor = MODELS.get(MODELS.main)
+    predictor = predictor_for(MODELS.main)
     other = MODELS.title(IMAGENET) if MODELS.main != IMAGENET else None
     return (why.describe_model(list(predictor.id2label.values()), other and other.split(" — ")[0]),
             gr.Dropdown(choices=MODELS.choices(), value=MODELS.main, visible=len(MODELS.names()) > 1),
@@ -525,9 +415,9 @@ def switch(name: str):
     """Another model picked: its header and controls; back to the app's own if it cannot be had."""
     try:
         predictor = MODELS.get(name, wait_s=LOAD_TIMEOUT_S)  # its own event: no compute slot held
-    except gr.Error as err:
-        gr.Warning(err.message, title=err.title)
-        name, predictor = MODELS.main, MODELS.get(MODELS.main)
+    except ModelUnavailable as err:
+        gr.Warning(str(err), title=err.title)
+        name, predictor = MODELS.main, predictor_for(MODELS.main)
     other = MODELS.title(IMAGENET) if name != IMAGENET else None
     return (name, why.describe_model(list(predictor.id2label.values()), other and other.split(" — ")[0]),
             *follow(predictor))
@@ -538,7 +428,7 @@ def show_answer(image, view, model):
     is kept for class and map changes."""
     if image is None:
         return None, None, "", "", "", None
-    predictor = MODELS.get(model)
+    predictor = predictor_for(model)
     seen = {**look(predictor, image), "model": model}
     return (*as_files(answer_parts(predictor, seen, PREDICTED, view)), seen)
 
@@ -552,25 +442,25 @@ def redraw(seen, class_name, view):
     """Another class or map: the first screen again from the kept image (the head only)."""
     if not seen:
         return None, None, "", "", ""
-    return as_files(answer_parts(MODELS.get(seen["model"]), seen, class_name, view))
+    return as_files(answer_parts(predictor_for(seen["model"]), seen, class_name, view))
 
 
 def show_depth(seen, class_name, query, row, col):
     """The sections below the answer, for the kept image."""
     if not seen:
         return [None] * 8
-    predictor = MODELS.get(seen["model"])
+    predictor = predictor_for(seen["model"])
     gallery, _, table, pair, bars = explain_parts(predictor, seen, class_name)
     return as_files((gallery, table, pair, bars, *attention_parts(predictor, seen, query, row, col)))
 
 
 def show_attention(seen, query, row, col):
-    return as_files(attention_parts(MODELS.get(seen["model"]), seen, query, row, col)) if seen else [None] * 4
+    return as_files(attention_parts(predictor_for(seen["model"]), seen, query, row, col)) if seen else [None] * 4
 
 
 def pick_cell(seen, evt: gr.SelectData):
     """A click at pixel ``evt.index = (x, y)`` of the grid picture → query "cell" and its (row, col)."""
-    grid = viz.feature_grid(MODELS.get(seen["model"]).model, seen["x"]) if seen else (1, 1)
+    grid = viz.feature_grid(predictor_for(seen["model"]).model, seen["x"]) if seen else (1, 1)
     return CELL, *viz.cell_from_click(evt.index, (VIEW_PX, VIEW_PX), grid)
 
 
