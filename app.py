@@ -59,6 +59,8 @@ CONCURRENCY = 2              # requests of that group computed at once: one requ
 LOAD_WAITERS = CONCURRENCY - 1  # computing requests that may wait for a load: the other slot serves loaded models
 QUEUE_SIZE = 64              # requests waiting beyond that are turned away with a message
 CACHE_AGE_S = 3600           # visitors' uploads and pictures are deleted after an hour (hourly)
+SWEEP_S = 60                 # the app's own pictures are swept for old ones at most this often
+next_sweep = 0.0             # time.monotonic() of the next sweep
 PLAYGROUND = {"tokens": (1, 64), "width": (1, 4096), "heads": (1, 64), "seed": (0, 2**32 - 1)}  # inclusive
 VIEW_PX = 320                # the clickable grid picture: what the model sees, drawn at this size
 MAP_PX = 224                 # each map of a gallery: two in a row on a phone, colour-bar labels >= 10 px
@@ -272,6 +274,18 @@ def picture_dir() -> Path:
     return folder
 
 
+def prune_pictures() -> None:
+    """Delete the pictures older than ``CACHE_AGE_S`` (as Gradio's copies of them), at most every ``SWEEP_S``."""
+    global next_sweep
+    if time.monotonic() < next_sweep:
+        return
+    next_sweep = time.monotonic() + SWEEP_S
+    for old in picture_dir().glob("*.png"):
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > CACHE_AGE_S:
+                old.unlink()
+
+
 def picture_file(image: Image.Image) -> str:
     """``image`` as a PNG file in :func:`picture_dir`, named by its content and never rewritten.
 
@@ -282,10 +296,7 @@ def picture_file(image: Image.Image) -> str:
     image.save(buffer, format="png", compress_level=1)  # 4x faster than the default 6, files 20% larger
     data = buffer.getvalue()
     path = picture_dir() / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
-    for old in picture_dir().glob("*.png"):  # visitors' pictures live CACHE_AGE_S, as Gradio's copies of them
-        with contextlib.suppress(OSError):
-            if time.time() - old.stat().st_mtime > CACHE_AGE_S:
-                old.unlink()
+    prune_pictures()
     if not path.exists():
         fd, staging = tempfile.mkstemp(dir=path.parent, suffix=".part")
         with os.fdopen(fd, "wb") as file:
