@@ -6,12 +6,8 @@
     EFFNETV2_MODEL=./my-model python app.py --port 7861
     gradio app.py                                  # reload mode: edits re-run this file ($EFFNETV2_MODEL)
 
-An upload, paste, webcam shot or example click gives the top labels, one picture (the image with the
-map that best explains it) and one sentence; "How the attention works" below holds each head's map,
-Grad-CAM against the attribution, the deletion test, the score matrix, the maths and a playground.
-The API endpoints (`/answer`, `/classify`, `/attention`, `/explain`, `/textbook`) work with
-`gradio_client`, and with Gradio's `mcp` extra `python app.py` is also an MCP server with those tools.
-The computing lives in the `effnetv2` package (`explain`, `viz`); this file wires it to the page.
+The endpoints `/answer`, `/classify`, `/attention`, `/explain` and `/textbook` serve `gradio_client`, and MCP
+clients with Gradio's `mcp` extra. The computing lives in the `effnetv2` package; this file wires it to the page.
 """
 from __future__ import annotations
 
@@ -31,7 +27,6 @@ import time
 from pathlib import Path
 
 import gradio as gr
-import torch
 from gradio import FileData
 from gradio.utils import get_upload_folder
 from PIL import Image
@@ -53,10 +48,8 @@ EXAMPLES = [str(p) for p in sorted((HERE / "assets" / "examples").glob("*"),
 PHOTOS = [path for path in EXAMPLES if Path(path).name.startswith("photo_")]  # out of the bundled model's world
 TOP_K = 5
 COMPUTE = "compute"          # the one concurrency group of every event that computes (model, playground)
-CONCURRENCY = 2              # requests of that group computed at once: one request's forward runs while
-                             # another's image decodes or its pictures encode (single-threaded work), and
-                             # memory stays bounded: at most two images of MAX_REQUEST_PIXELS (effnetv2.images) at once
-LOAD_WAITERS = CONCURRENCY - 1  # computing requests that may wait for a load: the other slot serves loaded models
+CONCURRENCY = 2              # computed at once: one forward runs while another request decodes or encodes
+LOAD_WAITERS = CONCURRENCY - 1  # computing requests that may wait for a model's load: one slot serves loaded ones
 QUEUE_SIZE = 64              # requests waiting beyond that are turned away with a message
 CACHE_AGE_S = 3600           # visitors' uploads and pictures are deleted after an hour (hourly)
 SWEEP_S = 60                 # the app's own pictures are swept for old ones at most this often
@@ -64,9 +57,7 @@ next_sweep = 0.0             # time.monotonic() of the next sweep
 PLAYGROUND = {"tokens": (1, 64), "width": (1, 4096), "heads": (1, 64), "seed": (0, 2**32 - 1)}  # inclusive
 VIEW_PX = 320                # the clickable grid picture: what the model sees, drawn at this size
 MAP_PX = 224                 # each map of a gallery: two in a row on a phone, colour-bar labels >= 10 px
-UNSURE_BELOW = 0.95          # a top probability under this gets "this model knows only ...":
-                             # benchmarks/ood_threshold.py, bundled model: 3.1% of 1000 shapes of an unseen
-                             # seed fall under it, and 100% of noise, 63% of smooth colour fields, both photos
+UNSURE_BELOW = 0.95          # a top probability under this gets "this model knows only ..." (README)
 BEST = "best"                # the map picker's "the map that explains this image best"
 PREDICTED = ""               # the class picker's "the predicted class"
 POOLED, CELL = "pooled", "cell"
@@ -74,29 +65,19 @@ LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": 
 MCP_AVAILABLE = importlib.util.find_spec("mcp") is not None  # Gradio's `mcp` extra: serve the API as MCP tools
 
 
+NOT_UPLOADED = "This app reads only images uploaded to it: upload the image (or give its URL) and try again."
+
+
 def user_error(message: str, title: str = "Error") -> gr.Error:
     """An error shown to the user as is (no stack trace in the page or the server log)."""
     return gr.Error(message, title=title, print_exception=False)
 
 
-NOT_UPLOADED = "This app reads only images uploaded to it: upload the image (or give its URL) and try again."
-
-
-def uploaded_file(path) -> Path:
-    """The file a request names, resolved, if it is an upload (in Gradio's upload folder) or one of
-    ``EXAMPLES``. With ``preprocess=False`` Gradio checks only values marked as files (``"meta"``), so
-    this is the check for every value: anything else, existing or not, gets the one ``NOT_UPLOADED``."""
-    file = confined_file(path, [get_upload_folder()], EXAMPLES)
-    if file is None:
-        raise user_error(NOT_UPLOADED, title="Image not uploaded")
-    return file
-
-
 def read_image(value) -> Image.Image:
-    """Whatever the UI or an API client sent (upload payload, path, PIL image) → an RGB PIL image.
+    """What the page or an API client sent (upload payload, path, PIL image) → an RGB image, or a message.
 
-    Events run with ``preprocess=False`` so that Gradio never decodes an upload itself: every problem
-    goes through ``effnetv2.images.open_image`` and becomes a message for the user.
+    Events run with ``preprocess=False``: Gradio decodes nothing and checks only values marked as files, so
+    this opens only uploads (Gradio's upload folder) and ``EXAMPLES``, whatever the value.
     """
     if isinstance(value, FileData):
         value = value.path
@@ -107,7 +88,9 @@ def read_image(value) -> Image.Image:
                          title="No image")
     name = Path(value).name if isinstance(value, (str, os.PathLike)) else "the image"
     if not isinstance(value, Image.Image):  # an in-process caller's picture opens no file
-        value = uploaded_file(value)
+        value = confined_file(value, [get_upload_folder()], EXAMPLES)
+        if value is None:
+            raise user_error(NOT_UPLOADED, title="Image not uploaded")
     try:
         image, warning = open_request_image(value, name)  # the limits of effnetv2.images, as effnetv2.serve's
     except UnusableImageError as err:
@@ -120,10 +103,10 @@ def read_image(value) -> Image.Image:
 MODELS = Models(os.environ.get("EFFNETV2_MODEL") or DEFAULT_MODEL, NAMES, LOAD_WAITERS)
 
 
-def predictor_for(name: str | None, wait_s: float | None = None) -> Predictor:
-    """``MODELS.get``, its refusals shown to the visitor."""
+def predictor_for(name: str | None) -> Predictor:
+    """``MODELS.get(name)``, its refusals shown to the visitor."""
     try:
-        return MODELS.get(name, wait_s)
+        return MODELS.get(name)
     except ModelUnavailable as err:
         raise user_error(str(err), err.title) from None
 
@@ -131,8 +114,7 @@ def predictor_for(name: str | None, wait_s: float | None = None) -> Predictor:
 # ---- Computation for the page and the API ----------------------------------------------------------
 
 def unsure_note(top_prob: float, labels: list[str]) -> str:
-    """A warning in Markdown when the top probability is under ``UNSURE_BELOW`` (the image is likely
-    none of the model's classes, listed when there are at most ``LISTED_CLASSES``), else ``""``."""
+    """A warning in Markdown (the image is likely none of the model's few classes), else ``""``."""
     if top_prob >= UNSURE_BELOW or len(labels) > why.LISTED_CLASSES:
         return ""
     return (f"**Unsure ({top_prob:.0%}).** This model knows only {len(labels)} classes: "
@@ -145,41 +127,28 @@ def look(predictor: Predictor, image) -> dict:
     return {"x": x, "view": view, "feats": why.features(predictor.model, x)}
 
 
-def target_class(labels: list[str], class_name: str | None, probs: torch.Tensor) -> int:
-    """The class picker's value (a label, or empty for the predicted class) → its index."""
-    if not class_name:
-        return int(probs.argmax())
-    if class_name not in labels:
+def reason(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED) -> why.Why:
+    """Why ``class_name`` (empty: the predicted class) for an image :func:`look` saw, kept in ``seen``."""
+    labels = list(predictor.id2label.values())
+    if class_name and class_name not in labels:
         raise user_error(f"Unknown class {class_name!r}: choose one of {', '.join(labels)}, "
                          f"or leave it empty for the predicted class.", title="Unknown class")
-    return labels.index(class_name)
-
-
-def reason(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED) -> why.Why:
-    """Why ``class_name`` for an image :func:`look` saw, computed once per class and kept in ``seen``."""
-    labels = list(predictor.id2label.values())
     known = seen.setdefault("why", {})
     if not known:  # the predicted class first: it tells which one that is
         first = why.why(predictor.model, seen["feats"])
         known[first.target] = first
-    target = target_class(labels, class_name, next(iter(known.values())).probs)
+    target = labels.index(class_name) if class_name else next(iter(known))
     if target not in known:
         known[target] = why.why(predictor.model, seen["feats"], target)
     return known[target]
 
 
-def best_map(result: why.Why, kinds: list[str]) -> str:
-    """The map kind among ``kinds`` with the lowest deletion area: the one that explains the image best."""
-    return min(kinds, key=lambda kind: result.aucs[kind])
-
-
 def answer_parts(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED, view: str = BEST):
-    """The first screen for one image: the top labels, the explanation picture, the sentence, the verdict
-    and the unsure note."""
+    """The first screen: the top labels, the explanation picture, the sentence, the verdict, the unsure note."""
     labels = list(predictor.id2label.values())
     result = reason(predictor, seen, class_name)
     kinds = why.map_kinds(predictor.model)
-    kind = best_map(result, kinds) if view == BEST or view not in kinds else view
+    kind = min(kinds, key=result.aucs.get) if view == BEST or view not in kinds else view  # BEST: lowest deletion
     label, prob = labels[result.target], float(result.probs[result.target])
     cells = result.maps[kind].numel()
     picture = viz.explanation_picture(seen["view"], result.maps[kind], why.region_cells(cells),
@@ -193,8 +162,8 @@ def answer_parts(predictor: Predictor, seen: dict, class_name: str | None = PRED
 
 
 def explain_parts(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED):
-    """The depth of "why this class?": the attribution gallery, each head's total (a table), the
-    faithfulness table, the (Grad-CAM, attribution) pair and the bar chart of the totals."""
+    """"Why this class?" in depth: the attribution gallery, each head's total (a table), the faithfulness
+    table, the (Grad-CAM, attribution) pair and the bar chart of the totals."""
     labels = list(predictor.id2label.values())
     result = reason(predictor, seen, class_name)
     label = labels[result.target]
@@ -232,8 +201,8 @@ def parse_query(query: str, row, col, grid: tuple[int, int]) -> tuple[int, int] 
 
 
 def attention_parts(predictor: Predictor, seen: dict, query: str = POOLED, row=0, col=0):
-    """Per-head attention: the gallery (their mean, then each head), the score matrix, the maths, and
-    the grid picture with the query's attention drawn on it (click a cell to choose the query)."""
+    """Each head's attention (their mean first), the score matrix, the maths, and the grid picture with the
+    query's attention on it."""
     model = predictor.model
     grid = viz.feature_grid(model, seen["x"])
     walk = attention_walkthrough(model, seen["x"], query=parse_query(query, row, col, grid))
@@ -287,11 +256,8 @@ def prune_pictures() -> None:
 
 
 def picture_file(image: Image.Image) -> str:
-    """``image`` as a PNG file in :func:`picture_dir`, named by its content and never rewritten.
-
-    Gradio's ``save_pil_to_cache`` rewrites a cached file in place while another request may be streaming
-    it (that response ends short): a new file is written under a temporary name and renamed into place.
-    """
+    """``image`` as a PNG file in :func:`picture_dir`, named by its content and never rewritten (Gradio's
+    ``save_pil_to_cache`` rewrites a file in place while another request may be streaming it)."""
     buffer = io.BytesIO()
     image.save(buffer, format="png", compress_level=1)  # 4x faster than the default 6, files 20% larger
     data = buffer.getvalue()
@@ -315,7 +281,7 @@ def as_files(outputs, wrap=str):
     return outputs
 
 
-# ---- The API (also MCP tools, named after these functions) -------------------------------------------
+# ---- The API (also MCP tools): these docstrings are their descriptions ---------------------------------
 
 def answer(image: FileData, class_name: str = "", model: str = "") -> tuple[dict, FileData, str, str]:
     """Classify an image and say why in one step: the top labels, one explanation picture and one sentence.
@@ -404,18 +370,18 @@ def textbook(tokens: float = 3, width: float = 768, heads: float = 12, seed: flo
 # ---- The page's handlers ----------------------------------------------------------------------------
 
 def open_page():
-    """A visit starts: what the app's model knows, the picker's names, its classes."""
+    """A visit starts: what the app's model knows, the picker, the controls that follow the model."""
     predictor = predictor_for(MODELS.main)
-    other = MODELS.title(IMAGENET) if MODELS.main != IMAGENET else None
-    return (why.describe_model(list(predictor.id2label.values()), other and other.split(" — ")[0]),
-            gr.Dropdown(choices=MODELS.choices(), value=MODELS.main, visible=len(MODELS.names()) > 1),
-            *follow(predictor))
+    return (*follow(MODELS.main, predictor),
+            gr.Dropdown(choices=MODELS.choices(), value=MODELS.main, visible=len(MODELS.names()) > 1))
 
 
-def follow(predictor: Predictor) -> list:
-    """The controls that depend on the model: its classes, its maps, its query choices."""
+def follow(name: str, predictor: Predictor) -> list:
+    """What model ``name`` knows (the header), then its classes, its maps, its query choices."""
     kinds = why.map_kinds(predictor.model)
-    return [gr.Dropdown(choices=[("the predicted class", PREDICTED), *((c, c) for c in predictor.id2label.values())],
+    other = MODELS.title(IMAGENET).split(" — ")[0] if name != IMAGENET else None
+    return [why.describe_model(list(predictor.id2label.values()), other),
+            gr.Dropdown(choices=[("the predicted class", PREDICTED), *((c, c) for c in predictor.id2label.values())],
                         value=PREDICTED),
             gr.Radio(choices=[("the best one", BEST), *((k, k) for k in kinds)], value=BEST),
             gr.Radio(choices=[("pooled query" if predictor.model.pool_type == "attention" else "most attended cell",
@@ -429,9 +395,7 @@ def switch(name: str):
     except ModelUnavailable as err:
         gr.Warning(str(err), title=err.title)
         name, predictor = MODELS.main, predictor_for(MODELS.main)
-    other = MODELS.title(IMAGENET) if name != IMAGENET else None
-    return (name, why.describe_model(list(predictor.id2label.values()), other and other.split(" — ")[0]),
-            *follow(predictor))
+    return name, *follow(name, predictor)
 
 
 def show_answer(image, view, model):
@@ -560,7 +524,7 @@ with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False, delete_cach
     depth = [shares, faithfulness, slider, bars, heads, matrix, maths, grid_view]
     attention_outputs = [heads, matrix, maths, grid_view]
     compute = dict(concurrency_id=COMPUTE, api_visibility="private")
-    demo.load(open_page, None, [header, picker, target, view, query], queue=False, api_visibility="private")
+    demo.load(open_page, None, [header, target, view, query, picker], queue=False, api_visibility="private")
     image.change(clear, None, [*first, target], queue=False, show_progress="hidden", api_visibility="private")
     image.change(show_answer, [image, view, picker], [*first, seen], preprocess=False, **compute).then(
         None, js=INTO_VIEW).then(show_depth, [seen, target, query, row, col], depth, **compute)

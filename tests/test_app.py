@@ -74,7 +74,7 @@ def _top(result: dict) -> dict[str, float]:
 
 
 def test_page_says_what_the_model_knows_and_what_to_do(predictor):
-    header, picker, classes, views, query = app.open_page()
+    header, classes, views, query, picker = app.open_page()
     assert header.startswith(f"This model knows {len(LABELS)} classes: {', '.join(LABELS)}.")
     assert "pick ImageNet above" in header and header.count(". ") == 1  # two sentences
     assert [value for _, value in picker.choices] == [app.MODELS.main, "torchvision:s"]
