@@ -42,17 +42,20 @@ def _targets(logits: torch.Tensor, target) -> torch.Tensor:
     return target
 
 
-def _cell_terms(model: EfficientNetV2, feats: torch.Tensor):
-    """In float64: the pooled query's scores ``[B, h, L]`` before the softmax (None for average pooling), what
-    each cell adds to each logit at full weight ``[B, h, L, C]``, and the rest ``[C]`` (L = H*W, row-major)."""
+def _terms(model: EfficientNetV2, feats: torch.Tensor, target):
+    """For the feature map ``[B, D, h, w]``, in float64: the pooled query's scores ``[B, h, L]`` before the softmax
+    (None for average pooling), what each cell adds to each logit at full weight ``[B, h, L, C]``, the rest
+    ``[C]`` (L = H*W, row-major), and the target classes ``[B]``."""
     classifier = model.head.classifier
     if not isinstance(classifier, torch.nn.Linear):
         raise ValueError("the model has no classifier (num_classes=0): attribution needs class logits")
+    with _eval_mode(model):
+        target = _targets(model.forward_head(feats), target)
     weight, bias = classifier.weight.double(), classifier.bias.double()  # [C, D], [C]
     pool = model.head.attn_pool
     if pool is None:
         cells = feats.flatten(2).transpose(1, 2).double()  # [B, L, D]
-        return None, (cells @ weight.T / cells.shape[1]).unsqueeze(1), bias
+        return None, (cells @ weight.T / cells.shape[1]).unsqueeze(1), bias, target
     attn = pool.attn
     tokens = pool.tokens(feats).double()
     q = split_heads(F.linear(pool.pooled_query(tokens), attn.q_proj.weight.double(), attn.q_proj.bias.double()),
@@ -65,13 +68,7 @@ def _cell_terms(model: EfficientNetV2, feats: torch.Tensor):
     through = (weight @ attn.out_proj.weight.double()).reshape(len(weight), attn.num_heads, head_dim)
     contributions = torch.einsum("bhld,chd->bhlc", v, through)
     rest = bias + weight @ attn.out_proj.bias.double()
-    return scores, contributions, rest
-
-
-def _terms(model: EfficientNetV2, feats: torch.Tensor, target):
-    """:func:`_cell_terms` of the feature map ``[B, D, h, w]``, and the target classes ``[B]``."""
-    with _eval_mode(model):
-        return (*_cell_terms(model, feats), _targets(model.forward_head(feats), target))
+    return scores, contributions, rest, target
 
 
 @torch.no_grad()
@@ -244,7 +241,7 @@ def why(model: EfficientNetV2, feats: torch.Tensor, target: int | None = None, s
 
 
 def _shares(scores, contributions, target, grid) -> torch.Tensor:
-    """:func:`class_attribution` from :func:`_cell_terms`' pieces and the targets ``[B]``: ``[B, heads, h, w]``."""
+    """:func:`class_attribution` from :func:`_terms`' pieces and the targets ``[B]``: ``[B, heads, h, w]``."""
     share = contributions[torch.arange(len(contributions)), :, :, target]  # [B, h, L]
     if scores is not None:
         share = share * scores.softmax(-1)
