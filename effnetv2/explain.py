@@ -157,14 +157,12 @@ def curve_auc(curve: torch.Tensor) -> torch.Tensor:
 
 
 def deletion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None) -> torch.Tensor:
-    """Area under the target probability as the cells ``maps`` ``[B, heads, h, w]`` ranks first are
-    removed, per image ``[B]``: lower is better (the map found what the class depends on)."""
+    """Per image ``[B]``, the area under :func:`removal_curve`'s deletion curve: lower is better."""
     return curve_auc(removal_curve(model, images, maps, target, "deletion"))
 
 
 def insertion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None) -> torch.Tensor:
-    """Area under the target probability as the cells ``maps`` ranks first are added to an empty
-    grid, per image ``[B]``: higher is better."""
+    """Per image ``[B]``, the area under :func:`removal_curve`'s insertion curve: higher is better."""
     return curve_auc(removal_curve(model, images, maps, target, "insertion"))
 
 
