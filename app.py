@@ -368,6 +368,7 @@ def textbook(tokens: float = 3, width: float = 768, heads: float = 12, seed: flo
 
 
 # ---- The page's handlers ----------------------------------------------------------------------------
+NO_ANSWER = (None, None, "", "", "")  # the first screen, empty
 
 def open_page():
     """A visit starts: what the app's model knows, the picker, the controls that follow the model."""
@@ -402,7 +403,7 @@ def show_answer(image, view, model):
     """A new image (or model): see it once, then the first screen for the predicted class; the seen image
     is kept for class and map changes."""
     if image is None:
-        return None, None, "", "", "", None
+        return *NO_ANSWER, None
     predictor = predictor_for(model)
     seen = {**look(predictor, image), "model": model}
     return (*as_files(answer_parts(predictor, seen, PREDICTED, view)), seen)
@@ -410,13 +411,13 @@ def show_answer(image, view, model):
 
 def clear():
     """A new image: the old answer goes at once (no queue), before the new one is computed."""
-    return None, None, "", "", "", PREDICTED
+    return *NO_ANSWER, PREDICTED
 
 
 def redraw(seen, class_name, view):
     """Another class or map: the first screen again from the kept image (the head only)."""
     if not seen:
-        return None, None, "", "", ""
+        return NO_ANSWER
     return as_files(answer_parts(predictor_for(seen["model"]), seen, class_name, view))
 
 
@@ -521,22 +522,21 @@ with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False, delete_cach
         play_maths = gr.Markdown(latex_delimiters=LATEX)
 
     first = [labels, picture, sentence, verdict, note]
-    depth = [shares, faithfulness, slider, bars, heads, matrix, maths, grid_view]
-    attention_outputs = [heads, matrix, maths, grid_view]
     compute = dict(concurrency_id=COMPUTE, api_visibility="private")
+    answer_event = dict(fn=show_answer, inputs=[image, view, picker], outputs=[*first, seen], preprocess=False,
+                        **compute)
+    depth_event = dict(fn=show_depth, inputs=[seen, target, query, row, col], **compute,
+                     outputs=[shares, faithfulness, slider, bars, heads, matrix, maths, grid_view])
+    attention_event = dict(fn=show_attention, inputs=[seen, query, row, col], outputs=[heads, matrix, maths, grid_view],
+                     **compute)
     demo.load(open_page, None, [header, target, view, query, picker], queue=False, api_visibility="private")
     image.change(clear, None, [*first, target], queue=False, show_progress="hidden", api_visibility="private")
-    image.change(show_answer, [image, view, picker], [*first, seen], preprocess=False, **compute).then(
-        None, js=INTO_VIEW).then(show_depth, [seen, target, query, row, col], depth, **compute)
+    image.change(**answer_event).then(None, js=INTO_VIEW).then(**depth_event)
     picker.input(switch, picker, [picker, header, target, view, query], api_visibility="private").then(
-        show_answer, [image, view, picker], [*first, seen], preprocess=False, **compute).then(
-        show_depth, [seen, target, query, row, col], depth, **compute)
-    gr.on([target.input, view.input], redraw, [seen, target, view], first, **compute).then(
-        show_depth, [seen, target, query, row, col], depth, **compute)
-    gr.on([query.input, row.submit, col.submit], show_attention, [seen, query, row, col], attention_outputs,
-          **compute)
-    grid_view.select(pick_cell, seen, [query, row, col], api_visibility="private").then(
-        show_attention, [seen, query, row, col], attention_outputs, **compute)
+        **answer_event).then(**depth_event)
+    gr.on([target.input, view.input], redraw, [seen, target, view], first, **compute).then(**depth_event)
+    gr.on([query.input, row.submit, col.submit], **attention_event)
+    grid_view.select(pick_cell, seen, [query, row, col], api_visibility="private").then(**attention_event)
     gr.on([play.click, play_section.expand], lambda *sizes: as_files(playground(*sizes)), numbers,
           [play_gallery, play_maths], preprocess=False, **compute)  # opened: the example is there
     for endpoint in (answer, classify, attention, explain, textbook):
