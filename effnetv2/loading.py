@@ -36,14 +36,9 @@ def load(source: str, backend: str = "auto") -> Predictor:
 
 
 class Models:
-    """The models ``main`` (loaded on first use unless :meth:`start` loaded it) and ``IMAGENET`` (torch backend:
-    no export to wait for).
-
-    A slow or hung load never holds up the loaded models: besides callers that give ``wait_s``, only
-    ``waiters`` callers at a time wait for a load; the others are told at once to come back. A load is given
-    up after ``LOAD_TIMEOUT_S``; a failure is logged with its details and remembered for ``RETRY_AFTER_S``.
-    ``titles``: names shown for some models, ``{}`` standing for the number of classes.
-    """
+    """The models ``main`` and ``IMAGENET`` (torch backend: no export to wait for), each loaded in a thread of its
+    own: besides callers that give ``wait_s``, only ``waiters`` at a time wait for a load, the others are told at
+    once to come back. ``titles``: names shown for some models, ``{}`` standing for the number of classes."""
 
     def __init__(self, main: str, titles: dict[str, str] | None = None, waiters: int = 1):
         self.main, self.titles, self._loaded = main, titles or {}, {}
@@ -79,8 +74,8 @@ class Models:
         return f"{shown} — {classes} classes" if classes else shown
 
     def get(self, name: str | None, wait_s: float | None = None) -> Predictor:
-        """The predictor of model ``name`` (empty: ``main``), waiting up to ``wait_s`` for its load (``None``:
-        as one of the ``waiters``, if a place is free). Raises ``ModelUnavailable`` if it cannot be had now."""
+        """The predictor of model ``name`` (empty: ``main``), waiting up to ``wait_s`` for its load (``None``: as one
+        of the ``waiters`` if a place is free); else ``ModelUnavailable``."""
         name = name or self.main
         if name in self._loaded:
             return self._loaded[name]
@@ -125,8 +120,7 @@ class Models:
             with self._lock:
                 self._failed[name] = time.monotonic()
                 del self._loading[name]
-            future.set_exception(err)
-            return
+            return future.set_exception(err)
         with self._lock:
             self._loaded[name] = loaded
             del self._loading[name]
