@@ -6,12 +6,8 @@
     EFFNETV2_MODEL=./my-model python app.py --port 7861
     gradio app.py                                  # reload mode: edits re-run this file ($EFFNETV2_MODEL)
 
-An upload, paste, webcam shot or example click gives the top labels, one picture (the image with the
-map that best explains it) and one sentence; "How the attention works" below holds each head's map,
-Grad-CAM against the attribution, the deletion test, the score matrix, the maths and a playground.
-The API endpoints (`/answer`, `/classify`, `/attention`, `/explain`, `/textbook`) work with
-`gradio_client`, and with Gradio's `mcp` extra `python app.py` is also an MCP server with those tools.
-The computing lives in the `effnetv2` package (`explain`, `viz`); this file wires it to the page.
+The endpoints `/answer`, `/classify`, `/attention`, `/explain` and `/textbook` serve `gradio_client`, and MCP
+clients with Gradio's `mcp` extra. The computing lives in the `effnetv2` package; this file wires it to the page.
 """
 from __future__ import annotations
 
@@ -22,19 +18,15 @@ import functools
 import hashlib
 import importlib.util
 import io
-import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import Future, wait
 from pathlib import Path
 
 import gradio as gr
-import torch
 from gradio import FileData
 from gradio.utils import get_upload_folder
 from PIL import Image
@@ -44,12 +36,11 @@ from effnetv2 import viz
 from effnetv2.attention import check_cell
 from effnetv2.images import MAX_UPLOAD_BYTES, UnusableImageError, confined_file, open_request_image
 from effnetv2.inference import BACKENDS, Predictor
-from effnetv2.sources import load_model
+from effnetv2.loading import IMAGENET, LOAD_TIMEOUT_S, Models, ModelUnavailable
 from effnetv2.walkthrough import attention_walkthrough, textbook_example
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = str(HERE / "assets" / "model")
-IMAGENET = "torchvision:s"   # the model picker's second model, for real photos: loaded on first use
 NAMES = {DEFAULT_MODEL: "Shapes — bundled, {} classes", IMAGENET: "ImageNet — EfficientNetV2-S, {} classes"}
 EXAMPLES = [str(p) for p in sorted((HERE / "assets" / "examples").glob("*"),
                                    key=lambda p: (p.name.startswith("photo_"), p.name))  # shapes first
@@ -57,23 +48,24 @@ EXAMPLES = [str(p) for p in sorted((HERE / "assets" / "examples").glob("*"),
 PHOTOS = [path for path in EXAMPLES if Path(path).name.startswith("photo_")]  # out of the bundled model's world
 TOP_K = 5
 COMPUTE = "compute"          # the one concurrency group of every event that computes (model, playground)
-CONCURRENCY = 2              # requests of that group computed at once: one request's forward runs while
-                             # another's image decodes or its pictures encode (single-threaded work), and
-                             # memory stays bounded: at most two images of MAX_REQUEST_PIXELS (effnetv2.images) at once
+CONCURRENCY = 2              # computed at once: one forward runs while another request decodes or encodes
+LOAD_WAITERS = CONCURRENCY - 1  # computing requests that may wait for a model's load: one slot serves loaded ones
 QUEUE_SIZE = 64              # requests waiting beyond that are turned away with a message
 CACHE_AGE_S = 3600           # visitors' uploads and pictures are deleted after an hour (hourly)
+SWEEP_S = 60                 # the app's own pictures are swept for old ones at most this often
+next_sweep = 0.0             # time.monotonic() of the next sweep
 PLAYGROUND = {"tokens": (1, 64), "width": (1, 4096), "heads": (1, 64), "seed": (0, 2**32 - 1)}  # inclusive
 VIEW_PX = 320                # the clickable grid picture: what the model sees, drawn at this size
 MAP_PX = 224                 # each map of a gallery: two in a row on a phone, colour-bar labels >= 10 px
-UNSURE_BELOW = 0.95          # a top probability under this gets "this model knows only ...":
-                             # benchmarks/ood_threshold.py, bundled model: 3.1% of 1000 shapes of an unseen
-                             # seed fall under it, and 100% of noise, 63% of smooth colour fields, both photos
+UNSURE_BELOW = 0.95          # a top probability under this gets "this model knows only ..." (README)
 BEST = "best"                # the map picker's "the map that explains this image best"
 PREDICTED = ""               # the class picker's "the predicted class"
 POOLED, CELL = "pooled", "cell"
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 MCP_AVAILABLE = importlib.util.find_spec("mcp") is not None  # Gradio's `mcp` extra: serve the API as MCP tools
-logger = logging.getLogger("effnetv2.app")
+
+
+NOT_UPLOADED = "This app reads only images uploaded to it: upload the image (or give its URL) and try again."
 
 
 def user_error(message: str, title: str = "Error") -> gr.Error:
@@ -81,24 +73,11 @@ def user_error(message: str, title: str = "Error") -> gr.Error:
     return gr.Error(message, title=title, print_exception=False)
 
 
-NOT_UPLOADED = "This app reads only images uploaded to it: upload the image (or give its URL) and try again."
-
-
-def uploaded_file(path) -> Path:
-    """The file a request names, resolved, if it is an upload (in Gradio's upload folder) or one of
-    ``EXAMPLES``. With ``preprocess=False`` Gradio checks only values marked as files (``"meta"``), so
-    this is the check for every value: anything else, existing or not, gets the one ``NOT_UPLOADED``."""
-    file = confined_file(path, [get_upload_folder()], EXAMPLES)
-    if file is None:
-        raise user_error(NOT_UPLOADED, title="Image not uploaded")
-    return file
-
-
 def read_image(value) -> Image.Image:
-    """Whatever the UI or an API client sent (upload payload, path, PIL image) → an RGB PIL image.
+    """What the page or an API client sent (upload payload, path, PIL image) → an RGB image, or a message.
 
-    Events run with ``preprocess=False`` so that Gradio never decodes an upload itself: every problem
-    goes through ``effnetv2.images.open_image`` and becomes a message for the user.
+    Events run with ``preprocess=False``: Gradio decodes nothing and checks only values marked as files, so
+    this opens only uploads (Gradio's upload folder) and ``EXAMPLES``, whatever the value.
     """
     if isinstance(value, FileData):
         value = value.path
@@ -109,7 +88,9 @@ def read_image(value) -> Image.Image:
                          title="No image")
     name = Path(value).name if isinstance(value, (str, os.PathLike)) else "the image"
     if not isinstance(value, Image.Image):  # an in-process caller's picture opens no file
-        value = uploaded_file(value)
+        value = confined_file(value, [get_upload_folder()], EXAMPLES)
+        if value is None:
+            raise user_error(NOT_UPLOADED, title="Image not uploaded")
     try:
         image, warning = open_request_image(value, name)  # the limits of effnetv2.images, as effnetv2.serve's
     except UnusableImageError as err:
@@ -119,128 +100,21 @@ def read_image(value) -> Image.Image:
     return image
 
 
-def load(source: str, backend: str = "auto") -> Predictor:
-    """Load the model from ``source`` (see ``effnetv2.sources``) and warm up its inference backend."""
-    predictor = Predictor(load_model(source), backend=backend)
-    size = predictor.config["image_size"]
-    predictor(torch.zeros(1, 3, size, size))  # builds the runtime's session now, not on the first request
-    return predictor
+MODELS = Models(os.environ.get("EFFNETV2_MODEL") or DEFAULT_MODEL, NAMES, LOAD_WAITERS)
 
 
-LOAD_TIMEOUT_S = 180   # the longest wait for another model to load; a load that takes longer counts as failed
-LOAD_WAITERS = CONCURRENCY - 1  # computing requests that may wait for a load: the other slot serves loaded models
-RETRY_AFTER_S = 60     # a failed load is remembered this long: requests meanwhile are answered without a retry
-
-
-class Models:
-    """The app's models by the picker's value: its own (``main``), loaded on first use unless :meth:`start`
-    loaded it, and ImageNet EfficientNetV2-S for photos (torch backend: no export to wait for).
-
-    A load runs in a thread of its own, so a slow or hung download never holds up the loaded models: the
-    picker (an event of its own) waits for it, and of the computing requests only ``LOAD_WAITERS`` at a
-    time, each in its compute slot; the others are told at once to come back. A load is given up after
-    ``LOAD_TIMEOUT_S``; a failure is logged with its details (paths, settings) and remembered for
-    ``RETRY_AFTER_S``; visitors are told that it failed, not why.
-    """
-
-    def __init__(self, main: str):
-        self.main, self._loaded = main, {}
-        self._loading: dict[str, tuple[Future, float]] = {}  # name → its load, and when it started
-        self._failed: dict[str, float] = {}  # name → when its last load failed
-        self._lock = threading.Lock()  # two first requests at once start one load
-        self._waiters = threading.BoundedSemaphore(max(0, LOAD_WAITERS))
-
-    def start(self, source: str, backend: str = "auto") -> None:
-        """Load ``source`` now as the app's own model (errors propagate: the command line reports them)."""
-        self.main, self._loaded = source, {source: load(source, backend)}
-
-    def names(self) -> list[str]:
-        return [self.main] + ([IMAGENET] if self.main != IMAGENET else [])
-
-    def choices(self) -> list[tuple[str, str]]:
-        """The picker's (human name, value) pairs."""
-        return [(self.title(name), name) for name in self.names()]
-
-    def title(self, name: str) -> str:
-        """A model's name for a visitor: "Shapes — bundled, 5 classes"; a source of its own: its id."""
-        if name in self._loaded:
-            classes = len(self._loaded[name].id2label)
-        elif name == DEFAULT_MODEL:  # its config says, without loading the weights
-            classes = len(json.loads((Path(name) / "config.json").read_text())["id2label"])
-        else:
-            classes = 1000 if name == IMAGENET else None
-        if name in NAMES:
-            return NAMES[name].format(classes)
-        shown = Path(name).name if Path(name).is_dir() else name  # a folder's name, never a server path
-        return f"{shown} — {classes} classes" if classes else shown
-
-    def get(self, name: str | None, wait_s: float | None = None) -> Predictor:
-        """The predictor of model ``name`` (empty: ``main``), waiting up to ``wait_s`` for it to load
-        (``None``: a computing request's wait, see the class); a message if it cannot be had now."""
-        name = name or self.main
-        if name in self._loaded:
-            return self._loaded[name]
-        if name not in self.names():
-            raise user_error(f"Unknown model {name!r}: choose {' or '.join(repr(value) for value in self.names())}.",
-                             title="Unknown model")
-        future, started = self._start(name)
-        left = max(0.0, started + LOAD_TIMEOUT_S - time.monotonic())
-        if wait_s is not None:
-            wait([future], timeout=min(wait_s, left))
-        elif self._waiters.acquire(blocking=False):
-            try:
-                wait([future], timeout=left)
-            finally:
-                self._waiters.release()
-        done = future.done()
-        if done and future.exception() is None:
-            return future.result()
-        if not done and time.monotonic() - started < LOAD_TIMEOUT_S:
-            raise user_error(f"{self.title(name)} is loading (its weights are downloaded on first use): try again "
-                             f"in a minute.", title="Model loading")
-        raise self._unavailable(name)
-
-    def _start(self, name: str) -> tuple[Future, float]:
-        """The load of ``name`` under way, started now unless one runs; refused while a failure is remembered."""
-        with self._lock:
-            failed = self._failed.get(name)
-            if failed is not None and time.monotonic() - failed < RETRY_AFTER_S:
-                raise self._unavailable(name)
-            if name not in self._loading:
-                future = Future()
-                threading.Thread(target=self._load, args=(name, future), name=f"load {name}", daemon=True).start()
-                self._loading[name] = future, time.monotonic()
-            return self._loading[name]
-
-    def _load(self, name: str, future: Future) -> None:
-        try:
-            loaded = load(name, backend="auto" if name == self.main else "torch")
-        except Exception as err:  # noqa: BLE001 -- whatever broke, the server keeps serving its own model
-            logger.error("could not load model %s: %s", name, err,  # the why, for whoever runs the server
-                         exc_info=not isinstance(err, (ValueError, OSError, ImportError)))  # unforeseen: where
-            with self._lock:
-                self._failed[name] = time.monotonic()
-                del self._loading[name]
-            future.set_exception(err)
-            return
-        with self._lock:
-            self._loaded[name] = loaded
-            del self._loading[name]
-        future.set_result(loaded)
-
-    def _unavailable(self, name: str) -> gr.Error:
-        return user_error(f"{self.title(name)} could not be loaded on this server (its log says why); it is tried "
-                          f"again in a minute. Meanwhile use {self.title(self.main)}.", title="Model not available")
-
-
-MODELS = Models(os.environ.get("EFFNETV2_MODEL") or DEFAULT_MODEL)
+def predictor_for(name: str | None) -> Predictor:
+    """``MODELS.get(name)``, its refusals shown to the visitor."""
+    try:
+        return MODELS.get(name)
+    except ModelUnavailable as err:
+        raise user_error(str(err), err.title) from None
 
 
 # ---- Computation for the page and the API ----------------------------------------------------------
 
 def unsure_note(top_prob: float, labels: list[str]) -> str:
-    """A warning in Markdown when the top probability is under ``UNSURE_BELOW`` (the image is likely
-    none of the model's classes, listed when there are at most ``LISTED_CLASSES``), else ``""``."""
+    """A warning in Markdown (the image is likely none of the model's few classes), else ``""``."""
     if top_prob >= UNSURE_BELOW or len(labels) > why.LISTED_CLASSES:
         return ""
     return (f"**Unsure ({top_prob:.0%}).** This model knows only {len(labels)} classes: "
@@ -253,41 +127,28 @@ def look(predictor: Predictor, image) -> dict:
     return {"x": x, "view": view, "feats": why.features(predictor.model, x)}
 
 
-def target_class(labels: list[str], class_name: str | None, probs: torch.Tensor) -> int:
-    """The class picker's value (a label, or empty for the predicted class) → its index."""
-    if not class_name:
-        return int(probs.argmax())
-    if class_name not in labels:
+def reason(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED) -> why.Why:
+    """Why ``class_name`` (empty: the predicted class) for an image :func:`look` saw, kept in ``seen``."""
+    labels = list(predictor.id2label.values())
+    if class_name and class_name not in labels:
         raise user_error(f"Unknown class {class_name!r}: choose one of {', '.join(labels)}, "
                          f"or leave it empty for the predicted class.", title="Unknown class")
-    return labels.index(class_name)
-
-
-def reason(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED) -> why.Why:
-    """Why ``class_name`` for an image :func:`look` saw, computed once per class and kept in ``seen``."""
-    labels = list(predictor.id2label.values())
     known = seen.setdefault("why", {})
     if not known:  # the predicted class first: it tells which one that is
         first = why.why(predictor.model, seen["feats"])
         known[first.target] = first
-    target = target_class(labels, class_name, next(iter(known.values())).probs)
+    target = labels.index(class_name) if class_name else next(iter(known))
     if target not in known:
         known[target] = why.why(predictor.model, seen["feats"], target)
     return known[target]
 
 
-def best_map(result: why.Why, kinds: list[str]) -> str:
-    """The map kind among ``kinds`` with the lowest deletion area: the one that explains the image best."""
-    return min(kinds, key=lambda kind: result.aucs[kind])
-
-
 def answer_parts(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED, view: str = BEST):
-    """The first screen for one image: the top labels, the explanation picture, the sentence, the verdict
-    and the unsure note."""
+    """The first screen: the top labels, the explanation picture, the sentence, the verdict, the unsure note."""
     labels = list(predictor.id2label.values())
     result = reason(predictor, seen, class_name)
     kinds = why.map_kinds(predictor.model)
-    kind = best_map(result, kinds) if view == BEST or view not in kinds else view
+    kind = min(kinds, key=result.aucs.get) if view == BEST or view not in kinds else view  # BEST: lowest deletion
     label, prob = labels[result.target], float(result.probs[result.target])
     cells = result.maps[kind].numel()
     picture = viz.explanation_picture(seen["view"], result.maps[kind], why.region_cells(cells),
@@ -301,8 +162,8 @@ def answer_parts(predictor: Predictor, seen: dict, class_name: str | None = PRED
 
 
 def explain_parts(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED):
-    """The depth of "why this class?": the attribution gallery, each head's total (a table), the
-    faithfulness table, the (Grad-CAM, attribution) pair and the bar chart of the totals."""
+    """"Why this class?" in depth: the attribution gallery, each head's total (a table), the faithfulness
+    table, the (Grad-CAM, attribution) pair and the bar chart of the totals."""
     labels = list(predictor.id2label.values())
     result = reason(predictor, seen, class_name)
     label = labels[result.target]
@@ -340,8 +201,8 @@ def parse_query(query: str, row, col, grid: tuple[int, int]) -> tuple[int, int] 
 
 
 def attention_parts(predictor: Predictor, seen: dict, query: str = POOLED, row=0, col=0):
-    """Per-head attention: the gallery (their mean, then each head), the score matrix, the maths, and
-    the grid picture with the query's attention drawn on it (click a cell to choose the query)."""
+    """Each head's attention (their mean first), the score matrix, the maths, and the grid picture with the
+    query's attention on it."""
     model = predictor.model
     grid = viz.feature_grid(model, seen["x"])
     walk = attention_walkthrough(model, seen["x"], query=parse_query(query, row, col, grid))
@@ -382,20 +243,26 @@ def picture_dir() -> Path:
     return folder
 
 
-def picture_file(image: Image.Image) -> str:
-    """``image`` as a PNG file in :func:`picture_dir`, named by its content and never rewritten.
+def prune_pictures() -> None:
+    """Delete the pictures older than ``CACHE_AGE_S`` (as Gradio's copies of them), at most every ``SWEEP_S``."""
+    global next_sweep
+    if time.monotonic() < next_sweep:
+        return
+    next_sweep = time.monotonic() + SWEEP_S
+    for old in picture_dir().glob("*.png"):
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > CACHE_AGE_S:
+                old.unlink()
 
-    Gradio's ``save_pil_to_cache`` rewrites a cached file in place while another request may be streaming
-    it (that response ends short): a new file is written under a temporary name and renamed into place.
-    """
+
+def picture_file(image: Image.Image) -> str:
+    """``image`` as a PNG file in :func:`picture_dir`, named by its content and never rewritten (Gradio's
+    ``save_pil_to_cache`` rewrites a file in place while another request may be streaming it)."""
     buffer = io.BytesIO()
     image.save(buffer, format="png", compress_level=1)  # 4x faster than the default 6, files 20% larger
     data = buffer.getvalue()
     path = picture_dir() / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
-    for old in picture_dir().glob("*.png"):  # visitors' pictures live CACHE_AGE_S, as Gradio's copies of them
-        with contextlib.suppress(OSError):
-            if time.time() - old.stat().st_mtime > CACHE_AGE_S:
-                old.unlink()
+    prune_pictures()
     if not path.exists():
         fd, staging = tempfile.mkstemp(dir=path.parent, suffix=".part")
         with os.fdopen(fd, "wb") as file:
@@ -414,7 +281,7 @@ def as_files(outputs, wrap=str):
     return outputs
 
 
-# ---- The API (also MCP tools, named after these functions) -------------------------------------------
+# ---- The API (also MCP tools): these docstrings are their descriptions ---------------------------------
 
 def answer(image: FileData, class_name: str = "", model: str = "") -> tuple[dict, FileData, str, str]:
     """Classify an image and say why in one step: the top labels, one explanation picture and one sentence.
@@ -427,7 +294,7 @@ def answer(image: FileData, class_name: str = "", model: str = "") -> tuple[dict
         the top-5 labels with their probabilities, the image with the map that explains it best over it
         (its top quarter of cells outlined), the answer in one sentence, and which map wins the deletion test.
     """
-    predictor = MODELS.get(model)
+    predictor = predictor_for(model)
     scores, picture, sentence, verdict, _ = answer_parts(predictor, look(predictor, image), class_name)
     return scores, as_files(picture, FileData), sentence, verdict
 
@@ -441,7 +308,7 @@ def classify(image: FileData, model: str = "") -> dict:
     Returns:
         the most likely label and the top-5 labels with their probabilities (they sum to at most 1).
     """
-    [top] = MODELS.get(model).predict([read_image(image)], top_k=TOP_K)
+    [top] = predictor_for(model).predict([read_image(image)], top_k=TOP_K)
     return {"label": top[0][0], "confidences": [{"label": label, "confidence": float(p)} for label, p in top]}
 
 
@@ -459,7 +326,7 @@ def attention(image: FileData, query: str = POOLED, row: float = 0, col: float =
         the mean of the heads' attention maps, then one per head (with peak weights), the query-by-key
         weight matrix, the maths with this image's tensor shapes, and the feature grid drawn on the image.
     """
-    predictor = MODELS.get(model)
+    predictor = predictor_for(model)
     gallery, matrix, maths, grid = as_files(attention_parts(predictor, look(predictor, image), query, row, col),
                                             FileData)
     return [{"image": picture, "caption": caption} for picture, caption in gallery], matrix, maths, grid
@@ -479,7 +346,7 @@ def explain(image: FileData, class_name: str = "", model: str = "") -> tuple[lis
         (deletion area of each map kind against a random map's, lower is better), and the Grad-CAM /
         attribution pair.
     """
-    predictor = MODELS.get(model)
+    predictor = predictor_for(model)
     gallery, totals, table, pair, _ = as_files(explain_parts(predictor, look(predictor, image), class_name),
                                                FileData)
     return [{"image": picture, "caption": caption} for picture, caption in gallery], totals, table, pair
@@ -501,20 +368,21 @@ def textbook(tokens: float = 3, width: float = 768, heads: float = 12, seed: flo
 
 
 # ---- The page's handlers ----------------------------------------------------------------------------
+NO_ANSWER = (None, None, "", "", "")  # the first screen, empty
 
 def open_page():
-    """A visit starts: what the app's model knows, the picker's names, its classes."""
-    predictor = MODELS.get(MODELS.main)
-    other = MODELS.title(IMAGENET) if MODELS.main != IMAGENET else None
-    return (why.describe_model(list(predictor.id2label.values()), other and other.split(" — ")[0]),
-            gr.Dropdown(choices=MODELS.choices(), value=MODELS.main, visible=len(MODELS.names()) > 1),
-            *follow(predictor))
+    """A visit starts: what the app's model knows, the picker, the controls that follow the model."""
+    predictor = predictor_for(MODELS.main)
+    return (*follow(MODELS.main, predictor),
+            gr.Dropdown(choices=MODELS.choices(), value=MODELS.main, visible=len(MODELS.names()) > 1))
 
 
-def follow(predictor: Predictor) -> list:
-    """The controls that depend on the model: its classes, its maps, its query choices."""
+def follow(name: str, predictor: Predictor) -> list:
+    """What model ``name`` knows (the header), then its classes, its maps, its query choices."""
     kinds = why.map_kinds(predictor.model)
-    return [gr.Dropdown(choices=[("the predicted class", PREDICTED), *((c, c) for c in predictor.id2label.values())],
+    other = MODELS.title(IMAGENET).split(" — ")[0] if name != IMAGENET else None
+    return [why.describe_model(list(predictor.id2label.values()), other),
+            gr.Dropdown(choices=[("the predicted class", PREDICTED), *((c, c) for c in predictor.id2label.values())],
                         value=PREDICTED),
             gr.Radio(choices=[("the best one", BEST), *((k, k) for k in kinds)], value=BEST),
             gr.Radio(choices=[("pooled query" if predictor.model.pool_type == "attention" else "most attended cell",
@@ -525,52 +393,50 @@ def switch(name: str):
     """Another model picked: its header and controls; back to the app's own if it cannot be had."""
     try:
         predictor = MODELS.get(name, wait_s=LOAD_TIMEOUT_S)  # its own event: no compute slot held
-    except gr.Error as err:
-        gr.Warning(err.message, title=err.title)
-        name, predictor = MODELS.main, MODELS.get(MODELS.main)
-    other = MODELS.title(IMAGENET) if name != IMAGENET else None
-    return (name, why.describe_model(list(predictor.id2label.values()), other and other.split(" — ")[0]),
-            *follow(predictor))
+    except ModelUnavailable as err:
+        gr.Warning(str(err), title=err.title)
+        name, predictor = MODELS.main, predictor_for(MODELS.main)
+    return name, *follow(name, predictor)
 
 
 def show_answer(image, view, model):
     """A new image (or model): see it once, then the first screen for the predicted class; the seen image
     is kept for class and map changes."""
     if image is None:
-        return None, None, "", "", "", None
-    predictor = MODELS.get(model)
+        return *NO_ANSWER, None
+    predictor = predictor_for(model)
     seen = {**look(predictor, image), "model": model}
     return (*as_files(answer_parts(predictor, seen, PREDICTED, view)), seen)
 
 
 def clear():
     """A new image: the old answer goes at once (no queue), before the new one is computed."""
-    return None, None, "", "", "", PREDICTED
+    return *NO_ANSWER, PREDICTED
 
 
 def redraw(seen, class_name, view):
     """Another class or map: the first screen again from the kept image (the head only)."""
     if not seen:
-        return None, None, "", "", ""
-    return as_files(answer_parts(MODELS.get(seen["model"]), seen, class_name, view))
+        return NO_ANSWER
+    return as_files(answer_parts(predictor_for(seen["model"]), seen, class_name, view))
 
 
 def show_depth(seen, class_name, query, row, col):
     """The sections below the answer, for the kept image."""
     if not seen:
         return [None] * 8
-    predictor = MODELS.get(seen["model"])
+    predictor = predictor_for(seen["model"])
     gallery, _, table, pair, bars = explain_parts(predictor, seen, class_name)
     return as_files((gallery, table, pair, bars, *attention_parts(predictor, seen, query, row, col)))
 
 
 def show_attention(seen, query, row, col):
-    return as_files(attention_parts(MODELS.get(seen["model"]), seen, query, row, col)) if seen else [None] * 4
+    return as_files(attention_parts(predictor_for(seen["model"]), seen, query, row, col)) if seen else [None] * 4
 
 
 def pick_cell(seen, evt: gr.SelectData):
     """A click at pixel ``evt.index = (x, y)`` of the grid picture → query "cell" and its (row, col)."""
-    grid = viz.feature_grid(MODELS.get(seen["model"]).model, seen["x"]) if seen else (1, 1)
+    grid = viz.feature_grid(predictor_for(seen["model"]).model, seen["x"]) if seen else (1, 1)
     return CELL, *viz.cell_from_click(evt.index, (VIEW_PX, VIEW_PX), grid)
 
 
@@ -656,22 +522,21 @@ with gr.Blocks(title="EfficientNetV2 demo", analytics_enabled=False, delete_cach
         play_maths = gr.Markdown(latex_delimiters=LATEX)
 
     first = [labels, picture, sentence, verdict, note]
-    depth = [shares, faithfulness, slider, bars, heads, matrix, maths, grid_view]
-    attention_outputs = [heads, matrix, maths, grid_view]
     compute = dict(concurrency_id=COMPUTE, api_visibility="private")
-    demo.load(open_page, None, [header, picker, target, view, query], queue=False, api_visibility="private")
+    answer_event = dict(fn=show_answer, inputs=[image, view, picker], outputs=[*first, seen], preprocess=False,
+                        **compute)
+    depth_event = dict(fn=show_depth, inputs=[seen, target, query, row, col], **compute,
+                     outputs=[shares, faithfulness, slider, bars, heads, matrix, maths, grid_view])
+    attention_event = dict(fn=show_attention, inputs=[seen, query, row, col], outputs=[heads, matrix, maths, grid_view],
+                     **compute)
+    demo.load(open_page, None, [header, target, view, query, picker], queue=False, api_visibility="private")
     image.change(clear, None, [*first, target], queue=False, show_progress="hidden", api_visibility="private")
-    image.change(show_answer, [image, view, picker], [*first, seen], preprocess=False, **compute).then(
-        None, js=INTO_VIEW).then(show_depth, [seen, target, query, row, col], depth, **compute)
+    image.change(**answer_event).then(None, js=INTO_VIEW).then(**depth_event)
     picker.input(switch, picker, [picker, header, target, view, query], api_visibility="private").then(
-        show_answer, [image, view, picker], [*first, seen], preprocess=False, **compute).then(
-        show_depth, [seen, target, query, row, col], depth, **compute)
-    gr.on([target.input, view.input], redraw, [seen, target, view], first, **compute).then(
-        show_depth, [seen, target, query, row, col], depth, **compute)
-    gr.on([query.input, row.submit, col.submit], show_attention, [seen, query, row, col], attention_outputs,
-          **compute)
-    grid_view.select(pick_cell, seen, [query, row, col], api_visibility="private").then(
-        show_attention, [seen, query, row, col], attention_outputs, **compute)
+        **answer_event).then(**depth_event)
+    gr.on([target.input, view.input], redraw, [seen, target, view], first, **compute).then(**depth_event)
+    gr.on([query.input, row.submit, col.submit], **attention_event)
+    grid_view.select(pick_cell, seen, [query, row, col], api_visibility="private").then(**attention_event)
     gr.on([play.click, play_section.expand], lambda *sizes: as_files(playground(*sizes)), numbers,
           [play_gallery, play_maths], preprocess=False, **compute)  # opened: the example is there
     for endpoint in (answer, classify, attention, explain, textbook):

@@ -34,6 +34,7 @@ from app_server import mixed_load, percentile, running_app  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from effnetv2 import EfficientNetV2  # noqa: E402
+from effnetv2.loading import load  # noqa: E402
 from effnetv2 import explain as why  # noqa: E402
 
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.stand_in:
             args.model = str(tmp / f"random-{args.stand_in}")
             EfficientNetV2(args.stand_in, num_classes=1000).eval().save_pretrained(args.model)
-        predictor = app.load(args.model)
+        predictor = load(args.model)
         model = predictor.model
         x = predictor.preprocess([args.image])
         print(f"EfficientNetV2-{model.variant.upper()} at {x.shape[-1]}px, {Path(args.image).name}, "

@@ -1,15 +1,5 @@
-"""Multi-head attention, written out so that each step can be inspected.
-
-Self-attention maps a sequence of ``L`` tokens of width ``D`` ``[B, L, D]`` to a new sequence of
-the same shape. Each token is projected to a query, a key and a value (``Q = x W_q``, ...); the
-width ``D`` is split into ``h`` heads of ``D/h`` channels (``split_heads``); every head scores each
-query against every key, ``softmax(Q K^T / sqrt(D/h))`` ``[B, h, L, L]``, and takes that weighted
-mean of the values; the heads are put back side by side (``merge_heads``) and mixed by ``out_proj``.
-
-``AttentionPool2d`` uses the same module to pool a CNN feature map: one pooled query attends over
-the ``H*W`` cells; ``self_attention_maps`` scores a feature map's cells against one another with no
-learned weights. The walk-through of these steps that the demo teaches is ``effnetv2.walkthrough``.
-"""
+"""Multi-head attention written out so that each step can be inspected, the attention-pooling head built on
+it, and parameter-free self-attention of a feature map's cells. ``effnetv2.walkthrough`` retells the steps."""
 from __future__ import annotations
 
 import math
@@ -48,11 +38,8 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 def scaled_dot_product_weights(q: torch.Tensor, k: torch.Tensor,
                                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention weights ``softmax(q k^T / sqrt(d))`` ``[B, h, Lq, Lk]`` from ``[B, h, L, d]`` inputs.
-
-    ``key_padding_mask`` ``[B, Lk]`` (bool) is True where a key must be ignored: those keys get
-    weight 0. A query whose keys are all masked has no defined weights (NaN), as in PyTorch.
-    """
+    """Attention weights ``softmax(q k^T / sqrt(d))`` ``[B, h, Lq, Lk]`` from ``[B, h, L, d]`` inputs; keys where
+    ``key_padding_mask`` ``[B, Lk]`` is True get weight 0 (all masked: NaN, as in PyTorch)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     if key_padding_mask is not None:
         batch, keys = k.shape[0], k.shape[-2]
@@ -64,18 +51,13 @@ def scaled_dot_product_weights(q: torch.Tensor, k: torch.Tensor,
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """Multi-head attention with separate ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj``.
-
-    Numerically equal to ``torch.nn.MultiheadAttention(dim, num_heads, batch_first=True)`` given
-    the same weights (its ``in_proj_weight`` is ``q_proj``, ``k_proj``, ``v_proj`` stacked).
-    """
+    """Multi-head attention with separate ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj``: equal to
+    ``torch.nn.MultiheadAttention(dim, num_heads, batch_first=True)`` whose ``in_proj_weight`` stacks the three."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
         _check_heads(dim, num_heads, "dim")
-        self.dim = dim
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
@@ -83,10 +65,8 @@ class MultiHeadSelfAttention(nn.Module):
 
     def attend(self, query: torch.Tensor, context: torch.Tensor,
                key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries ``[B, Lq, D]`` attend over ``context`` ``[B, Lk, D]``.
-
-        Returns the output ``[B, Lq, D]`` and the per-head weights ``[B, h, Lq, Lk]``.
-        """
+        """``query`` ``[B, Lq, D]`` over ``context`` ``[B, Lk, D]`` → output ``[B, Lq, D]``, weights
+        ``[B, h, Lq, Lk]``."""
         q = split_heads(self.q_proj(query), self.num_heads)
         k = split_heads(self.k_proj(context), self.num_heads)
         v = split_heads(self.v_proj(context), self.num_heads)
@@ -102,13 +82,10 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 class AttentionPool2d(nn.Module):
-    """Pool a feature map ``[B, C, H, W]`` into one vector by multi-head attention.
+    """Pool a feature map ``[B, C, H, W]`` into ``[B, dim]`` by multi-head attention over its H*W cells.
 
-    The H*W cells become tokens: projected from ``C`` to ``dim`` channels by a 1x1 conv, plus a
-    learned position embedding defined on a ``grid_size`` x ``grid_size`` grid and resampled
-    (bicubic) to the input's grid, so a model trained at one image size runs at any other. The
-    query is the tokens' mean plus a learned offset, so the pool starts close to average pooling
-    and learns where to look. Output: ``[B, dim]``.
+    Tokens: a 1x1 conv to ``dim`` channels plus a learned ``grid_size``-square position embedding, resampled to
+    any input's grid. Query: the tokens' mean plus a learned offset (the pool starts as average pooling).
     """
 
     def __init__(self, in_chs: int, dim: int = 256, num_heads: int = 8, grid_size: int = 7):
@@ -122,13 +99,8 @@ class AttentionPool2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Variance-preserving init (std = fan_in^-1/2, zero biases) for the projections.
-
-        Unit-scale tokens give attention scores of order 1 at the start, so the weights are neither
-        uniform nor one-hot and Q/K receive useful gradients (with the backbone's N(0, 0.01) linear
-        init, the bilinear scores Q K^T start ~1e-4 and barely move). Position embedding N(0, 0.02),
-        query offset 0.
-        """
+        """Projections std = fan_in^-1/2 (scores of order 1 at the start: the backbone's N(0, 0.01) init gives
+        scores ~1e-4 whose Q/K barely learn), zero biases; position embedding N(0, 0.02), query offset 0."""
         if isinstance(self.proj, nn.Conv2d):
             nn.init.normal_(self.proj.weight, std=self.proj.in_channels ** -0.5)
             nn.init.zeros_(self.proj.bias)
@@ -140,8 +112,7 @@ class AttentionPool2d(nn.Module):
         nn.init.zeros_(self.query)
 
     def resampled_pos_embed(self, size: tuple[int, int]) -> torch.Tensor:
-        """The position embedding ``[1, dim, h, w]`` for a ``size = (h, w)`` feature grid (bicubic;
-        the stored one unchanged when the sizes match)."""
+        """The position embedding ``[1, dim, h, w]`` for a ``size = (h, w)`` grid (bicubic unless it matches)."""
         size = tuple(int(s) for s in size)
         if self.pos_embed.shape[-2:] == size:
             return self.pos_embed
@@ -180,21 +151,15 @@ def check_cell(query: tuple[int, int], grid: tuple[int, int]) -> int:
 
 
 def standardised_tokens(feats: torch.Tensor) -> torch.Tensor:
-    """Feature map ``[B, C, H, W]`` → tokens ``[B, H*W, C]``, each standardised over its channels
-    (zero mean, unit variance), so that dot products compare directions, not magnitudes."""
+    """Feature map ``[B, C, H, W]`` → tokens ``[B, H*W, C]`` standardised over channels (dot products compare
+    directions, not magnitudes)."""
     return F.layer_norm(feats.flatten(2).transpose(1, 2).float(), (feats.shape[1],))
 
 
 def self_attention_maps(feats: torch.Tensor, num_heads: int,
                         query: tuple[int, int] | None = None) -> torch.Tensor:
-    """Parameter-free multi-head self-attention of a feature map's cells, seen from one cell.
-
-    The cells of ``feats`` ``[B, C, H, W]`` are standardised tokens (Q = K = V, no learned
-    weights), split into ``num_heads`` heads of ``C/h`` channels and scored with
-    ``softmax(q K^T / sqrt(C/h))``, where ``q`` is the token at ``query = (row, col)``. With no
-    query, each image uses the cell that receives the most attention from all cells (summed over
-    heads): the most "typical" region. Returns ``[B, h, H, W]``, each map summing to 1.
-    """
+    """Parameter-free multi-head self-attention of ``feats`` ``[B, C, H, W]``'s standardised cells (Q = K = V)
+    from the cell ``query = (row, col)``, by default the one all cells attend to most. Returns ``[B, h, H, W]``."""
     batch, _, height, width = feats.shape
     heads = split_heads(standardised_tokens(feats), num_heads)
     if query is None:

@@ -1,20 +1,11 @@
 """Why did the model choose this class? Exact class attribution, Grad-CAM, and how faithful a map is.
 
-The head of an EfficientNetV2 is linear after pooling, so the target logit splits exactly into one
-share per grid cell (and per head, for an attention pool) plus a rest that no cell changes:
-
-- attention pool: ``logit_c = b_c + w_c·b_O + Σ_h Σ_j a_hj · w_c·W_O^h v_hj``, where ``a_hj`` is head h's
-  attention weight on cell j, ``v_hj`` that cell's value in head h and ``W_O^h`` the output
-  projection's columns for head h (the classifier follows the output projection linearly; dropout
-  is off in eval mode);
-- average pool: ``logit_c = b_c + (1/HW) Σ_j w_c·f_j``, the class activation map (one "head").
-
-A share is signed: positive cells push towards the class, negative ones against it.
-
-Faithfulness is measured in feature space, where removing a cell is exact: a map ranks the cells;
-deletion removes them best-first (keys masked out of the attention pool, or cells zeroed in the
-average) and integrates the target probability over the fraction removed (lower is better);
-insertion starts from no cell and adds them best-first (higher is better).
+The head is linear after pooling, so the target logit splits exactly into a signed share per grid cell (and
+head) plus a rest no cell changes: ``logit_c = b_c + w_c·b_O + Σ_h Σ_j a_hj w_c·W_O^h v_hj`` for an attention
+pool (a_hj: head h's weight on cell j, v_hj its value, W_O^h head h's columns of the output projection), and
+``logit_c = b_c + (1/HW) Σ_j w_c·f_j`` (the class activation map) for an average pool. Faithfulness is measured
+in feature space, where removing a cell is exact: deletion removes the cells a map ranks first (a lower area
+under the target probability is better), insertion adds them to an empty grid (higher is better).
 """
 from __future__ import annotations
 
@@ -51,22 +42,20 @@ def _targets(logits: torch.Tensor, target) -> torch.Tensor:
     return target
 
 
-def _cell_terms(model: EfficientNetV2, feats: torch.Tensor):
-    """The pieces every function here builds on, in float64 for exact sums.
-
-    Returns ``(scores, contributions, rest)``: ``scores`` ``[B, h, L]`` are the attention scores before
-    the softmax (None for average pooling), ``contributions`` ``[B, h, L, C]`` what each cell adds to
-    each class's logit at full weight (multiply by the attention weight), ``rest`` ``[C]`` the bias
-    terms no cell changes. L = H*W cells in row-major order.
-    """
+def _terms(model: EfficientNetV2, feats: torch.Tensor, target):
+    """For the feature map ``[B, D, h, w]``, in float64: the pooled query's scores ``[B, h, L]`` before the softmax
+    (None for average pooling), what each cell adds to each logit at full weight ``[B, h, L, C]``, the rest
+    ``[C]`` (L = H*W, row-major), and the target classes ``[B]``."""
     classifier = model.head.classifier
     if not isinstance(classifier, torch.nn.Linear):
         raise ValueError("the model has no classifier (num_classes=0): attribution needs class logits")
+    with _eval_mode(model):
+        target = _targets(model.forward_head(feats), target)
     weight, bias = classifier.weight.double(), classifier.bias.double()  # [C, D], [C]
     pool = model.head.attn_pool
     if pool is None:
         cells = feats.flatten(2).transpose(1, 2).double()  # [B, L, D]
-        return None, (cells @ weight.T / cells.shape[1]).unsqueeze(1), bias
+        return None, (cells @ weight.T / cells.shape[1]).unsqueeze(1), bias, target
     attn = pool.attn
     tokens = pool.tokens(feats).double()
     q = split_heads(F.linear(pool.pooled_query(tokens), attn.q_proj.weight.double(), attn.q_proj.bias.double()),
@@ -79,47 +68,27 @@ def _cell_terms(model: EfficientNetV2, feats: torch.Tensor):
     through = (weight @ attn.out_proj.weight.double()).reshape(len(weight), attn.num_heads, head_dim)
     contributions = torch.einsum("bhld,chd->bhlc", v, through)
     rest = bias + weight @ attn.out_proj.bias.double()
-    return scores, contributions, rest
-
-
-def _image_terms(model: EfficientNetV2, images: torch.Tensor, target):
-    """One eval-mode forward of ``images`` ``[B, 3, H, W]``: ``(feats, scores, contributions, rest, target)``,
-    the feature map ``[B, D, h, w]``, its :func:`_cell_terms` and the target classes ``[B]``."""
-    with _eval_mode(model):
-        return _feature_terms(model, model.forward_features(images), target)
-
-
-def _feature_terms(model: EfficientNetV2, feats: torch.Tensor, target):
-    """:func:`_image_terms` from the feature map ``[B, D, h, w]`` (the head only)."""
-    with _eval_mode(model):
-        return (feats, *_cell_terms(model, feats), _targets(model.forward_head(feats), target))
+    return scores, contributions, rest, target
 
 
 @torch.no_grad()
 def class_attribution(model: EfficientNetV2, images: torch.Tensor, target=None,
                       return_rest: bool = False):
-    """Each head's and grid cell's additive share of the target logit.
-
-    ``images`` ``[B, 3, H, W]`` (preprocessed) → ``[B, heads, h, w]`` (average pooling: heads = 1),
-    float64, such that ``attribution.sum((1, 2, 3)) + rest == logit[target]`` exactly (to float
-    rounding). ``target``: a class index, or one per image ``[B]``; default the predicted class.
-    With ``return_rest=True`` also returns ``rest`` ``[B]``: the classifier bias (plus, for an
-    attention pool, the output projection's bias through the classifier), the same for every image.
+    """Each head's and grid cell's additive share of the target logit, float64: ``images`` ``[B, 3, H, W]``
+    (preprocessed) → ``[B, heads, h, w]`` (average pooling: heads = 1) whose sum plus ``rest`` ``[B]`` (returned
+    too with ``return_rest=True``; the same for every image) is the logit. ``target``: a class index, or one per
+    image ``[B]``; default the predicted class.
     """
-    feats, scores, contributions, rest, target = _image_terms(model, images, target)
+    feats = features(model, images)
+    scores, contributions, rest, target = _terms(model, feats, target)
     maps = _shares(scores, contributions, target, feats.shape[-2:])
     return (maps, rest[target]) if return_rest else maps
 
 
 def gradcam(model: EfficientNetV2, images: torch.Tensor, target=None) -> torch.Tensor:
-    """Grad-CAM (Selvaraju et al., 2017) on the last feature map (after the head's 1x1 conv).
-
-    ``images`` ``[B, 3, H, W]`` → ``[B, 1, h, w]``: ReLU of the channels weighted by the mean gradient
-    of the target logit over the grid. ``target`` as in :func:`class_attribution`.
-    """
-    with _eval_mode(model), torch.no_grad():
-        feats = model.forward_features(images)
-    return _gradcam_of_features(model, feats, target)
+    """Grad-CAM (Selvaraju et al., 2017) on the last feature map: ``images`` ``[B, 3, H, W]`` → ``[B, 1, h, w]``,
+    ReLU of the channels weighted by the target logit's mean gradient. ``target`` as in :func:`class_attribution`."""
+    return _gradcam_of_features(model, features(model, images), target)
 
 
 def _gradcam_of_features(model: EfficientNetV2, feats: torch.Tensor, target=None) -> torch.Tensor:
@@ -134,8 +103,8 @@ def _gradcam_of_features(model: EfficientNetV2, feats: torch.Tensor, target=None
 
 
 def _ranked_keep_masks(maps: torch.Tensor, cells: int, delete: bool) -> torch.Tensor:
-    """``[B, L+1, L]`` masks, step k keeping (deletion) all but the k best-ranked cells, or (insertion)
-    only the k best. Cells rank by the maps' sum over heads, best first; ties by position."""
+    """``[B, L+1, L]`` masks, step k keeping all but (deletion) or only (insertion) the k cells that rank first by
+    the maps' sum over heads; ties by position."""
     ranking = maps.flatten(2).sum(1) if maps.dim() == 4 else maps.flatten(1)
     if ranking.shape[-1] != cells:
         raise ValueError(f"maps cover {ranking.shape[-1]} cells but the model's feature grid has {cells}: "
@@ -152,11 +121,11 @@ def removal_curves(model: EfficientNetV2, images: torch.Tensor, maps: dict[str, 
                    target=None) -> dict[str, dict[str, torch.Tensor]]:
     """:func:`removal_curve` for several maps of the same images, from one forward pass:
     ``{name: {"deletion": [B, L+1], "insertion": [B, L+1]}}`` for ``maps = {name: [B, heads, h, w]}``."""
-    return _curves(*_image_terms(model, images, target), maps)
+    feats = features(model, images)
+    return _curves(feats, *_terms(model, feats, target), maps)
 
 
 def _curves(feats, scores, contributions, rest, target, maps: dict[str, torch.Tensor]) -> dict:
-    """:func:`removal_curves` from :func:`_image_terms`' pieces."""
     cells = feats.shape[-2] * feats.shape[-1]
 
     def curve(keep: torch.Tensor) -> torch.Tensor:
@@ -174,13 +143,9 @@ def _curves(feats, scores, contributions, rest, target, maps: dict[str, torch.Te
 
 def removal_curve(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None,
                   mode: str = "deletion") -> torch.Tensor:
-    """Target probability as cells are removed (``mode="deletion"``) or added (``"insertion"``) in the
-    order ``maps`` ranks them. Returns ``[B, L+1]``: step k has k cells removed (or present).
-
-    Removing a cell masks it out of the attention pool's keys (the softmax renormalises over the rest;
-    the query stays the one of the whole image) or zeroes it in the average (the rest keep weight
-    1/HW). With no cell present the pooled vector contributes nothing: the logits are the rest.
-    """
+    """Target probability ``[B, L+1]`` as the k cells ``maps`` ranks first are removed (``mode="deletion"``) or
+    alone present (``"insertion"``): masked out of the attention pool's keys (the query stays the whole image's)
+    or zeroed in the average; with no cell present the logits are the rest."""
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     return removal_curves(model, images, {"map": maps}, target)["map"][mode]
@@ -192,22 +157,19 @@ def curve_auc(curve: torch.Tensor) -> torch.Tensor:
 
 
 def deletion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None) -> torch.Tensor:
-    """Area under the target probability as the cells ``maps`` ``[B, heads, h, w]`` ranks first are
-    removed, per image ``[B]``: lower is better (the map found what the class depends on)."""
+    """Per image ``[B]``, the area under :func:`removal_curve`'s deletion curve: lower is better."""
     return curve_auc(removal_curve(model, images, maps, target, "deletion"))
 
 
 def insertion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None) -> torch.Tensor:
-    """Area under the target probability as the cells ``maps`` ranks first are added to an empty
-    grid, per image ``[B]``: higher is better."""
+    """Per image ``[B]``, the area under :func:`removal_curve`'s insertion curve: higher is better."""
     return curve_auc(removal_curve(model, images, maps, target, "insertion"))
 
 
 def deletion_summary(curve: torch.Tensor, label: str, cells: int | None = None) -> str:
-    """A deletion curve ``[L+1]`` (one image, :func:`removal_curve`) in plain words, e.g. "removing the
-    3 cells this map ranks first drops P(star) from 0.98 to 0.12". ``cells``: how many (default: a
-    tenth of the grid, at least 1). Near 0 or 1 the probabilities get the decimals that tell them apart
-    (a confident model's "from 1.000 to 0.997"), up to 6."""
+    """One image's deletion curve ``[L+1]`` in words, e.g. "removing the 3 cells this map ranks first drops
+    P(star) from 0.98 to 0.12", after ``cells`` (default: a tenth of the grid), with the decimals (up to 6) that
+    tell the two probabilities apart."""
     steps = curve.shape[-1] - 1
     k = max(1, round(steps / 10)) if cells is None else min(max(1, cells), steps)
     before, after = float(curve[0]), float(curve[k])
@@ -228,12 +190,8 @@ LISTED_CLASSES = 20     # a model of at most this many classes has them listed (
 
 @dataclass
 class Why:
-    """Everything the demo says about one image and one class, from one backbone forward.
-
-    ``shares`` ``[heads, h, w]``: :func:`class_attribution`; ``heads`` ``[heads, h, w]``: the attention
-    maps (the pooled query's, or an average pool's parameter-free self-attention); ``maps``: each map kind
-    ``[h, w]`` by name, the random one last; ``deletion``: each kind's deletion curve ``[L+1]``.
-    """
+    """What the demo says about one image and class: ``shares`` (:func:`class_attribution`) and attention ``heads``
+    ``[heads, h, w]``, each map kind ``[h, w]`` by name (the random one last) and its ``deletion`` curve ``[L+1]``."""
     target: int
     probs: torch.Tensor
     shares: torch.Tensor
@@ -247,8 +205,8 @@ class Why:
 
 
 def map_kinds(model: EfficientNetV2) -> list[str]:
-    """The maps worth showing first for this model, best known first: an attention pool's exact attribution,
-    its attention and Grad-CAM; an average pool's CAM and Grad-CAM (its self-attention has no learned weights)."""
+    """The map kinds worth showing first for this model, best known first (an average pool's self-attention has
+    no learned weights)."""
     return [ATTRIBUTION, ATTENTION, GRADCAM] if model.head.attn_pool is not None else [CAM, GRADCAM]
 
 
@@ -261,30 +219,27 @@ def features(model: EfficientNetV2, images: torch.Tensor) -> torch.Tensor:
 
 def why(model: EfficientNetV2, feats: torch.Tensor, target: int | None = None, seed: int = 0) -> Why:
     """Why class ``target`` (default: the predicted one) for one image's feature map ``feats`` ``[1, D, h, w]``:
-    its attribution, attention, Grad-CAM and a seeded random map, each map's deletion curve from the same
-    head pass. The head alone runs, so other classes of the same image cost no backbone forward."""
-    feats, scores, contributions, rest, targets = _feature_terms(model, feats[:1], target)
+    its maps and their deletion curves, from the head alone (another class costs no backbone forward)."""
+    feats = feats[:1]
+    scores, contributions, rest, targets = _terms(model, feats, target)
     with torch.no_grad():
         probs = model.forward_head(feats)[0].softmax(-1)
     shares = _shares(scores, contributions, targets, feats.shape[-2:])[0]
+    cam = _gradcam_of_features(model, feats, targets)[0, 0]
     if scores is not None:
         heads = scores.softmax(-1).unflatten(-1, feats.shape[-2:])[0].float()
-    else:
-        heads = self_attention_maps(feats, model.num_heads)[0]
-    cam = _gradcam_of_features(model, feats, targets)[0, 0]
-    noise = torch.rand(feats.shape[-2:], generator=torch.Generator().manual_seed(seed))
-    if scores is not None:
         maps = {ATTRIBUTION: shares.sum(0), ATTENTION: heads.mean(0), GRADCAM: cam}
     else:
+        heads = self_attention_maps(feats, model.num_heads)[0]
         maps = {CAM: shares.sum(0), GRADCAM: cam, FEATURE_ATTENTION: heads.mean(0)}
-    maps[RANDOM] = noise
+    maps[RANDOM] = torch.rand(feats.shape[-2:], generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         curves = _curves(feats, scores, contributions, rest, targets, {k: m[None, None] for k, m in maps.items()})
     return Why(int(targets[0]), probs, shares, heads, maps, {k: c["deletion"][0] for k, c in curves.items()})
 
 
 def _shares(scores, contributions, target, grid) -> torch.Tensor:
-    """:func:`class_attribution` from :func:`_cell_terms`' pieces and the targets ``[B]``: ``[B, heads, h, w]``."""
+    """:func:`class_attribution` from :func:`_terms`' pieces and the targets ``[B]``: ``[B, heads, h, w]``."""
     share = contributions[torch.arange(len(contributions)), :, :, target]  # [B, h, L]
     if scores is not None:
         share = share * scores.softmax(-1)
@@ -292,14 +247,13 @@ def _shares(scores, contributions, target, grid) -> torch.Tensor:
 
 
 def region_cells(cells: int) -> int:
-    """How many cells "the highlighted region" holds: a quarter of the grid (a tenth of a small grid
-    changes little), at least one."""
+    """How many cells "the highlighted region" holds: a quarter of the grid (a tenth of a small one changes little)."""
     return max(1, cells // 4)
 
 
 def answer_sentence(label: str, prob: float, curve: torch.Tensor) -> str:
-    """The one-line answer for a map's deletion curve ``[L+1]`` of the shown class, e.g. "star, 100% sure:
-    mostly from the highlighted region; hiding it drops the score to 0.73"."""
+    """The answer in a line from a map's deletion curve ``[L+1]``, e.g. "star, 100% sure: mostly from the
+    highlighted region; hiding it drops the score to 0.73"."""
     after = float(curve[region_cells(curve.shape[-1] - 1)])
     before = float(curve[0])
     if after < before - BEATS_RANDOM_BY:
@@ -309,9 +263,8 @@ def answer_sentence(label: str, prob: float, curve: torch.Tensor) -> str:
 
 
 def verdict(curves: dict[str, torch.Tensor], random: str = RANDOM) -> str:
-    """Which map explains this image best by the deletion test, in words, and how much it beats the
-    ``random`` map's area; the maps that do not beat it are named. ``curves``: each map's deletion curve
-    ``[L+1]`` (lower area: the map found what the class depends on)."""
+    """Which of ``curves`` (each map's deletion curve ``[L+1]``) explains this image best, by how much it beats the
+    ``random`` map's area, and the maps that do not beat it, in words."""
     aucs = {kind: float(curve_auc(curve)) for kind, curve in curves.items()}
     if random not in aucs or len(aucs) < 2:
         raise ValueError(f"verdict needs the {random!r} curve and at least one other, got {sorted(aucs)}")
@@ -338,8 +291,7 @@ def faithfulness_table(result: Why, label: str) -> str:
 
 
 def describe_model(labels: list[str], other_model: str | None = None) -> str:
-    """What a model of ``labels`` knows and what to do, in two sentences for a visitor; ``other_model``:
-    the name of a model the page also offers for photos outside these classes."""
+    """What a model of ``labels`` knows and what to do, in two sentences; ``other_model``: one offered for photos."""
     kind = "shapes" if set(labels) <= set(SHAPES) else "classes"
     if len(labels) > LISTED_CLASSES:
         known = f"This model knows {len(labels)} classes of everyday photos ({', '.join(labels[:3])}, …)."

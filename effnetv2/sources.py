@@ -1,17 +1,6 @@
-"""One resolver for every "where do the weights come from" string (the app, train.py, the CLIs).
-
-A source is one of:
-
-- a local folder written by ``save_pretrained`` or train.py (it holds ``config.json``);
-- a Hub id ``org/name``, optionally pinned as ``org/name@revision`` (branch, tag or commit);
-- ``torchvision:<variant>`` (``s``, ``m``, ``l``): torchvision's official ImageNet weights;
-- a weights file (``.pth``, ``.safetensors``, ...): a state dict without config, which only
-  train.py's ``--weights`` takes (it knows the variant and the classes);
-- ``none``: no weights (train.py from scratch).
-
-:func:`parse_source` reads the string once into a :class:`Source`; everything downstream looks at
-its fields instead of the string.
-"""
+"""One resolver for every "where do the weights come from" string (the app, train.py, the CLIs): a folder
+written by ``save_pretrained`` or train.py, a Hub id ``org/name[@revision]``, ``torchvision:<variant>``, a
+weights file (only train.py's ``--weights`` takes one) or ``none``. :func:`parse_source` reads it once."""
 from __future__ import annotations
 
 import os
@@ -26,8 +15,8 @@ from .model import EfficientNetV2
 
 TORCHVISION_PREFIX = "torchvision:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-
-SourceKind = Literal["folder", "hub", "torchvision", "weights", "none"]
+SOURCE_HELP = ("a folder written by save_pretrained or train.py, a Hub id 'org/name' (optionally 'org/name@revision'), "
+           "or 'torchvision:s' / 'torchvision:m' / 'torchvision:l' (official ImageNet weights)")  # for messages
 
 
 @dataclass(frozen=True)
@@ -35,7 +24,7 @@ class Source:
     """A parsed model source. ``kind`` says which fields are set: ``folder``/``weights``: ``path``;
     ``hub``: ``repo_id`` and ``revision`` (None: the default branch); ``torchvision``: ``variant``."""
 
-    kind: SourceKind
+    kind: Literal["folder", "hub", "torchvision", "weights", "none"]
     text: str  # as the user gave it, for messages
     repo_id: str | None = None
     revision: str | None = None
@@ -43,29 +32,22 @@ class Source:
     variant: str | None = None
 
 
-def describe_sources() -> str:
-    """What a model source may be, for error and help messages."""
-    return ("a folder written by save_pretrained or train.py, a Hub id 'org/name' (optionally "
-            "'org/name@revision'), or 'torchvision:s' / 'torchvision:m' / 'torchvision:l' (official ImageNet weights)")
-
-
 def _looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~", "\\")) or text.count("/") > 1 or "\\" in text or ":" in text
 
 
 def parse_source(text: str | os.PathLike | Source) -> Source:
-    """The :class:`Source` that ``text`` names (see the module docstring); a ``Source`` is returned as is.
+    """The :class:`Source` that ``text`` names; a ``Source`` is returned as is.
 
-    An existing local folder or file wins over a Hub id of the same name. A string that looks like a
-    path (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``C:\\x``) is a folder even when it does not exist:
-    loading it says so. Raises ``ValueError`` with what to do for an empty string, an unknown
-    torchvision variant, ``org/name@`` without a revision, or text that is none of the above.
+    An existing folder or file wins over a Hub id of the same name; a string that looks like a path
+    (``./x``, ``~/x``, ``a/b/c``, ``C:\\x``) is a folder even when it does not exist. Raises ``ValueError``
+    with what to do for text that names no source.
     """
     if isinstance(text, Source):
         return text
     text = str(text).strip()
     if not text:
-        raise ValueError(f"the model source is empty: give {describe_sources()}")
+        raise ValueError(f"the model source is empty: give {SOURCE_HELP}")
     if text.lower() == "none":
         return Source("none", text)
     if text.lower().startswith(TORCHVISION_PREFIX):
@@ -86,21 +68,18 @@ def parse_source(text: str | os.PathLike | Source) -> Source:
         return Source("hub", text, repo_id=repo, revision=revision or None)
     if _looks_like_path(text):
         return Source("folder", text, path=path)
-    raise ValueError(f"model source {text!r} not understood: give {describe_sources()}")
+    raise ValueError(f"model source {text!r} not understood: give {SOURCE_HELP}")
 
 
 def load_model(source: str | os.PathLike | Source, **kwargs) -> EfficientNetV2:
-    """The ``EfficientNetV2`` (eval mode) that ``source`` names (a string, see :func:`parse_source`).
-
-    ``kwargs`` (``num_classes``, ``map_location``, ...) go to ``EfficientNetV2.from_pretrained``
-    for folders and Hub ids. Raises ``ValueError`` with what to do for anything else, including a
-    bare weights file (``.pth``/``.safetensors`` carry no config) and ``none``.
-    """
+    """The ``EfficientNetV2`` (eval mode) that ``source`` names (see :func:`parse_source`); ``kwargs`` go to
+    ``from_pretrained`` for folders and Hub ids. Raises ``ValueError`` with what to do for a weights file
+    (no config), ``none`` or a folder without ``config.json``."""
     source = parse_source(source)
     text, path = source.text, source.path
     if source.kind == "none":
         raise ValueError(f"{text!r} names no model ('none' is train.py --weights' way to train from scratch): "
-                         f"give {describe_sources()}")
+                         f"give {SOURCE_HELP}")
     if source.kind == "torchvision":
         if kwargs:
             raise ValueError(f"{text!r}: options {sorted(kwargs)} apply to folders and Hub ids only")
@@ -111,14 +90,14 @@ def load_model(source: str | os.PathLike | Source, **kwargs) -> EfficientNetV2:
         return EfficientNetV2.from_pretrained(source.repo_id, revision=source.revision, **kwargs)
     if source.kind == "weights":
         if path.suffix.lower() not in WEIGHT_SUFFIXES:
-            raise ValueError(f"{text} is a file, not a model: give {describe_sources()}")
+            raise ValueError(f"{text} is a file, not a model: give {SOURCE_HELP}")
         where = "is a weights file" if path.is_file() else "looks like a weights file (and does not exist)"
         raise ValueError(f"{text} {where}, not a full model: weights alone do not say which variant, classes "
                          f"and preprocessing they belong to. Use the folder that holds them with their "
                          f"config.json, convert them with `python -m effnetv2.convert`, or pass them to "
                          f"train.py --weights.")
     if not path.is_dir():
-        raise ValueError(f"{text}: no such folder. Give {describe_sources()}")
+        raise ValueError(f"{text}: no such folder. Give {SOURCE_HELP}")
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is a folder without config.json: point at a folder written by "
                          f"save_pretrained or train.py")

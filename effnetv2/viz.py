@@ -1,11 +1,8 @@
-"""Pictures of attention: heat maps over images, a colour bar, galleries, and the maths as Markdown.
-
-Pure functions of tensors and PIL images (no UI code): ``app.py`` and notebooks use them alike.
-Maps are ``[h, w]`` grids of the feature map, never assumed square, and are upsampled by nearest
-neighbour so that each grid cell stays a visible block.
-"""
+"""Pictures of attention for the app and notebooks: heat maps over images (each ``[h, w]`` grid cell a visible
+block, grids never assumed square), colour bars, galleries, charts, and the maths as Markdown."""
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -43,9 +40,8 @@ def feature_grid(model, x: torch.Tensor | None = None) -> tuple[int, int]:
 
 
 def cell_from_click(xy: tuple[float, float], image_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
-    """A click at pixel ``(x, y)`` of an image of ``image_size = (width, height)`` → the ``(row, col)``
-    cell of a ``grid = (rows, cols)`` feature grid laid over the whole image (clicks outside are
-    clamped to the nearest cell). The same cells :func:`upsample_nearest` paints."""
+    """A click at pixel ``(x, y)`` of an image of ``image_size = (width, height)`` → the ``(row, col)`` cell (the
+    nearest for clicks outside) of a ``grid = (rows, cols)`` laid over it, as :func:`upsample_nearest` paints."""
     (x, y), (width, height), (rows, cols) = xy, image_size, grid
     row = min(rows - 1, max(0, int(y * rows // height)))
     col = min(cols - 1, max(0, int(x * cols // width)))
@@ -61,10 +57,8 @@ def cell_box(cell: tuple[int, int], grid: tuple[int, int], image_size: tuple[int
 
 
 def upsample_nearest(values: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A ``[h, w]`` map → ``[height, width]`` for ``size = (width, height)`` by block replication:
-    pixel ``(x, y)`` takes cell ``(y * h // height, x * w // width)``. When the size is a multiple of
-    the grid every cell becomes an equal ``height/h`` x ``width/w`` block (``np.repeat``); otherwise
-    blocks differ by at most one pixel. Grids need not be square."""
+    """A ``[h, w]`` map → ``[height, width]`` for ``size = (width, height)``, pixel ``(x, y)`` taking cell
+    ``(y * h // height, x * w // width)``: equal blocks, or blocks one pixel apart where sizes do not divide."""
     values = np.asarray(values)
     if values.ndim != 2:
         raise ValueError(f"expected a [h, w] map, got shape {list(values.shape)}")
@@ -94,6 +88,10 @@ def overlay(image: Image.Image, attn, alpha: float = 0.55, vmax: float | None = 
 TICK_FONT_PX = 16  # colour-bar labels: still >= 10 px when a gallery shows the picture at 2/3 size
 
 
+def _tick(value: float, vmin: float, vmax: float) -> str:
+    return f"{0.0 if abs(value) < 1e-9 * max(abs(vmin), abs(vmax)) else value:.3g}"  # no "-0"
+
+
 def colorbar(height: int, vmin: float, vmax: float, width: int = 14, cmap: str = "inferno",
              ticks: int = 3) -> Image.Image:
     """A vertical colour bar ``height`` pixels tall: ``vmax`` at the top, ``vmin`` at the bottom,
@@ -101,7 +99,7 @@ def colorbar(height: int, vmin: float, vmax: float, width: int = 14, cmap: str =
     font = ImageFont.load_default(size=TICK_FONT_PX)
     fracs = [i / max(ticks - 1, 1) for i in range(ticks)]  # 0 at the top
     values = [vmax - frac * (vmax - vmin) for frac in fracs]
-    labels = [f"{0.0 if abs(v) < 1e-9 * max(abs(vmin), abs(vmax)) else v:.3g}" for v in values]  # no "-0"
+    labels = [_tick(value, vmin, vmax) for value in values]
     label_w = max(round(font.getlength(label)) for label in labels) + 2
     ramp = colormap(np.linspace(1, 0, height)[:, None].repeat(width, 1), cmap)
     bar = Image.new("RGB", (width + 5 + label_w, height), "white")
@@ -126,12 +124,8 @@ def with_colorbar(image: Image.Image, vmin: float, vmax: float, width: int = 14,
 
 def head_gallery(view: Image.Image, maps: torch.Tensor, alpha: float = 0.55,
                  shared_scale: bool = False) -> list[tuple[Image.Image, str]]:
-    """One overlay of the mean of ``maps`` ``[h, rows, cols]`` (first: the summary) and one per head, each with a colour
-    bar and a caption giving the head's peak weight and where it is.
-
-    Each picture is scaled from 0 to its own peak, or to the peak over all heads with
-    ``shared_scale=True`` (then the heads' brightness can be compared).
-    """
+    """Overlays of the mean of ``maps`` ``[h, rows, cols]``, then each head's, with colour bars from 0 to each
+    one's peak (``shared_scale``: all heads' peak) and captions saying the peak and where it is."""
     maps = maps.detach().float().cpu()
     entries = [("mean of heads", maps.mean(0))] + [(f"head {i + 1}", maps[i]) for i in range(maps.shape[0])]
     top = float(maps.max()) if shared_scale else None
@@ -150,9 +144,8 @@ SIGNED_CMAP = "RdBu_r"  # diverging: red pushes towards the class, blue against 
 
 def attribution_gallery(view: Image.Image, shares: torch.Tensor, label: str,
                         alpha: float = 0.6) -> list[tuple[Image.Image, str]]:
-    """One overlay of the signed class shares ``[heads, rows, cols]`` (``explain.class_attribution``) summed
-    over heads (first: the summary) and one per head, on a diverging colour map centred on 0 with one scale for all, so
-    colours compare across pictures. Captions give each head's total share of ``label``'s logit."""
+    """Overlays of the signed class shares ``[heads, rows, cols]`` summed over heads, then each head's, on one
+    diverging scale centred on 0; captions give each one's total share of ``label``'s logit."""
     shares = shares.detach().double().cpu()
     entries = [(f"head {i + 1}", shares[i]) for i in range(shares.shape[0])]
     if shares.shape[0] > 1:
@@ -197,26 +190,19 @@ EXPLANATION_PX = 448  # the main picture: a 6x6 grid's cells are 75 px blocks; a
 
 def explanation_picture(view: Image.Image, values: torch.Tensor, region: int, signed: bool,
                         size: int = EXPLANATION_PX) -> Image.Image:
-    """The answer's picture: ``view`` at ``size`` px with the map ``values`` ``[rows, cols]`` over it, the
-    ``region`` cells it ranks first outlined, and its colour bar (signed maps: red for the class, blue
-    against, centred on 0; others from 0 to their peak)."""
+    """``view`` at ``size`` px with the map ``values`` ``[rows, cols]`` over it, the ``region`` cells it ranks first
+    outlined, and its colour bar (``signed``: red for the class, blue against; else from 0 to the peak)."""
     values = values.detach().double().cpu()
-    big = view.resize((size, size), Image.BICUBIC)
-    if signed:
-        top = max(float(values.abs().max()), 1e-12)
-        picture = overlay(big, values.numpy(), 0.6, vmax=top, vmin=-top, cmap=SIGNED_CMAP)
-        low, cmap = -top, SIGNED_CMAP
-    else:
-        top = max(float(values.max()), 1e-12)
-        picture, low, cmap = overlay(big, values.numpy(), 0.55, vmax=top), 0.0, "inferno"
-    picture = region_outline(picture, top_cells(values, region))
-    return with_colorbar_below(picture, low, top, cmap=cmap)
+    top = max(float(values.abs().max() if signed else values.max()), 1e-12)
+    low, cmap, alpha = (-top, SIGNED_CMAP, 0.6) if signed else (0.0, "inferno", 0.55)
+    picture = overlay(view.resize((size, size), Image.BICUBIC), values.numpy(), alpha, vmax=top, vmin=low, cmap=cmap)
+    return with_colorbar_below(region_outline(picture, top_cells(values, region)), low, top, cmap=cmap)
 
 
 def with_colorbar_below(image: Image.Image, vmin: float, vmax: float, height: int = 14, cmap: str = "inferno",
                         ticks: int = 5) -> Image.Image:
-    """``image`` with a horizontal colour bar of ``[vmin, vmax]`` under it, ``ticks`` labelled values
-    (a bar beside the picture would sit under the page's picture buttons and shrink it on a phone)."""
+    """``image`` with a colour bar of ``[vmin, vmax]`` under it (beside it, it would sit under the page's picture
+    buttons and shrink the picture on a phone), ``ticks`` labelled values."""
     font = ImageFont.load_default(size=TICK_FONT_PX)
     width = image.width
     canvas = Image.new("RGB", (width, image.height + 6 + height + 4 + TICK_FONT_PX + 4), "white")
@@ -227,7 +213,7 @@ def with_colorbar_below(image: Image.Image, vmin: float, vmax: float, height: in
     for i in range(ticks):
         frac = i / (ticks - 1)
         value = vmin + frac * (vmax - vmin)
-        label = f"{0.0 if abs(value) < 1e-9 * max(abs(vmin), abs(vmax)) else value:.3g}"  # no "-0"
+        label = _tick(value, vmin, vmax)
         x = round(frac * (width - 1))
         draw.line([(x, top + height), (x, top + height + 3)], fill="black")
         text_x = min(max(0, x - round(font.getlength(label)) // 2), width - round(font.getlength(label)))
@@ -235,33 +221,33 @@ def with_colorbar_below(image: Image.Image, vmin: float, vmax: float, height: in
     return canvas
 
 
+def _png(figure) -> bytes:
+    """A matplotlib ``Figure`` (no pyplot: no backend, nothing to close) as PNG bytes."""
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def bar_chart(names: list[str], values: list[float], ylabel: str) -> Image.Image:
     """One bar per name, red above 0 (for the class) and blue below (against it), the maps' colours."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     signed = colormaps[SIGNED_CMAP]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 1.5), 3.2), dpi=100)
+    figure = Figure(figsize=(max(4.0, 0.6 * len(names) + 1.5), 3.2), dpi=100)
+    ax = figure.subplots()
     ax.bar(names, values, color=[signed(0.85) if v >= 0 else signed(0.15) for v in values])
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel(ylabel)
     ax.tick_params(axis="x", labelrotation=45 if len(names) > 4 else 0)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return Image.open(buffer).convert("RGB")
+    return Image.open(io.BytesIO(_png(figure))).convert("RGB")
 
 
 def grid_image(view: Image.Image, grid: tuple[int, int], cell: tuple[int, int] | None = None,
                attn: torch.Tensor | None = None) -> Image.Image:
-    """``view`` with the feature grid drawn on it and the query ``cell`` outlined (the cells are those
-    of :func:`cell_from_click`); with ``attn`` ``[rows, cols]``, that query's attention over it first."""
+    """``view`` with the feature grid (:func:`cell_from_click`'s cells) and the query ``cell`` outlined on it, over
+    that query's attention ``attn`` ``[rows, cols]`` if given."""
     picture = (overlay(view, np.asarray(attn, dtype=np.float64)) if attn is not None else view).convert("RGB").copy()
     draw = ImageDraw.Draw(picture)
     rows, cols = grid
@@ -280,8 +266,8 @@ def grid_image(view: Image.Image, grid: tuple[int, int], cell: tuple[int, int] |
 
 def with_axis_ticks(picture: Image.Image, cell_px: int, row_labels: list[str], col_labels: list[str],
                     row_title: str = "", col_title: str = "") -> Image.Image:
-    """``picture`` (a matrix drawn ``cell_px`` pixels per entry) with tick labels left of its rows and
-    above its columns (every n-th row or column when they would overlap) and optional axis titles."""
+    """``picture`` (a matrix drawn ``cell_px`` pixels per entry) with tick labels left of its rows and above its
+    columns (every n-th where they would overlap) and optional axis titles."""
     font = ImageFont.load_default(size=TICK_FONT_PX)
     left = max(round(font.getlength(text)) for text in [*row_labels, row_title]) + 8
     col_w = max(round(font.getlength(text)) for text in col_labels) + 4
@@ -306,9 +292,8 @@ def with_axis_ticks(picture: Image.Image, cell_px: int, row_labels: list[str], c
 def matrix_image(matrix: torch.Tensor | np.ndarray, cell_px: int | None = None,
                  highlight_row: int | None = None, row_labels: list[str] | None = None,
                  col_labels: list[str] | None = None, row_title: str = "", col_title: str = "") -> Image.Image:
-    """A ``[rows, cols]`` matrix as a heat map (each entry a square block) with a colour bar from
-    ``min(0, min)`` to ``max`` of the values (scores may be negative; weights start at 0), and with
-    ``row_labels`` and ``col_labels`` given, tick labels (:func:`with_axis_ticks`)."""
+    """A ``[rows, cols]`` matrix as a heat map of square blocks with a colour bar from ``min(0, min)`` to ``max``,
+    and tick labels (:func:`with_axis_ticks`) when both label lists are given."""
     values = np.asarray(matrix, dtype=np.float64)
     rows, cols = values.shape
     cell_px = cell_px or max(4, min(48, 384 // max(rows, cols)))
@@ -325,8 +310,8 @@ def matrix_image(matrix: torch.Tensor | np.ndarray, cell_px: int | None = None,
 
 def score_matrix_image(all_weights: torch.Tensor, query: tuple[int, int] | None = None,
                        grid: tuple[int, int] | None = None) -> Image.Image:
-    """The query-by-key weights ``[h, L, L]`` averaged over heads; with ``query = (row, col)`` and the
-    ``grid = (rows, cols)`` it lives on, that query's row is outlined."""
+    """The query-by-key weights ``[h, L, L]`` averaged over heads, the row of ``query = (row, col)`` on ``grid``
+    outlined."""
     mean = all_weights.detach().float().mean(0).cpu().numpy()
     row = None
     if query is not None:
@@ -359,8 +344,8 @@ def walkthrough_markdown(walk: dict) -> str:
 
 
 def textbook_gallery(example: dict, which: str = "weights") -> list[tuple[Image.Image, str]]:
-    """One heat map per head of ``walkthrough.textbook_example``: its softmax ``weights`` (default) or
-    its scaled ``scores`` before the softmax, each ``[L, L]`` (row = query, column = key)."""
+    """One heat map ``[L, L]`` (row = query, column = key) per head of ``walkthrough.textbook_example``: its
+    ``weights``, or its ``scores`` before the softmax."""
     if which not in ("weights", "scores"):
         raise ValueError(f"which must be 'weights' or 'scores', got {which!r}")
     matrices, d = example[which], example["head_dim"]
@@ -381,15 +366,11 @@ def textbook_markdown(example: dict) -> str:
 
 def confusion_matrix_png(matrix: torch.Tensor, classes: list[str], title: str = "") -> bytes:
     """The ``[C, C]`` confusion matrix (rows true, columns predicted) as PNG bytes, counts in the cells."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(2.0 + 0.7 * n, 1.6 + 0.6 * n), dpi=100)
+    figure = Figure(figsize=(2.0 + 0.7 * n, 1.6 + 0.6 * n), dpi=100)
+    ax = figure.subplots()
     ax.imshow(matrix.numpy(), cmap="Blues", vmin=0)
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
@@ -401,8 +382,4 @@ def confusion_matrix_png(matrix: torch.Tensor, classes: list[str], title: str = 
         for j in range(n):
             value = int(matrix[i, j])
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(figure)

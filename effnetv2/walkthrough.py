@@ -1,9 +1,5 @@
-"""The lesson behind the demo's Attention tab: every step of multi-head attention with its real tensors.
-
-``effnetv2.attention`` holds the layers; this module redoes their maths one step at a time (Q, K, V
-→ split heads → scaled scores → softmax → weighted sum → merge heads → output) and returns each
-step's formula, shape and first values, for ``viz.walkthrough_markdown`` and the app.
-"""
+"""The demo's attention lesson: ``effnetv2.attention``'s maths redone one step at a time, each step's formula,
+shape and first values returned (for ``viz.walkthrough_markdown``)."""
 from __future__ import annotations
 
 import math
@@ -16,8 +12,7 @@ from .attention import (MultiHeadSelfAttention, _check_heads, check_cell, merge_
 
 
 def _step(name: str, formula: str, tensors: torch.Tensor | dict[str, torch.Tensor], n: int = 4) -> dict:
-    """One walk-through step: its name, a LaTeX formula, the shape(s), and the first ``n`` values of
-    the first row (``sample_at`` says where, e.g. ``[0, 0, 0, :4]``)."""
+    """A step: its name, LaTeX formula, shape(s), and the first ``n`` values of the first row (at ``sample_at``)."""
     main = tensors if isinstance(tensors, torch.Tensor) else next(iter(tensors.values()))
     shape = list(main.shape) if isinstance(tensors, torch.Tensor) else {k: list(v.shape) for k, v in tensors.items()}
     row = main.detach()[(0,) * (main.dim() - 1)]
@@ -27,23 +22,18 @@ def _step(name: str, formula: str, tensors: torch.Tensor | dict[str, torch.Tenso
 
 
 def attention_steps(queries: torch.Tensor, tokens: torch.Tensor, num_heads: int,
-                    attn: MultiHeadSelfAttention | None = None, query_formula: str = r"Q = X W_Q") -> dict:
-    """The steps of multi-head attention from ``queries`` ``[B, Lq, D]`` over ``tokens`` ``[B, L, D]``.
-
-    With ``attn`` the learned projections are used; with ``attn=None`` it is parameter-free
-    (``Q = queries``, ``K = V = tokens``, no output projection). Returns ``steps`` (Q/K/V → split
-    heads → scaled scores → softmax → weighted sum → merge heads → output, see ``_step``), the
-    scaled ``scores`` and softmax ``weights`` ``[B, h, Lq, L]``, and ``output`` ``[B, Lq, D]``.
-    """
+                    attn: MultiHeadSelfAttention | None = None, query_of: str = "X") -> dict:
+    """The steps of ``queries`` ``[B, Lq, D]`` (``query_of`` in LaTeX) over ``tokens`` ``[B, L, D]`` with ``attn``'s
+    projections (None: parameter-free, K = V = tokens). Returns ``steps``, ``scores`` and ``weights``
+    ``[B, h, Lq, L]`` (before and after the softmax) and ``output`` ``[B, Lq, D]``."""
     learned = attn is not None
     if learned and attn.num_heads != num_heads:
         raise ValueError(f"num_heads={num_heads} does not match the module's {attn.num_heads} heads")
-    identity = nn.Identity()
-    project_q, project_k, project_v, project_out = ((attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj)
-                                                    if learned else (identity,) * 4)
+    project_q, project_k, project_v, project_out = (
+        (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj) if learned else (nn.Identity(),) * 4)
     q, k, v = project_q(queries), project_k(tokens), project_v(tokens)
-    kv_formula = r",\; K = X W_K,\; V = X W_V" if learned else r",\; K = V = X"
-    steps = [_step("queries, keys, values", query_formula + kv_formula, {"Q": q, "K": k, "V": v})]
+    kv_formula = r" W_Q,\; K = X W_K,\; V = X W_V" if learned else r",\; K = V = X"
+    steps = [_step("queries, keys, values", f"Q = {query_of}" + kv_formula, {"Q": q, "K": k, "V": v})]
     qh, kh, vh = (split_heads(t, num_heads) for t in (q, k, v))
     d = qh.shape[-1]
     steps.append(_step("split into heads", rf"Q_i, K_i, V_i = \text{{channels }} [{d}i, {d}(i+1))\ "
@@ -64,78 +54,61 @@ def attention_steps(queries: torch.Tensor, tokens: torch.Tensor, num_heads: int,
 @torch.no_grad()
 def self_attention_walkthrough(tokens: torch.Tensor, attn: MultiHeadSelfAttention | None = None,
                                num_heads: int | None = None, query_index: int | None = None) -> dict:
-    """Every step of multi-head self-attention of ``tokens`` ``[B, L, D]``.
-
-    ``attn``: the module whose weights to use (None: parameter-free, Q = K = V = tokens, which
-    needs ``num_heads``). ``query_index``: follow only that token's query (default: all tokens).
-    Returns ``steps`` (tokens first, then those of :func:`attention_steps`), ``scores`` and
-    ``weights`` ``[B, h, Lq, L]``, ``output`` ``[B, Lq, D]`` (equal to ``attn(tokens)``, or its row
-    ``query_index``), ``num_heads`` and ``head_dim``.
-    """
+    """Every step of the self-attention of ``tokens`` ``[B, L, D]`` by ``attn`` (None: parameter-free, with
+    ``num_heads``), for every query or only token ``query_index``'s: :func:`attention_steps`' dict, the tokens
+    its first step, with ``num_heads`` and ``head_dim``."""
     if attn is None and num_heads is None:
         raise ValueError("give either attn (a MultiHeadSelfAttention) or num_heads for parameter-free attention")
     num_heads = attn.num_heads if num_heads is None else num_heads
-    queries, query_formula = tokens, r"Q = X W_Q" if attn is not None else r"Q = X"
+    queries, query_of = tokens, "X"
     if query_index is not None:
         if not 0 <= query_index < tokens.shape[1]:
-            raise ValueError(f"query_index {query_index} is outside the {tokens.shape[1]} tokens (0..{tokens.shape[1] - 1})")
-        queries = tokens[:, query_index:query_index + 1]
-        query_formula = rf"Q = X_{{{query_index}}} W_Q" if attn is not None else rf"Q = X_{{{query_index}}}"
-    result = attention_steps(queries, tokens, num_heads, attn, query_formula)
+            raise ValueError(f"query_index {query_index} is outside the {tokens.shape[1]} tokens "
+                             f"(0..{tokens.shape[1] - 1})")
+        queries, query_of = tokens[:, query_index:query_index + 1], f"X_{{{query_index}}}"
+    result = attention_steps(queries, tokens, num_heads, attn, query_of)
     result["steps"].insert(0, _step("tokens", r"X \in \mathbb{R}^{L \times D}", tokens))
     return {**result, "num_heads": num_heads, "head_dim": tokens.shape[-1] // num_heads}
 
 
 @torch.no_grad()
 def attention_walkthrough(model: nn.Module, x: torch.Tensor, query: tuple[int, int] | None = None) -> dict:
-    """Every step of the attention behind ``model.attention_maps`` for the first image of ``x``.
+    """Every step of the attention behind ``model.attention_maps`` for the first image of ``x``: the pool's (query:
+    the pooled one, or grid cell ``query``), or an average-pooled model's parameter-free attention of its
+    standardised feature tokens (query: ``query`` or the most attended cell).
 
-    Attention-pool models use the pool's learned projections (query: the pooled query, or the token
-    at grid cell ``query``); average-pooled models use parameter-free attention of the standardised
-    feature tokens (Q = K = V = tokens; query: ``query`` or the most attended cell).
-
-    Returns a dict: ``steps`` (list of ``{"name", "formula", "shape", "sample", "sample_at"}`` in
-    order: feature map → tokens → Q, K, V → split heads → scaled scores → softmax → weighted sum →
-    merged → output), ``maps`` ``[h, H, W]`` (the query's weights over the grid), ``all_weights``
-    ``[h, L, L]`` (every token as a query), ``grid`` ``(H, W)``, ``query``, ``num_heads``,
-    ``head_dim`` and ``output`` ``[D]`` (for the pooled query: the pool's output).
+    Returns ``steps`` (feature map, tokens, then :func:`attention_steps`'), ``maps`` ``[h, H, W]`` (the query's
+    weights), ``all_weights`` ``[h, L, L]`` (every token a query), ``grid``, ``query``, ``num_heads``,
+    ``head_dim`` and ``output`` ``[D]``.
     """
     feats = model.forward_features(x[:1])
     height, width = feats.shape[-2:]
     num_heads = model.num_heads
     pool = getattr(model.head, "attn_pool", None)
-    steps = [_step("feature map", r"F = \mathrm{backbone}(x)", feats)]
     if pool is not None:
-        tokens, attn = pool.tokens(feats), pool.attn
-        steps.append(_step("tokens", r"X = \mathrm{flatten}(W_p F + P)", tokens))
+        tokens, attn, made = pool.tokens(feats), pool.attn, r"\mathrm{flatten}(W_p F + P)"
     else:
-        tokens, attn = standardised_tokens(feats), None
-        steps.append(_step("tokens", r"X = \mathrm{standardise}(\mathrm{flatten}(F))", tokens))
+        tokens, attn, made = standardised_tokens(feats), None, r"\mathrm{standardise}(\mathrm{flatten}(F))"
+    steps = [_step("feature map", r"F = \mathrm{backbone}(x)", feats), _step("tokens", f"X = {made}", tokens)]
     all_weights = self_attention_walkthrough(tokens, attn, num_heads)["weights"][0]
     if query is None and pool is not None:
-        queries, formula = pool.pooled_query(tokens), r"Q = (\bar{X} + q_0) W_Q"
+        queries, query_of = pool.pooled_query(tokens), r"(\bar{X} + q_0)"
     else:
         if query is None:  # parameter-free: the most attended cell, as self_attention_maps
             query = divmod(int(all_weights.sum(dim=(0, 1)).argmax()), int(width))
         cell = check_cell(query, (height, width))
         query = (int(query[0]), int(query[1]))
-        queries = tokens[:, cell:cell + 1]
-        formula = rf"Q = X_{{{cell}}} W_Q" if pool is not None else rf"Q = X_{{{cell}}}"
-    result = attention_steps(queries, tokens, num_heads, attn, formula)
+        queries, query_of = tokens[:, cell:cell + 1], f"X_{{{cell}}}"
+    result = attention_steps(queries, tokens, num_heads, attn, query_of)
     return {"steps": steps + result["steps"], "maps": result["weights"][0, :, 0].unflatten(-1, (height, width)),
             "all_weights": all_weights, "grid": (int(height), int(width)), "query": query,
             "num_heads": num_heads, "head_dim": tokens.shape[-1] // num_heads, "output": result["output"][0, 0]}
 
 
 def textbook_example(num_tokens: int = 3, width: int = 768, num_heads: int = 12, seed: int = 0) -> dict:
-    """The textbook case: ``num_tokens`` random tokens of ``width`` channels through a freshly
-    initialised ``MultiHeadSelfAttention`` with ``num_heads`` heads (deterministic per ``seed``).
-
-    Returns ``tokens`` ``[1, L, D]``, each head's score matrix ``scores`` ``[h, L, L]`` (scaled,
-    before the softmax) and ``weights`` ``[h, L, L]`` (after it), ``output`` ``[1, L, D]``,
-    ``shapes`` (step → shape), ``steps`` (as :func:`self_attention_walkthrough`), ``num_heads`` and
-    ``head_dim``.
-    """
+    """``num_tokens`` random tokens of ``width`` channels through a new ``MultiHeadSelfAttention`` of ``num_heads``
+    heads, seeded: ``tokens`` ``[1, L, D]``, ``scores`` and ``weights`` ``[h, L, L]``, ``output`` ``[1, L, D]``,
+    ``shapes`` (step → shape), ``steps``, ``num_heads`` and ``head_dim``."""
     if not (1 <= num_tokens <= 256 and 1 <= width <= 8192 and 1 <= num_heads <= 256):
         raise ValueError(f"tokens must be 1..256, width 1..8192 and heads 1..256, got {num_tokens}, {width}, {num_heads}")
     _check_heads(width, num_heads, "width")

@@ -24,11 +24,12 @@ from PIL import Image
 
 import app
 from app_server import free_port
-from effnetv2 import EfficientNetV2, explain, transforms_for, viz
+from effnetv2 import EfficientNetV2, explain, loading, transforms_for, viz
 
 LABELS = ["circle", "hexagon", "square", "star", "triangle", "ring", "cross"]
 HEADS, WIDTH, SIZE = 4, 64, 64
 TOP = 5  # README: tab "Classify" gives the top-5 labels
+IMAGENET_TITLE = "ImageNet — EfficientNetV2-S, 1000 classes"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def predictor(model_dir):
     """The app serving the tiny model: ``app.MODELS`` for the module, its predictor returned."""
-    models, app.MODELS = app.MODELS, app.Models(str(model_dir))
+    models, app.MODELS = app.MODELS, app.Models(str(model_dir), app.NAMES)
     app.MODELS.start(str(model_dir), backend="torch")  # the e2e test covers the default runtime
     yield app.MODELS.get("")
     app.MODELS = models
@@ -73,7 +74,7 @@ def _top(result: dict) -> dict[str, float]:
 
 
 def test_page_says_what_the_model_knows_and_what_to_do(predictor):
-    header, picker, classes, views, query = app.open_page()
+    header, classes, views, query, picker = app.open_page()
     assert header.startswith(f"This model knows {len(LABELS)} classes: {', '.join(LABELS)}.")
     assert "pick ImageNet above" in header and header.count(". ") == 1  # two sentences
     assert [value for _, value in picker.choices] == [app.MODELS.main, "torchvision:s"]
@@ -499,7 +500,7 @@ def launched(monkeypatch):
     def fake_launch(self, **kwargs):
         seen.update(kwargs, queue=self._queue)
     monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
-    monkeypatch.setattr(app, "MODELS", app.Models(app.DEFAULT_MODEL))
+    monkeypatch.setattr(app, "MODELS", app.Models(app.DEFAULT_MODEL, app.NAMES))
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     return seen
@@ -567,26 +568,22 @@ def test_model_picker_loads_imagenet_s_on_first_use(predictor, photo, torchvisio
     assert "The map: CAM" in sentence or "The map: Grad-CAM" in sentence
 
 
-def test_model_picker_offline_says_so_once_in_a_visitors_words(predictor, tmp_path, monkeypatch, caplog):
-    """No path, no environment variable: the visitor reads that the model cannot be had and the page stays;
-    the developer's detail (what to set, where the file goes) is in the server log."""
+def test_model_picker_offline_says_so_once_in_a_visitors_words(predictor, tmp_path, monkeypatch):
+    """The visitor reads once that the model cannot be had (effnetv2.loading's message) and the page stays;
+    an API call gets it as the app's error."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no weights there
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    models = app.Models(str(app.MODELS.main))
+    models = app.Models(str(app.MODELS.main), app.NAMES)
     models.start(models.main, backend="torch")
     monkeypatch.setattr(app, "MODELS", models)  # ImageNet not loaded yet
-    with pytest.raises(gr.Error) as caught:
-        models.get("torchvision:s")
-    message = caught.value.message
-    assert message.startswith("ImageNet — EfficientNetV2-S, 1000 classes could not be loaded on this server")
-    assert "/" not in message.replace(" — ", "") and not re.search(r"[A-Z]{2,}_[A-Z_]+", message)
-    assert "HF_HUB_OFFLINE" in caplog.text or "offline" in caplog.text  # the log keeps the detail
-    with pytest.raises(gr.Error, match=r"Unknown model 'resnet'"):
-        models.get("resnet")
     with pytest.warns(UserWarning) as warned:  # a toast in the page, once
         name, header, classes, *_ = app.switch("torchvision:s")
     assert len(warned) == 1 and str(tmp_path) not in str(warned[0].message)
+    assert str(warned[0].message).startswith(f"{IMAGENET_TITLE} could not be loaded on this server")
     assert name == app.MODELS.main and len(classes.choices) == len(LABELS) + 1
+    with pytest.raises(gr.Error, match=r"Unknown model 'resnet'") as caught:
+        app.classify("unused.png", "resnet")
+    assert caught.value.title == "Unknown model"
 
 
 def _readme_commands(prefix: str) -> list[list[str]]:
@@ -653,13 +650,10 @@ def test_the_space_installs_the_apps_packages_with_cpu_torch_at_the_projects_pin
 @pytest.fixture()
 def own_models(predictor, monkeypatch):
     """A fresh ``app.MODELS`` on the tiny model (nothing else loaded, no failure remembered)."""
-    models = app.Models(app.MODELS.main)
+    models = app.Models(app.MODELS.main, app.NAMES, app.LOAD_WAITERS)
     models.start(models.main, backend="torch")
     monkeypatch.setattr(app, "MODELS", models)
     return models
-
-
-IMAGENET_TITLE = "ImageNet — EfficientNetV2-S, 1000 classes"
 
 
 def test_a_hung_model_load_never_holds_up_the_apps_own_model(own_models, photo, monkeypatch):
@@ -672,7 +666,7 @@ def test_a_hung_model_load_never_holds_up_the_apps_own_model(own_models, photo, 
         calls.append(source)
         release.wait(120)
         raise OSError("no answer")
-    monkeypatch.setattr(app, "load", hanging_load)
+    monkeypatch.setattr(loading, "load", hanging_load)
     monkeypatch.delenv("GRADIO_TEMP_DIR")  # the upload folder app.demo was built with, at import
     demo, port = app.demo, free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -700,59 +694,3 @@ def test_a_hung_model_load_never_holds_up_the_apps_own_model(own_models, photo, 
     assert app.LOAD_WAITERS == 1 and sorted(message.split(" (")[0] for message in messages) == [
         f"{IMAGENET_TITLE} could not be loaded on this server", *[f"{IMAGENET_TITLE} is loading"] * 3], messages
     assert not any("/" in message for message in messages)
-
-
-def test_a_download_that_never_answers_fails_in_time_and_shows_visitors_no_path(own_models, silent_proxy, tmp_path,
-                                                                                 monkeypatch, caplog):
-    """The real loader, TORCH_HOME empty, online, behind a proxy that never answers: the picker gets
-    "not available" within the download timeout, the log gets the why with the paths."""
-    import urllib.request
-
-    from effnetv2 import convert
-
-    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's opener, built on the proxy here, goes after
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(convert, "is_offline", lambda: False)
-    monkeypatch.setattr(convert, "DOWNLOAD_TIMEOUT_S", 1)
-    start = time.monotonic()
-    with pytest.raises(gr.Error, match="could not be loaded on this server") as caught:
-        own_models.get("torchvision:s", wait_s=app.LOAD_TIMEOUT_S)
-    assert time.monotonic() - start < 10
-    assert not any(text in caught.value.message for text in ("/", "TORCH_HOME", "HF_HUB_OFFLINE"))
-    assert "could not download" in caplog.text and str(tmp_path) in caplog.text
-
-
-def test_a_failed_model_load_is_remembered_for_a_while(own_models, monkeypatch):
-    """A load that failed (or outlived LOAD_TIMEOUT_S) is not retried on every request, only after
-    RETRY_AFTER_S, and its message names no server path or setting."""
-    calls, release = [], threading.Event()
-
-    def failing_load(source, backend="auto"):
-        calls.append(source)
-        release.wait(30)
-        raise OSError("could not download the weights: put that file at /srv/torch/hub (or set TORCH_HOME, "
-                      "unset HF_HUB_OFFLINE)")
-    monkeypatch.setattr(app, "load", failing_load)
-    models = own_models
-    monkeypatch.setattr(app, "LOAD_TIMEOUT_S", 0.5)  # a load that takes longer is given up ...
-    start = time.monotonic()
-    for _ in range(2):  # ... without starting another while it runs
-        with pytest.raises(gr.Error, match="could not be loaded"):
-            models.get("torchvision:s", wait_s=30)
-    assert time.monotonic() - start < 5 and calls == ["torchvision:s"]
-    release.set()
-    monkeypatch.setattr(app, "LOAD_TIMEOUT_S", 30)
-    deadline = time.monotonic() + 10
-    while "torchvision:s" in models._loading and time.monotonic() < deadline:  # the hung load ends, failed
-        time.sleep(0.05)
-    for _ in range(3):
-        with pytest.raises(gr.Error) as caught:
-            models.get("torchvision:s", wait_s=5)
-        message = caught.value.message
-        assert "could not be loaded" in message
-        assert not any(text in message for text in ("/", "TORCH_HOME", "HF_HUB_OFFLINE")), message
-    assert calls == ["torchvision:s"]  # remembered: not tried again
-    monkeypatch.setattr(app, "RETRY_AFTER_S", 0)  # the window has passed
-    with pytest.raises(gr.Error, match="could not be loaded"):
-        models.get("torchvision:s", wait_s=5)
-    assert calls == ["torchvision:s"] * 2

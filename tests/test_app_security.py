@@ -183,15 +183,20 @@ def test_a_huge_path_holds_no_compute_slot(http, image_events, files):
 
 def test_what_requests_write_is_reclaimed(monkeypatch, tmp_path):
     """Files written for visitors are deleted while the app runs: Gradio's ``delete_cache`` covers uploads and
-    its copies of answers (at most a day old), and the app's own pictures older than ``CACHE_AGE_S`` go when
-    the next one is written."""
+    its copies of answers (at most a day old), and the app's own pictures older than ``CACHE_AGE_S`` go on a
+    write once ``SWEEP_S`` has passed since the last sweep."""
     frequency, age = app.demo.delete_cache
     assert 0 < frequency <= 86400 and 0 < age <= 86400, app.demo.delete_cache
+    assert 0 < app.SWEEP_S <= app.CACHE_AGE_S / 10
     monkeypatch.setattr(app, "picture_dir", lambda: tmp_path)
+    monkeypatch.setattr(app, "next_sweep", 0.0)
     old = Path(app.picture_file(Image.new("RGB", (4, 4), "red")))
     recent = Path(app.picture_file(Image.new("RGB", (4, 4), "green")))
     stale = time.time() - app.CACHE_AGE_S - 10
     os.utime(old, (stale, stale))
+    app.picture_file(Image.new("RGB", (4, 4), "yellow"))
+    assert old.exists()  # swept less than SWEEP_S ago: not yet
+    monkeypatch.setattr(app, "next_sweep", time.monotonic() - 1)  # SWEEP_S has passed
     new = Path(app.picture_file(Image.new("RGB", (4, 4), "blue")))
     assert not old.exists() and recent.exists() and new.exists()
 
