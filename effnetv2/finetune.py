@@ -1,8 +1,5 @@
-"""Fine-tuning's starting point: the model a run begins from, built for the user's classes.
-
-The initial weights are any source :mod:`effnetv2.sources` parses; a bare weights file (an effnetv2
-or torchvision state dict) is accepted here too, since the run supplies the variant and the classes.
-"""
+"""Fine-tuning's starting point: the model a run begins from (any source :mod:`effnetv2.sources` parses,
+or a bare effnetv2 or torchvision state-dict file), built for the user's classes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,13 +34,9 @@ def _state_model(state: dict[str, torch.Tensor], variant: str, path: Path, overr
 
 
 def load_initial_model(weights: str | Source, variant: str, overrides: dict) -> EfficientNetV2 | None:
-    """The model ``weights`` names, before any change for the user's classes; None for "none".
-
-    ``weights``: any source :func:`effnetv2.sources.parse_source` reads. A weights file is a
-    torchvision EfficientNetV2 state dict (converted with ``effnetv2.convert.from_torchvision``) or
-    an effnetv2 one for ``variant``, read with ``weights_only=True``; folders, Hub ids and
-    ``torchvision:<variant>`` go to :func:`effnetv2.sources.load_model`.
-    """
+    """The model ``weights`` names, before any change for the user's classes; None for "none". A weights
+    file holds a torchvision state dict (converted) or an effnetv2 one for ``variant``; the rest goes to
+    :func:`effnetv2.sources.load_model`."""
     source = parse_source(weights)
     if source.kind == "none":
         return None
@@ -58,16 +51,21 @@ def load_initial_model(weights: str | Source, variant: str, overrides: dict) -> 
 
 
 def build_model(weights: str | Source, variant: str, classes: list[str], **overrides) -> EfficientNetV2:
-    """A model for ``classes`` initialised from ``weights`` (see :func:`load_initial_model`).
+    """A model for ``classes`` initialised from ``weights`` (see :func:`load_initial_model`); a ValueError
+    starting ``--weights WEIGHTS:`` when they cannot be read or do not fit.
 
-    The backbone (and an attention pool, when the weights have one and the new model keeps it) is
-    loaded from the weights; the classifier is new, sized for ``classes``, which also become the
-    labels. ``overrides`` (pool, num_heads, drop_path_rate, dropout, image_size, ...) replace the
-    weights' config; with ``weights="none"`` the model is ``EfficientNetV2(variant, **overrides)``.
-    The variant always comes from the weights when there are some.
+    The backbone (and an attention pool the weights have and the new model keeps) comes from the weights,
+    the classifier is new, labelled ``classes``. ``overrides`` (pool, num_heads, dropout, image_size, ...)
+    replace the weights' config; the variant comes from the weights when there are some, else ``variant``.
     """
+    try:
+        return _build(parse_source(weights), variant, classes, overrides)
+    except (ValueError, OSError, ImportError) as err:
+        raise ValueError(f"--weights {getattr(weights, 'text', weights)}: {err}") from None
+
+
+def _build(source: Source, variant: str, classes: list[str], overrides: dict) -> EfficientNetV2:
     id2label = dict(enumerate(classes))
-    source = parse_source(weights)
     base = load_initial_model(source, variant, overrides)
     if base is None:
         return EfficientNetV2(variant, num_classes=len(classes), id2label=id2label, **overrides)

@@ -19,7 +19,8 @@ from effnetv2 import EfficientNetV2, convert, transforms_for
 from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.data import make_shapes_dataset
 from effnetv2.images import open_image
-from effnetv2.run_folder import public_argv
+from effnetv2 import run_folder
+from effnetv2.publish import public_argv
 
 from train_script import (fresh_accelerate, patch_training_loss, real_cross_entropy,  # noqa: F401  (autouse)
                           reset_accelerate, train)
@@ -67,8 +68,8 @@ def metrics_of(out):
 
 def test_smoke_run_writes_everything_and_saves_the_ema(shapes, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    drawn, draw = [], train.confusion_matrix_png  # the matrices confusion_matrix.png shows
-    monkeypatch.setattr(train, "confusion_matrix_png", lambda cm, *args: drawn.append(cm) or draw(cm, *args))
+    drawn, draw = [], run_folder.confusion_matrix_png  # the matrices confusion_matrix.png shows
+    monkeypatch.setattr(run_folder, "confusion_matrix_png", lambda cm, *args: drawn.append(cm) or draw(cm, *args))
     rc = run(shapes, out, "--epochs", "2", "--lr", "0.05", "--ema", "--ema-decay", "0.9",
              "--push-to-hub", "someone/shapes-b0")
     printed = capsys.readouterr().out
