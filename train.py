@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, DynamoBackend, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DataLoaderConfiguration, DynamoBackend, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from effnetv2 import transforms_for
-from effnetv2.checkpoint import weights_fingerprint
 from effnetv2.configs import VARIANTS
 from effnetv2.ema import ema_model
 from effnetv2.finetune import build_model
@@ -29,17 +28,12 @@ from effnetv2.hub_data import load_training_data
 from effnetv2.progressive import Stage, progressive_plan, stage_for_epoch
 from effnetv2.publish import card_fields, published_command, push
 from effnetv2.run_folder import (RunError, check_finite, check_output_dir, find_resume_checkpoint, load_checkpoint,
-                                 save_epoch, save_run, start_output_dir)
+                                 replica_fingerprints, save_epoch, save_run, start_output_dir)
 from effnetv2.schedule import cosine_schedule, optimizer_steps_per_epoch
 from effnetv2.sources import parse_source
-from effnetv2.training import (HEAD_PREFIX, average_buffers, backbone_batchnorm_eval, confusion_matrix, epoch_coverage,
+from effnetv2.training import (HEAD_PREFIX, average_buffers, backbone_batchnorm_eval, epoch_coverage, evaluate,
                                freeze_backbone, mix_batch, recalibrate_batchnorm)
 from effnetv2.tracking import REPORT_TO, trackers
-
-# a checkpoint resumes only with these settings (and the same data)
-RESUME_MUST_MATCH = ("variant", "weights", "pool", "batch_size", "grad_accum", "optimizer", "lr", "lrf", "epochs",
-                     "seed", "val_fraction", "ema", "ema_decay", "progressive", "stages")
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,28 +128,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 
 
-@torch.no_grad()
-def validate(model, loader, accelerator, num_classes: int, channels_last: bool):
-    """Validation loss, accuracy and confusion matrix over all processes (``gather_for_metrics``
-    drops the samples Accelerate repeats to even out the last batch)."""
-    model.eval()
-    preds, labels, losses = [], [], []
-    for x, y in loader:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with accelerator.autocast():
-            logits = model(x).float()
-        p, t, loss = accelerator.gather_for_metrics((logits.argmax(-1), y, F.cross_entropy(logits, y, reduction="none")))
-        preds.append(p.cpu())
-        labels.append(t.cpu())
-        losses.append(loss.cpu())
-    preds, labels, losses = torch.cat(preds), torch.cat(labels), torch.cat(losses)
-    metrics = {"val_loss": losses.mean().item(), "val_accuracy": (preds == labels).float().mean().item(),
-               "val_images": len(labels)}
-    return metrics, confusion_matrix(preds, labels, num_classes)
-
-
-def train(args: argparse.Namespace, accelerator: Accelerator, argv: list[str]) -> int:
+def training_function(args: argparse.Namespace, accelerator: Accelerator, argv: list[str]) -> int:
     out, say = Path(args.output_dir), accelerator.print
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate autocasts to fp16 only on accelerators: on the CPU the run would be float32, silently
@@ -175,10 +148,9 @@ def train(args: argparse.Namespace, accelerator: Accelerator, argv: list[str]) -
         f"classes ({', '.join(classes)})")
 
     # 2. Model: initial weights in, classifier replaced for our classes; what the weights leave open is decided.
-    overrides = {"pool": args.pool, "num_heads": args.num_heads, "attn_dim": args.attn_dim,
-                 "drop_path_rate": args.drop_path_rate, "dropout": args.dropout,
-                 "train_image_size": args.image_size, "image_size": args.eval_size or args.image_size}
-    model = build_model(args.weights, args.variant or "s", classes, **{k: v for k, v in overrides.items() if v is not None})
+    model = build_model(args.weights, args.variant or "s", classes, pool=args.pool, num_heads=args.num_heads,
+                        attn_dim=args.attn_dim, drop_path_rate=args.drop_path_rate, dropout=args.dropout,
+                        train_image_size=args.image_size, image_size=args.eval_size or args.image_size)
     if args.variant and model.variant != args.variant:
         raise RunError(f"--variant {args.variant} but --weights {args.weights} is EfficientNetV2-{model.variant}: "
                        f"drop --variant or pick weights of that variant")
@@ -195,8 +167,9 @@ def train(args: argparse.Namespace, accelerator: Accelerator, argv: list[str]) -
 
     # The checkpoint to resume must be this run's: same settings, same data (it is loaded after prepare()).
     checkpoints = out / "checkpoints"
-    resume_from, state = (find_resume_checkpoint(args.resume, checkpoints, settings, RESUME_MUST_MATCH,
-                                                 data.fingerprint) if args.resume else (None, {}))
+    resume_from, state = None, {}
+    if args.resume:
+        resume_from, state = find_resume_checkpoint(args.resume, checkpoints, settings, data.fingerprint)
     run_id = state.get("run_id") or uuid.uuid4().hex
     if accelerator.is_main_process:
         start_output_dir(out, data, args.overwrite)
@@ -205,13 +178,11 @@ def train(args: argparse.Namespace, accelerator: Accelerator, argv: list[str]) -
     train_size = model.config["train_image_size"]
     plan = (progressive_plan(model.variant, args.epochs, args.stages, max_size=train_size) if args.progressive
             else [Stage(0, 0, train_size, args.randaugment, args.mixup, model.dropout_rate)])
-    train_loader, val_loader, calib_loader = data.loaders(accelerator, args.batch_size, args.workers,
-                                                          transforms_for(model, train=False), args.precise_bn, args.seed)
+    train_loader, val_loader, calib_loader = data.loaders(
+        accelerator, args.batch_size, args.workers, transforms_for(model, train=False), args.precise_bn, args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = (torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+                 if args.optimizer == "sgd" else torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay))
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
     # 4. The lr schedule counts optimizer steps; it is stepped by hand once per optimizer step (a
@@ -239,13 +210,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, argv: list[str]) -
         f"{accelerator.num_processes} process(es) ({accelerator.device})"
         + ("" if dynamo is DynamoBackend.NO else f", torch.compile backend {dynamo.value.lower()}"))
     coverage = epoch_coverage(len(data.train), args.batch_size, accelerator.num_processes)
-    if coverage.left_out:
-        say(f"each epoch trains on {coverage.trained} of the {len(data.train)} training images (whole batches of "
-            f"{args.batch_size} on each of {accelerator.num_processes} process(es)); the other {coverage.left_out}, "
-            f"a different random {coverage.left_out} each epoch, are left out")
-    elif coverage.repeated:
-        say(f"{len(data.train)} training images are less than a batch of {args.batch_size} for each of "
-            f"{accelerator.num_processes} processes: {coverage.repeated} are repeated each epoch")
+    if coverage.describe(args.batch_size, accelerator.num_processes):
+        say(coverage.describe(args.batch_size, accelerator.num_processes))
 
     # 6. Train: one epoch at a time, validating and checkpointing after each.
     stage, cm = None, None
@@ -293,14 +259,15 @@ def train(args: argparse.Namespace, accelerator: Accelerator, argv: list[str]) -
                             f"{steps_per_epoch} optimizer steps into epoch {epoch + 1} (it counts as done)")
                     break
         train_seconds = time.time() - started
-        totals = accelerator.reduce(torch.tensor([seen, loss_sum], device=accelerator.device, dtype=torch.float64), "sum")
+        totals = accelerator.reduce(torch.tensor([seen, loss_sum], dtype=torch.float64, device=accelerator.device),
+                                    "sum")
         evaluated = ema.module if ema else unwrapped
         if calib_loader is not None:  # a frozen backbone keeps its statistics: only the head's are redone
             recalibrate_batchnorm(evaluated, (x.to(accelerator.device) for x, _ in calib_loader),
                                   prefix=HEAD_PREFIX if freeze else "")
         for replica in {id(unwrapped): unwrapped, id(evaluated): evaluated}.values():
             average_buffers(replica, accelerator)  # BatchNorm statistics: the same on every process
-        metrics, cm = validate(ema.module if ema else model, val_loader, accelerator, num_classes, args.channels_last)
+        metrics, cm = evaluate(ema.module if ema else model, val_loader, accelerator, num_classes, args.channels_last)
         metrics.update(epoch=epoch + 1, step=step, lr=scheduler.get_last_lr()[0],
                        train_loss=totals[1].item() / max(1.0, totals[0].item()), train_images=int(totals[0].item()),
                        train_seconds=round(train_seconds, 2), epoch_seconds=round(time.time() - started, 2),
@@ -319,14 +286,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator, argv: list[str]) -
 
     final_model = ema.module if ema else unwrapped
     if cm is None:  # nothing left to train after a resume: validate what the checkpoint holds
-        metrics, cm = validate(final_model, val_loader, accelerator, num_classes, args.channels_last)
-    # DDP keeps the replicas' weights identical: check it, so that the saved model is "the" model.
-    # Each process also prints its own, so every machine's log shows it.
-    fingerprint = weights_fingerprint(final_model)
-    if accelerator.num_processes > 1:
-        print(f"process {accelerator.process_index} of {accelerator.num_processes}: final weights fingerprint "
-              f"{fingerprint}", flush=True)
-    fingerprints = gather_object([fingerprint])
+        metrics, cm = evaluate(final_model, val_loader, accelerator, num_classes, args.channels_last)
+    fingerprints = replica_fingerprints(final_model, accelerator)  # DDP keeps the replicas equal: check it
     if not accelerator.is_main_process:
         return 0
     in_sync = len(set(fingerprints)) == 1
@@ -344,9 +305,10 @@ def train(args: argparse.Namespace, accelerator: Accelerator, argv: list[str]) -
         **summary, "start_epoch": start_epoch, "warmup_steps": warmup_steps,
         "train_image_size": (stage or plan[-1]).image_size, "mixed_precision": accelerator.mixed_precision})
     save_run(final_model, out, card, summary, cm, getattr(torch, args.save_dtype))
-    say(f"saved the model to {out} (val accuracy {summary['final']['val_accuracy']:.4f})")
+    accuracy = summary["final"]["val_accuracy"]
+    say(f"saved the model to {out} (val accuracy {accuracy:.4f})")
     if args.push_to_hub:
-        say(f"pushed to {push(out, args.push_to_hub, args.private, args.overwrite_card, summary['final']['val_accuracy'])}")
+        say(f"pushed to {push(out, args.push_to_hub, args.private, args.overwrite_card, accuracy)}")
     return 0
 
 
@@ -356,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = None
     try:
         accelerator = make_accelerator(args)
-        return train(args, accelerator, argv)
+        return training_function(args, accelerator, argv)
     except (RunError, ValueError) as err:  # DatasetError, OutputDirError, --weights, ...: one line says what to do
         PartialState().print(f"error: {err}")
         return getattr(err, "status", 2)

@@ -55,11 +55,11 @@ def build_model(weights: str | Source, variant: str, classes: list[str], **overr
     starting ``--weights WEIGHTS:`` when they cannot be read or do not fit.
 
     The backbone (and an attention pool the weights have and the new model keeps) comes from the weights,
-    the classifier is new, labelled ``classes``. ``overrides`` (pool, num_heads, dropout, image_size, ...)
+    the classifier is new, labelled ``classes``. ``overrides`` (pool, num_heads, dropout, image_size, ...) not None
     replace the weights' config; the variant comes from the weights when there are some, else ``variant``.
     """
     try:
-        return _build(parse_source(weights), variant, classes, overrides)
+        return _build(parse_source(weights), variant, classes, {k: v for k, v in overrides.items() if v is not None})
     except (ValueError, OSError, ImportError) as err:
         raise ValueError(f"--weights {getattr(weights, 'text', weights)}: {err}") from None
 

@@ -22,12 +22,15 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import read_state_dict
+from .checkpoint import read_state_dict, weights_fingerprint
 from .model import EfficientNetV2
 from .viz import confusion_matrix_png
 
 CHECKPOINT_PREFIX = "epoch_"
 RUN_MARKERS = ("checkpoints", "metrics.json", "split.json")  # what every train.py run folder holds
+# a checkpoint resumes only with these train.py settings (and the same data)
+RESUME_MUST_MATCH = ("variant", "weights", "pool", "batch_size", "grad_accum", "optimizer", "lr", "lrf", "epochs",
+                     "seed", "val_fraction", "ema", "ema_decay", "progressive", "stages")
 # torch.save reports a full disk as a RuntimeError ("file write failed"), safetensors as a SafetensorError
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
@@ -65,8 +68,8 @@ def prune_checkpoints(folder: str | Path, run_id: str, keep: int) -> list[Path]:
     return doomed
 
 
-def find_resume_checkpoint(resume: str, folder: str | Path, settings: dict, keys: tuple[str, ...],
-                           data: dict) -> tuple[Path, dict]:
+def find_resume_checkpoint(resume: str, folder: str | Path, settings: dict, data: dict,
+                           keys: tuple[str, ...] = RESUME_MUST_MATCH) -> tuple[Path, dict]:
     """The checkpoint ``--resume`` names (its path, or ``"latest"`` in ``folder``) and its ``train_state.json``.
     RunError when there is none, or when it was made with other ``settings`` (only ``keys`` compared) or
     other ``data`` (:func:`data_fingerprint`)."""
@@ -352,4 +355,17 @@ def save_run(model: EfficientNetV2, out: Path, card: dict, summary: dict, cm: to
             tmp.write_bytes(png)
     except WriteError as err:
         raise RunError(f"{err}. The files already in {out} are unchanged. Free some space, then run the same "
-                       f"command with --resume latest to evaluate and save the last checkpoint again.", status=1) from None
+                       f"command with --resume latest to evaluate and save the last checkpoint again.",
+                       status=1) from None
+
+
+def replica_fingerprints(model: nn.Module, accelerator) -> list[str]:
+    """Every process's :func:`weights_fingerprint` of ``model`` (gathered; all equal when the replicas are in
+    sync); on several processes each also prints its own, so that every machine's log shows it."""
+    from accelerate.utils import gather_object
+
+    fingerprint = weights_fingerprint(model)
+    if accelerator.num_processes > 1:
+        print(f"process {accelerator.process_index} of {accelerator.num_processes}: final weights fingerprint "
+              f"{fingerprint}", flush=True)
+    return gather_object([fingerprint])
