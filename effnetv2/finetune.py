@@ -23,14 +23,19 @@ def _state_model(state: dict[str, torch.Tensor], variant: str, path: Path, overr
         arch.setdefault("attn_dim", int(state["head.attn_pool.pos_embed"].shape[1]))
     classifier = state.get("head.classifier.weight")
     base = EfficientNetV2(variant, num_classes=int(classifier.shape[0]) if classifier is not None else 0, **arch)
-    own = base.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith(NEW_HEAD_KEYS)]
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape and not k.startswith(NEW_HEAD_KEYS)]
-    if missing or wrong:
-        raise ValueError(f"{path} is not an EfficientNetV2-{variant} state dict (missing {missing[:3]}, wrong shape "
-                         f"{wrong[:3]}): check --variant, or convert the file with `python -m effnetv2.convert`")
-    base.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
+    missing = _load_fitting(base, state)
+    if missing:
+        raise ValueError(f"{path} is not an EfficientNetV2-{variant} state dict (missing or reshaped {missing[:3]}): "
+                         f"check --variant, or convert the file with `python -m effnetv2.convert`")
     return base
+
+
+def _load_fitting(model: EfficientNetV2, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load the entries of ``state`` that fit ``model``; returns the keys left out, NEW_HEAD_KEYS aside."""
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(fitting, strict=False)
+    return [k for k in own if k not in fitting and not k.startswith(NEW_HEAD_KEYS)]
 
 
 def load_initial_model(weights: str | Source, variant: str, overrides: dict) -> EfficientNetV2 | None:
@@ -72,12 +77,8 @@ def _build(source: Source, variant: str, classes: list[str], overrides: dict) ->
     config = {**base.config, **overrides, "num_classes": len(classes), "id2label": id2label, "label2id": None,
               "source": None}
     model = EfficientNetV2(**config)
-    own = model.state_dict()
-    state = {k: v for k, v in base.state_dict().items()
-             if not k.startswith("head.classifier.") and k in own and v.shape == own[k].shape}
-    missing = [k for k in own if k not in state and not k.startswith(NEW_HEAD_KEYS)]
+    missing = _load_fitting(model, {k: v for k, v in base.state_dict().items() if not k.startswith("head.classifier.")})
     if missing:
         raise ValueError(f"weights {source.text!r} do not fit EfficientNetV2-{model.variant} with these options: "
                          f"missing or reshaped {missing[:3]}")
-    model.load_state_dict(state, strict=False)
     return model

@@ -53,15 +53,11 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def checkpoint_run_id(checkpoint: str | Path) -> str | None:
-    """The run id stored in a checkpoint's ``train_state.json`` (None for checkpoints without one)."""
-    return json.loads((Path(checkpoint) / "train_state.json").read_text()).get("run_id")
-
-
 def prune_checkpoints(folder: str | Path, run_id: str, keep: int) -> list[Path]:
     """Delete run ``run_id``'s checkpoints in ``folder`` but its newest ``keep`` (at least one); the
     checkpoints of any other run are never touched. Returns the deleted folders."""
-    own = [p for p in list_checkpoints(folder) if checkpoint_run_id(p) == run_id]
+    own = [p for p in list_checkpoints(folder)
+           if json.loads((p / "train_state.json").read_text()).get("run_id") == run_id]
     doomed = own[:-max(1, keep)]
     for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
@@ -100,11 +96,7 @@ def load_checkpoint(accelerator, folder: str | Path, train_state: dict, schedule
 
 
 class OutputDirError(ValueError):
-    """``--output-dir`` cannot take this run; ``reason`` says why and what to do."""
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"--output-dir {path} {reason}")
-        self.path, self.reason = path, reason
+    """``--output-dir`` cannot take this run; the message says why and what to do."""
 
 
 def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
@@ -113,23 +105,24 @@ def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool 
     (``overwrite``); a folder of other files is never deleted."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise OutputDirError(path, "is a file: give a folder (it is created if missing)")
+        raise OutputDirError(f"--output-dir {path} is a file: give a folder (it is created if missing)")
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise OutputDirError(path, f"cannot be created: {existing} is a file, not a folder")
+        raise OutputDirError(f"--output-dir {path} cannot be created: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputDirError(path, f"is not writable ({existing} is read-only for this user): choose a folder you "
-                                   f"can write to")
+        raise OutputDirError(f"--output-dir {path} is not writable ({existing} is read-only for this user): "
+                             f"choose a folder you can write to")
     entries = sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else []
     if not entries or resume:
         return
     listing = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
     if not any((path / name).exists() for name in RUN_MARKERS):
-        raise OutputDirError(path, f"is not empty ({listing}) and holds no train.py run: choose a new or empty folder")
+        raise OutputDirError(f"--output-dir {path} is not empty ({listing}) and holds no train.py run: choose a new "
+                             f"or empty folder")
     if not overwrite:
         resume_hint = "continue it with --resume latest, " if list_checkpoints(path / "checkpoints") else ""
-        raise OutputDirError(path, f"already holds a run ({listing}): {resume_hint}replace it with --overwrite "
-                                   f"(deletes everything in it), or choose another --output-dir")
+        raise OutputDirError(f"--output-dir {path} already holds a run ({listing}): {resume_hint}replace it with "
+                             f"--overwrite (deletes everything in it), or choose another --output-dir")
 
 
 def start_output_dir(out: Path, data, overwrite: bool) -> None:
@@ -171,16 +164,8 @@ def data_changes(saved: dict | None, current: dict) -> list[str]:
 
 
 class WriteError(OSError):
-    """A file of the run could not be written, most often because the disk is full: ``path``, the bytes
-    ``needed`` and those ``free`` there (None: unknown)."""
-
-    def __init__(self, path: Path, reason: str, needed: int, free: int | None, out_of_space: bool):
-        self.path, self.reason, self.needed, self.free, self.out_of_space = path, reason, needed, free, out_of_space
-        if out_of_space:
-            super().__init__(f"no space left on the device for {path}: it needs about {_megabytes(needed)} and "
-                             f"{_megabytes(free)} are free there")
-        else:
-            super().__init__(f"could not write {path} ({reason})")
+    """A file of the run could not be written, most often because the disk is full (the message says how much
+    space it needs)."""
 
 
 def _megabytes(size: int | None) -> str:
@@ -208,15 +193,17 @@ def tensor_bytes(*objects) -> int:
 
 
 def _write_error(path: Path, err: BaseException, needed: int) -> WriteError:
-    """``err``, raised while writing ``path`` (its temporary files already deleted), as a WriteError."""
+    """``err``, raised while writing ``path`` (``needed`` bytes), as a WriteError."""
     try:
         free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
     except OSError:
         free = None
     text = str(err)
-    out_of_space = (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text
-                    or "StorageFull" in text or (free is not None and free < needed))
-    return WriteError(path, f"{type(err).__name__}: {text.splitlines()[0] if text else ''}", needed, free, out_of_space)
+    if (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text
+            or "StorageFull" in text or (free is not None and free < needed)):
+        return WriteError(f"no space left on the device for {path}: it needs about {_megabytes(needed)} and "
+                          f"{_megabytes(free)} are free there")
+    return WriteError(f"could not write {path} ({type(err).__name__}: {text.splitlines()[0] if text else ''})")
 
 
 @contextmanager
@@ -225,14 +212,10 @@ def _writing(tmp: Path, target: Path, needed: int) -> Iterator[None]:
     _remove(tmp)
     try:
         yield
-    except WriteError:
+    except BaseException as err:
         _remove(tmp)
-        raise
-    except WRITE_ERRORS as err:
-        _remove(tmp)
-        raise _write_error(target, err, needed) from None
-    except BaseException:
-        _remove(tmp)
+        if isinstance(err, WRITE_ERRORS) and not isinstance(err, WriteError):
+            raise _write_error(target, err, needed) from None
         raise
 
 
@@ -291,7 +274,7 @@ def save_checkpoint(accelerator, folder: str | Path, train_state: dict, model: n
             _remove(tmp)
         needed = tensor_bytes(model.state_dict(), optimizer.state_dict(), ema.module.state_dict() if ema else {})
         if error is None:
-            raise WriteError(folder, "another process could not write its part", needed, None, False)
+            raise WriteError(f"could not write {folder} (another process could not write its part)")
         raise _write_error(folder, error, needed) from None
     if main:
         if folder.is_dir():  # this epoch again (a resumed run): the new checkpoint replaces it
