@@ -17,12 +17,9 @@ HEAD_PREFIX = "head."
 
 def freeze_backbone(model: EfficientNetV2) -> list[str]:
     """Train only the head (1x1 head conv + BN, attention pool, classifier); returns the trainable parameters' names."""
-    trainable = []
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(HEAD_PREFIX))
-        if p.requires_grad:
-            trainable.append(name)
-    return trainable
+    return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
 def backbone_batchnorm_eval(model: EfficientNetV2) -> None:
