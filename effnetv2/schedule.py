@@ -12,7 +12,8 @@ def optimizer_steps_per_epoch(num_batches: int, grad_accum: int = 1) -> int:
     """Optimizer steps in an epoch of ``num_batches`` batches per process with ``grad_accum`` batches per
     step: Accelerate also steps at the loader's end (``sync_with_dataloader``), hence the ceiling."""
     if num_batches < 1 or grad_accum < 1:
-        raise ValueError(f"need at least one batch and grad_accum >= 1, got {num_batches} and {grad_accum}")
+        raise ValueError(f"need at least one batch and grad_accum >= 1 (--grad-accum), got {num_batches} and "
+                         f"{grad_accum}")
     return math.ceil(num_batches / grad_accum)
 
 
