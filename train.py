@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -225,7 +226,7 @@ def training_function(args: argparse.Namespace, accelerator: Accelerator, argv: 
             unwrapped.head.dropout.p = stage.dropout
             if args.progressive:
                 say(stage.describe())
-                accelerator.log({f"stage/{k}": v for k, v in stage.as_dict().items()}, step=step)
+                accelerator.log({f"stage/{k}": v for k, v in asdict(stage).items()}, step=step)
         train_loader.set_epoch(epoch)
         model.train()
         if freeze:

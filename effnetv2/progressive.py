@@ -4,7 +4,7 @@ s, m, l; L's for xl (the paper has no row); S's regularisation for b0..b3, with 
 variant's train size (b0: 82 → 192)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 from .configs import VARIANTS
 
@@ -32,16 +32,11 @@ _PAPER = {
 }
 
 
-def _scaled_s(train_size: int) -> ProgressiveRange:
-    s = _PAPER["s"]
-    return ProgressiveRange(round(train_size * s.min_size / s.max_size), train_size, s.min_randaugment,
-                            s.max_randaugment, s.min_mixup, s.max_mixup, s.min_dropout, s.max_dropout)
-
-
 RANGES: dict[str, ProgressiveRange] = {
     **_PAPER,
     "xl": _PAPER["l"],
-    **{name: _scaled_s(cfg.train_size) for name, cfg in VARIANTS.items() if name.startswith("b")},
+    **{name: replace(_PAPER["s"], min_size=round(cfg.train_size * 128 / 300), max_size=cfg.train_size)
+       for name, cfg in VARIANTS.items() if name.startswith("b")},
 }
 
 
@@ -60,9 +55,6 @@ class Stage:
         return (f"progressive stage {self.index + 1}: from epoch {self.start_epoch + 1}, image size "
                 f"{self.image_size}, RandAugment magnitude {self.randaugment}, mixup {self.mixup:.2f}, "
                 f"dropout {self.dropout:.2f}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def progressive_plan(variant: str, epochs: int, num_stages: int = 4, max_size: int | None = None) -> list[Stage]:
