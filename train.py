@@ -36,6 +36,7 @@ from effnetv2.training import (HEAD_PREFIX, average_buffers, backbone_batchnorm_
                                freeze_backbone, mix_batch, recalibrate_batchnorm)
 from effnetv2.tracking import REPORT_TO, trackers
 
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
