@@ -6,16 +6,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 def ema_model(model: nn.Module, decay: float = 0.9998, warmup: bool = True) -> AveragedModel:
-    """torch's ``AveragedModel`` of ``model``: each ``update_parameters(model)`` (once per optimizer step)
-    does ``ema = d * ema + (1 - d) * weights``; buffers (BatchNorm statistics) are copied as they are
-    (``use_buffers=False``). ``.module`` is a full model, used for evaluation and saving.
+    """torch's ``AveragedModel`` of ``model``: each ``update_parameters(model)`` (once per optimizer step) does
+    ``ema = d * ema + (1 - d) * weights`` and copies the buffers; ``.module`` is evaluated and saved.
 
-    With ``warmup`` the decay of update ``n`` (1-based) is ``min(decay, (1 + n) / (10 + n))``, as in
-    TensorFlow's ``ExponentialMovingAverage(num_updates=...)``: kept because a short fine-tune would
-    otherwise end with an average dominated by the initial weights.
+    With ``warmup``, update ``n`` uses ``d = min(decay, (1 + n) / (10 + n))`` (TensorFlow's ``num_updates``),
+    which ``get_ema_multi_avg_fn`` lacks: else a short fine-tune ends dominated by the initial weights.
     """
     if not 0 < decay < 1:
-        raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        raise ValueError(f"EMA decay (--ema-decay) must be in (0, 1), got {decay}")
 
     def update(ema_params, params, num_averaged):  # num_averaged counts the priming copy: update n sees n
         n = int(num_averaged)

@@ -1,8 +1,5 @@
-"""Fine-tuning's starting point: the model a run begins from, built for the user's classes.
-
-The initial weights are any source :mod:`effnetv2.sources` parses; a bare weights file (an effnetv2
-or torchvision state dict) is accepted here too, since the run supplies the variant and the classes.
-"""
+"""Fine-tuning's starting point: the model a run begins from (any source :mod:`effnetv2.sources` parses,
+or a bare effnetv2 or torchvision state-dict file), built for the user's classes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,24 +23,25 @@ def _state_model(state: dict[str, torch.Tensor], variant: str, path: Path, overr
         arch.setdefault("attn_dim", int(state["head.attn_pool.pos_embed"].shape[1]))
     classifier = state.get("head.classifier.weight")
     base = EfficientNetV2(variant, num_classes=int(classifier.shape[0]) if classifier is not None else 0, **arch)
-    own = base.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith(NEW_HEAD_KEYS)]
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape and not k.startswith(NEW_HEAD_KEYS)]
-    if missing or wrong:
-        raise ValueError(f"{path} is not an EfficientNetV2-{variant} state dict (missing {missing[:3]}, wrong shape "
-                         f"{wrong[:3]}): check --variant, or convert the file with `python -m effnetv2.convert`")
-    base.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
+    missing = _load_fitting(base, state)
+    if missing:
+        raise ValueError(f"{path} is not an EfficientNetV2-{variant} state dict (missing or reshaped {missing[:3]}): "
+                         f"check --variant, or convert the file with `python -m effnetv2.convert`")
     return base
 
 
-def load_initial_model(weights: str | Source, variant: str, overrides: dict) -> EfficientNetV2 | None:
-    """The model ``weights`` names, before any change for the user's classes; None for "none".
+def _load_fitting(model: EfficientNetV2, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load the entries of ``state`` that fit ``model``; returns the keys left out, NEW_HEAD_KEYS aside."""
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(fitting, strict=False)
+    return [k for k in own if k not in fitting and not k.startswith(NEW_HEAD_KEYS)]
 
-    ``weights``: any source :func:`effnetv2.sources.parse_source` reads. A weights file is a
-    torchvision EfficientNetV2 state dict (converted with ``effnetv2.convert.from_torchvision``) or
-    an effnetv2 one for ``variant``, read with ``weights_only=True``; folders, Hub ids and
-    ``torchvision:<variant>`` go to :func:`effnetv2.sources.load_model`.
-    """
+
+def load_initial_model(weights: str | Source, variant: str, overrides: dict) -> EfficientNetV2 | None:
+    """The model ``weights`` names, before any change for the user's classes; None for "none". A weights
+    file holds a torchvision state dict (converted) or an effnetv2 one for ``variant``; the rest goes to
+    :func:`effnetv2.sources.load_model`."""
     source = parse_source(weights)
     if source.kind == "none":
         return None
@@ -58,28 +56,29 @@ def load_initial_model(weights: str | Source, variant: str, overrides: dict) -> 
 
 
 def build_model(weights: str | Source, variant: str, classes: list[str], **overrides) -> EfficientNetV2:
-    """A model for ``classes`` initialised from ``weights`` (see :func:`load_initial_model`).
+    """A model for ``classes`` initialised from ``weights`` (see :func:`load_initial_model`); a ValueError
+    starting ``--weights WEIGHTS:`` when they cannot be read or do not fit.
 
-    The backbone (and an attention pool, when the weights have one and the new model keeps it) is
-    loaded from the weights; the classifier is new, sized for ``classes``, which also become the
-    labels. ``overrides`` (pool, num_heads, drop_path_rate, dropout, image_size, ...) replace the
-    weights' config; with ``weights="none"`` the model is ``EfficientNetV2(variant, **overrides)``.
-    The variant always comes from the weights when there are some.
+    The backbone (and an attention pool the weights have and the new model keeps) comes from the weights,
+    the classifier is new, labelled ``classes``. ``overrides`` (pool, num_heads, dropout, image_size, ...) not None
+    replace the weights' config; the variant comes from the weights when there are some, else ``variant``.
     """
+    try:
+        return _build(parse_source(weights), variant, classes, {k: v for k, v in overrides.items() if v is not None})
+    except (ValueError, OSError, ImportError) as err:
+        raise ValueError(f"--weights {getattr(weights, 'text', weights)}: {err}") from None
+
+
+def _build(source: Source, variant: str, classes: list[str], overrides: dict) -> EfficientNetV2:
     id2label = dict(enumerate(classes))
-    source = parse_source(weights)
     base = load_initial_model(source, variant, overrides)
     if base is None:
         return EfficientNetV2(variant, num_classes=len(classes), id2label=id2label, **overrides)
     config = {**base.config, **overrides, "num_classes": len(classes), "id2label": id2label, "label2id": None,
               "source": None}
     model = EfficientNetV2(**config)
-    own = model.state_dict()
-    state = {k: v for k, v in base.state_dict().items()
-             if not k.startswith("head.classifier.") and k in own and v.shape == own[k].shape}
-    missing = [k for k in own if k not in state and not k.startswith(NEW_HEAD_KEYS)]
+    missing = _load_fitting(model, {k: v for k, v in base.state_dict().items() if not k.startswith("head.classifier.")})
     if missing:
         raise ValueError(f"weights {source.text!r} do not fit EfficientNetV2-{model.variant} with these options: "
                          f"missing or reshaped {missing[:3]}")
-    model.load_state_dict(state, strict=False)
     return model

@@ -1,23 +1,10 @@
-"""EfficientNetV2's progressive learning (Tan & Le, 2021, §4.2 and Table 6).
-
-Training is cut into ``M`` stages. Early stages use small images and weak regularisation, later ones
-large images and strong regularisation; stage ``i`` of ``M`` takes every setting at
-``min + (max - min) * i / (M - 1)`` (linear interpolation) and starts at epoch ``floor(i * E / M)``.
-
-The paper gives ranges for S, M and L. Here:
-
-- ``s``, ``m``, ``l``: the paper's ranges (size, RandAugment magnitude, mixup alpha, dropout).
-- ``xl``: L's ranges (the largest model gets the strongest regularisation; the paper has no row).
-- ``b0``..``b3``: S's regularisation; the size range is S's scaled to the variant's own train size
-  (max = train size, min = train size * 128 / 300), e.g. b0: 82 → 192.
-
-``max_size`` (train.py's ``--image-size``) replaces the largest size and scales the smallest by the
-same factor, which keeps the shape of the plan for small smoke runs (``--image-size 64``: 27 → 64
-for s).
-"""
+"""EfficientNetV2's progressive learning (Tan & Le, 2021, §4.2, Table 6): stage ``i`` of ``M`` starts at
+epoch ``floor(i * E / M)`` with every setting at ``min + (max - min) * i / (M - 1)``. Ranges: the paper's for
+s, m, l; L's for xl (the paper has no row); S's regularisation for b0..b3, with S's sizes scaled to the
+variant's train size (b0: 82 → 192)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 from .configs import VARIANTS
 
@@ -45,16 +32,11 @@ _PAPER = {
 }
 
 
-def _scaled_s(train_size: int) -> ProgressiveRange:
-    s = _PAPER["s"]
-    return ProgressiveRange(round(train_size * s.min_size / s.max_size), train_size, s.min_randaugment,
-                            s.max_randaugment, s.min_mixup, s.max_mixup, s.min_dropout, s.max_dropout)
-
-
 RANGES: dict[str, ProgressiveRange] = {
     **_PAPER,
     "xl": _PAPER["l"],
-    **{name: _scaled_s(cfg.train_size) for name, cfg in VARIANTS.items() if name.startswith("b")},
+    **{name: replace(_PAPER["s"], min_size=round(cfg.train_size * 128 / 300), max_size=cfg.train_size)
+       for name, cfg in VARIANTS.items() if name.startswith("b")},
 }
 
 
@@ -74,17 +56,11 @@ class Stage:
                 f"{self.image_size}, RandAugment magnitude {self.randaugment}, mixup {self.mixup:.2f}, "
                 f"dropout {self.dropout:.2f}")
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def progressive_plan(variant: str, epochs: int, num_stages: int = 4, max_size: int | None = None) -> list[Stage]:
-    """The ``num_stages`` stages for ``epochs`` epochs of ``variant`` (see the module docstring).
-
-    ``max_size`` replaces the range's largest image size and scales the smallest by the same
-    factor (never below 16 pixels). Raises ``ValueError`` for an unknown variant or fewer epochs
-    than stages.
-    """
+    """The ``num_stages`` stages for ``epochs`` epochs of ``variant``. ``max_size`` (``--image-size``) replaces
+    the largest image size and scales the smallest alike (never below 16 px). ValueError for an unknown
+    variant or fewer epochs than stages."""
     if variant not in RANGES:
         raise ValueError(f"no progressive-learning plan for variant {variant!r}: choose one of {', '.join(RANGES)}")
     if num_stages < 1:

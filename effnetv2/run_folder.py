@@ -1,13 +1,15 @@
 """A train.py run's folder: the output-folder check, epoch checkpoints (save, find, load, prune, the
-resume check), the data fingerprint, and writes that never leave half a file.
+resume check), the data fingerprint, the final model and metrics, and writes that never leave half a file.
 
-Not to be confused with :mod:`effnetv2.checkpoint`: a model's state-dict I/O.
+Checkpoints are ours, not Accelerate's ``automatic_checkpoint_naming``/``total_limit``: those name them
+``checkpoint_N`` and prune every run's, where ours are ``epoch_N``, written atomically, pruned per run id.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -20,14 +22,25 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import read_state_dict
+from .checkpoint import read_state_dict, weights_fingerprint
 from .model import EfficientNetV2
+from .viz import confusion_matrix_png
 
 CHECKPOINT_PREFIX = "epoch_"
 RUN_MARKERS = ("checkpoints", "metrics.json", "split.json")  # what every train.py run folder holds
-PATH_FLAGS = ("--data-path", "--dataset", "--output-dir", "--weights", "--resume")  # flags that may name local paths
+# a checkpoint resumes only with these train.py settings (and the same data)
+RESUME_MUST_MATCH = ("variant", "weights", "pool", "batch_size", "grad_accum", "optimizer", "lr", "lrf", "epochs",
+                     "seed", "val_fraction", "ema", "ema_decay", "progressive", "stages")
 # torch.save reports a full disk as a RuntimeError ("file write failed"), safetensors as a SafetensorError
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+class RunError(Exception):
+    """A run that cannot start or go on: one line for the user (no traceback) and the exit ``status``."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -40,30 +53,36 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def checkpoint_run_id(checkpoint: str | Path) -> str | None:
-    """The run id stored in a checkpoint's ``train_state.json`` (None for checkpoints without one)."""
-    return json.loads((Path(checkpoint) / "train_state.json").read_text()).get("run_id")
-
-
 def prune_checkpoints(folder: str | Path, run_id: str, keep: int) -> list[Path]:
     """Delete run ``run_id``'s checkpoints in ``folder`` but its newest ``keep`` (at least one); the
     checkpoints of any other run are never touched. Returns the deleted folders."""
-    own = [p for p in list_checkpoints(folder) if checkpoint_run_id(p) == run_id]
+    own = [p for p in list_checkpoints(folder)
+           if json.loads((p / "train_state.json").read_text()).get("run_id") == run_id]
     doomed = own[:-max(1, keep)]
     for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
     return doomed
 
 
-def find_resume_checkpoint(resume: str, folder: str | Path) -> tuple[Path, dict]:
-    """The checkpoint ``--resume`` names (its path, or ``"latest"`` in ``folder``) and its
-    ``train_state.json``; ``ValueError`` naming it when there is no complete checkpoint there."""
+def find_resume_checkpoint(resume: str, folder: str | Path, settings: dict, data: dict,
+                           keys: tuple[str, ...] = RESUME_MUST_MATCH) -> tuple[Path, dict]:
+    """The checkpoint ``--resume`` names (its path, or ``"latest"`` in ``folder``) and its ``train_state.json``.
+    RunError when there is none, or when it was made with other ``settings`` (only ``keys`` compared) or
+    other ``data`` (:func:`data_fingerprint`)."""
     found = list_checkpoints(folder)
     path = (found[-1] if found else None) if resume == "latest" else Path(resume)
     if path is None or not (path / "train_state.json").is_file():
         where = f"in {folder}" if path is None else f"at {path}"
-        raise ValueError(f"--resume {resume}: no complete checkpoint {where}; start without --resume")
-    return path, json.loads((path / "train_state.json").read_text())
+        raise RunError(f"--resume {resume}: no complete checkpoint {where}; start without --resume")
+    state = json.loads((path / "train_state.json").read_text())
+    changed = [f"--{k.replace('_', '-')} ({state['args'].get(k)} vs {settings.get(k)})"
+               for k in keys if state["args"].get(k) != settings.get(k)]
+    mismatches = changed + data_changes(state.get("data"), data)
+    if mismatches:
+        raise RunError(f"--resume {path}: the checkpoint was made with different " + ", ".join(mismatches)
+                       + "; resume with the original settings and data, or start a new run (--overwrite, or "
+                         "another --output-dir)")
+    return path, state
 
 
 def load_checkpoint(accelerator, folder: str | Path, train_state: dict, scheduler, ema=None) -> None:
@@ -77,55 +96,48 @@ def load_checkpoint(accelerator, folder: str | Path, train_state: dict, schedule
 
 
 class OutputDirError(ValueError):
-    """``--output-dir`` cannot take this run; ``reason`` says why and what to do."""
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"--output-dir {path} {reason}")
-        self.path, self.reason = path, reason
+    """``--output-dir`` cannot take this run; the message says why and what to do."""
 
 
 def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
-    """Raise :class:`OutputDirError` unless a train.py run may write into ``path``; writes nothing.
-
-    ``path`` must be a folder, or not exist yet, in a place this user can write to. A folder that
-    already holds something (hidden entries aside) is taken only when ``resume`` (the same run goes
-    on; the checkpoint's own check follows) or when ``overwrite`` and it is a train.py run folder
-    (:func:`clear_output_dir` empties it): another run's model, card or checkpoints are never mixed
-    into this one, and a folder of other files is never deleted.
-    """
+    """Raise :class:`OutputDirError` unless a train.py run may write into ``path`` (writes nothing): a
+    writable folder, new, empty (hidden entries aside), this run's (``resume``) or a run folder to clear
+    (``overwrite``); a folder of other files is never deleted."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise OutputDirError(path, "is a file: give a folder (it is created if missing)")
+        raise OutputDirError(f"--output-dir {path} is a file: give a folder (it is created if missing)")
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise OutputDirError(path, f"cannot be created: {existing} is a file, not a folder")
+        raise OutputDirError(f"--output-dir {path} cannot be created: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputDirError(path, f"is not writable ({existing} is read-only for this user): choose a folder you "
-                                   f"can write to")
+        raise OutputDirError(f"--output-dir {path} is not writable ({existing} is read-only for this user): "
+                             f"choose a folder you can write to")
     entries = sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else []
     if not entries or resume:
         return
     listing = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
     if not any((path / name).exists() for name in RUN_MARKERS):
-        raise OutputDirError(path, f"is not empty ({listing}) and holds no train.py run: choose a new or empty folder")
+        raise OutputDirError(f"--output-dir {path} is not empty ({listing}) and holds no train.py run: choose a new "
+                             f"or empty folder")
     if not overwrite:
         resume_hint = "continue it with --resume latest, " if list_checkpoints(path / "checkpoints") else ""
-        raise OutputDirError(path, f"already holds a run ({listing}): {resume_hint}replace it with --overwrite "
-                                   f"(deletes everything in it), or choose another --output-dir")
+        raise OutputDirError(f"--output-dir {path} already holds a run ({listing}): {resume_hint}replace it with "
+                             f"--overwrite (deletes everything in it), or choose another --output-dir")
 
 
-def clear_output_dir(path: str | Path) -> None:
-    """Delete everything inside ``path`` (kept itself, with its permissions), for ``--overwrite``."""
-    path = Path(path)
-    if path.is_dir():
-        for entry in path.iterdir():
+def start_output_dir(out: Path, data, overwrite: bool) -> None:
+    """Create ``out`` (emptied first, kept with its permissions, with ``overwrite``) and write the run's
+    class indices and split into it (``data``: :class:`effnetv2.hub_data.TrainingData`)."""
+    if overwrite and out.is_dir():
+        for entry in out.iterdir():
             _remove(entry)
+    out.mkdir(parents=True, exist_ok=True)
+    data.save(out)
 
 
 def data_fingerprint(root: str | Path, train: list[tuple[str, int]], val: list[tuple[str, int]]) -> dict:
-    """What a run trains on, recorded in its checkpoints for the resume check: the data folder
-    (absolute), the image counts, and a SHA-256 over every image's part (train/val), path relative to
-    ``root``, class index and size in bytes."""
+    """What a run trains on, for the resume check: the data folder (absolute), the image counts, and a
+    SHA-256 over every image's part (train/val), path relative to ``root``, class index and size."""
     digest = hashlib.sha256()
     for part, samples in (("train", train), ("val", val)):
         for path, label in samples:
@@ -151,52 +163,9 @@ def data_changes(saved: dict | None, current: dict) -> list[str]:
     return changes + counts
 
 
-def resume_mismatches(state: dict, args: dict, keys: tuple[str, ...], data: dict) -> list[str]:
-    """Why the checkpoint whose ``train_state.json`` is ``state`` cannot go on with the settings
-    ``args`` (only ``keys`` are compared) and the data ``data`` (:func:`data_fingerprint`), in words."""
-    changed = [f"--{k.replace('_', '-')} ({state['args'].get(k)} vs {args.get(k)})"
-               for k in keys if state["args"].get(k) != args.get(k)]
-    return changed + data_changes(state.get("data"), data)
-
-
-def public_argv(argv: list[str]) -> list[str]:
-    """``argv`` fit to publish (the model card's command): a local path given to one of
-    :data:`PATH_FLAGS` (or an abbreviation) that is absolute, starts with ``~`` or climbs out with
-    ``..`` is shown by its last name (``/home/me/flowers`` → ``flowers``); relative paths, Hub ids,
-    ``torchvision:s`` and ``latest`` stay as given."""
-    def is_path_flag(arg: str) -> bool:
-        return len(arg) > 2 and arg.startswith("--") and any(flag.startswith(arg) for flag in PATH_FLAGS)
-
-    shown, takes_path = [], False
-    for arg in argv:
-        flag, eq, value = arg.partition("=")
-        if takes_path:
-            shown.append(_public_path(arg))
-        elif eq and is_path_flag(flag):
-            shown.append(f"{flag}={_public_path(value)}")
-        else:
-            shown.append(arg)
-        takes_path = not eq and is_path_flag(arg)
-    return shown
-
-
-def _public_path(value: str) -> str:
-    if os.path.isabs(value) or value.startswith("~") or ".." in Path(value).parts:
-        return Path(os.path.abspath(os.path.expanduser(value))).name or value
-    return value
-
-
 class WriteError(OSError):
-    """A file of the run could not be written, most often because the disk is full. ``path`` is what
-    was being written, ``needed`` the bytes it takes, ``free`` those left there (None: unknown)."""
-
-    def __init__(self, path: Path, reason: str, needed: int, free: int | None, out_of_space: bool):
-        self.path, self.reason, self.needed, self.free, self.out_of_space = path, reason, needed, free, out_of_space
-        if out_of_space:
-            super().__init__(f"no space left on the device for {path}: it needs about {_megabytes(needed)} and "
-                             f"{_megabytes(free)} are free there")
-        else:
-            super().__init__(f"could not write {path} ({reason})")
+    """A file of the run could not be written, most often because the disk is full (the message says how much
+    space it needs)."""
 
 
 def _megabytes(size: int | None) -> str:
@@ -224,41 +193,36 @@ def tensor_bytes(*objects) -> int:
 
 
 def _write_error(path: Path, err: BaseException, needed: int) -> WriteError:
-    """``err``, raised while writing ``path`` (its temporary files already deleted), as a WriteError."""
+    """``err``, raised while writing ``path`` (``needed`` bytes), as a WriteError."""
     try:
         free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
     except OSError:
         free = None
     text = str(err)
-    out_of_space = (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text
-                    or "StorageFull" in text or (free is not None and free < needed))
-    return WriteError(path, f"{type(err).__name__}: {text.splitlines()[0] if text else ''}", needed, free, out_of_space)
+    if (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text
+            or "StorageFull" in text or (free is not None and free < needed)):
+        return WriteError(f"no space left on the device for {path}: it needs about {_megabytes(needed)} and "
+                          f"{_megabytes(free)} are free there")
+    return WriteError(f"could not write {path} ({type(err).__name__}: {text.splitlines()[0] if text else ''})")
 
 
 @contextmanager
 def _writing(tmp: Path, target: Path, needed: int) -> Iterator[None]:
-    """Start from no ``tmp``; when the block fails, delete ``tmp`` and raise write failures as
-    :class:`WriteError` naming ``target``."""
+    """Start from no ``tmp``; when the block fails, delete it (write failures: a WriteError naming ``target``)."""
     _remove(tmp)
     try:
         yield
-    except WriteError:
+    except BaseException as err:
         _remove(tmp)
-        raise
-    except WRITE_ERRORS as err:
-        _remove(tmp)
-        raise _write_error(target, err, needed) from None
-    except BaseException:
-        _remove(tmp)
+        if isinstance(err, WRITE_ERRORS) and not isinstance(err, WriteError):
+            raise _write_error(target, err, needed) from None
         raise
 
 
 @contextmanager
 def atomic_path(path: str | Path, needed: int = 0) -> Iterator[Path]:
-    """Write the file or folder ``path`` through a temporary sibling (``.tmp_<name>``, yielded): it
-    replaces ``path`` in one rename when the block succeeds, and is deleted when it fails, so ``path``
-    keeps its previous content. Write failures raise :class:`WriteError` (``needed``: the bytes the
-    write takes, for its message)."""
+    """Write the file or folder ``path`` through a temporary sibling (``.tmp_<name>``, yielded), renamed
+    over ``path`` when the block succeeds and deleted when it fails (a :class:`WriteError`)."""
     path = Path(path)
     tmp = path.with_name(f".tmp_{path.name}")
     with _writing(tmp, path, needed):
@@ -270,17 +234,12 @@ def atomic_path(path: str | Path, needed: int = 0) -> Iterator[Path]:
 
 def save_checkpoint(accelerator, folder: str | Path, train_state: dict, model: nn.Module,
                     optimizer: torch.optim.Optimizer, ema=None) -> None:
-    """Write the checkpoint ``folder`` (``checkpoints/epoch_N``): ``accelerator.save_state`` (model,
-    optimizer, every process's random state, sampler), the EMA weights (``ema.safetensors``, its
-    settings in ``train_state``) and ``train_state.json``.
+    """Write the checkpoint ``folder``: ``accelerator.save_state`` (model, optimizer, random states,
+    sampler), ``ema.safetensors`` and ``train_state.json``, atomically (``.tmp_epoch_N`` renamed when whole).
 
-    Only the main process writes there: the others save their state (their random state) into a
-    temporary folder of their own and send the files to it, so a machine that does not share the
-    output folder's disk writes nothing into a copy of its own, and the checkpoint is complete in one
-    place. Atomic: everything goes into ``.tmp_epoch_N``, renamed to ``epoch_N`` once complete, so a
-    kill or a full disk leaves the earlier checkpoints as they were. Every process calls it; a failure
-    on any raises :class:`WriteError` on all of them, naming ``folder``. ``model`` and ``optimizer``
-    size the message.
+    Every process calls it; only the main one writes: the others send it their files, so a machine
+    without the output folder's disk writes nothing. A failure on any process is a :class:`WriteError`
+    on all of them, naming ``folder``.
     """
     from accelerate.utils import gather_object  # the [train] extra: importing this module needs no Accelerate
 
@@ -315,7 +274,7 @@ def save_checkpoint(accelerator, folder: str | Path, train_state: dict, model: n
             _remove(tmp)
         needed = tensor_bytes(model.state_dict(), optimizer.state_dict(), ema.module.state_dict() if ema else {})
         if error is None:
-            raise WriteError(folder, "another process could not write its part", needed, None, False)
+            raise WriteError(f"could not write {folder} (another process could not write its part)")
         raise _write_error(folder, error, needed) from None
     if main:
         if folder.is_dir():  # this epoch again (a resumed run): the new checkpoint replaces it
@@ -325,10 +284,8 @@ def save_checkpoint(accelerator, folder: str | Path, train_state: dict, model: n
 
 
 def save_model(model: EfficientNetV2, folder: str | Path, model_card_kwargs: dict) -> None:
-    """``model.save_pretrained(folder, model_card_kwargs=...)`` that never leaves a half-written model:
-    config.json, model.safetensors and README.md are written into a temporary folder, then each moved
-    over the old file in one rename. On a write failure the previous files stay as they were and
-    :class:`WriteError` names ``folder``."""
+    """``model.save_pretrained(folder, model_card_kwargs=...)`` through a temporary folder, each file then
+    renamed over the old one: a write failure leaves the previous files and raises :class:`WriteError`."""
     folder = Path(folder)
     tmp = folder / ".tmp_model"
     with _writing(tmp, folder, tensor_bytes(model.state_dict())):
@@ -336,3 +293,62 @@ def save_model(model: EfficientNetV2, folder: str | Path, model_card_kwargs: dic
         for file in sorted(tmp.iterdir()):
             os.replace(file, folder / file.name)
         tmp.rmdir()
+
+
+def check_finite(train_loss: float, epoch: int, lr: float, optimizer: str, checkpoints: Path) -> None:
+    """RunError (status 1) when epoch ``epoch``'s (1-based) training loss is NaN or infinite."""
+    if not math.isfinite(train_loss):
+        last = list_checkpoints(checkpoints)
+        raise RunError(f"training diverged in epoch {epoch}: the training loss became {train_loss} "
+                       f"(peak lr {lr:g}, {optimizer}). Nothing of this epoch was saved"
+                       + (f"; the last checkpoint written is {last[-1]}" if last else "")
+                       + ". Run again with a lower --lr or with --clip-grad 1.0.", status=1)
+
+
+def save_epoch(accelerator, out: Path, train_state: dict, model, optimizer, ema, keep: int, classes: list[str]) -> None:
+    """Checkpoint the epoch (``out/checkpoints/epoch_N``), prune this run's older checkpoints but ``keep``
+    and rewrite metrics.json; a failed write is a RunError (status 1) naming the intact checkpoint."""
+    checkpoints, epoch = out / "checkpoints", train_state["epoch"]
+    try:
+        save_checkpoint(accelerator, checkpoints / f"epoch_{epoch}", train_state, model, optimizer, ema)
+        if accelerator.is_main_process:
+            prune_checkpoints(checkpoints, train_state["run_id"], keep)
+            with atomic_path(out / "metrics.json") as tmp:
+                tmp.write_text(json.dumps({"history": train_state["history"], "classes": classes}, indent=1))
+    except WriteError as err:
+        last = list_checkpoints(checkpoints)
+        raise RunError(f"{err}. Nothing of epoch {epoch} was saved"
+                       + (f"; the last checkpoint, {last[-1]}, is intact" if last else "")
+                       + ". Free some space, then continue with --resume latest.", status=1) from None
+
+
+def save_run(model: EfficientNetV2, out: Path, card: dict, summary: dict, cm: torch.Tensor,
+             dtype: torch.dtype = torch.float32) -> None:
+    """The Hub-ready model folder (weights in ``dtype``, card from ``card``), metrics.json (``summary``) and
+    confusion_matrix.png (``cm``), each written atomically; a failed write is a RunError (status 1)."""
+    final = summary["final"]
+    model = model.to("cpu", dtype).to(memory_format=torch.contiguous_format).eval()
+    model.head.dropout.p = model.dropout_rate  # progressive learning set the last stage's dropout on the module
+    try:
+        save_model(model, out, card)
+        with atomic_path(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
+        png = confusion_matrix_png(cm, summary["classes"], f"validation accuracy {final['val_accuracy']:.3f}")
+        with atomic_path(out / "confusion_matrix.png") as tmp:
+            tmp.write_bytes(png)
+    except WriteError as err:
+        raise RunError(f"{err}. The files already in {out} are unchanged. Free some space, then run the same "
+                       f"command with --resume latest to evaluate and save the last checkpoint again.",
+                       status=1) from None
+
+
+def replica_fingerprints(model: nn.Module, accelerator) -> list[str]:
+    """Every process's :func:`weights_fingerprint` of ``model`` (gathered; all equal when the replicas are in
+    sync); on several processes each also prints its own, so that every machine's log shows it."""
+    from accelerate.utils import gather_object
+
+    fingerprint = weights_fingerprint(model)
+    if accelerator.num_processes > 1:
+        print(f"process {accelerator.process_index} of {accelerator.num_processes}: final weights fingerprint "
+              f"{fingerprint}", flush=True)
+    return gather_object([fingerprint])

@@ -1,9 +1,5 @@
-"""Learning-rate schedule: optional linear warmup, then cosine decay from ``lr`` to ``lr * lrf``.
-
-The schedule counts optimizer steps, not batches: with gradient accumulation over ``k`` batches and
-``N`` processes, one optimizer step consumes ``k * N`` batches, and the scheduler is stepped once per
-optimizer step (never ``N`` times, as a scheduler prepared by Accelerate would be).
-"""
+"""Learning-rate schedule over optimizer steps (stepped once per step, never once per process as a
+scheduler prepared by Accelerate would be): optional linear warmup, then cosine decay to ``lr * lrf``."""
 from __future__ import annotations
 
 import math
@@ -13,33 +9,28 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def optimizer_steps_per_epoch(num_batches: int, grad_accum: int = 1) -> int:
-    """Optimizer steps in one epoch of ``num_batches`` batches (per process, i.e. ``len`` of the
-    loader prepared by Accelerate) with ``grad_accum`` batches per step.
-
-    Accelerate also steps at the end of the data loader (``sync_with_dataloader``), so a last partial
-    accumulation counts as a step: ``ceil(num_batches / grad_accum)``.
-    """
+    """Optimizer steps in an epoch of ``num_batches`` batches per process with ``grad_accum`` batches per
+    step: Accelerate also steps at the loader's end (``sync_with_dataloader``), hence the ceiling."""
     if num_batches < 1 or grad_accum < 1:
-        raise ValueError(f"need at least one batch and grad_accum >= 1, got {num_batches} and {grad_accum}")
+        raise ValueError(f"need at least one batch and grad_accum >= 1 (--grad-accum), got {num_batches} and "
+                         f"{grad_accum}")
     return math.ceil(num_batches / grad_accum)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, lrf: float = 0.01,
                     warmup_steps: int = 0) -> LambdaLR:
-    """A ``LambdaLR`` whose multiplier at optimizer step ``t`` (call ``.step()`` once per optimizer step) is
-    ``(t + 1) / W`` for the first ``W = warmup_steps``, then ``((1 + cos(pi * t' / T)) / 2) * (1 - lrf) + lrf``
-    with ``t'`` counted from the end of warmup over ``T = total_steps - W``: 1 at the start, ``lrf`` from ``T`` on.
-
-    One closed form, not ``SequentialLR(LinearLR, ...)``, whose recursive warmup drifts by an ulp. Its
-    ``state_dict()`` holds only numbers (the lambda is rebuilt from the arguments), so a checkpoint can keep
-    it as JSON.
+    """A ``LambdaLR`` whose multiplier at optimizer step ``t`` is ``(t + 1) / W`` for the first
+    ``W = warmup_steps``, then ``((1 + cos(pi * t' / T)) / 2) * (1 - lrf) + lrf``, ``t'`` counted from the end
+    of warmup over ``T = total_steps - W``. Not ``SequentialLR(LinearLR, ...)``: its recursive warmup drifts by
+    an ulp; and this ``state_dict()`` is plain numbers, kept as JSON in checkpoints.
     """
     if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        raise ValueError(f"total_steps must be >= 1, got {total_steps} (--epochs/--max-steps)")
     if not 0 <= warmup_steps < total_steps:
-        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps}")
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps} "
+                         f"(--warmup-epochs/--warmup-steps)")
     if not 0 <= lrf <= 1:
-        raise ValueError(f"lrf (final lr / lr) must be in [0, 1], got {lrf}")
+        raise ValueError(f"lrf (final lr / lr) must be in [0, 1], got {lrf} (--lrf)")
     decay_steps = total_steps - warmup_steps
 
     def factor(t: int) -> float:

@@ -1,6 +1,5 @@
-"""The training loop's pieces (train.py): freezing the backbone, mixup/CutMix targets,
-precise BatchNorm, replicas kept equal, how an epoch's images spread over processes, and the
-validation confusion matrix."""
+"""The training loop's pieces (train.py): freezing the backbone, mixup/CutMix targets, precise BatchNorm,
+replicas kept equal, how an epoch's images spread over processes, the validation confusion matrix."""
 from __future__ import annotations
 
 import math
@@ -17,19 +16,14 @@ HEAD_PREFIX = "head."
 
 
 def freeze_backbone(model: EfficientNetV2) -> list[str]:
-    """Train only the head (1x1 head conv + BN, attention pool, classifier): every other parameter
-    gets ``requires_grad=False``. Returns the names of the trainable parameters."""
-    trainable = []
+    """Train only the head (1x1 head conv + BN, attention pool, classifier); returns the trainable parameters' names."""
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(HEAD_PREFIX))
-        if p.requires_grad:
-            trainable.append(name)
-    return trainable
+    return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
 def backbone_batchnorm_eval(model: EfficientNetV2) -> None:
-    """Put the backbone's BatchNorm layers in eval mode so their running statistics stay as they
-    are (call after every ``model.train()``); the head's BatchNorm keeps training."""
+    """Put the backbone's BatchNorm layers in eval mode (call after every ``model.train()``): their statistics stay."""
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not name.startswith(HEAD_PREFIX):
             m.eval()
@@ -37,13 +31,11 @@ def backbone_batchnorm_eval(model: EfficientNetV2) -> None:
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float = 0.0, cutmix: float = 0.0,
               label_smoothing: float = 0.0, generator: torch.Generator | None = None):
-    """Soft targets for a batch, with mixup (Beta(``mixup``, ``mixup``)) or CutMix (Beta(``cutmix``,
-    ``cutmix``); chosen half the time when both are on) and label smoothing.
+    """Mixup or CutMix (Beta(alpha, alpha); each half the time when both alphas are > 0) and label smoothing:
+    ``x`` ``[B, 3, H, W]``, ``y`` ``[B]`` → (images ``[B, 3, H, W]``, targets ``[B, num_classes]`` summing to 1).
 
-    ``x`` ``[B, 3, H, W]``, ``y`` ``[B]`` class indices → (images ``[B, 3, H, W]``, targets
-    ``[B, num_classes]``, rows summing to 1). Alphas of 0 turn a method off. Not torchvision's
-    ``v2.MixUp``/``CutMix``: same blend and box, but they pair each image with its neighbour (``roll``), not
-    a random partner, and draw on the global RNG only, so the same seed gives other batches.
+    Not torchvision's ``v2.MixUp``/``CutMix``: they pair each image with its neighbour (``roll``), not a random
+    partner, and draw on the global RNG only, so the same seed would give other batches.
     """
     off = label_smoothing / num_classes
     targets = F.one_hot(y, num_classes).float() * (1 - label_smoothing) + off
@@ -70,16 +62,11 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float =
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches, prefix: str = "") -> int:
-    """Precise BatchNorm: replace the running statistics of the BatchNorm layers whose names start
-    with ``prefix`` by their exact average over ``batches`` (an iterable of ``[B, 3, H, W]`` tensors),
-    computed with the current weights. Returns the number of batches used.
+    """Precise BatchNorm: set the running statistics of the BatchNorm layers named ``prefix...`` to their exact
+    average over ``batches`` (``[B, 3, H, W]`` tensors) under the current weights; returns the batches used.
 
-    Running statistics are an exponential average (momentum 0.1) over past weights; early in training
-    from scratch they lag far behind (the first steps even start from mean 0 / var 1), and an EMA of
-    the weights never matches the statistics it copies. Only BatchNorm runs in training mode here:
-    dropout and drop-path stay off, so no random numbers are drawn. Not ``swa_utils.update_bn``: it runs
-    the whole model in training mode (drop-path would shift the statistics) and resets every BatchNorm,
-    where a frozen backbone must keep its own (``prefix="head."``).
+    Not ``swa_utils.update_bn``: it runs the whole model in training mode (drop-path would shift the
+    statistics) and resets every BatchNorm, where a frozen backbone keeps its own (``prefix="head."``).
     """
     layers = [m for name, m in model.named_modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and name.startswith(prefix)]
@@ -106,11 +93,8 @@ def recalibrate_batchnorm(model: nn.Module, batches, prefix: str = "") -> int:
 
 @torch.no_grad()
 def average_buffers(model: nn.Module, accelerator) -> None:
-    """Average the floating-point buffers (BatchNorm running mean/var) over all processes.
-
-    Under DDP the parameters stay identical on every process, but each process updates BatchNorm
-    statistics from its own shard; averaging them makes every replica, and the saved model, the same.
-    """
+    """Average the floating-point buffers (BatchNorm statistics, from each process's own shard) over all
+    processes, so that every replica, and the saved model, is the same."""
     if accelerator.num_processes == 1:
         return
     buffers = [b for b in model.buffers() if b.is_floating_point()]
@@ -128,13 +112,22 @@ class EpochCoverage(NamedTuple):
     left_out: int  # images no process trains on this epoch (a different random set each epoch)
     repeated: int  # slots filled by repeating images (fewer images than one batch per process)
 
+    def describe(self, batch_size: int, num_processes: int) -> str | None:
+        """The log line for an epoch that leaves images out or repeats some (None when neither)."""
+        if self.left_out:
+            return (f"each epoch trains on {self.trained} of the {self.trained + self.left_out} training images (whole "
+                    f"batches of {batch_size} on each of {num_processes} process(es)); the other {self.left_out}, "
+                    f"a different random {self.left_out} each epoch, are left out")
+        if self.repeated:
+            return (f"{self.trained - self.repeated} training images are less than a batch of {batch_size} for each "
+                    f"of {num_processes} processes: {self.repeated} are repeated each epoch")
+        return None
+
 
 def epoch_coverage(num_images: int, batch_size: int, num_processes: int) -> EpochCoverage:
-    """How a training epoch covers ``num_images``: each step takes ``batch_size`` images on each of
-    ``num_processes`` processes. The remainder that fills no whole step is left out (train.py's
-    ``drop_last``: a small last batch would give noisy BatchNorm statistics, and padding it would
-    count some images twice); a set smaller than one step is one short batch on one process, and is
-    padded with repeats on several (Accelerate's ``even_batches``)."""
+    """How an epoch covers ``num_images``, each step taking ``batch_size`` images on each of ``num_processes``:
+    the rest that fills no whole step is left out (``drop_last``: no noisy small batch, no image twice); a set
+    smaller than one step is one short batch on one process, padded with repeats on several (``even_batches``)."""
     per_step = batch_size * num_processes
     if num_images >= per_step:
         trained = num_images // per_step * per_step
@@ -148,3 +141,25 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
     """``[C, C]`` counts from predictions and labels ``[N]``: row = true class, column = predicted."""
     index = labels.long() * num_classes + preds.long()
     return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, accelerator, num_classes: int, channels_last: bool = False):
+    """``({"val_loss", "val_accuracy", "val_images"}, [C, C] confusion matrix)`` over every process's share of
+    ``loader`` (``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch)."""
+    model.eval()
+    preds, labels, losses = [], [], []
+    for x, y in loader:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = model(x).float()
+        loss = F.cross_entropy(logits, y, reduction="none")
+        p, t, loss = accelerator.gather_for_metrics((logits.argmax(-1), y, loss))
+        preds.append(p.cpu())
+        labels.append(t.cpu())
+        losses.append(loss.cpu())
+    preds, labels, losses = torch.cat(preds), torch.cat(labels), torch.cat(losses)
+    metrics = {"val_loss": losses.mean().item(), "val_accuracy": (preds == labels).float().mean().item(),
+               "val_images": len(labels)}
+    return metrics, confusion_matrix(preds, labels, num_classes)

@@ -70,17 +70,3 @@ def test_card_links_only_to_what_exists_and_names_no_local_path(tmp_path):
     rows = dict(re.findall(r"^\| (initial weights) \| (.*) \|$", bundled, flags=re.M))
     assert "/" not in rows["initial weights"], rows
     assert "github.com/effnetv2" not in bundled
-
-
-def test_initial_weights_text_names_a_local_folder_by_its_name():
-    from train_script import train  # train.py, loaded as tests load it
-
-    from effnetv2.sources import parse_source
-
-    def text(weights: str) -> str:
-        return train.initial_weights_text(parse_source(weights))
-
-    assert text("/home/me/runs/shapes-b0") == "local folder `shapes-b0` (not published)"
-    assert text("~/weights/b0.pth") == "local file `b0.pth` (not published)"
-    assert text("org/name@v2") == "org/name@v2"
-    assert text("none") == "none (from scratch)"

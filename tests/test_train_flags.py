@@ -296,8 +296,8 @@ def test_compile_trains_like_eager(shapes, tmp_path):
 def test_compile_flag_takes_a_dynamo_backend(tmp_path, capsys, monkeypatch):
     def backend(*flags):
         reset_accelerate()
-        args = train.parse_args(["--data-path", str(tmp_path), "--cpu", *flags])
-        return train.make_accelerator(args, tmp_path / "run").state.dynamo_plugin.backend.value.lower()
+        args = train.parse_args(["--data-path", str(tmp_path), "--output-dir", str(tmp_path / "run"), "--cpu", *flags])
+        return train.make_accelerator(args).state.dynamo_plugin.backend.value.lower()
 
     assert backend("--compile") == "inductor" and backend("--compile", "aot_eager") == "aot_eager"
     assert backend() == "no"

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from effnetv2 import EfficientNetV2
-from effnetv2.training import (backbone_batchnorm_eval, confusion_matrix, freeze_backbone, mix_batch,
-                               recalibrate_batchnorm)
+from effnetv2.training import (backbone_batchnorm_eval, confusion_matrix, epoch_coverage, evaluate, freeze_backbone,
+                               mix_batch, recalibrate_batchnorm)
 
 pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
 
@@ -181,3 +181,35 @@ def test_precise_batchnorm_uses_the_exact_statistics_and_no_randomness():
     assert torch.allclose(model.stem.bn.running_mean, expected, atol=1e-5)
     assert model.stem.bn.momentum == 0.1 and int(model.stem.bn.num_batches_tracked) == 2
     assert torch.equal(model.blocks[0].project_conv.bn.running_mean, blocks_bn)  # outside the prefix: untouched
+
+
+def test_epoch_coverage_says_what_an_epoch_leaves_out_or_repeats():
+    assert epoch_coverage(30, 4, 3).describe(4, 3) == (
+        "each epoch trains on 24 of the 30 training images (whole batches of 4 on each of 3 process(es)); "
+        "the other 6, a different random 6 each epoch, are left out")
+    assert epoch_coverage(5, 4, 2).describe(4, 2) == (
+        "5 training images are less than a batch of 4 for each of 2 processes: 3 are repeated each epoch")
+    assert epoch_coverage(24, 4, 3).describe(4, 3) is None and epoch_coverage(3, 4, 1).describe(4, 1) is None
+
+
+def test_evaluate_counts_every_validation_image_once():
+    """One process: the loss is the mean cross-entropy, the accuracy and matrix those of argmax, over all
+    batches (the last one short)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x, y = torch.randn(10, 3, 2, 2), torch.randint(0, 3, (10,))
+    loader = torch.utils.data.DataLoader(list(zip(x, y)), batch_size=4)
+    try:
+        metrics, cm = evaluate(model.train(), loader, Accelerator(cpu=True), 3)
+    finally:
+        AcceleratorState._reset_state(True)  # the state is process-wide: leave none to later tests
+    assert not model.training
+    with torch.no_grad():
+        logits = model(x)
+    assert metrics["val_images"] == 10 and cm.sum() == 10
+    assert metrics["val_loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert metrics["val_accuracy"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert torch.equal(cm, confusion_matrix(logits.argmax(1), y, 3))
