@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 
 from effnetv2 import transforms_for
 from effnetv2.configs import VARIANTS
+from effnetv2.data import DatasetError
 from effnetv2.ema import ema_model
+from effnetv2.errors import UsageError
 from effnetv2.finetune import build_model
 from effnetv2.hub_data import load_training_data
 from effnetv2.progressive import Stage, progressive_plan, stage_for_epoch
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         accelerator = make_accelerator(args)
         return training_function(args, accelerator, argv)
-    except (RunError, ValueError) as err:  # DatasetError, OutputDirError, --weights, ...: one line says what to do
+    except (RunError, UsageError, DatasetError) as err:  # the user's to fix: one line says what to do, no traceback
         PartialState().print(f"error: {err}")
         return getattr(err, "status", 2)
     finally:

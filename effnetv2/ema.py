@@ -4,6 +4,8 @@ from __future__ import annotations
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .errors import UsageError
+
 
 def ema_model(model: nn.Module, decay: float = 0.9998, warmup: bool = True) -> AveragedModel:
     """torch's ``AveragedModel`` of ``model``: each ``update_parameters(model)`` (once per optimizer step) does
@@ -13,7 +15,7 @@ def ema_model(model: nn.Module, decay: float = 0.9998, warmup: bool = True) -> A
     which ``get_ema_multi_avg_fn`` lacks: else a short fine-tune ends dominated by the initial weights.
     """
     if not 0 < decay < 1:
-        raise ValueError(f"EMA decay (--ema-decay) must be in (0, 1), got {decay}")
+        raise UsageError(f"EMA decay (--ema-decay) must be in (0, 1), got {decay}")
 
     def update(ema_params, params, num_averaged):  # num_averaged counts the priming copy: update n sees n
         n = int(num_averaged)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import read_state_dict
+from .errors import UsageError
 from .model import EfficientNetV2
 from .sources import Source, load_model, parse_source
 
@@ -56,7 +57,7 @@ def load_initial_model(weights: str | Source, variant: str, overrides: dict) -> 
 
 
 def build_model(weights: str | Source, variant: str, classes: list[str], **overrides) -> EfficientNetV2:
-    """A model for ``classes`` initialised from ``weights`` (see :func:`load_initial_model`); a ValueError
+    """A model for ``classes`` initialised from ``weights`` (see :func:`load_initial_model`); a UsageError
     starting ``--weights WEIGHTS:`` when they cannot be read or do not fit.
 
     The backbone (and an attention pool the weights have and the new model keeps) comes from the weights,
@@ -66,7 +67,7 @@ def build_model(weights: str | Source, variant: str, classes: list[str], **overr
     try:
         return _build(parse_source(weights), variant, classes, {k: v for k, v in overrides.items() if v is not None})
     except (ValueError, OSError, ImportError) as err:
-        raise ValueError(f"--weights {getattr(weights, 'text', weights)}: {err}") from None
+        raise UsageError(f"--weights {getattr(weights, 'text', weights)}: {err}") from None
 
 
 def _build(source: Source, variant: str, classes: list[str], overrides: dict) -> EfficientNetV2:

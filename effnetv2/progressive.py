@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .configs import VARIANTS
+from .errors import UsageError
 
 MIN_IMAGE_SIZE = 16
 
@@ -59,14 +60,14 @@ class Stage:
 
 def progressive_plan(variant: str, epochs: int, num_stages: int = 4, max_size: int | None = None) -> list[Stage]:
     """The ``num_stages`` stages for ``epochs`` epochs of ``variant``. ``max_size`` (``--image-size``) replaces
-    the largest image size and scales the smallest alike (never below 16 px). ValueError for an unknown
+    the largest image size and scales the smallest alike (never below 16 px). UsageError for an unknown
     variant or fewer epochs than stages."""
     if variant not in RANGES:
-        raise ValueError(f"no progressive-learning plan for variant {variant!r}: choose one of {', '.join(RANGES)}")
+        raise UsageError(f"no progressive-learning plan for variant {variant!r}: choose one of {', '.join(RANGES)}")
     if num_stages < 1:
-        raise ValueError(f"--stages must be at least 1, got {num_stages}")
+        raise UsageError(f"--stages must be at least 1, got {num_stages}")
     if epochs < num_stages:
-        raise ValueError(f"--progressive with {num_stages} stages needs at least {num_stages} epochs, got "
+        raise UsageError(f"--progressive with {num_stages} stages needs at least {num_stages} epochs, got "
                          f"--epochs {epochs}: raise --epochs or lower --stages")
     r = RANGES[variant]
     lo, hi = r.min_size, r.max_size

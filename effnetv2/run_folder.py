@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import read_state_dict, weights_fingerprint
+from .errors import UsageError
 from .model import EfficientNetV2
 from .viz import confusion_matrix_png
 
@@ -95,7 +96,7 @@ def load_checkpoint(accelerator, folder: str | Path, train_state: dict, schedule
         ema.n_averaged.fill_(train_state["ema"]["n_averaged"])
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UsageError):
     """``--output-dir`` cannot take this run; the message says why and what to do."""
 
 

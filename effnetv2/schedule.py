@@ -7,12 +7,14 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from .errors import UsageError
+
 
 def optimizer_steps_per_epoch(num_batches: int, grad_accum: int = 1) -> int:
     """Optimizer steps in an epoch of ``num_batches`` batches per process with ``grad_accum`` batches per
     step: Accelerate also steps at the loader's end (``sync_with_dataloader``), hence the ceiling."""
     if num_batches < 1 or grad_accum < 1:
-        raise ValueError(f"need at least one batch and grad_accum >= 1 (--grad-accum), got {num_batches} and "
+        raise UsageError(f"need at least one batch and grad_accum >= 1 (--grad-accum), got {num_batches} and "
                          f"{grad_accum}")
     return math.ceil(num_batches / grad_accum)
 
@@ -25,12 +27,12 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, lrf: flo
     an ulp; and this ``state_dict()`` is plain numbers, kept as JSON in checkpoints.
     """
     if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps} (--epochs/--max-steps)")
+        raise UsageError(f"total_steps must be >= 1, got {total_steps} (--epochs/--max-steps)")
     if not 0 <= warmup_steps < total_steps:
-        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps} "
+        raise UsageError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps} "
                          f"(--warmup-epochs/--warmup-steps)")
     if not 0 <= lrf <= 1:
-        raise ValueError(f"lrf (final lr / lr) must be in [0, 1], got {lrf} (--lrf)")
+        raise UsageError(f"lrf (final lr / lr) must be in [0, 1], got {lrf} (--lrf)")
     decay_steps = total_steps - warmup_steps
 
     def factor(t: int) -> float:

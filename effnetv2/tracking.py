@@ -1,20 +1,22 @@
 """Experiment trackers for train.py (``--report-to``), through Accelerate's trackers."""
 from __future__ import annotations
 
+from .errors import UsageError
+
 REPORT_TO = ("tensorboard", "trackio", "wandb", "mlflow", "all", "none")
 
 
 def trackers(report_to: str) -> list[str] | str | None:
     """Accelerate's ``log_with`` for ``--report-to``: one tracker, ``"all"`` (every one installed) or
-    None. A named tracker whose package is missing is a ValueError saying what to install (Accelerate
+    None. A named tracker whose package is missing is a UsageError saying what to install (Accelerate
     itself would skip it silently)."""
     from accelerate.tracking import get_available_trackers  # the [train] extra
 
     if report_to not in REPORT_TO:
-        raise ValueError(f"--report-to {report_to}: choose one of {', '.join(REPORT_TO)}")
+        raise UsageError(f"--report-to {report_to}: choose one of {', '.join(REPORT_TO)}")
     if report_to in ("all", "none"):
         return None if report_to == "none" else "all"
     if report_to not in {str(t) for t in get_available_trackers()}:
-        raise ValueError(f"--report-to {report_to}: the {report_to} package is not installed; "
+        raise UsageError(f"--report-to {report_to}: the {report_to} package is not installed; "
                          f"`pip install {report_to}`, or choose another tracker")
     return [report_to]

@@ -272,6 +272,16 @@ def test_offline_torchvision_weights_are_one_error_line_at_once(tiny, tmp_path, 
     assert printed[-1].endswith("or pass the path of a local .pth instead.")
 
 
+def test_a_plain_bug_keeps_its_traceback(tiny, tmp_path, monkeypatch):
+    """Only the user's errors become one line: a ValueError from a bug propagates out of main() whole."""
+    def buggy(*args, **kwargs):
+        first, second = (1, 2, 3)  # noqa: F841  (the bug: too many values to unpack)
+
+    monkeypatch.setattr(train, "epoch_coverage", buggy)
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        run(tiny, tmp_path / "run", "--epochs", "1")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--clip-grad", "-1"], "--clip-grad -1.0: give a positive max gradient norm"),
     (["--clip-grad", "nan"], "--clip-grad nan: give a positive max gradient norm"),
