@@ -8,12 +8,8 @@ from .errors import UsageError
 
 
 def ema_model(model: nn.Module, decay: float = 0.9998, warmup: bool = True) -> AveragedModel:
-    """torch's ``AveragedModel`` of ``model``: each ``update_parameters(model)`` (once per optimizer step) does
-    ``ema = d * ema + (1 - d) * weights`` and copies the buffers; ``.module`` is evaluated and saved.
-
-    With ``warmup``, update ``n`` uses ``d = min(decay, (1 + n) / (10 + n))`` (TensorFlow's ``num_updates``),
-    which ``get_ema_multi_avg_fn`` lacks: else a short fine-tune ends dominated by the initial weights.
-    """
+    """torch's ``AveragedModel`` of ``model`` (``ema = d * ema + (1 - d) * weights``, buffers copied). With ``warmup``,
+    ``d = min(decay, (1 + n) / (10 + n))`` at update ``n`` (TensorFlow's; ``get_ema_multi_avg_fn`` lacks it)."""
     if not 0 < decay < 1:
         raise UsageError(f"EMA decay (--ema-decay) must be in (0, 1), got {decay}")
 

@@ -11,8 +11,7 @@ from .errors import UsageError
 from .model import EfficientNetV2
 from .sources import Source, load_model, parse_source
 
-# Parts a fine-tune may create afresh: the classifier always, the attention pool when the initial
-# weights have none (e.g. ImageNet weights with average pooling, fine-tuned with --pool attention).
+# what a fine-tune may create afresh: the classifier, and an attention pool the initial weights lack
 NEW_HEAD_KEYS = ("head.classifier.", "head.attn_pool.")
 
 
@@ -40,9 +39,8 @@ def _load_fitting(model: EfficientNetV2, state: dict[str, torch.Tensor]) -> list
 
 
 def load_initial_model(weights: str | Source, variant: str, overrides: dict) -> EfficientNetV2 | None:
-    """The model ``weights`` names, before any change for the user's classes; None for "none". A weights
-    file holds a torchvision state dict (converted) or an effnetv2 one for ``variant``; the rest goes to
-    :func:`effnetv2.sources.load_model`."""
+    """The model ``weights`` names (None for "none"): a weights file holds a torchvision state dict or an effnetv2
+    one for ``variant``; the rest goes to :func:`effnetv2.sources.load_model`."""
     source = parse_source(weights)
     if source.kind == "none":
         return None
@@ -57,13 +55,8 @@ def load_initial_model(weights: str | Source, variant: str, overrides: dict) -> 
 
 
 def build_model(weights: str | Source, variant: str, classes: list[str], **overrides) -> EfficientNetV2:
-    """A model for ``classes`` initialised from ``weights`` (see :func:`load_initial_model`); a UsageError
-    starting ``--weights WEIGHTS:`` when they cannot be read or do not fit.
-
-    The backbone (and an attention pool the weights have and the new model keeps) comes from the weights,
-    the classifier is new, labelled ``classes``. ``overrides`` (pool, num_heads, dropout, image_size, ...) not None
-    replace the weights' config; the variant comes from the weights when there are some, else ``variant``.
-    """
+    """A model for ``classes`` with ``weights``' backbone and a new classifier; ``overrides`` not None replace the
+    weights' config. UsageError ``--weights WEIGHTS: ...`` when they cannot be read or do not fit."""
     try:
         return _build(parse_source(weights), variant, classes, {k: v for k, v in overrides.items() if v is not None})
     except (ValueError, OSError, ImportError) as err:

@@ -59,9 +59,8 @@ class Stage:
 
 
 def progressive_plan(variant: str, epochs: int, num_stages: int = 4, max_size: int | None = None) -> list[Stage]:
-    """The ``num_stages`` stages for ``epochs`` epochs of ``variant``. ``max_size`` (``--image-size``) replaces
-    the largest image size and scales the smallest alike (never below 16 px). UsageError for an unknown
-    variant or fewer epochs than stages."""
+    """The ``num_stages`` stages for ``epochs`` epochs of ``variant``; ``max_size`` (``--image-size``) replaces the
+    largest image size and scales the smallest alike (never below 16 px)."""
     if variant not in RANGES:
         raise UsageError(f"no progressive-learning plan for variant {variant!r}: choose one of {', '.join(RANGES)}")
     if num_stages < 1:

@@ -16,9 +16,8 @@ NOT_PUSHED = ["checkpoints/*", "logs/*"]
 
 
 def public_argv(argv: list[str]) -> list[str]:
-    """``argv`` fit to publish: a local path given to one of :data:`PATH_FLAGS` (or an abbreviation) that is
-    absolute, starts with ``~`` or climbs out with ``..`` is shown by its last name (``/home/me/flowers`` →
-    ``flowers``); relative paths, Hub ids, ``torchvision:s`` and ``latest`` stay as given."""
+    """``argv`` with each absolute, ``~`` or ``..`` path given to :data:`PATH_FLAGS` shown by its last name
+    (``/home/me/flowers`` → ``flowers``); the rest as given."""
     def is_path_flag(arg: str) -> bool:
         return len(arg) > 2 and arg.startswith("--") and any(flag.startswith(arg) for flag in PATH_FLAGS)
 

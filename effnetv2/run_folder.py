@@ -1,8 +1,5 @@
-"""A train.py run's folder: the output-folder check, epoch checkpoints (save, find, load, prune, the
-resume check), the data fingerprint, the final model and metrics, and writes that never leave half a file.
-
-Checkpoints are ours, not Accelerate's ``automatic_checkpoint_naming``/``total_limit``: those name them
-``checkpoint_N`` and prune every run's, where ours are ``epoch_N``, written atomically, pruned per run id.
+"""A train.py run's folder: output-folder check, epoch checkpoints, data fingerprint, final model and metrics,
+written atomically. Not Accelerate's ``automatic_checkpoint_naming``: it prunes every run's, ours only this run's.
 """
 from __future__ import annotations
 
@@ -55,8 +52,7 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def prune_checkpoints(folder: str | Path, run_id: str, keep: int) -> list[Path]:
-    """Delete run ``run_id``'s checkpoints in ``folder`` but its newest ``keep`` (at least one); the
-    checkpoints of any other run are never touched. Returns the deleted folders."""
+    """Delete run ``run_id``'s checkpoints in ``folder`` but its newest ``keep`` (at least one); returns them."""
     own = [p for p in list_checkpoints(folder)
            if json.loads((p / "train_state.json").read_text()).get("run_id") == run_id]
     doomed = own[:-max(1, keep)]
@@ -65,11 +61,9 @@ def prune_checkpoints(folder: str | Path, run_id: str, keep: int) -> list[Path]:
     return doomed
 
 
-def find_resume_checkpoint(resume: str, folder: str | Path, settings: dict, data: dict,
-                           keys: tuple[str, ...] = RESUME_MUST_MATCH) -> tuple[Path, dict]:
-    """The checkpoint ``--resume`` names (its path, or ``"latest"`` in ``folder``) and its ``train_state.json``.
-    RunError when there is none, or when it was made with other ``settings`` (only ``keys`` compared) or
-    other ``data`` (:func:`data_fingerprint`)."""
+def find_resume_checkpoint(resume: str, folder: str | Path, settings: dict, data: dict) -> tuple[Path, dict]:
+    """The checkpoint ``--resume`` names (a path, or ``"latest"`` in ``folder``) and its ``train_state.json``;
+    RunError when there is none or it was made with other settings (:data:`RESUME_MUST_MATCH`) or data."""
     found = list_checkpoints(folder)
     path = (found[-1] if found else None) if resume == "latest" else Path(resume)
     if path is None or not (path / "train_state.json").is_file():
@@ -77,7 +71,7 @@ def find_resume_checkpoint(resume: str, folder: str | Path, settings: dict, data
         raise RunError(f"--resume {resume}: no complete checkpoint {where}; start without --resume")
     state = json.loads((path / "train_state.json").read_text())
     changed = [f"--{k.replace('_', '-')} ({state['args'].get(k)} vs {settings.get(k)})"
-               for k in keys if state["args"].get(k) != settings.get(k)]
+               for k in RESUME_MUST_MATCH if state["args"].get(k) != settings.get(k)]
     mismatches = changed + data_changes(state.get("data"), data)
     if mismatches:
         raise RunError(f"--resume {path}: the checkpoint was made with different " + ", ".join(mismatches)
@@ -87,8 +81,7 @@ def find_resume_checkpoint(resume: str, folder: str | Path, settings: dict, data
 
 
 def load_checkpoint(accelerator, folder: str | Path, train_state: dict, scheduler, ema=None) -> None:
-    """Restore what :func:`save_checkpoint` wrote into ``folder``: the model, optimizer, random states
-    and sampler (``accelerator.load_state``; call after ``prepare``), the lr schedule and the EMA."""
+    """Restore :func:`save_checkpoint`'s ``folder`` (``accelerator.load_state``, after ``prepare``), schedule, EMA."""
     accelerator.load_state(str(folder))
     scheduler.load_state_dict(train_state["scheduler"])
     if ema is not None:
@@ -101,9 +94,8 @@ class OutputDirError(UsageError):
 
 
 def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
-    """Raise :class:`OutputDirError` unless a train.py run may write into ``path`` (writes nothing): a
-    writable folder, new, empty (hidden entries aside), this run's (``resume``) or a run folder to clear
-    (``overwrite``); a folder of other files is never deleted."""
+    """:class:`OutputDirError` unless ``path`` is (or can be) a writable folder that is new, empty (hidden entries
+    aside), this run's (``resume``) or a run folder to clear (``overwrite``); writes nothing."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputDirError(f"--output-dir {path} is a file: give a folder (it is created if missing)")
@@ -127,8 +119,7 @@ def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool 
 
 
 def start_output_dir(out: Path, data, overwrite: bool) -> None:
-    """Create ``out`` (emptied first, kept with its permissions, with ``overwrite``) and write the run's
-    class indices and split into it (``data``: :class:`effnetv2.hub_data.TrainingData`)."""
+    """Create ``out`` (emptied, not deleted, with ``overwrite``) and write ``data``'s classes and split into it."""
     if overwrite and out.is_dir():
         for entry in out.iterdir():
             _remove(entry)
@@ -149,8 +140,7 @@ def data_fingerprint(root: str | Path, train: list[tuple[str, int]], val: list[t
 
 
 def data_changes(saved: dict | None, current: dict) -> list[str]:
-    """How the data of :func:`data_fingerprint` record ``current`` differs from ``saved``, in words
-    (``"what (checkpoint vs now)"``); empty when it is the same data."""
+    """How :func:`data_fingerprint` ``current`` differs from ``saved``: ``["what (checkpoint vs now)", ...]``."""
     if not saved:
         return ["data (the checkpoint records none: it was written by an older train.py)"]
     changes = [f"{what} ({saved.get(key)} vs {current.get(key)})" for key, what in
@@ -165,8 +155,7 @@ def data_changes(saved: dict | None, current: dict) -> list[str]:
 
 
 class WriteError(OSError):
-    """A file of the run could not be written, most often because the disk is full (the message says how much
-    space it needs)."""
+    """A file of the run could not be written (a full disk: the message says how much space it needs)."""
 
 
 def _megabytes(size: int | None) -> str:
@@ -194,7 +183,6 @@ def tensor_bytes(*objects) -> int:
 
 
 def _write_error(path: Path, err: BaseException, needed: int) -> WriteError:
-    """``err``, raised while writing ``path`` (``needed`` bytes), as a WriteError."""
     try:
         free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
     except OSError:
@@ -235,13 +223,9 @@ def atomic_path(path: str | Path, needed: int = 0) -> Iterator[Path]:
 
 def save_checkpoint(accelerator, folder: str | Path, train_state: dict, model: nn.Module,
                     optimizer: torch.optim.Optimizer, ema=None) -> None:
-    """Write the checkpoint ``folder``: ``accelerator.save_state`` (model, optimizer, random states,
-    sampler), ``ema.safetensors`` and ``train_state.json``, atomically (``.tmp_epoch_N`` renamed when whole).
-
-    Every process calls it; only the main one writes: the others send it their files, so a machine
-    without the output folder's disk writes nothing. A failure on any process is a :class:`WriteError`
-    on all of them, naming ``folder``.
-    """
+    """Write ``accelerator.save_state``, ``ema.safetensors`` and ``train_state.json`` into ``folder``, atomically.
+    Every process calls it; only the main one writes (the others send their files); a failure on any process is
+    a :class:`WriteError` on all of them."""
     from accelerate.utils import gather_object  # the [train] extra: importing this module needs no Accelerate
 
     folder = Path(folder)
@@ -307,8 +291,7 @@ def check_finite(train_loss: float, epoch: int, lr: float, optimizer: str, check
 
 
 def save_epoch(accelerator, out: Path, train_state: dict, model, optimizer, ema, keep: int, classes: list[str]) -> None:
-    """Checkpoint the epoch (``out/checkpoints/epoch_N``), prune this run's older checkpoints but ``keep``
-    and rewrite metrics.json; a failed write is a RunError (status 1) naming the intact checkpoint."""
+    """Checkpoint the epoch, keep this run's newest ``keep`` and rewrite metrics.json; RunError (status 1)."""
     checkpoints, epoch = out / "checkpoints", train_state["epoch"]
     try:
         save_checkpoint(accelerator, checkpoints / f"epoch_{epoch}", train_state, model, optimizer, ema)
@@ -325,8 +308,8 @@ def save_epoch(accelerator, out: Path, train_state: dict, model, optimizer, ema,
 
 def save_run(model: EfficientNetV2, out: Path, card: dict, summary: dict, cm: torch.Tensor,
              dtype: torch.dtype = torch.float32) -> None:
-    """The Hub-ready model folder (weights in ``dtype``, card from ``card``), metrics.json (``summary``) and
-    confusion_matrix.png (``cm``), each written atomically; a failed write is a RunError (status 1)."""
+    """The Hub-ready model folder (weights in ``dtype``), metrics.json and confusion_matrix.png, each atomically;
+    a failed write is a RunError (status 1)."""
     final = summary["final"]
     model = model.to("cpu", dtype).to(memory_format=torch.contiguous_format).eval()
     model.head.dropout.p = model.dropout_rate  # progressive learning set the last stage's dropout on the module
@@ -344,8 +327,7 @@ def save_run(model: EfficientNetV2, out: Path, card: dict, summary: dict, cm: to
 
 
 def replica_fingerprints(model: nn.Module, accelerator) -> list[str]:
-    """Every process's :func:`weights_fingerprint` of ``model`` (gathered; all equal when the replicas are in
-    sync); on several processes each also prints its own, so that every machine's log shows it."""
+    """Every process's :func:`weights_fingerprint` of ``model``; each also prints its own (every machine's log)."""
     from accelerate.utils import gather_object
 
     fingerprint = weights_fingerprint(model)

@@ -21,11 +21,8 @@ def optimizer_steps_per_epoch(num_batches: int, grad_accum: int = 1) -> int:
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, lrf: float = 0.01,
                     warmup_steps: int = 0) -> LambdaLR:
-    """A ``LambdaLR`` whose multiplier at optimizer step ``t`` is ``(t + 1) / W`` for the first
-    ``W = warmup_steps``, then ``((1 + cos(pi * t' / T)) / 2) * (1 - lrf) + lrf``, ``t'`` counted from the end
-    of warmup over ``T = total_steps - W``. Not ``SequentialLR(LinearLR, ...)``: its recursive warmup drifts by
-    an ulp; and this ``state_dict()`` is plain numbers, kept as JSON in checkpoints.
-    """
+    """A ``LambdaLR``: ``(t + 1) / W`` for the first ``W = warmup_steps`` steps, then a cosine from 1 to ``lrf``.
+    Not ``SequentialLR(LinearLR, ...)``: its warmup drifts by an ulp and its state is not plain JSON."""
     if total_steps < 1:
         raise UsageError(f"total_steps must be >= 1, got {total_steps} (--epochs/--max-steps)")
     if not 0 <= warmup_steps < total_steps:

@@ -7,9 +7,7 @@ REPORT_TO = ("tensorboard", "trackio", "wandb", "mlflow", "all", "none")
 
 
 def trackers(report_to: str) -> list[str] | str | None:
-    """Accelerate's ``log_with`` for ``--report-to``: one tracker, ``"all"`` (every one installed) or
-    None. A named tracker whose package is missing is a UsageError saying what to install (Accelerate
-    itself would skip it silently)."""
+    """Accelerate's ``log_with`` for ``--report-to``; UsageError for a tracker not installed (Accelerate skips it)."""
     from accelerate.tracking import get_available_trackers  # the [train] extra
 
     if report_to not in REPORT_TO:

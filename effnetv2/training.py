@@ -31,11 +31,8 @@ def backbone_batchnorm_eval(model: EfficientNetV2) -> None:
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float = 0.0, cutmix: float = 0.0,
               label_smoothing: float = 0.0, generator: torch.Generator | None = None):
-    """Mixup or CutMix (Beta(alpha, alpha); each half the time when both alphas are > 0) and label smoothing:
-    ``x`` ``[B, 3, H, W]``, ``y`` ``[B]`` → (images ``[B, 3, H, W]``, targets ``[B, num_classes]`` summing to 1).
-
-    Not torchvision's ``v2.MixUp``/``CutMix``: they pair each image with its neighbour (``roll``), not a random
-    partner, and draw on the global RNG only, so the same seed would give other batches.
+    """Mixup or CutMix (each half the time when both alphas are > 0) and label smoothing: (images, targets
+    ``[B, num_classes]`` summing to 1). Not torchvision's v2.MixUp/CutMix: they pair neighbours, on the global RNG.
     """
     off = label_smoothing / num_classes
     targets = F.one_hot(y, num_classes).float() * (1 - label_smoothing) + off
@@ -62,12 +59,9 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float =
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches, prefix: str = "") -> int:
-    """Precise BatchNorm: set the running statistics of the BatchNorm layers named ``prefix...`` to their exact
-    average over ``batches`` (``[B, 3, H, W]`` tensors) under the current weights; returns the batches used.
-
-    Not ``swa_utils.update_bn``: it runs the whole model in training mode (drop-path would shift the
-    statistics) and resets every BatchNorm, where a frozen backbone keeps its own (``prefix="head."``).
-    """
+    """Precise BatchNorm: the running statistics of the BatchNorm layers named ``prefix...`` become their exact
+    average over ``batches``; returns the batches used. Not ``swa_utils.update_bn``: it runs the model in training
+    mode (drop-path shifts the statistics) and resets every BatchNorm, where a frozen backbone keeps its own."""
     layers = [m for name, m in model.named_modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and name.startswith(prefix)]
     if not layers:
@@ -93,8 +87,7 @@ def recalibrate_batchnorm(model: nn.Module, batches, prefix: str = "") -> int:
 
 @torch.no_grad()
 def average_buffers(model: nn.Module, accelerator) -> None:
-    """Average the floating-point buffers (BatchNorm statistics, from each process's own shard) over all
-    processes, so that every replica, and the saved model, is the same."""
+    """Average the floating-point buffers (BatchNorm statistics) over all processes: every replica the same."""
     if accelerator.num_processes == 1:
         return
     buffers = [b for b in model.buffers() if b.is_floating_point()]
@@ -113,7 +106,6 @@ class EpochCoverage(NamedTuple):
     repeated: int  # slots filled by repeating images (fewer images than one batch per process)
 
     def describe(self, batch_size: int, num_processes: int) -> str | None:
-        """The log line for an epoch that leaves images out or repeats some (None when neither)."""
         if self.left_out:
             return (f"each epoch trains on {self.trained} of the {self.trained + self.left_out} training images (whole "
                     f"batches of {batch_size} on each of {num_processes} process(es)); the other {self.left_out}, "
@@ -125,9 +117,8 @@ class EpochCoverage(NamedTuple):
 
 
 def epoch_coverage(num_images: int, batch_size: int, num_processes: int) -> EpochCoverage:
-    """How an epoch covers ``num_images``, each step taking ``batch_size`` images on each of ``num_processes``:
-    the rest that fills no whole step is left out (``drop_last``: no noisy small batch, no image twice); a set
-    smaller than one step is one short batch on one process, padded with repeats on several (``even_batches``)."""
+    """How an epoch covers ``num_images``: what fills no whole step is left out (``drop_last``); a set smaller
+    than one step is one short batch on one process, padded with repeats on several (``even_batches``)."""
     per_step = batch_size * num_processes
     if num_images >= per_step:
         trained = num_images // per_step * per_step
@@ -145,8 +136,7 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, accelerator, num_classes: int, channels_last: bool = False):
-    """``({"val_loss", "val_accuracy", "val_images"}, [C, C] confusion matrix)`` over every process's share of
-    ``loader`` (``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch)."""
+    """``({"val_loss", "val_accuracy", "val_images"}, [C, C] confusion matrix)`` over all processes' ``loader``."""
     model.eval()
     preds, labels, losses = [], [], []
     for x, y in loader:

@@ -9,24 +9,15 @@ from torchvision import transforms as T
 if TYPE_CHECKING:
     from .model import EfficientNetV2
 
-_MODES = {"nearest": T.InterpolationMode.NEAREST, "bilinear": T.InterpolationMode.BILINEAR,
-          "bicubic": T.InterpolationMode.BICUBIC}
-
 
 def transforms_for(model: EfficientNetV2 | dict, train: bool = False, image_size: int | None = None,
                    randaugment_magnitude: int | None = None,
                    scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
-    """The transform a PIL image goes through before ``model`` sees it: → ``[3, S, S]`` float tensor.
-
-    Eval: resize the short side to ``S / crop_pct``, centre crop ``S``, scale to [0, 1], normalise.
-    Train: random resized crop to ``S`` (area share drawn from ``scale``, torchvision's default
-    (0.08, 1); raise the lower end when a crop must keep the object, as for ``shapes``), horizontal
-    flip, optional RandAugment, normalise.
-    ``model`` may be an ``EfficientNetV2`` or its config dict; ``image_size`` overrides ``S``
-    (default: the config's eval or train size).
-    """
+    """PIL image → ``[3, S, S]`` normalised float tensor for ``model`` (an ``EfficientNetV2`` or its config).
+    Eval: resize the short side to ``S / crop_pct``, centre crop ``S``. Train: random resized crop (area share
+    from ``scale``), horizontal flip, optional RandAugment. ``image_size`` overrides the config's ``S``."""
     cfg = model if isinstance(model, dict) else model.config
-    mode = _MODES[cfg["interpolation"]]
+    mode = T.InterpolationMode(cfg["interpolation"])
     normalise = [T.PILToTensor(), T.ConvertImageDtype(torch.float), T.Normalize(cfg["mean"], cfg["std"])]
     if train:
         size = image_size or cfg["train_image_size"]

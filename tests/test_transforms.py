@@ -4,8 +4,10 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from torchvision import transforms as T
 
 from effnetv2 import EfficientNetV2, convert, transforms_for
+from effnetv2.model import INTERPOLATIONS
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +23,12 @@ def converted(variant: str) -> EfficientNetV2:
     with torch.device("meta"):  # only the config matters here
         source = getattr(torchvision.models, f"efficientnet_v2_{variant}")()
     return convert.from_torchvision(source.state_dict())
+
+
+def test_every_interpolation_name_is_torchvisions_mode():  # transforms_for maps names by InterpolationMode(name)
+    old = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC"}  # the table it replaced
+    assert {name: T.InterpolationMode(name) for name in INTERPOLATIONS} == {
+        name: getattr(T.InterpolationMode, member) for name, member in old.items()}
 
 
 @pytest.mark.parametrize("variant", ["s", "l"])  # s: bilinear, ImageNet stats; l: bicubic, 0.5 stats
@@ -51,7 +59,6 @@ def test_eval_transform_equals_timm(photo):
 def test_train_transform_equals_torchvision_reference_pipeline(photo, magnitude):
     """torchvision's classification training preset (references/classification/presets.py), written
     out with EfficientNetV2-S's published preprocessing: bilinear, ImageNet mean/std, 300 px."""
-    from torchvision import transforms as T
 
     bilinear = T.InterpolationMode.BILINEAR
     steps = [T.RandomResizedCrop(300, scale=(0.08, 1.0), interpolation=bilinear, antialias=True),
