@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from effnetv2.ema import ema_model
+from effnetv2.errors import UsageError
 
 pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
 
@@ -68,5 +69,5 @@ def test_buffers_are_copied_not_averaged():
 
 
 def test_bad_decay():
-    with pytest.raises(ValueError, match="decay"):
+    with pytest.raises(UsageError, match="decay"):
         ema_model(linear(0.0), decay=1.0)

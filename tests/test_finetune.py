@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from effnetv2 import EfficientNetV2
+from effnetv2.errors import UsageError
 from effnetv2.finetune import build_model
 
 
@@ -13,7 +14,7 @@ def test_initial_weights_from_pth_files(tmp_path):
     assert model.pool_type == "attention" and model.num_classes == 2 and model.id2label == {"0": "a", "1": "b"}
     state, src = model.state_dict(), source.state_dict()
     assert all(torch.equal(state[k], src[k]) for k in state if not k.startswith("head.classifier."))
-    with pytest.raises(ValueError, match="not an EfficientNetV2-s state dict"):
+    with pytest.raises(UsageError, match="--weights .*not an EfficientNetV2-s state dict"):
         build_model(str(tmp_path / "ours.pth"), "s", ["a", "b"])
 
 

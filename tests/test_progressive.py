@@ -1,5 +1,6 @@
 import pytest
 
+from effnetv2.errors import UsageError
 from effnetv2.progressive import RANGES, progressive_plan, stage_for_epoch
 
 
@@ -56,9 +57,9 @@ def test_describe_names_every_setting():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="at least 4 epochs"):
+    with pytest.raises(UsageError, match="at least 4 epochs"):
         progressive_plan("s", epochs=2, num_stages=4)
-    with pytest.raises(ValueError, match="variant"):
+    with pytest.raises(UsageError, match="variant"):
         progressive_plan("z", epochs=8)
-    with pytest.raises(ValueError, match="stages"):
+    with pytest.raises(UsageError, match="stages"):
         progressive_plan("s", epochs=8, num_stages=0)

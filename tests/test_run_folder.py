@@ -4,8 +4,9 @@ import shutil
 
 import pytest
 
-from effnetv2.run_folder import (RunError, check_finite, check_output_dir, data_changes, data_fingerprint,
-                                 find_resume_checkpoint, list_checkpoints, prune_checkpoints, start_output_dir)
+from effnetv2.run_folder import (OutputDirError, RunError, check_finite, check_output_dir, data_changes,
+                                 data_fingerprint, find_resume_checkpoint, list_checkpoints, prune_checkpoints,
+                                 start_output_dir)
 
 
 def test_list_checkpoints_is_complete_ones_in_epoch_order(tmp_path):
@@ -53,7 +54,7 @@ def test_an_output_dir_of_other_files_is_never_cleared(tmp_path):
     folder.mkdir()
     (folder / "holiday.jpg").write_bytes(b"x")
     for overwrite in (False, True):
-        with pytest.raises(ValueError, match="holds no train.py run: choose a new or empty folder"):
+        with pytest.raises(OutputDirError, match="holds no train.py run: choose a new or empty folder"):
             check_output_dir(folder, overwrite=overwrite)
     (folder / "holiday.jpg").unlink()
     (folder / ".gitkeep").write_text("")

@@ -6,6 +6,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader, TensorDataset
 
+from effnetv2.errors import UsageError
 from effnetv2.schedule import cosine_schedule, optimizer_steps_per_epoch
 
 pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
@@ -75,11 +76,11 @@ def test_scheduler_state_is_plain_json_and_restores():
 
 def test_bad_arguments_are_refused():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    with pytest.raises(ValueError, match="total_steps"):
+    with pytest.raises(UsageError, match="total_steps"):
         cosine_schedule(opt, 0)
-    with pytest.raises(ValueError, match="warmup_steps"):
+    with pytest.raises(UsageError, match="warmup_steps"):
         cosine_schedule(opt, 5, warmup_steps=5)
-    with pytest.raises(ValueError, match="lrf"):
+    with pytest.raises(UsageError, match="lrf"):
         cosine_schedule(opt, 5, lrf=2.0)
 
 

@@ -2,6 +2,7 @@
 import pytest
 from accelerate.tracking import get_available_trackers
 
+from effnetv2.errors import UsageError
 from effnetv2.tracking import trackers
 
 
@@ -15,7 +16,7 @@ def test_report_to_names_accelerates_trackers():
 def test_a_tracker_that_is_not_installed_is_an_error_saying_what_to_install(monkeypatch):
     # Accelerate itself skips a missing tracker with a debug message: the run would log nowhere
     monkeypatch.setattr("accelerate.tracking.get_available_trackers", lambda: [])
-    with pytest.raises(ValueError, match=r"--report-to wandb: the wandb package is not installed; `pip install wandb`"):
+    with pytest.raises(UsageError, match=r"--report-to wandb: the wandb package is not installed; `pip install wandb`"):
         trackers("wandb")
-    with pytest.raises(ValueError, match="choose one of tensorboard, trackio, wandb, mlflow, all, none"):
+    with pytest.raises(UsageError, match="choose one of tensorboard, trackio, wandb, mlflow, all, none"):
         trackers("comet")
