@@ -26,19 +26,14 @@ class ProgressiveRange:
     max_dropout: float
 
 
-_PAPER = {
+RANGES: dict[str, ProgressiveRange] = {
     "s": ProgressiveRange(128, 300, 5, 15, 0.0, 0.0, 0.1, 0.3),
     "m": ProgressiveRange(128, 380, 5, 20, 0.0, 0.2, 0.1, 0.4),
     "l": ProgressiveRange(128, 380, 5, 25, 0.0, 0.4, 0.1, 0.5),
 }
-
-
-RANGES: dict[str, ProgressiveRange] = {
-    **_PAPER,
-    "xl": _PAPER["l"],
-    **{name: replace(_PAPER["s"], min_size=round(cfg.train_size * 128 / 300), max_size=cfg.train_size)
-       for name, cfg in VARIANTS.items() if name.startswith("b")},
-}
+RANGES["xl"] = RANGES["l"]
+RANGES.update({name: replace(RANGES["s"], min_size=round(cfg.train_size * 128 / 300), max_size=cfg.train_size)
+               for name, cfg in VARIANTS.items() if name.startswith("b")})
 
 
 @dataclass(frozen=True)
