@@ -57,22 +57,19 @@ def load_initial_model(weights: str | Source, variant: str, overrides: dict) -> 
 def build_model(weights: str | Source, variant: str, classes: list[str], **overrides) -> EfficientNetV2:
     """A model for ``classes`` with ``weights``' backbone and a new classifier; ``overrides`` not None replace the
     weights' config. UsageError ``--weights WEIGHTS: ...`` when they cannot be read or do not fit."""
-    try:
-        return _build(parse_source(weights), variant, classes, {k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    id2label = dict(enumerate(classes))
+    try:  # reading the weights and building the model with the flags' options: the user's to fix
+        base = load_initial_model(weights, variant, overrides)
+        if base is None:
+            return EfficientNetV2(variant, num_classes=len(classes), id2label=id2label, **overrides)
+        model = EfficientNetV2(**{**base.config, **overrides, "num_classes": len(classes), "id2label": id2label,
+                                  "label2id": None, "source": None})
+        backbone = {k: v for k, v in base.state_dict().items() if not k.startswith("head.classifier.")}
+        missing = _load_fitting(model, backbone)
+        if missing:
+            raise ValueError(f"they do not fit EfficientNetV2-{model.variant} with these options: missing or "
+                             f"reshaped {missing[:3]}")
     except (ValueError, OSError, ImportError) as err:
         raise UsageError(f"--weights {getattr(weights, 'text', weights)}: {err}") from None
-
-
-def _build(source: Source, variant: str, classes: list[str], overrides: dict) -> EfficientNetV2:
-    id2label = dict(enumerate(classes))
-    base = load_initial_model(source, variant, overrides)
-    if base is None:
-        return EfficientNetV2(variant, num_classes=len(classes), id2label=id2label, **overrides)
-    config = {**base.config, **overrides, "num_classes": len(classes), "id2label": id2label, "label2id": None,
-              "source": None}
-    model = EfficientNetV2(**config)
-    missing = _load_fitting(model, {k: v for k, v in base.state_dict().items() if not k.startswith("head.classifier.")})
-    if missing:
-        raise ValueError(f"weights {source.text!r} do not fit EfficientNetV2-{model.variant} with these options: "
-                         f"missing or reshaped {missing[:3]}")
     return model
