@@ -189,8 +189,7 @@ def training_function(args: argparse.Namespace, accelerator: Accelerator, argv: 
                  if args.optimizer == "sgd" else torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay))
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
-    # 4. The lr schedule counts optimizer steps; it is stepped by hand once per optimizer step (a
-    # scheduler passed to prepare() would step once per process).
+    # 4. The lr schedule, stepped by hand once per optimizer step (prepared, it would step once per process).
     steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), args.grad_accum)
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
@@ -209,9 +208,8 @@ def training_function(args: argparse.Namespace, accelerator: Accelerator, argv: 
     accelerator.init_trackers("effnetv2", config={k: v for k, v in settings.items()
                                                   if isinstance(v, (int, float, str, bool))})
     dynamo = accelerator.state.dynamo_plugin.backend  # --compile, or accelerate launch --dynamo_backend
-    say(f"training EfficientNetV2-{unwrapped.variant} for {args.epochs} "
-        f"epochs: {steps_per_epoch} optimizer steps per epoch, {total_steps} in all, on "
-        f"{accelerator.num_processes} process(es) ({accelerator.device})"
+    say(f"training EfficientNetV2-{unwrapped.variant} for {args.epochs} epochs: {steps_per_epoch} optimizer steps per "
+        f"epoch, {total_steps} in all, on {accelerator.num_processes} process(es) ({accelerator.device})"
         + ("" if dynamo is DynamoBackend.NO else f", torch.compile backend {dynamo.value.lower()}"))
     coverage = epoch_coverage(len(data.train), args.batch_size, accelerator.num_processes)
     if coverage.describe(args.batch_size, accelerator.num_processes):

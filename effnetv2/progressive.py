@@ -9,8 +9,6 @@ from dataclasses import dataclass, replace
 from .configs import VARIANTS
 from .errors import UsageError
 
-MIN_IMAGE_SIZE = 16
-
 
 @dataclass(frozen=True)
 class ProgressiveRange:
@@ -72,7 +70,7 @@ def progressive_plan(variant: str, epochs: int, num_stages: int = 4, max_size: i
         return low + (high - low) * (i / (num_stages - 1) if num_stages > 1 else 1.0)
 
     return [Stage(index=i, start_epoch=i * epochs // num_stages,
-                  image_size=max(MIN_IMAGE_SIZE, int(round(at(i, lo, hi)))),
+                  image_size=max(16, int(round(at(i, lo, hi)))),
                   randaugment=int(round(at(i, r.min_randaugment, r.max_randaugment))),
                   mixup=round(at(i, r.min_mixup, r.max_mixup), 4),
                   dropout=round(at(i, r.min_dropout, r.max_dropout), 4))

@@ -87,9 +87,8 @@ def push(out: Path, repo_id: str, private: bool, overwrite_card: bool, val_accur
         retry = (f"python -c \"from huggingface_hub import HfApi; HfApi().upload_folder(repo_id='{repo_id}', "
                  f"folder_path='{out}', ignore_patterns={NOT_PUSHED})\"")
         first_line = str(err).splitlines()[0] if str(err) else ""
-        raise RunError(f"pushing to {repo_id} failed ({type(err).__name__}: {first_line})."
-                       f"\nEverything is saved in {out}. Log in (`hf auth login` or HF_TOKEN) if needed, then retry "
-                       f"with:\n"
+        raise RunError(f"pushing to {repo_id} failed ({type(err).__name__}: {first_line}).\nEverything is saved in "
+                       f"{out}. Log in (`hf auth login` or HF_TOKEN) if needed, then retry with:\n"
                        f"  hf upload {repo_id} {out} . --exclude 'checkpoints/*' --exclude 'logs/*'\nor\n  {retry}",
                        status=1) from None
     return commit.repo_url

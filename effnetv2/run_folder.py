@@ -310,14 +310,14 @@ def save_run(model: EfficientNetV2, out: Path, card: dict, summary: dict, cm: to
              dtype: torch.dtype = torch.float32) -> None:
     """The Hub-ready model folder (weights in ``dtype``), metrics.json and confusion_matrix.png, each atomically;
     a failed write is a RunError (status 1)."""
-    final = summary["final"]
     model = model.to("cpu", dtype).to(memory_format=torch.contiguous_format).eval()
     model.head.dropout.p = model.dropout_rate  # progressive learning set the last stage's dropout on the module
     try:
         save_model(model, out, card)
         with atomic_path(out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
-        png = confusion_matrix_png(cm, summary["classes"], f"validation accuracy {final['val_accuracy']:.3f}")
+        accuracy = summary["final"]["val_accuracy"]
+        png = confusion_matrix_png(cm, summary["classes"], f"validation accuracy {accuracy:.3f}")
         with atomic_path(out / "confusion_matrix.png") as tmp:
             tmp.write_bytes(png)
     except WriteError as err:

@@ -138,18 +138,15 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
 def evaluate(model: nn.Module, loader, accelerator, num_classes: int, channels_last: bool = False):
     """``({"val_loss", "val_accuracy", "val_images"}, [C, C] confusion matrix)`` over all processes' ``loader``."""
     model.eval()
-    preds, labels, losses = [], [], []
+    parts = []
     for x, y in loader:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             logits = model(x).float()
         loss = F.cross_entropy(logits, y, reduction="none")
-        p, t, loss = accelerator.gather_for_metrics((logits.argmax(-1), y, loss))
-        preds.append(p.cpu())
-        labels.append(t.cpu())
-        losses.append(loss.cpu())
-    preds, labels, losses = torch.cat(preds), torch.cat(labels), torch.cat(losses)
+        parts.append([t.cpu() for t in accelerator.gather_for_metrics((logits.argmax(-1), y, loss))])
+    preds, labels, losses = (torch.cat(part) for part in zip(*parts))
     metrics = {"val_loss": losses.mean().item(), "val_accuracy": (preds == labels).float().mean().item(),
                "val_images": len(labels)}
     return metrics, confusion_matrix(preds, labels, num_classes)
