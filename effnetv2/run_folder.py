@@ -97,11 +97,10 @@ def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool 
     """:class:`OutputDirError` unless ``path`` is (or can be) a writable folder that is new, empty (hidden entries
     aside), this run's (``resume``) or a run folder to clear (``overwrite``); writes nothing."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputDirError(f"--output-dir {path} is a file: give a folder (it is created if missing)")
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise OutputDirError(f"--output-dir {path} cannot be created: {existing} is a file, not a folder")
+        raise OutputDirError(f"--output-dir {path} is a file: give a folder (it is created if missing)" if existing == path
+                             else f"--output-dir {path} cannot be created: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputDirError(f"--output-dir {path} is not writable ({existing} is read-only for this user): "
                              f"choose a folder you can write to")
