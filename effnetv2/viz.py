@@ -86,18 +86,19 @@ def overlay(image: Image.Image, attn, alpha: float = 0.55, vmax: float | None = 
 
 
 TICK_FONT_PX = 16  # colour-bar labels: still >= 10 px when a gallery shows the picture at 2/3 size
+BAR_PX = 14  # a colour bar's thickness
 
 
 def _tick(value: float, vmin: float, vmax: float) -> str:
     return f"{0.0 if abs(value) < 1e-9 * max(abs(vmin), abs(vmax)) else value:.3g}"  # no "-0"
 
 
-def colorbar(height: int, vmin: float, vmax: float, width: int = 14, cmap: str = "inferno",
-             ticks: int = 3) -> Image.Image:
+def colorbar(height: int, vmin: float, vmax: float, cmap: str = "inferno") -> Image.Image:
     """A vertical colour bar ``height`` pixels tall: ``vmax`` at the top, ``vmin`` at the bottom,
-    with ``ticks`` evenly spaced labelled values (same colour map as :func:`heatmap`)."""
+    with three evenly spaced labelled values (same colour map as :func:`heatmap`)."""
     font = ImageFont.load_default(size=TICK_FONT_PX)
-    fracs = [i / max(ticks - 1, 1) for i in range(ticks)]  # 0 at the top
+    width = BAR_PX
+    fracs = [0.0, 0.5, 1.0]  # 0 at the top
     values = [vmax - frac * (vmax - vmin) for frac in fracs]
     labels = [_tick(value, vmin, vmax) for value in values]
     label_w = max(round(font.getlength(label)) for label in labels) + 2
@@ -113,28 +114,25 @@ def colorbar(height: int, vmin: float, vmax: float, width: int = 14, cmap: str =
     return bar
 
 
-def with_colorbar(image: Image.Image, vmin: float, vmax: float, width: int = 14, cmap: str = "inferno") -> Image.Image:
+def with_colorbar(image: Image.Image, vmin: float, vmax: float, cmap: str = "inferno") -> Image.Image:
     """``image`` with a :func:`colorbar` of the value range ``[vmin, vmax]`` on its right."""
-    bar = colorbar(image.height, vmin, vmax, width, cmap)
+    bar = colorbar(image.height, vmin, vmax, cmap)
     canvas = Image.new("RGB", (image.width + 4 + bar.width, image.height), "white")
     canvas.paste(image.convert("RGB"), (0, 0))
     canvas.paste(bar, (image.width + 4, 0))
     return canvas
 
 
-def head_gallery(view: Image.Image, maps: torch.Tensor, alpha: float = 0.55,
-                 shared_scale: bool = False) -> list[tuple[Image.Image, str]]:
+def head_gallery(view: Image.Image, maps: torch.Tensor, alpha: float = 0.55) -> list[tuple[Image.Image, str]]:
     """Overlays of the mean of ``maps`` ``[h, rows, cols]``, then each head's, with colour bars from 0 to each
-    one's peak (``shared_scale``: all heads' peak) and captions saying the peak and where it is."""
+    one's peak and captions saying the peak and where it is."""
     maps = maps.detach().float().cpu()
     entries = [("mean of heads", maps.mean(0))] + [(f"head {i + 1}", maps[i]) for i in range(maps.shape[0])]
-    top = float(maps.max()) if shared_scale else None
     out = []
     for name, attn in entries:
         peak = float(attn.max())
         row, col = divmod(int(attn.argmax()), attn.shape[1])
-        vmax = top if top is not None else peak
-        picture = with_colorbar(overlay(view, attn.numpy(), alpha, vmax=vmax), 0.0, vmax)
+        picture = with_colorbar(overlay(view, attn.numpy(), alpha, vmax=peak), 0.0, peak)
         out.append((picture, f"{name}: peak {peak:.3f} at cell ({row}, {col})"))
     return out
 
@@ -188,23 +186,21 @@ def top_cells(values: torch.Tensor | np.ndarray, count: int) -> np.ndarray:
 EXPLANATION_PX = 448  # the main picture: a 6x6 grid's cells are 75 px blocks; a phone shows it at 90% width
 
 
-def explanation_picture(view: Image.Image, values: torch.Tensor, region: int, signed: bool,
-                        size: int = EXPLANATION_PX) -> Image.Image:
-    """``view`` at ``size`` px with the map ``values`` ``[rows, cols]`` over it, the ``region`` cells it ranks first
+def explanation_picture(view: Image.Image, values: torch.Tensor, region: int, signed: bool) -> Image.Image:
+    """``view`` at ``EXPLANATION_PX`` with the map ``values`` ``[rows, cols]`` over it, the ``region`` cells it ranks first
     outlined, and its colour bar (``signed``: red for the class, blue against; else from 0 to the peak)."""
     values = values.detach().double().cpu()
     top = max(float(values.abs().max() if signed else values.max()), 1e-12)
     low, cmap, alpha = (-top, SIGNED_CMAP, 0.6) if signed else (0.0, "inferno", 0.55)
-    picture = overlay(view.resize((size, size), Image.BICUBIC), values.numpy(), alpha, vmax=top, vmin=low, cmap=cmap)
+    picture = overlay(view.resize((EXPLANATION_PX,) * 2, Image.BICUBIC), values.numpy(), alpha, vmax=top, vmin=low, cmap=cmap)
     return with_colorbar_below(region_outline(picture, top_cells(values, region)), low, top, cmap=cmap)
 
 
-def with_colorbar_below(image: Image.Image, vmin: float, vmax: float, height: int = 14, cmap: str = "inferno",
-                        ticks: int = 5) -> Image.Image:
-    """``image`` with a colour bar of ``[vmin, vmax]`` under it (beside it, it would sit under the page's picture
-    buttons and shrink the picture on a phone), ``ticks`` labelled values."""
+def with_colorbar_below(image: Image.Image, vmin: float, vmax: float, cmap: str = "inferno") -> Image.Image:
+    """``image`` with a colour bar of ``[vmin, vmax]`` and five labelled values under it (beside it, it would sit
+    under the page's picture buttons and shrink the picture on a phone)."""
     font = ImageFont.load_default(size=TICK_FONT_PX)
-    width = image.width
+    width, height, ticks = image.width, BAR_PX, 5
     canvas = Image.new("RGB", (width, image.height + 6 + height + 4 + TICK_FONT_PX + 4), "white")
     canvas.paste(image.convert("RGB"), (0, 0))
     top = image.height + 6
@@ -308,18 +304,11 @@ def matrix_image(matrix: torch.Tensor | np.ndarray, cell_px: int | None = None,
     return picture
 
 
-def score_matrix_image(all_weights: torch.Tensor, query: tuple[int, int] | None = None,
-                       grid: tuple[int, int] | None = None) -> Image.Image:
-    """The query-by-key weights ``[h, L, L]`` averaged over heads, the row of ``query = (row, col)`` on ``grid``
-    outlined."""
+def score_matrix_image(all_weights: torch.Tensor, query: tuple[int, int] | None, grid: tuple[int, int]) -> Image.Image:
+    """The query-by-key weights ``[h, L, L]`` averaged over heads, labelled by ``grid``'s cells, the row of
+    ``query = (row, col)`` outlined."""
     mean = all_weights.detach().float().mean(0).cpu().numpy()
-    row = None
-    if query is not None:
-        if grid is None:
-            raise ValueError("score_matrix_image needs the feature grid (rows, cols) to find the query's row")
-        row = check_cell(query, grid)
-    if grid is None:
-        return matrix_image(mean, highlight_row=row)
+    row = None if query is None else check_cell(query, grid)
     cells = [f"{r},{c}" for r in range(grid[0]) for c in range(grid[1])]
     return matrix_image(mean, highlight_row=row, row_labels=cells, col_labels=cells,
                         row_title="query", col_title="key cell (row,col)")
@@ -343,14 +332,10 @@ def walkthrough_markdown(walk: dict) -> str:
     return "\n".join(lines)
 
 
-def textbook_gallery(example: dict, which: str = "weights") -> list[tuple[Image.Image, str]]:
-    """One heat map ``[L, L]`` (row = query, column = key) per head of ``walkthrough.textbook_example``: its
-    ``weights``, or its ``scores`` before the softmax."""
-    if which not in ("weights", "scores"):
-        raise ValueError(f"which must be 'weights' or 'scores', got {which!r}")
-    matrices, d = example[which], example["head_dim"]
-    formula = f"softmax(Q Kᵀ / √{d})" if which == "weights" else f"Q Kᵀ / √{d}"
-    return [(matrix_image(matrices[i]), f"head {i + 1}: {formula}") for i in range(matrices.shape[0])]
+def textbook_gallery(example: dict) -> list[tuple[Image.Image, str]]:
+    """One heat map ``[L, L]`` of the weights (row = query, column = key) per head of a ``textbook_example``."""
+    weights, d = example["weights"], example["head_dim"]
+    return [(matrix_image(weights[i]), f"head {i + 1}: softmax(Q Kᵀ / √{d})") for i in range(weights.shape[0])]
 
 
 def textbook_markdown(example: dict) -> str:
