@@ -202,14 +202,18 @@ def test_score_matrix_labels_do_not_overlap_on_a_6x6_grid():
 def test_explanation_picture_outlines_the_top_cells_with_its_colour_bar_below():
     values = torch.tensor([[0.0, 3.0], [1.0, 2.0]])
     view = Image.new("RGB", (50, 50), (128, 128, 128))
-    picture = viz.explanation_picture(view, values, region=2, signed=False, size=200)
-    assert picture.width == 200 and picture.height > 200 + viz.TICK_FONT_PX  # the bar and its labels under it
+    picture = viz.explanation_picture(view, values, region=2, signed=False)
+    size = viz.EXPLANATION_PX
+    assert picture.width == size and picture.height > size + viz.TICK_FONT_PX  # the bar and its labels under it
     pixels = np.asarray(picture)
-    green = np.all(pixels[:200] == (0, 255, 0), axis=-1)
-    assert green[:, 100:].any(axis=0).sum() > 50 and not green[100:190, 5:95].any()  # the right column: 3 and 2
+    green = np.all(pixels[:size] == (0, 255, 0), axis=-1)
+    half, edge = size // 2, size // 40
+    assert green[:, half:].any(axis=0).sum() > size // 4  # the right column: 3 and 2
+    assert not green[half:size - 2 * edge, edge:half - 2 * edge].any()
     assert np.array_equal(viz.top_cells(values, 2), np.array([[False, True], [False, True]]))
-    signed = np.asarray(viz.explanation_picture(view, torch.tensor([[1.0, -2.0], [0.0, 0.0]]), 1, True, 200))
-    assert signed[50, 150, 2] > signed[50, 150, 0] and signed[50, 50, 0] > signed[50, 50, 2]  # blue against, red for
+    signed = np.asarray(viz.explanation_picture(view, torch.tensor([[1.0, -2.0], [0.0, 0.0]]), 1, True))
+    x, y = size * 3 // 4, size // 4
+    assert signed[y, x, 2] > signed[y, x, 0] and signed[y, y, 0] > signed[y, y, 2]  # blue against, red for
 
 
 def test_grid_image_draws_the_query_attention_on_the_grid():
