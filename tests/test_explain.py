@@ -86,14 +86,13 @@ def test_gradcam_follows_the_gradient_for_an_attention_pool():
 
 
 def _attend_without(model, x, removed: list[int]) -> torch.Tensor:
-    """Class probabilities with ``removed`` cells masked out of the pool's keys, through the pool's own
-    attention (``key_padding_mask``, tested against torch's MultiheadAttention) and the classifier."""
+    """Class probabilities with ``removed`` cells taken out of the pool's keys (the query stays the whole
+    image's), through the pool's own attention (tested against torch's MultiheadAttention) and the classifier."""
     pool = model.head.attn_pool
     with torch.no_grad():
         tokens = pool.tokens(model.forward_features(x))
-        mask = torch.zeros(tokens.shape[:2], dtype=torch.bool)
-        mask[:, removed] = True
-        out, _ = pool.attn.attend(pool.pooled_query(tokens), tokens, key_padding_mask=mask)
+        kept = [cell for cell in range(tokens.shape[1]) if cell not in removed]
+        out, _ = pool.attn.attend(pool.pooled_query(tokens), tokens[:, kept])
         return model.head.classifier(out[:, 0]).softmax(-1)
 
 
