@@ -119,8 +119,10 @@ def _ranked_keep_masks(maps: torch.Tensor, cells: int, delete: bool) -> torch.Te
 @torch.no_grad()
 def removal_curves(model: EfficientNetV2, images: torch.Tensor, maps: dict[str, torch.Tensor],
                    target=None) -> dict[str, dict[str, torch.Tensor]]:
-    """:func:`removal_curve` for several maps of the same images, from one forward pass:
-    ``{name: {"deletion": [B, L+1], "insertion": [B, L+1]}}`` for ``maps = {name: [B, heads, h, w]}``."""
+    """Target probability ``[B, L+1]`` as the k cells each of ``maps = {name: [B, heads, h, w]}`` ranks first are
+    removed (``"deletion"``) or alone present (``"insertion"``): masked out of the attention pool's keys (the query
+    stays the whole image's) or zeroed in the average; with no cell present the logits are the rest.
+    Returns ``{name: {"deletion": [B, L+1], "insertion": [B, L+1]}}``, from one forward pass."""
     feats = features(model, images)
     return _curves(feats, *_terms(model, feats, target), maps)
 
@@ -141,29 +143,19 @@ def _curves(feats, scores, contributions, rest, target, maps: dict[str, torch.Te
                    for mode in ("deletion", "insertion")} for name, m in maps.items()}
 
 
-def removal_curve(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None,
-                  mode: str = "deletion") -> torch.Tensor:
-    """Target probability ``[B, L+1]`` as the k cells ``maps`` ranks first are removed (``mode="deletion"``) or
-    alone present (``"insertion"``): masked out of the attention pool's keys (the query stays the whole image's)
-    or zeroed in the average; with no cell present the logits are the rest."""
-    if mode not in ("deletion", "insertion"):
-        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
-    return removal_curves(model, images, {"map": maps}, target)["map"][mode]
-
-
 def curve_auc(curve: torch.Tensor) -> torch.Tensor:
     """Trapezoid area under ``[B, L+1]`` values over the fraction 0..1 of cells → ``[B]``."""
     return torch.trapezoid(curve, dx=1.0 / (curve.shape[-1] - 1), dim=-1)
 
 
 def deletion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None) -> torch.Tensor:
-    """Per image ``[B]``, the area under :func:`removal_curve`'s deletion curve: lower is better."""
-    return curve_auc(removal_curve(model, images, maps, target, "deletion"))
+    """Per image ``[B]``, the area under :func:`removal_curves`' deletion curve: lower is better."""
+    return curve_auc(removal_curves(model, images, {"map": maps}, target)["map"]["deletion"])
 
 
 def insertion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None) -> torch.Tensor:
-    """Per image ``[B]``, the area under :func:`removal_curve`'s insertion curve: higher is better."""
-    return curve_auc(removal_curve(model, images, maps, target, "insertion"))
+    """Per image ``[B]``, the area under :func:`removal_curves`' insertion curve: higher is better."""
+    return curve_auc(removal_curves(model, images, {"map": maps}, target)["map"]["insertion"])
 
 
 def deletion_summary(curve: torch.Tensor, label: str, cells: int | None = None) -> str:

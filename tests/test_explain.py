@@ -6,9 +6,13 @@ import torch.nn.functional as F
 from effnetv2 import EfficientNetV2
 from effnetv2.explain import (BEATS_RANDOM_BY, CAM, FEATURE_ATTENTION, GRADCAM, RANDOM, answer_sentence,
                               class_attribution, curve_auc, deletion_auc, describe_model, features, gradcam,
-                              insertion_auc, map_kinds, region_cells, removal_curve, verdict, why)
+                              insertion_auc, map_kinds, region_cells, removal_curves, verdict, why)
 
 pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
+
+def removal_curve(model, images, maps, target=None, mode="deletion"):
+    return removal_curves(model, images, {"map": maps}, target)["map"][mode]
 
 
 def _model(pool: str) -> EfficientNetV2:
@@ -163,8 +167,6 @@ def test_bad_arguments_are_named():
         class_attribution(model, x, target=4)
     with pytest.raises(ValueError, match="maps cover 9 cells but the model's feature grid has 4"):
         deletion_auc(model, x, torch.rand(1, 1, 3, 3))
-    with pytest.raises(ValueError, match="mode must be"):
-        removal_curve(model, x, torch.rand(1, 1, 2, 2), mode="both")
     model.train()
     class_attribution(model, x)
     assert model.training  # restored
