@@ -203,9 +203,8 @@ def parse_query(query: str, row, col, grid: tuple[int, int]) -> tuple[int, int] 
 def attention_parts(predictor: Predictor, seen: dict, query: str = POOLED, row=0, col=0):
     """Each head's attention (their mean first), the score matrix, the maths, and the grid picture with the
     query's attention on it."""
-    model = predictor.model
-    grid = viz.feature_grid(model, seen["x"])
-    walk = attention_walkthrough(model, seen["x"], query=parse_query(query, row, col, grid))
+    grid = tuple(seen["feats"].shape[-2:])
+    walk = attention_walkthrough(predictor.model, seen["x"], query=parse_query(query, row, col, grid))
     view = seen["view"].resize((VIEW_PX, VIEW_PX), Image.BICUBIC)
     return (viz.head_gallery(view.resize((MAP_PX, MAP_PX), Image.BICUBIC), walk["maps"]),
             viz.score_matrix_image(walk["all_weights"], walk["query"], grid), viz.walkthrough_markdown(walk),
@@ -436,7 +435,7 @@ def show_attention(seen, query, row, col):
 
 def pick_cell(seen, evt: gr.SelectData):
     """A click at pixel ``evt.index = (x, y)`` of the grid picture → query "cell" and its (row, col)."""
-    grid = viz.feature_grid(predictor_for(seen["model"]).model, seen["x"]) if seen else (1, 1)
+    grid = tuple(seen["feats"].shape[-2:]) if seen else (1, 1)
     return CELL, *viz.cell_from_click(evt.index, (VIEW_PX, VIEW_PX), grid)
 
 

@@ -30,15 +30,6 @@ def model_input(model, image: Image.Image) -> tuple[torch.Tensor, Image.Image]:
     return x, Image.fromarray(view)
 
 
-def feature_grid(model, x: torch.Tensor | None = None) -> tuple[int, int]:
-    """``(rows, cols)`` of the feature grid for input ``x`` ``[B, 3, H, W]`` (default: the model's eval
-    size): five stride-2 stages, each ``ceil(n / 2)``."""
-    height, width = x.shape[-2:] if x is not None else (model.config["image_size"],) * 2
-    for _ in range(5):
-        height, width = -(-height // 2), -(-width // 2)
-    return int(height), int(width)
-
-
 def cell_from_click(xy: tuple[float, float], image_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
     """A click at pixel ``(x, y)`` of an image of ``image_size = (width, height)`` → the ``(row, col)`` cell (the
     nearest for clicks outside) of a ``grid = (rows, cols)`` laid over it, as :func:`upsample_nearest` paints."""
