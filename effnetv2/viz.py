@@ -276,22 +276,22 @@ def with_axis_ticks(picture: Image.Image, cell_px: int, row_labels: list[str], c
     return canvas
 
 
-def matrix_image(matrix: torch.Tensor | np.ndarray, cell_px: int | None = None,
-                 highlight_row: int | None = None, row_labels: list[str] | None = None,
-                 col_labels: list[str] | None = None, row_title: str = "", col_title: str = "") -> Image.Image:
-    """A ``[rows, cols]`` matrix as a heat map of square blocks with a colour bar from ``min(0, min)`` to ``max``,
-    and tick labels (:func:`with_axis_ticks`) when both label lists are given."""
+def matrix_image(matrix: torch.Tensor | np.ndarray, highlight_row: int | None = None,
+                 grid: tuple[int, int] | None = None) -> Image.Image:
+    """A ``[rows, cols]`` matrix as a heat map of square blocks with a colour bar from ``min(0, min)`` to ``max``;
+    with ``grid``, a query-by-key matrix of its cells, tick-labelled (:func:`with_axis_ticks`)."""
     values = np.asarray(matrix, dtype=np.float64)
     rows, cols = values.shape
-    cell_px = cell_px or max(4, min(48, 384 // max(rows, cols)))
+    cell_px = max(4, min(48, 384 // max(rows, cols)))
     vmin, vmax = min(0.0, float(values.min())), float(values.max())
     picture = heatmap(values, (cols * cell_px, rows * cell_px), vmax=vmax, vmin=vmin)
     if highlight_row is not None:
         ImageDraw.Draw(picture).rectangle([0, highlight_row * cell_px, cols * cell_px - 1,
                                            (highlight_row + 1) * cell_px - 1], outline=(0, 255, 255), width=2)
     picture = with_colorbar(picture, vmin, vmax)
-    if row_labels is not None and col_labels is not None:
-        picture = with_axis_ticks(picture, cell_px, row_labels, col_labels, row_title, col_title)
+    if grid is not None:
+        cells = [f"{r},{c}" for r in range(grid[0]) for c in range(grid[1])]
+        picture = with_axis_ticks(picture, cell_px, cells, cells, "query", "key cell (row,col)")
     return picture
 
 
@@ -299,10 +299,7 @@ def score_matrix_image(all_weights: torch.Tensor, query: tuple[int, int] | None,
     """The query-by-key weights ``[h, L, L]`` averaged over heads, labelled by ``grid``'s cells, the row of
     ``query = (row, col)`` outlined."""
     mean = all_weights.detach().float().mean(0).cpu().numpy()
-    row = None if query is None else check_cell(query, grid)
-    cells = [f"{r},{c}" for r in range(grid[0]) for c in range(grid[1])]
-    return matrix_image(mean, highlight_row=row, row_labels=cells, col_labels=cells,
-                        row_title="query", col_title="key cell (row,col)")
+    return matrix_image(mean, None if query is None else check_cell(query, grid), grid)
 
 
 def _shape(shape) -> str:

@@ -118,15 +118,15 @@ def _inferno(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
 
 def test_matrix_image_colour_follows_the_values():
     values = np.array([[1.0, 0.9, 0.8], [0.7, 0.5, 0.35], [0.2, 0.1, 0.0]])
-    picture = viz.matrix_image(values, cell_px=10)
-    blocks = _blocks(picture, 3, 3, 10)
+    picture = viz.matrix_image(values)
+    blocks = _blocks(picture, 3, 3, 48)
     # the documented scale: inferno from min(0, min) = 0 to max = 1
     assert np.array_equal(blocks, _inferno(values, 0.0, 1.0))
     lum = blocks.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     assert np.array_equal(np.argsort(lum, axis=None), np.argsort(values, axis=None))  # brighter = larger
     # negative scores: the scale starts at the minimum
-    signed = viz.matrix_image(values - 0.5, cell_px=10)
-    assert np.array_equal(_blocks(signed, 3, 3, 10), _inferno(values - 0.5, -0.5, 0.5))
+    signed = viz.matrix_image(values - 0.5)
+    assert np.array_equal(_blocks(signed, 3, 3, 48), _inferno(values - 0.5, -0.5, 0.5))
 
 
 def test_score_matrix_is_the_mean_over_heads_with_the_query_row_outlined():
