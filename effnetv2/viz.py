@@ -84,33 +84,24 @@ def _tick(value: float, vmin: float, vmax: float) -> str:
     return f"{0.0 if abs(value) < 1e-9 * max(abs(vmin), abs(vmax)) else value:.3g}"  # no "-0"
 
 
-def colorbar(height: int, vmin: float, vmax: float, cmap: str = "inferno") -> Image.Image:
-    """A vertical colour bar ``height`` pixels tall: ``vmax`` at the top, ``vmin`` at the bottom,
-    with three evenly spaced labelled values (same colour map as :func:`heatmap`)."""
+def with_colorbar(image: Image.Image, vmin: float, vmax: float, cmap: str = "inferno") -> Image.Image:
+    """``image`` with a colour bar on its right: ``vmax`` at the top, ``vmin`` at the bottom, three labelled values."""
     font = ImageFont.load_default(size=TICK_FONT_PX)
-    width = BAR_PX
+    width, height = BAR_PX, image.height
     fracs = [0.0, 0.5, 1.0]  # 0 at the top
     values = [vmax - frac * (vmax - vmin) for frac in fracs]
     labels = [_tick(value, vmin, vmax) for value in values]
     label_w = max(round(font.getlength(label)) for label in labels) + 2
-    ramp = colormap(np.linspace(1, 0, height)[:, None].repeat(width, 1), cmap)
-    bar = Image.new("RGB", (width + 5 + label_w, height), "white")
-    bar.paste(Image.fromarray(ramp), (0, 0))
-    draw = ImageDraw.Draw(bar)
+    left = image.width + 4
+    canvas = Image.new("RGB", (left + width + 5 + label_w, height), "white")
+    canvas.paste(image.convert("RGB"), (0, 0))
+    canvas.paste(Image.fromarray(colormap(np.linspace(1, 0, height)[:, None].repeat(width, 1), cmap)), (left, 0))
+    draw = ImageDraw.Draw(canvas)
     for frac, label in zip(fracs, labels):
         y = round(frac * (height - 1))
-        draw.line([(width, y), (width + 3, y)], fill="black")
+        draw.line([(left + width, y), (left + width + 3, y)], fill="black")
         text_y = min(max(0, y - TICK_FONT_PX // 2), max(0, height - TICK_FONT_PX - 2))
-        draw.text((width + 5, text_y), label, fill="black", font=font)
-    return bar
-
-
-def with_colorbar(image: Image.Image, vmin: float, vmax: float, cmap: str = "inferno") -> Image.Image:
-    """``image`` with a :func:`colorbar` of the value range ``[vmin, vmax]`` on its right."""
-    bar = colorbar(image.height, vmin, vmax, cmap)
-    canvas = Image.new("RGB", (image.width + 4 + bar.width, image.height), "white")
-    canvas.paste(image.convert("RGB"), (0, 0))
-    canvas.paste(bar, (image.width + 4, 0))
+        draw.text((left + width + 5, text_y), label, fill="black", font=font)
     return canvas
 
 

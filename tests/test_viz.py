@@ -55,15 +55,15 @@ def test_overlay_blends_with_alpha():
 
 
 def test_colorbar_shows_the_scale():
-    bar = viz.colorbar(100, 0.0, 0.5)
-    pixels = _brightness(bar)[:, 2]  # a column inside the colour ramp
-    assert bar.height == 100 and pixels[0] > pixels[50] > pixels[99]  # high values bright, at the top
     picture = viz.with_colorbar(Image.new("RGB", (80, 100), "red"), 0.0, 0.5)
-    assert picture.size == (80 + 4 + bar.width, 100)
-    assert picture.getpixel((10, 10)) == (255, 0, 0)
+    bar = picture.crop((80 + 4, 0, picture.width, 100))
+    pixels = _brightness(bar)[:, 2]  # a column inside the colour ramp
+    assert picture.height == 100 and pixels[0] > pixels[50] > pixels[99]  # high values bright, at the top
+    assert picture.getpixel((10, 10)) == (255, 0, 0) and picture.getpixel((81, 50)) == (255, 255, 255)
     labels = _brightness(bar)[:, 20:]  # the tick labels: dark text on white, saying the values
     assert labels.min() < 300
-    assert not np.array_equal(labels, _brightness(viz.colorbar(100, 0.0, 0.9))[:, 20:])
+    other = viz.with_colorbar(Image.new("RGB", (80, 100), "red"), 0.0, 0.9)
+    assert not np.array_equal(labels, _brightness(other)[:, 84 + 20:])
 
 
 def test_head_gallery_has_each_head_and_the_mean():
