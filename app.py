@@ -74,11 +74,8 @@ def user_error(message: str, title: str = "Error") -> gr.Error:
 
 
 def read_image(value) -> Image.Image:
-    """What the page or an API client sent (upload payload, path, PIL image) → an RGB image, or a message.
-
-    Events run with ``preprocess=False``: Gradio decodes nothing and checks only values marked as files, so
-    this opens only uploads (Gradio's upload folder) and ``EXAMPLES``, whatever the value.
-    """
+    """What the page or an API client sent (upload payload, path, PIL image) → an RGB image, or a message. Events
+    run with ``preprocess=False`` (Gradio checks nothing), so only uploads and ``EXAMPLES`` are opened here."""
     if isinstance(value, FileData):
         value = value.path
     if isinstance(value, dict):
@@ -150,8 +147,7 @@ def answer_parts(predictor: Predictor, seen: dict, class_name: str | None = PRED
     kinds = why.map_kinds(predictor.model)
     kind = min(kinds, key=result.aucs.get) if view == BEST or view not in kinds else view  # BEST: lowest deletion
     label, prob = labels[result.target], float(result.probs[result.target])
-    cells = result.maps[kind].numel()
-    picture = viz.explanation_picture(seen["view"], result.maps[kind], why.region_cells(cells),
+    picture = viz.explanation_picture(seen["view"], result.maps[kind], why.region_cells(result.maps[kind].numel()),
                                       signed=kind in (why.ATTRIBUTION, why.CAM))
     top = result.probs.topk(min(TOP_K, len(labels)))
     scores = {labels[i]: float(p) for p, i in zip(top.values, top.indices)}

@@ -71,11 +71,8 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 class AttentionPool2d(nn.Module):
-    """Pool a feature map ``[B, C, H, W]`` into ``[B, dim]`` by multi-head attention over its H*W cells.
-
-    Tokens: a 1x1 conv to ``dim`` channels plus a learned ``grid_size``-square position embedding, resampled to
-    any input's grid. Query: the tokens' mean plus a learned offset (the pool starts as average pooling).
-    """
+    """Pool ``[B, C, H, W]`` into ``[B, dim]`` by attention over the cells: tokens a 1x1 conv plus a learned position
+    embedding (resampled to any grid), the query their mean plus a learned offset (it starts as average pooling)."""
 
     def __init__(self, in_chs: int, dim: int = 256, num_heads: int = 8, grid_size: int = 7):
         super().__init__()

@@ -1,11 +1,8 @@
 """Why did the model choose this class? Exact class attribution, Grad-CAM, and how faithful a map is.
 
-The head is linear after pooling, so the target logit splits exactly into a signed share per grid cell (and
-head) plus a rest no cell changes: ``logit_c = b_c + w_c·b_O + Σ_h Σ_j a_hj w_c·W_O^h v_hj`` for an attention
-pool (a_hj: head h's weight on cell j, v_hj its value, W_O^h head h's columns of the output projection), and
-``logit_c = b_c + (1/HW) Σ_j w_c·f_j`` (the class activation map) for an average pool. Faithfulness is measured
-in feature space, where removing a cell is exact: deletion removes the cells a map ranks first (a lower area
-under the target probability is better), insertion adds them to an empty grid (higher is better).
+The head is linear after pooling, so the target logit splits exactly into a signed share per cell and head plus
+a rest: ``b_c + w_c·b_O + Σ_h Σ_j a_hj w_c·W_O^h v_hj`` (attention pool), ``b_c + (1/HW) Σ_j w_c·f_j`` (average
+pool: the class activation map). Faithfulness is measured in feature space, where removing a cell is exact.
 """
 from __future__ import annotations
 
@@ -43,9 +40,8 @@ def _targets(logits: torch.Tensor, target) -> torch.Tensor:
 
 
 def _terms(model: EfficientNetV2, feats: torch.Tensor, target):
-    """For the feature map ``[B, D, h, w]``, in float64: the pooled query's scores ``[B, h, L]`` before the softmax
-    (None for average pooling), what each cell adds to each logit at full weight ``[B, h, L, C]``, the rest
-    ``[C]`` (L = H*W, row-major), and the target classes ``[B]``."""
+    """For ``feats`` ``[B, D, h, w]``, in float64: the pooled query's scores ``[B, h, L]`` (None: average pool), each
+    cell's addition to each logit at full weight ``[B, h, L, C]``, the rest ``[C]`` and the targets ``[B]``."""
     classifier = model.head.classifier
     if not isinstance(classifier, torch.nn.Linear):
         raise ValueError("the model has no classifier (num_classes=0): attribution needs class logits")
@@ -74,11 +70,9 @@ def _terms(model: EfficientNetV2, feats: torch.Tensor, target):
 @torch.no_grad()
 def class_attribution(model: EfficientNetV2, images: torch.Tensor, target=None,
                       return_rest: bool = False):
-    """Each head's and grid cell's additive share of the target logit, float64: ``images`` ``[B, 3, H, W]``
-    (preprocessed) → ``[B, heads, h, w]`` (average pooling: heads = 1) whose sum plus ``rest`` ``[B]`` (returned
-    too with ``return_rest=True``; the same for every image) is the logit. ``target``: a class index, or one per
-    image ``[B]``; default the predicted class.
-    """
+    """Each head's and cell's share of the target logit (an index, one per image, default the predicted class),
+    float64: ``images`` ``[B, 3, H, W]`` → ``[B, heads, h, w]`` (average pool: 1 head), whose sum plus the
+    image-independent ``rest`` ``[B]`` (``return_rest=True`` returns it too) is the logit."""
     feats = features(model, images)
     scores, contributions, rest, target = _terms(model, feats, target)
     maps = _shares(scores, contributions, target, feats.shape[-2:])
@@ -159,9 +153,8 @@ def insertion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tenso
 
 
 def deletion_summary(curve: torch.Tensor, label: str, cells: int | None = None) -> str:
-    """One image's deletion curve ``[L+1]`` in words, e.g. "removing the 3 cells this map ranks first drops
-    P(star) from 0.98 to 0.12", after ``cells`` (default: a tenth of the grid), with the decimals (up to 6) that
-    tell the two probabilities apart."""
+    """One image's deletion curve ``[L+1]`` after ``cells`` (default: a tenth) in words, e.g. "removing the 3 cells
+    this map ranks first drops P(star) from 0.98 to 0.12", with the decimals (up to 6) that tell them apart."""
     steps = curve.shape[-1] - 1
     k = max(1, round(steps / 10)) if cells is None else min(max(1, cells), steps)
     before, after = float(curve[0]), float(curve[k])

@@ -169,12 +169,13 @@ EXPLANATION_PX = 448  # the main picture: a 6x6 grid's cells are 75 px blocks; a
 
 
 def explanation_picture(view: Image.Image, values: torch.Tensor, region: int, signed: bool) -> Image.Image:
-    """``view`` at ``EXPLANATION_PX`` with the map ``values`` ``[rows, cols]`` over it, the ``region`` cells it ranks first
+    """``view`` at ``EXPLANATION_PX`` with the map ``values`` ``[rows, cols]`` over it, its first ``region`` cells
     outlined, and its colour bar (``signed``: red for the class, blue against; else from 0 to the peak)."""
     values = values.detach().double().cpu()
     top = max(float(values.abs().max() if signed else values.max()), 1e-12)
     low, cmap, alpha = (-top, SIGNED_CMAP, 0.6) if signed else (0.0, "inferno", 0.55)
-    picture = overlay(view.resize((EXPLANATION_PX,) * 2, Image.BICUBIC), values.numpy(), alpha, vmax=top, vmin=low, cmap=cmap)
+    picture = overlay(view.resize((EXPLANATION_PX,) * 2, Image.BICUBIC), values.numpy(), alpha,
+                      vmax=top, vmin=low, cmap=cmap)
     return with_colorbar_below(region_outline(picture, top_cells(values, region)), low, top, cmap=cmap)
 
 
@@ -307,7 +308,8 @@ def walkthrough_markdown(walk: dict) -> str:
              f"{walk['num_heads']} heads of d = {walk['head_dim']} channels; the query is {query}.", ""]
     for i, step in enumerate(walk["steps"], 1):
         sample = ", ".join(f"{v:.4g}" for v in step["sample"])
-        lines.append(f"{i}. **{step['name']}**: ${step['formula']}$ — shape {_shape(step['shape'])} — first values [{sample}, …]")
+        lines.append(f"{i}. **{step['name']}**: ${step['formula']}$ — shape {_shape(step['shape'])} — "
+                     f"first values [{sample}, …]")
     return "\n".join(lines)
 
 

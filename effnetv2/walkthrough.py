@@ -52,14 +52,9 @@ def attention_steps(queries: torch.Tensor, tokens: torch.Tensor, num_heads: int,
 
 @torch.no_grad()
 def attention_walkthrough(model: nn.Module, x: torch.Tensor, query: tuple[int, int] | None = None) -> dict:
-    """Every step of the attention behind ``model.attention_maps`` for the first image of ``x``: the pool's (query:
-    the pooled one, or grid cell ``query``), or an average-pooled model's parameter-free attention of its
-    standardised feature tokens (query: ``query`` or the most attended cell).
-
-    Returns ``steps`` (feature map, tokens, then :func:`attention_steps`'), ``maps`` ``[h, H, W]`` (the query's
-    weights), ``all_weights`` ``[h, L, L]`` (every token a query), ``grid``, ``query``, ``num_heads``,
-    ``head_dim`` and ``output`` ``[D]``.
-    """
+    """Every step of ``model.attention_maps`` for the first image of ``x`` (query: grid cell ``query``, else the
+    pooled one or, average pool, the most attended cell): ``steps``, ``maps`` ``[h, H, W]``, ``all_weights``
+    ``[h, L, L]`` (every token a query), ``grid``, ``query``, ``num_heads``, ``head_dim`` and ``output`` ``[D]``."""
     feats = model.forward_features(x[:1])
     height, width = feats.shape[-2:]
     num_heads = model.num_heads
