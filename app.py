@@ -158,8 +158,7 @@ def answer_parts(predictor: Predictor, seen: dict, class_name: str | None = PRED
 
 
 def explain_parts(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED):
-    """"Why this class?" in depth: the attribution gallery, each head's total (a table), the faithfulness
-    table, the (Grad-CAM, attribution) pair and the bar chart of the totals."""
+    """"Why this class?" in depth: attribution gallery, head totals (table), faithfulness, Grad-CAM pair, bar chart."""
     labels = list(predictor.id2label.values())
     result = reason(predictor, seen, class_name)
     label = labels[result.target]
@@ -197,8 +196,7 @@ def parse_query(query: str, row, col, grid: tuple[int, int]) -> tuple[int, int] 
 
 
 def attention_parts(predictor: Predictor, seen: dict, query: str = POOLED, row=0, col=0):
-    """Each head's attention (their mean first), the score matrix, the maths, and the grid picture with the
-    query's attention on it."""
+    """Each head's attention (their mean first), the score matrix, the maths, the query's attention on the grid."""
     grid = tuple(seen["feats"].shape[-2:])
     walk = attention_walkthrough(predictor.model, seen["x"], query=parse_query(query, row, col, grid))
     view = seen["view"].resize((VIEW_PX, VIEW_PX), Image.BICUBIC)
@@ -290,8 +288,7 @@ def answer(image: FileData, class_name: str = "", model: str = "") -> tuple[dict
         (its top quarter of cells outlined), the answer in one sentence, and which map wins the deletion test.
     """
     predictor = predictor_for(model)
-    scores, picture, sentence, verdict, _ = answer_parts(predictor, look(predictor, image), class_name)
-    return scores, as_files(picture, FileData), sentence, verdict
+    return as_files(answer_parts(predictor, look(predictor, image), class_name)[:4], FileData)
 
 
 def classify(image: FileData, model: str = "") -> dict:
@@ -395,8 +392,7 @@ def switch(name: str):
 
 
 def show_answer(image, view, model):
-    """A new image (or model): see it once, then the first screen for the predicted class; the seen image
-    is kept for class and map changes."""
+    """A new image (or model): the first screen for the predicted class, and the image seen (kept for changes)."""
     if image is None:
         return *NO_ANSWER, None
     predictor = predictor_for(model)

@@ -115,8 +115,8 @@ def removal_curves(model: EfficientNetV2, images: torch.Tensor, maps: dict[str, 
                    target=None) -> dict[str, dict[str, torch.Tensor]]:
     """Target probability ``[B, L+1]`` as the k cells each of ``maps = {name: [B, heads, h, w]}`` ranks first are
     removed (``"deletion"``) or alone present (``"insertion"``): masked out of the attention pool's keys (the query
-    stays the whole image's) or zeroed in the average; with no cell present the logits are the rest.
-    Returns ``{name: {"deletion": [B, L+1], "insertion": [B, L+1]}}``, from one forward pass."""
+    stays the whole image's) or zeroed in the average, with no cell present the logits are the rest; from one forward
+    pass ``{name: {"deletion": [B, L+1], "insertion": [B, L+1]}}``."""
     feats = features(model, images)
     return _curves(feats, *_terms(model, feats, target), maps)
 
@@ -175,12 +175,11 @@ LISTED_CLASSES = 20     # a model of at most this many classes has them listed (
 
 @dataclass
 class Why:
-    """What the demo says about one image and class: ``shares`` (:func:`class_attribution`) and attention ``heads``
-    ``[heads, h, w]``, each map kind ``[h, w]`` by name (the random one last) and its ``deletion`` curve ``[L+1]``."""
+    """What the demo says about one image and class: ``shares`` (:func:`class_attribution`), each map kind
+    ``[h, w]`` by name (the random one last) and its ``deletion`` curve ``[L+1]``."""
     target: int
     probs: torch.Tensor
     shares: torch.Tensor
-    heads: torch.Tensor
     maps: dict[str, torch.Tensor]
     deletion: dict[str, torch.Tensor]
 
@@ -190,8 +189,7 @@ class Why:
 
 
 def map_kinds(model: EfficientNetV2) -> list[str]:
-    """The map kinds worth showing first for this model, best known first (an average pool's self-attention has
-    no learned weights)."""
+    """The map kinds worth showing for this model, best known first (an average pool's attention learns nothing)."""
     return [ATTRIBUTION, ATTENTION, GRADCAM] if model.head.attn_pool is not None else [CAM, GRADCAM]
 
 
@@ -220,7 +218,7 @@ def why(model: EfficientNetV2, feats: torch.Tensor, target: int | None = None, s
     maps[RANDOM] = torch.rand(feats.shape[-2:], generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         curves = _curves(feats, scores, contributions, rest, targets, {k: m[None, None] for k, m in maps.items()})
-    return Why(int(targets[0]), probs, shares, heads, maps, {k: c["deletion"][0] for k, c in curves.items()})
+    return Why(int(targets[0]), probs, shares, maps, {k: c["deletion"][0] for k, c in curves.items()})
 
 
 def _shares(scores, contributions, target, grid) -> torch.Tensor:

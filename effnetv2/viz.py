@@ -21,8 +21,7 @@ def colormap(values: np.ndarray, name: str = "inferno") -> np.ndarray:
 
 
 def model_input(model, image: Image.Image) -> tuple[torch.Tensor, Image.Image]:
-    """The model's eval input ``[1, 3, S, S]`` for ``image`` and the RGB view it corresponds to
-    (resized and cropped exactly as the model sees it, before normalisation)."""
+    """The model's eval input ``[1, 3, S, S]`` for ``image`` and the RGB view the model sees (before normalisation)."""
     x = transforms_for(model)(image).unsqueeze(0)
     mean = torch.tensor(model.config["mean"]).view(3, 1, 1)
     std = torch.tensor(model.config["std"]).view(3, 1, 1)
@@ -40,8 +39,7 @@ def cell_from_click(xy: tuple[float, float], image_size: tuple[int, int], grid: 
 
 
 def cell_box(cell: tuple[int, int], grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The pixels ``[x0, y0, x1, y1)`` that grid cell ``(row, col)`` covers in an image of
-    ``(width, height)``: exactly the pixels :func:`cell_from_click` maps to that cell."""
+    """The pixels ``[x0, y0, x1, y1)`` of cell ``(row, col)`` in an image of ``(width, height)``, as clicks map them."""
     (row, col), (rows, cols), (width, height) = cell, grid, image_size
     return (-(-col * width // cols), -(-row * height // rows),
             -(-(col + 1) * width // cols), -(-(row + 1) * height // rows))
@@ -243,28 +241,25 @@ def grid_image(view: Image.Image, grid: tuple[int, int], cell: tuple[int, int] |
     return picture
 
 
-def with_axis_ticks(picture: Image.Image, cell_px: int, row_labels: list[str], col_labels: list[str],
-                    row_title: str = "", col_title: str = "") -> Image.Image:
-    """``picture`` (a matrix drawn ``cell_px`` pixels per entry) with tick labels left of its rows and above its
-    columns (every n-th where they would overlap) and optional axis titles."""
+def with_axis_ticks(picture: Image.Image, cell_px: int, labels: list[str], row_title: str,
+                    col_title: str) -> Image.Image:
+    """``picture`` (a square matrix drawn ``cell_px`` pixels per entry) with ``labels`` left of its rows and above
+    its columns (every n-th where they would overlap) and the two axis titles."""
     font = ImageFont.load_default(size=TICK_FONT_PX)
-    left = max(round(font.getlength(text)) for text in [*row_labels, row_title]) + 8
-    col_w = max(round(font.getlength(text)) for text in col_labels) + 4
-    top = (TICK_FONT_PX + 4) * (2 if col_title else 1) + 2
+    left = max(round(font.getlength(text)) for text in [*labels, row_title]) + 8
+    col_w = max(round(font.getlength(text)) for text in labels) + 4
+    top = (TICK_FONT_PX + 4) * 2 + 2
     canvas = Image.new("RGB", (left + picture.width, top + picture.height), "white")
     canvas.paste(picture, (left, top))
     draw = ImageDraw.Draw(canvas)
-    if col_title:
-        draw.text((left, 0), col_title, fill="black", font=font)
-    if row_title:
-        draw.text((0, top - TICK_FONT_PX - 4), row_title, fill="black", font=font)
-    for i in range(0, len(row_labels), math.ceil((TICK_FONT_PX + 2) / cell_px)):
-        text = row_labels[i]
+    draw.text((left, 0), col_title, fill="black", font=font)
+    draw.text((0, top - TICK_FONT_PX - 4), row_title, fill="black", font=font)
+    for i in range(0, len(labels), math.ceil((TICK_FONT_PX + 2) / cell_px)):
         y = top + i * cell_px + (cell_px - TICK_FONT_PX) // 2
-        draw.text((left - 4 - round(font.getlength(text)), y), text, fill="black", font=font)
-    for i in range(0, len(col_labels), math.ceil(col_w / cell_px)):
-        x = left + i * cell_px + (cell_px - round(font.getlength(col_labels[i]))) // 2
-        draw.text((x, top - TICK_FONT_PX - 3), col_labels[i], fill="black", font=font)
+        draw.text((left - 4 - round(font.getlength(labels[i])), y), labels[i], fill="black", font=font)
+    for i in range(0, len(labels), math.ceil(col_w / cell_px)):
+        x = left + i * cell_px + (cell_px - round(font.getlength(labels[i]))) // 2
+        draw.text((x, top - TICK_FONT_PX - 3), labels[i], fill="black", font=font)
     return canvas
 
 
@@ -283,7 +278,7 @@ def matrix_image(matrix: torch.Tensor | np.ndarray, highlight_row: int | None = 
     picture = with_colorbar(picture, vmin, vmax)
     if grid is not None:
         cells = [f"{r},{c}" for r in range(grid[0]) for c in range(grid[1])]
-        picture = with_axis_ticks(picture, cell_px, cells, cells, "query", "key cell (row,col)")
+        picture = with_axis_ticks(picture, cell_px, cells, "query", "key cell (row,col)")
     return picture
 
 

@@ -81,14 +81,12 @@ def attention_walkthrough(model: nn.Module, x: torch.Tensor, query: tuple[int, i
 
 @torch.no_grad()
 def textbook_example(num_tokens: int = 3, width: int = 768, num_heads: int = 12, seed: int = 0) -> dict:
-    """``num_tokens`` random tokens of ``width`` channels through a new ``MultiHeadSelfAttention`` of ``num_heads``
-    heads, seeded: ``tokens`` ``[1, L, D]``, ``scores`` and ``weights`` ``[h, L, L]``, ``output`` ``[1, L, D]``,
-    ``shapes`` (step → shape), ``num_heads`` and ``head_dim``."""
+    """Seeded random ``tokens`` ``[1, L, D]`` through a new ``MultiHeadSelfAttention``: ``scores`` and ``weights``
+    ``[h, L, L]``, ``output`` ``[1, L, D]``, ``shapes`` (step → shape), ``num_heads`` and ``head_dim``."""
     if not (1 <= num_tokens <= 256 and 1 <= width <= 8192 and 1 <= num_heads <= 256):
         raise ValueError(f"tokens must be 1..256, width 1..8192 and heads 1..256, got {num_tokens}, {width}, {num_heads}")
     _check_heads(width, num_heads, "width")
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(1, num_tokens, width, generator=generator)
+    tokens = torch.randn(1, num_tokens, width, generator=torch.Generator().manual_seed(seed))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         attn = MultiHeadSelfAttention(width, num_heads)

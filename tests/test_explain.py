@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from effnetv2 import EfficientNetV2
-from effnetv2.explain import (BEATS_RANDOM_BY, CAM, FEATURE_ATTENTION, GRADCAM, RANDOM, answer_sentence,
+from effnetv2.explain import (ATTENTION, BEATS_RANDOM_BY, CAM, FEATURE_ATTENTION, GRADCAM, RANDOM, answer_sentence,
                               class_attribution, curve_auc, deletion_auc, describe_model, features, gradcam,
                               insertion_auc, map_kinds, region_cells, removal_curves, verdict, why)
 
@@ -239,7 +239,7 @@ def test_why_from_features_matches_the_image_functions():
         assert result.target == chosen
         torch.testing.assert_close(result.shares, class_attribution(model, x, chosen)[0])
         torch.testing.assert_close(result.maps[GRADCAM], gradcam(model, x, chosen)[0, 0])
-        torch.testing.assert_close(result.heads, model.attention_maps(x)[0].detach())
+        torch.testing.assert_close(result.maps[ATTENTION], model.attention_maps(x)[0].detach().mean(0))
         assert list(result.maps) == [*map_kinds(model), RANDOM]
         for kind in map_kinds(model):
             expected = float(deletion_auc(model, x, result.maps[kind][None, None], chosen))

@@ -191,7 +191,7 @@ def test_score_matrix_labels_do_not_overlap_on_a_6x6_grid():
     """36 rows of 10 px: every second row is labelled, each label in its own band of 16 px text."""
     cells = [f"{r},{c}" for r in range(6) for c in range(6)]
     cell_px = 384 // 36
-    labelled = np.asarray(viz.with_axis_ticks(Image.new("RGB", (36 * cell_px,) * 2, "black"), cell_px, cells, cells))
+    labelled = np.asarray(viz.with_axis_ticks(Image.new("RGB", (36 * cell_px,) * 2, "black"), cell_px, cells, "q", "k"))
     top, left = labelled.shape[0] - 36 * cell_px, labelled.shape[1] - 36 * cell_px
     ink = (labelled[top:, :left] < 128).any(axis=(1, 2))  # rows of the left margin with text
     bands = np.flatnonzero(np.diff(np.r_[0, ink.astype(int)]) == 1)  # where each label starts
