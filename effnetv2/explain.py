@@ -235,12 +235,12 @@ def region_cells(cells: int) -> int:
 
 
 def answer_sentence(label: str, prob: float, curve: torch.Tensor) -> str:
-    """The answer in a line from a map's deletion curve ``[L+1]``, e.g. "star, 100% sure: mostly from the
-    highlighted region; hiding it drops the score to 0.73"."""
+    """The answer in a line from a map's deletion curve ``[L+1]``: does hiding the highlighted region drop it?"""
     after = float(curve[region_cells(curve.shape[-1] - 1)])
     before = float(curve[0])
     if after < before - BEATS_RANDOM_BY:
-        return f"{label}, {prob:.0%} sure: mostly from the highlighted region; hiding it drops the score to {after:.2f}."
+        return (f"{label}, {prob:.0%} sure: mostly from the highlighted region; hiding it drops the score "
+                f"to {after:.2f}.")
     return (f"{label}, {prob:.0%} sure; hiding the highlighted region leaves the score at {after:.2f}, "
             f"so the answer rests on more than that region.")
 

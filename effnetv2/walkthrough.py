@@ -22,9 +22,8 @@ def _step(name: str, formula: str, tensors: torch.Tensor | dict[str, torch.Tenso
 
 def attention_steps(queries: torch.Tensor, tokens: torch.Tensor, num_heads: int,
                     attn: MultiHeadSelfAttention | None = None, query_of: str = "X") -> dict:
-    """The steps of ``queries`` ``[B, Lq, D]`` (``query_of`` in LaTeX) over ``tokens`` ``[B, L, D]`` with ``attn``'s
-    projections (None: parameter-free, K = V = tokens). Returns ``steps``, ``scores`` and ``weights``
-    ``[B, h, Lq, L]`` (before and after the softmax) and ``output`` ``[B, Lq, D]``."""
+    """The steps of ``queries`` ``[B, Lq, D]`` (``query_of`` in LaTeX) over ``tokens`` ``[B, L, D]`` with ``attn``
+    (None: K = V = tokens): ``steps``, ``scores``/``weights`` ``[B, h, Lq, L]`` and ``output`` ``[B, Lq, D]``."""
     learned = attn is not None
     if learned and attn.num_heads != num_heads:
         raise ValueError(f"num_heads={num_heads} does not match the module's {attn.num_heads} heads")
@@ -84,7 +83,8 @@ def textbook_example(num_tokens: int = 3, width: int = 768, num_heads: int = 12,
     """Seeded random ``tokens`` ``[1, L, D]`` through a new ``MultiHeadSelfAttention``: ``scores`` and ``weights``
     ``[h, L, L]``, ``output`` ``[1, L, D]``, ``shapes`` (step → shape), ``num_heads`` and ``head_dim``."""
     if not (1 <= num_tokens <= 256 and 1 <= width <= 8192 and 1 <= num_heads <= 256):
-        raise ValueError(f"tokens must be 1..256, width 1..8192 and heads 1..256, got {num_tokens}, {width}, {num_heads}")
+        raise ValueError(f"tokens must be 1..256, width 1..8192 and heads 1..256, "
+                         f"got {num_tokens}, {width}, {num_heads}")
     _check_heads(width, num_heads, "width")
     tokens = torch.randn(1, num_tokens, width, generator=torch.Generator().manual_seed(seed))
     with torch.random.fork_rng():
