@@ -74,11 +74,8 @@ def user_error(message: str, title: str = "Error") -> gr.Error:
 
 
 def read_image(value) -> Image.Image:
-    """What the page or an API client sent (upload payload, path, PIL image) → an RGB image, or a message.
-
-    Events run with ``preprocess=False``: Gradio decodes nothing and checks only values marked as files, so
-    this opens only uploads (Gradio's upload folder) and ``EXAMPLES``, whatever the value.
-    """
+    """What the page or an API client sent (upload payload, path, PIL image) → an RGB image, or a message. Events
+    run with ``preprocess=False`` (Gradio checks nothing), so only uploads and ``EXAMPLES`` are opened here."""
     if isinstance(value, FileData):
         value = value.path
     if isinstance(value, dict):
@@ -150,8 +147,7 @@ def answer_parts(predictor: Predictor, seen: dict, class_name: str | None = PRED
     kinds = why.map_kinds(predictor.model)
     kind = min(kinds, key=result.aucs.get) if view == BEST or view not in kinds else view  # BEST: lowest deletion
     label, prob = labels[result.target], float(result.probs[result.target])
-    cells = result.maps[kind].numel()
-    picture = viz.explanation_picture(seen["view"], result.maps[kind], why.region_cells(cells),
+    picture = viz.explanation_picture(seen["view"], result.maps[kind], why.region_cells(result.maps[kind].numel()),
                                       signed=kind in (why.ATTRIBUTION, why.CAM))
     top = result.probs.topk(min(TOP_K, len(labels)))
     scores = {labels[i]: float(p) for p, i in zip(top.values, top.indices)}
@@ -162,8 +158,7 @@ def answer_parts(predictor: Predictor, seen: dict, class_name: str | None = PRED
 
 
 def explain_parts(predictor: Predictor, seen: dict, class_name: str | None = PREDICTED):
-    """"Why this class?" in depth: the attribution gallery, each head's total (a table), the faithfulness
-    table, the (Grad-CAM, attribution) pair and the bar chart of the totals."""
+    """"Why this class?" in depth: attribution gallery, head totals (table), faithfulness, Grad-CAM pair, bar chart."""
     labels = list(predictor.id2label.values())
     result = reason(predictor, seen, class_name)
     label = labels[result.target]
@@ -201,11 +196,9 @@ def parse_query(query: str, row, col, grid: tuple[int, int]) -> tuple[int, int] 
 
 
 def attention_parts(predictor: Predictor, seen: dict, query: str = POOLED, row=0, col=0):
-    """Each head's attention (their mean first), the score matrix, the maths, and the grid picture with the
-    query's attention on it."""
-    model = predictor.model
-    grid = viz.feature_grid(model, seen["x"])
-    walk = attention_walkthrough(model, seen["x"], query=parse_query(query, row, col, grid))
+    """Each head's attention (their mean first), the score matrix, the maths, the query's attention on the grid."""
+    grid = tuple(seen["feats"].shape[-2:])
+    walk = attention_walkthrough(predictor.model, seen["x"], query=parse_query(query, row, col, grid))
     view = seen["view"].resize((VIEW_PX, VIEW_PX), Image.BICUBIC)
     return (viz.head_gallery(view.resize((MAP_PX, MAP_PX), Image.BICUBIC), walk["maps"]),
             viz.score_matrix_image(walk["all_weights"], walk["query"], grid), viz.walkthrough_markdown(walk),
@@ -295,8 +288,7 @@ def answer(image: FileData, class_name: str = "", model: str = "") -> tuple[dict
         (its top quarter of cells outlined), the answer in one sentence, and which map wins the deletion test.
     """
     predictor = predictor_for(model)
-    scores, picture, sentence, verdict, _ = answer_parts(predictor, look(predictor, image), class_name)
-    return scores, as_files(picture, FileData), sentence, verdict
+    return as_files(answer_parts(predictor, look(predictor, image), class_name)[:4], FileData)
 
 
 def classify(image: FileData, model: str = "") -> dict:
@@ -400,8 +392,7 @@ def switch(name: str):
 
 
 def show_answer(image, view, model):
-    """A new image (or model): see it once, then the first screen for the predicted class; the seen image
-    is kept for class and map changes."""
+    """A new image (or model): the first screen for the predicted class, and the image seen (kept for changes)."""
     if image is None:
         return *NO_ANSWER, None
     predictor = predictor_for(model)
@@ -436,7 +427,7 @@ def show_attention(seen, query, row, col):
 
 def pick_cell(seen, evt: gr.SelectData):
     """A click at pixel ``evt.index = (x, y)`` of the grid picture → query "cell" and its (row, col)."""
-    grid = viz.feature_grid(predictor_for(seen["model"]).model, seen["x"]) if seen else (1, 1)
+    grid = tuple(seen["feats"].shape[-2:]) if seen else (1, 1)
     return CELL, *viz.cell_from_click(evt.index, (VIEW_PX, VIEW_PX), grid)
 
 

@@ -36,18 +36,9 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
-def scaled_dot_product_weights(q: torch.Tensor, k: torch.Tensor,
-                               key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention weights ``softmax(q k^T / sqrt(d))`` ``[B, h, Lq, Lk]`` from ``[B, h, L, d]`` inputs; keys where
-    ``key_padding_mask`` ``[B, Lk]`` is True get weight 0 (all masked: NaN, as in PyTorch)."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    if key_padding_mask is not None:
-        batch, keys = k.shape[0], k.shape[-2]
-        if key_padding_mask.shape != (batch, keys) or key_padding_mask.dtype != torch.bool:
-            raise ValueError(f"key_padding_mask must be a bool tensor [B, L] = [{batch}, {keys}] (True = "
-                             f"ignore that key), got {key_padding_mask.dtype} {list(key_padding_mask.shape)}")
-        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    return scores.softmax(dim=-1)
+def scaled_dot_product_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Attention weights ``softmax(q k^T / sqrt(d))`` ``[B, h, Lq, Lk]`` from ``[B, h, L, d]`` inputs."""
+    return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -63,30 +54,25 @@ class MultiHeadSelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
 
-    def attend(self, query: torch.Tensor, context: torch.Tensor,
-               key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, query: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``query`` ``[B, Lq, D]`` over ``context`` ``[B, Lk, D]`` → output ``[B, Lq, D]``, weights
         ``[B, h, Lq, Lk]``."""
         q = split_heads(self.q_proj(query), self.num_heads)
         k = split_heads(self.k_proj(context), self.num_heads)
         v = split_heads(self.v_proj(context), self.num_heads)
-        weights = scaled_dot_product_weights(q, k, key_padding_mask)
+        weights = scaled_dot_product_weights(q, k)
         return self.out_proj(merge_heads(weights @ v)), weights
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False,
-                key_padding_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
         """Self-attention of ``x`` ``[B, L, D]`` → ``[B, L, D]``, or ``(output, weights [B, h, L, L])``
-        with ``return_attention=True``. ``key_padding_mask`` ``[B, L]`` is True for keys to ignore."""
-        out, weights = self.attend(x, x, key_padding_mask)
+        with ``return_attention=True``."""
+        out, weights = self.attend(x, x)
         return (out, weights) if return_attention else out
 
 
 class AttentionPool2d(nn.Module):
-    """Pool a feature map ``[B, C, H, W]`` into ``[B, dim]`` by multi-head attention over its H*W cells.
-
-    Tokens: a 1x1 conv to ``dim`` channels plus a learned ``grid_size``-square position embedding, resampled to
-    any input's grid. Query: the tokens' mean plus a learned offset (the pool starts as average pooling).
-    """
+    """Pool ``[B, C, H, W]`` into ``[B, dim]`` by attention over the cells: tokens a 1x1 conv plus a learned position
+    embedding (resampled to any grid), the query their mean plus a learned offset (it starts as average pooling)."""
 
     def __init__(self, in_chs: int, dim: int = 256, num_heads: int = 8, grid_size: int = 7):
         super().__init__()

@@ -1,11 +1,8 @@
 """Why did the model choose this class? Exact class attribution, Grad-CAM, and how faithful a map is.
 
-The head is linear after pooling, so the target logit splits exactly into a signed share per grid cell (and
-head) plus a rest no cell changes: ``logit_c = b_c + w_c·b_O + Σ_h Σ_j a_hj w_c·W_O^h v_hj`` for an attention
-pool (a_hj: head h's weight on cell j, v_hj its value, W_O^h head h's columns of the output projection), and
-``logit_c = b_c + (1/HW) Σ_j w_c·f_j`` (the class activation map) for an average pool. Faithfulness is measured
-in feature space, where removing a cell is exact: deletion removes the cells a map ranks first (a lower area
-under the target probability is better), insertion adds them to an empty grid (higher is better).
+The head is linear after pooling, so the target logit splits exactly into a signed share per cell and head plus
+a rest: ``b_c + w_c·b_O + Σ_h Σ_j a_hj w_c·W_O^h v_hj`` (attention pool), ``b_c + (1/HW) Σ_j w_c·f_j`` (average
+pool: the class activation map). Faithfulness is measured in feature space, where removing a cell is exact.
 """
 from __future__ import annotations
 
@@ -43,9 +40,8 @@ def _targets(logits: torch.Tensor, target) -> torch.Tensor:
 
 
 def _terms(model: EfficientNetV2, feats: torch.Tensor, target):
-    """For the feature map ``[B, D, h, w]``, in float64: the pooled query's scores ``[B, h, L]`` before the softmax
-    (None for average pooling), what each cell adds to each logit at full weight ``[B, h, L, C]``, the rest
-    ``[C]`` (L = H*W, row-major), and the target classes ``[B]``."""
+    """For ``feats`` ``[B, D, h, w]``, in float64: the pooled query's scores ``[B, h, L]`` (None: average pool), each
+    cell's addition to each logit at full weight ``[B, h, L, C]``, the rest ``[C]`` and the targets ``[B]``."""
     classifier = model.head.classifier
     if not isinstance(classifier, torch.nn.Linear):
         raise ValueError("the model has no classifier (num_classes=0): attribution needs class logits")
@@ -74,11 +70,9 @@ def _terms(model: EfficientNetV2, feats: torch.Tensor, target):
 @torch.no_grad()
 def class_attribution(model: EfficientNetV2, images: torch.Tensor, target=None,
                       return_rest: bool = False):
-    """Each head's and grid cell's additive share of the target logit, float64: ``images`` ``[B, 3, H, W]``
-    (preprocessed) → ``[B, heads, h, w]`` (average pooling: heads = 1) whose sum plus ``rest`` ``[B]`` (returned
-    too with ``return_rest=True``; the same for every image) is the logit. ``target``: a class index, or one per
-    image ``[B]``; default the predicted class.
-    """
+    """Each head's and cell's share of the target logit (an index, one per image, default the predicted class),
+    float64: ``images`` ``[B, 3, H, W]`` → ``[B, heads, h, w]`` (average pool: 1 head), whose sum plus the
+    image-independent ``rest`` ``[B]`` (``return_rest=True`` returns it too) is the logit."""
     feats = features(model, images)
     scores, contributions, rest, target = _terms(model, feats, target)
     maps = _shares(scores, contributions, target, feats.shape[-2:])
@@ -119,8 +113,10 @@ def _ranked_keep_masks(maps: torch.Tensor, cells: int, delete: bool) -> torch.Te
 @torch.no_grad()
 def removal_curves(model: EfficientNetV2, images: torch.Tensor, maps: dict[str, torch.Tensor],
                    target=None) -> dict[str, dict[str, torch.Tensor]]:
-    """:func:`removal_curve` for several maps of the same images, from one forward pass:
-    ``{name: {"deletion": [B, L+1], "insertion": [B, L+1]}}`` for ``maps = {name: [B, heads, h, w]}``."""
+    """Target probability ``[B, L+1]`` as the k cells each of ``maps = {name: [B, heads, h, w]}`` ranks first are
+    removed (``"deletion"``) or alone present (``"insertion"``): masked out of the attention pool's keys (the query
+    stays the whole image's) or zeroed in the average, with no cell present the logits are the rest; from one forward
+    pass ``{name: {"deletion": [B, L+1], "insertion": [B, L+1]}}``."""
     feats = features(model, images)
     return _curves(feats, *_terms(model, feats, target), maps)
 
@@ -141,35 +137,24 @@ def _curves(feats, scores, contributions, rest, target, maps: dict[str, torch.Te
                    for mode in ("deletion", "insertion")} for name, m in maps.items()}
 
 
-def removal_curve(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None,
-                  mode: str = "deletion") -> torch.Tensor:
-    """Target probability ``[B, L+1]`` as the k cells ``maps`` ranks first are removed (``mode="deletion"``) or
-    alone present (``"insertion"``): masked out of the attention pool's keys (the query stays the whole image's)
-    or zeroed in the average; with no cell present the logits are the rest."""
-    if mode not in ("deletion", "insertion"):
-        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
-    return removal_curves(model, images, {"map": maps}, target)["map"][mode]
-
-
 def curve_auc(curve: torch.Tensor) -> torch.Tensor:
     """Trapezoid area under ``[B, L+1]`` values over the fraction 0..1 of cells → ``[B]``."""
     return torch.trapezoid(curve, dx=1.0 / (curve.shape[-1] - 1), dim=-1)
 
 
 def deletion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None) -> torch.Tensor:
-    """Per image ``[B]``, the area under :func:`removal_curve`'s deletion curve: lower is better."""
-    return curve_auc(removal_curve(model, images, maps, target, "deletion"))
+    """Per image ``[B]``, the area under :func:`removal_curves`' deletion curve: lower is better."""
+    return curve_auc(removal_curves(model, images, {"map": maps}, target)["map"]["deletion"])
 
 
 def insertion_auc(model: EfficientNetV2, images: torch.Tensor, maps: torch.Tensor, target=None) -> torch.Tensor:
-    """Per image ``[B]``, the area under :func:`removal_curve`'s insertion curve: higher is better."""
-    return curve_auc(removal_curve(model, images, maps, target, "insertion"))
+    """Per image ``[B]``, the area under :func:`removal_curves`' insertion curve: higher is better."""
+    return curve_auc(removal_curves(model, images, {"map": maps}, target)["map"]["insertion"])
 
 
 def deletion_summary(curve: torch.Tensor, label: str, cells: int | None = None) -> str:
-    """One image's deletion curve ``[L+1]`` in words, e.g. "removing the 3 cells this map ranks first drops
-    P(star) from 0.98 to 0.12", after ``cells`` (default: a tenth of the grid), with the decimals (up to 6) that
-    tell the two probabilities apart."""
+    """One image's deletion curve ``[L+1]`` after ``cells`` (default: a tenth) in words, e.g. "removing the 3 cells
+    this map ranks first drops P(star) from 0.98 to 0.12", with the decimals (up to 6) that tell them apart."""
     steps = curve.shape[-1] - 1
     k = max(1, round(steps / 10)) if cells is None else min(max(1, cells), steps)
     before, after = float(curve[0]), float(curve[k])
@@ -190,12 +175,11 @@ LISTED_CLASSES = 20     # a model of at most this many classes has them listed (
 
 @dataclass
 class Why:
-    """What the demo says about one image and class: ``shares`` (:func:`class_attribution`) and attention ``heads``
-    ``[heads, h, w]``, each map kind ``[h, w]`` by name (the random one last) and its ``deletion`` curve ``[L+1]``."""
+    """What the demo says about one image and class: ``shares`` (:func:`class_attribution`), each map kind
+    ``[h, w]`` by name (the random one last) and its ``deletion`` curve ``[L+1]``."""
     target: int
     probs: torch.Tensor
     shares: torch.Tensor
-    heads: torch.Tensor
     maps: dict[str, torch.Tensor]
     deletion: dict[str, torch.Tensor]
 
@@ -205,8 +189,7 @@ class Why:
 
 
 def map_kinds(model: EfficientNetV2) -> list[str]:
-    """The map kinds worth showing first for this model, best known first (an average pool's self-attention has
-    no learned weights)."""
+    """The map kinds worth showing for this model, best known first (an average pool's attention learns nothing)."""
     return [ATTRIBUTION, ATTENTION, GRADCAM] if model.head.attn_pool is not None else [CAM, GRADCAM]
 
 
@@ -235,7 +218,7 @@ def why(model: EfficientNetV2, feats: torch.Tensor, target: int | None = None, s
     maps[RANDOM] = torch.rand(feats.shape[-2:], generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         curves = _curves(feats, scores, contributions, rest, targets, {k: m[None, None] for k, m in maps.items()})
-    return Why(int(targets[0]), probs, shares, heads, maps, {k: c["deletion"][0] for k, c in curves.items()})
+    return Why(int(targets[0]), probs, shares, maps, {k: c["deletion"][0] for k, c in curves.items()})
 
 
 def _shares(scores, contributions, target, grid) -> torch.Tensor:
@@ -252,12 +235,12 @@ def region_cells(cells: int) -> int:
 
 
 def answer_sentence(label: str, prob: float, curve: torch.Tensor) -> str:
-    """The answer in a line from a map's deletion curve ``[L+1]``, e.g. "star, 100% sure: mostly from the
-    highlighted region; hiding it drops the score to 0.73"."""
+    """The answer in a line from a map's deletion curve ``[L+1]``: does hiding the highlighted region drop it?"""
     after = float(curve[region_cells(curve.shape[-1] - 1)])
     before = float(curve[0])
     if after < before - BEATS_RANDOM_BY:
-        return f"{label}, {prob:.0%} sure: mostly from the highlighted region; hiding it drops the score to {after:.2f}."
+        return (f"{label}, {prob:.0%} sure: mostly from the highlighted region; hiding it drops the score "
+                f"to {after:.2f}.")
     return (f"{label}, {prob:.0%} sure; hiding the highlighted region leaves the score at {after:.2f}, "
             f"so the answer rests on more than that region.")
 

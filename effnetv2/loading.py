@@ -36,9 +36,8 @@ def load(source: str, backend: str = "auto") -> Predictor:
 
 
 class Models:
-    """The models ``main`` and ``IMAGENET`` (torch backend: no export to wait for), each loaded in a thread of its
-    own: besides callers that give ``wait_s``, only ``waiters`` at a time wait for a load, the others are told at
-    once to come back. ``titles``: names shown for some models, ``{}`` standing for the number of classes."""
+    """``main`` and ``IMAGENET`` (torch backend: no export to wait for), each loaded in a thread; besides callers
+    giving ``wait_s``, ``waiters`` at most wait for a load. ``titles``: shown names, ``{}`` the number of classes."""
 
     def __init__(self, main: str, titles: dict[str, str] | None = None, waiters: int = 1):
         self.main, self.titles, self._loaded = main, titles or {}, {}

@@ -37,12 +37,8 @@ def _looks_like_path(text: str) -> bool:
 
 
 def parse_source(text: str | os.PathLike | Source) -> Source:
-    """The :class:`Source` that ``text`` names; a ``Source`` is returned as is.
-
-    An existing folder or file wins over a Hub id of the same name; a string that looks like a path
-    (``./x``, ``~/x``, ``a/b/c``, ``C:\\x``) is a folder even when it does not exist. Raises ``ValueError``
-    with what to do for text that names no source.
-    """
+    """The :class:`Source` that ``text`` names (a ``Source`` as is): an existing path wins over a Hub id, and text
+    that looks like a path (``./x``, ``a/b/c``, ``C:\\x``) is a folder; else ``ValueError`` saying what to give."""
     if isinstance(text, Source):
         return text
     text = str(text).strip()

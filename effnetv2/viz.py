@@ -21,22 +21,12 @@ def colormap(values: np.ndarray, name: str = "inferno") -> np.ndarray:
 
 
 def model_input(model, image: Image.Image) -> tuple[torch.Tensor, Image.Image]:
-    """The model's eval input ``[1, 3, S, S]`` for ``image`` and the RGB view it corresponds to
-    (resized and cropped exactly as the model sees it, before normalisation)."""
+    """The model's eval input ``[1, 3, S, S]`` for ``image`` and the RGB view the model sees (before normalisation)."""
     x = transforms_for(model)(image).unsqueeze(0)
     mean = torch.tensor(model.config["mean"]).view(3, 1, 1)
     std = torch.tensor(model.config["std"]).view(3, 1, 1)
     view = ((x[0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     return x, Image.fromarray(view)
-
-
-def feature_grid(model, x: torch.Tensor | None = None) -> tuple[int, int]:
-    """``(rows, cols)`` of the feature grid for input ``x`` ``[B, 3, H, W]`` (default: the model's eval
-    size): five stride-2 stages, each ``ceil(n / 2)``."""
-    height, width = x.shape[-2:] if x is not None else (model.config["image_size"],) * 2
-    for _ in range(5):
-        height, width = -(-height // 2), -(-width // 2)
-    return int(height), int(width)
 
 
 def cell_from_click(xy: tuple[float, float], image_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
@@ -49,8 +39,7 @@ def cell_from_click(xy: tuple[float, float], image_size: tuple[int, int], grid: 
 
 
 def cell_box(cell: tuple[int, int], grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The pixels ``[x0, y0, x1, y1)`` that grid cell ``(row, col)`` covers in an image of
-    ``(width, height)``: exactly the pixels :func:`cell_from_click` maps to that cell."""
+    """The pixels ``[x0, y0, x1, y1)`` of cell ``(row, col)`` in an image of ``(width, height)``, as clicks map them."""
     (row, col), (rows, cols), (width, height) = cell, grid, image_size
     return (-(-col * width // cols), -(-row * height // rows),
             -(-(col + 1) * width // cols), -(-(row + 1) * height // rows))
@@ -86,55 +75,44 @@ def overlay(image: Image.Image, attn, alpha: float = 0.55, vmax: float | None = 
 
 
 TICK_FONT_PX = 16  # colour-bar labels: still >= 10 px when a gallery shows the picture at 2/3 size
+BAR_PX = 14  # a colour bar's thickness
 
 
 def _tick(value: float, vmin: float, vmax: float) -> str:
     return f"{0.0 if abs(value) < 1e-9 * max(abs(vmin), abs(vmax)) else value:.3g}"  # no "-0"
 
 
-def colorbar(height: int, vmin: float, vmax: float, width: int = 14, cmap: str = "inferno",
-             ticks: int = 3) -> Image.Image:
-    """A vertical colour bar ``height`` pixels tall: ``vmax`` at the top, ``vmin`` at the bottom,
-    with ``ticks`` evenly spaced labelled values (same colour map as :func:`heatmap`)."""
+def with_colorbar(image: Image.Image, vmin: float, vmax: float, cmap: str = "inferno") -> Image.Image:
+    """``image`` with a colour bar on its right: ``vmax`` at the top, ``vmin`` at the bottom, three labelled values."""
     font = ImageFont.load_default(size=TICK_FONT_PX)
-    fracs = [i / max(ticks - 1, 1) for i in range(ticks)]  # 0 at the top
+    width, height = BAR_PX, image.height
+    fracs = [0.0, 0.5, 1.0]  # 0 at the top
     values = [vmax - frac * (vmax - vmin) for frac in fracs]
     labels = [_tick(value, vmin, vmax) for value in values]
     label_w = max(round(font.getlength(label)) for label in labels) + 2
-    ramp = colormap(np.linspace(1, 0, height)[:, None].repeat(width, 1), cmap)
-    bar = Image.new("RGB", (width + 5 + label_w, height), "white")
-    bar.paste(Image.fromarray(ramp), (0, 0))
-    draw = ImageDraw.Draw(bar)
+    left = image.width + 4
+    canvas = Image.new("RGB", (left + width + 5 + label_w, height), "white")
+    canvas.paste(image.convert("RGB"), (0, 0))
+    canvas.paste(Image.fromarray(colormap(np.linspace(1, 0, height)[:, None].repeat(width, 1), cmap)), (left, 0))
+    draw = ImageDraw.Draw(canvas)
     for frac, label in zip(fracs, labels):
         y = round(frac * (height - 1))
-        draw.line([(width, y), (width + 3, y)], fill="black")
+        draw.line([(left + width, y), (left + width + 3, y)], fill="black")
         text_y = min(max(0, y - TICK_FONT_PX // 2), max(0, height - TICK_FONT_PX - 2))
-        draw.text((width + 5, text_y), label, fill="black", font=font)
-    return bar
-
-
-def with_colorbar(image: Image.Image, vmin: float, vmax: float, width: int = 14, cmap: str = "inferno") -> Image.Image:
-    """``image`` with a :func:`colorbar` of the value range ``[vmin, vmax]`` on its right."""
-    bar = colorbar(image.height, vmin, vmax, width, cmap)
-    canvas = Image.new("RGB", (image.width + 4 + bar.width, image.height), "white")
-    canvas.paste(image.convert("RGB"), (0, 0))
-    canvas.paste(bar, (image.width + 4, 0))
+        draw.text((left + width + 5, text_y), label, fill="black", font=font)
     return canvas
 
 
-def head_gallery(view: Image.Image, maps: torch.Tensor, alpha: float = 0.55,
-                 shared_scale: bool = False) -> list[tuple[Image.Image, str]]:
+def head_gallery(view: Image.Image, maps: torch.Tensor, alpha: float = 0.55) -> list[tuple[Image.Image, str]]:
     """Overlays of the mean of ``maps`` ``[h, rows, cols]``, then each head's, with colour bars from 0 to each
-    one's peak (``shared_scale``: all heads' peak) and captions saying the peak and where it is."""
+    one's peak and captions saying the peak and where it is."""
     maps = maps.detach().float().cpu()
     entries = [("mean of heads", maps.mean(0))] + [(f"head {i + 1}", maps[i]) for i in range(maps.shape[0])]
-    top = float(maps.max()) if shared_scale else None
     out = []
     for name, attn in entries:
         peak = float(attn.max())
         row, col = divmod(int(attn.argmax()), attn.shape[1])
-        vmax = top if top is not None else peak
-        picture = with_colorbar(overlay(view, attn.numpy(), alpha, vmax=vmax), 0.0, vmax)
+        picture = with_colorbar(overlay(view, attn.numpy(), alpha, vmax=peak), 0.0, peak)
         out.append((picture, f"{name}: peak {peak:.3f} at cell ({row}, {col})"))
     return out
 
@@ -188,23 +166,22 @@ def top_cells(values: torch.Tensor | np.ndarray, count: int) -> np.ndarray:
 EXPLANATION_PX = 448  # the main picture: a 6x6 grid's cells are 75 px blocks; a phone shows it at 90% width
 
 
-def explanation_picture(view: Image.Image, values: torch.Tensor, region: int, signed: bool,
-                        size: int = EXPLANATION_PX) -> Image.Image:
-    """``view`` at ``size`` px with the map ``values`` ``[rows, cols]`` over it, the ``region`` cells it ranks first
+def explanation_picture(view: Image.Image, values: torch.Tensor, region: int, signed: bool) -> Image.Image:
+    """``view`` at ``EXPLANATION_PX`` with the map ``values`` ``[rows, cols]`` over it, its first ``region`` cells
     outlined, and its colour bar (``signed``: red for the class, blue against; else from 0 to the peak)."""
     values = values.detach().double().cpu()
     top = max(float(values.abs().max() if signed else values.max()), 1e-12)
     low, cmap, alpha = (-top, SIGNED_CMAP, 0.6) if signed else (0.0, "inferno", 0.55)
-    picture = overlay(view.resize((size, size), Image.BICUBIC), values.numpy(), alpha, vmax=top, vmin=low, cmap=cmap)
+    picture = overlay(view.resize((EXPLANATION_PX,) * 2, Image.BICUBIC), values.numpy(), alpha,
+                      vmax=top, vmin=low, cmap=cmap)
     return with_colorbar_below(region_outline(picture, top_cells(values, region)), low, top, cmap=cmap)
 
 
-def with_colorbar_below(image: Image.Image, vmin: float, vmax: float, height: int = 14, cmap: str = "inferno",
-                        ticks: int = 5) -> Image.Image:
-    """``image`` with a colour bar of ``[vmin, vmax]`` under it (beside it, it would sit under the page's picture
-    buttons and shrink the picture on a phone), ``ticks`` labelled values."""
+def with_colorbar_below(image: Image.Image, vmin: float, vmax: float, cmap: str = "inferno") -> Image.Image:
+    """``image`` with a colour bar of ``[vmin, vmax]`` and five labelled values under it (beside it, it would sit
+    under the page's picture buttons and shrink the picture on a phone)."""
     font = ImageFont.load_default(size=TICK_FONT_PX)
-    width = image.width
+    width, height, ticks = image.width, BAR_PX, 5
     canvas = Image.new("RGB", (width, image.height + 6 + height + 4 + TICK_FONT_PX + 4), "white")
     canvas.paste(image.convert("RGB"), (0, 0))
     top = image.height + 6
@@ -264,65 +241,52 @@ def grid_image(view: Image.Image, grid: tuple[int, int], cell: tuple[int, int] |
     return picture
 
 
-def with_axis_ticks(picture: Image.Image, cell_px: int, row_labels: list[str], col_labels: list[str],
-                    row_title: str = "", col_title: str = "") -> Image.Image:
-    """``picture`` (a matrix drawn ``cell_px`` pixels per entry) with tick labels left of its rows and above its
-    columns (every n-th where they would overlap) and optional axis titles."""
+def with_axis_ticks(picture: Image.Image, cell_px: int, labels: list[str], row_title: str,
+                    col_title: str) -> Image.Image:
+    """``picture`` (a square matrix drawn ``cell_px`` pixels per entry) with ``labels`` left of its rows and above
+    its columns (every n-th where they would overlap) and the two axis titles."""
     font = ImageFont.load_default(size=TICK_FONT_PX)
-    left = max(round(font.getlength(text)) for text in [*row_labels, row_title]) + 8
-    col_w = max(round(font.getlength(text)) for text in col_labels) + 4
-    top = (TICK_FONT_PX + 4) * (2 if col_title else 1) + 2
+    left = max(round(font.getlength(text)) for text in [*labels, row_title]) + 8
+    col_w = max(round(font.getlength(text)) for text in labels) + 4
+    top = (TICK_FONT_PX + 4) * 2 + 2
     canvas = Image.new("RGB", (left + picture.width, top + picture.height), "white")
     canvas.paste(picture, (left, top))
     draw = ImageDraw.Draw(canvas)
-    if col_title:
-        draw.text((left, 0), col_title, fill="black", font=font)
-    if row_title:
-        draw.text((0, top - TICK_FONT_PX - 4), row_title, fill="black", font=font)
-    for i in range(0, len(row_labels), math.ceil((TICK_FONT_PX + 2) / cell_px)):
-        text = row_labels[i]
+    draw.text((left, 0), col_title, fill="black", font=font)
+    draw.text((0, top - TICK_FONT_PX - 4), row_title, fill="black", font=font)
+    for i in range(0, len(labels), math.ceil((TICK_FONT_PX + 2) / cell_px)):
         y = top + i * cell_px + (cell_px - TICK_FONT_PX) // 2
-        draw.text((left - 4 - round(font.getlength(text)), y), text, fill="black", font=font)
-    for i in range(0, len(col_labels), math.ceil(col_w / cell_px)):
-        x = left + i * cell_px + (cell_px - round(font.getlength(col_labels[i]))) // 2
-        draw.text((x, top - TICK_FONT_PX - 3), col_labels[i], fill="black", font=font)
+        draw.text((left - 4 - round(font.getlength(labels[i])), y), labels[i], fill="black", font=font)
+    for i in range(0, len(labels), math.ceil(col_w / cell_px)):
+        x = left + i * cell_px + (cell_px - round(font.getlength(labels[i]))) // 2
+        draw.text((x, top - TICK_FONT_PX - 3), labels[i], fill="black", font=font)
     return canvas
 
 
-def matrix_image(matrix: torch.Tensor | np.ndarray, cell_px: int | None = None,
-                 highlight_row: int | None = None, row_labels: list[str] | None = None,
-                 col_labels: list[str] | None = None, row_title: str = "", col_title: str = "") -> Image.Image:
-    """A ``[rows, cols]`` matrix as a heat map of square blocks with a colour bar from ``min(0, min)`` to ``max``,
-    and tick labels (:func:`with_axis_ticks`) when both label lists are given."""
+def matrix_image(matrix: torch.Tensor | np.ndarray, highlight_row: int | None = None,
+                 grid: tuple[int, int] | None = None) -> Image.Image:
+    """A ``[rows, cols]`` matrix as a heat map of square blocks with a colour bar from ``min(0, min)`` to ``max``;
+    with ``grid``, a query-by-key matrix of its cells, tick-labelled (:func:`with_axis_ticks`)."""
     values = np.asarray(matrix, dtype=np.float64)
     rows, cols = values.shape
-    cell_px = cell_px or max(4, min(48, 384 // max(rows, cols)))
+    cell_px = max(4, min(48, 384 // max(rows, cols)))
     vmin, vmax = min(0.0, float(values.min())), float(values.max())
     picture = heatmap(values, (cols * cell_px, rows * cell_px), vmax=vmax, vmin=vmin)
     if highlight_row is not None:
         ImageDraw.Draw(picture).rectangle([0, highlight_row * cell_px, cols * cell_px - 1,
                                            (highlight_row + 1) * cell_px - 1], outline=(0, 255, 255), width=2)
     picture = with_colorbar(picture, vmin, vmax)
-    if row_labels is not None and col_labels is not None:
-        picture = with_axis_ticks(picture, cell_px, row_labels, col_labels, row_title, col_title)
+    if grid is not None:
+        cells = [f"{r},{c}" for r in range(grid[0]) for c in range(grid[1])]
+        picture = with_axis_ticks(picture, cell_px, cells, "query", "key cell (row,col)")
     return picture
 
 
-def score_matrix_image(all_weights: torch.Tensor, query: tuple[int, int] | None = None,
-                       grid: tuple[int, int] | None = None) -> Image.Image:
-    """The query-by-key weights ``[h, L, L]`` averaged over heads, the row of ``query = (row, col)`` on ``grid``
-    outlined."""
+def score_matrix_image(all_weights: torch.Tensor, query: tuple[int, int] | None, grid: tuple[int, int]) -> Image.Image:
+    """The query-by-key weights ``[h, L, L]`` averaged over heads, labelled by ``grid``'s cells, the row of
+    ``query = (row, col)`` outlined."""
     mean = all_weights.detach().float().mean(0).cpu().numpy()
-    row = None
-    if query is not None:
-        if grid is None:
-            raise ValueError("score_matrix_image needs the feature grid (rows, cols) to find the query's row")
-        row = check_cell(query, grid)
-    if grid is None:
-        return matrix_image(mean, highlight_row=row)
-    cells = [f"{r},{c}" for r in range(grid[0]) for c in range(grid[1])]
-    return matrix_image(mean, highlight_row=row, row_labels=cells, col_labels=cells,
-                        row_title="query", col_title="key cell (row,col)")
+    return matrix_image(mean, None if query is None else check_cell(query, grid), grid)
 
 
 def _shape(shape) -> str:
@@ -339,18 +303,15 @@ def walkthrough_markdown(walk: dict) -> str:
              f"{walk['num_heads']} heads of d = {walk['head_dim']} channels; the query is {query}.", ""]
     for i, step in enumerate(walk["steps"], 1):
         sample = ", ".join(f"{v:.4g}" for v in step["sample"])
-        lines.append(f"{i}. **{step['name']}**: ${step['formula']}$ — shape {_shape(step['shape'])} — first values [{sample}, …]")
+        lines.append(f"{i}. **{step['name']}**: ${step['formula']}$ — shape {_shape(step['shape'])} — "
+                     f"first values [{sample}, …]")
     return "\n".join(lines)
 
 
-def textbook_gallery(example: dict, which: str = "weights") -> list[tuple[Image.Image, str]]:
-    """One heat map ``[L, L]`` (row = query, column = key) per head of ``walkthrough.textbook_example``: its
-    ``weights``, or its ``scores`` before the softmax."""
-    if which not in ("weights", "scores"):
-        raise ValueError(f"which must be 'weights' or 'scores', got {which!r}")
-    matrices, d = example[which], example["head_dim"]
-    formula = f"softmax(Q Kᵀ / √{d})" if which == "weights" else f"Q Kᵀ / √{d}"
-    return [(matrix_image(matrices[i]), f"head {i + 1}: {formula}") for i in range(matrices.shape[0])]
+def textbook_gallery(example: dict) -> list[tuple[Image.Image, str]]:
+    """One heat map ``[L, L]`` of the weights (row = query, column = key) per head of a ``textbook_example``."""
+    weights, d = example["weights"], example["head_dim"]
+    return [(matrix_image(weights[i]), f"head {i + 1}: softmax(Q Kᵀ / √{d})") for i in range(weights.shape[0])]
 
 
 def textbook_markdown(example: dict) -> str:

@@ -11,21 +11,19 @@ from .attention import (MultiHeadSelfAttention, _check_heads, check_cell, merge_
                         standardised_tokens)
 
 
-def _step(name: str, formula: str, tensors: torch.Tensor | dict[str, torch.Tensor], n: int = 4) -> dict:
-    """A step: its name, LaTeX formula, shape(s), and the first ``n`` values of the first row (at ``sample_at``)."""
+def _step(name: str, formula: str, tensors: torch.Tensor | dict[str, torch.Tensor]) -> dict:
+    """A step: its name, LaTeX formula, shape(s), and the first 4 values of the first row."""
     main = tensors if isinstance(tensors, torch.Tensor) else next(iter(tensors.values()))
     shape = list(main.shape) if isinstance(tensors, torch.Tensor) else {k: list(v.shape) for k, v in tensors.items()}
     row = main.detach()[(0,) * (main.dim() - 1)]
     return {"name": name, "formula": formula, "shape": shape,
-            "sample": [round(float(v), 4) for v in row[:n]],
-            "sample_at": "[" + ", ".join(["0"] * (main.dim() - 1) + [f":{min(n, row.numel())}"]) + "]"}
+            "sample": [round(float(v), 4) for v in row[:4]]}
 
 
 def attention_steps(queries: torch.Tensor, tokens: torch.Tensor, num_heads: int,
                     attn: MultiHeadSelfAttention | None = None, query_of: str = "X") -> dict:
-    """The steps of ``queries`` ``[B, Lq, D]`` (``query_of`` in LaTeX) over ``tokens`` ``[B, L, D]`` with ``attn``'s
-    projections (None: parameter-free, K = V = tokens). Returns ``steps``, ``scores`` and ``weights``
-    ``[B, h, Lq, L]`` (before and after the softmax) and ``output`` ``[B, Lq, D]``."""
+    """The steps of ``queries`` ``[B, Lq, D]`` (``query_of`` in LaTeX) over ``tokens`` ``[B, L, D]`` with ``attn``
+    (None: K = V = tokens): ``steps``, ``scores``/``weights`` ``[B, h, Lq, L]`` and ``output`` ``[B, Lq, D]``."""
     learned = attn is not None
     if learned and attn.num_heads != num_heads:
         raise ValueError(f"num_heads={num_heads} does not match the module's {attn.num_heads} heads")
@@ -52,35 +50,10 @@ def attention_steps(queries: torch.Tensor, tokens: torch.Tensor, num_heads: int,
 
 
 @torch.no_grad()
-def self_attention_walkthrough(tokens: torch.Tensor, attn: MultiHeadSelfAttention | None = None,
-                               num_heads: int | None = None, query_index: int | None = None) -> dict:
-    """Every step of the self-attention of ``tokens`` ``[B, L, D]`` by ``attn`` (None: parameter-free, with
-    ``num_heads``), for every query or only token ``query_index``'s: :func:`attention_steps`' dict, the tokens
-    its first step, with ``num_heads`` and ``head_dim``."""
-    if attn is None and num_heads is None:
-        raise ValueError("give either attn (a MultiHeadSelfAttention) or num_heads for parameter-free attention")
-    num_heads = attn.num_heads if num_heads is None else num_heads
-    queries, query_of = tokens, "X"
-    if query_index is not None:
-        if not 0 <= query_index < tokens.shape[1]:
-            raise ValueError(f"query_index {query_index} is outside the {tokens.shape[1]} tokens "
-                             f"(0..{tokens.shape[1] - 1})")
-        queries, query_of = tokens[:, query_index:query_index + 1], f"X_{{{query_index}}}"
-    result = attention_steps(queries, tokens, num_heads, attn, query_of)
-    result["steps"].insert(0, _step("tokens", r"X \in \mathbb{R}^{L \times D}", tokens))
-    return {**result, "num_heads": num_heads, "head_dim": tokens.shape[-1] // num_heads}
-
-
-@torch.no_grad()
 def attention_walkthrough(model: nn.Module, x: torch.Tensor, query: tuple[int, int] | None = None) -> dict:
-    """Every step of the attention behind ``model.attention_maps`` for the first image of ``x``: the pool's (query:
-    the pooled one, or grid cell ``query``), or an average-pooled model's parameter-free attention of its
-    standardised feature tokens (query: ``query`` or the most attended cell).
-
-    Returns ``steps`` (feature map, tokens, then :func:`attention_steps`'), ``maps`` ``[h, H, W]`` (the query's
-    weights), ``all_weights`` ``[h, L, L]`` (every token a query), ``grid``, ``query``, ``num_heads``,
-    ``head_dim`` and ``output`` ``[D]``.
-    """
+    """Every step of ``model.attention_maps`` for the first image of ``x`` (query: grid cell ``query``, else the
+    pooled one or, average pool, the most attended cell): ``steps``, ``maps`` ``[h, H, W]``, ``all_weights``
+    ``[h, L, L]`` (every token a query), ``grid``, ``query``, ``num_heads``, ``head_dim`` and ``output`` ``[D]``."""
     feats = model.forward_features(x[:1])
     height, width = feats.shape[-2:]
     num_heads = model.num_heads
@@ -90,7 +63,7 @@ def attention_walkthrough(model: nn.Module, x: torch.Tensor, query: tuple[int, i
     else:
         tokens, attn, made = standardised_tokens(feats), None, r"\mathrm{standardise}(\mathrm{flatten}(F))"
     steps = [_step("feature map", r"F = \mathrm{backbone}(x)", feats), _step("tokens", f"X = {made}", tokens)]
-    all_weights = self_attention_walkthrough(tokens, attn, num_heads)["weights"][0]
+    all_weights = attention_steps(tokens, tokens, num_heads, attn)["weights"][0]
     if query is None and pool is not None:
         queries, query_of = pool.pooled_query(tokens), r"(\bar{X} + q_0)"
     else:
@@ -105,22 +78,22 @@ def attention_walkthrough(model: nn.Module, x: torch.Tensor, query: tuple[int, i
             "num_heads": num_heads, "head_dim": tokens.shape[-1] // num_heads, "output": result["output"][0, 0]}
 
 
+@torch.no_grad()
 def textbook_example(num_tokens: int = 3, width: int = 768, num_heads: int = 12, seed: int = 0) -> dict:
-    """``num_tokens`` random tokens of ``width`` channels through a new ``MultiHeadSelfAttention`` of ``num_heads``
-    heads, seeded: ``tokens`` ``[1, L, D]``, ``scores`` and ``weights`` ``[h, L, L]``, ``output`` ``[1, L, D]``,
-    ``shapes`` (step → shape), ``steps``, ``num_heads`` and ``head_dim``."""
+    """Seeded random ``tokens`` ``[1, L, D]`` through a new ``MultiHeadSelfAttention``: ``scores`` and ``weights``
+    ``[h, L, L]``, ``output`` ``[1, L, D]``, ``shapes`` (step → shape), ``num_heads`` and ``head_dim``."""
     if not (1 <= num_tokens <= 256 and 1 <= width <= 8192 and 1 <= num_heads <= 256):
-        raise ValueError(f"tokens must be 1..256, width 1..8192 and heads 1..256, got {num_tokens}, {width}, {num_heads}")
+        raise ValueError(f"tokens must be 1..256, width 1..8192 and heads 1..256, "
+                         f"got {num_tokens}, {width}, {num_heads}")
     _check_heads(width, num_heads, "width")
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(1, num_tokens, width, generator=generator)
+    tokens = torch.randn(1, num_tokens, width, generator=torch.Generator().manual_seed(seed))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         attn = MultiHeadSelfAttention(width, num_heads)
-    walk = self_attention_walkthrough(tokens, attn)
+    walk = attention_steps(tokens, tokens, num_heads, attn)
     d = width // num_heads
     shapes = {"X": [1, num_tokens, width], "Q, K, V": [1, num_tokens, width],
               "split heads": [1, num_heads, num_tokens, d], "scores / softmax": [1, num_heads, num_tokens, num_tokens],
               "weighted sum": [1, num_heads, num_tokens, d], "merged / output": [1, num_tokens, width]}
     return {"tokens": tokens, "scores": walk["scores"][0], "weights": walk["weights"][0], "output": walk["output"],
-            "shapes": shapes, "steps": walk["steps"], "num_heads": num_heads, "head_dim": d}
+            "shapes": shapes, "num_heads": num_heads, "head_dim": d}

@@ -77,24 +77,6 @@ def test_rows_of_the_weights_sum_to_one():
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 6, 9))
 
 
-def test_key_padding_mask():
-    ours, ref = _pair()
-    x = torch.randn(2, 6, 32)
-    lengths = [4, 6]  # the first sequence is padded with two tokens
-    mask = torch.arange(6)[None, :] >= torch.tensor(lengths)[:, None]  # True = padding
-    out, weights = ours(x, return_attention=True, key_padding_mask=mask)
-    assert torch.all(weights[0, ..., 4:] == 0) and torch.all(weights[1] > 0)
-    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 6))
-    ref_out, ref_weights = ref(x, x, x, key_padding_mask=mask, average_attn_weights=False)
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
-    for i, length in enumerate(lengths):  # real tokens see exactly what the unpadded sequence gives
-        short = ours(x[i:i + 1, :length])
-        torch.testing.assert_close(out[i:i + 1, :length], short, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="key_padding_mask must be a bool tensor"):
-        ours(x, key_padding_mask=mask.float())
-
-
 def test_query_cells_are_checked_against_the_grid():
     assert check_cell((1, 2), (2, 3)) == 5 and check_cell((0, 0), (1, 1)) == 0
     with pytest.raises(ValueError, match=r"outside the 2x3 feature grid: use a row in 0..1 and a column in 0..2"):

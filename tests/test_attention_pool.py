@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effnetv2 import EfficientNetV2, viz
+from effnetv2 import EfficientNetV2
 from effnetv2.attention import AttentionPool2d, split_heads, standardised_tokens
 from effnetv2.training import recalibrate_batchnorm
 
@@ -82,7 +82,7 @@ def test_runs_at_other_input_sizes(pooled_model):
             logits = pooled_model(x)
         assert logits.shape == (1, 3) and torch.isfinite(logits).all()
         maps = pooled_model.attention_maps(x)
-        assert viz.feature_grid(pooled_model, x) == grid and maps.shape == (1, HEADS, *grid)
+        assert maps.shape == (1, HEADS, *grid)
         torch.testing.assert_close(maps.sum((-2, -1)), torch.ones(1, HEADS))
 
 

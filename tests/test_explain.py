@@ -4,11 +4,15 @@ import torch
 import torch.nn.functional as F
 
 from effnetv2 import EfficientNetV2
-from effnetv2.explain import (BEATS_RANDOM_BY, CAM, FEATURE_ATTENTION, GRADCAM, RANDOM, answer_sentence,
+from effnetv2.explain import (ATTENTION, BEATS_RANDOM_BY, CAM, FEATURE_ATTENTION, GRADCAM, RANDOM, answer_sentence,
                               class_attribution, curve_auc, deletion_auc, describe_model, features, gradcam,
-                              insertion_auc, map_kinds, region_cells, removal_curve, verdict, why)
+                              insertion_auc, map_kinds, region_cells, removal_curves, verdict, why)
 
 pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
+
+
+def removal_curve(model, images, maps, target=None, mode="deletion"):
+    return removal_curves(model, images, {"map": maps}, target)["map"][mode]
 
 
 def _model(pool: str) -> EfficientNetV2:
@@ -86,14 +90,13 @@ def test_gradcam_follows_the_gradient_for_an_attention_pool():
 
 
 def _attend_without(model, x, removed: list[int]) -> torch.Tensor:
-    """Class probabilities with ``removed`` cells masked out of the pool's keys, through the pool's own
-    attention (``key_padding_mask``, tested against torch's MultiheadAttention) and the classifier."""
+    """Class probabilities with ``removed`` cells taken out of the pool's keys (the query stays the whole
+    image's), through the pool's own attention (tested against torch's MultiheadAttention) and the classifier."""
     pool = model.head.attn_pool
     with torch.no_grad():
         tokens = pool.tokens(model.forward_features(x))
-        mask = torch.zeros(tokens.shape[:2], dtype=torch.bool)
-        mask[:, removed] = True
-        out, _ = pool.attn.attend(pool.pooled_query(tokens), tokens, key_padding_mask=mask)
+        kept = [cell for cell in range(tokens.shape[1]) if cell not in removed]
+        out, _ = pool.attn.attend(pool.pooled_query(tokens), tokens[:, kept])
         return model.head.classifier(out[:, 0]).softmax(-1)
 
 
@@ -164,8 +167,6 @@ def test_bad_arguments_are_named():
         class_attribution(model, x, target=4)
     with pytest.raises(ValueError, match="maps cover 9 cells but the model's feature grid has 4"):
         deletion_auc(model, x, torch.rand(1, 1, 3, 3))
-    with pytest.raises(ValueError, match="mode must be"):
-        removal_curve(model, x, torch.rand(1, 1, 2, 2), mode="both")
     model.train()
     class_attribution(model, x)
     assert model.training  # restored
@@ -238,7 +239,7 @@ def test_why_from_features_matches_the_image_functions():
         assert result.target == chosen
         torch.testing.assert_close(result.shares, class_attribution(model, x, chosen)[0])
         torch.testing.assert_close(result.maps[GRADCAM], gradcam(model, x, chosen)[0, 0])
-        torch.testing.assert_close(result.heads, model.attention_maps(x)[0].detach())
+        torch.testing.assert_close(result.maps[ATTENTION], model.attention_maps(x)[0].detach().mean(0))
         assert list(result.maps) == [*map_kinds(model), RANDOM]
         for kind in map_kinds(model):
             expected = float(deletion_auc(model, x, result.maps[kind][None, None], chosen))

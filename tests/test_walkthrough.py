@@ -6,7 +6,7 @@ from test_attention import _pair
 
 from effnetv2 import EfficientNetV2
 from effnetv2.attention import MultiHeadSelfAttention, merge_heads, self_attention_maps, split_heads, standardised_tokens
-from effnetv2.walkthrough import attention_walkthrough, self_attention_walkthrough, textbook_example
+from effnetv2.walkthrough import attention_steps, attention_walkthrough, textbook_example
 
 pytestmark = pytest.mark.numerics  # compares floating-point results or trains: see CONTRIBUTING.md
 
@@ -14,17 +14,16 @@ STEP_NAMES = ["queries, keys, values", "split into heads", "scaled scores", "sof
               "merge heads", "output"]
 
 
-def test_self_attention_walkthrough_matches_the_module():
+def test_attention_steps_match_the_module():
     ours, _ = _pair(48, 6)
     x = torch.randn(2, 5, 48)
-    walk = self_attention_walkthrough(x, ours)
+    walk = attention_steps(x, x, 6, ours)
     expected, weights = ours(x, return_attention=True)
     torch.testing.assert_close(walk["output"], expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(walk["weights"], weights)
     torch.testing.assert_close(walk["scores"].softmax(-1), weights)
-    assert [s["name"] for s in walk["steps"]] == ["tokens"] + STEP_NAMES
+    assert [s["name"] for s in walk["steps"]] == STEP_NAMES
     shapes = {s["name"]: s["shape"] for s in walk["steps"]}
-    assert shapes["tokens"] == [2, 5, 48]
     assert shapes["queries, keys, values"] == {"Q": [2, 5, 48], "K": [2, 5, 48], "V": [2, 5, 48]}
     assert shapes["split into heads"]["V"] == [2, 6, 5, 8]
     assert shapes["scaled scores"] == shapes["softmax"] == [2, 6, 5, 5]
@@ -32,22 +31,19 @@ def test_self_attention_walkthrough_matches_the_module():
     assert shapes["merge heads"] == shapes["output"] == [2, 5, 48]
     softmax = next(s for s in walk["steps"] if s["name"] == "softmax")
     assert softmax["sample"] == [round(float(v), 4) for v in weights.detach()[0, 0, 0, :4]]
-    assert softmax["sample_at"] == "[0, 0, 0, :4]"
-    one = self_attention_walkthrough(x, ours, query_index=3)
+    one = attention_steps(x[:, 3:4], x, 6, ours)  # one token the query, as a query cell
     torch.testing.assert_close(one["output"], expected[:, 3:4], atol=1e-6, rtol=1e-5)
     assert one["weights"].shape == (2, 6, 1, 5)
-    with pytest.raises(ValueError, match="query_index 5 is outside the 5 tokens"):
-        self_attention_walkthrough(x, ours, query_index=5)
+    with pytest.raises(ValueError, match="does not match the module's 6 heads"):
+        attention_steps(x, x, 4, ours)
 
 
 def test_parameter_free_walkthrough_is_plain_softmax_attention():
     x = torch.randn(1, 4, 12)
-    walk = self_attention_walkthrough(x, num_heads=3)
+    walk = attention_steps(x, x, 3)
     heads = split_heads(x, 3)
     expected = merge_heads(F.scaled_dot_product_attention(heads, heads, heads))
     torch.testing.assert_close(walk["output"], expected, atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="num_heads"):
-        self_attention_walkthrough(x)
 
 
 def _walk_model(pool):
@@ -91,7 +87,7 @@ def test_model_walkthrough_for_average_pooled_models():
     torch.testing.assert_close(walk["maps"], self_attention_maps(feats, 4)[0])
     row, col = walk["query"]
     tokens = standardised_tokens(feats)
-    torch.testing.assert_close(walk["output"], self_attention_walkthrough(tokens, num_heads=4)["output"][0, row * 2 + col])
+    torch.testing.assert_close(walk["output"], attention_steps(tokens, tokens, 4)["output"][0, row * 2 + col])
     assert walk["grid"] == (3, 2) and walk["head_dim"] == 320
 
 
