@@ -44,15 +44,6 @@ def torchvision_variant(name: str) -> str | None:
 
 # --------------------------------------------------------------------------- key mapping
 
-def _infer_variant(num_blocks: int, stem_chs: int, where: str, choices: tuple[str, ...]) -> str:
-    for name in choices:
-        cfg = VARIANTS[name]
-        if sum(s.repeats for s in cfg.scaled_stages()) == num_blocks and cfg.stem_chs == stem_chs:
-            return name
-    raise ValueError(f"cannot tell which EfficientNetV2 variant {where} is ({num_blocks} blocks, stem width "
-                     f"{stem_chs}); none of {', '.join(choices)} fits. Pass variant=... if you know it.")
-
-
 # Where each of our modules takes its tensors from in the source, by block kind: MBConv "M",
 # Fused-MBConv "F", Fused-MBConv with expansion 1 "F1" (its single conv is our project_conv).
 _BLOCK_MODULES = {
@@ -158,7 +149,14 @@ def _read_source(kind: str, source: Weights, variant: str | None, provenance: di
     if not blocks or stem not in state:
         raise ValueError(f"{where} is not a {kind} EfficientNetV2 state dict (no {stem} / "
                          f"{_BLOCK_KEYS[kind][0]}.N.M keys)")
-    return state, where, (variant or _infer_variant(len(blocks), state[stem].shape[0], where, choices)).lower()
+    if variant:
+        return state, where, variant.lower()
+    stem_chs = state[stem].shape[0]
+    for name, cfg in ((name, VARIANTS[name]) for name in choices):
+        if sum(s.repeats for s in cfg.scaled_stages()) == len(blocks) and cfg.stem_chs == stem_chs:
+            return state, where, name
+    raise ValueError(f"cannot tell which EfficientNetV2 variant {where} is ({len(blocks)} blocks, stem width "
+                     f"{stem_chs}); none of {', '.join(choices)} fits. Pass variant=... if you know it.")
 
 
 def _num_classes(kind: str, state: dict[str, torch.Tensor]) -> int:
@@ -225,7 +223,7 @@ def _official_torchvision_file(variant: str) -> Path:
                                      f"torchvision:{variant}")
         match = re.search(r"-([a-f0-9]+)\.", filename)
         try:
-            download_file(weights.url, path, match[1] if match else None, timeout=DOWNLOAD_TIMEOUT_S)
+            download_file(weights.url, path, match[1] if match else None)
         except Exception as err:  # network errors come in many types (URLError, OSError, RuntimeError)
             raise ModelDownloadError(f"could not download {what} from {weights.url} ({err}). Without internet, "
                                      f"{remedy}", f"torchvision:{variant}") from None
@@ -252,9 +250,9 @@ def from_torchvision(source: Weights, variant: str | None = None) -> EfficientNe
     preprocessing = {}
     if variant in TORCHVISION_VARIANTS:
         preset = _torchvision_weights(variant).transforms()
-        crop, resize = preset.crop_size[0], preset.resize_size[0]
-        preprocessing = {"image_size": crop, "crop_pct": crop / resize, "mean": list(preset.mean),
-                         "std": list(preset.std), "interpolation": preset.interpolation.value}
+        preprocessing = {"image_size": preset.crop_size[0], "crop_pct": preset.crop_size[0] / preset.resize_size[0],
+                         "mean": list(preset.mean), "std": list(preset.std),
+                         "interpolation": preset.interpolation.value}
     return _build("torchvision", variant, state, where, padding="symmetric", source=provenance, **preprocessing)
 
 
@@ -306,15 +304,13 @@ def from_timm(source: Weights, variant: str | None = None) -> EfficientNetV2:
             provenance["hf_hub_id"] = pretrained_cfg["hf_hub_id"]
     variant = variant and variant.split(".")[0].lower().removeprefix(TIMM_PREFIX)  # tf_efficientnetv2_b0.tag → b0
     state, where, variant = _read_source("timm", source, variant, provenance, tuple(VARIANTS))
-    cfg = pretrained_cfg or _timm_pretrained_cfg(variant, _num_classes("timm", state)) or {}
-    preprocessing = {}
-    if cfg:
-        preprocessing = {
-            "image_size": int((cfg.get("test_input_size") or cfg["input_size"])[-1]),
-            "train_image_size": int(cfg["input_size"][-1]), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
-            "interpolation": cfg.get("interpolation", "bicubic"),
-            "crop_pct": float(cfg.get("test_crop_pct") or cfg.get("crop_pct", 1.0)),
-        }
+    cfg = pretrained_cfg or _timm_pretrained_cfg(variant, _num_classes("timm", state))
+    preprocessing = {
+        "image_size": int((cfg.get("test_input_size") or cfg["input_size"])[-1]),
+        "train_image_size": int(cfg["input_size"][-1]), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "crop_pct": float(cfg.get("test_crop_pct") or cfg.get("crop_pct", 1.0)),
+    } if cfg else {}
     return _build("timm", variant, state, where, padding="same", source=provenance, **preprocessing)
 
 
@@ -349,10 +345,6 @@ def export_state_dict(model: EfficientNetV2, kind: str) -> dict[str, torch.Tenso
     return state
 
 
-def _labels(model: EfficientNetV2) -> list[str]:
-    return [model.id2label[str(i)] for i in range(model.num_classes)]
-
-
 def to_timm(model: EfficientNetV2, out: str | os.PathLike) -> Path:
     """Write ``out/config.json`` and ``out/model.safetensors`` so that
     ``timm.create_model("local-dir:OUT", pretrained=True)`` is this model (equal logits), with its labels
@@ -370,7 +362,7 @@ def to_timm(model: EfficientNetV2, out: str | os.PathLike) -> Path:
             "test_input_size": [3, cfg["image_size"], cfg["image_size"]],
             "interpolation": cfg["interpolation"], "mean": list(cfg["mean"]), "std": list(cfg["std"]),
             "crop_pct": cfg["crop_pct"], "crop_mode": "center", "num_classes": model.num_classes,
-            "first_conv": "conv_stem", "classifier": "classifier", "label_names": _labels(model),
+            "first_conv": "conv_stem", "classifier": "classifier", "label_names": list(model.id2label.values()),
         },
     }
     if model.padding == "symmetric":
@@ -390,7 +382,7 @@ def to_torchvision(model: EfficientNetV2, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "architecture": f"torchvision.models.efficientnet_v2_{model.variant}",
-                "num_classes": str(model.num_classes), "id2label": json.dumps(dict(enumerate(_labels(model)))),
+                "num_classes": str(model.num_classes), "id2label": json.dumps(model.id2label),
                 "preprocessing": json.dumps({k: cfg[k] for k in ("image_size", "train_image_size", "mean", "std",
                                                                   "interpolation", "crop_pct")})}
     save_file(state, str(path), metadata=metadata)
@@ -418,9 +410,6 @@ def reference_model(kind: str, model: EfficientNetV2) -> nn.Module | None:
 def max_logit_difference(model: EfficientNetV2, reference: nn.Module, size: int = 96) -> float:
     """max |Δlogit| between ``model`` and ``reference`` (given ``model``'s weights) on random
     ``[2, 3, size, size]`` inputs."""
-    kind = model.config["source"]["source"]
-    ours = model.state_dict()
-    mapping = key_map(model, kind, reference.state_dict(), f"the {kind} model")
-    reference.load_state_dict({src: ours[key] for key, src in mapping.items()}, strict=True)
+    reference.load_state_dict(export_state_dict(model, model.config["source"]["source"]), strict=True)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     return (reference.eval()(x) - model(x)).abs().max().item()
