@@ -49,11 +49,8 @@ def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None,
                         datasets: list | None = None, base_model: str | None = None, dataset_name: str | None = None,
                         dataset_split: str = "validation", dataset_revision: str | None = None,
                         dataset_config: str | None = None, **sections: Any) -> ModelCard:
-    """The model card (README.md) rendered from ``model_card.md`` with the model's metadata.
-
-    ``metrics`` ({name: value}), ``datasets`` and ``base_model`` (a fine-tune's) go into the YAML front matter,
-    with ``dataset_name`` the accuracy into its ``model-index`` too, so the Hub shows it; ``sections``
-    (``dataset``, ``training`` settings, ``command``, ``notes``) fill the template's optional sections."""
+    """The model card (README.md) rendered from ``model_card.md``: ``metrics``, ``datasets``, ``base_model`` (and with
+    ``dataset_name``, the accuracy's ``model-index``) in its YAML front matter; ``sections`` fill the template's."""
     cfg = model.config
     info = model._hub_mixin_info
     eval_results = None

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .layers import ConvBNAct
-
-if TYPE_CHECKING:
-    from .model import EfficientNetV2
+from .model import EfficientNetV2
 
 
 @torch.no_grad()

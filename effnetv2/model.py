@@ -35,10 +35,6 @@ class Head(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.pooled_features, num_classes) if num_classes else nn.Identity()
 
-    def pool(self, feats: torch.Tensor) -> torch.Tensor:
-        """``[B, num_features, H, W]`` → ``[B, pooled_features]``."""
-        return self.attn_pool(feats) if self.attn_pool is not None else feats.mean((2, 3))
-
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
@@ -204,7 +200,8 @@ class EfficientNetV2(
 
     def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """``[B, num_features, h, w]`` → logits ``[B, num_classes]`` (pooled ``[B, D]`` if pre_logits)."""
-        pooled = self.head.dropout(self.head.pool(feats))
+        pool = self.head.attn_pool
+        pooled = self.head.dropout(pool(feats) if pool is not None else feats.mean((2, 3)))
         return pooled if pre_logits else self.head.classifier(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,5 @@
-"""Post-training static int8 (QDQ) quantization of the exported ONNX graph with ONNX Runtime, every
-operation quantized and calibrated on real images (never the ones accuracy is then measured on).
-Why every operation, and why asymmetric activations: benchmarks/README.md.
-"""
+"""Post-training static int8 (QDQ) quantization of the exported ONNX graph with ONNX Runtime, calibrated on real
+images (never those accuracy is measured on); why every operation, asymmetric activations: benchmarks/README.md."""
 from __future__ import annotations
 
 import os

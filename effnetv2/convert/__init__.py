@@ -1,7 +1,5 @@
 """Weight converters: torchvision ``efficientnet_v2_{s,m,l}`` and timm ``tf_efficientnetv2_*`` → ``EfficientNetV2``,
-and back (``to_timm``, ``to_torchvision``). The key map pairs each of our modules with the source module
-it takes its tensors from, block by block; every key and shape is checked both ways before loading.
-"""
+and back (``to_timm``, ``to_torchvision``), through one key map; every key and shape is checked before loading."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +13,8 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
+import torchvision.models as tvm
+from safetensors.torch import save_file
 from torch import nn
 
 from ..configs import VARIANTS
@@ -96,12 +96,8 @@ def key_map(model: EfficientNetV2, kind: str, state: dict[str, torch.Tensor], wh
         shape = "M" if isinstance(block, MBConv) else "F" if isinstance(block.expand_conv, ConvBNAct) else "F1"
         modules.update({f"blocks.{i}.{ours}": f"{prefix}.{theirs}"
                         for ours, theirs in _BLOCK_MODULES[kind][shape].items()})
-    mapping = {}
-    for key in model.state_dict():
-        module, tensor = key.rsplit(".", 1)
-        if module in modules:
-            mapping[key] = f"{modules[module]}.{tensor}"
-    return mapping
+    keys = (key.rsplit(".", 1) for key in model.state_dict())
+    return {f"{module}.{tensor}": f"{modules[module]}.{tensor}" for module, tensor in keys if module in modules}
 
 
 def map_state_dict(model: EfficientNetV2, kind: str, state: dict[str, torch.Tensor],
@@ -181,8 +177,6 @@ def _build(kind: str, variant: str, state: dict[str, torch.Tensor], where: str, 
 
 def _torchvision_weights(variant: str):
     """torchvision's ``EfficientNet_V2_{S,M,L}_Weights.IMAGENET1K_V1``."""
-    import torchvision.models as tvm
-
     return getattr(tvm, f"EfficientNet_V2_{variant.upper()}_Weights").IMAGENET1K_V1
 
 
@@ -223,7 +217,7 @@ def _official_torchvision_file(variant: str) -> Path:
                                      f"torchvision:{variant}")
         match = re.search(r"-([a-f0-9]+)\.", filename)
         try:
-            download_file(weights.url, path, match[1] if match else None)
+            download_file(weights.url, path, match[1] if match else None, timeout=DOWNLOAD_TIMEOUT_S)
         except Exception as err:  # network errors come in many types (URLError, OSError, RuntimeError)
             raise ModelDownloadError(f"could not download {what} from {weights.url} ({err}). Without internet, "
                                      f"{remedy}", f"torchvision:{variant}") from None
@@ -349,8 +343,6 @@ def to_timm(model: EfficientNetV2, out: str | os.PathLike) -> Path:
     """Write ``out/config.json`` and ``out/model.safetensors`` so that
     ``timm.create_model("local-dir:OUT", pretrained=True)`` is this model (equal logits), with its labels
     (``pretrained_cfg.label_names``) and preprocessing; symmetric padding stays through ``pad_type = ""``."""
-    from safetensors.torch import save_file
-
     state = export_state_dict(model, "timm")
     cfg = model.config
     out = Path(out)
@@ -375,8 +367,6 @@ def to_timm(model: EfficientNetV2, out: str | os.PathLike) -> Path:
 def to_torchvision(model: EfficientNetV2, path: str | os.PathLike) -> Path:
     """Write a safetensors state dict that ``torchvision.models.efficientnet_v2_{s,m,l}(num_classes=N)``
     loads strictly, with equal logits; labels and preprocessing go in its metadata (JSON strings)."""
-    from safetensors.torch import save_file
-
     state = export_state_dict(model, "torchvision")
     cfg = model.config
     path = Path(path)
@@ -395,8 +385,6 @@ def reference_model(kind: str, model: EfficientNetV2) -> nn.Module | None:
     """The source library's own model of ``model``'s variant and classes (random weights), or None without it."""
     try:
         if kind == "torchvision":
-            import torchvision.models as tvm
-
             build = getattr(tvm, f"efficientnet_v2_{model.variant}", None)
             return build(num_classes=model.num_classes) if build else None
         import timm

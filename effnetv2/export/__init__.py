@@ -1,8 +1,5 @@
-"""ONNX export of the BatchNorm-folded model, checked against the eager model with ONNX Runtime;
-its int8 form (``effnetv2.quantize``); and the graphs shipped inside a model folder for the Hub.
-
-Graphs map ``pixel_values`` ``[B, 3, H, W]`` (preprocessed) to ``logits`` ``[B, num_classes]``.
-"""
+"""ONNX export of the BatchNorm-folded model (``pixel_values`` ``[B, 3, H, W]`` → ``logits``), checked against the
+eager model with ONNX Runtime; its int8 form (``effnetv2.quantize``); the graphs shipped in a model folder."""
 from __future__ import annotations
 
 import copy
@@ -11,17 +8,16 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
+from ..card import graphs_section, update_card
 from ..checkpoint import sha256_file, weights_fingerprint
 from ..fuse import optimize_for_inference
+from ..model import EfficientNetV2
 from ..quantize import CALIBRATION_IMAGES, calibration_batches, calibration_split, quantize_onnx, top1_agreement
-
-if TYPE_CHECKING:
-    from ..model import EfficientNetV2
 
 DEFAULT_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
@@ -115,12 +111,10 @@ def export_calibrated_int8(model: EfficientNetV2, path: str | os.PathLike, calib
         return graph
     with tempfile.TemporaryDirectory(prefix="effnetv2-export-") as tmp:
         fp32_path = fp32_path or export_onnx(model, Path(tmp, "model.onnx"), size, opset=opset)
-        sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32_path, path)]
-        fp32, int8 = [], []
-        for batch in calibration_batches(model.config, held_out_files, image_size=size[0]):
-            for logits, session in zip((fp32, int8), sessions):
-                logits.append(session.run(None, {INPUT_NAME: batch})[0])
-    fp32, int8 = np.concatenate(fp32), np.concatenate(int8)
+        runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run for p in (fp32_path, path)]
+        logits = [[run(None, {INPUT_NAME: batch})[0] for run in runs]
+                  for batch in calibration_batches(model.config, held_out_files, image_size=size[0])]
+    fp32, int8 = (np.concatenate(column) for column in zip(*logits))
     graph["agreement"] = {"images": len(fp32), "top1_agreement": top1_agreement(int8, fp32),
                           "relative_error": relative_error(int8, fp32)}
     return graph
@@ -130,8 +124,6 @@ def ship_graphs(model: EfficientNetV2, folder: str | os.PathLike, calibration: s
                 num_calibration: int = CALIBRATION_IMAGES) -> dict:
     """Write ``onnx/model.onnx`` (with ``calibration``, a folder of images, ``onnx/model_int8.onnx`` too) and the
     manifest ``onnx/graphs.json`` into the model ``folder``, described in its README.md if any; returns the manifest."""
-    from ..card import graphs_section, update_card
-
     folder = Path(folder)
     size = _size_pair(model.config["image_size"])
     fp32_path = export_onnx(model, folder / SHIPPED_GRAPHS["fp32"], size)
