@@ -93,11 +93,9 @@ def check_weight_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], pa
     unexpected = [k for k in shapes if k not in own]
     mismatched = [k for k in own if k in shapes and tuple(shapes[k]) != own[k]]
     if missing or unexpected or (mismatched and set(mismatched) - set(CLASSIFIER_KEYS)):
-        lines = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if keys:
-                shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-                lines.append(f"{what}: {shown}")
+        found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+        lines = [f"{what}: " + ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+                 for what, keys in found if keys]
         raise ValueError(f"the weights in {path} do not fit EfficientNetV2-{model.variant} "
                          f"(pool={model.pool_type!r}, num_classes={model.num_classes}): " + "; ".join(lines)
                          + ". Check that config.json belongs to these weights.")

@@ -16,9 +16,8 @@ from .model import EfficientNetV2
 def optimize_for_inference(model: EfficientNetV2, channels_last: bool = True,
                            device: str | torch.device | None = None,
                            dtype: torch.dtype | None = None) -> EfficientNetV2:
-    """An eval-mode, gradient-free copy of ``model`` (unchanged) with every BatchNorm folded into its conv:
-    the same API and logits ``[B, num_classes]`` to float rounding. ``channels_last`` stores the weights
-    NHWC (feed it channels-last input); ``device`` and ``dtype`` move the copy after folding."""
+    """An eval-mode, gradient-free copy of ``model`` (unchanged), every BatchNorm folded into its conv: the same logits
+    to float rounding. ``channels_last``: NHWC weights (feed it NHWC); ``device``, ``dtype`` move it after folding."""
     fused = copy.deepcopy(model).eval()
     for module in fused.modules():
         if isinstance(module, ConvBNAct) and isinstance(module.bn, nn.BatchNorm2d):

@@ -180,11 +180,10 @@ def load_pretrained(cls: type[PyTorchModelHubMixin], *, model_id: str, config: d
         model = cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{config_path} does not describe a valid model: {err}") from None
-    weights = resolve_file(model_id, WEIGHTS_NAME, **download_kwargs)
-    filename = WEIGHTS_NAME
-    if weights is None:
-        weights, filename = resolve_file(model_id, PICKLE_WEIGHTS_NAME, **download_kwargs), PICKLE_WEIGHTS_NAME
-    if weights is None:
+    for filename in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):  # safetensors first
+        if (weights := resolve_file(model_id, filename, **download_kwargs)) is not None:
+            break
+    else:
         where = model_id if is_dir else _describe(model_id, revision)
         raise FileNotFoundError(f"{where} has {CONFIG_NAME} but no {WEIGHTS_NAME}: save or upload the weights "
                                 f"with save_pretrained/push_to_hub")

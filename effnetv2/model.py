@@ -222,10 +222,9 @@ class EfficientNetV2(
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, query: tuple[int, int] | None = None) -> torch.Tensor:
-        """Per-head attention ``[B, num_heads, h, w]`` over the feature grid for images ``x`` ``[B, 3, H, W]``,
-        each map summing to 1. Attention-pool models: the pooled query's weights, or with ``query = (row, col)``
-        that grid cell's through the pool's projections. Average-pooled models: parameter-free self-attention
-        of the feature tokens (``attention.self_attention_maps``) from ``query`` or the most attended cell."""
+        """Per-head attention ``[B, num_heads, h, w]`` over the feature grid of ``x`` ``[B, 3, H, W]``, each map summing
+        to 1: the attention pool's query (or the grid cell ``query = (row, col)``'s through its projections); for
+        average-pooled models, ``attention.self_attention_maps`` from ``query`` or the most attended cell."""
         feats = self.forward_features(x)
         pool = self.head.attn_pool
         if pool is None:

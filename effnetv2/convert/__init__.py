@@ -175,8 +175,7 @@ def _build(kind: str, variant: str, state: dict[str, torch.Tensor], where: str, 
 
 # --------------------------------------------------------------------------- torchvision
 
-def _torchvision_weights(variant: str):
-    """torchvision's ``EfficientNet_V2_{S,M,L}_Weights.IMAGENET1K_V1``."""
+def _torchvision_weights(variant: str):  # torchvision's EfficientNet_V2_{S,M,L}_Weights.IMAGENET1K_V1
     return getattr(tvm, f"EfficientNet_V2_{variant.upper()}_Weights").IMAGENET1K_V1
 
 
@@ -266,8 +265,7 @@ def _timm_pretrained_cfg(variant: str, num_classes: int) -> dict | None:
     return next((cfg for cfg in cfgs if cfg.get("num_classes") == num_classes), cfgs[0] if cfgs else None)
 
 
-def _timm_model(name: str) -> nn.Module:
-    """A pretrained timm model by name (from the Hugging Face cache, or downloaded)."""
+def _timm_model(name: str) -> nn.Module:  # a pretrained timm model (from the Hugging Face cache, or downloaded)
     try:
         import timm
     except ImportError:
