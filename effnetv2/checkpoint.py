@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 
 import torch
+import safetensors.torch  # its functions looked up at each call: a replaced one (in tests) is the one used
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 WEIGHTS_NAME = "model.safetensors"
@@ -22,7 +22,7 @@ MAX_HEADER_BYTES = 8 * 2**20  # ~100 bytes per tensor: EfficientNetV2-XL's heade
 def save_weights(model: nn.Module, directory: Path) -> None:
     """``model``'s state dict as ``directory/model.safetensors`` (contiguous CPU copies)."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "effnetv2"})
+    safetensors.torch.save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "effnetv2"})
 
 
 def _unpickling_reason(err: Exception) -> str:
@@ -67,7 +67,7 @@ def read_state_dict(path: str | os.PathLike, map_location: str = "cpu", name: st
     if path.suffix.lower() == ".safetensors":
         safetensors_shapes(path, name)  # refuses an oversized header before safetensors parses it
         try:
-            return load_file(str(path), device=map_location)
+            return safetensors.torch.load_file(str(path), device=map_location)
         except Exception as err:  # safetensors raises its own error type and OSError variants
             raise _unreadable_safetensors(name, err) from None
     try:

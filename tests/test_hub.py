@@ -362,6 +362,8 @@ def write_safetensors_header(path: Path, header: dict) -> None:
 
 
 def test_weights_are_checked_from_the_header_before_any_tensor_is_read(tmp_path, monkeypatch):
+    import safetensors.torch
+
     from effnetv2 import checkpoint
 
     model = tiny()
@@ -369,8 +371,8 @@ def test_weights_are_checked_from_the_header_before_any_tensor_is_read(tmp_path,
     weights = tmp_path / "m" / "model.safetensors"
     good = weights.read_bytes()
     read = []
-    real_load_file = checkpoint.load_file  # safetensors.torch.load_file, as checkpoint calls it
-    monkeypatch.setattr(checkpoint, "load_file", lambda *a, **k: read.append(a) or real_load_file(*a, **k))
+    real_load_file = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: read.append(a) or real_load_file(*a, **k))
 
     # A header declaring more tensors than any EfficientNetV2 has (1.2 M empty ones in the wild).
     count = checkpoint.MAX_HEADER_BYTES // 60
