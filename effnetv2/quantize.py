@@ -61,8 +61,7 @@ def calibration_batches(config: dict, files: Sequence[str | os.PathLike], batch_
 
 
 class _Batches:
-    """ONNX Runtime's ``CalibrationDataReader``: one ``{input name: batch}`` per call, then None. The first
-    batch is read at once (``first``, None for an empty stream); none is kept once handed out."""
+    """ONNX Runtime's ``CalibrationDataReader`` of ``batches``, the first read at once (``first``: None if empty)."""
 
     def __init__(self, input_name: str, batches: Iterable[np.ndarray]):
         self.input_name, self.batches = input_name, iter(batches)

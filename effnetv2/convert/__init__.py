@@ -148,7 +148,8 @@ def _read_source(kind: str, source: Weights, variant: str | None, provenance: di
     if variant:
         return state, where, variant.lower()
     stem_chs = state[stem].shape[0]
-    for name, cfg in ((name, VARIANTS[name]) for name in choices):
+    for name in choices:
+        cfg = VARIANTS[name]
         if sum(s.repeats for s in cfg.scaled_stages()) == len(blocks) and cfg.stem_chs == stem_chs:
             return state, where, name
     raise ValueError(f"cannot tell which EfficientNetV2 variant {where} is ({len(blocks)} blocks, stem width "
@@ -396,6 +397,9 @@ def reference_model(kind: str, model: EfficientNetV2) -> nn.Module | None:
 def max_logit_difference(model: EfficientNetV2, reference: nn.Module, size: int = 96) -> float:
     """max |Δlogit| between ``model`` and ``reference`` (given ``model``'s weights) on random
     ``[2, 3, size, size]`` inputs."""
-    reference.load_state_dict(export_state_dict(model, model.config["source"]["source"]), strict=True)
+    kind = model.config["source"]["source"]
+    ours = model.state_dict()
+    mapping = key_map(model, kind, reference.state_dict(), f"the {kind} model")
+    reference.load_state_dict({src: ours[key] for key, src in mapping.items()}, strict=True)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     return (reference.eval()(x) - model(x)).abs().max().item()

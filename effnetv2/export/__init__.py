@@ -98,9 +98,8 @@ def export_calibrated_int8(model: EfficientNetV2, path: str | os.PathLike, calib
                            num_calibration: int = CALIBRATION_IMAGES, image_size: int | tuple[int, int] | None = None,
                            opset: int = DEFAULT_OPSET, held_out: int = AGREEMENT_IMAGES,
                            fp32_path: Path | None = None) -> dict:
-    """Write the int8 graph calibrated on ``num_calibration`` images drawn from the folder ``calibration``; returns
-    ``{"sha256", "image_size", "calibration_images"}`` and, on up to ``held_out`` other images, the ``"agreement"``
-    (``images``, ``top1_agreement``, ``relative_error``) with the float graph (``fp32_path``, else exported here)."""
+    """Write the int8 graph calibrated on ``num_calibration`` images of the folder ``calibration``; returns its manifest
+    entry, with the ``"agreement"`` with the float graph (``fp32_path``, else exported) on ``held_out`` other images."""
     import onnxruntime as ort
 
     size = _size_pair(image_size or model.config["image_size"])
