@@ -39,21 +39,12 @@ def upload_model_folder(folder: str | Path, repo_id: str, *, commit_message: str
                              delete_patterns=delete_patterns)
 
 
-def _labels_text(id2label: dict[str, str], limit: int = 20) -> str:
-    names = list(id2label.values())
-    shown = ", ".join(f"`{n}`" for n in names[:limit])
-    return shown + (f", … ({len(names)} in all; see `config.json`)" if len(names) > limit else "")
-
-
 def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None, metrics: dict | None = None,
                         datasets: list | None = None, base_model: str | None = None, dataset_name: str | None = None,
                         dataset_split: str = "validation", dataset_revision: str | None = None,
                         dataset_config: str | None = None, **sections: Any) -> ModelCard:
-    """The model card (README.md) rendered from ``model_card.md`` with the model's metadata.
-
-    ``metrics`` ({name: value}), ``datasets`` and ``base_model`` (a fine-tune's) go into the YAML front matter,
-    with ``dataset_name`` the accuracy into its ``model-index`` too, so the Hub shows it; ``sections``
-    (``dataset``, ``training`` settings, ``command``, ``notes``) fill the template's optional sections."""
+    """The model card (README.md) rendered from ``model_card.md``: ``metrics``, ``datasets``, ``base_model`` (and with
+    ``dataset_name``, the accuracy's ``model-index``) in its YAML front matter; ``sections`` fill the template's."""
     cfg = model.config
     info = model._hub_mixin_info
     eval_results = None
@@ -74,7 +65,9 @@ def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None,
         model_name=(repo_id or f"efficientnetv2-{model.variant}") if eval_results else None,
         eval_results=eval_results,
     )
-    size = cfg["image_size"]
+    size, names = cfg["image_size"], list(model.id2label.values())
+    labels_text = ", ".join(f"`{n}`" for n in names[:20]) + (f", … ({len(names)} in all; see `config.json`)"
+                                                            if len(names) > 20 else "")
     return ModelCard.from_template(
         card_data, template_str=info.model_card_template,
         title=f"EfficientNetV2-{model.variant.upper()}" + (f" — {repo_id}" if repo_id else ""),
@@ -84,7 +77,7 @@ def generate_model_card(model: PyTorchModelHubMixin, repo_id: str | None = None,
         base_model=base_model, source=cfg.get("source"), image_size=size,
         resize_size=int(size / cfg["crop_pct"]), train_image_size=cfg["train_image_size"],
         interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
-        labels_text=_labels_text(model.id2label), metrics=metrics, drop_path_rate=cfg["drop_path_rate"],
+        labels_text=labels_text, metrics=metrics, drop_path_rate=cfg["drop_path_rate"],
         dropout=cfg["dropout"], padding=cfg["padding"], repo_url=info.repo_url, **sections,
     )
 

@@ -1,17 +1,16 @@
 """State-dict I/O: write a model's weights, read a weights file safely (safetensors, or ``torch.load`` with
-``weights_only=True``: never arbitrary pickles), load it with shapes checked first."""
+``weights_only=True``: never arbitrary pickles), check its shapes against a model."""
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 from pathlib import Path
 
 import torch
+import safetensors.torch  # its functions looked up at each call: a replaced one (in tests) is the one used
+from safetensors import safe_open
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
@@ -22,10 +21,8 @@ MAX_HEADER_BYTES = 8 * 2**20  # ~100 bytes per tensor: EfficientNetV2-XL's heade
 
 def save_weights(model: nn.Module, directory: Path) -> None:
     """``model``'s state dict as ``directory/model.safetensors`` (contiguous CPU copies)."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "effnetv2"})
+    safetensors.torch.save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "effnetv2"})
 
 
 def _unpickling_reason(err: Exception) -> str:
@@ -45,8 +42,6 @@ def _unreadable_safetensors(name: str, reason: object) -> ValueError:
 def safetensors_shapes(path: str | os.PathLike, name: str | None = None) -> dict[str, tuple[int, ...]]:
     """Tensor name → shape from a ``.safetensors`` header alone; a header above ``MAX_HEADER_BYTES`` (safetensors
     takes 100 MB) is refused from its 8-byte length first. ``name`` is for messages."""
-    from safetensors import safe_open
-
     name = name or str(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -70,11 +65,9 @@ def read_state_dict(path: str | os.PathLike, map_location: str = "cpu", name: st
     if not path.is_file():
         raise FileNotFoundError(f"weights file {name} does not exist")
     if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
         safetensors_shapes(path, name)  # refuses an oversized header before safetensors parses it
         try:
-            return load_file(str(path), device=map_location)
+            return safetensors.torch.load_file(str(path), device=map_location)
         except Exception as err:  # safetensors raises its own error type and OSError variants
             raise _unreadable_safetensors(name, err) from None
     try:
@@ -100,11 +93,9 @@ def check_weight_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], pa
     unexpected = [k for k in shapes if k not in own]
     mismatched = [k for k in own if k in shapes and tuple(shapes[k]) != own[k]]
     if missing or unexpected or (mismatched and set(mismatched) - set(CLASSIFIER_KEYS)):
-        lines = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if keys:
-                shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-                lines.append(f"{what}: {shown}")
+        found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+        lines = [f"{what}: " + ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+                 for what, keys in found if keys]
         raise ValueError(f"the weights in {path} do not fit EfficientNetV2-{model.variant} "
                          f"(pool={model.pool_type!r}, num_classes={model.num_classes}): " + "; ".join(lines)
                          + ". Check that config.json belongs to these weights.")
@@ -115,19 +106,6 @@ def check_weight_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], pa
             f"EfficientNetV2.from_pretrained(..., num_classes={model.num_classes}) (optionally "
             f"id2label=...): the backbone is loaded and the classifier re-initialised.")
     return bool(mismatched)
-
-
-def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], path: str,
-                            reinit_classifier: bool = False) -> None:
-    """Load strictly; when only the classifier's size differs, re-initialise it if allowed, else say
-    how to. Every error names ``path``."""
-    if check_weight_shapes(model, {k: tuple(v.shape) for k, v in state.items()}, path, reinit_classifier):
-        stored = state[CLASSIFIER_KEYS[0]].shape[0]
-        logger.warning("%s re-initialised for %d classes (%s has %d); the rest of the weights are loaded",
-                       CLASSIFIER_KEYS[0].rsplit(".", 1)[0], model.num_classes, path, stored)
-        model.load_state_dict({k: v for k, v in state.items() if k not in CLASSIFIER_KEYS}, strict=False)
-        return
-    model.load_state_dict(state, strict=True)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

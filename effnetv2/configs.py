@@ -43,8 +43,7 @@ _STRIDES, _EXPANSIONS, _KINDS = (1, 2, 2, 2, 1, 2, 1), (1, 4, 4, 4, 6, 6, 6), "F
 
 
 def _stages(stem_chs: int, *stages: tuple[int, int]) -> tuple[StageConfig, ...]:
-    """The stage table from the stem width and each stage's ``(repeats, out_chs)``; a stage's in_chs is the
-    previous one's out_chs."""
+    """The stage table from the stem width and each stage's ``(repeats, out_chs)`` (in_chs: the previous out_chs)."""
     in_chs = (stem_chs,) + tuple(out_chs for _, out_chs in stages)
     return tuple(StageConfig(repeats, 3, _STRIDES[i], _EXPANSIONS[i], in_chs[i], out_chs, _KINDS[i],
                              0.25 if _KINDS[i] == "M" else 0.0) for i, (repeats, out_chs) in enumerate(stages))

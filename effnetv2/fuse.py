@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .layers import ConvBNAct
-
-if TYPE_CHECKING:
-    from .model import EfficientNetV2
+from .model import EfficientNetV2
 
 
 @torch.no_grad()
 def optimize_for_inference(model: EfficientNetV2, channels_last: bool = True,
                            device: str | torch.device | None = None,
                            dtype: torch.dtype | None = None) -> EfficientNetV2:
-    """An eval-mode, gradient-free copy of ``model`` (unchanged) with every BatchNorm folded into its conv:
-    the same API and logits ``[B, num_classes]`` to float rounding. ``channels_last`` stores the weights
-    NHWC (feed it channels-last input); ``device`` and ``dtype`` move the copy after folding."""
+    """An eval-mode, gradient-free copy of ``model`` (unchanged), every BatchNorm folded into its conv: the same logits
+    to float rounding. ``channels_last``: NHWC weights (feed it NHWC); ``device``, ``dtype`` move it after folding."""
     fused = copy.deepcopy(model).eval()
     for module in fused.modules():
         if isinstance(module, ConvBNAct) and isinstance(module.bn, nn.BatchNorm2d):

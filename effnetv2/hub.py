@@ -3,6 +3,7 @@ download failures in plain words, and build a model from ``config.json`` plus it
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -13,9 +14,10 @@ from huggingface_hub import PyTorchModelHubMixin, constants, get_token, hf_hub_d
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                     RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
-from .checkpoint import (PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, check_weight_shapes, load_state_dict_checked,
-                         read_state_dict, safetensors_shapes)
+from .checkpoint import (CLASSIFIER_KEYS, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, check_weight_shapes, read_state_dict,
+                         safetensors_shapes)
 
+logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 MAX_CONFIG_BYTES = 16 * 2**20  # model.MAX_CLASSES labels of 60 characters, twice (id2label, label2id): ~7 MB
 
@@ -49,65 +51,57 @@ def _describe(repo_id: str, revision: str | None) -> str:
     return f"Hub repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
 
 
-def explain_download_error(err: Exception, repo_id: str, filename: str, revision: str | None = None,
-                           token: str | bool | None = None, local_files_only: bool = False
-                           ) -> ModelDownloadError | None:
-    """A ``ModelDownloadError`` saying why ``filename`` of ``repo_id`` could not be fetched, or None when
-    ``err`` is not a download problem this knows."""
-    repo = _describe(repo_id, revision)
-    login = "`hf auth login` (or set HF_TOKEN, or pass token=...)"
-    if isinstance(err, GatedRepoError):
-        message = (f"{repo} is gated: ask for access on {constants.ENDPOINT}/{repo_id}, then log in with {login} "
-                   f"as the account that was granted access, and retry.")
-    elif isinstance(err, RepositoryNotFoundError):
-        sent_token = token if isinstance(token, str) else (get_token() if token is not False else None)
-        if sent_token:
-            message = (f"{repo} was not found with the Hugging Face token in use: check the spelling; if the repo is "
-                       f"private, log in as an account that can read it with {login}.")
-        else:
-            message = (f"{repo} was not found. It may be private or gated: log in with {login} and retry. Or it may "
-                       f"not exist: check the spelling (no Hugging Face token is set; if you meant a local folder, "
-                       f"it does not exist).")
-    elif isinstance(err, RevisionNotFoundError):
-        message = (f"{_describe(repo_id, None)} has no revision {revision!r}: give an existing branch, tag or commit "
-                   f"id (HfApi().list_repo_refs({repo_id!r}) lists them), or drop the revision for the latest.")
-    elif isinstance(err, HfHubHTTPError) and err.response is not None and err.response.status_code == 401:
-        message = (f"the Hub at {constants.ENDPOINT} refused the Hugging Face token while fetching {filename} of "
-                   f"{repo} (401: {err.server_message or 'invalid credentials'}): the token is invalid, expired or "
-                   f"revoked. Log in again with {login}, or unset HF_TOKEN to read public repos.")
-    elif isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        cache = f"the local Hugging Face cache ({constants.HF_HUB_CACHE})"
-        if is_offline():
-            message = (f"{filename} of {repo} is not in {cache} and this machine is offline (HF_HUB_OFFLINE=1 is "
-                       f"set), so it cannot be downloaded. Download the model once while online (run the same "
-                       f"command without HF_HUB_OFFLINE=1, or `hf download {repo_id}`), or pass a local folder "
-                       f"written by save_pretrained.")
-        elif local_files_only:
-            message = (f"{filename} of {repo} is not in {cache} and local_files_only=True forbids downloading it: "
-                       f"load it once without local_files_only, or pass a local folder written by save_pretrained.")
-        else:
-            message = (f"could not reach the Hub at {constants.ENDPOINT} to download {filename} of {repo}, and it "
-                       f"is not in {cache}: check the network connection (and HF_ENDPOINT), then retry, or pass a "
-                       f"local folder written by save_pretrained.")
-    else:
-        return None
-    return ModelDownloadError(message, repo_id)
-
-
 @contextmanager
 def explained_download_errors(repo_id: str, filename: str, revision: str | None = None,
                               token: str | bool | None = None, local_files_only: bool = False) -> Iterator[None]:
-    """Re-raise download errors inside the block as ``ModelDownloadError``, JSON errors as a ``ValueError``."""
+    """Re-raise download errors of ``filename`` inside the block as a ``ModelDownloadError`` saying why and what to
+    do (others as they are), JSON errors as a ``ValueError``."""
     try:
         yield
-    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
-        explained = explain_download_error(err, repo_id, filename, revision, token, local_files_only)
-        if explained is None:
-            raise
-        raise explained from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{_config_where(repo_id, revision)} is not valid JSON ({err}): it was not written by "
                          "save_pretrained, or it was damaged; save or upload the model again") from None
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        repo = _describe(repo_id, revision)
+        login = "`hf auth login` (or set HF_TOKEN, or pass token=...)"
+        if isinstance(err, GatedRepoError):
+            message = (f"{repo} is gated: ask for access on {constants.ENDPOINT}/{repo_id}, then log in with {login} "
+                       f"as the account that was granted access, and retry.")
+        elif isinstance(err, RepositoryNotFoundError):
+            sent_token = token if isinstance(token, str) else (get_token() if token is not False else None)
+            if sent_token:
+                message = (f"{repo} was not found with the Hugging Face token in use: check the spelling; if the repo "
+                           f"is private, log in as an account that can read it with {login}.")
+            else:
+                message = (f"{repo} was not found. It may be private or gated: log in with {login} and retry. Or it "
+                           f"may not exist: check the spelling (no Hugging Face token is set; if you meant a local "
+                           f"folder, it does not exist).")
+        elif isinstance(err, RevisionNotFoundError):
+            message = (f"{_describe(repo_id, None)} has no revision {revision!r}: give an existing branch, tag or "
+                       f"commit id (HfApi().list_repo_refs({repo_id!r}) lists them), or drop the revision for the "
+                       f"latest.")
+        elif isinstance(err, HfHubHTTPError) and err.response is not None and err.response.status_code == 401:
+            message = (f"the Hub at {constants.ENDPOINT} refused the Hugging Face token while fetching {filename} of "
+                       f"{repo} (401: {err.server_message or 'invalid credentials'}): the token is invalid, expired "
+                       f"or revoked. Log in again with {login}, or unset HF_TOKEN to read public repos.")
+        elif isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            cache = f"the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+            if is_offline():
+                message = (f"{filename} of {repo} is not in {cache} and this machine is offline (HF_HUB_OFFLINE=1 "
+                           f"is set), so it cannot be downloaded. Download the model once while online (run the same "
+                           f"command without HF_HUB_OFFLINE=1, or `hf download {repo_id}`), or pass a local folder "
+                           f"written by save_pretrained.")
+            elif local_files_only:
+                message = (f"{filename} of {repo} is not in {cache} and local_files_only=True forbids downloading "
+                           f"it: load it once without local_files_only, or pass a local folder written by "
+                           f"save_pretrained.")
+            else:
+                message = (f"could not reach the Hub at {constants.ENDPOINT} to download {filename} of {repo}, and "
+                           f"it is not in {cache}: check the network connection (and HF_ENDPOINT), then retry, or "
+                           f"pass a local folder written by save_pretrained.")
+        else:
+            raise
+        raise ModelDownloadError(message, repo_id) from None
 
 
 def _config_where(model_id: str, revision: str | None) -> str:
@@ -186,11 +180,10 @@ def load_pretrained(cls: type[PyTorchModelHubMixin], *, model_id: str, config: d
         model = cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{config_path} does not describe a valid model: {err}") from None
-    weights = resolve_file(model_id, WEIGHTS_NAME, **download_kwargs)
-    filename = WEIGHTS_NAME
-    if weights is None:
-        weights, filename = resolve_file(model_id, PICKLE_WEIGHTS_NAME, **download_kwargs), PICKLE_WEIGHTS_NAME
-    if weights is None:
+    for filename in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):  # safetensors first
+        if (weights := resolve_file(model_id, filename, **download_kwargs)) is not None:
+            break
+    else:
         where = model_id if is_dir else _describe(model_id, revision)
         raise FileNotFoundError(f"{where} has {CONFIG_NAME} but no {WEIGHTS_NAME}: save or upload the weights "
                                 f"with save_pretrained/push_to_hub")
@@ -198,5 +191,10 @@ def load_pretrained(cls: type[PyTorchModelHubMixin], *, model_id: str, config: d
     if filename == WEIGHTS_NAME:  # shapes checked from the header before any tensor is read
         check_weight_shapes(model, safetensors_shapes(weights, name), name, reinit_classifier=new_head)
     state = read_state_dict(weights, map_location, name=name)
-    load_state_dict_checked(model, state, name, reinit_classifier=new_head)
+    new_classifier = check_weight_shapes(model, {k: tuple(v.shape) for k, v in state.items()}, name, new_head)
+    if new_classifier:
+        logger.warning("head.classifier re-initialised for %d classes (%s has %d); the rest of the weights are "
+                       "loaded", model.num_classes, name, state[CLASSIFIER_KEYS[0]].shape[0])
+        state = {k: v for k, v in state.items() if k not in CLASSIFIER_KEYS}
+    model.load_state_dict(state, strict=not new_classifier)
     return model.to(map_location).eval()

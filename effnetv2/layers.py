@@ -29,22 +29,17 @@ class Conv2dSame(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
-def make_conv(in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: int = 1,
-              padding: str = "symmetric", bias: bool = False) -> nn.Conv2d:
-    """A conv with ``symmetric`` (k//2 each side) or TF ``same`` padding (see ``PADDINGS``); odd kernels only."""
-    if padding == "same" and stride > 1:
-        return Conv2dSame(in_chs, out_chs, kernel, stride, 0, groups=groups, bias=bias)
-    # stride 1 with an odd kernel: TF SAME padding is exactly k//2 on every side.
-    return nn.Conv2d(in_chs, out_chs, kernel, stride, kernel // 2, groups=groups, bias=bias)
-
-
 class ConvBNAct(nn.Module):
-    """conv (no bias) → BatchNorm(eps 1e-3) → SiLU (or nothing when ``act=False``)."""
+    """conv (no bias; ``padding`` "symmetric", k//2 each side, or TF "same") → BatchNorm(eps 1e-3) → SiLU (or
+    nothing when ``act=False``). Odd kernels only."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel: int = 1, stride: int = 1, groups: int = 1,
                  act: bool = True, padding: str = "symmetric"):
         super().__init__()
-        self.conv = make_conv(in_chs, out_chs, kernel, stride, groups, padding)
+        # at stride 1 with an odd kernel, TF SAME padding is exactly k//2 on every side
+        conv = Conv2dSame if padding == "same" and stride > 1 else nn.Conv2d
+        self.conv = conv(in_chs, out_chs, kernel, stride, 0 if conv is Conv2dSame else kernel // 2, groups=groups,
+                         bias=False)
         self.bn = nn.BatchNorm2d(out_chs, eps=BN_EPS, momentum=BN_MOMENTUM)
         self.act = nn.SiLU(inplace=True) if act else nn.Identity()
 

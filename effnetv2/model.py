@@ -35,10 +35,6 @@ class Head(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.pooled_features, num_classes) if num_classes else nn.Identity()
 
-    def pool(self, feats: torch.Tensor) -> torch.Tensor:
-        """``[B, num_features, H, W]`` → ``[B, pooled_features]``."""
-        return self.attn_pool(feats) if self.attn_pool is not None else feats.mean((2, 3))
-
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
@@ -204,7 +200,8 @@ class EfficientNetV2(
 
     def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """``[B, num_features, h, w]`` → logits ``[B, num_classes]`` (pooled ``[B, D]`` if pre_logits)."""
-        pooled = self.head.dropout(self.head.pool(feats))
+        pool = self.head.attn_pool
+        pooled = self.head.dropout(pool(feats) if pool is not None else feats.mean((2, 3)))
         return pooled if pre_logits else self.head.classifier(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,10 +222,9 @@ class EfficientNetV2(
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, query: tuple[int, int] | None = None) -> torch.Tensor:
-        """Per-head attention ``[B, num_heads, h, w]`` over the feature grid for images ``x`` ``[B, 3, H, W]``,
-        each map summing to 1. Attention-pool models: the pooled query's weights, or with ``query = (row, col)``
-        that grid cell's through the pool's projections. Average-pooled models: parameter-free self-attention
-        of the feature tokens (``attention.self_attention_maps``) from ``query`` or the most attended cell."""
+        """Per-head attention ``[B, num_heads, h, w]`` over the feature grid of ``x`` ``[B, 3, H, W]``, each map summing
+        to 1: the attention pool's query (or the grid cell ``query = (row, col)``'s through its projections); for
+        average-pooled models, ``attention.self_attention_maps`` from ``query`` or the most attended cell."""
         feats = self.forward_features(x)
         pool = self.head.attn_pool
         if pool is None:

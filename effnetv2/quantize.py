@@ -1,7 +1,5 @@
-"""Post-training static int8 (QDQ) quantization of the exported ONNX graph with ONNX Runtime, every
-operation quantized and calibrated on real images (never the ones accuracy is then measured on).
-Why every operation, and why asymmetric activations: benchmarks/README.md.
-"""
+"""Post-training static int8 (QDQ) quantization of the exported ONNX graph with ONNX Runtime, calibrated on real
+images (never those accuracy is measured on); why every operation, asymmetric activations: benchmarks/README.md."""
 from __future__ import annotations
 
 import os
@@ -63,8 +61,7 @@ def calibration_batches(config: dict, files: Sequence[str | os.PathLike], batch_
 
 
 class _Batches:
-    """ONNX Runtime's ``CalibrationDataReader``: one ``{input name: batch}`` per call, then None. The first
-    batch is read at once (``first``, None for an empty stream); none is kept once handed out."""
+    """ONNX Runtime's ``CalibrationDataReader`` of ``batches``, the first read at once (``first``: None if empty)."""
 
     def __init__(self, input_name: str, batches: Iterable[np.ndarray]):
         self.input_name, self.batches = input_name, iter(batches)

@@ -44,3 +44,16 @@ def test_safetensors_shapes_come_from_the_header(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:20])
     with pytest.raises(ValueError, match="cut.safetensors is not a readable safetensors file"):
         safetensors_shapes(tmp_path / "cut.safetensors")
+
+
+def test_sha256_file_is_the_digest_of_every_byte(tmp_path):
+    """sha256_file equals hashlib over the whole content, past a megabyte (its chunk) too."""
+    import hashlib
+    import os
+
+    from effnetv2.checkpoint import sha256_file
+
+    for size in (0, 5, (3 << 20) + 7):
+        data = os.urandom(size)
+        (tmp_path / "f").write_bytes(data)
+        assert sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest(), size

@@ -400,7 +400,7 @@ def test_a_new_num_classes_keeps_the_backbone_and_warns_about_the_classifier(tmp
     model = tiny()
     model.save_pretrained(tmp_path / "m")
     saved = load_file(tmp_path / "m" / "model.safetensors")
-    with caplog.at_level("WARNING", logger="effnetv2.checkpoint"):
+    with caplog.at_level("WARNING", logger="effnetv2.hub"):
         loaded = EfficientNetV2.from_pretrained(tmp_path / "m", num_classes=5)
     state = loaded.state_dict()
     assert loaded.num_classes == 5 and state["head.classifier.weight"].shape == (5, 1280)

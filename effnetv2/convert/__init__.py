@@ -1,7 +1,5 @@
 """Weight converters: torchvision ``efficientnet_v2_{s,m,l}`` and timm ``tf_efficientnetv2_*`` → ``EfficientNetV2``,
-and back (``to_timm``, ``to_torchvision``). The key map pairs each of our modules with the source module
-it takes its tensors from, block by block; every key and shape is checked both ways before loading.
-"""
+and back (``to_timm``, ``to_torchvision``), through one key map; every key and shape is checked before loading."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +13,8 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
+import torchvision.models as tvm
+from safetensors.torch import save_file
 from torch import nn
 
 from ..configs import VARIANTS
@@ -43,15 +43,6 @@ def torchvision_variant(name: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- key mapping
-
-def _infer_variant(num_blocks: int, stem_chs: int, where: str, choices: tuple[str, ...]) -> str:
-    for name in choices:
-        cfg = VARIANTS[name]
-        if sum(s.repeats for s in cfg.scaled_stages()) == num_blocks and cfg.stem_chs == stem_chs:
-            return name
-    raise ValueError(f"cannot tell which EfficientNetV2 variant {where} is ({num_blocks} blocks, stem width "
-                     f"{stem_chs}); none of {', '.join(choices)} fits. Pass variant=... if you know it.")
-
 
 # Where each of our modules takes its tensors from in the source, by block kind: MBConv "M",
 # Fused-MBConv "F", Fused-MBConv with expansion 1 "F1" (its single conv is our project_conv).
@@ -105,12 +96,8 @@ def key_map(model: EfficientNetV2, kind: str, state: dict[str, torch.Tensor], wh
         shape = "M" if isinstance(block, MBConv) else "F" if isinstance(block.expand_conv, ConvBNAct) else "F1"
         modules.update({f"blocks.{i}.{ours}": f"{prefix}.{theirs}"
                         for ours, theirs in _BLOCK_MODULES[kind][shape].items()})
-    mapping = {}
-    for key in model.state_dict():
-        module, tensor = key.rsplit(".", 1)
-        if module in modules:
-            mapping[key] = f"{modules[module]}.{tensor}"
-    return mapping
+    keys = (key.rsplit(".", 1) for key in model.state_dict())
+    return {f"{module}.{tensor}": f"{modules[module]}.{tensor}" for module, tensor in keys if module in modules}
 
 
 def map_state_dict(model: EfficientNetV2, kind: str, state: dict[str, torch.Tensor],
@@ -158,7 +145,15 @@ def _read_source(kind: str, source: Weights, variant: str | None, provenance: di
     if not blocks or stem not in state:
         raise ValueError(f"{where} is not a {kind} EfficientNetV2 state dict (no {stem} / "
                          f"{_BLOCK_KEYS[kind][0]}.N.M keys)")
-    return state, where, (variant or _infer_variant(len(blocks), state[stem].shape[0], where, choices)).lower()
+    if variant:
+        return state, where, variant.lower()
+    stem_chs = state[stem].shape[0]
+    for name in choices:
+        cfg = VARIANTS[name]
+        if sum(s.repeats for s in cfg.scaled_stages()) == len(blocks) and cfg.stem_chs == stem_chs:
+            return state, where, name
+    raise ValueError(f"cannot tell which EfficientNetV2 variant {where} is ({len(blocks)} blocks, stem width "
+                     f"{stem_chs}); none of {', '.join(choices)} fits. Pass variant=... if you know it.")
 
 
 def _num_classes(kind: str, state: dict[str, torch.Tensor]) -> int:
@@ -181,10 +176,7 @@ def _build(kind: str, variant: str, state: dict[str, torch.Tensor], where: str, 
 
 # --------------------------------------------------------------------------- torchvision
 
-def _torchvision_weights(variant: str):
-    """torchvision's ``EfficientNet_V2_{S,M,L}_Weights.IMAGENET1K_V1``."""
-    import torchvision.models as tvm
-
+def _torchvision_weights(variant: str):  # torchvision's EfficientNet_V2_{S,M,L}_Weights.IMAGENET1K_V1
     return getattr(tvm, f"EfficientNet_V2_{variant.upper()}_Weights").IMAGENET1K_V1
 
 
@@ -252,9 +244,9 @@ def from_torchvision(source: Weights, variant: str | None = None) -> EfficientNe
     preprocessing = {}
     if variant in TORCHVISION_VARIANTS:
         preset = _torchvision_weights(variant).transforms()
-        crop, resize = preset.crop_size[0], preset.resize_size[0]
-        preprocessing = {"image_size": crop, "crop_pct": crop / resize, "mean": list(preset.mean),
-                         "std": list(preset.std), "interpolation": preset.interpolation.value}
+        preprocessing = {"image_size": preset.crop_size[0], "crop_pct": preset.crop_size[0] / preset.resize_size[0],
+                         "mean": list(preset.mean), "std": list(preset.std),
+                         "interpolation": preset.interpolation.value}
     return _build("torchvision", variant, state, where, padding="symmetric", source=provenance, **preprocessing)
 
 
@@ -274,8 +266,7 @@ def _timm_pretrained_cfg(variant: str, num_classes: int) -> dict | None:
     return next((cfg for cfg in cfgs if cfg.get("num_classes") == num_classes), cfgs[0] if cfgs else None)
 
 
-def _timm_model(name: str) -> nn.Module:
-    """A pretrained timm model by name (from the Hugging Face cache, or downloaded)."""
+def _timm_model(name: str) -> nn.Module:  # a pretrained timm model (from the Hugging Face cache, or downloaded)
     try:
         import timm
     except ImportError:
@@ -306,15 +297,13 @@ def from_timm(source: Weights, variant: str | None = None) -> EfficientNetV2:
             provenance["hf_hub_id"] = pretrained_cfg["hf_hub_id"]
     variant = variant and variant.split(".")[0].lower().removeprefix(TIMM_PREFIX)  # tf_efficientnetv2_b0.tag → b0
     state, where, variant = _read_source("timm", source, variant, provenance, tuple(VARIANTS))
-    cfg = pretrained_cfg or _timm_pretrained_cfg(variant, _num_classes("timm", state)) or {}
-    preprocessing = {}
-    if cfg:
-        preprocessing = {
-            "image_size": int((cfg.get("test_input_size") or cfg["input_size"])[-1]),
-            "train_image_size": int(cfg["input_size"][-1]), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
-            "interpolation": cfg.get("interpolation", "bicubic"),
-            "crop_pct": float(cfg.get("test_crop_pct") or cfg.get("crop_pct", 1.0)),
-        }
+    cfg = pretrained_cfg or _timm_pretrained_cfg(variant, _num_classes("timm", state))
+    preprocessing = {
+        "image_size": int((cfg.get("test_input_size") or cfg["input_size"])[-1]),
+        "train_image_size": int(cfg["input_size"][-1]), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "crop_pct": float(cfg.get("test_crop_pct") or cfg.get("crop_pct", 1.0)),
+    } if cfg else {}
     return _build("timm", variant, state, where, padding="same", source=provenance, **preprocessing)
 
 
@@ -349,16 +338,10 @@ def export_state_dict(model: EfficientNetV2, kind: str) -> dict[str, torch.Tenso
     return state
 
 
-def _labels(model: EfficientNetV2) -> list[str]:
-    return [model.id2label[str(i)] for i in range(model.num_classes)]
-
-
 def to_timm(model: EfficientNetV2, out: str | os.PathLike) -> Path:
     """Write ``out/config.json`` and ``out/model.safetensors`` so that
     ``timm.create_model("local-dir:OUT", pretrained=True)`` is this model (equal logits), with its labels
     (``pretrained_cfg.label_names``) and preprocessing; symmetric padding stays through ``pad_type = ""``."""
-    from safetensors.torch import save_file
-
     state = export_state_dict(model, "timm")
     cfg = model.config
     out = Path(out)
@@ -370,7 +353,7 @@ def to_timm(model: EfficientNetV2, out: str | os.PathLike) -> Path:
             "test_input_size": [3, cfg["image_size"], cfg["image_size"]],
             "interpolation": cfg["interpolation"], "mean": list(cfg["mean"]), "std": list(cfg["std"]),
             "crop_pct": cfg["crop_pct"], "crop_mode": "center", "num_classes": model.num_classes,
-            "first_conv": "conv_stem", "classifier": "classifier", "label_names": _labels(model),
+            "first_conv": "conv_stem", "classifier": "classifier", "label_names": list(model.id2label.values()),
         },
     }
     if model.padding == "symmetric":
@@ -383,14 +366,12 @@ def to_timm(model: EfficientNetV2, out: str | os.PathLike) -> Path:
 def to_torchvision(model: EfficientNetV2, path: str | os.PathLike) -> Path:
     """Write a safetensors state dict that ``torchvision.models.efficientnet_v2_{s,m,l}(num_classes=N)``
     loads strictly, with equal logits; labels and preprocessing go in its metadata (JSON strings)."""
-    from safetensors.torch import save_file
-
     state = export_state_dict(model, "torchvision")
     cfg = model.config
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "architecture": f"torchvision.models.efficientnet_v2_{model.variant}",
-                "num_classes": str(model.num_classes), "id2label": json.dumps(dict(enumerate(_labels(model)))),
+                "num_classes": str(model.num_classes), "id2label": json.dumps(model.id2label),
                 "preprocessing": json.dumps({k: cfg[k] for k in ("image_size", "train_image_size", "mean", "std",
                                                                   "interpolation", "crop_pct")})}
     save_file(state, str(path), metadata=metadata)
@@ -403,8 +384,6 @@ def reference_model(kind: str, model: EfficientNetV2) -> nn.Module | None:
     """The source library's own model of ``model``'s variant and classes (random weights), or None without it."""
     try:
         if kind == "torchvision":
-            import torchvision.models as tvm
-
             build = getattr(tvm, f"efficientnet_v2_{model.variant}", None)
             return build(num_classes=model.num_classes) if build else None
         import timm

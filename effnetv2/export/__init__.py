@@ -1,8 +1,5 @@
-"""ONNX export of the BatchNorm-folded model, checked against the eager model with ONNX Runtime;
-its int8 form (``effnetv2.quantize``); and the graphs shipped inside a model folder for the Hub.
-
-Graphs map ``pixel_values`` ``[B, 3, H, W]`` (preprocessed) to ``logits`` ``[B, num_classes]``.
-"""
+"""ONNX export of the BatchNorm-folded model (``pixel_values`` ``[B, 3, H, W]`` → ``logits``), checked against the
+eager model with ONNX Runtime; its int8 form (``effnetv2.quantize``); the graphs shipped in a model folder."""
 from __future__ import annotations
 
 import copy
@@ -11,17 +8,16 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
+from ..card import graphs_section, update_card
 from ..checkpoint import sha256_file, weights_fingerprint
 from ..fuse import optimize_for_inference
+from ..model import EfficientNetV2
 from ..quantize import CALIBRATION_IMAGES, calibration_batches, calibration_split, quantize_onnx, top1_agreement
-
-if TYPE_CHECKING:
-    from ..model import EfficientNetV2
 
 DEFAULT_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
@@ -98,27 +94,35 @@ def run_onnx(path: str | os.PathLike, batches: Sequence[np.ndarray]) -> np.ndarr
     return np.concatenate([session.run(None, {INPUT_NAME: batch})[0] for batch in batches])
 
 
-def int8_agreement(config: dict, fp32_path: Path, int8_path: Path, files: Sequence[Path]) -> dict:
-    """``{"images", "top1_agreement", "relative_error"}`` of the int8 graph against the float graph on the
-    images ``files`` (held out from calibration), preprocessed with the model's ``config``."""
+def export_calibrated_int8(model: EfficientNetV2, path: str | os.PathLike, calibration: str | os.PathLike,
+                           num_calibration: int = CALIBRATION_IMAGES, image_size: int | tuple[int, int] | None = None,
+                           opset: int = DEFAULT_OPSET, held_out: int = AGREEMENT_IMAGES,
+                           fp32_path: Path | None = None) -> dict:
+    """Write the int8 graph calibrated on ``num_calibration`` images of the folder ``calibration``; returns its manifest
+    entry, with the ``"agreement"`` with the float graph (``fp32_path``, else exported) on ``held_out`` other images."""
     import onnxruntime as ort
 
-    sessions = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for path in (fp32_path, int8_path)]
-    fp32, int8 = [], []
-    for batch in calibration_batches(config, files, image_size=_size_pair(config["image_size"])[0]):
-        for logits, session in zip((fp32, int8), sessions):
-            logits.append(session.run(None, {INPUT_NAME: batch})[0])
-    fp32, int8 = np.concatenate(fp32), np.concatenate(int8)
-    return {"images": len(fp32), "top1_agreement": top1_agreement(int8, fp32),
-            "relative_error": relative_error(int8, fp32)}
+    size = _size_pair(image_size or model.config["image_size"])
+    files, held_out_files = calibration_split(calibration, num_calibration, held_out)
+    export_int8(model, path, calibration_batches(model.config, files, image_size=size[0]), size, opset)
+    graph = {"sha256": sha256_file(path), "image_size": list(size), "calibration_images": len(files)}
+    if not held_out_files:
+        return graph
+    with tempfile.TemporaryDirectory(prefix="effnetv2-export-") as tmp:
+        fp32_path = fp32_path or export_onnx(model, Path(tmp, "model.onnx"), size, opset=opset)
+        runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run for p in (fp32_path, path)]
+        logits = [[run(None, {INPUT_NAME: batch})[0] for run in runs]
+                  for batch in calibration_batches(model.config, held_out_files, image_size=size[0])]
+    fp32, int8 = (np.concatenate(column) for column in zip(*logits))
+    graph["agreement"] = {"images": len(fp32), "top1_agreement": top1_agreement(int8, fp32),
+                          "relative_error": relative_error(int8, fp32)}
+    return graph
 
 
 def ship_graphs(model: EfficientNetV2, folder: str | os.PathLike, calibration: str | os.PathLike | None = None,
                 num_calibration: int = CALIBRATION_IMAGES) -> dict:
     """Write ``onnx/model.onnx`` (with ``calibration``, a folder of images, ``onnx/model_int8.onnx`` too) and the
     manifest ``onnx/graphs.json`` into the model ``folder``, described in its README.md if any; returns the manifest."""
-    from ..card import graphs_section, update_card
-
     folder = Path(folder)
     size = _size_pair(model.config["image_size"])
     fp32_path = export_onnx(model, folder / SHIPPED_GRAPHS["fp32"], size)
@@ -126,12 +130,8 @@ def ship_graphs(model: EfficientNetV2, folder: str | os.PathLike, calibration: s
                        "relative_error": check_onnx(model, fp32_path, size)["relative_error"]}}
     (folder / SHIPPED_GRAPHS["int8"]).unlink(missing_ok=True)  # never leave an int8 graph of older weights
     if calibration is not None:
-        files, held_out = calibration_split(calibration, num_calibration, AGREEMENT_IMAGES)
-        int8_path = export_int8(model, folder / SHIPPED_GRAPHS["int8"],
-                                calibration_batches(model.config, files, image_size=size[0]), size)
-        graphs["int8"] = {"sha256": sha256_file(int8_path), "image_size": list(size), "calibration_images": len(files)}
-        if held_out:
-            graphs["int8"]["agreement"] = int8_agreement(model.config, fp32_path, int8_path, held_out)
+        graphs["int8"] = export_calibrated_int8(model, folder / SHIPPED_GRAPHS["int8"], calibration, num_calibration,
+                                                size, fp32_path=fp32_path)
     manifest = {"fingerprint": graph_fingerprint(model), "exporter": f"torch {torch.__version__}", "graphs": graphs}
     (folder / GRAPHS_MANIFEST).write_text(json.dumps(manifest, indent=1))
     card = folder / "README.md"

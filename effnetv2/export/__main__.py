@@ -5,35 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 from effnetv2 import export
 from effnetv2.card import upload_model_folder
 from effnetv2.export import (AGREEMENT_IMAGES, DEFAULT_OPSET, MAX_RELATIVE_ERROR, SHIPPED_GRAPHS, GRAPHS_MANIFEST,
-                             check_onnx, export_int8, export_onnx, int8_agreement, ship_graphs)
-from effnetv2.model import EfficientNetV2
-from effnetv2.quantize import CALIBRATION_IMAGES, calibration_batches, calibration_split
+                             check_onnx, export_calibrated_int8, export_onnx, ship_graphs)
+from effnetv2.quantize import CALIBRATION_IMAGES
 from effnetv2.sources import load_model, parse_source
 
 logger = logging.getLogger("effnetv2.export")
-
-
-def _int8_main(args: argparse.Namespace, model: EfficientNetV2) -> int:
-    files, held_out = calibration_split(args.calibration, args.num_calibration, AGREEMENT_IMAGES)
-    size = args.image_size or model.config["image_size"]
-    logger.info("calibrating on %d images of %s", len(files), args.calibration)
-    path = export_int8(model, args.out, calibration_batches(model.config, files, image_size=size), size,
-                       opset=args.opset)
-    logger.info("wrote %s (%.1f MB): EfficientNetV2-%s int8, input [B, 3, %d, %d]", path, path.stat().st_size / 1e6,
-                model.variant, size, size)
-    if held_out and not args.no_check:
-        with tempfile.TemporaryDirectory(prefix="effnetv2-export-") as tmp:
-            fp32 = export_onnx(model, Path(tmp, "model.onnx"), size, opset=args.opset)
-            stats = int8_agreement({**model.config, "image_size": size}, fp32, path, held_out)
-        logger.info("int8 vs float graph on %d held-out images of %s: top-1 agreement %.1f%%, relative error %.2e",
-                    stats["images"], args.calibration, 100 * stats["top1_agreement"], stats["relative_error"])
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +61,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                 commit_message="effnetv2.export --ship"))
             return 0
         if args.int8:
-            return _int8_main(args, model)
+            graph = export_calibrated_int8(model, args.out, args.calibration, args.num_calibration, args.image_size,
+                                           args.opset, held_out=0 if args.no_check else AGREEMENT_IMAGES)
+            logger.info("wrote %s (%.1f MB): EfficientNetV2-%s int8, input [B, 3, %d, %d], after calibrating on %d "
+                        "images of %s", args.out, args.out.stat().st_size / 1e6, model.variant, *graph["image_size"],
+                        graph["calibration_images"], args.calibration)
+            if "agreement" in graph:
+                logger.info("int8 vs float graph on {images} held-out images: top-1 agreement {top1_agreement:.1%}, "
+                            "relative error {relative_error:.2e}".format(**graph["agreement"]))
+            return 0
         path = export_onnx(model, args.out, args.image_size, opset=args.opset, dynamic_size=args.dynamic_size)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -96,10 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         logger.warning("onnxruntime is not installed: the graph was not checked (pip install onnxruntime)")
         return 0
-    # A dynamic graph is also checked at a second size, where a frozen shape would show.
-    sizes = [size, size + 32] if args.dynamic_size else [size]
     worst = 0.0
-    for check_size in sizes:
+    for check_size in [size, size + 32] if args.dynamic_size else [size]:  # a frozen shape shows at a second size
         stats = check_onnx(model, path, check_size)
         worst = max(worst, stats["relative_error"])
         logger.info("ONNX Runtime vs eager at %dx%d: max |Δlogit| %.2e (max |logit| %.2f), relative error %.2e",
