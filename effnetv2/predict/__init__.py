@@ -1,23 +1,13 @@
 """Batch prediction over image files and folders, on this machine or on a Ray cluster.
 
-    python -m effnetv2.predict --model SOURCE PATH... [--top-k 5] [--batch-size N] [--backend B]
-                               [--output preds.jsonl|preds.csv|preds.parquet] [--workers N]
-    python -m effnetv2.predict --engine ray [--address auto|HOST:PORT|ray://HOST:PORT] [--num-actors N] ...
+    python -m effnetv2.predict --model SOURCE PATH... [--output preds.jsonl|preds.csv|preds.parquet]
+    python -m effnetv2.predict --engine ray [--address auto|HOST:PORT|ray://HOST:PORT] ...
 
-Folders are searched recursively for images (``effnetv2.data.IMAGE_EXTENSIONS``, any case), following
-links to folders. Locally, images are decoded and preprocessed in a thread pool while the model runs;
-``--engine ray`` does the same on Ray Data (``effnetv2.batch_ray``). Either way every input is one row, in
-input order (folders sorted by path): its top-k, or the error that kept it from the model (unreadable files
-are also listed in one warning). What a folder holds that cannot be searched or read (a sub-folder it may not
-list, a broken link, a link loop, a FIFO named like an image) is a row with its error after the files. An
-input named on the command line that does not exist, or an ``--output`` that cannot be written, stops the
-command before any work.
-
-Without ``--output`` a table goes to stdout; ``.jsonl`` and ``.parquet`` hold one record per file (``path``,
-``predictions`` [{``label``, ``probability``}], ``error``), ``.csv`` one row per (file, rank) with the
-columns ``path, rank, label, probability, error``. The rows go to a hidden file beside the output
-(``.NAME.PID.tmp``) that replaces it in one rename once every row is written: a run that fails or is killed
-leaves the previous output as it was (a killed one may leave that hidden file, to delete).
+Every input is one row, in input order (folders searched recursively, sorted by path): its top-k, or the error
+that kept it from the model; what a folder holds that cannot be searched or read is a row after the files.
+``.jsonl`` and ``.parquet`` hold a record per file (``path``, ``predictions`` [{``label``, ``probability``}],
+``error``), ``.csv`` a row per (file, rank): ``path, rank, label, probability, error``. The output is written
+to a hidden file beside it (``.NAME.PID.tmp``) that replaces it in one rename once every row is written.
 """
 from __future__ import annotations
 
@@ -61,7 +51,7 @@ _SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a soc
 
 
 def _link_problem(path: Path, err: OSError) -> str:
-    """Why the link (or entry) ``path`` could not be followed, ``err`` being what ``stat`` raised."""
+    """Why ``path`` could not be followed, ``err`` being what ``stat`` raised."""
     if path.is_symlink():
         if err.errno == errno.ELOOP:
             return "symbolic link loop: it never reaches a file or folder"
@@ -72,8 +62,8 @@ def _link_problem(path: Path, err: OSError) -> str:
 
 def _search(folder: Path, ancestors: frozenset[tuple[int, int]], files: list[str],
             problems: list[tuple[str, str]]) -> None:
-    """Add the image files under ``folder`` to ``files`` and what could not be searched or read to
-    ``problems``; ``ancestors`` are the (device, inode) of the folders above, where a link loop would lead."""
+    """Add the image files under ``folder`` to ``files``, what cannot be searched or read to ``problems``;
+    ``ancestors``: the (device, inode) of the folders above, where a link loop would lead."""
     try:
         with os.scandir(folder) as entries:
             names = [entry.name for entry in entries]
@@ -107,12 +97,9 @@ def _special_kind(mode: int) -> str:
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Expand ``paths`` into image files: files are kept as given (whatever their extension), folders are
-    searched recursively (sorted by path), following links to folders. Returns ``(files, problems)``:
-    ``problems`` are ``(path, reason)`` for each input, or entry of a folder, that cannot be read as an
-    image: a path that does not exist, a folder that cannot be listed, a broken link or a link loop, a
-    FIFO, socket or device (inside folders: those named like an image, or like a folder for links).
-    Nothing is opened but folders, so a FIFO never blocks."""
+    """``(files, problems)``: files as given (any extension) and the images of folders (recursively, sorted,
+    following links), and ``(path, reason)`` for each input or folder entry that cannot be read as an image
+    (missing, unlistable, a broken link or loop, a FIFO, socket or device). Only folders are opened."""
     files, problems = [], []
     for path in map(Path, paths):
         try:
@@ -157,39 +144,31 @@ def _decoded(predictor: Predictor, files: list[str], pool: ThreadPoolExecutor,
         yield first, future.result()
 
 
+def predict_batch(predictor: Predictor, decoded: list[tuple[str, torch.Tensor | str]],
+                  top_k: int) -> list[Prediction]:
+    """The rows of ``(path, input [3, S, S] or why it could not be read)``, in order, from one forward."""
+    inputs = [item for _, item in decoded if not isinstance(item, str)]
+    tops = iter(predictor.topk(predictor(torch.stack(inputs)), top_k) if inputs else [])
+    return [Prediction(path, [], item) if isinstance(item, str) else Prediction(path, next(tops))
+            for path, item in decoded]
+
+
 def predict_files(predictor: Predictor, files: list[str], top_k: int = 5, batch_size: int = 16,
                   workers: int = 4, progress: bool = True) -> Iterator[Prediction]:
-    """One :class:`Prediction` per file of ``files``, in their order (a bad file has its ``error``), each
-    yielded as soon as it and those before it are done. Decoding runs in ``workers`` threads ahead of the model."""
+    """One :class:`Prediction` per file of ``files``, in their order (a bad file has its ``error``), yielded as
+    their batch is done. Decoding runs in ``workers`` threads ahead of the model."""
     from tqdm import tqdm
 
-    rows: deque[Prediction | None] = deque()  # the rows not yielded yet, None until their batch has run
-    batch: list[tuple[int, torch.Tensor]] = []  # (index in rows, [3, S, S])
-    done = 0  # rows yielded so far: rows[0] is row number done
-
-    def flush() -> None:
-        logits = predictor(torch.stack([tensor for _, tensor in batch]))
-        for (index, _), top in zip(batch, predictor.topk(logits, top_k)):
-            rows[index - done] = Prediction(files[index], top)
-        batch.clear()
-
+    pending: list[tuple[str, torch.Tensor | str]] = []  # decoded since the last forward
     with ThreadPoolExecutor(max(1, workers)) as pool, \
             tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress) as bar:
-        for index, (path, item) in enumerate(_decoded(predictor, files, pool, ahead=2 * batch_size + workers)):
-            if isinstance(item, str):
-                rows.append(Prediction(path, [], item))
-            else:
-                batch.append((index, item))
-                rows.append(None)  # filled in by flush
-                if len(batch) == batch_size:
-                    flush()
+        for path, item in _decoded(predictor, files, pool, ahead=2 * batch_size + workers):
+            pending.append((path, item))
             bar.update(1)
-            while rows and rows[0] is not None:
-                done += 1
-                yield rows.popleft()
-        if batch:
-            flush()
-        yield from rows
+            if sum(isinstance(x, torch.Tensor) for _, x in pending) == batch_size:
+                yield from predict_batch(predictor, pending, top_k)
+                pending.clear()
+        yield from predict_batch(predictor, pending, top_k)
 
 
 def missing_rows(problems: list[tuple[str, str]]) -> list[Prediction]:
@@ -227,8 +206,8 @@ def _write_parquet(rows: Iterable[Prediction], output: Path) -> None:
 
 
 def check_output(output: str | os.PathLike) -> Path:
-    """``output`` as a Path, after checking that a file can be written there (its missing folders are
-    created, no file is left); ``ValueError`` naming it and saying what to do otherwise."""
+    """``output`` as a Path, once a file can be written there (missing folders created, no file left);
+    ``ValueError`` naming it and saying what to do otherwise."""
     path = Path(output)
     if path.is_dir():
         raise ValueError(f"--output {path} is a folder: give a file name, e.g. {path / ('preds' + path.suffix)}")
@@ -246,8 +225,7 @@ def check_output(output: str | os.PathLike) -> Path:
 
 @contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
-    """A new file beside ``path`` (yielded) that replaces ``path`` in one rename when the block ends, and
-    is deleted when it fails: ``path`` is never half-written and keeps its content until then."""
+    """A new file beside ``path`` that replaces it in one rename when the block ends, deleted if it fails."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
@@ -257,9 +235,8 @@ def _replacing(path: Path) -> Iterator[Path]:
 
 
 def write_results(rows: Iterable[Prediction], output: str | os.PathLike | None) -> None:
-    """A table on stdout (``output`` None), or a ``.jsonl``, ``.csv`` or ``.parquet`` file (see the
-    module's docstring for the columns). ``rows`` may be a stream: files are written as it arrives, into a
-    temporary file that replaces ``output`` once the stream ends (``output`` is untouched if it fails)."""
+    """A table on stdout (``output`` None), or a ``.jsonl``, ``.csv`` or ``.parquet`` file written as the
+    ``rows`` stream in, which replaces ``output`` once it ends (``output`` is untouched if it fails)."""
     if output is None:
         rows = list(rows)
         width = max([len(row.path) for row in rows] + [5])
