@@ -1,10 +1,6 @@
-"""What train.py trains on: a folder-per-class set (:mod:`effnetv2.data`) or a Hub dataset (or a folder
-written by ``datasets``' ``save_to_disk``), as one :class:`TrainingData`.
-
-A Hub dataset's image and label columns are its ``Image`` and ``ClassLabel`` features unless named; the
-class names are the ``ClassLabel``'s. Its images are decoded here, not by ``datasets``, with
-:func:`effnetv2.images.open_image`: the same pixel limit, 16-bit handling and bad-image rules as files.
-With ``streaming``, each process reads its own shards of the training split (``split_dataset_by_node``).
+"""What train.py trains on: a folder-per-class set (:mod:`effnetv2.data`) or a Hub dataset (or a
+``save_to_disk`` folder), as one :class:`TrainingData`. A dataset's images are decoded by
+:func:`effnetv2.images.open_image`, not by ``datasets``: the same limits and bad-image rules as files.
 """
 from __future__ import annotations
 
@@ -12,18 +8,17 @@ import hashlib
 import json
 import random
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
+from torchvision.transforms.functional import to_tensor
 
-from .data import (CHECK_MEMORY_BUDGET, DatasetError, ImageFolderDataset, _load_problem, _MemoryBudget, report_bad_files,
-                   save_class_indices, scan_folder, split_samples, write_split)
+from .data import DatasetError, ImageFolderDataset, report_bad_files, save_class_indices, scan_folder, split_samples, \
+    write_split
 from .data import check_images as check_image_files
 from .images import ImageLoadError, open_image
 from .run_folder import data_fingerprint
@@ -113,43 +108,36 @@ def find_columns(features, image_column: str | None = None, label_column: str | 
     return chosen[0], chosen[1]
 
 
+def _encoded(cell: dict | None) -> bytes | str | None:
+    """A cell's encoded image (bytes, or the local file it came from); None when the row has none."""
+    return None if cell is None else cell["bytes"] if cell["bytes"] is not None else cell["path"]
+
+
+def _open_cell(cell: dict | None, name: str) -> Image.Image:
+    """A cell's image decoded by ``open_image``; ``ImageLoadError`` naming ``name`` when it cannot be."""
+    try:
+        if (source := _encoded(cell)) is None:
+            raise ImageLoadError(name, "the row has no image")
+        return open_image(source)
+    except ImageLoadError as err:
+        raise ImageLoadError(name, err.reason) from None
+
+
 class RowImages:
-    """``read`` for :class:`~effnetv2.data.ImageFolderDataset` over one split: row ``i``'s image,
-    decoded by ``open_image`` (an unreadable one raises ``ImageLoadError`` naming the row)."""
+    """``read`` for :class:`~effnetv2.data.ImageFolderDataset` over one split: row ``i``'s image
+    (``ImageLoadError`` naming the row when unreadable)."""
 
     def __init__(self, split, column: str, name: str):
         self.split, self.column, self.name = split, column, name
 
     def source(self, index: int) -> bytes | str | None:
-        """The row's encoded image (bytes, or the local file it came from); None when it has none."""
-        cell = self.split[int(index)][self.column]
-        return None if cell is None else cell["bytes"] if cell["bytes"] is not None else cell["path"]
+        return _encoded(self.split[int(index)][self.column])
 
-    def __call__(self, index: int):
-        source = self.source(index)
-        try:
-            if source is None:
-                raise ImageLoadError(f"{self.name} row {index}", "the row has no image")
-            return open_image(source)
-        except ImageLoadError as err:
-            raise ImageLoadError(f"{self.name} row {index}", err.reason) from None
+    def row_name(self, index: int) -> str:
+        return f"{self.name} row {index}"
 
-
-def check_rows(read: RowImages, samples: list[tuple[int, int]], workers: int) -> tuple[list, list[tuple[str, str]]]:
-    """:func:`effnetv2.data.check_images` for dataset rows: ``(good samples, [(row name, reason), ...])``."""
-    problem = partial(_load_problem, budget=_MemoryBudget(CHECK_MEMORY_BUDGET))
-    good, bad = [], []
-    with ThreadPoolExecutor(workers) as pool:
-        for start in range(0, len(samples), 256):  # a chunk of encoded images in memory at a time
-            chunk = samples[start:start + 256]
-            sources = [read.source(index) for index, _ in chunk]
-            reasons = pool.map(lambda s: "the row has no image" if s is None else problem(s), sources)
-            for (index, label), reason in zip(chunk, reasons):
-                if reason is None:
-                    good.append((index, label))
-                else:
-                    bad.append((f"{read.name} row {index}", reason))
-    return good, bad
+    def __call__(self, index: int) -> Image.Image:
+        return _open_cell(self.split[int(index)][self.column], self.row_name(index))
 
 
 class StreamedImages(IterableDataset):
@@ -172,18 +160,12 @@ class StreamedImages(IterableDataset):
 
     def __iter__(self):
         for row in self.stream:
-            cell = row[self.image_column]
             try:
-                if cell is None:
-                    raise ImageLoadError(self.name, "the row has no image")
-                image = open_image(cell["bytes"] if cell["bytes"] is not None else cell["path"])
+                image = _open_cell(row[self.image_column], self.name)
             except ImageLoadError as err:
                 warnings.warn(f"skipping an unreadable image of {self.name}: {err.reason}", stacklevel=2)
                 continue
-            if self.transform is None:
-                yield torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255), row[self.label_column]
-            else:
-                yield self.transform(image), row[self.label_column]
+            yield (self.transform or to_tensor)(image), row[self.label_column]
 
 
 class StreamBatches:
@@ -303,12 +285,12 @@ def load_training_data(*, data_path: str | None = None, dataset: str | None = No
         samples = list(enumerate(hub.splits[train_split][hub.label_column]))
         bad = []
         if check_images:
-            samples, bad = check_rows(read, samples, workers)
+            samples, bad = check_image_files(samples, workers, source=read.source, name=read.row_name)
         if val_split:
             val_read = RowImages(hub.splits[val_split], hub.image_column, f"{hub.name} {val_split}")
             val = list(enumerate(hub.splits[val_split][hub.label_column]))
             if check_images:
-                val, val_bad = check_rows(val_read, val, workers)
+                val, val_bad = check_image_files(val, workers, source=val_read.source, name=val_read.row_name)
                 bad += val_bad
     if report:
         report_bad_files(bad)
