@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .inference import Predictor
+from .inference import Predictor, import_optional
 from .model import EfficientNetV2
 from .predict import Prediction, find_images, load_input, missing_rows, predict_batch
 from .ray_cluster import init_ray
@@ -39,13 +39,10 @@ class RayOptions:
 
 
 def import_ray():
-    """The ``ray`` module with Ray Data, or ImportError saying how to install it."""
-    try:
-        import ray
-        import ray.data  # noqa: F401  (ray installed without its data extra lacks it)
-    except ImportError as err:
-        raise ImportError(f"--engine ray needs Ray Data, which is not installed ({err}): "
-                          f"pip install 'effnetv2[scale]'") from err
+    """The ``ray`` module with Ray Data (which ray installed without its extra lacks), or ImportError."""
+    import_optional("ray.data", "--engine ray", "pip install 'effnetv2[scale]'")
+    import ray
+
     return ray
 
 

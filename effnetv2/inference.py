@@ -53,13 +53,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "effnetv2"
 
 
-def _import_runtime(name: str):
-    """The runtime's module, or ImportError saying how to install it."""
+def import_optional(module: str, needed_by: str, install: str):
+    """``module`` imported, or ImportError saying that ``needed_by`` needs it and how to ``install`` it."""
     try:
-        return importlib.import_module(name)
+        return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"backend {name!r} needs the {name} package, which is not installed ({err}): "
-                          f"pip install {name}, or use backend='torch'") from err
+        raise ImportError(f"{needed_by} needs {module}, which is not installed ({err}): {install}") from err
 
 
 def _private_dir(path: Path) -> Path:
@@ -200,7 +199,8 @@ class Predictor:
                 if self.backend == "torch":
                     self._runners[key] = self._torch_runner()
                 else:
-                    module = _import_runtime(self.backend)
+                    module = import_optional(self.backend, f"backend {self.backend!r}",
+                                             f"pip install {self.backend}, or use backend='torch'")
                     build = self._onnxruntime_runner if self.backend == "onnxruntime" else self._openvino_runner
                     path = self._shipped_graph(height, width)
                     runner = build(module, path) if path else None

@@ -30,9 +30,10 @@ from PIL import Image
 
 from ..data import is_image_file
 from ..images import ImageLoadError, open_image
-from ..inference import Predictor
+from ..inference import Predictor, import_optional
 
 OUTPUT_FORMATS = (".jsonl", ".csv", ".parquet")
+PARQUET_INSTALL = "pip install pyarrow, or 'effnetv2[scale]'"
 _PARQUET_ROWS = 4096  # rows per Parquet row group: streamed out, never the whole run in memory
 
 
@@ -183,19 +184,10 @@ def _records(rows: Iterable[Prediction]) -> Iterator[dict]:
                "error": row.error}
 
 
-def import_pyarrow():
-    """``(pyarrow, pyarrow.parquet)``, or ImportError saying how to install them."""
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError as err:
-        raise ImportError(f"writing .parquet needs pyarrow, which is not installed ({err}): "
-                          f"pip install pyarrow, or 'effnetv2[scale]'") from err
-    return pyarrow, pyarrow.parquet
-
-
 def _write_parquet(rows: Iterable[Prediction], output: Path) -> None:
-    pa, pq = import_pyarrow()
+    pq = import_optional("pyarrow.parquet", "writing .parquet", PARQUET_INSTALL)
+    import pyarrow as pa
+
     schema = pa.schema([("path", pa.string()),
                         ("predictions", pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))),
                         ("error", pa.string())])
