@@ -124,12 +124,11 @@ def predictions_on_ray(model: EfficientNetV2, files: list[str], top_k: int = 5, 
 
 
 def predict_with_ray(source: EfficientNetV2 | str | os.PathLike, paths: Iterable[str | os.PathLike], *,
-                     top_k: int = 5, batch_size: int = 16, options: RayOptions = RayOptions(),
-                     address: str | None = None, progress: bool = False, **init_options) -> list[Prediction]:
+                     top_k: int = 5, batch_size: int = 16, options: RayOptions = RayOptions()) -> list[Prediction]:
     """The rows ``python -m effnetv2.predict`` writes for the image files and folders ``paths``, computed on
-    Ray Data (:func:`ray_session` with ``address`` and ``init_options``); ``source``: a model or a source."""
+    Ray Data (inside your :func:`ray_session`, else in one of its own); ``source``: a model or a source."""
     model = source if isinstance(source, EfficientNetV2) else load_model(source)
     files, problems = find_images(paths)
-    with ray_session(address, **init_options):
-        rows = list(predictions_on_ray(model, files, top_k, batch_size, options, progress)) if files else []
+    with ray_session():
+        rows = list(predictions_on_ray(model, files, top_k, batch_size, options, progress=False)) if files else []
     return rows + missing_rows(problems)

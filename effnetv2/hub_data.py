@@ -13,7 +13,6 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms.functional import to_tensor
 
@@ -49,10 +48,10 @@ def open_hub_dataset(dataset: str, config: str | None = None, image_column: str 
 
     local = Path(dataset).is_dir()
     repo_id, _, revision = dataset.partition("@")
+    if local and streaming:
+        raise DatasetError(f"--streaming reads a Hub dataset; {dataset} is a local folder: drop --streaming")
     try:
         if local:
-            if streaming:
-                raise DatasetError(f"--streaming reads a Hub dataset; {dataset} is a local folder: drop --streaming")
             loaded, sha = datasets.load_from_disk(dataset), None
             splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
         else:
@@ -63,8 +62,6 @@ def open_hub_dataset(dataset: str, config: str | None = None, image_column: str 
             else:
                 builder.download_and_prepare()
                 splits = dict(builder.as_dataset())
-    except DatasetError:
-        raise
     except datasets.exceptions.DatasetNotFoundError as err:
         raise DatasetError(f"--dataset {dataset}: {err} Check the id (org/name), or log in (`hf auth login`) "
                            f"for a private or gated one") from None
@@ -113,7 +110,7 @@ def _encoded(cell: dict | None) -> bytes | str | None:
     return None if cell is None else cell["bytes"] if cell["bytes"] is not None else cell["path"]
 
 
-def _open_cell(cell: dict | None, name: str) -> Image.Image:
+def _open_cell(cell: dict | None, name: str):
     """A cell's image decoded by ``open_image``; ``ImageLoadError`` naming ``name`` when it cannot be."""
     try:
         if (source := _encoded(cell)) is None:
@@ -136,7 +133,7 @@ class RowImages:
     def row_name(self, index: int) -> str:
         return f"{self.name} row {index}"
 
-    def __call__(self, index: int) -> Image.Image:
+    def __call__(self, index: int):
         return _open_cell(self.split[int(index)][self.column], self.row_name(index))
 
 
