@@ -227,7 +227,8 @@ class UnusableImageError(ValueError):
     """A request's image that a server refuses; the message is for the sender as is."""
 
 
-def open_request_image(source: str | os.PathLike | Image.Image, name: str) -> tuple[Image.Image, str | None]:
+def open_request_image(source: str | os.PathLike | bytes | Image.Image,
+                       name: str) -> tuple[Image.Image, str | None]:
     """A request's image (``name``: how the sender knows it) under the serving limits → the RGB image and a
     warning or None; :class:`UnusableImageError` saying what was wrong and what to send."""
     try:

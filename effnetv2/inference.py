@@ -112,20 +112,16 @@ class Predictor:
 
     Args:
         model_or_source: the model, or a folder / Hub id ``org/name[@rev]`` / ``torchvision:<variant>``.
-            A folder or repo that ships its graphs (``onnx/``) has them used when they check out.
-        backend: "auto" (the fastest installed runtime, falling back to "torch"), "torch" (the
-            BatchNorm-folded, channels_last PyTorch model), "onnxruntime" or "openvino".
-        num_threads: CPU threads for ONNX Runtime / OpenVINO (None: the runtime's default, all cores).
+        backend: "auto" (the fastest installed runtime, else "torch"), "torch", "onnxruntime" or "openvino".
+        num_threads: CPU threads for ONNX Runtime / OpenVINO (None: the runtime's default).
         cache_dir: where exported graphs are kept (default :func:`default_cache_dir`).
-        device: "cpu" (default) or a CUDA device; CUDA runs the "torch" backend.
+        device: "cpu" (default) or a CUDA device (the "torch" backend).
         precision: "fp32" (the eager model's logits), "int8" (CPU runtimes; a shipped int8 graph or one
-            calibrated on ``calibration``) or "bf16" (torch backend). Default: "bf16" on CUDA, else "fp32".
-        calibration: a folder of images like those the model will see, to calibrate int8 on.
+            calibrated on the image folder ``calibration``) or "bf16" (torch). Default: "bf16" on CUDA, else "fp32".
         compile: ``torch.compile`` the torch backend (:func:`compile_mode`). Default: on for CUDA only.
 
-    Attributes: ``model`` (the eager model, untouched), ``config``, ``id2label``, ``backend``
-    (the one in use), ``precision``, ``transform`` (PIL image → ``[3, S, S]``), ``graph_path``
-    (the graph the runtime loaded last, None for torch).
+    Attributes: ``model`` (the eager model, untouched), ``config``, ``id2label``, ``backend`` (the one in
+    use), ``precision``, ``transform`` (PIL image → ``[3, S, S]``), ``graph_path`` (the last graph loaded).
     """
 
     def __init__(self, model_or_source: EfficientNetV2 | str | os.PathLike, backend: str = "auto", *,
@@ -155,7 +151,6 @@ class Predictor:
         self._cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self._runners: dict[tuple[int, int], Callable[[np.ndarray], np.ndarray]] = {}
         self._lock = threading.Lock()
-        self._fused: EfficientNetV2 | None = None
         size = self.config["image_size"]
         for name in candidates:
             self.backend = name
@@ -214,13 +209,15 @@ class Predictor:
                     self.graph_path = path
             return self._runners[key]
 
+    @cached_property
+    def _fused(self) -> EfficientNetV2:
+        """The BatchNorm-folded model in ``precision``, channels_last (cuDNN's and oneDNN's fastest layout)."""
+        return optimize_for_inference(self.model, channels_last=True, device=self.device,
+                                      dtype=TORCH_DTYPES[self.precision])
+
     def _torch_runner(self) -> Callable:
-        """The fused model in ``precision``, channels_last (cuDNN's and oneDNN's fastest layout), optionally
-        compiled; logits come back as float32."""
-        dtype = TORCH_DTYPES[self.precision]
-        if self._fused is None:
-            self._fused = optimize_for_inference(self.model, channels_last=True, device=self.device, dtype=dtype)
-        fused = self._fused
+        """The fused model, optionally compiled; logits come back as float32."""
+        dtype, fused = TORCH_DTYPES[self.precision], self._fused
         compiled: dict[str | None, Callable] = {}
 
         def run(x: torch.Tensor) -> torch.Tensor:

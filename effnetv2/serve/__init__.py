@@ -11,7 +11,6 @@ Bad input gets a 4xx JSON ``{"error": "..."}`` saying what was wrong and what to
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,14 +104,11 @@ async def image_payload(body: bytes, content_type: str) -> tuple[bytes, str]:
 def decode(data: bytes, name: str,
            transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, str | None]:
     """Image bytes → the model input ``[3, S, S]`` and a warning or None, by the app's rules
-    (``effnetv2.images.open_request_image`` on a private temporary file); 400 naming ``name`` when unusable."""
-    with tempfile.NamedTemporaryFile() as file:
-        file.write(data)
-        file.flush()
-        try:
-            image, warning = open_request_image(file.name, name)  # the app's rules
-        except UnusableImageError as err:
-            raise RequestError(400, str(err)) from None
+    (``effnetv2.images.open_request_image``); 400 naming ``name`` when unusable."""
+    try:
+        image, warning = open_request_image(data, name)
+    except UnusableImageError as err:
+        raise RequestError(400, str(err)) from None
     return transform(image), warning
 
 
