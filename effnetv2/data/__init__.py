@@ -270,3 +270,8 @@ class ImageFolderDataset(Dataset):
             return (self.transform or to_tensor)(image), label
         raise DatasetError(f"no readable image left in class {self.classes[label]!r}: all its files failed "
                            f"to load (see the warnings above); check that the data folder is still there")
+
+    @property
+    def targets(self) -> list[int]:
+        """The class index of every sample, in order (as torchvision's ``ImageFolder``)."""
+        return [label for _, label in self.samples]
