@@ -16,8 +16,8 @@ from typing import Callable
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms.functional import to_tensor
 
-from .data import DatasetError, ImageFolderDataset, report_bad_files, save_class_indices, scan_folder, split_samples, \
-    write_split
+from .data import (DatasetError, ImageFolderDataset, report_bad_files, save_class_indices, scan_folder,
+                   split_samples, write_split)
 from .data import check_images as check_image_files
 from .images import ImageLoadError, open_image
 from .run_folder import data_fingerprint
@@ -317,26 +317,25 @@ def load_training_data(*, data_path: str | None = None, dataset: str | None = No
     digest = hashlib.sha256((hub.revision or "".join(f"{s}\0{hub.splits[s]._fingerprint}\n" for s in hub.splits)).encode())
     for part, rows in (("train", train), ("val", val)):
         digest.update("".join(f"{part}\0{index}\0{label}\n" for index, label in rows).encode())
-    fingerprint = {"dataset": hub.name, "revision": hub.revision, "config": hub.config, "train_images": len(train),
-                   "val_images": len(val), "sha256": digest.hexdigest()}
-    record = {"dataset": hub.name, "revision": hub.revision, "config": hub.config, "classes": classes,
-              "train": {"split": train_split, "rows": [i for i, _ in train]},
-              "val": {"split": val_split or train_split, "rows": [i for i, _ in val]}}
-    return TrainingData(train_set, val_set, classes, fingerprint,
-                        _card(hub, f"{len(train)} training images (split `{train_split}`) and {len(val)} validation "
-                                   f"images ({how})"),
-                        lambda path: path.write_text(json.dumps(record)))
+    return _from_hub(hub, train_set, val_set, digest.hexdigest(), {"split": train_split, "rows": [i for i, _ in train]},
+                     {"split": val_split or train_split, "rows": [i for i, _ in val]},
+                     f"{len(train)} training images (split `{train_split}`) and {len(val)} validation images ({how})")
 
 
-def _card(hub: HubDataset, counts: str) -> dict:
-    """The model card's dataset fields: a Hub dataset by id and revision (``datasets:`` metadata and
-    the model-index), a local folder by its name only."""
+def _from_hub(hub: HubDataset, train, val, sha256: str, train_record: dict, val_record: dict, counts: str,
+              streams: dict | None = None) -> TrainingData:
+    """A Hub dataset's :class:`TrainingData`: its fingerprint, its split.json record, and the card's fields (a Hub
+    dataset by id and revision, with ``datasets:`` metadata; a local folder by its name only)."""
+    names = {"dataset": hub.name, "revision": hub.revision, "config": hub.config}
+    fingerprint = {**names, "train_images": len(train), "val_images": len(val), "sha256": sha256}
+    record = {**names, "classes": hub.classes, "train": train_record, "val": val_record}
     where = (f"Hub dataset `{hub.name}`" + (f", configuration `{hub.config}`" if hub.config else "")
              + (f", revision `{hub.revision[:12]}`" if hub.revision else "")) if hub.on_hub else f"`{hub.name}`"
-    fields = {"dataset_name": hub.name, "dataset": f"{where}: {counts} in {len(hub.classes)} classes"}
+    card = {"dataset_name": hub.name, "dataset": f"{where}: {counts} in {len(hub.classes)} classes"}
     if hub.on_hub:
-        fields.update(datasets=[hub.name], dataset_revision=hub.revision, dataset_config=hub.config)
-    return fields
+        card.update(datasets=[hub.name], dataset_revision=hub.revision, dataset_config=hub.config)
+    return TrainingData(train, val, hub.classes, fingerprint, card, lambda path: path.write_text(json.dumps(record)),
+                        streams or {})
 
 
 def _streamed(hub: HubDataset) -> TrainingData:
@@ -355,13 +354,8 @@ def _streamed(hub: HubDataset) -> TrainingData:
     train = StreamedImages(hub.splits[train_split], hub.image_column, hub.label_column, name, sizes[train_split])
     val = StreamedImages(hub.splits[val_split], hub.image_column, hub.label_column, f"{hub.name} {val_split}",
                          sizes[val_split])
-    fingerprint = {"dataset": hub.name, "revision": hub.revision, "config": hub.config,
-                   "train_images": sizes[train_split], "val_images": sizes[val_split],
-                   "sha256": hashlib.sha256(f"{train_split}\0{val_split}\0streaming".encode()).hexdigest()}
-    record = {"dataset": hub.name, "revision": hub.revision, "config": hub.config, "classes": hub.classes,
-              "train": {"split": train_split, "streamed": True}, "val": {"split": val_split, "streamed": True}}
-    return TrainingData(train, val, hub.classes, fingerprint,
-                        _card(hub, f"{sizes[train_split]} training images (split `{train_split}`, streamed) and "
-                                   f"{sizes[val_split]} validation images (split `{val_split}`)"),
-                        lambda path: path.write_text(json.dumps(record)),
-                        {"train": hub.splits[train_split], "image": hub.image_column, "label": hub.label_column})
+    return _from_hub(hub, train, val, hashlib.sha256(f"{train_split}\0{val_split}\0streaming".encode()).hexdigest(),
+                     {"split": train_split, "streamed": True}, {"split": val_split, "streamed": True},
+                     f"{sizes[train_split]} training images (split `{train_split}`, streamed) and "
+                     f"{sizes[val_split]} validation images (split `{val_split}`)",
+                     {"train": hub.splits[train_split], "image": hub.image_column, "label": hub.label_column})

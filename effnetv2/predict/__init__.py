@@ -20,7 +20,6 @@ import sys
 import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -46,9 +45,9 @@ class Prediction(NamedTuple):
     error: str | None = None
 
 
-# What a path that is neither a file nor a folder is, in words (the S_IS* test on its mode).
-_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+# What a path that is neither a file nor a folder is, in words, by its file type
+_SPECIAL_FILES = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                  stat.S_IFBLK: "a block device"}
 
 
 def _link_problem(path: Path, err: OSError) -> str:
@@ -94,7 +93,7 @@ def _search(folder: Path, ancestors: frozenset[tuple[int, int]], files: list[str
 
 
 def _special_kind(mode: int) -> str:
-    return next((kind for test, kind in _SPECIAL_FILES if test(mode)), "not a regular file")
+    return _SPECIAL_FILES.get(stat.S_IFMT(mode), "not a regular file")
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -215,17 +214,6 @@ def check_output(output: str | os.PathLike) -> Path:
     return path
 
 
-@contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A new file beside ``path`` that replaces it in one rename when the block ends, deleted if it fails."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_results(rows: Iterable[Prediction], output: str | os.PathLike | None) -> None:
     """A table on stdout (``output`` None), or a ``.jsonl``, ``.csv`` or ``.parquet`` file written as the
     ``rows`` stream in, which replaces ``output`` once it ends (``output`` is untouched if it fails)."""
@@ -238,11 +226,15 @@ def write_results(rows: Iterable[Prediction], output: str | os.PathLike | None) 
         return
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with _replacing(output) as tmp:
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
         if output.suffix.lower() == ".parquet":
             _write_parquet(rows, tmp)
         else:
             _write_text(rows, tmp, csv_format=output.suffix.lower() == ".csv")
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_text(rows: Iterable[Prediction], path: Path, csv_format: bool) -> None:
