@@ -39,11 +39,10 @@ def require_token_auth() -> None:
 
     if not is_token_auth_enabled():
         raise RuntimeError(
-            "Ray Serve's replicas listen on every network interface, so a Ray that effnetv2.serve starts needs "
-            "Ray's token authentication, which Ray reads from $RAY_AUTH_MODE once, when Python first imports it "
-            f"(RAY_AUTH_MODE is {os.environ.get('RAY_AUTH_MODE', 'unset')} and ray is imported): set "
-            "RAY_AUTH_MODE=token, or call effnetv2.ray_cluster.require_token_auth() before anything imports ray "
-            "(effnetv2.serve.build_app does), or serve on a cluster you secured (--address)")
+            "a Ray that effnetv2.serve starts needs Ray's token authentication (Serve's replicas listen on every "
+            "interface), which Ray reads from $RAY_AUTH_MODE when first imported (it is "
+            f"{os.environ.get('RAY_AUTH_MODE', 'unset')}, and ray is imported): set RAY_AUTH_MODE=token, or call "
+            "effnetv2.ray_cluster.require_token_auth() before anything imports ray, or serve on a secured --address")
 
 
 def starts_ray(address: str | None) -> bool:
