@@ -40,9 +40,8 @@ class RayOptions:
 
 def import_ray():
     """The ``ray`` module with Ray Data (which ray installed without its extra lacks), or ImportError."""
+    ray = import_optional("ray", "--engine ray", "pip install 'effnetv2[scale]'")
     import_optional("ray.data", "--engine ray", "pip install 'effnetv2[scale]'")
-    import ray
-
     return ray
 
 
