@@ -60,63 +60,50 @@ def _link_problem(path: Path, err: OSError) -> str:
     return f"could not be read ({err.strerror or err})"
 
 
-def _search(folder: Path, ancestors: frozenset[tuple[int, int]], files: list[str],
-            problems: list[tuple[str, str]]) -> None:
-    """Add the image files under ``folder`` to ``files``, what cannot be searched or read to ``problems``;
-    ``ancestors``: the (device, inode) of the folders above, where a link loop would lead."""
+def _visit(path: Path, ancestors: frozenset[tuple[int, int]], files: list[str], problems: list[tuple[str, str]],
+           given: bool = False) -> None:
+    """Add the image files at or under ``path`` to ``files`` (``given``: named by the user, kept whatever its
+    name) and what cannot be searched or read to ``problems``; ``ancestors``: the (device, inode) of the
+    folders above, where a link loop would lead. Only folders are opened, so a FIFO never blocks."""
     try:
-        with os.scandir(folder) as entries:
-            names = [entry.name for entry in entries]
-    except OSError as err:
-        problems.append((str(folder), f"folder could not be listed ({err.strerror or err}): its images were not "
-                                      f"searched"))
+        info = path.stat()
+    except OSError as err:  # in a folder, a name without a suffix may have been a link to a folder
+        if given or is_image_file(path) or (not path.suffix and not path.name.startswith(".")):
+            missing = given and not os.path.lexists(path)
+            problems.append((str(path), "no such file or folder" if missing else _link_problem(path, err)))
         return
-    for name in names:
-        path = folder / name
+    if stat.S_ISDIR(info.st_mode):
+        key = (info.st_dev, info.st_ino)
+        if key in ancestors:
+            problems.append((str(path), "symbolic link loop: it leads back to a folder above it, not searched again"))
+            return
         try:
-            info = path.stat()
-        except OSError as err:  # a name without a suffix may have been a link to a folder
-            if is_image_file(path) or (not path.suffix and not name.startswith(".")):
-                problems.append((str(path), _link_problem(path, err)))
-            continue
-        if stat.S_ISDIR(info.st_mode):
-            if (info.st_dev, info.st_ino) in ancestors:
-                problems.append((str(path), "symbolic link loop: it leads back to a folder above it, not searched "
-                                            "again"))
-            else:
-                _search(path, ancestors | {(info.st_dev, info.st_ino)}, files, problems)
-        elif is_image_file(path):
-            if stat.S_ISREG(info.st_mode):
-                files.append(str(path))
-            else:
-                problems.append((str(path), f"{_special_kind(info.st_mode)}, not an image file: not read"))
-
-
-def _special_kind(mode: int) -> str:
-    return _SPECIAL_FILES.get(stat.S_IFMT(mode), "not a regular file")
+            with os.scandir(path) as entries:
+                names = [entry.name for entry in entries]
+        except OSError as err:
+            problems.append((str(path), f"folder could not be listed ({err.strerror or err}): its images were not "
+                                        f"searched"))
+            return
+        for name in names:
+            _visit(path / name, ancestors | {key}, files, problems)
+    elif given or is_image_file(path):
+        if stat.S_ISREG(info.st_mode):
+            files.append(str(path))
+        else:
+            kind = _SPECIAL_FILES.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            problems.append((str(path), f"{kind}, not an image file: not read"))
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
     """``(files, problems)``: files as given (any extension) and the images of folders (recursively, sorted,
     following links), and ``(path, reason)`` for each input or folder entry that cannot be read as an image
-    (missing, unlistable, a broken link or loop, a FIFO, socket or device). Only folders are opened."""
+    (missing, unlistable, a broken link or loop, a FIFO, socket or device)."""
     files, problems = [], []
     for path in map(Path, paths):
-        try:
-            info = path.stat()
-        except OSError as err:
-            reason = "no such file or folder" if not os.path.lexists(path) else _link_problem(path, err)
-            problems.append((str(path), reason))
-            continue
-        if stat.S_ISDIR(info.st_mode):
-            found, inside = [], []
-            _search(path, frozenset({(info.st_dev, info.st_ino)}), found, inside)
-            files += sorted(found)
-            problems += sorted(inside)
-        elif stat.S_ISREG(info.st_mode):
-            files.append(str(path))
-        else:
-            problems.append((str(path), f"{_special_kind(info.st_mode)}, not an image file: not read"))
+        found, inside = [], []
+        _visit(path, frozenset(), found, inside, given=True)
+        files += sorted(found)
+        problems += sorted(inside)
     return files, problems
 
 
