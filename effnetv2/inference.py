@@ -34,9 +34,8 @@ from .transforms import transforms_for
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
-# "auto" takes the first that works: fastest first on CPUs (benchmarks/README.md).
+# "auto" takes the first that works, fastest first on CPUs (benchmarks/README.md); int8 runs on CPU runtimes only
 AUTO_ORDER = ("onnxruntime", "openvino", "torch")
-# int8 runs on the CPU runtimes only, fastest first (benchmarks/README.md).
 INT8_AUTO_ORDER = ("onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

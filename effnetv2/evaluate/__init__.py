@@ -136,10 +136,9 @@ def evaluate_split(model, rows: RowImages, labels: list[int], classes: list[str]
         for index in range(start, min(start + batch_size, len(labels))):
             try:
                 images.append(transform(rows(index)))
+                truth.append(classes[labels[index]])
             except ImageLoadError as err:
                 bad.append(f"  {err}")
-                continue
-            truth.append(classes[labels[index]])
         if not images:
             continue
         for prediction, label in zip(model(torch.stack(images)).argmax(-1).tolist(), truth):
