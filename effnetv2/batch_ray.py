@@ -1,12 +1,8 @@
-"""Batch prediction on Ray Data: images decoded in Ray tasks, the model run by a pool of actors.
+"""Batch prediction on Ray Data (``python -m effnetv2.predict --engine ray``): images decoded in Ray tasks,
+the model run by a pool of actors, the rows those of the local engine (``effnetv2.predict``).
 
-    python -m effnetv2.predict --engine ray --model SOURCE PATH... --output preds.parquet
-
-The rows are those of the local engine (``effnetv2.predict``): one per input file, in input order, a bad
-file a row with its error. The driver lists the files and loads the model once; the model reaches the
-actors through Ray's object store, so only the driver needs the model source. Images are opened by
-path wherever they are decoded: on a cluster they must be on storage every node mounts at that path.
-Ray is imported inside the functions: ``pip install 'effnetv2[scale]'`` installs it.
+The model reaches the actors through Ray's object store; images are opened by path wherever they are decoded,
+so on a cluster they must be on storage every node mounts at that path. Needs ``pip install 'effnetv2[scale]'``.
 """
 from __future__ import annotations
 
@@ -20,9 +16,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .inference import Predictor
+from .inference import Predictor, import_optional
 from .model import EfficientNetV2
-from .predict import Prediction, find_images, load_input, missing_rows
+from .predict import Prediction, find_images, load_input, missing_rows, predict_batch
 from .ray_cluster import init_ray
 from .sources import load_model
 from .transforms import transforms_for
@@ -43,25 +39,16 @@ class RayOptions:
 
 
 def import_ray():
-    """The ``ray`` module with Ray Data, or ImportError saying how to install it."""
-    try:
-        import ray
-        import ray.data  # noqa: F401  (ray installed without its data extra lacks it)
-    except ImportError as err:
-        raise ImportError(f"--engine ray needs Ray Data, which is not installed ({err}): "
-                          f"pip install 'effnetv2[scale]'") from err
+    """The ``ray`` module with Ray Data (which ray installed without its extra lacks), or ImportError."""
+    ray = import_optional("ray", "--engine ray", "pip install 'effnetv2[scale]'")
+    import_optional("ray.data", "--engine ray", "pip install 'effnetv2[scale]'")
     return ray
 
 
 @contextmanager
 def ray_session(address: str | None = None, **init_options) -> Iterator[None]:
-    """Ray connected for the block.
-
-    When the caller already called ``ray.init``, that Ray, left running. Otherwise
-    ``ray.init(address, **init_options)`` (options that are None left out) and ``ray.shutdown()`` at the
-    end, which also stops a Ray it started. ``address`` None: ``$RAY_ADDRESS``, else a new Ray on this
-    machine, on loopback only (``effnetv2.ray_cluster.init_ray``); ``auto``: the one ``ray start`` runs here.
-    """
+    """Ray connected for the block: the caller's, left running, or ``effnetv2.ray_cluster.init_ray(address,
+    **init_options)`` (a new Ray on loopback when no address) and ``ray.shutdown()`` at the end."""
     ray = import_ray()
     if ray.is_initialized():
         yield
@@ -76,22 +63,15 @@ def ray_session(address: str | None = None, **init_options) -> Iterator[None]:
 def _decode(batch: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
     """A Ray task: ``path`` [B] → ``image`` [B, 3, S, S] float32 (zeros for a bad file) and ``error`` [B]
     ("" or why the file could not be read)."""
-    transform = transforms_for(config)
-    size = config["image_size"]
-    images = np.zeros((len(batch["path"]), config["in_chans"], size, size), np.float32)
-    errors = []
-    for i, path in enumerate(batch["path"]):
-        item = load_input(transform, str(path))
-        if isinstance(item, str):
-            errors.append(item)
-        else:
-            images[i] = item.numpy()
-            errors.append("")
-    return {"path": batch["path"], "image": images, "error": np.array(errors, dtype=object)}
+    transform, size = transforms_for(config), config["image_size"]
+    items = [load_input(transform, str(path)) for path in batch["path"]]
+    blank = np.zeros((config["in_chans"], size, size), np.float32)
+    return {"path": batch["path"], "image": np.stack([blank if isinstance(x, str) else x.numpy() for x in items]),
+            "error": np.array([x if isinstance(x, str) else "" for x in items], dtype=object)}
 
 
 class _PredictorActor:
-    """A Ray actor holding one ``Predictor``: decoded batches in, top-k rows out."""
+    """A Ray actor holding one ``Predictor``: decoded batches in, top-k rows out (the local engine's)."""
 
     def __init__(self, model: EfficientNetV2, top_k: int, options: RayOptions):
         on_gpu = options.gpus_per_actor > 0
@@ -101,26 +81,23 @@ class _PredictorActor:
         self.top_k = top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> "pa.Table":
-        """``path``, ``image`` [B, 3, S, S], ``error`` → ``path``, ``labels`` and ``probabilities`` (lists,
-        best first; empty on a row with an error), ``error`` ("" when the file was read)."""
+        """``path``, ``image`` [B, 3, S, S], ``error`` → ``path``, ``labels`` and ``probabilities`` (best first,
+        empty for an error), ``error`` ("" when the file was read)."""
         import pyarrow as pa
 
-        good = np.flatnonzero(batch["error"] == "")
-        tops: list[list[tuple[str, float]]] = [[] for _ in batch["path"]]
-        if len(good):
-            logits = self.predictor(torch.from_numpy(np.ascontiguousarray(batch["image"][good])))
-            for i, top in zip(good, self.predictor.topk(logits, self.top_k)):
-                tops[i] = top
+        decoded = [(str(path), error or torch.tensor(image))
+                   for path, image, error in zip(batch["path"], batch["image"], batch["error"])]
+        tops = [row.top for row in predict_batch(self.predictor, decoded, self.top_k)]
         return pa.table({"path": pa.array(batch["path"].tolist(), pa.string()),
                          "labels": pa.array([[label for label, _ in top] for top in tops], pa.list_(pa.string())),
                          "probabilities": pa.array([[p for _, p in top] for top in tops], pa.list_(pa.float64())),
                          "error": pa.array(batch["error"].tolist(), pa.string())})
 
 
-def prediction_dataset(model: EfficientNetV2, files: list[str], top_k: int = 5, batch_size: int = 16,
-                       options: RayOptions = RayOptions()) -> "ray.data.Dataset":
-    """The lazy Ray Dataset of one row per file, in the order of ``files``: ``path``, ``labels`` and
-    ``probabilities`` (best first), ``error`` ("" when the file was read)."""
+def predictions_on_ray(model: EfficientNetV2, files: list[str], top_k: int = 5, batch_size: int = 16,
+                       options: RayOptions = RayOptions(), progress: bool = True) -> Iterator[Prediction]:
+    """One :class:`~effnetv2.predict.Prediction` per file, in order, streamed as Ray Data produces them
+    (inside a :func:`ray_session`)."""
     ray = import_ray()
     cpus = ray.cluster_resources().get("CPU", 0)
     if options.num_actors * options.cpus_per_actor > cpus - 1:  # an autoscaling cluster may still grow
@@ -131,23 +108,14 @@ def prediction_dataset(model: EfficientNetV2, files: list[str], top_k: int = 5, 
                                   override_num_blocks=max(1, math.ceil(len(files) / batch_size)))
     dataset = dataset.map_batches(_decode, fn_kwargs={"config": model.config}, batch_size=batch_size,
                                   num_cpus=1, batch_format="numpy")
-    # max_restarts=-1 is Ray Data's default for actors (a lost actor is replaced); given here, it also
-    # makes the two steps' remote args differ, which keeps Ray Data from fusing the decoding into the
-    # actors: decoding stays in tasks on every free CPU, the actors only run the model.
+    # max_restarts=-1 is Ray Data's default; given, it keeps Ray Data from fusing the decoding into the actors
+    # (their remote args differ): decoding stays in tasks on every free CPU, the actors only run the model
     dataset = dataset.map_batches(
         _PredictorActor, fn_constructor_kwargs={"model": model, "top_k": top_k, "options": options},
         compute=ray.data.ActorPoolStrategy(size=options.num_actors), batch_size=batch_size,
         num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor or None, batch_format="numpy",
         max_restarts=-1)
     dataset.context.execution_options.preserve_order = True  # this dataset's own copy of the context
-    return dataset
-
-
-def predictions_on_ray(model: EfficientNetV2, files: list[str], top_k: int = 5, batch_size: int = 16,
-                       options: RayOptions = RayOptions(), progress: bool = True) -> Iterator[Prediction]:
-    """One :class:`~effnetv2.predict.Prediction` per file, in order, streamed as Ray produces them
-    (inside a :func:`ray_session`)."""
-    dataset = prediction_dataset(model, files, top_k, batch_size, options)
     dataset.context.enable_progress_bars = progress
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.to_pylist():
@@ -155,18 +123,11 @@ def predictions_on_ray(model: EfficientNetV2, files: list[str], top_k: int = 5, 
 
 
 def predict_with_ray(source: EfficientNetV2 | str | os.PathLike, paths: Iterable[str | os.PathLike], *,
-                     top_k: int = 5, batch_size: int = 16, options: RayOptions = RayOptions(),
-                     address: str | None = None, progress: bool = False, **init_options) -> list[Prediction]:
-    """Top-k predictions for the image files and folders ``paths``, computed on Ray Data.
-
-    ``source``: a model, or a folder / Hub id / ``torchvision:<variant>``. Returns the rows that
-    ``python -m effnetv2.predict`` writes: one per file (folders searched recursively, sorted), in order,
-    then one per path that cannot be searched or read (``find_images``'s problems, a path that does not
-    exist among them); a file that cannot be read is a row with its ``error``.
-    Ray: see :func:`ray_session` (``address``, ``init_options`` such as ``object_store_memory``).
-    """
+                     top_k: int = 5, batch_size: int = 16, options: RayOptions = RayOptions()) -> list[Prediction]:
+    """The rows ``python -m effnetv2.predict`` writes for the image files and folders ``paths``, computed on
+    Ray Data (inside your :func:`ray_session`, else in one of its own); ``source``: a model or a source."""
     model = source if isinstance(source, EfficientNetV2) else load_model(source)
     files, problems = find_images(paths)
-    with ray_session(address, **init_options):
-        rows = list(predictions_on_ray(model, files, top_k, batch_size, options, progress)) if files else []
+    with ray_session():
+        rows = list(predictions_on_ray(model, files, top_k, batch_size, options, progress=False)) if files else []
     return rows + missing_rows(problems)

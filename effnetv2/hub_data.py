@@ -1,10 +1,6 @@
-"""What train.py trains on: a folder-per-class set (:mod:`effnetv2.data`) or a Hub dataset (or a folder
-written by ``datasets``' ``save_to_disk``), as one :class:`TrainingData`.
-
-A Hub dataset's image and label columns are its ``Image`` and ``ClassLabel`` features unless named; the
-class names are the ``ClassLabel``'s. Its images are decoded here, not by ``datasets``, with
-:func:`effnetv2.images.open_image`: the same pixel limit, 16-bit handling and bad-image rules as files.
-With ``streaming``, each process reads its own shards of the training split (``split_dataset_by_node``).
+"""What train.py trains on: a folder-per-class set (:mod:`effnetv2.data`) or a Hub dataset (or a
+``save_to_disk`` folder), as one :class:`TrainingData`. A dataset's images are decoded by
+:func:`effnetv2.images.open_image`, not by ``datasets``: the same limits and bad-image rules as files.
 """
 from __future__ import annotations
 
@@ -12,18 +8,16 @@ import hashlib
 import json
 import random
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset
+from torchvision.transforms.functional import to_tensor
 
-from .data import (CHECK_MEMORY_BUDGET, DatasetError, ImageFolderDataset, _load_problem, _MemoryBudget, report_bad_files,
-                   save_class_indices, scan_folder, split_samples, write_split)
+from .data import (DatasetError, ImageFolderDataset, report_bad_files, save_class_indices, scan_folder,
+                   split_samples, write_split)
 from .data import check_images as check_image_files
 from .images import ImageLoadError, open_image
 from .run_folder import data_fingerprint
@@ -54,10 +48,10 @@ def open_hub_dataset(dataset: str, config: str | None = None, image_column: str 
 
     local = Path(dataset).is_dir()
     repo_id, _, revision = dataset.partition("@")
+    if local and streaming:
+        raise DatasetError(f"--streaming reads a Hub dataset; {dataset} is a local folder: drop --streaming")
     try:
         if local:
-            if streaming:
-                raise DatasetError(f"--streaming reads a Hub dataset; {dataset} is a local folder: drop --streaming")
             loaded, sha = datasets.load_from_disk(dataset), None
             splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
         else:
@@ -68,8 +62,6 @@ def open_hub_dataset(dataset: str, config: str | None = None, image_column: str 
             else:
                 builder.download_and_prepare()
                 splits = dict(builder.as_dataset())
-    except DatasetError:
-        raise
     except datasets.exceptions.DatasetNotFoundError as err:
         raise DatasetError(f"--dataset {dataset}: {err} Check the id (org/name), or log in (`hf auth login`) "
                            f"for a private or gated one") from None
@@ -113,43 +105,36 @@ def find_columns(features, image_column: str | None = None, label_column: str | 
     return chosen[0], chosen[1]
 
 
+def _encoded(cell: dict | None) -> bytes | str | None:
+    """A cell's encoded image (bytes, or the local file it came from); None when the row has none."""
+    return None if cell is None else cell["bytes"] if cell["bytes"] is not None else cell["path"]
+
+
+def _open_cell(cell: dict | None, name: str):
+    """A cell's image decoded by ``open_image``; ``ImageLoadError`` naming ``name`` when it cannot be."""
+    try:
+        if (source := _encoded(cell)) is None:
+            raise ImageLoadError(name, "the row has no image")
+        return open_image(source)
+    except ImageLoadError as err:
+        raise ImageLoadError(name, err.reason) from None
+
+
 class RowImages:
-    """``read`` for :class:`~effnetv2.data.ImageFolderDataset` over one split: row ``i``'s image,
-    decoded by ``open_image`` (an unreadable one raises ``ImageLoadError`` naming the row)."""
+    """``read`` for :class:`~effnetv2.data.ImageFolderDataset` over one split: row ``i``'s image
+    (``ImageLoadError`` naming the row when unreadable)."""
 
     def __init__(self, split, column: str, name: str):
         self.split, self.column, self.name = split, column, name
 
     def source(self, index: int) -> bytes | str | None:
-        """The row's encoded image (bytes, or the local file it came from); None when it has none."""
-        cell = self.split[int(index)][self.column]
-        return None if cell is None else cell["bytes"] if cell["bytes"] is not None else cell["path"]
+        return _encoded(self.split[int(index)][self.column])
+
+    def row_name(self, index: int) -> str:
+        return f"{self.name} row {index}"
 
     def __call__(self, index: int):
-        source = self.source(index)
-        try:
-            if source is None:
-                raise ImageLoadError(f"{self.name} row {index}", "the row has no image")
-            return open_image(source)
-        except ImageLoadError as err:
-            raise ImageLoadError(f"{self.name} row {index}", err.reason) from None
-
-
-def check_rows(read: RowImages, samples: list[tuple[int, int]], workers: int) -> tuple[list, list[tuple[str, str]]]:
-    """:func:`effnetv2.data.check_images` for dataset rows: ``(good samples, [(row name, reason), ...])``."""
-    problem = partial(_load_problem, budget=_MemoryBudget(CHECK_MEMORY_BUDGET))
-    good, bad = [], []
-    with ThreadPoolExecutor(workers) as pool:
-        for start in range(0, len(samples), 256):  # a chunk of encoded images in memory at a time
-            chunk = samples[start:start + 256]
-            sources = [read.source(index) for index, _ in chunk]
-            reasons = pool.map(lambda s: "the row has no image" if s is None else problem(s), sources)
-            for (index, label), reason in zip(chunk, reasons):
-                if reason is None:
-                    good.append((index, label))
-                else:
-                    bad.append((f"{read.name} row {index}", reason))
-    return good, bad
+        return _open_cell(self.split[int(index)][self.column], self.row_name(index))
 
 
 class StreamedImages(IterableDataset):
@@ -172,18 +157,12 @@ class StreamedImages(IterableDataset):
 
     def __iter__(self):
         for row in self.stream:
-            cell = row[self.image_column]
             try:
-                if cell is None:
-                    raise ImageLoadError(self.name, "the row has no image")
-                image = open_image(cell["bytes"] if cell["bytes"] is not None else cell["path"])
+                image = _open_cell(row[self.image_column], self.name)
             except ImageLoadError as err:
                 warnings.warn(f"skipping an unreadable image of {self.name}: {err.reason}", stacklevel=2)
                 continue
-            if self.transform is None:
-                yield torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255), row[self.label_column]
-            else:
-                yield self.transform(image), row[self.label_column]
+            yield (self.transform or to_tensor)(image), row[self.label_column]
 
 
 class StreamBatches:
@@ -303,12 +282,12 @@ def load_training_data(*, data_path: str | None = None, dataset: str | None = No
         samples = list(enumerate(hub.splits[train_split][hub.label_column]))
         bad = []
         if check_images:
-            samples, bad = check_rows(read, samples, workers)
+            samples, bad = check_image_files(samples, workers, source=read.source, name=read.row_name)
         if val_split:
             val_read = RowImages(hub.splits[val_split], hub.image_column, f"{hub.name} {val_split}")
             val = list(enumerate(hub.splits[val_split][hub.label_column]))
             if check_images:
-                val, val_bad = check_rows(val_read, val, workers)
+                val, val_bad = check_image_files(val, workers, source=val_read.source, name=val_read.row_name)
                 bad += val_bad
     if report:
         report_bad_files(bad)
@@ -338,26 +317,25 @@ def load_training_data(*, data_path: str | None = None, dataset: str | None = No
     digest = hashlib.sha256((hub.revision or "".join(f"{s}\0{hub.splits[s]._fingerprint}\n" for s in hub.splits)).encode())
     for part, rows in (("train", train), ("val", val)):
         digest.update("".join(f"{part}\0{index}\0{label}\n" for index, label in rows).encode())
-    fingerprint = {"dataset": hub.name, "revision": hub.revision, "config": hub.config, "train_images": len(train),
-                   "val_images": len(val), "sha256": digest.hexdigest()}
-    record = {"dataset": hub.name, "revision": hub.revision, "config": hub.config, "classes": classes,
-              "train": {"split": train_split, "rows": [i for i, _ in train]},
-              "val": {"split": val_split or train_split, "rows": [i for i, _ in val]}}
-    return TrainingData(train_set, val_set, classes, fingerprint,
-                        _card(hub, f"{len(train)} training images (split `{train_split}`) and {len(val)} validation "
-                                   f"images ({how})"),
-                        lambda path: path.write_text(json.dumps(record)))
+    return _from_hub(hub, train_set, val_set, digest.hexdigest(), {"split": train_split, "rows": [i for i, _ in train]},
+                     {"split": val_split or train_split, "rows": [i for i, _ in val]},
+                     f"{len(train)} training images (split `{train_split}`) and {len(val)} validation images ({how})")
 
 
-def _card(hub: HubDataset, counts: str) -> dict:
-    """The model card's dataset fields: a Hub dataset by id and revision (``datasets:`` metadata and
-    the model-index), a local folder by its name only."""
+def _from_hub(hub: HubDataset, train, val, sha256: str, train_record: dict, val_record: dict, counts: str,
+              streams: dict | None = None) -> TrainingData:
+    """A Hub dataset's :class:`TrainingData`: its fingerprint, its split.json record, and the card's fields (a Hub
+    dataset by id and revision, with ``datasets:`` metadata; a local folder by its name only)."""
+    names = {"dataset": hub.name, "revision": hub.revision, "config": hub.config}
+    fingerprint = {**names, "train_images": len(train), "val_images": len(val), "sha256": sha256}
+    record = {**names, "classes": hub.classes, "train": train_record, "val": val_record}
     where = (f"Hub dataset `{hub.name}`" + (f", configuration `{hub.config}`" if hub.config else "")
              + (f", revision `{hub.revision[:12]}`" if hub.revision else "")) if hub.on_hub else f"`{hub.name}`"
-    fields = {"dataset_name": hub.name, "dataset": f"{where}: {counts} in {len(hub.classes)} classes"}
+    card = {"dataset_name": hub.name, "dataset": f"{where}: {counts} in {len(hub.classes)} classes"}
     if hub.on_hub:
-        fields.update(datasets=[hub.name], dataset_revision=hub.revision, dataset_config=hub.config)
-    return fields
+        card.update(datasets=[hub.name], dataset_revision=hub.revision, dataset_config=hub.config)
+    return TrainingData(train, val, hub.classes, fingerprint, card, lambda path: path.write_text(json.dumps(record)),
+                        streams or {})
 
 
 def _streamed(hub: HubDataset) -> TrainingData:
@@ -376,13 +354,8 @@ def _streamed(hub: HubDataset) -> TrainingData:
     train = StreamedImages(hub.splits[train_split], hub.image_column, hub.label_column, name, sizes[train_split])
     val = StreamedImages(hub.splits[val_split], hub.image_column, hub.label_column, f"{hub.name} {val_split}",
                          sizes[val_split])
-    fingerprint = {"dataset": hub.name, "revision": hub.revision, "config": hub.config,
-                   "train_images": sizes[train_split], "val_images": sizes[val_split],
-                   "sha256": hashlib.sha256(f"{train_split}\0{val_split}\0streaming".encode()).hexdigest()}
-    record = {"dataset": hub.name, "revision": hub.revision, "config": hub.config, "classes": hub.classes,
-              "train": {"split": train_split, "streamed": True}, "val": {"split": val_split, "streamed": True}}
-    return TrainingData(train, val, hub.classes, fingerprint,
-                        _card(hub, f"{sizes[train_split]} training images (split `{train_split}`, streamed) and "
-                                   f"{sizes[val_split]} validation images (split `{val_split}`)"),
-                        lambda path: path.write_text(json.dumps(record)),
-                        {"train": hub.splits[train_split], "image": hub.image_column, "label": hub.label_column})
+    return _from_hub(hub, train, val, hashlib.sha256(f"{train_split}\0{val_split}\0streaming".encode()).hexdigest(),
+                     {"split": train_split, "streamed": True}, {"split": val_split, "streamed": True},
+                     f"{sizes[train_split]} training images (split `{train_split}`, streamed) and "
+                     f"{sizes[val_split]} validation images (split `{val_split}`)",
+                     {"train": hub.splits[train_split], "image": hub.image_column, "label": hub.label_column})

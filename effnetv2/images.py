@@ -1,9 +1,7 @@
-"""Opening user images safely: any file format and colour mode in, an RGB ``PIL.Image`` out.
+"""Opening user images safely: any documented file format and colour mode in, an RGB ``PIL.Image`` out.
 
-Memory follows the pixel count, not the bit depth: 16-bit, 32-bit and float images are brought to 8 bits
-a strip of rows at a time, so :func:`open_image` holds at most the decoded source plus its 8-bit copy,
-then that copy plus the RGB result (PIL keeps RGB at 4 bytes a pixel): about 5 bytes a pixel for a
-16-bit PNG (``benchmarks/memory.py`` measures it).
+High bit depths are brought to 8 bits a strip of rows at a time, so memory follows the pixel count
+(``benchmarks/memory.py`` measures it).
 """
 from __future__ import annotations
 
@@ -18,12 +16,9 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-# Larger than any photo a phone takes (~200 MP). This is the limit: PIL's own guard (Image.MAX_IMAGE_PIXELS,
-# which refuses above 179 MP by default and only warns above 89 MP) is off, process-wide, while we decode.
+# Larger than any phone's photo; PIL's own guard (Image.MAX_IMAGE_PIXELS) is off while we decode.
 MAX_IMAGE_PIXELS = 200_000_000
-# The formats the product documents (README; ``effnetv2.data.IMAGE_EXTENSIONS``), and the only ones PIL may
-# try on a file (JPEG also reads the multi-picture MPO of cameras): a file in any other of PIL's formats is
-# refused unread, e.g. EPS, whose decoding runs Ghostscript on the file wherever it is installed.
+# The documented formats, the only ones PIL may try: any other is refused unread (EPS would run Ghostscript).
 DECODED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 BYTES_PER_PIXEL = 4  # the most PIL keeps a decoded pixel in, any mode (RGB is stored as RGBX)
@@ -39,9 +34,8 @@ _pil_guard_users = 0
 _pil_guard_saved: int | None = None
 
 
-# What a server (app.py, effnetv2.serve) accepts from a request: an upload over MAX_UPLOAD_BYTES is refused
-# unread; a small file can still decode to a gigapixel; resizing the short side of a 1x5000 strip would
-# make a huge tensor; below SMALL_SIDE the answer says little (warned, but answered).
+# What a server (app.py, effnetv2.serve) accepts from a request: bytes, decoded pixels, elongation (resizing
+# the short side of a 1x5000 strip would make a huge tensor); below SMALL_SIDE the answer is only warned.
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_REQUEST_PIXELS = 40_000_000
 MAX_ASPECT = 20
@@ -63,11 +57,8 @@ class ImageLoadError(ValueError):
 
 @contextmanager
 def _our_pixel_limit() -> Iterator[None]:
-    """Turn PIL's global decompression-bomb guard off while we open and decode (our size check comes first).
-
-    Counted, so that concurrent decodes (threads) restore the user's ``Image.MAX_IMAGE_PIXELS`` only when
-    the last one ends.
-    """
+    """PIL's global decompression-bomb guard off while we decode (our check comes first); counted, so that the
+    last of concurrent decodes restores the user's ``Image.MAX_IMAGE_PIXELS``."""
     global _pil_guard_users, _pil_guard_saved
     with _pil_guard_lock:
         if _pil_guard_users == 0:
@@ -83,12 +74,8 @@ def _our_pixel_limit() -> Iterator[None]:
 
 
 def _release_freed_memory() -> None:
-    """Hand the memory a decode freed back to the OS.
-
-    glibc raises its mmap threshold to the size of freed blocks, so after the first large image Pillow's
-    16 MB blocks come from the decoding thread's heap and stay there when freed: threads taking turns
-    (check_images, a web server's workers) would each keep an image's worth resident.
-    """
+    """Hand the memory a decode freed back to the OS: glibc's raised mmap threshold would otherwise leave an
+    image's worth resident in each decoding thread's heap."""
     if _malloc_trim is not None:
         _malloc_trim(0)
 
@@ -123,14 +110,11 @@ def _eight_bit(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (1, L, LA, P, RGBA, CMYK, I;16, I, F, ...) → 8-bit RGB, EXIF orientation applied.
+    """Any PIL mode → 8-bit RGB, EXIF orientation applied, transparency composited over white.
 
-    Transparent pixels are composited over white. High bit depths keep their top 8 bits, as PIL itself
-    reads 16-bit RGB PNGs: 16-bit ``I;16`` values become ``v // 256`` (65535 → 255, 32768 → 128,
-    32767 → 127); ``I`` (32-bit) the same when any value is above 255, else its values clipped to 0..255,
-    negatives 0 and anything above 65535 255; ``F`` (float) maps 0..1, or 0..max when its max is above 1,
-    to 0..255 rounded half up (0.5 → 128), negatives and NaN 0. May return ``image`` itself when it is
-    already upright RGB.
+    High bit depths keep their top 8 bits, as PIL reads 16-bit RGB PNGs: ``I;16`` → ``v // 256``; ``I`` the
+    same when a value is above 255, else clipped to 0..255; ``F`` maps 0..1 (or 0..max when max > 1) to
+    0..255 rounded half up, negatives and NaN 0. May return ``image`` itself.
     """
     image = _eight_bit(_upright(image))
     if image.mode == "P":
@@ -186,11 +170,10 @@ def _load(source: str | os.PathLike | bytes | Image.Image, name: str, max_pixels
 
 
 def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Load ``source`` (a path, an encoded image's bytes or a PIL image) fully into memory as RGB (see :func:`to_rgb`).
+    """``source`` (a path, an encoded image's bytes or a PIL image) fully loaded as RGB (:func:`to_rgb`).
 
-    Raises :class:`ImageLoadError` naming the file for missing, unreadable, truncated, empty, or oversized
-    inputs, and for files in formats other than :data:`DECODED_FORMATS`: more than ``max_pixels`` pixels (a
-    decompression bomb) is refused before decoding, whatever PIL's ``Image.MAX_IMAGE_PIXELS`` says.
+    :class:`ImageLoadError` naming the file when it is missing, unreadable, truncated, empty, not in
+    :data:`DECODED_FORMATS`, or over ``max_pixels`` (refused before decoding).
     """
     name = str(source) if isinstance(source, (str, os.PathLike)) else "image"
     with _errors_named(name):
@@ -203,11 +186,8 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
 
 
 def verify_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    """Raise :class:`ImageLoadError` exactly where :func:`open_image` would, holding only the decoded pixels.
-
-    Every pixel is decoded (truncation and corruption show there); the colour conversion, which depends on
-    the mode alone, runs on the first row instead of the whole image.
-    """
+    """Raise :class:`ImageLoadError` exactly where :func:`open_image` would, holding only the decoded pixels
+    (the colour conversion, which depends on the mode alone, runs on the first row)."""
     name = str(source) if isinstance(source, (str, os.PathLike)) else "image"
     with _errors_named(name):
         image = _load(source, name, max_pixels)
@@ -218,13 +198,10 @@ def verify_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: in
 
 def confined_file(path: str | os.PathLike, folders: Iterable[str | os.PathLike],
                   files: Iterable[str | os.PathLike] = ()) -> Path | None:
-    """``path`` with every link and ``..`` resolved, when it is an existing regular file inside one of
-    ``folders`` or one of ``files``, as written (``..`` taken away) and once resolved; else ``None``.
-
-    A server opens only what this returns: ``None`` is the same for a file elsewhere, a missing one, a
-    link out, a folder or a device, so a refusal built on it says nothing about the server's files. A path
-    outside them as written, or longer than ``MAX_PATH_BYTES``, is refused before the file system is
-    looked at: no time difference either, and no resolving of a huge path (quadratic in its length).
+    """``path`` with every link and ``..`` resolved, when it is an existing regular file inside one of ``folders``
+    or one of ``files``, both as written (``..`` taken away) and once resolved; else ``None``, alike for every
+    refusal. A path outside them as written, or over ``MAX_PATH_BYTES``, is refused before the file system is
+    looked at (no time difference, no resolving of a huge path).
     """
     try:
         written = os.path.abspath(path)
@@ -241,8 +218,7 @@ def confined_file(path: str | os.PathLike, folders: Iterable[str | os.PathLike],
 
 
 def _confined(path: str, folders: list[tuple[str, ...]], files: list[tuple[str, ...]]) -> bool:
-    """Whether the absolute ``path`` is inside one of ``folders`` or is one of ``files`` (each given as
-    written and resolved)."""
+    """Whether the absolute ``path`` is inside one of ``folders`` or is one of ``files`` (as written, resolved)."""
     return (any(Path(path).is_relative_to(folder) for names in folders for folder in names)
             or any(path == file for names in files for file in names))
 
@@ -251,10 +227,10 @@ class UnusableImageError(ValueError):
     """A request's image that a server refuses; the message is for the sender as is."""
 
 
-def open_request_image(source: str | os.PathLike | Image.Image, name: str) -> tuple[Image.Image, str | None]:
-    """A request's image (``name``: how the sender knows it) under the serving limits → the RGB image
-    and a warning (``None``, or why the answer says little). Raises :class:`UnusableImageError` with one
-    sentence saying what was wrong and what to send."""
+def open_request_image(source: str | os.PathLike | bytes | Image.Image,
+                       name: str) -> tuple[Image.Image, str | None]:
+    """A request's image (``name``: how the sender knows it) under the serving limits → the RGB image and a
+    warning or None; :class:`UnusableImageError` saying what was wrong and what to send."""
     try:
         image = open_image(source, max_pixels=MAX_REQUEST_PIXELS)
     except ImageLoadError as err:

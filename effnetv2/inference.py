@@ -1,15 +1,9 @@
 """The fast inference path: one :class:`Predictor` over the BatchNorm-folded model run by PyTorch,
 ONNX Runtime or OpenVINO, in float32, int8 (CPU runtimes) or bfloat16 (PyTorch, the CUDA default).
 
-``Predictor(model)(x)`` gives the eager model's logits for a preprocessed batch ``[B, 3, H, W]``;
-``Predictor(model).predict(images, top_k=5)`` takes PIL images or paths and returns labelled top-k.
-Exported graphs are cached on disk in a private (0700) folder, keyed by a hash of the weights and
-config and checked against their own SHA-256 on every load, so creating a Predictor for the same
-model again is fast and a damaged or replaced graph is exported again. A model folder or Hub repo
-that ships its graphs (``python -m effnetv2.export --ship``) has them used as they are, once their
-hash and the weights they were exported from check out, the graph holds all its weights (no external
-``.data`` file) and, for the float graph, its logits on a probe batch are the eager model's.
-OpenVINO's compiled graphs are cached per graph content.
+Exported graphs are cached in a private (0700) folder, keyed by a hash of the weights and checked against
+their SHA-256 on every load; graphs a model ships (``python -m effnetv2.export --ship``) are used once their
+hash, their weights' fingerprint and (float) their logits on a probe batch check out.
 """
 from __future__ import annotations
 
@@ -20,6 +14,7 @@ import logging
 import os
 import tempfile
 import threading
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,9 +34,8 @@ from .transforms import transforms_for
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
-# "auto" takes the first that works: fastest first on CPUs (benchmarks/README.md).
+# "auto" takes the first that works, fastest first on CPUs (benchmarks/README.md); int8 runs on CPU runtimes only
 AUTO_ORDER = ("onnxruntime", "openvino", "torch")
-# int8 runs on the CPU runtimes only, fastest first (benchmarks/README.md).
 INT8_AUTO_ORDER = ("onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -58,18 +52,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "effnetv2"
 
 
-def _import_runtime(name: str):
-    """The runtime's module, or ImportError saying how to install it."""
+def import_optional(module: str, needed_by: str, install: str):
+    """``module`` imported, or ImportError saying that ``needed_by`` needs it and how to ``install`` it."""
     try:
-        return importlib.import_module(name)
+        return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"backend {name!r} needs the {name} package, which is not installed ({err}): "
-                          f"pip install {name}, or use backend='torch'") from err
+        raise ImportError(f"{needed_by} needs {module}, which is not installed ({err}): {install}") from err
 
 
 def _private_dir(path: Path) -> Path:
-    """``path``, created if needed, as a folder that only this user can enter (mode 0700), and
-    writable; OSError otherwise (e.g. a folder of the same name made by another user)."""
+    """``path``, created if needed, writable and only this user's (mode 0700); OSError otherwise."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.stat()
     if hasattr(os, "getuid") and info.st_uid != os.getuid():
@@ -81,8 +73,8 @@ def _private_dir(path: Path) -> Path:
 
 
 def _cache_subdir(cache_dir: Path, name: str) -> Path:
-    """The private folder ``cache_dir / name``; when that is not usable, a private per-user folder
-    under the system temp folder (never a shared one: graphs found there are run)."""
+    """The private folder ``cache_dir / name``, else a private per-user one under the temp folder (never a
+    shared one: graphs found there are run)."""
     try:
         cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return _private_dir(cache_dir / name)
@@ -98,15 +90,13 @@ def _cache_subdir(cache_dir: Path, name: str) -> Path:
 
 
 def compile_mode(device: torch.device, batch_size: int) -> str | None:
-    """``torch.compile``'s mode for a batch: CUDA graphs ("reduce-overhead") for one image on CUDA,
-    where launching ~300 kernels costs more than running them; the default mode otherwise (a graph
-    per batch size would be recorded, and large batches are bound by the kernels themselves)."""
+    """``torch.compile``'s mode: CUDA graphs ("reduce-overhead") for one image on CUDA, where launching the
+    kernels costs more than running them; the default otherwise (no graph recorded per batch size)."""
     return "reduce-overhead" if device.type == "cuda" and batch_size == 1 else None
 
 
 def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a ``torch.device``; ``ValueError`` saying what to do when it is CUDA and CUDA is
-    not available here."""
+    """``device`` as a ``torch.device``; ``ValueError`` saying what to do when it cannot run here."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: CUDA is not available here (no GPU found, or a CPU-only build of "
@@ -116,32 +106,21 @@ def check_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def _write_json_atomically(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
-
-
 class Predictor:
     """Fast inference for an ``EfficientNetV2`` or a model source (see ``effnetv2.sources``).
 
     Args:
         model_or_source: the model, or a folder / Hub id ``org/name[@rev]`` / ``torchvision:<variant>``.
-            A folder or repo that ships its graphs (``onnx/``) has them used when they check out.
-        backend: "auto" (the fastest installed runtime, falling back to "torch"), "torch" (the
-            BatchNorm-folded, channels_last PyTorch model), "onnxruntime" or "openvino".
-        num_threads: CPU threads for ONNX Runtime / OpenVINO (None: the runtime's default, all cores).
+        backend: "auto" (the fastest installed runtime, else "torch"), "torch", "onnxruntime" or "openvino".
+        num_threads: CPU threads for ONNX Runtime / OpenVINO (None: the runtime's default).
         cache_dir: where exported graphs are kept (default :func:`default_cache_dir`).
-        device: "cpu" (default) or a CUDA device; CUDA runs the "torch" backend.
+        device: "cpu" (default) or a CUDA device (the "torch" backend).
         precision: "fp32" (the eager model's logits), "int8" (CPU runtimes; a shipped int8 graph or one
-            calibrated on ``calibration``) or "bf16" (torch backend). Default: "bf16" on CUDA, else "fp32".
-        calibration: a folder of images like those the model will see, to calibrate int8 on.
-        compile: ``torch.compile`` the torch backend (CUDA graphs for batch 1 on CUDA, see
-            :func:`compile_mode`). Default: on for CUDA, off on the CPU.
+            calibrated on the image folder ``calibration``) or "bf16" (torch). Default: "bf16" on CUDA, else "fp32".
+        compile: ``torch.compile`` the torch backend (:func:`compile_mode`). Default: on for CUDA only.
 
-    Attributes: ``model`` (the eager model, untouched), ``config``, ``id2label``, ``backend``
-    (the one in use), ``precision``, ``transform`` (PIL image → ``[3, S, S]``), ``graph_path``
-    (the graph the runtime loaded last, None for torch).
+    Attributes: ``model`` (the eager model, untouched), ``config``, ``id2label``, ``backend`` (the one in
+    use), ``precision``, ``transform`` (PIL image → ``[3, S, S]``), ``graph_path`` (the last graph loaded).
     """
 
     def __init__(self, model_or_source: EfficientNetV2 | str | os.PathLike, backend: str = "auto", *,
@@ -171,10 +150,6 @@ class Predictor:
         self._cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self._runners: dict[tuple[int, int], Callable[[np.ndarray], np.ndarray]] = {}
         self._lock = threading.Lock()
-        self._fused: EfficientNetV2 | None = None
-        self._weights_key = ""  # export.graph_fingerprint of the model, computed once (on first export or shipped graph)
-        self._fingerprint = ""
-        self._graph_dir: Path | None = None
         size = self.config["image_size"]
         for name in candidates:
             self.backend = name
@@ -190,8 +165,7 @@ class Predictor:
                 self._runners.clear()
 
     def _candidates(self, backend: str) -> list[str]:
-        """The backends to try, in order, for ``backend`` at this device and precision (``ValueError``
-        for combinations that cannot run, saying which can)."""
+        """The backends to try, in order (``ValueError`` for combinations that cannot run, saying which can)."""
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.device.type == "cuda":
@@ -211,8 +185,6 @@ class Predictor:
             return ["torch"]
         return ["torch"] if self.compile else list(AUTO_ORDER) if backend == "auto" else [backend]
 
-    # ---- backends ---------------------------------------------------------------------------------
-
     def _runner(self, height: int, width: int) -> Callable:
         """The callable that runs the backend on ``[B, 3, height, width]`` inputs (built once per size)."""
         key = (height, width)
@@ -221,7 +193,8 @@ class Predictor:
                 if self.backend == "torch":
                     self._runners[key] = self._torch_runner()
                 else:
-                    module = _import_runtime(self.backend)
+                    module = import_optional(self.backend, f"backend {self.backend!r}",
+                                             f"pip install {self.backend}, or use backend='torch'")
                     build = self._onnxruntime_runner if self.backend == "onnxruntime" else self._openvino_runner
                     path = self._shipped_graph(height, width)
                     runner = build(module, path) if path else None
@@ -235,13 +208,15 @@ class Predictor:
                     self.graph_path = path
             return self._runners[key]
 
+    @cached_property
+    def _fused(self) -> EfficientNetV2:
+        """The BatchNorm-folded model in ``precision``, channels_last (cuDNN's and oneDNN's fastest layout)."""
+        return optimize_for_inference(self.model, channels_last=True, device=self.device,
+                                      dtype=TORCH_DTYPES[self.precision])
+
     def _torch_runner(self) -> Callable:
-        """The fused model in ``precision``, channels_last (the layout cuDNN and oneDNN convolve fastest,
-        inputs included), optionally compiled; logits come back as float32."""
-        dtype = TORCH_DTYPES[self.precision]
-        if self._fused is None:
-            self._fused = optimize_for_inference(self.model, channels_last=True, device=self.device, dtype=dtype)
-        fused = self._fused
+        """The fused model, optionally compiled; logits come back as float32."""
+        dtype, fused = TORCH_DTYPES[self.precision], self._fused
         compiled: dict[str | None, Callable] = {}
 
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -257,17 +232,27 @@ class Predictor:
                 return module(x).to(torch.float32, copy=True)
         return run
 
-    def _graph_fingerprint(self) -> str:
-        """``export.graph_fingerprint`` of the model (a hash of every weight): once per Predictor."""
-        if not self._weights_key:
-            self._weights_key = graph_fingerprint(self.model)
-        return self._weights_key
+    @cached_property
+    def _weights_key(self) -> str:
+        """``export.graph_fingerprint`` of the model (a hash of every weight)."""
+        return graph_fingerprint(self.model)
+
+    @cached_property
+    def _fingerprint(self) -> str:
+        """The cache key of this model's graphs: the weights, the exporter (torch, GRAPH_VERSION) and, for int8,
+        the calibration images."""
+        calibration = [sha256_file(p) for p in self._calibration] if self.precision == "int8" else []
+        key = "/".join([self._weights_key, torch.__version__, str(GRAPH_VERSION), *calibration])
+        return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+    @cached_property
+    def _graph_dir(self) -> Path:
+        return _cache_subdir(self._cache_dir, "onnx")
 
     @torch.no_grad()
     def _probe_mismatch(self, runner: Callable, height: int, width: int) -> str | None:
-        """Why the float graph behind ``runner`` does not compute the eager model's logits on a fixed random
-        batch (export's parity check: relative error above ``MAX_RELATIVE_ERROR``); None when it does.
-        An int8 graph differs from the eager model by design: its hash and fingerprint are what is checked."""
+        """Why the float graph behind ``runner`` does not give the eager model's logits on a fixed random batch
+        (relative error above ``MAX_RELATIVE_ERROR``), or None. int8 graphs differ by design: not probed."""
         if self.precision != "fp32":
             return None
         x = torch.randn(2, self.config["in_chans"], height, width, generator=torch.Generator().manual_seed(0))
@@ -282,10 +267,9 @@ class Predictor:
                        SHIPPED_GRAPHS[self.precision], self._source.text, problem)
 
     def _shipped_graph(self, height: int, width: int) -> Path | None:
-        """The ``precision`` graph shipped in the model's folder or Hub repo, when its manifest says it was
-        exported from these very weights at this size, the file has the SHA-256 recorded there and holds
-        all its weights (no external ``.data`` file, which that hash would not cover); None (with a
-        one-line warning naming why, when a graph is shipped but unusable) otherwise."""
+        """The ``precision`` graph shipped with the model when its manifest says it was exported from these
+        weights at this size, it has the recorded SHA-256 and holds all its weights (no external ``.data``
+        file that the hash would not cover); else None, with a warning saying why when one is shipped."""
         source = self._source
         if source is None or source.kind not in ("folder", "hub"):
             return None
@@ -302,7 +286,7 @@ class Predictor:
             if graph is None or graph["image_size"] != [height, width]:
                 return None
             problem = None
-            if manifest["fingerprint"] != self._graph_fingerprint():
+            if manifest["fingerprint"] != self._weights_key:
                 problem = "it was exported from other weights (its fingerprint in onnx/graphs.json differs)"
             elif (path := resolve_file(model_id, name, source.revision)) is None:
                 problem = "the file is missing"
@@ -322,26 +306,14 @@ class Predictor:
         return Path(path)
 
     def _onnx_path(self, height: int, width: int) -> Path:
-        """The cached ONNX graph for this model at ``height x width`` in ``precision``, exported on first use.
-
-        Beside each graph a record holds the model fingerprint, the size and the graph's SHA-256;
-        a graph that does not match its record (overwritten, truncated, unreadable) is exported
-        again with a warning, so a cached graph always computes this model's logits.
-        """
+        """The cached ONNX graph at ``height x width`` in ``precision``, exported on first use and again (with a
+        warning) when it does not match the record beside it (fingerprint, size, SHA-256)."""
         int8 = self.precision == "int8"
         if int8 and self._calibration is None:
             raise ValueError("precision='int8' needs calibration images: pass calibration=FOLDER (images like the ones "
                              "the model will see), or load a model folder or Hub repo that ships onnx/model_int8.onnx")
         if int8 and height != width:
             raise ValueError(f"int8 graphs are calibrated on square images; got a {height}x{width} batch")
-        if not self._fingerprint:
-            # the graph depends on the weights, the config, the exporter (torch, GRAPH_VERSION) and, for
-            # int8, the calibration images
-            calibration = [sha256_file(p) for p in self._calibration] if int8 else []
-            key = "/".join([self._graph_fingerprint(), torch.__version__, str(GRAPH_VERSION), *calibration])
-            self._fingerprint = hashlib.sha256(key.encode()).hexdigest()[:24]
-        if self._graph_dir is None:
-            self._graph_dir = _cache_subdir(self._cache_dir, "onnx")
         suffix = "-int8" if int8 else ""
         path = self._graph_dir / f"effnetv2-{self.model.variant}-{self._fingerprint}-{height}x{width}{suffix}.onnx"
         record_path = path.with_suffix(".json")
@@ -364,7 +336,9 @@ class Predictor:
                         (height, width))
         else:
             export_onnx(self.model, path, (height, width), opset=DEFAULT_OPSET)
-        _write_json_atomically(record_path, {**expected, "sha256": sha256_file(path)})
+        tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**expected, "sha256": sha256_file(path)}))
+        os.replace(tmp, record_path)
         return path
 
     def _onnxruntime_runner(self, ort, path: Path) -> Callable:
@@ -377,13 +351,11 @@ class Predictor:
 
     def _openvino_runner(self, ov, path: Path) -> Callable:
         core = ov.Core()
-        # OpenVINO keeps the compiled graph here too, which makes the next compile of it fast. Its cache key
-        # is the graph's path, not its content: one folder per graph content, so a graph replaced at the
-        # same path (a model folder shipped again, a cached graph exported again) is compiled anew.
+        # OpenVINO's compile cache is keyed by the graph's path: one folder per graph content, so that a graph
+        # replaced at the same path is compiled anew.
         cache = _cache_subdir(_cache_subdir(self._cache_dir, "openvino"), sha256_file(path)[:24])
         core.set_property({"CACHE_DIR": str(cache)})
-        # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise run in bf16 and the
-        # logits would no longer equal the eager model's (an int8 graph keeps its float parts in f32).
+        # f32: on CPUs with bf16 units OpenVINO would run in bf16, and the logits would differ from the eager model's
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if self.num_threads:
             config["INFERENCE_NUM_THREADS"] = self.num_threads
@@ -397,14 +369,9 @@ class Predictor:
                 return request.infer({0: x})[output].copy()
         return run
 
-    # ---- inference --------------------------------------------------------------------------------
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, num_classes]`` for a preprocessed float batch ``x`` ``[B, 3, H, W]``.
-
-        Equal to ``model(x)`` of the eager model (to float rounding) in fp32; close to it in int8 and
-        bf16. Always float32; runtimes return CPU tensors, the torch backend returns them on ``device``.
-        """
+        """Float32 logits ``[B, num_classes]`` for a preprocessed batch ``x`` ``[B, 3, H, W]``: the eager model's
+        (to float rounding) in fp32, close to them in int8 and bf16; on ``device`` for the torch backend."""
         in_chans = self.config["in_chans"]
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != in_chans:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

@@ -1,16 +1,9 @@
 """Starting or joining Ray, for batch prediction (``effnetv2.batch_ray``) and serving (``effnetv2.serve``).
 
-Without an address (and no ``$RAY_ADDRESS``, which ``ray job submit`` sets for its jobs), a new Ray for this
-machine alone, without its dashboard. Its node address is ``127.0.0.1``, the one address at which Ray binds
-its servers (GCS, raylet, workers, agents) to loopback; any other address, loopback or not, makes them
-listen on every interface. Ray would also swap ``127.0.0.1`` for the host's network address on Linux, unless
-it believes clusters are off (``ray_constants.ENABLE_RAY_CLUSTER``, Ray's rule for macOS and Windows), so
-that flag is off while ``ray.init`` runs. With ``token_auth``, that Ray also runs with Ray's token
-authentication, for the servers Ray binds to every interface whatever the node address (Ray Serve's
-replicas, Ray 2.58).
-
-With an address (``auto``: the Ray that ``ray start`` runs here; ``HOST:PORT``; ``ray://HOST:PORT``), that
-cluster, checked first: Ray itself retries an address where nothing listens for minutes.
+Without an address (nor ``$RAY_ADDRESS``), a new Ray for this machine alone, without its dashboard, at node
+address ``127.0.0.1``: the one address at which Ray binds its servers to loopback only. With ``token_auth``,
+also with Ray's token authentication, for the servers Ray binds to every interface whatever the node address
+(Ray Serve's replicas). With an address, that cluster, checked first (Ray retries a dead address for minutes).
 """
 from __future__ import annotations
 
@@ -35,11 +28,9 @@ def check_reachable(address: str | None) -> None:
 
 
 def require_token_auth() -> None:
-    """Ray's token authentication on in this process and every Ray process it starts (they inherit its
-    environment): ``RAY_AUTH_MODE=token`` and, unless one is given, a random ``RAY_AUTH_TOKEN``.
-
-    Ray reads ``RAY_AUTH_MODE`` once, when Python first imports it: RuntimeError, saying so, when ``ray``
-    was imported before with authentication off."""
+    """Ray's token authentication on in this process and the Ray processes it starts: ``RAY_AUTH_MODE=token``
+    and, unless given, a random ``RAY_AUTH_TOKEN``. RuntimeError when ``ray`` was imported before without it
+    (Ray reads ``RAY_AUTH_MODE`` once, on import)."""
     if "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
         if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
@@ -48,11 +39,10 @@ def require_token_auth() -> None:
 
     if not is_token_auth_enabled():
         raise RuntimeError(
-            "Ray Serve's replicas listen on every network interface, so a Ray that effnetv2.serve starts needs "
-            "Ray's token authentication, which Ray reads from $RAY_AUTH_MODE once, when Python first imports it "
-            f"(RAY_AUTH_MODE is {os.environ.get('RAY_AUTH_MODE', 'unset')} and ray is imported): set "
-            "RAY_AUTH_MODE=token, or call effnetv2.ray_cluster.require_token_auth() before anything imports ray "
-            "(effnetv2.serve.build_app does), or serve on a cluster you secured (--address)")
+            "a Ray that effnetv2.serve starts needs Ray's token authentication (Serve's replicas listen on every "
+            "interface), which Ray reads from $RAY_AUTH_MODE when first imported (it is "
+            f"{os.environ.get('RAY_AUTH_MODE', 'unset')}, and ray is imported): set RAY_AUTH_MODE=token, or call "
+            "effnetv2.ray_cluster.require_token_auth() before anything imports ray, or serve on a secured --address")
 
 
 def starts_ray(address: str | None) -> bool:
@@ -61,9 +51,8 @@ def starts_ray(address: str | None) -> bool:
 
 
 def init_ray(address: str | None = None, *, token_auth: bool = False, **options) -> str | None:
-    """``ray.init``: the cluster at ``address`` (else ``$RAY_ADDRESS``), or a new Ray on loopback only
-    (with ``token_auth``, also with token authentication: :func:`require_token_auth`).
-    ``options`` (those not None) go to ``ray.init``: ``num_cpus``, ``object_store_memory``, ``_temp_dir``, ...
+    """``ray.init``: the cluster at ``address`` (else ``$RAY_ADDRESS``), or a new Ray on loopback only (with
+    ``token_auth``: :func:`require_token_auth`); ``options`` that are not None go to ``ray.init``.
     Returns the address joined, or None for a Ray started here (``ray.shutdown()`` stops it)."""
     if starts_ray(address) and token_auth:
         require_token_auth()  # sets it up if ray is not imported yet, else checks it is on
@@ -75,6 +64,7 @@ def init_ray(address: str | None = None, *, token_auth: bool = False, **options)
     if address is not None:
         ray.init(address=address, **options)
         return address
+    # Ray swaps 127.0.0.1 for the host's network address on Linux unless it believes clusters are off
     from ray._private import ray_constants
 
     options.setdefault("include_dashboard", False)  # its job API runs any code for whoever reaches it

@@ -1,11 +1,8 @@
 """``shapes``: a synthetic folder-per-class data set that needs no download.
 
-Each image shows one shape (circle, square, triangle, star, hexagon) at a random position, size,
-rotation and colour over a cluttered background: a gradient at a random angle, pixel noise, and
-distractors that are none of the classes (lines, open arcs, scribbles, irregular blobs), some of them
-drawn across the object. The object's colour is drawn independently of its class, so only its outline
-tells the class. ``annotations.json`` gives every object's pixel box, so attention maps can be checked
-against it. The same seed always gives the same bytes.
+One shape per image at a random position, size, rotation and colour (only its outline tells the class)
+over clutter: a gradient, noise, and distractors that are none of the classes, some across the object.
+``annotations.json`` gives every object's box. The same seed always gives the same bytes.
 """
 from __future__ import annotations
 
@@ -26,8 +23,7 @@ MIN_CONTRAST = 90.0  # RGB distance between the object and the mean background u
 
 
 def shape_outline(kind: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
-    """Vertices of ``kind`` centred at ``(cx, cy)`` with circumradius ``radius`` rotated by ``angle``
-    (radians). A circle is a 64-gon."""
+    """Vertices of ``kind`` at ``(cx, cy)``, circumradius ``radius``, rotated by ``angle`` (a circle: a 64-gon)."""
     if kind == "star":
         points = [(radius if i % 2 == 0 else radius * 0.45, math.pi * i / 5) for i in range(10)]
     else:
@@ -85,9 +81,8 @@ def background(rng: random.Random, size: int, clutter: bool = True) -> Image.Ima
 
 
 def draw_shape(image: Image.Image, kind: str, rng: random.Random) -> list[int]:
-    """Draw one ``kind`` shape onto the square RGB ``image`` in place and return its exact pixel box
-    ``[x0, y0, x1, y1]`` (``x1``, ``y1`` exclusive). Its fill colour is redrawn until it stands out
-    from the background under it by at least ``MIN_CONTRAST``; half the shapes get an outline."""
+    """Draw one ``kind`` shape onto the square RGB ``image`` and return its pixel box ``[x0, y0, x1, y1]`` (ends
+    exclusive); its colour stands out from the background under it by ``MIN_CONTRAST``, half get an outline."""
     size = image.width
     radius = rng.uniform(0.14, 0.3) * size
     cx, cy = rng.uniform(radius, size - radius), rng.uniform(radius, size - radius)
@@ -109,8 +104,8 @@ def draw_shape(image: Image.Image, kind: str, rng: random.Random) -> list[int]:
 
 
 def render_shape(kind: str, rng: random.Random, size: int, clutter: bool = True) -> tuple[Image.Image, list[int]]:
-    """One ``size``x``size`` RGB image of ``kind`` and the object's box ``[x0, y0, x1, y1]`` (pixels,
-    end exclusive): clutter, the shape, sometimes a distractor across it, then a slight blur."""
+    """One ``size``x``size`` RGB image of ``kind`` and the object's box: clutter, the shape, sometimes a
+    distractor across it, then a slight blur."""
     image = background(rng, size, clutter)
     box = draw_shape(image, kind, rng)
     draw = ImageDraw.Draw(image)
@@ -123,13 +118,9 @@ def make_shapes_dataset(root: str | Path, num_per_class: int = 60, image_size: i
                         classes: tuple[str, ...] = SHAPES, clutter: bool = True, progress: bool = False) -> Path:
     """Write ``root/<class>/<class>_NNNN.png`` and ``root/annotations.json``; return ``root``.
 
-    ``annotations.json`` maps each image's path relative to ``root`` (``"star/star_0003.png"``) to
-    ``{"label": "star", "box": [x0, y0, x1, y1]}``, the object's pixel box with exclusive ends.
-    ``clutter=False`` draws the shapes on plain noisy backgrounds with no distractors: an easy set
-    for the first stage of a curriculum (training from scratch learns it much sooner). The same
-    arguments always give the same bytes. Writing again into a folder made by an earlier call removes
-    the images that the earlier call listed and this one does not write; no other file is touched.
-    ``progress`` shows a bar (tqdm) of the images written.
+    ``annotations.json`` maps ``"star/star_0003.png"`` to ``{"label": "star", "box": [x0, y0, x1, y1]}`` (ends
+    exclusive). ``clutter=False``: plain noisy backgrounds, an easy first curriculum stage. Writing again into
+    the folder removes the images the earlier call listed and this one does not write, nothing else.
     """
     unknown = [c for c in classes if c not in SHAPES]
     if unknown:

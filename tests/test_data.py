@@ -325,6 +325,16 @@ def test_set_transform_changes_the_output(tmp_path):
     assert ds[0][0].shape == (3, 8, 8)
 
 
+def test_without_a_transform_an_image_is_its_pixels_over_255(tmp_path):
+    """torchvision's to_tensor took the place of the hand-written conversion: the same numbers, bit for bit."""
+    path = tmp_path / "a" / "noise.png"
+    path.parent.mkdir()
+    path.write_bytes(_noise_bytes("PNG", size=33))
+    x = ImageFolderDataset([(str(path), 0)], ["a"])[0][0]
+    by_hand = torch.from_numpy(np.array(open_image(path))).permute(2, 0, 1).float().div(255)
+    assert x.dtype == torch.float32 and torch.equal(x, by_hand)
+
+
 def test_check_command_reports_counts_and_bad_files(tree, capsys):
     (tree / "dog" / "broken.jpg").write_bytes(b"nope")
     with pytest.warns(UserWarning, match="broken.jpg"):

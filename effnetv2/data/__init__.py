@@ -1,14 +1,8 @@
 """Folder-per-class image data: scanning, a seeded stratified split, and a dataset that never crashes.
 
-A data set is a folder with one sub-folder per class (``flowers/daisy/*.jpg``, ...). Every image is
-read through :func:`effnetv2.images.open_image` (any mode to RGB, EXIF orientation applied).
-Unreadable files are found before training (:func:`check_images`), reported once with their path and
-the reason (:func:`report_bad_files`) and skipped; one that breaks later is replaced at read time.
-
-CLI::
-
-    python -m effnetv2.data shapes OUT [--num-per-class N] [--image-size S] [--seed K]
-    python -m effnetv2.data check DIR [--val-fraction F] [--seed K]
+A data set is a folder with one sub-folder per class (``flowers/daisy/*.jpg``, ...), read through
+:func:`effnetv2.images.open_image`. Unreadable files are found before training (:func:`check_images`),
+reported once (:func:`report_bad_files`) and skipped; one that breaks later is replaced at read time.
 """
 from __future__ import annotations
 
@@ -26,16 +20,12 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.transforms.functional import to_tensor
 
 from ..images import BYTES_PER_PIXEL, ImageLoadError, image_pixels, open_image, verify_image
-from ..shapes import make_shapes_dataset
-
-__all__ = ["IMAGE_EXTENSIONS", "DatasetError", "is_image_file", "scan_folder", "split_samples",
-           "save_class_indices", "write_split", "read_split", "check_images", "report_bad_files",
-           "ImageFolderDataset", "make_shapes_dataset"]
+from ..shapes import make_shapes_dataset  # noqa: F401  (effnetv2.data's, as SPEC.md names it)
 
 # Lower-case suffixes; files match whatever their case (``IMG_1.JPG``).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -62,13 +52,9 @@ def _visible_files(folder: Path) -> list[Path]:
 
 
 def scan_folder(root: str | Path) -> tuple[list[Sample], list[str]]:
-    """``(samples, classes)`` of the folder-per-class data set at ``root``.
-
-    ``classes`` are the visible sub-folder names, sorted; ``samples`` lists every image file under
-    ``root/<class>/`` (recursively, sorted) as ``(path, class_index)``. Hidden entries and files without
-    an image extension are ignored. Raises :class:`DatasetError` for a missing root, no class folders,
-    a single class, or a class folder with no image.
-    """
+    """``(samples, classes)`` of the folder-per-class data set at ``root``: the visible sub-folder names, sorted,
+    and every visible image file under ``root/<class>/`` (recursively, sorted) as ``(path, class_index)``.
+    :class:`DatasetError` for a missing root, no class folders, a single class, or a class without images."""
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"data folder {root} does not exist: give the folder that holds one sub-folder "
@@ -106,14 +92,10 @@ def _val_count(n: int, val_fraction: float) -> int:
 
 def split_samples(samples: list[Sample], val_fraction: float = 0.2, seed: int = 0,
                   classes: list[str] | None = None) -> tuple[list[Sample], list[Sample]]:
-    """Seeded stratified split into ``(train, val)``.
-
-    Each class sends ``val_fraction`` of its images (rounded half up, at least one) to validation and
-    the rest to training; ``val_fraction=0`` gives an empty ``val``. Each class is shuffled by its own
-    generator seeded with ``(seed, class index)``, so the result depends only on the seed and the
-    file names, not on the order of ``samples`` or on the other classes' files. Raises :class:`DatasetError` naming a class
-    (``classes`` gives the names) that would be left without a training or a validation image.
-    """
+    """Seeded stratified split into ``(train, val)``: ``val_fraction`` of each class (rounded half up, at least
+    one; none for 0) to validation, each class shuffled by its own generator seeded with ``(seed, class)``, so
+    the result depends only on the seed and the file names. :class:`DatasetError` names a class (by
+    ``classes``) that would be left without a training or a validation image."""
     if not 0 <= val_fraction < 1:
         raise DatasetError(f"val_fraction (--val-fraction) must be at least 0 and below 1, got {val_fraction}")
     by_class: dict[int, list[str]] = defaultdict(list)
@@ -143,12 +125,8 @@ def save_class_indices(path: str | Path, classes: list[str]) -> None:
 
 def write_split(path: str | Path, train: list[Sample], val: list[Sample], classes: list[str],
                 root: str | Path) -> None:
-    """Record the split as JSON (``split.json``): ``root``, ``classes``, per-class counts, and
-    ``train`` / ``val`` as ``[relative path, class index]`` pairs, paths relative to ``root``.
-
-    ``root`` is recorded by its folder name only: the file is published with the model, and nothing
-    about the machine that trained it (``/home/me/...``) belongs there. Pass the data folder to
-    :func:`read_split` to use the split again."""
+    """Record the split as JSON (``split.json``): ``root`` by its folder name only (the file is published with
+    the model), ``classes``, per-class counts, and ``train`` / ``val`` as ``[path relative to root, class]``."""
     def rel(samples: list[Sample]) -> list[list]:
         return [[Path(os.path.relpath(p, root)).as_posix(), label] for p, label in samples]
 
@@ -198,8 +176,10 @@ class _MemoryBudget:
                 self._changed.notify_all()
 
 
-def _load_problem(path: str | bytes, budget: _MemoryBudget) -> str | None:
+def _load_problem(path: str | bytes | None, budget: _MemoryBudget) -> str | None:
     """Why ``path`` (or an encoded image's bytes) cannot be used, or ``None`` when it decodes fully."""
+    if path is None:  # a dataset row without an image
+        return "the row has no image"
     try:
         with budget.reserve(image_pixels(path) * BYTES_PER_PIXEL):
             verify_image(path)
@@ -208,22 +188,26 @@ def _load_problem(path: str | bytes, budget: _MemoryBudget) -> str | None:
     return None
 
 
-def check_images(samples: list[Sample], num_workers: int | None = None,
-                 memory_budget: int = CHECK_MEMORY_BUDGET) -> tuple[list[Sample], list[tuple[str, str]]]:
+def check_images(samples: list[Sample], num_workers: int | None = None, memory_budget: int = CHECK_MEMORY_BUDGET,
+                 source: Callable = str, name: Callable = str) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Decode every image once (:func:`effnetv2.images.verify_image`: fails exactly where ``open_image`` would).
 
-    Up to ``num_workers`` threads (default: twice the CPU count, at most 16) decode at once, but only as
-    many as fit in ``memory_budget`` bytes, a decode counting 4 bytes a pixel (read from the file header;
-    one decode always runs): photos decode in parallel, 13000x13000 scans one at a time.
-    Returns ``(good, bad)``: the readable samples in their original order, and ``(path, reason)`` for
-    each file that is empty, truncated, not an image, or too large (decompression bomb).
+    Up to ``num_workers`` threads (default: twice the CPU count, at most 16) decode at once, as many as fit in
+    ``memory_budget`` bytes at 4 bytes a pixel (one always runs). A sample's image is ``source(key)`` (a path,
+    an encoded image's bytes, or None: no image), named ``name(key)`` in the report.
+    Returns ``(good, bad)``: the readable samples in their order, and ``(name, reason)`` for the others.
     """
     workers = num_workers if num_workers and num_workers > 0 else min(16, 2 * (os.cpu_count() or 1))
     load_problem = partial(_load_problem, budget=_MemoryBudget(memory_budget))
+    good, bad = [], []
     with ThreadPoolExecutor(workers) as pool:
-        problems = list(pool.map(load_problem, [path for path, _ in samples]))
-    good = [s for s, problem in zip(samples, problems) if problem is None]
-    bad = [(s[0], problem) for s, problem in zip(samples, problems) if problem is not None]
+        for start in range(0, len(samples), 256):  # a chunk of (encoded) images in memory at a time
+            chunk = samples[start:start + 256]
+            for sample, problem in zip(chunk, pool.map(load_problem, [source(key) for key, _ in chunk])):
+                if problem is None:
+                    good.append(sample)
+                else:
+                    bad.append((name(sample[0]), problem))
     return good, bad
 
 
@@ -236,14 +220,12 @@ def report_bad_files(bad: list[tuple[str, str]]) -> None:
 
 
 class ImageFolderDataset(Dataset):
-    """``(image, label)`` pairs for ``samples`` (``[(path, class_index), ...]``; with ``read``, any key
-    ``read`` opens as an RGB image or fails with ``ImageLoadError``, e.g. a Hub dataset's row index).
+    """``(image, label)`` pairs for ``samples`` (``[(path, class_index), ...]``, or any key ``read`` opens as an
+    RGB image or fails with ``ImageLoadError``, e.g. a Hub dataset's row index).
 
-    ``image`` is ``transform(pil_rgb_image)``, or a float tensor ``[3, H, W]`` in 0..1 without a
-    transform. A file that fails at read time (deleted or damaged after :func:`check_images`) is
-    recorded in ``bad_files`` (path → reason), warned about once, and replaced by the next readable
-    image of the same class in ``samples`` order, so the same index always gives the same image. With a
-    multi-process ``DataLoader`` each worker keeps its own ``bad_files``.
+    ``image`` is ``transform(pil_rgb_image)``, or a float tensor ``[3, H, W]`` in 0..1 without a transform.
+    A file that fails at read time is recorded in ``bad_files`` (path → reason; per ``DataLoader`` worker),
+    warned about once, and replaced by the next readable image of its class, the same for the same index.
     """
 
     def __init__(self, samples: list[Sample], classes: list[str], transform: Callable | None = None,
@@ -281,13 +263,11 @@ class ImageFolderDataset(Dataset):
                 warnings.warn(f"skipping unreadable image {err}; using another image of its class instead",
                               stacklevel=2)
                 continue
-            if self.transform is None:  # [H, W, 3] uint8 -> [3, H, W] float in 0..1
-                return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255), label
-            return self.transform(image), label
+            return (self.transform or to_tensor)(image), label
         raise DatasetError(f"no readable image left in class {self.classes[label]!r}: all its files failed "
                            f"to load (see the warnings above); check that the data folder is still there")
 
     @property
     def targets(self) -> list[int]:
-        """The class index of every sample, in order."""
+        """The class index of every sample, in order (as torchvision's ``ImageFolder``)."""
         return [label for _, label in self.samples]

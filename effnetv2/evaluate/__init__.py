@@ -5,23 +5,19 @@ split of a Hub dataset (or ``save_to_disk`` folder): accuracy, overall and per c
     python -m effnetv2.evaluate --model assets/model --data /tmp/shapes_eval [--json out.json] [--update-card]
     python -m effnetv2.evaluate --model org/name --dataset beans [--split test]
 
-For each image, the attention maps of ``model.attention_maps`` (the pooled query, mean over heads)
-give the attention mass inside the object's box (``annotations.json``, mapped through the eval
-resize and crop); the box's share of the image area is what a uniform map would put there. A model
-that looks at the object has mass well above share.
-
-Every kind of map (raw attention, exact class attribution, Grad-CAM, and a random and a uniform map
-as baselines; see ``effnetv2.explain``) is also scored for faithfulness on the predicted class:
-deletion AUC (lower is better), insertion AUC (higher is better) and mass in the box (signed maps
-count their positive part). ``--update-card`` writes the figures and the command into the model
-folder's README.md (``effnetv2.card.update_card``: replaced on a re-run).
+The attention mass of ``model.attention_maps`` (mean over heads) inside each object's box
+(``annotations.json``, mapped through the eval resize and crop) is compared with the box's share of the
+image, what a uniform map would put there. Every map kind (attention, class attribution, Grad-CAM, random
+and uniform baselines; ``effnetv2.explain``) is scored on the predicted class: deletion AUC (lower is
+better), insertion AUC (higher is better), mass in the box (of its positive part). ``--update-card``
+writes the figures and the command into the model folder's README.md (replaced on a re-run).
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import warnings
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,13 +33,9 @@ MAP_KINDS = ("attention", "class attribution", "Grad-CAM", "random", "uniform")
 
 
 def attention_mass_in_box(maps: torch.Tensor | np.ndarray, box: list[float], image_size: tuple[int, int]) -> float:
-    """Fraction of the attention that falls inside the object's ``box = [x0, y0, x1, y1]`` (pixels) of
-    an image of ``image_size = (width, height)`` over which the ``[h, w]`` grid is laid.
-
-    ``maps`` is ``[h, w]`` or ``[heads, h, w]`` (then the mean over heads). Each cell counts with the
-    fraction of its area inside the box, so a uniform map gives the box's area share: a model that
-    looks at the object scores above ``box area / image area``.
-    """
+    """Fraction of the attention ``maps`` (``[h, w]``, or ``[heads, h, w]``: their mean) inside ``box = [x0, y0,
+    x1, y1]`` (pixels) of an image of ``image_size = (width, height)`` over which the grid is laid; each cell
+    counts with the share of its area inside the box, so a uniform map gives the box's area share."""
     attn = torch.as_tensor(np.asarray(maps) if not isinstance(maps, torch.Tensor) else maps).detach().double().cpu()
     if attn.dim() == 3:
         attn = attn.mean(0)
@@ -70,14 +62,21 @@ def explanation_maps(model, x: torch.Tensor, generator: torch.Generator) -> dict
 
 
 def box_in_view(box: list[float], image_size: tuple[int, int], cfg: dict) -> list[float]:
-    """``[x0, y0, x1, y1]`` in the original image → the same box in the model's eval view (resize the
-    short side to ``image_size / crop_pct``, centre crop ``image_size``), clipped to the view."""
+    """``[x0, y0, x1, y1]`` in the original image → the box in the model's eval view (short side resized to
+    ``image_size / crop_pct``, centre crop ``image_size``), clipped to the view."""
     width, height = image_size
     size = cfg["image_size"]
     scale = int(size / cfg["crop_pct"]) / min(width, height)
     left, top = round((width * scale - size) / 2), round((height * scale - size) / 2)
     x0, y0, x1, y1 = box
     return [min(max(v, 0.0), size) for v in (x0 * scale - left, y0 * scale - top, x1 * scale - left, y1 * scale - top)]
+
+
+def accuracy(hits: list[tuple[str, bool]]) -> dict:
+    """``images``, ``accuracy`` and ``per_class_accuracy`` of ``(true label, predicted right)`` pairs."""
+    seen, right = Counter(label for label, _ in hits), Counter(label for label, hit in hits if hit)
+    return {"images": len(hits), "accuracy": sum(right.values()) / len(hits),
+            "per_class_accuracy": {label: right[label] / seen[label] for label in sorted(seen)}}
 
 
 @torch.no_grad()
@@ -87,12 +86,13 @@ def evaluate(model, root: Path, batch_size: int = 64) -> dict:
     transform, cfg = transforms_for(model), model.config
     size = cfg["image_size"]
     names = sorted(annotations)
-    correct, per_class, masses, shares, head_masses = 0, {}, [], [], []
+    hits, masses, shares, head_masses = [], [], [], []
     faithfulness = {kind: {"deletion_auc": [], "insertion_auc": [], "mass_in_box": []} for kind in MAP_KINDS}
     generator = torch.Generator().manual_seed(0)  # the random baseline is the same on every run
     for start in tqdm(range(0, len(names), batch_size), desc=f"evaluating on {root.name}", unit="batch"):
         chunk = names[start:start + batch_size]
         images = [open_image(root / name) for name in chunk]
+        boxes = [box_in_view(annotations[name]["box"], image.size, cfg) for name, image in zip(chunk, images)]
         x = torch.stack([transform(image) for image in images])
         predictions = model(x).argmax(-1).tolist()
         kinds = explanation_maps(model, x, generator)
@@ -101,27 +101,20 @@ def evaluate(model, root: Path, batch_size: int = 64) -> dict:
         for kind, kind_maps in kinds.items():
             faithfulness[kind]["deletion_auc"] += curve_auc(curves[kind]["deletion"]).tolist()
             faithfulness[kind]["insertion_auc"] += curve_auc(curves[kind]["insertion"]).tolist()
-            for image, name, one in zip(images, chunk, kind_maps):
-                box = box_in_view(annotations[name]["box"], image.size, cfg)
+            for box, one in zip(boxes, kind_maps):
                 positive = one.double().sum(0).clamp(min=0)
                 faithfulness[kind]["mass_in_box"].append(
                     attention_mass_in_box(positive, box, (size, size)) if positive.sum() > 0 else 0.0)
-        for name, image, prediction, attn in zip(chunk, images, predictions, maps):
+        for name, box, prediction, attn in zip(chunk, boxes, predictions, maps):
             label = annotations[name]["label"]
-            hit = model.id2label[str(prediction)] == label
-            correct += hit
-            seen, right = per_class.get(label, (0, 0))
-            per_class[label] = (seen + 1, right + hit)
-            box = box_in_view(annotations[name]["box"], image.size, cfg)
+            hits.append((label, model.id2label[str(prediction)] == label))
             masses.append(attention_mass_in_box(attn, box, (size, size)))
             shares.append((box[2] - box[0]) * (box[3] - box[1]) / size ** 2)
             head_masses.append([attention_mass_in_box(head, box, (size, size)) for head in attn])
     count = len(names)
     heads = torch.tensor(head_masses).mean(0).tolist()
     return {
-        "images": count,
-        "accuracy": correct / count,
-        "per_class_accuracy": {label: right / seen for label, (seen, right) in sorted(per_class.items())},
+        **accuracy(hits),
         "attention_mass_in_box": sum(masses) / count,
         "box_area_share": sum(shares) / count,
         "mass_over_share": sum(masses) / sum(shares),
@@ -137,28 +130,21 @@ def evaluate_split(model, rows: RowImages, labels: list[int], classes: list[str]
     """Accuracy, overall and per class, of ``model`` on a dataset split (``rows`` reads row ``i``'s image,
     ``labels[i]`` indexes ``classes``); a class counts as predicted when the model's label has its name.
     Unreadable rows are warned about and left out."""
-    transform, bad = transforms_for(model), []
-    correct, per_class = 0, {}
+    transform, bad, hits = transforms_for(model), [], []
     for start in tqdm(range(0, len(labels), batch_size), desc=f"evaluating on {rows.name}", unit="batch"):
         images, truth = [], []
         for index in range(start, min(start + batch_size, len(labels))):
             try:
                 images.append(transform(rows(index)))
+                truth.append(classes[labels[index]])
             except ImageLoadError as err:
                 bad.append(f"  {err}")
-                continue
-            truth.append(classes[labels[index]])
         if not images:
             continue
         for prediction, label in zip(model(torch.stack(images)).argmax(-1).tolist(), truth):
-            hit = model.id2label[str(prediction)] == label
-            correct += hit
-            seen, right = per_class.get(label, (0, 0))
-            per_class[label] = (seen + 1, right + hit)
+            hits.append((label, model.id2label[str(prediction)] == label))
     if bad:
         warnings.warn(f"skipping {len(bad)} unreadable image(s):\n" + "\n".join(bad), stacklevel=2)
-    count = sum(seen for seen, _ in per_class.values())
-    if not count:
+    if not hits:
         raise DatasetError(f"{rows.name}: no readable image to evaluate on")
-    return {"images": count, "accuracy": correct / count,
-            "per_class_accuracy": {label: right / seen for label, (seen, right) in sorted(per_class.items())}}
+    return accuracy(hits)

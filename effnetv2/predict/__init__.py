@@ -1,23 +1,13 @@
 """Batch prediction over image files and folders, on this machine or on a Ray cluster.
 
-    python -m effnetv2.predict --model SOURCE PATH... [--top-k 5] [--batch-size N] [--backend B]
-                               [--output preds.jsonl|preds.csv|preds.parquet] [--workers N]
-    python -m effnetv2.predict --engine ray [--address auto|HOST:PORT|ray://HOST:PORT] [--num-actors N] ...
+    python -m effnetv2.predict --model SOURCE PATH... [--output preds.jsonl|preds.csv|preds.parquet]
+    python -m effnetv2.predict --engine ray [--address auto|HOST:PORT|ray://HOST:PORT] ...
 
-Folders are searched recursively for images (``effnetv2.data.IMAGE_EXTENSIONS``, any case), following
-links to folders. Locally, images are decoded and preprocessed in a thread pool while the model runs;
-``--engine ray`` does the same on Ray Data (``effnetv2.batch_ray``). Either way every input is one row, in
-input order (folders sorted by path): its top-k, or the error that kept it from the model (unreadable files
-are also listed in one warning). What a folder holds that cannot be searched or read (a sub-folder it may not
-list, a broken link, a link loop, a FIFO named like an image) is a row with its error after the files. An
-input named on the command line that does not exist, or an ``--output`` that cannot be written, stops the
-command before any work.
-
-Without ``--output`` a table goes to stdout; ``.jsonl`` and ``.parquet`` hold one record per file (``path``,
-``predictions`` [{``label``, ``probability``}], ``error``), ``.csv`` one row per (file, rank) with the
-columns ``path, rank, label, probability, error``. The rows go to a hidden file beside the output
-(``.NAME.PID.tmp``) that replaces it in one rename once every row is written: a run that fails or is killed
-leaves the previous output as it was (a killed one may leave that hidden file, to delete).
+Every input is one row, in input order (folders searched recursively, sorted by path): its top-k, or the error
+that kept it from the model; what a folder holds that cannot be searched or read is a row after the files.
+``.jsonl`` and ``.parquet`` hold a record per file (``path``, ``predictions`` [{``label``, ``probability``}],
+``error``), ``.csv`` a row per (file, rank): ``path, rank, label, probability, error``. The output is written
+to a hidden file beside it (``.NAME.PID.tmp``) that replaces it in one rename once every row is written.
 """
 from __future__ import annotations
 
@@ -30,7 +20,6 @@ import sys
 import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -40,9 +29,10 @@ from PIL import Image
 
 from ..data import is_image_file
 from ..images import ImageLoadError, open_image
-from ..inference import Predictor
+from ..inference import Predictor, import_optional
 
 OUTPUT_FORMATS = (".jsonl", ".csv", ".parquet")
+PARQUET_INSTALL = "pip install pyarrow, or 'effnetv2[scale]'"
 _PARQUET_ROWS = 4096  # rows per Parquet row group: streamed out, never the whole run in memory
 
 
@@ -55,13 +45,13 @@ class Prediction(NamedTuple):
     error: str | None = None
 
 
-# What a path that is neither a file nor a folder is, in words (the S_IS* test on its mode).
-_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+# What a path that is neither a file nor a folder is, in words, by its file type
+_SPECIAL_FILES = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                  stat.S_IFBLK: "a block device"}
 
 
 def _link_problem(path: Path, err: OSError) -> str:
-    """Why the link (or entry) ``path`` could not be followed, ``err`` being what ``stat`` raised."""
+    """Why ``path`` could not be followed, ``err`` being what ``stat`` raised."""
     if path.is_symlink():
         if err.errno == errno.ELOOP:
             return "symbolic link loop: it never reaches a file or folder"
@@ -70,66 +60,50 @@ def _link_problem(path: Path, err: OSError) -> str:
     return f"could not be read ({err.strerror or err})"
 
 
-def _search(folder: Path, ancestors: frozenset[tuple[int, int]], files: list[str],
-            problems: list[tuple[str, str]]) -> None:
-    """Add the image files under ``folder`` to ``files`` and what could not be searched or read to
-    ``problems``; ``ancestors`` are the (device, inode) of the folders above, where a link loop would lead."""
+def _visit(path: Path, ancestors: frozenset[tuple[int, int]], files: list[str], problems: list[tuple[str, str]],
+           given: bool = False) -> None:
+    """Add the image files at or under ``path`` to ``files`` (``given``: named by the user, kept whatever its
+    name) and what cannot be searched or read to ``problems``; ``ancestors``: the (device, inode) of the
+    folders above, where a link loop would lead. Only folders are opened, so a FIFO never blocks."""
     try:
-        with os.scandir(folder) as entries:
-            names = [entry.name for entry in entries]
-    except OSError as err:
-        problems.append((str(folder), f"folder could not be listed ({err.strerror or err}): its images were not "
-                                      f"searched"))
+        info = path.stat()
+    except OSError as err:  # in a folder, a name without a suffix may have been a link to a folder
+        if given or is_image_file(path) or (not path.suffix and not path.name.startswith(".")):
+            missing = given and not os.path.lexists(path)
+            problems.append((str(path), "no such file or folder" if missing else _link_problem(path, err)))
         return
-    for name in names:
-        path = folder / name
+    if stat.S_ISDIR(info.st_mode):
+        key = (info.st_dev, info.st_ino)
+        if key in ancestors:
+            problems.append((str(path), "symbolic link loop: it leads back to a folder above it, not searched again"))
+            return
         try:
-            info = path.stat()
-        except OSError as err:  # a name without a suffix may have been a link to a folder
-            if is_image_file(path) or (not path.suffix and not name.startswith(".")):
-                problems.append((str(path), _link_problem(path, err)))
-            continue
-        if stat.S_ISDIR(info.st_mode):
-            if (info.st_dev, info.st_ino) in ancestors:
-                problems.append((str(path), "symbolic link loop: it leads back to a folder above it, not searched "
-                                            "again"))
-            else:
-                _search(path, ancestors | {(info.st_dev, info.st_ino)}, files, problems)
-        elif is_image_file(path):
-            if stat.S_ISREG(info.st_mode):
-                files.append(str(path))
-            else:
-                problems.append((str(path), f"{_special_kind(info.st_mode)}, not an image file: not read"))
-
-
-def _special_kind(mode: int) -> str:
-    return next((kind for test, kind in _SPECIAL_FILES if test(mode)), "not a regular file")
+            with os.scandir(path) as entries:
+                names = [entry.name for entry in entries]
+        except OSError as err:
+            problems.append((str(path), f"folder could not be listed ({err.strerror or err}): its images were not "
+                                        f"searched"))
+            return
+        for name in names:
+            _visit(path / name, ancestors | {key}, files, problems)
+    elif given or is_image_file(path):
+        if stat.S_ISREG(info.st_mode):
+            files.append(str(path))
+        else:
+            kind = _SPECIAL_FILES.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            problems.append((str(path), f"{kind}, not an image file: not read"))
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Expand ``paths`` into image files: files are kept as given (whatever their extension), folders are
-    searched recursively (sorted by path), following links to folders. Returns ``(files, problems)``:
-    ``problems`` are ``(path, reason)`` for each input, or entry of a folder, that cannot be read as an
-    image: a path that does not exist, a folder that cannot be listed, a broken link or a link loop, a
-    FIFO, socket or device (inside folders: those named like an image, or like a folder for links).
-    Nothing is opened but folders, so a FIFO never blocks."""
+    """``(files, problems)``: files as given (any extension) and the images of folders (recursively, sorted,
+    following links), and ``(path, reason)`` for each input or folder entry that cannot be read as an image
+    (missing, unlistable, a broken link or loop, a FIFO, socket or device)."""
     files, problems = [], []
     for path in map(Path, paths):
-        try:
-            info = path.stat()
-        except OSError as err:
-            reason = "no such file or folder" if not os.path.lexists(path) else _link_problem(path, err)
-            problems.append((str(path), reason))
-            continue
-        if stat.S_ISDIR(info.st_mode):
-            found, inside = [], []
-            _search(path, frozenset({(info.st_dev, info.st_ino)}), found, inside)
-            files += sorted(found)
-            problems += sorted(inside)
-        elif stat.S_ISREG(info.st_mode):
-            files.append(str(path))
-        else:
-            problems.append((str(path), f"{_special_kind(info.st_mode)}, not an image file: not read"))
+        found, inside = [], []
+        _visit(path, frozenset(), found, inside, given=True)
+        files += sorted(found)
+        problems += sorted(inside)
     return files, problems
 
 
@@ -157,39 +131,31 @@ def _decoded(predictor: Predictor, files: list[str], pool: ThreadPoolExecutor,
         yield first, future.result()
 
 
+def predict_batch(predictor: Predictor, decoded: list[tuple[str, torch.Tensor | str]],
+                  top_k: int) -> list[Prediction]:
+    """The rows of ``(path, input [3, S, S] or why it could not be read)``, in order, from one forward."""
+    inputs = [item for _, item in decoded if not isinstance(item, str)]
+    tops = iter(predictor.topk(predictor(torch.stack(inputs)), top_k) if inputs else [])
+    return [Prediction(path, [], item) if isinstance(item, str) else Prediction(path, next(tops))
+            for path, item in decoded]
+
+
 def predict_files(predictor: Predictor, files: list[str], top_k: int = 5, batch_size: int = 16,
                   workers: int = 4, progress: bool = True) -> Iterator[Prediction]:
-    """One :class:`Prediction` per file of ``files``, in their order (a bad file has its ``error``), each
-    yielded as soon as it and those before it are done. Decoding runs in ``workers`` threads ahead of the model."""
+    """One :class:`Prediction` per file of ``files``, in their order (a bad file has its ``error``), yielded as
+    their batch is done. Decoding runs in ``workers`` threads ahead of the model."""
     from tqdm import tqdm
 
-    rows: deque[Prediction | None] = deque()  # the rows not yielded yet, None until their batch has run
-    batch: list[tuple[int, torch.Tensor]] = []  # (index in rows, [3, S, S])
-    done = 0  # rows yielded so far: rows[0] is row number done
-
-    def flush() -> None:
-        logits = predictor(torch.stack([tensor for _, tensor in batch]))
-        for (index, _), top in zip(batch, predictor.topk(logits, top_k)):
-            rows[index - done] = Prediction(files[index], top)
-        batch.clear()
-
+    pending: list[tuple[str, torch.Tensor | str]] = []  # decoded since the last forward
     with ThreadPoolExecutor(max(1, workers)) as pool, \
             tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress) as bar:
-        for index, (path, item) in enumerate(_decoded(predictor, files, pool, ahead=2 * batch_size + workers)):
-            if isinstance(item, str):
-                rows.append(Prediction(path, [], item))
-            else:
-                batch.append((index, item))
-                rows.append(None)  # filled in by flush
-                if len(batch) == batch_size:
-                    flush()
+        for path, item in _decoded(predictor, files, pool, ahead=2 * batch_size + workers):
+            pending.append((path, item))
             bar.update(1)
-            while rows and rows[0] is not None:
-                done += 1
-                yield rows.popleft()
-        if batch:
-            flush()
-        yield from rows
+            if sum(isinstance(x, torch.Tensor) for _, x in pending) == batch_size:
+                yield from predict_batch(predictor, pending, top_k)
+                pending.clear()
+        yield from predict_batch(predictor, pending, top_k)
 
 
 def missing_rows(problems: list[tuple[str, str]]) -> list[Prediction]:
@@ -204,19 +170,10 @@ def _records(rows: Iterable[Prediction]) -> Iterator[dict]:
                "error": row.error}
 
 
-def import_pyarrow():
-    """``(pyarrow, pyarrow.parquet)``, or ImportError saying how to install them."""
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError as err:
-        raise ImportError(f"writing .parquet needs pyarrow, which is not installed ({err}): "
-                          f"pip install pyarrow, or 'effnetv2[scale]'") from err
-    return pyarrow, pyarrow.parquet
-
-
 def _write_parquet(rows: Iterable[Prediction], output: Path) -> None:
-    pa, pq = import_pyarrow()
+    pq = import_optional("pyarrow.parquet", "writing .parquet", PARQUET_INSTALL)
+    import pyarrow as pa
+
     schema = pa.schema([("path", pa.string()),
                         ("predictions", pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))),
                         ("error", pa.string())])
@@ -227,8 +184,8 @@ def _write_parquet(rows: Iterable[Prediction], output: Path) -> None:
 
 
 def check_output(output: str | os.PathLike) -> Path:
-    """``output`` as a Path, after checking that a file can be written there (its missing folders are
-    created, no file is left); ``ValueError`` naming it and saying what to do otherwise."""
+    """``output`` as a Path, once a file can be written there (missing folders created, no file left);
+    ``ValueError`` naming it and saying what to do otherwise."""
     path = Path(output)
     if path.is_dir():
         raise ValueError(f"--output {path} is a folder: give a file name, e.g. {path / ('preds' + path.suffix)}")
@@ -244,22 +201,9 @@ def check_output(output: str | os.PathLike) -> Path:
     return path
 
 
-@contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A new file beside ``path`` (yielded) that replaces ``path`` in one rename when the block ends, and
-    is deleted when it fails: ``path`` is never half-written and keeps its content until then."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_results(rows: Iterable[Prediction], output: str | os.PathLike | None) -> None:
-    """A table on stdout (``output`` None), or a ``.jsonl``, ``.csv`` or ``.parquet`` file (see the
-    module's docstring for the columns). ``rows`` may be a stream: files are written as it arrives, into a
-    temporary file that replaces ``output`` once the stream ends (``output`` is untouched if it fails)."""
+    """A table on stdout (``output`` None), or a ``.jsonl``, ``.csv`` or ``.parquet`` file written as the
+    ``rows`` stream in, which replaces ``output`` once it ends (``output`` is untouched if it fails)."""
     if output is None:
         rows = list(rows)
         width = max([len(row.path) for row in rows] + [5])
@@ -269,11 +213,15 @@ def write_results(rows: Iterable[Prediction], output: str | os.PathLike | None) 
         return
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with _replacing(output) as tmp:
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
         if output.suffix.lower() == ".parquet":
             _write_parquet(rows, tmp)
         else:
             _write_text(rows, tmp, csv_format=output.suffix.lower() == ".csv")
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_text(rows: Iterable[Prediction], path: Path, csv_format: bool) -> None:

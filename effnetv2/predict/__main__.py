@@ -11,8 +11,8 @@ from typing import Iterable, Iterator
 
 from effnetv2 import predict as prediction
 from effnetv2.data import IMAGE_EXTENSIONS, report_bad_files
-from effnetv2.inference import BACKENDS, Predictor
-from effnetv2.predict import (OUTPUT_FORMATS, Prediction, check_output, find_images, import_pyarrow, missing_rows,
+from effnetv2.inference import BACKENDS, Predictor, import_optional
+from effnetv2.predict import (OUTPUT_FORMATS, PARQUET_INSTALL, Prediction, check_output, find_images, missing_rows,
                               predict_files, write_results)
 from effnetv2.sources import load_model
 
@@ -58,24 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.object_store_memory and args.address:
         parser.error("--object-store-memory sizes a Ray this command starts; with --address, size it in `ray start`")
 
-    try:  # the inputs and the output first: a typo never costs a run
+    try:  # what can fail fast first (the output, the inputs, --model, a package), before any work or Ray starts
         output = check_output(args.output) if args.output else None
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    absent = [path for path in args.paths if not os.path.lexists(path)]
-    if absent:
-        print(f"error: no such file or folder: {', '.join(absent)}", file=sys.stderr)
-        return 2
-    files, problems = find_images(args.paths)
-    if not files:
-        report_bad_files(problems)
-        print(f"error: no image files in {' '.join(args.paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})",
-              file=sys.stderr)
-        return 2
-    try:  # what can fail fast first: a wrong --model, a missing package, before any work or Ray starts
-        if args.output and Path(args.output).suffix.lower() == ".parquet":
-            import_pyarrow()
+        absent = [path for path in args.paths if not os.path.lexists(path)]
+        if absent:
+            raise ValueError(f"no such file or folder: {', '.join(absent)}")
+        files, problems = find_images(args.paths)
+        if not files:
+            report_bad_files(problems)
+            raise ValueError(f"no image files in {' '.join(args.paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        if output and output.suffix.lower() == ".parquet":
+            import_optional("pyarrow.parquet", "writing .parquet", PARQUET_INSTALL)
         if args.engine == "local":
             predictor = Predictor(args.model, backend=args.backend)
         else:

@@ -1,33 +1,16 @@
 """Online serving on Ray Serve: an HTTP JSON API over :class:`~effnetv2.inference.Predictor`, with
-dynamic batching.
+dynamic batching (``python -m effnetv2.serve --model SOURCE``).
 
-    python -m effnetv2.serve --model SOURCE [--replicas N] [--max-replicas M] [--port P] [--host H]
-                             [--max-batch-size 8] [--batch-wait-ms 10] [--top-k 5] [--body-timeout 10]
-                             [--address ADDR]
-
-Routes:
-
-- ``POST /classify[?top_k=K]``: the image as the request body (raw bytes, any ``Content-Type``) or as a
-  ``multipart/form-data`` upload (one part with a file name, at most ``MAX_FORM_FIELDS`` others) →
-  ``{"predictions": [{"label", "probability"}, ...best first], "batch_size": n}``, where ``n`` is how
-  many requests the model ran together with this one; plus ``"warning"`` for a tiny image, which is
-  still answered.
+- ``POST /classify[?top_k=K]``: the image as the body or a ``multipart/form-data`` upload →
+  ``{"predictions": [{"label", "probability"}, ...best first], "batch_size": n}`` (the requests run
+  together with this one), plus ``"warning"`` for a tiny image.
 - ``GET /health`` → ``{"status": "ok", "model", "backend", "classes", "max_batch_size"}``.
 
-Bad input follows the app's rules (``app.py``): a 4xx JSON ``{"error": "..."}`` that names what was
-wrong and what to send, and the server keeps serving. A body must arrive within ``--body-timeout``
-seconds plus one per ``MIN_BODY_RATE`` bytes received (else 408): Serve hands a request to a replica
-as soon as its headers arrive, so a slow sender holds one of the replica's ``MAX_ONGOING_REQUESTS``
-slots while its body trickles in.
-
-Each replica decodes uploads in a small thread pool while its model runs; ``@serve.batch`` gathers the
-decoded images into one ``[B, 3, S, S]`` forward of up to ``--max-batch-size`` images, waiting at most
-``--batch-wait-ms`` for a batch to fill.
+Bad input gets a 4xx JSON ``{"error": "..."}`` saying what was wrong and what to send, as in the app.
 """
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,8 +26,8 @@ from ..sources import Source, load_model, parse_source
 
 APP_NAME = "effnetv2"
 DECODE_WORKERS = 2           # images decoded at once per replica: memory stays bounded, as in the app
-# requests a replica holds at once, most of them receiving their upload: far more than its model computes
-# (that is bounded by DECODE_WORKERS and the batch size), so that slow senders cannot take every slot
+# requests a replica holds at once, most receiving their upload (Serve hands a request over once its headers
+# arrive): far more than the model computes, so that slow senders cannot take every slot
 MAX_ONGOING_REQUESTS = 64
 BODY_TIMEOUT_S = 10.0
 MIN_BODY_RATE = 16 * 1024    # bytes/s: each 16 KiB received adds a second to the body's deadline
@@ -89,10 +72,8 @@ async def read_body(request: Any, limit: int = MAX_UPLOAD_BYTES, timeout_s: floa
 
 
 async def image_payload(body: bytes, content_type: str) -> tuple[bytes, str]:
-    """The image bytes of a request and a name for messages: the body itself, or for
-    ``multipart/form-data`` its one part with a file name (its name). 400 when there is no image, or
-    when the upload holds more than one file or ``MAX_FORM_FIELDS`` other parts (Starlette's parser
-    stops there, so a body of many parts costs little)."""
+    """The image bytes of a request and a name for messages: the body, or a multipart upload's one file part.
+    400 without an image, or for more than one file or ``MAX_FORM_FIELDS`` other parts (parsing stops there)."""
     from starlette.formparsers import MultiPartException
     from starlette.requests import Request
 
@@ -122,17 +103,12 @@ async def image_payload(body: bytes, content_type: str) -> tuple[bytes, str]:
 
 def decode(data: bytes, name: str,
            transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, str | None]:
-    """Image bytes → the model input ``[3, S, S]`` (``transform`` of the RGB image) and a warning or
-    None. Decoded by ``effnetv2.images.open_image`` from a private temporary file (PIL tells the format from
-    the bytes), so that every format and every bad-file rule is the library's; 400 naming ``name`` when the
-    image is not usable."""
-    with tempfile.NamedTemporaryFile() as file:
-        file.write(data)
-        file.flush()
-        try:
-            image, warning = open_request_image(file.name, name)  # the app's rules
-        except UnusableImageError as err:
-            raise RequestError(400, str(err)) from None
+    """Image bytes → the model input ``[3, S, S]`` and a warning or None, by the app's rules
+    (``effnetv2.images.open_request_image``); 400 naming ``name`` when unusable."""
+    try:
+        image, warning = open_request_image(data, name)
+    except UnusableImageError as err:
+        raise RequestError(400, str(err)) from None
     return transform(image), warning
 
 
@@ -149,15 +125,8 @@ def parse_top_k(text: str | None, default: int, classes: int) -> int:
 
 
 class ImageClassifier:
-    """The Serve deployment's replica: one :class:`Predictor` behind ``/classify`` and ``/health``.
-
-    Args:
-        source: the model (see ``effnetv2.sources``); a local folder must exist on every node.
-        top_k: labels returned when the request does not say.
-        backend, num_threads: as :class:`Predictor` (``num_threads``: the CPUs Ray gives the replica).
-        max_batch_size, batch_wait_timeout_s: ``@serve.batch``'s batch limits.
-        body_timeout_s: the time a request body has to arrive (see :func:`read_body`).
-    """
+    """The Serve deployment's replica: one :class:`Predictor` behind ``/classify`` and ``/health``
+    (``source``: a local folder must exist on every node; ``top_k``: when the request does not say)."""
 
     def __init__(self, source: str | Source, top_k: int = 5, backend: str = "auto", num_threads: int | None = None,
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, body_timeout_s: float = BODY_TIMEOUT_S):
@@ -180,8 +149,7 @@ class ImageClassifier:
         return [(self.predictor.topk(logits[i:i + 1], top_k)[0], len(items)) for i, (_, top_k) in enumerate(items)]
 
     async def health(self, request: Any) -> dict:
-        """The answer to ``GET /health``: the replica is up, and what it serves (it awaits nothing, so it
-        answers while the model is busy)."""
+        """The answer to ``GET /health`` (it awaits nothing, so it answers while the model is busy)."""
         return {"status": "ok", "model": self.source, "backend": self.predictor.backend,
                 "classes": len(self.predictor.id2label), "max_batch_size": self.max_batch_size}
 
@@ -217,14 +185,9 @@ class ImageClassifier:
 def build_app(source: str | Source, *, replicas: int = 1, max_replicas: int | None = None,
               max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, top_k: int = 5,
               backend: str = "auto", cpus_per_replica: float = 1.0, body_timeout_s: float = BODY_TIMEOUT_S):
-    """The Serve application for ``serve.run``: :class:`ImageClassifier` on ``replicas`` replicas, or
-    autoscaled between ``replicas`` and ``max_replicas`` when that is larger.
-
-    Each replica reserves ``cpus_per_replica`` of Ray's CPUs and runs its model on as many threads.
-    It takes up to ``MAX_ONGOING_REQUESTS`` requests at once, most of them receiving their upload
-    (``body_timeout_s``: see :func:`read_body`); the rest wait in Serve's proxy. The autoscaler aims at
-    ``max_batch_size`` requests in flight per replica: a full batch each.
-    """
+    """The Serve application for ``serve.run``: :class:`ImageClassifier` on ``replicas`` replicas, or autoscaled
+    up to ``max_replicas`` (aiming at a full batch in flight per replica). Each replica reserves
+    ``cpus_per_replica`` of Ray's CPUs and runs its model on as many threads."""
     from ray import serve
 
     if max_replicas is not None and max_replicas > replicas:
@@ -244,18 +207,14 @@ def serving(app, *, host: str = "127.0.0.1", port: int = 8000, address: str | No
             **ray_options) -> Iterator[str]:
     """Run ``app`` (from :func:`build_app`) over HTTP on ``host:port`` until the block ends; yield its URL.
 
-    ``address`` None starts a Ray on this machine, on loopback and with token authentication, as Serve's
-    replicas listen on every interface (``effnetv2.ray_cluster.init_ray``: call
-    ``effnetv2.ray_cluster.require_token_auth()`` before :func:`build_app`, which imports ray;
-    ``ray_options`` go to ``ray.init``: ``num_cpus``, ``object_store_memory``, ``_temp_dir``, ...) and
-    stops it at the end; otherwise this joins that cluster (``"auto"``: the one ``ray start`` runs here)
-    and removes only this application.
+    ``address`` None starts a Ray here, on loopback with token authentication (call
+    ``effnetv2.ray_cluster.require_token_auth()`` before :func:`build_app` imports ray; ``ray_options`` go to
+    ``ray.init``), stopped at the end; otherwise this joins that cluster and removes only this application.
     """
     import ray
     from ray import serve
 
     joined = init_ray(address, token_auth=True, **ray_options)
-
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
