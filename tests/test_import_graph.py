@@ -89,6 +89,29 @@ def test_package_imports_have_no_cycle():
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
+# The layer map of README.md's "Layout": a module imports modules of its own layer or below, never above.
+LAYERS = [
+    {"errors", "configs", "layers", "attention", "checkpoint", "card", "images", "shapes", "ray_cluster"},
+    {"model", "hub"},
+    {"transforms", "fuse", "training", "explain", "convert", "quantize", "viz", "sources", "data", "schedule",
+     "progressive", "ema", "tracking", "walkthrough"},
+    {"export", "finetune", "run_folder", "publish", "inference", "hub_data", "loading", "evaluate", "predict", "serve",
+     "batch_ray"},
+    set(COMMANDS),
+]
+
+
+def layer_of(module: str) -> int:
+    return next(i for i, layer in enumerate(LAYERS) if module in layer)
+
+
+def test_imports_never_go_up_a_layer():
+    assert set().union(*LAYERS) == set(MODULES), "place every module in one layer of LAYERS (and README's table)"
+    for module in MODULES:
+        for imported in package_imports(module):
+            assert layer_of(imported) <= layer_of(module), f"{module} imports {imported}, a layer above it"
+
+
 def test_command_lines_are_the_top_layer():
     """Nothing imports a command (``effnetv2/<name>/__main__.py``), and library modules hold no command line."""
     assert COMMANDS, "no command modules found"
