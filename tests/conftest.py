@@ -66,3 +66,24 @@ def silent_proxy(monkeypatch):
             thread.join()
             for connection in accepted:
                 connection.close()
+
+
+@pytest.fixture()
+def hung_load(monkeypatch):
+    """``effnetv2.loading.load`` replaced by a load that hangs until ``release`` is set, then fails with an
+    error naming server paths and settings (which visitors must never see); yields ``(release, calls)``,
+    ``calls`` the sources asked for. Released at teardown, so no load outlives its test."""
+    from effnetv2 import loading
+
+    release, calls = threading.Event(), []
+
+    def load(source, backend="auto"):
+        calls.append(source)
+        release.wait(120)
+        raise OSError("could not download the weights: put that file at /srv/torch/hub (or set TORCH_HOME, "
+                      "unset HF_HUB_OFFLINE)")
+    monkeypatch.setattr(loading, "load", load)
+    try:
+        yield release, calls
+    finally:
+        release.set()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -65,16 +64,10 @@ def test_offline_without_the_weights_the_message_names_no_path(models, tmp_path,
     assert "HF_HUB_OFFLINE" in caplog.text or "offline" in caplog.text  # the log keeps the detail
 
 
-def test_a_hung_load_keeps_one_waiter_and_turns_the_others_away(models, monkeypatch):
+def test_a_hung_load_keeps_one_waiter_and_turns_the_others_away(models, hung_load):
     """Of four callers of a hung load one waits (``waiters=1``), three are told at once it is loading; the
     main model answers meanwhile; one load serves them all."""
-    release, calls = threading.Event(), []
-
-    def hanging_load(source, backend="auto"):
-        calls.append(source)
-        release.wait(30)
-        raise OSError("no answer")
-    monkeypatch.setattr(loading, "load", hanging_load)
+    release, calls = hung_load
     with ThreadPoolExecutor(4) as pool:
         requests = [pool.submit(models.get, IMAGENET) for _ in range(4)]
         turned_away, waiting = [], []
@@ -114,17 +107,10 @@ def test_a_download_that_never_answers_fails_in_time_and_names_no_path(models, s
     assert "could not download" in caplog.text and str(tmp_path) in caplog.text
 
 
-def test_a_failed_model_load_is_remembered_for_a_while(models, monkeypatch):
+def test_a_failed_model_load_is_remembered_for_a_while(models, hung_load, monkeypatch):
     """A load that failed (or outlived LOAD_TIMEOUT_S) is not retried on every request, only after
     RETRY_AFTER_S, and its message names no server path or setting."""
-    calls, release = [], threading.Event()
-
-    def failing_load(source, backend="auto"):
-        calls.append(source)
-        release.wait(30)
-        raise OSError("could not download the weights: put that file at /srv/torch/hub (or set TORCH_HOME, "
-                      "unset HF_HUB_OFFLINE)")
-    monkeypatch.setattr(loading, "load", failing_load)
+    release, calls = hung_load
     monkeypatch.setattr(loading, "LOAD_TIMEOUT_S", 0.5)  # a load that takes longer is given up ...
     start = time.monotonic()
     for _ in range(2):  # ... without starting another while it runs

@@ -222,3 +222,10 @@ def test_grid_image_draws_the_query_attention_on_the_grid():
     pixels = np.asarray(viz.grid_image(view, (2, 2), (1, 1), attn), int)
     assert pixels[10, 10].sum() > pixels[40, 10].sum() + 100  # the attended cell is bright
     assert tuple(pixels[31, 45]) == (0, 255, 255)  # the query cell's outline
+
+
+def test_bar_chart_colours_follow_the_sign():
+    chart = np.asarray(viz.bar_chart(["head 1", "head 2"], [2.0, -1.0], "adds"), int)
+    red = (chart[..., 0] > chart[..., 2] + 60).sum()
+    blue = (chart[..., 2] > chart[..., 0] + 60).sum()
+    assert red > 0 and blue > 0 and red > blue  # the taller bar is the red one
