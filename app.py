@@ -198,7 +198,7 @@ def parse_query(query: str, row, col, grid: tuple[int, int]) -> tuple[int, int] 
 def attention_parts(predictor: Predictor, seen: dict, query: str = POOLED, row=0, col=0):
     """Each head's attention (their mean first), the score matrix, the maths, the query's attention on the grid."""
     grid = tuple(seen["feats"].shape[-2:])
-    walk = attention_walkthrough(predictor.model, seen["x"], query=parse_query(query, row, col, grid))
+    walk = attention_walkthrough(predictor.model, seen["x"], parse_query(query, row, col, grid), seen["feats"])
     view = seen["view"].resize((VIEW_PX, VIEW_PX), Image.BICUBIC)
     return (viz.head_gallery(view.resize((MAP_PX, MAP_PX), Image.BICUBIC), walk["maps"]),
             viz.score_matrix_image(walk["all_weights"], walk["query"], grid), viz.walkthrough_markdown(walk),

@@ -50,11 +50,13 @@ def attention_steps(queries: torch.Tensor, tokens: torch.Tensor, num_heads: int,
 
 
 @torch.no_grad()
-def attention_walkthrough(model: nn.Module, x: torch.Tensor, query: tuple[int, int] | None = None) -> dict:
+def attention_walkthrough(model: nn.Module, x: torch.Tensor, query: tuple[int, int] | None = None,
+                          feats: torch.Tensor | None = None) -> dict:
     """Every step of ``model.attention_maps`` for the first image of ``x`` (query: grid cell ``query``, else the
     pooled one or, average pool, the most attended cell): ``steps``, ``maps`` ``[h, H, W]``, ``all_weights``
-    ``[h, L, L]`` (every token a query), ``grid``, ``query``, ``num_heads``, ``head_dim`` and ``output`` ``[D]``."""
-    feats = model.forward_features(x[:1])
+    ``[h, L, L]`` (every token a query), ``grid``, ``query``, ``num_heads``, ``head_dim`` and ``output`` ``[D]``.
+    ``feats``: ``x``'s eval-mode feature map when the caller has it (no second backbone forward)."""
+    feats = model.forward_features(x[:1]) if feats is None else feats[:1]
     height, width = feats.shape[-2:]
     num_heads = model.num_heads
     pool = getattr(model.head, "attn_pool", None)

@@ -317,6 +317,15 @@ def test_another_class_or_map_reuses_the_image_seen_once(predictor, photo, monke
     assert len(seen["why"]) == 3 - ("cross" == next(iter(labels)))  # predicted, cross, star: each computed once
 
 
+def test_the_sections_and_query_clicks_reuse_the_image_seen_once(predictor, photo, monkeypatch):
+    """The heads, the score matrix and every query click use the kept feature map: no second backbone forward."""
+    seen = app.show_answer(str(photo), app.BEST, "")[-1]
+    monkeypatch.setattr(predictor.model, "forward_features", lambda x: pytest.fail("the backbone ran again"))
+    depth = app.show_depth(seen, "", app.POOLED, 0, 0)
+    clicked = app.show_attention(seen, app.CELL, 1, 0)
+    assert all(part is not None for part in (*depth, *clicked)) and clicked[2] != depth[6]  # another query's maths
+
+
 def test_no_image_clears_the_answer(predictor):
     assert app.show_answer(None, app.BEST, "") == (None, None, "", "", "", None)
     assert app.redraw(None, "", app.BEST) == (None, None, "", "", "")

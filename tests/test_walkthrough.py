@@ -74,6 +74,10 @@ def test_model_walkthrough_matches_the_attention_pool():
     cell = attention_walkthrough(model, x, query=(0, 2))
     torch.testing.assert_close(cell["maps"], model.attention_maps(x, query=(0, 2))[0])
     torch.testing.assert_close(cell["all_weights"][:, 2], cell["maps"].flatten(1))  # the query's row
+    with torch.no_grad():
+        given = attention_walkthrough(model, x, query=(0, 2), feats=model.forward_features(x))  # the app's kept map
+    torch.testing.assert_close(given["maps"], cell["maps"])
+    torch.testing.assert_close(given["all_weights"], cell["all_weights"])
     with pytest.raises(ValueError, match="outside the 2x3 feature grid"):
         attention_walkthrough(model, x, query=(2, 0))
 
