@@ -264,6 +264,11 @@ def picture_file(image: Image.Image) -> str:
     return str(path)
 
 
+def captioned(gallery) -> list[dict]:
+    """An API endpoint's gallery: its (picture, caption) pairs as Gallery's {"image", "caption"} dicts."""
+    return [{"image": picture, "caption": caption} for picture, caption in gallery]
+
+
 def as_files(outputs, wrap=str):
     """Outputs with every PIL image (also inside lists of (image, caption)) → a :func:`picture_file` path,
     passed through ``wrap`` (``FileData`` for the API endpoints, which Gradio does not postprocess)."""
@@ -321,7 +326,7 @@ def attention(image: FileData, query: str = POOLED, row: float = 0, col: float =
     predictor = predictor_for(model)
     gallery, matrix, maths, grid = as_files(attention_parts(predictor, look(predictor, image), query, row, col),
                                             FileData)
-    return [{"image": picture, "caption": caption} for picture, caption in gallery], matrix, maths, grid
+    return captioned(gallery), matrix, maths, grid
 
 
 def explain(image: FileData, class_name: str = "", model: str = "") -> tuple[list[dict], dict, str, tuple[FileData, FileData]]:
@@ -341,7 +346,7 @@ def explain(image: FileData, class_name: str = "", model: str = "") -> tuple[lis
     predictor = predictor_for(model)
     gallery, totals, table, pair, _ = as_files(explain_parts(predictor, look(predictor, image), class_name),
                                                FileData)
-    return [{"image": picture, "caption": caption} for picture, caption in gallery], totals, table, pair
+    return captioned(gallery), totals, table, pair
 
 
 def textbook(tokens: float = 3, width: float = 768, heads: float = 12, seed: float = 0) -> tuple[list[dict], str]:
@@ -356,7 +361,7 @@ def textbook(tokens: float = 3, width: float = 768, heads: float = 12, seed: flo
         each head's score matrix, and the tensor shapes at each step.
     """
     gallery, maths = as_files(playground(tokens, width, heads, seed), FileData)
-    return [{"image": picture, "caption": caption} for picture, caption in gallery], maths
+    return captioned(gallery), maths
 
 
 # ---- The page's handlers ----------------------------------------------------------------------------

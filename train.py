@@ -212,16 +212,16 @@ def training_function(args: argparse.Namespace, accelerator: Accelerator, argv: 
         f"epoch, {total_steps} in all, on {accelerator.num_processes} process(es) ({accelerator.device})"
         + ("" if dynamo is DynamoBackend.NO else f", torch.compile backend {dynamo.value.lower()}"))
     coverage = epoch_coverage(len(data.train), args.batch_size, accelerator.num_processes)
-    if coverage.describe(args.batch_size, accelerator.num_processes):
-        say(coverage.describe(args.batch_size, accelerator.num_processes))
+    if note := coverage.describe(args.batch_size, accelerator.num_processes):
+        say(note)
 
     # 6. Train: one epoch at a time, validating and checkpointing after each.
     stage, cm = None, None
     for epoch in range(start_epoch, args.epochs):
         if step >= total_steps:
             break
-        if stage_for_epoch(plan, epoch) != stage:
-            stage = stage_for_epoch(plan, epoch)
+        if (new_stage := stage_for_epoch(plan, epoch)) != stage:
+            stage = new_stage
             data.train.set_transform(transforms_for(unwrapped, train=True, image_size=stage.image_size,
                                                    randaugment_magnitude=stage.randaugment, scale=args.crop_scale))
             unwrapped.head.dropout.p = stage.dropout
@@ -232,7 +232,8 @@ def training_function(args: argparse.Namespace, accelerator: Accelerator, argv: 
         model.train()
         if freeze:
             backbone_batchnorm_eval(unwrapped)
-        started, seen, loss_sum = time.time(), 0, 0.0
+        # the loss is summed where it is (an .item() per batch would wait for the GPU every batch)
+        started, seen, loss_sum = time.time(), 0, torch.zeros((), dtype=torch.float64, device=accelerator.device)
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_main_process,
                    leave=False, dynamic_ncols=True)
         for x, y in bar:
@@ -247,22 +248,22 @@ def training_function(args: argparse.Namespace, accelerator: Accelerator, argv: 
                 optimizer.step()
                 optimizer.zero_grad()
             seen += len(y)
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss.detach().double() * len(y)
             if accelerator.sync_gradients:  # an optimizer step was taken
                 scheduler.step()
                 step += 1
                 if ema:
                     ema.update_parameters(unwrapped)
-                accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                value, lr = loss.item(), scheduler.get_last_lr()[0]
+                accelerator.log({"train/loss": value, "train/lr": lr}, step=step)
+                bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}")
                 if step >= total_steps:
                     if step < steps_per_epoch * (epoch + 1):
                         say(f"--max-steps {args.max_steps}: stopping {step - steps_per_epoch * epoch} of "
                             f"{steps_per_epoch} optimizer steps into epoch {epoch + 1} (it counts as done)")
                     break
         train_seconds = time.time() - started
-        totals = accelerator.reduce(torch.tensor([seen, loss_sum], dtype=torch.float64, device=accelerator.device),
-                                    "sum")
+        totals = accelerator.reduce(torch.stack([loss_sum.new_tensor(seen), loss_sum]), "sum")
         evaluated = ema.module if ema else unwrapped
         if calib_loader is not None:  # a frozen backbone keeps its statistics: only the head's are redone
             recalibrate_batchnorm(evaluated, (x.to(accelerator.device) for x, _ in calib_loader),

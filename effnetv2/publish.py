@@ -80,6 +80,7 @@ def push(out: Path, repo_id: str, private: bool, overwrite_card: bool, val_accur
     """Upload the model folder ``out`` (not its checkpoints and logs) to ``repo_id``; returns its URL. A
     failure is a RunError (status 1) with the commands to retry: the run stays saved in ``out``."""
     try:
+        # a copy: HfApi.upload_folder appends its own patterns to the list it is given
         commit = upload_model_folder(out, repo_id, private=private, ignore_patterns=list(NOT_PUSHED),
                                      overwrite_card=overwrite_card,
                                      commit_message=f"train.py: val accuracy {val_accuracy:.4f}")
@@ -87,8 +88,9 @@ def push(out: Path, repo_id: str, private: bool, overwrite_card: bool, val_accur
         retry = (f"python -c \"from huggingface_hub import HfApi; HfApi().upload_folder(repo_id='{repo_id}', "
                  f"folder_path='{out}', ignore_patterns={NOT_PUSHED})\"")
         first_line = str(err).splitlines()[0] if str(err) else ""
+        excludes = " ".join(f"--exclude '{pattern}'" for pattern in NOT_PUSHED)
         raise RunError(f"pushing to {repo_id} failed ({type(err).__name__}: {first_line}).\nEverything is saved in "
                        f"{out}. Log in (`hf auth login` or HF_TOKEN) if needed, then retry with:\n"
-                       f"  hf upload {repo_id} {out} . --exclude 'checkpoints/*' --exclude 'logs/*'\nor\n  {retry}",
+                       f"  hf upload {repo_id} {out} . {excludes}\nor\n  {retry}",
                        status=1) from None
     return commit.repo_url

@@ -570,14 +570,20 @@ def test_model_picker_loads_imagenet_s_on_first_use(predictor, photo, torchvisio
     assert "The map: CAM" in sentence or "The map: Grad-CAM" in sentence
 
 
-def test_model_picker_offline_says_so_once_in_a_visitors_words(predictor, tmp_path, monkeypatch):
+@pytest.fixture()
+def own_models(predictor, monkeypatch):
+    """A fresh ``app.MODELS`` on the tiny model (nothing else loaded, no failure remembered)."""
+    models = app.Models(app.MODELS.main, app.NAMES, app.LOAD_WAITERS)
+    models.start(models.main, backend="torch")
+    monkeypatch.setattr(app, "MODELS", models)
+    return models
+
+
+def test_model_picker_offline_says_so_once_in_a_visitors_words(own_models, tmp_path, monkeypatch):
     """The visitor reads once that the model cannot be had (effnetv2.loading's message) and the page stays;
     an API call gets it as the app's error."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no weights there
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    models = app.Models(str(app.MODELS.main), app.NAMES)
-    models.start(models.main, backend="torch")
-    monkeypatch.setattr(app, "MODELS", models)  # ImageNet not loaded yet
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # own_models: ImageNet not loaded yet
     with pytest.warns(UserWarning) as warned:  # a toast in the page, once
         name, header, classes, *_ = app.switch("torchvision:s")
     assert len(warned) == 1 and str(tmp_path) not in str(warned[0].message)
@@ -586,15 +592,6 @@ def test_model_picker_offline_says_so_once_in_a_visitors_words(predictor, tmp_pa
     with pytest.raises(gr.Error, match=r"Unknown model 'resnet'") as caught:
         app.classify("unused.png", "resnet")
     assert caught.value.title == "Unknown model"
-
-
-@pytest.fixture()
-def own_models(predictor, monkeypatch):
-    """A fresh ``app.MODELS`` on the tiny model (nothing else loaded, no failure remembered)."""
-    models = app.Models(app.MODELS.main, app.NAMES, app.LOAD_WAITERS)
-    models.start(models.main, backend="torch")
-    monkeypatch.setattr(app, "MODELS", models)
-    return models
 
 
 def test_a_hung_model_load_never_holds_up_the_apps_own_model(own_models, photo, hung_load, monkeypatch):
