@@ -591,6 +591,14 @@ _STORAGE_ROUTES = [
 ]
 
 
+def hub_env(endpoint: str, home: Path) -> dict[str, str]:
+    """The environment that points huggingface_hub (in a subprocess) at ``endpoint``, online, with its
+    cache under ``home`` and the plain LFS upload path."""
+    return {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+            "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+
+
 def point_client_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path, token: str | None = TOKEN) -> None:
     """Make huggingface_hub in this process use ``endpoint``, an empty cache under ``home``, ``token``,
     online mode and the plain LFS upload path.
@@ -604,10 +612,7 @@ def point_client_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path, 
     from huggingface_hub import constants, hf_api
 
     home.mkdir(parents=True, exist_ok=True)
-    env = {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
-    for key, value in env.items():
+    for key, value in hub_env(endpoint, home).items():
         monkeypatch.setenv(key, value)
     for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_TOKEN_PATH", "TRANSFORMERS_OFFLINE",
                 "HUGGINGFACE_HUB_CACHE"):
@@ -623,6 +628,15 @@ def point_client_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path, 
     for name, value in patches.items():
         monkeypatch.setattr(constants, name, value)
     monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
+
+
+def point_datasets_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, cache: Path) -> None:
+    """Make the ``datasets`` library in this process use ``endpoint``, online, with its cache at ``cache``
+    (``datasets.config`` read these at import time); after ``point_client_at``."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr("datasets.config.HF_ENDPOINT", endpoint)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", False)
 
 
 def set_offline(monkeypatch: pytest.MonkeyPatch, offline: bool = True) -> None:
