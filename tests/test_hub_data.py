@@ -3,10 +3,8 @@ API with the real ``datasets`` client; save_to_disk folders; bad rows; columns; 
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from effnetv2.hub_data import load_training_data, open_hub_dataset
 from effnetv2.images import open_image
 from hub_datasets import CLASSES, features, hub_files, shapes_rows
 from hubserver import hub_server, point_datasets_at  # noqa: F401  (hub_server: fixture)
+from pngs import png_claiming
 from test_train import SMOKE, launch_two_processes as launch, metrics_of
 from train_script import fresh_accelerate, train  # noqa: F401  (fresh_accelerate: autouse)
 
@@ -46,14 +45,6 @@ def png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares ``width`` x ``height`` 8-bit grey pixels and holds none."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
 def launch_two_processes(*args: str, env: dict | None = None) -> str:
@@ -96,7 +87,7 @@ def test_a_save_to_disk_folder_with_bad_rows_is_split_like_a_folder(rows, tmp_pa
     good = train_rows["image"][0]["bytes"]
     sixteen = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)  # a 16-bit grey PNG
     bad = {1: good[: len(good) // 2], 4: b"not an image" * 9,  # truncated, garbage
-           7: png_header(20000, 20000)}  # over the pixel limit
+           7: png_claiming(20000, 20000, colour_type=0)}  # over the pixel limit
     for index, data in bad.items():
         train_rows["image"][index] = {"bytes": data, "path": None}
     train_rows["image"][2] = {"bytes": png(sixteen), "path": None}
