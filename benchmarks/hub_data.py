@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from hub_datasets import hub_files, shapes_rows  # noqa: E402
-from hubserver import HubServer  # noqa: E402
+from hubserver import HubServer, hub_env  # noqa: E402
 
 
 def main() -> int:
@@ -42,8 +42,7 @@ def main() -> int:
         server = HubServer().start()
         try:
             server.add_dataset("org/shapes", hub_files({"train": rows}))
-            env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "0",
-                   "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT)}
+            env = {**os.environ, **hub_env(server.url, tmp / "hf"), "PYTHONPATH": str(ROOT)}
             common = ["--variant", "b0", "--image-size", "64", "--batch-size", "8", "--epochs", "1", "--workers", "0",
                       "--cpu", "--seed", "0", "--report-to", "none"]
             times, cpu = {"folder": [], "hub": []}, {"folder": [], "hub": []}
@@ -71,17 +70,14 @@ def main() -> int:
 
 
 def time_loading(tmp: Path, endpoint: str, repeats: int) -> int:
-    import datasets
     import pytest
 
     from effnetv2.hub_data import load_training_data
-    from hubserver import point_client_at
+    from hubserver import point_client_at, point_datasets_at
 
     patch = pytest.MonkeyPatch()  # this process's huggingface_hub and datasets, pointed at the test Hub
     point_client_at(patch, endpoint, tmp / "hf-load", token=None)
-    patch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
-    patch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp / "hf-load" / "datasets")
+    point_datasets_at(patch, endpoint, tmp / "hf-load" / "datasets")
 
     started = time.perf_counter()
     load_training_data(dataset="org/shapes", workers=2)

@@ -28,17 +28,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(log_path: Path, *args: str, timeout: float = 120.0):
-    """Run the app (bundled model unless ``--model`` is in ``args``) offline; yield its URL. Its
-    temporary files (Gradio's cache, the served pictures) go to the folder of ``log_path``."""
+def running_app(log_path: Path, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None):
+    """Run the app (bundled model unless ``--model`` is in ``args``) offline, with ``env`` added to its
+    environment; yield its URL. Its temporary files (Gradio's cache, the served pictures) go to the folder
+    of ``log_path``."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "TMPDIR": str(log_path.parent)}
-    env.pop("EFFNETV2_MODEL", None)
-    env.pop("GRADIO_TEMP_DIR", None)
+    app_env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+               "TMPDIR": str(log_path.parent)}
+    app_env.pop("EFFNETV2_MODEL", None)
+    app_env.pop("GRADIO_TEMP_DIR", None)
+    app_env.update(env or {})
     url = f"http://127.0.0.1:{port}/"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(APP), "--port", str(port), *args], env=env,
+        proc = subprocess.Popen([sys.executable, str(APP), "--port", str(port), *args], env=app_env,
                                 stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + timeout

@@ -82,6 +82,14 @@ class StoredFile:
     content: bytes | None = None  # regular files
     lfs_sha256: str | None = None  # LFS files: the content lives in HubState.lfs_objects
 
+    @classmethod
+    def plain(cls, data: bytes) -> "StoredFile":
+        return cls(len(data), git_blob_oid(data), data)
+
+    @classmethod
+    def lfs(cls, sha256: str, size: int) -> "StoredFile":
+        return cls(size, git_blob_oid(lfs_pointer(sha256, size)), lfs_sha256=sha256)
+
 
 @dataclass
 class Commit:
@@ -181,9 +189,9 @@ class HubServer:
                 if path.endswith(lfs_suffixes):
                     oid = hashlib.sha256(data).hexdigest()
                     self.lfs_objects[oid] = data
-                    stored[path] = StoredFile(len(data), git_blob_oid(lfs_pointer(oid, len(data))), lfs_sha256=oid)
+                    stored[path] = StoredFile.lfs(oid, len(data))
                 else:
-                    stored[path] = StoredFile(len(data), git_blob_oid(data), data)
+                    stored[path] = StoredFile.plain(data)
             return self._commit(repo, "main", stored, f"add {len(files)} file(s)").oid
 
     def lfs_paths(self, repo_id: str, revision: str = "main") -> set[str]:
@@ -215,12 +223,24 @@ class HubServer:
     def create_repo(self, repo_id: str, private: bool = False) -> Repo:
         with self.lock:
             repo = self.repos[repo_id] = Repo(repo_id, private)
-            self._commit(repo, "main", {".gitattributes": StoredFile(len(GITATTRIBUTES), git_blob_oid(GITATTRIBUTES),
-                                                                      GITATTRIBUTES)}, "initial commit")
+            self._commit(repo, "main", {".gitattributes": StoredFile.plain(GITATTRIBUTES)}, "initial commit")
             return repo
 
     def sign(self, oid: str) -> str:
         return hmac.new(self._secret, oid.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _file_entry(path: str, stored: StoredFile) -> dict:
+    """A file's entry in ``tree``/``paths-info`` answers (with ``lfs`` for LFS files)."""
+    entry = {"type": "file", "oid": stored.blob_oid, "size": stored.size, "path": path}
+    if stored.lfs_sha256:
+        entry["lfs"] = {"oid": stored.lfs_sha256, "size": stored.size,
+                        "pointerSize": len(lfs_pointer(stored.lfs_sha256, stored.size))}
+    return entry
+
+
+def _dir_entry(path: str) -> dict:
+    return {"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "path": path}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -396,17 +416,12 @@ class _Handler(BaseHTTPRequestHandler):
             if not recursive and "/" in rest:
                 folders.add(prefix + rest.split("/")[0])
                 continue
-            entry = {"type": "file", "oid": stored.blob_oid, "size": stored.size, "path": name}
-            if stored.lfs_sha256:
-                entry["lfs"] = {"oid": stored.lfs_sha256, "size": stored.size,
-                                "pointerSize": len(lfs_pointer(stored.lfs_sha256, stored.size))}
-            entries.append(entry)
+            entries.append(_file_entry(name, stored))
         if recursive:
             folders = {"/".join(e["path"].split("/")[:i]) for e in entries for i in range(1, e["path"].count("/") + 1)}
         if prefix and not entries and not folders:
             raise HubError(404, f"{path} does not exist at {rev}", "EntryNotFound")
-        self._json(200, [{"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "path": f}
-                         for f in sorted(folders)] + entries)
+        self._json(200, [_dir_entry(f) for f in sorted(folders)] + entries)
 
     def paths_info(self, body, query, repo, rev) -> None:
         """``get_paths_info``: the entries (files as in ``tree``, folders) of the paths asked for."""
@@ -417,13 +432,9 @@ class _Handler(BaseHTTPRequestHandler):
         for path in (p.strip("/") for p in wanted):
             stored = commit.files.get(path)
             if stored is not None:
-                entry = {"type": "file", "oid": stored.blob_oid, "size": stored.size, "path": path}
-                if stored.lfs_sha256:
-                    entry["lfs"] = {"oid": stored.lfs_sha256, "size": stored.size,
-                                    "pointerSize": len(lfs_pointer(stored.lfs_sha256, stored.size))}
-                entries.append(entry)
+                entries.append(_file_entry(path, stored))
             elif any(name.startswith(f"{path}/") for name in commit.files):
-                entries.append({"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "path": path})
+                entries.append(_dir_entry(path))
         self._json(200, entries)
 
     def preupload(self, body, query, repo, rev) -> None:
@@ -486,14 +497,13 @@ class _Handler(BaseHTTPRequestHandler):
                 key, value = line["key"], line["value"]
                 if key == "file":
                     content = base64.b64decode(value["content"])
-                    files[value["path"]] = StoredFile(len(content), git_blob_oid(content), content)
+                    files[value["path"]] = StoredFile.plain(content)
                 elif key == "lfsFile":
                     data = self.hub.lfs_objects.get(value["oid"])
                     if data is None:
                         raise HubError(422, f"Your push was rejected because an LFS pointer pointed to a file "
                                             f"that does not exist ({value['path']})")
-                    files[value["path"]] = StoredFile(len(data), git_blob_oid(lfs_pointer(value["oid"], len(data))),
-                                                      lfs_sha256=value["oid"])
+                    files[value["path"]] = StoredFile.lfs(value["oid"], len(data))
                 elif key == "deletedFile":
                     if files.pop(value["path"], None) is None:
                         raise HubError(404, "A file with this name doesn't exist", "EntryNotFound")
@@ -581,6 +591,14 @@ _STORAGE_ROUTES = [
 ]
 
 
+def hub_env(endpoint: str, home: Path) -> dict[str, str]:
+    """The environment that points huggingface_hub (in a subprocess) at ``endpoint``, online, with its
+    cache under ``home`` and the plain LFS upload path."""
+    return {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+            "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+
+
 def point_client_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path, token: str | None = TOKEN) -> None:
     """Make huggingface_hub in this process use ``endpoint``, an empty cache under ``home``, ``token``,
     online mode and the plain LFS upload path.
@@ -594,10 +612,7 @@ def point_client_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path, 
     from huggingface_hub import constants, hf_api
 
     home.mkdir(parents=True, exist_ok=True)
-    env = {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
-    for key, value in env.items():
+    for key, value in hub_env(endpoint, home).items():
         monkeypatch.setenv(key, value)
     for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_TOKEN_PATH", "TRANSFORMERS_OFFLINE",
                 "HUGGINGFACE_HUB_CACHE"):
@@ -613,6 +628,15 @@ def point_client_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path, 
     for name, value in patches.items():
         monkeypatch.setattr(constants, name, value)
     monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
+
+
+def point_datasets_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, cache: Path) -> None:
+    """Make the ``datasets`` library in this process use ``endpoint``, online, with its cache at ``cache``
+    (``datasets.config`` read these at import time); after ``point_client_at``."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr("datasets.config.HF_ENDPOINT", endpoint)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", False)
 
 
 def set_offline(monkeypatch: pytest.MonkeyPatch, offline: bool = True) -> None:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from PIL import Image
 
 import app
 from app_server import free_port
+from pngs import png_claiming
 from effnetv2 import EfficientNetV2, explain, transforms_for, viz
 
 LABELS = ["circle", "hexagon", "square", "star", "triangle", "ring", "cross"]
@@ -101,15 +100,6 @@ def test_classify_takes_upload_payload_path_and_pil(predictor, photo):
     assert list(_top(app.classify(Image.open(photo)))) == list(_top(by_path))
 
 
-def _png_header_only(path, width, height):
-    """A PNG that claims ``width`` x ``height`` pixels in a few dozen bytes (a decompression bomb)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
-    return path
-
-
 @pytest.mark.parametrize("fn", ["classify", "attention"])
 @pytest.mark.parametrize("case, message", [
     ("text", "not an image"), ("bomb", "decompression bomb"), ("truncated", "truncated"),
@@ -119,7 +109,8 @@ def test_bad_inputs_give_clear_errors(predictor, tmp_path, photo, fn, case, mess
         value = tmp_path / "notes.png"
         value.write_text("this is not a picture")
     elif case == "bomb":
-        value = _png_header_only(tmp_path / "bomb.png", 60_000, 60_000)
+        value = tmp_path / "bomb.png"
+        value.write_bytes(png_claiming(60_000, 60_000))
     elif case == "truncated":
         value = tmp_path / "cut.png"
         value.write_bytes(photo.read_bytes()[:300])
@@ -141,7 +132,7 @@ def test_pixel_limit_at_its_edge(predictor, tmp_path, size, refused):
     """40,000,000 pixels are read; 40,005,000 (0.0125% more) are refused before decoding."""
     path = tmp_path / "big.png"
     if refused:
-        _png_header_only(path, *size)
+        path.write_bytes(png_claiming(*size))
         with pytest.raises(gr.Error, match="8001x5000 pixels is more than the 40,000,000 allowed"):
             app.classify(str(path))
     else:

@@ -40,17 +40,10 @@ EXAMPLES = Path(app.__file__).parent / "assets" / "examples"
 def browser(tmp_path_factory):
     """The app (offline, with an empty torch cache: the ImageNet weights cannot be had) and Chromium."""
     folder = tmp_path_factory.mktemp("app")
-    torch_home, os.environ["TORCH_HOME"] = os.environ.get("TORCH_HOME"), str(folder)  # for the app's process
-    try:
-        with running_app(folder / "app.log") as url, sync_api.sync_playwright() as pw:
-            chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            yield chromium, url
-            chromium.close()
-    finally:
-        if torch_home is None:
-            del os.environ["TORCH_HOME"]
-        else:
-            os.environ["TORCH_HOME"] = torch_home
+    with running_app(folder / "app.log", env={"TORCH_HOME": str(folder)}) as url, sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium, url
+        chromium.close()
 
 
 @pytest.fixture(params=list(SIZES))

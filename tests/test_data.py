@@ -2,7 +2,6 @@
 import io
 import json
 import random
-import struct
 import threading
 import time
 import warnings
@@ -19,6 +18,7 @@ from effnetv2.data import (DatasetError, ImageFolderDataset, check_images, read_
                            save_class_indices, scan_folder, split_samples, write_split)
 from effnetv2.data.__main__ import main
 from effnetv2.images import ImageLoadError, open_image
+from pngs import png_claiming
 
 
 def _image(path, mode="RGB", size=(20, 16), fmt=None, colour=None):
@@ -33,14 +33,6 @@ def _noise_bytes(fmt, size=64):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), np.uint8)).save(buf, fmt)
     return buf.getvalue()
-
-
-def _png_claiming(width, height):
-    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's signature)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 @pytest.fixture
@@ -165,7 +157,7 @@ def _bad_files(folder):
         "text.jpg": (b"hello, I am a text file with a .jpg name", "not an image"),
         "truncated.jpg": (noise_jpeg[: len(noise_jpeg) // 2], "truncated"),
         "truncated.png": (noise_png[: len(noise_png) // 2], "truncated"),
-        "bomb.png": (_png_claiming(60_000, 60_000), "decompression bomb"),
+        "bomb.png": (png_claiming(60_000, 60_000, idat=zlib.compress(b"\0" * 64)), "decompression bomb"),
     }
     for name, (data, _) in kinds.items():
         (folder / name).write_bytes(data)

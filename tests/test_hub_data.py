@@ -3,10 +3,8 @@ API with the real ``datasets`` client; save_to_disk folders; bad rows; columns; 
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +17,9 @@ from effnetv2.data import DatasetError
 from effnetv2.hub_data import load_training_data, open_hub_dataset
 from effnetv2.images import open_image
 from hub_datasets import CLASSES, features, hub_files, shapes_rows
-from hubserver import hub_server  # noqa: F401  (fixture)
-from test_train import SMOKE, metrics_of
+from hubserver import hub_server, point_datasets_at  # noqa: F401  (hub_server: fixture)
+from pngs import png_claiming
+from test_train import SMOKE, launch_two_processes as launch, metrics_of
 from train_script import fresh_accelerate, train  # noqa: F401  (fresh_accelerate: autouse)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,10 +36,7 @@ def rows(tmp_path_factory):
 def hub(hub_server, rows, monkeypatch, tmp_path):
     """The test Hub serving ``org/shapes`` (train and validation splits, 2 parquet shards each); the
     datasets cache is this test's own."""
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
-    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", tmp_path / "datasets-cache")
-    monkeypatch.setattr("datasets.config.HF_ENDPOINT", hub_server.url)
-    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", False)
+    point_datasets_at(monkeypatch, hub_server.url, tmp_path / "datasets-cache")
     hub_server.add_dataset("org/shapes", hub_files({"train": rows[0], "validation": rows[1]}))
     return hub_server
 
@@ -51,21 +47,10 @@ def png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares ``width`` x ``height`` 8-bit grey pixels and holds none."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
-
-
 def launch_two_processes(*args: str, env: dict | None = None) -> str:
     """``accelerate launch`` of train.py on 2 CPU processes (gloo; see test_train's two-process test);
     returns the log."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    result = launch(*args, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})})
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     return log
@@ -102,7 +87,7 @@ def test_a_save_to_disk_folder_with_bad_rows_is_split_like_a_folder(rows, tmp_pa
     good = train_rows["image"][0]["bytes"]
     sixteen = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)  # a 16-bit grey PNG
     bad = {1: good[: len(good) // 2], 4: b"not an image" * 9,  # truncated, garbage
-           7: png_header(20000, 20000)}  # over the pixel limit
+           7: png_claiming(20000, 20000, colour_type=0)}  # over the pixel limit
     for index, data in bad.items():
         train_rows["image"][index] = {"bytes": data, "path": None}
     train_rows["image"][2] = {"bytes": png(sixteen), "path": None}

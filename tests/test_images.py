@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.memory import measure_open_image, png_bytes, ramp, write_png16
+from benchmarks.memory import measure_open_image, ramp, write_png16
 from effnetv2.images import (DECODED_FORMATS, MAX_IMAGE_PIXELS, ImageLoadError, confined_file, image_pixels,
                              open_image, verify_image)
+from pngs import png_claiming
 
 # 16-bit values and their 8-bit results, worked by hand: the high byte, v // 256.
 SIXTEEN_BIT = [0, 255, 256, 32767, 32768, 65535]
@@ -101,14 +102,14 @@ def test_load_errors_carry_the_path_and_the_reason(tmp_path):
 def test_the_default_limit_is_ours_not_pils(tmp_path):
     assert Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS / 2  # PIL would refuse before ours: 179 MP by default
     over = tmp_path / "over.png"  # a header claiming one pixel more than our default, almost no data
-    over.write_bytes(png_bytes(66_666_667, 3, 8, 0, zlib.compress(b"\0" * 64)))
+    over.write_bytes(png_claiming(66_666_667, 3, colour_type=0, idat=zlib.compress(b"\0" * 64)))
     assert 66_666_667 * 3 == MAX_IMAGE_PIXELS + 1 and image_pixels(over) == MAX_IMAGE_PIXELS + 1
     with pytest.raises(ImageLoadError, match="66666667x3 pixels is more than the 200,000,000 allowed"):
         open_image(over)
 
 
 def test_image_pixels_reads_the_header_only(tmp_path):
-    (tmp_path / "claim.png").write_bytes(png_bytes(60_000, 60_000, 8, 2, zlib.compress(b"\0" * 64)))
+    (tmp_path / "claim.png").write_bytes(png_claiming(60_000, 60_000, idat=zlib.compress(b"\0" * 64)))
     (tmp_path / "text.png").write_text("not an image")
     assert image_pixels(tmp_path / "claim.png") == 3_600_000_000
     assert image_pixels(tmp_path / "text.png") == image_pixels(tmp_path / "missing.png") == 0

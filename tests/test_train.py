@@ -293,15 +293,20 @@ def test_bad_flag_values_are_named(tmp_path, capsys, flags, message):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def launch_two_processes(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of train.py ``args`` on 2 processes, output captured.
+
+    `accelerate launch --cpu` starts a single process; --multi_gpu starts N (torchrun), and train.py's
+    --cpu makes them a gloo process group on the CPU."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
 def test_two_processes_train_on_disjoint_shards_and_stay_in_sync(shapes, tmp_path):
     out = tmp_path / "ddp"
-    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
-    # `accelerate launch --cpu` starts a single process; --multi_gpu starts N (torchrun), and train.py's
-    # --cpu makes them a gloo process group on the CPU
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
-           "--data-path", str(shapes), "--output-dir", str(out), *SMOKE, "--epochs", "2", "--ema"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    result = launch_two_processes("--data-path", str(shapes), "--output-dir", str(out), *SMOKE, "--epochs", "2",
+                                  "--ema", env={**subprocess_env(), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     m = metrics_of(out)
     assert m["processes"] == 2
